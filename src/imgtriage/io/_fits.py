@@ -1,0 +1,146 @@
+"""FITS through astropy: the first image HDU, its header, and its pixels with BSCALE/BZERO applied.
+
+Plain files are memory-mapped and only the plane that is kept is copied out, so a large cube
+costs one plane of memory; the file is closed before returning. ``.fits.gz``, ``.fits.bz2``,
+tile-compressed (``.fz``) HDUs and headers missing their END card all read.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import warnings
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from imgtriage.io._fits_header import header_dict, restore_end_card
+from imgtriage.io._source import ReadFailure, Source
+from imgtriage.io._types import ReadPolicy
+
+
+def read_fits(
+    src: Source, compression: str | None, policy: ReadPolicy
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode the first image HDU of a FITS file; ``compression`` is "gzip", "bzip2" or None."""
+    meta: dict[str, Any] = {"format": "fits", "conversions": [], "compression": compression}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # recorded here, never shown to the user
+        try:
+            repaired = _repaired_bytes(src, compression)
+            if repaired is not None:
+                meta["conversions"].append("fits_end_card_restored")
+            with _open_hdul(src, compression, repaired) as hdul:
+                array = _read_first_image(src, hdul, policy, meta)
+        except ReadFailure:
+            raise
+        except Exception as exc:
+            raise _decoder_failure(src, exc, [str(w.message) for w in caught]) from None
+    return array, meta
+
+
+def _stream(src: Source, compression: str | None) -> BinaryIO:
+    """The decompressed FITS byte stream of the input (the caller closes it)."""
+    raw = src.open()
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "bzip2":
+        return bz2.BZ2File(raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def _repaired_bytes(src: Source, compression: str | None) -> bytes | None:
+    """The file with its primary END card restored, or None when the header is intact."""
+    stream = _stream(src, compression)
+    try:
+        return restore_end_card(stream)
+    finally:
+        stream.close()
+
+
+def _open_hdul(src: Source, compression: str | None, repaired: bytes | None) -> Any:
+    from astropy.io import fits
+
+    options = {"ignore_missing_end": True, "lazy_load_hdus": True}
+    if repaired is not None:
+        return fits.open(io.BytesIO(repaired), memmap=False, **options)
+    if src.path is not None:
+        # memmap=None maps the file too, but unlike memmap=True ("strict") it still lets
+        # astropy apply BSCALE/BZERO/BLANK, which it does into a fresh array.
+        return fits.open(src.path, memmap=None, **options)
+    return fits.open(_stream(src, compression), memmap=False, **options)
+
+
+def _is_image(hdu: Any) -> bool:
+    """A primary, image or tile-compressed HDU with at least two non-empty axes."""
+    from astropy.io import fits
+
+    if isinstance(hdu, fits.GroupsHDU) or not isinstance(
+        hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU
+    ):
+        return False
+    naxis = int(hdu.header.get("NAXIS", 0))
+    dims = [int(hdu.header.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1)]
+    return naxis >= 2 and all(d > 0 for d in dims)
+
+
+def _read_first_image(
+    src: Source, hdul: Any, policy: ReadPolicy, meta: dict[str, Any]
+) -> np.ndarray:
+    """Find the first image HDU, record its header, check its size, copy its pixels out."""
+    seen = []
+    for index, hdu in enumerate(hdul):
+        seen.append(type(hdu).__name__)
+        if not _is_image(hdu):
+            continue
+        meta["hdu"] = index
+        meta["hdu_type"] = type(hdu).__name__
+        # Before .data: astropy drops BSCALE/BZERO from the header once it scales the data.
+        meta["header"] = header_dict(hdu.header)
+        if index > 0:
+            meta["primary_header"] = header_dict(hdul[0].header)
+        width, height = int(hdu.header["NAXIS1"]), int(hdu.header["NAXIS2"])
+        if width * height > policy.max_pixels:
+            raise ReadFailure(
+                "too_many_pixels",
+                f"'{src.display}' HDU {index} is {width}x{height} ({width * height} pixels; "
+                "the limit is ReadPolicy.max_pixels); raise the limit (--max-pixels)",
+            )
+        return _pixels(hdu, policy, meta)
+    raise ReadFailure(
+        "no_image_data",
+        f"'{src.display}' has no image HDU with two or more axes (HDUs: {', '.join(seen)}); "
+        "tables and header-only files cannot be classified",
+    )
+
+
+def _pixels(hdu: Any, policy: ReadPolicy, meta: dict[str, Any]) -> np.ndarray:
+    """The kept plane(s) as a native-endian copy; cubes follow ``policy.multipage``."""
+    data = hdu.data
+    height, width = data.shape[-2:]
+    planes = data.reshape(-1, height, width)
+    count = planes.shape[0]
+    meta["planes"] = count
+    native = planes.dtype.newbyteorder("=")
+    if count == 1 or policy.multipage == "first":
+        array = np.array(planes[0], dtype=native, order="C", copy=True)
+        if count > 1:
+            meta["conversions"].append(f"first_plane_of_{count}")
+    else:
+        array = np.array(np.moveaxis(planes, 0, -1), dtype=native, order="C", copy=True)
+        meta["conversions"].append(f"{count}_planes->channels")
+    del data, planes  # release the memmap before the file is closed
+    return array
+
+
+def _decoder_failure(src: Source, exc: Exception, warned: list[str]) -> ReadFailure:
+    text = str(exc) or type(exc).__name__
+    truncated = [w for w in warned if "truncated" in w.lower()]
+    if truncated or isinstance(exc, EOFError) or "buffer is too small" in text:
+        detail = truncated[0] if truncated else text
+        return ReadFailure(
+            "truncated",
+            f"'{src.display}' ends before its FITS data does ({detail}); re-copy it",
+        )
+    return ReadFailure("decode_error", f"'{src.display}' could not be decoded as FITS: {text}")

@@ -1,0 +1,159 @@
+"""JPEG, PNG, BMP, WebP and GIF through Pillow: header checks first, then decode and convert.
+
+The size is checked from the header before any pixel is decoded, EXIF orientation is applied
+so a phone photo comes out the way it was shot, and every PIL mode is mapped to one array
+layout (see :func:`mode_to_array`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgtriage.io._sniff import FORMAT_NAMES
+from imgtriage.io._source import ReadFailure, Source
+from imgtriage.io._types import ReadPolicy
+
+_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "webp": "WEBP", "gif": "GIF"}
+# The bytes every complete file of the format ends with (a missing trailer means truncation).
+_TRAILERS = {"png": b"IEND\xaeB`\x82", "jpeg": b"\xff\xd9", "gif": b";"}
+_ROTATING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+def read_raster(src: Source, fmt: str, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode one raster file into ``(array, meta)``; raise ``ReadFailure`` on any failure."""
+    meta: dict[str, Any] = {"format": fmt, "conversions": []}
+    with ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fh = stack.enter_context(src.open())
+        try:
+            img = stack.enter_context(Image.open(fh, formats=[_PIL_FORMATS[fmt]]))
+        except Image.DecompressionBombError as exc:
+            raise _too_many(src, str(exc)) from None
+        except Exception as exc:
+            raise _decoder_failure(src, fmt, exc) from None
+        _check_pixels(src, img.size, policy)
+        meta["mode"] = img.mode
+        meta["frames"] = int(getattr(img, "n_frames", 1))
+        if meta["frames"] > 1:
+            meta["conversions"].append(f"first_frame_of_{meta['frames']}")
+        orientation = _orientation(img, meta)
+        if fmt == "jpeg" and policy.jpeg_draft_size is not None:
+            _draft(img, policy.jpeg_draft_size, orientation, meta)
+        try:
+            img.load()
+            if orientation not in (None, 1):
+                img = ImageOps.exif_transpose(img)
+                meta["conversions"].append("exif_transpose")
+            array = mode_to_array(img, meta["conversions"])
+        except Image.DecompressionBombError as exc:
+            raise _too_many(src, str(exc)) from None
+        except Exception as exc:
+            raise _decoder_failure(src, fmt, exc) from None
+    return array, meta
+
+
+def _check_pixels(src: Source, size: tuple[int, int], policy: ReadPolicy) -> None:
+    width, height = size
+    if width * height > policy.max_pixels:
+        raise _too_many(src, f"{width}x{height} = {width * height} pixels")
+
+
+def _too_many(src: Source, detail: str) -> ReadFailure:
+    return ReadFailure(
+        "too_many_pixels",
+        f"'{src.display}' is too large to decode safely ({detail}; the limit is "
+        "ReadPolicy.max_pixels); downscale it or raise the limit (--max-pixels)",
+    )
+
+
+def _decoder_failure(src: Source, fmt: str, exc: Exception) -> ReadFailure:
+    """Map a Pillow exception to ``truncated`` or ``decode_error`` with the decoder's words."""
+    text = str(exc) or type(exc).__name__
+    trailer = _TRAILERS.get(fmt)
+    ends_early = trailer is not None and not src.tail(64).rstrip(b"\x00").endswith(trailer)
+    if isinstance(exc, EOFError) or "truncated" in text.lower() or ends_early:
+        return ReadFailure(
+            "truncated",
+            f"'{src.display}' ends before the {FORMAT_NAMES[fmt]} image does ({text}); "
+            "the file was cut short, re-download or re-copy it",
+        )
+    if isinstance(exc, UnidentifiedImageError):
+        text = f"its header is not a valid {FORMAT_NAMES[fmt]} header"
+    return ReadFailure(
+        "decode_error", f"'{src.display}' could not be decoded as {FORMAT_NAMES[fmt]}: {text}"
+    )
+
+
+def _orientation(img: Image.Image, meta: dict[str, Any]) -> int | None:
+    """EXIF orientation (1 = upright) or None when absent; unreadable EXIF is recorded."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION)
+        orientation = int(value) if value is not None else None
+    except Exception:
+        meta["conversions"].append("exif_unreadable")
+        orientation = None
+    if orientation is not None and not 1 <= orientation <= 8:
+        meta["conversions"].append(f"exif_orientation_invalid_{orientation}")
+        orientation = None
+    meta["exif_orientation"] = orientation
+    return orientation
+
+
+def _draft(
+    img: Image.Image, size_hw: tuple[int, int], orientation: int | None, meta: dict[str, Any]
+) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= ``size_hw`` after rotation."""
+    height, width = size_hw
+    # Draft works on the stored image; a 90-degree EXIF rotation swaps its axes afterwards.
+    stored = (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
+    full_width = img.size[0]
+    mode = img.mode if img.mode in ("RGB", "L", "CMYK") else None
+    img.draft(mode, stored)
+    scale = max(1, round(full_width / max(img.size[0], 1)))
+    meta["jpeg_draft_scale"] = scale
+    if scale > 1:
+        meta["conversions"].append("jpeg_draft")
+
+
+def mode_to_array(img: Image.Image, conversions: list[str]) -> np.ndarray:
+    """One array layout per PIL mode: 2-D for one channel, channels last otherwise.
+
+    "1" -> uint8 0/255; "L" -> uint8; "P"/"PA" -> RGBA with transparency else RGB; "LA" ->
+    (H, W, 2); "CMYK"/"YCbCr"/"LAB"/"HSV" -> RGB; "I;16*" -> uint16; "I" -> int32, or uint16
+    when every value fits; "F" -> float32.
+
+    Example:
+        >>> mode_to_array(Image.new("1", (2, 2), 1), []).tolist()
+        [[255, 255], [255, 255]]
+    """
+    mode = img.mode
+    if mode == "1":
+        conversions.append("1->L")
+        return np.array(img.convert("L"))
+    if mode in ("L", "LA", "RGB", "RGBA", "F"):
+        return np.array(img)
+    if mode in ("P", "PA"):
+        target = "RGBA" if mode == "PA" or "transparency" in img.info else "RGB"
+        conversions.append(f"palette->{target}")
+        return np.array(img.convert(target))
+    if mode.startswith("I;16"):
+        return np.array(img).astype(np.uint16)
+    if mode == "I":
+        return _int32_array(np.array(img), conversions)
+    target = {"La": "LA", "RGBa": "RGBA", "RGBA;16B": "RGBA"}.get(mode, "RGB")
+    conversions.append(f"{mode.lower()}->{target.lower()}")
+    return np.array(img.convert(target))
+
+
+def _int32_array(array: np.ndarray, conversions: list[str]) -> np.ndarray:
+    array = array.astype(np.int32)
+    if array.size and array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max:
+        conversions.append("int32->uint16")
+        return array.astype(np.uint16)
+    return array

@@ -1,0 +1,110 @@
+"""One input, whether a path on disk or bytes from an upload, and the failures readers raise.
+
+Readers never build a :class:`Defect` themselves: they raise :class:`ReadFailure` with an issue
+and a message that names the file, and the dispatcher turns it into a ``Defect``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from imgtriage.io._sniff import extension_of
+
+HEAD_BYTES = 4096
+
+
+class ReadFailure(Exception):
+    """Internal: one file cannot be read; ``issue`` is one of ``DEFECT_ISSUES``."""
+
+    def __init__(self, issue: str, message: str) -> None:
+        super().__init__(message)
+        self.issue = issue
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file to read: ``path`` on disk or in-memory ``data``, shown to users as ``display``."""
+
+    display: str
+    extension: str
+    size: int
+    head: bytes
+    path: Path | None = None
+    data: bytes | None = None
+
+    def open(self) -> BinaryIO:
+        """A fresh binary file object positioned at the start (the caller closes it)."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return Path(self.path or "").open("rb")
+
+    def read_all(self) -> bytes:
+        """All bytes of the input (files are read once, on demand)."""
+        if self.data is not None:
+            return self.data
+        with self.open() as fh:
+            return fh.read()
+
+    def tail(self, n: int = 32) -> bytes:
+        """The last ``n`` bytes, to tell a truncated file from a corrupt one."""
+        if self.data is not None:
+            return self.data[-n:]
+        with self.open() as fh:
+            fh.seek(max(self.size - n, 0))
+            return fh.read(n)
+
+
+def make_source(source: str | os.PathLike[str] | bytes, name: str | None) -> Source:
+    """Check the input exists, can be opened and is not empty; read its first bytes.
+
+    Raises ``ReadFailure`` with ``not_found``, ``permission_denied`` or ``empty_file``.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        display = name if name is not None else "<bytes>"
+        src = Source(display, extension_of(display), len(data), data[:HEAD_BYTES], data=data)
+    elif isinstance(source, str | os.PathLike):
+        path = Path(os.fsdecode(source))
+        display = name if name is not None else str(path)
+        size, head = _stat_and_head(path, display)
+        src = Source(display, extension_of(display), size, head, path=path)
+    else:
+        raise TypeError(
+            f"source must be a path or bytes, not {type(source).__name__}; "
+            "pass a str/pathlib.Path or the file's raw bytes"
+        )
+    if src.size == 0:
+        raise ReadFailure("empty_file", f"'{display}' is empty (0 bytes); re-export or re-copy it")
+    return src
+
+
+def _stat_and_head(path: Path, display: str) -> tuple[int, bytes]:
+    """Open the file once: its size and first bytes, with OS errors mapped to issues."""
+    try:
+        if path.is_dir():
+            raise ReadFailure(
+                "not_found", f"'{display}' is a directory, not an image file; pass a file path"
+            )
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(HEAD_BYTES)
+    except FileNotFoundError:
+        raise ReadFailure(
+            "not_found", f"'{display}' does not exist; check the path and the working directory"
+        ) from None
+    except PermissionError:
+        raise ReadFailure(
+            "permission_denied",
+            f"'{display}' exists but cannot be opened (permission denied); "
+            "give the reading user read access (e.g. chmod a+r)",
+        ) from None
+    except IsADirectoryError:
+        raise ReadFailure("not_found", f"'{display}' is a directory, not an image file") from None
+    except OSError as exc:
+        raise ReadFailure("decode_error", f"'{display}' cannot be read: {exc}") from None
+    return size, head

@@ -1,0 +1,157 @@
+"""TIFF through tifffile: 8/16/32-bit integer and float pages with any number of samples.
+
+Shapes are read from the IFDs before any strip is decoded, so a huge or truncated TIFF is
+refused without allocating its pixels. Pages come out ``(H, W)`` or ``(H, W, C)`` whatever
+the planar configuration on disk.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from imgtriage.io._source import ReadFailure, Source
+from imgtriage.io._types import ReadPolicy
+
+# TIFF photometric interpretation codes (tifffile.PHOTOMETRIC values).
+_MINISWHITE, _PALETTE, _SEPARATED = 0, 3, 5
+_PLANAR_SEPARATE = 2
+
+
+def read_tiff(src: Source, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode the first page, or every page stacked as channels; raise ``ReadFailure``."""
+    import tifffile
+
+    meta: dict[str, Any] = {"format": "tiff", "conversions": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with src.open() as fh, tifffile.TiffFile(fh) as tif:
+                pages = list(tif.pages)
+                if not pages:
+                    raise ReadFailure("no_image_data", f"'{src.display}' holds no TIFF page")
+                _describe(tif, pages, meta)
+                chosen = pages if policy.multipage == "channels" else pages[:1]
+                for page in chosen:
+                    _check_page(src, page, policy)
+                arrays = [_page_array(src, page, meta["conversions"]) for page in chosen]
+        except ReadFailure:
+            raise
+        except Exception as exc:
+            raise _decoder_failure(src, exc) from None
+    if len(pages) > 1 and policy.multipage == "first":
+        meta["conversions"].append(f"first_page_of_{len(pages)}")
+    return _stack_pages(src, arrays, meta), meta
+
+
+def _describe(tif: Any, pages: list[Any], meta: dict[str, Any]) -> None:
+    """What the container says about itself: page count, axes, photometric, description."""
+    import tifffile
+
+    first = pages[0]
+    meta["pages"] = len(pages)
+    meta["axes"] = str(tif.series[0].axes) if tif.series else str(first.axes)
+    meta["page_axes"] = str(first.axes)
+    meta["photometric"] = _enum_name(tifffile.PHOTOMETRIC, first.photometric)
+    meta["planarconfig"] = _enum_name(tifffile.PLANARCONFIG, first.planarconfig)
+    meta["compression"] = _enum_name(tifffile.COMPRESSION, first.compression)
+    meta["bitspersample"] = int(first.bitspersample)
+    if first.description:
+        meta["description"] = str(first.description)
+
+
+def _enum_name(enum: Any, value: Any) -> str:
+    """``"minisblack"`` for photometric 1 and so on; the number itself when unknown."""
+    try:
+        return str(enum(int(value)).name).lower()
+    except (ValueError, TypeError):
+        return str(value).lower()
+
+
+def _check_page(src: Source, page: Any, policy: ReadPolicy) -> None:
+    """Refuse huge or truncated pages from their IFD alone, before decoding a byte."""
+    height, width = int(page.imagelength), int(page.imagewidth)
+    if height * width > policy.max_pixels:
+        raise ReadFailure(
+            "too_many_pixels",
+            f"'{src.display}' has a {width}x{height} page ({width * height} pixels; the limit "
+            "is ReadPolicy.max_pixels); downscale it or raise the limit (--max-pixels)",
+        )
+    ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
+    if ends and max(ends) > src.size:
+        raise ReadFailure(
+            "truncated",
+            f"'{src.display}' ends at byte {src.size} but its image data runs to byte "
+            f"{max(ends)}; the file was cut short, re-download or re-copy it",
+        )
+
+
+def _page_array(src: Source, page: Any, conversions: list[str]) -> np.ndarray:
+    """One page as (H, W) or (H, W, S), photometric quirks resolved."""
+    array = page.asarray()
+    axes = str(page.axes)
+    if array.ndim == 3 and axes.startswith("S"):
+        array = np.moveaxis(array, 0, -1)
+        _note(conversions, "planar->interleaved")
+    elif array.ndim != 2 and not (array.ndim == 3 and axes.endswith("S")):
+        array = np.squeeze(array)
+        if array.ndim not in (2, 3):
+            raise ReadFailure(
+                "bad_shape",
+                f"'{src.display}' has a page of shape {tuple(page.shape)} (axes {axes}); "
+                "only 2-D pages with optional samples are read",
+            )
+    photometric = int(page.photometric)
+    if photometric == _MINISWHITE and array.dtype.kind in "ub":
+        array = ~array  # max - value for unsigned integers, logical not for bilevel
+        _note(conversions, "miniswhite->minisblack")
+    elif photometric == _PALETTE and page.colormap is not None and array.ndim == 2:
+        array = np.moveaxis(np.asarray(page.colormap)[:, array], 0, -1)
+        _note(conversions, "palette->RGB")
+    elif photometric == _SEPARATED and array.ndim == 3 and array.shape[-1] == 4:
+        array = _cmyk_to_rgb(array)
+        _note(conversions, "cmyk->rgb")
+    return array
+
+
+def _note(conversions: list[str], what: str) -> None:
+    if what not in conversions:
+        conversions.append(what)
+
+
+def _cmyk_to_rgb(array: np.ndarray) -> np.ndarray:
+    top = float(np.iinfo(array.dtype).max) if array.dtype.kind == "u" else 1.0
+    cmy, k = array[..., :3].astype(np.float64) / top, array[..., 3:].astype(np.float64) / top
+    return ((1.0 - cmy) * (1.0 - k) * top).round().astype(array.dtype)
+
+
+def _stack_pages(src: Source, arrays: list[np.ndarray], meta: dict[str, Any]) -> np.ndarray:
+    """Stack pages as channels; they must share shape and dtype."""
+    if len(arrays) == 1:
+        return arrays[0]
+    first = arrays[0]
+    for index, other in enumerate(arrays[1:], start=1):
+        if other.shape[:2] != first.shape[:2] or other.dtype != first.dtype:
+            raise ReadFailure(
+                "bad_shape",
+                f"'{src.display}': page {index} is {other.shape} {other.dtype} but page 0 is "
+                f"{first.shape} {first.dtype}; pages can only be stacked as channels when they "
+                "share one shape and dtype (use --multipage first to read page 0 only)",
+            )
+    meta["conversions"].append(f"{len(arrays)}_pages->channels")
+    planes = [a if a.ndim == 3 else a[..., np.newaxis] for a in arrays]
+    return np.concatenate(planes, axis=-1)
+
+
+def _decoder_failure(src: Source, exc: Exception) -> ReadFailure:
+    text = str(exc) or type(exc).__name__
+    if "imagecodecs" in text:
+        text += " (install it with `pip install imagecodecs`)"
+    lowered = text.lower()
+    if "failed to read" in lowered or "truncated" in lowered or isinstance(exc, EOFError):
+        return ReadFailure(
+            "truncated", f"'{src.display}' ends before its TIFF data does ({text}); re-copy it"
+        )
+    return ReadFailure("decode_error", f"'{src.display}' could not be decoded as TIFF: {text}")
