@@ -1,0 +1,85 @@
+"""The bundle manifest: a versioned schema that says everything that decides an answer."""
+
+from __future__ import annotations
+
+import platform
+from datetime import UTC, datetime
+from typing import Any
+
+from imgtriage.errors import BundleSchemaError
+
+SCHEMA = "imgtriage.bundle"
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+REQUIRED_KEYS = ("schema", "schema_version", "model", "preprocess", "classes", "decision",
+                 "files")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a bundle's numbers, recorded at save time."""
+    import numpy
+    import torch
+
+    from imgtriage._version import __version__
+
+    out = {"imgtriage": __version__, "python": platform.python_version(),
+           "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover - timm is a core dependency
+        pass
+    return out
+
+
+def new_manifest(*, model_name: str, model_kwargs: dict[str, Any], in_chans: int,
+                 preprocess: dict[str, Any], classes: list[str],
+                 decision: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+                 metrics: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
+                 kind: str = "classifier") -> dict[str, Any]:
+    """A fresh manifest (bundle_version 1); ``files`` is filled in by save_bundle."""
+    from imgtriage.evaluate.decision import DecisionPolicy
+
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "bundle_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"name": model_name, "kwargs": model_kwargs, "in_chans": in_chans,
+                  "num_classes": len(classes)},
+        "preprocess": preprocess,
+        "classes": list(classes),
+        "features": features,
+        "decision": decision or DecisionPolicy().to_dict(),
+        "profiles": {},
+        "training": training or {},
+        "metrics": metrics or {},
+        "versions": library_versions(),
+        "files": {},
+        "history": [],
+    }
+
+
+def validate_manifest(m: Any, where: str) -> dict[str, Any]:
+    """Check the schema name, version and required keys; say exactly what is wrong."""
+    if not isinstance(m, dict):
+        raise BundleSchemaError(f"{where}: manifest.json must hold a JSON object")
+    if m.get("schema") != SCHEMA:
+        raise BundleSchemaError(f"{where}: not an imgtriage bundle (schema is "
+                                f"{m.get('schema')!r}, expected {SCHEMA!r})")
+    version = m.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise BundleSchemaError(f"{where}: bundle schema version {version!r} is not supported "
+                                f"by this release (reads {SUPPORTED_SCHEMA_VERSIONS}); upgrade "
+                                "imgtriage or re-export the bundle")
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise BundleSchemaError(f"{where}: manifest lacks {missing}; the bundle is incomplete")
+    if len(m["classes"]) != m["model"].get("num_classes"):
+        raise BundleSchemaError(f"{where}: {len(m['classes'])} class names for a model with "
+                                f"{m['model'].get('num_classes')} outputs")
+    return m

@@ -1,0 +1,242 @@
+"""Save, load and verify bundles: a directory (or the same content zipped) with a manifest.
+
+No pickle anywhere: weights are safetensors, everything else is JSON, so loading a bundle
+cannot run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgtriage.bundle.manifest import MANIFEST_NAME, WEIGHTS_NAME, validate_manifest
+from imgtriage.errors import (
+    BundleError,
+    BundleIntegrityError,
+    BundleMissingFileError,
+    BundleSchemaError,
+)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle: its manifest and a way to read its files."""
+
+    path: Path
+    manifest: dict[str, Any]
+    _zip: bytes | None = None
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the bundle: hash of its manifest (which holds every file's hash)."""
+        return sha256_bytes(json.dumps(self.manifest, sort_keys=True).encode())
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def read_bytes(self, name: str) -> bytes:
+        if self._zip is not None:
+            with zipfile.ZipFile(io.BytesIO(self._zip)) as zf:
+                try:
+                    return zf.read(name)
+                except KeyError as exc:
+                    raise BundleMissingFileError(f"{self.path}: missing {name}") from exc
+        f = self.path / name
+        if not f.is_file():
+            raise BundleMissingFileError(f"{self.path}: the manifest lists {name} but the file "
+                                         "is missing; copy the whole bundle directory")
+        return f.read_bytes()
+
+    def has_file(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
+    def verified_bytes(self, name: str) -> bytes:
+        """File contents, checked against the manifest's sha256."""
+        expected = self.manifest["files"].get(name)
+        if expected is None:
+            raise BundleMissingFileError(f"{self.path}: manifest does not list {name}")
+        data = self.read_bytes(name)
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise BundleIntegrityError(f"{self.path}: {name} has sha256 {actual[:12]}… but the "
+                                       f"manifest says {expected[:12]}…; the file was modified "
+                                       "or corrupted: restore it from the original bundle")
+        return data
+
+    def state_dict(self) -> dict[str, Any]:
+        """The model weights (verified) as a dict of tensors."""
+        from safetensors.torch import load
+
+        return load(self.verified_bytes(WEIGHTS_NAME))
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any], bytes | None]:
+    if path.is_dir():
+        mf = path / MANIFEST_NAME
+        if not mf.is_file():
+            raise BundleMissingFileError(f"{path}: no {MANIFEST_NAME}; is this a bundle directory?")
+        raw, zdata = mf.read_bytes(), None
+    elif path.is_file() and zipfile.is_zipfile(path):
+        zdata = path.read_bytes()
+        with zipfile.ZipFile(io.BytesIO(zdata)) as zf:
+            if MANIFEST_NAME not in zf.namelist():
+                raise BundleMissingFileError(f"{path}: zip holds no {MANIFEST_NAME}")
+            raw = zf.read(MANIFEST_NAME)
+    elif path.exists():
+        raise BundleSchemaError(f"{path} is neither a bundle directory nor a zipped bundle")
+    else:
+        raise BundleMissingFileError(f"bundle {path} does not exist")
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BundleSchemaError(f"{path}: manifest.json is not valid JSON ({exc.msg})") from exc
+    return manifest, zdata
+
+
+def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
+    """Open a bundle directory or zip, check its schema and (by default) every file's sha256.
+
+    Example:
+        >>> b = load_bundle("runs/digits/bundle")  # doctest: +SKIP
+        >>> b.classes[:3]
+        ['0', '1', '2']
+    """
+    path = Path(path)
+    manifest, zdata = _read_manifest(path)
+    validate_manifest(manifest, str(path))
+    bundle = Bundle(path, manifest, zdata)
+    if verify:
+        for name in manifest["files"]:
+            bundle.verified_bytes(name)
+    return bundle
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
+                state_dict: dict[str, Any] | None = None,
+                extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``manifest.json`` + ``weights.safetensors`` (+ extra files) with their sha256.
+
+    ``path`` ending in ``.zip`` writes a single zipped bundle. Writing goes to a temporary
+    directory first, so a crash never leaves a half-written bundle at ``path``.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    manifest = copy.deepcopy(manifest)
+    files: dict[str, bytes] = dict(extra_files or {})
+    if state_dict is not None:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        files[WEIGHTS_NAME] = save(tensors)
+    manifest["files"] = {name: sha256_bytes(data) for name, data in sorted(files.items())}
+    validate_manifest(manifest, str(path))
+    body = json.dumps(manifest, indent=2, default=_json_default).encode()
+    if path.suffix == ".zip":
+        return _write_zip(path, body, files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=path.parent))
+    for name, data in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+    (tmp / MANIFEST_NAME).write_bytes(body)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_zip(path: Path, body: bytes, files: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(MANIFEST_NAME, body)
+        for name, data in files.items():
+            zf.writestr(name, data)
+    os.replace(tmp, path)
+    return path
+
+
+def bundle_files(bundle: Bundle) -> dict[str, bytes]:
+    """Every file the manifest lists, verified (to copy a bundle into a new version)."""
+    return {name: bundle.verified_bytes(name) for name in bundle.manifest["files"]}
+
+
+def update_bundle(path: str | os.PathLike[str], changes: dict[str, Any], *,
+                  note: str, extra_files: dict[str, bytes] | None = None,
+                  out: str | os.PathLike[str] | None = None) -> Bundle:
+    """Write a new version of a bundle with some manifest keys replaced.
+
+    The previous manifest is kept inside the bundle as ``history/manifest.v<N>.json`` and
+    listed in ``history``, so every earlier decision rule can be recovered.
+    """
+    bundle = load_bundle(path)
+    old = bundle.manifest
+    files = bundle_files(bundle)
+    files.update(extra_files or {})
+    version = int(old.get("bundle_version", 1))
+    files[f"history/manifest.v{version}.json"] = json.dumps(old, indent=2).encode()
+    new = copy.deepcopy(old)
+    new.update(changes)
+    new["bundle_version"] = version + 1
+    new["history"] = [*old.get("history", []), {"version": version, "note": note}]
+    target = Path(out) if out is not None else bundle.path
+    if bundle._zip is not None and target.suffix != ".zip":
+        raise BundleError(f"{path} is zipped; write the new version to a .zip path")
+    save_bundle(target, new, None, files)
+    return load_bundle(target)
+
+
+def build_model(bundle: Bundle):
+    """Instantiate the bundle's architecture and load its verified weights (eval mode)."""
+    from imgtriage.models import create_model
+
+    m = bundle.manifest["model"]
+    model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
+                         **dict(m.get("kwargs") or {}))
+    try:
+        model.load_state_dict(bundle.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{bundle.path}: weights do not fit architecture {m['name']!r}: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    return model.eval()

@@ -1,0 +1,45 @@
+"""imgtriage inspect BUNDLE"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def inspect_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 checks."),
+) -> None:
+    """Verify a bundle and print what it holds: model, input, classes, decision rule."""
+    from imgtriage.bundle import load_bundle
+
+    b = load_bundle(bundle, verify=not no_verify)
+    m = b.manifest
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    pre, dec = m["preprocess"], m["decision"]
+    lines = [
+        f"bundle      {b.path}  (schema v{m['schema_version']}, bundle v"
+        f"{m.get('bundle_version', 1)}, {m.get('kind', 'classifier')})",
+        f"sha256      {b.sha256}",
+        f"model       {m['model']['name']} {m['model'].get('kwargs') or ''}",
+        f"input       {pre['in_chans']} ch, {pre['size'][0]}x{pre['size'][1]}, scaling "
+        f"{pre['scaling']}, stretch {pre['stretch']}, resize {pre['resize']}",
+        f"classes     {', '.join(m['classes'])}",
+        f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
+        f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
+        f"profiles    {', '.join(m.get('profiles') or {}) or '-'}",
+        f"metrics     {json.dumps(m.get('metrics', {}))}",
+        f"files       " + ", ".join(f"{k} ({v[:12]}…)" for k, v in m["files"].items()),
+        f"versions    {json.dumps(m.get('versions', {}))}",
+    ]
+    typer.echo("\n".join(lines))
+    typer.echo("verified: every file matches its sha256" if not no_verify else "not verified")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)

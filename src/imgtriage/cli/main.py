@@ -1,0 +1,46 @@
+"""The ``imgtriage`` command. Each command module parses arguments and calls one library
+function; errors from the library print as one clear line (exit code 2), not a traceback."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from imgtriage.errors import ImgTriageError
+
+app = typer.Typer(name="imgtriage", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="From a folder of labelled images to a calibrated classifier that knows "
+                       "when to say 'unknown'.")
+
+# Command modules, each with register(app). Optional ones may be absent in a slim install.
+COMMAND_MODULES = ("train_cmd", "predict_cmd", "inspect_cmd", "demo_cmd", "evaluate_cmd",
+                   "export_cmd", "serve_cmd", "cascade_cmd", "gallery_cmd")
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"imgtriage.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"imgtriage.cli.{name}":
+                continue
+            raise
+        mod.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    try:
+        app()
+    except ImgTriageError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

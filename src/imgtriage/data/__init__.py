@@ -1,0 +1,19 @@
+"""Discovery, splits and the one file -> model-input function."""
+
+from imgtriage.data.discovery import Dataset, Sample, discover, iter_image_files
+from imgtriage.data.preprocess import PreprocessSpec, load_input, load_record, to_input
+from imgtriage.data.splits import samples_by_split, split_dataset, write_split_manifest
+
+__all__ = [
+    "Dataset",
+    "PreprocessSpec",
+    "Sample",
+    "discover",
+    "iter_image_files",
+    "load_input",
+    "load_record",
+    "samples_by_split",
+    "split_dataset",
+    "to_input",
+    "write_split_manifest",
+]

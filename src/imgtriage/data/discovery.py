@@ -1,0 +1,156 @@
+"""Find labelled samples: class folders (with or without train/val/test) or CSV/JSONL manifests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgtriage.errors import DataError
+from imgtriage.io import is_supported_path
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test", "calib": "calib",
+                 "calibration": "calib"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled file. ``split`` is None until assigned; ``group`` keeps relatives together."""
+
+    path: str
+    label: str
+    group: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples plus the class names in output order (sorted, stable across runs).
+
+    ``ignored`` lists files found but not usable as images (path, reason): never dropped
+    silently, the run directory records them.
+    """
+
+    samples: tuple[Sample, ...]
+    classes: tuple[str, ...]
+    ignored: tuple[tuple[str, str], ...] = field(default=())
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(s.label for s in self.samples)
+        return {k: c.get(k, 0) for k in self.classes}
+
+    def subset(self, split: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == split]
+
+
+def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """Every file below ``root`` in a stable (sorted) order, as a stream; hidden files skipped."""
+    root = Path(root)
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_class_folders(root: Path, split: str | None,
+                        ignored: list[tuple[str, str]]) -> list[Sample]:
+    samples = []
+    for cdir in _class_dirs(root):
+        for f in iter_image_files(cdir):
+            if is_supported_path(f):
+                samples.append(Sample(str(f), cdir.name, None, split))
+            else:
+                ignored.append((str(f), "unsupported extension"))
+    return samples
+
+
+def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
+    ignored: list[tuple[str, str]] = []
+    subdirs = {p.name.lower(): p for p in _class_dirs(root)}
+    split_dirs = {SPLIT_ALIASES[k]: p for k, p in subdirs.items() if k in SPLIT_ALIASES}
+    if split_dirs and len(split_dirs) == len(subdirs):
+        samples = []
+        for split, p in sorted(split_dirs.items()):
+            samples += _scan_class_folders(p, split, ignored)
+    else:
+        samples = _scan_class_folders(root, None, ignored)
+    for f in root.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            ignored.append((str(f), "file outside any class folder"))
+    return samples, ignored
+
+
+def _manifest_rows(path: Path) -> Iterable[dict[str, str]]:
+    if path.suffix.lower() == ".jsonl":
+        with path.open() as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+    else:
+        with path.open(newline="") as fh:
+            yield from csv.DictReader(fh)
+
+
+def _from_manifest(path: Path) -> list[Sample]:
+    samples = []
+    for i, row in enumerate(_manifest_rows(path), 2):
+        if "path" not in row or "label" not in row:
+            raise DataError(f"{path}: row {i} lacks 'path' or 'label'; a manifest needs columns "
+                            "path,label and optionally group,split")
+        p = Path(row["path"])
+        if not p.is_absolute():
+            p = path.parent / p
+        split = row.get("split") or None
+        if split is not None:
+            if split.lower() not in SPLIT_ALIASES:
+                raise DataError(f"{path}: row {i}: unknown split {split!r}; use train/val/test")
+            split = SPLIT_ALIASES[split.lower()]
+        samples.append(Sample(str(p), str(row["label"]), row.get("group") or None, split))
+    return samples
+
+
+def discover(source: str | os.PathLike[str]) -> Dataset:
+    """Build a :class:`Dataset` from a class-folder tree or a CSV/JSONL manifest.
+
+    Layouts: ``root/<class>/*.png``, ``root/{train,val,test}/<class>/*``, or a manifest file
+    with columns ``path,label[,group][,split]`` (relative paths are relative to the manifest).
+
+    Example:
+        >>> ds = discover("data/digits")  # doctest: +SKIP
+        >>> ds.classes
+        ('0', '1', ...)
+    """
+    src = Path(source)
+    if not src.exists():
+        raise DataError(f"dataset path {src} does not exist; pass a folder of class folders "
+                        "or a .csv/.jsonl manifest")
+    if src.is_file():
+        if src.suffix.lower() not in (".csv", ".jsonl"):
+            raise DataError(f"{src} is a file but not a .csv or .jsonl manifest")
+        samples, ignored = _from_manifest(src), []
+    else:
+        samples, ignored = _from_folders(src)
+    if not samples:
+        raise DataError(f"no labelled images found under {src}; expected class folders "
+                        "(e.g. {src}/cat/*.png) or a manifest with path,label columns")
+    classes = tuple(sorted({s.label for s in samples}))
+    if len(classes) < 2:
+        raise DataError(f"found only one class ({classes[0]!r}) under {src}; "
+                        "a classifier needs at least two")
+    return Dataset(tuple(samples), classes, tuple(ignored))

@@ -1,0 +1,87 @@
+"""Decode samples into model inputs in parallel, turning bad files into defects (never skips
+silently), and wrap them as torch datasets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from imgtriage.data.discovery import Sample
+from imgtriage.data.preprocess import PreprocessSpec, load_input
+from imgtriage.errors import DataError, ImageReadError
+from imgtriage.io import Defect
+
+
+@dataclass(frozen=True)
+class LoadedSplit:
+    """Decoded inputs of one split: ``x`` (N, C, h, w) float32, ``y`` (N,) int64, and
+    the samples kept (aligned with x) plus a defect per file that could not be used."""
+
+    x: np.ndarray
+    y: np.ndarray
+    samples: tuple[Sample, ...]
+    defects: tuple[Defect, ...]
+
+
+def _decode_one(sample: Sample, spec: PreprocessSpec) -> np.ndarray | Defect:
+    try:
+        x, _ = load_input(sample.path, spec)
+        return x
+    except ImageReadError as exc:
+        return exc.defect
+
+
+def decode_samples(samples: Sequence[Sample], classes: Sequence[str], spec: PreprocessSpec,
+                   *, workers: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> LoadedSplit:
+    """Decode every sample with the bundle's preprocessing, ``workers`` threads in parallel.
+
+    Files that fail become Defects in the result (and the caller reports them); labels not in
+    ``classes`` are a DataError.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({s.label for s in samples} - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
+    workers = workers or min(4, os.cpu_count() or 1)
+    xs, ys, kept, defects = [], [], [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for sample, out in zip(samples, pool.map(lambda s: _decode_one(s, spec), samples),
+                               strict=True):
+            if isinstance(out, Defect):
+                defects.append(out)
+            else:
+                xs.append(out)
+                ys.append(index[sample.label])
+                kept.append(sample)
+            if progress is not None:
+                progress(1)
+    c, (h, w) = spec.in_chans, spec.size
+    x = np.stack(xs) if xs else np.zeros((0, c, h, w), np.float32)
+    return LoadedSplit(x, np.asarray(ys, np.int64), tuple(kept), tuple(defects))
+
+
+def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:
+    """1 when the first ``limit`` readable samples are all single-channel, else 3.
+
+    Multi-band files (e.g. 5-channel TIFF) give their own channel count when all agree.
+    """
+    from imgtriage.io import try_read_image
+
+    seen: set[int] = set()
+    step = max(1, len(samples) // limit)
+    for s in list(samples)[::step][:limit]:
+        rec = try_read_image(s.path)
+        if isinstance(rec, Defect):
+            continue
+        c = 1 if rec.array.ndim == 2 else rec.array.shape[2]
+        seen.add({2: 1, 4: 3}.get(c, c))  # alpha is composited away
+    if not seen or seen == {1}:
+        return 1 if seen else 3
+    if len(seen) == 1:
+        return seen.pop()
+    return 3

@@ -1,0 +1,98 @@
+"""Stratified, group-aware, seeded train/val/test splits, written next to the run."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from imgtriage.data.discovery import Dataset, Sample
+from imgtriage.errors import ConfigError, DataError
+
+
+def _fractions_to_counts(n: int, fracs: dict[str, float]) -> dict[str, int]:
+    """How many of n items each held-out split gets; keeps >= 1 for train when n >= 2."""
+    counts = {k: int(round(n * f)) for k, f in fracs.items()}
+    if n >= 3:
+        for k, f in fracs.items():
+            if f > 0 and counts[k] == 0:
+                counts[k] = 1
+    while sum(counts.values()) >= n and any(counts.values()):
+        k = max(counts, key=counts.get)
+        counts[k] -= 1
+    return counts
+
+
+def _assign_units(units: list[str], fracs: dict[str, float], rng: np.random.Generator
+                  ) -> dict[str, str]:
+    order = list(units)
+    rng.shuffle(order)
+    counts = _fractions_to_counts(len(order), fracs)
+    out, i = {}, 0
+    for split, k in counts.items():
+        for u in order[i:i + k]:
+            out[u] = split
+        i += k
+    for u in order[i:]:
+        out[u] = "train"
+    return out
+
+
+def split_dataset(ds: Dataset, *, val_frac: float = 0.15, test_frac: float = 0.0,
+                  seed: int = 0) -> Dataset:
+    """Assign a split to every sample that has none; samples with a split keep it.
+
+    Stratified by class; when samples carry a ``group``, whole groups go to one split (the
+    group's majority class is used for stratification). Deterministic for a given seed.
+
+    Example:
+        >>> ds = split_dataset(discover("data"), val_frac=0.2, seed=1)  # doctest: +SKIP
+    """
+    if not 0 <= val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
+        raise ConfigError("val/test fractions must be in [0, 1) and sum below 1 "
+                          "(--val-frac/--test-frac)")
+    has_val = any(s.split == "val" for s in ds.samples)
+    has_test = any(s.split == "test" for s in ds.samples)
+    fracs = {k: f for k, f in (("val", 0 if has_val else val_frac),
+                               ("test", 0 if has_test else test_frac)) if f > 0}
+    rng = np.random.default_rng(seed)
+    todo = [s for s in ds.samples if s.split is None]
+    unit_of = {id(s): (s.group if s.group is not None else f"\0{s.path}") for s in todo}
+    by_class: dict[str, list[str]] = defaultdict(list)
+    unit_labels: dict[str, list[str]] = defaultdict(list)
+    for s in todo:
+        unit_labels[unit_of[id(s)]].append(s.label)
+    for unit, labels in sorted(unit_labels.items()):
+        major = max(sorted(set(labels)), key=labels.count)
+        by_class[major].append(unit)
+    assignment: dict[str, str] = {}
+    for label in sorted(by_class):
+        assignment.update(_assign_units(sorted(by_class[label]), fracs, rng))
+    samples = tuple(replace(s, split=assignment[unit_of[id(s)]]) if s.split is None else s
+                    for s in ds.samples)
+    if not any(s.split == "train" for s in samples):
+        raise DataError("no sample left for training after the split; lower --val-frac")
+    return replace(ds, samples=samples)
+
+
+def write_split_manifest(ds: Dataset, path: str | os.PathLike[str]) -> Path:
+    """Write ``path,label,group,split`` rows (CSV) so the run can be reproduced exactly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        for s in ds.samples:
+            w.writerow([s.path, s.label, s.group or "", s.split or ""])
+    return path
+
+
+def samples_by_split(ds: Dataset) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = defaultdict(list)
+    for s in ds.samples:
+        out[s.split or "train"].append(s)
+    return dict(out)

@@ -1,0 +1,214 @@
+"""Predictor: the Python API. Load a bundle once, classify arrays, bytes, files and folders.
+
+The bundle's temperature, thresholds, abstain rule and conformal sets apply by default;
+each can be overridden per call. One bad file never raises: it becomes a defect.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgtriage.bundle import Bundle, load_bundle
+from imgtriage.data.preprocess import PreprocessSpec, load_input, to_input
+from imgtriage.errors import ImageReadError, PredictionError
+from imgtriage.evaluate.decision import DecisionPolicy
+from imgtriage.io import Defect
+from imgtriage.predict.report import report_meta, result_row
+
+TTA_TRANSFORMS = {
+    "hflip": lambda x: x[..., ::-1],
+    "vflip": lambda x: x[..., ::-1, :],
+    "rot90": lambda x: np.rot90(x, 1, axes=(-2, -1)),
+    "rot180": lambda x: np.rot90(x, 2, axes=(-2, -1)),
+    "rot270": lambda x: np.rot90(x, 3, axes=(-2, -1)),
+}
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Per-call options; None means "what the bundle says"."""
+
+    include_probs: bool = False
+    topk: int | None = None
+    tta: bool = False
+    temperature: float | None = None
+    thresholds: tuple[float, ...] | None = None
+    abstain: bool | None = None
+    profile: str | None = None
+
+
+class Predictor:
+    """A loaded bundle ready to classify.
+
+    Example:
+        >>> p = Predictor.load("runs/digits/bundle")  # doctest: +SKIP
+        >>> report = p.predict_paths(["photos/"], batch_size=32)  # doctest: +SKIP
+        >>> report["results"][0]["class"]  # doctest: +SKIP
+        'cat'
+    """
+
+    def __init__(self, bundle: Bundle, backend: Any) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+        self.classes: list[str] = bundle.classes
+        self.policy = DecisionPolicy.from_dict(bundle.manifest["decision"])
+        self.tta_transforms: list[str] = list(bundle.manifest.get("tta") or ["hflip"])
+
+    @classmethod
+    def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
+             device: str = "cpu", num_threads: int | None = None) -> Predictor:
+        """Load and verify a bundle; ``backend`` is auto|torch|onnx."""
+        from imgtriage.predict.backends import make_backend
+
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if b.manifest.get("kind", "classifier") != "classifier":
+            from imgtriage.predict.kinds import load_special
+
+            return load_special(b, backend=backend, device=device)
+        return cls(b, make_backend(b, backend, device))
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def bundle_sha256(self) -> str:
+        return self.bundle.sha256
+
+    def describe(self) -> dict[str, Any]:
+        """What a client needs to know about the model (the service's GET /v1/model)."""
+        m = self.bundle.manifest
+        return {"classes": self.classes, "input": m["preprocess"], "model": m["model"],
+                "decision": self.policy.to_dict(), "profiles": sorted(m.get("profiles", {})),
+                "bundle_sha256": self.bundle_sha256,
+                "bundle_version": m.get("bundle_version", 1),
+                "schema_version": m["schema_version"], "backend": self.backend.name,
+                "versions": m.get("versions", {})}
+
+    # -- core ----------------------------------------------------------------------------
+    def policy_for(self, opts: PredictOptions) -> DecisionPolicy:
+        policy = self.policy
+        if opts.profile is not None:
+            profiles = self.bundle.manifest.get("profiles", {})
+            if opts.profile not in profiles:
+                raise PredictionError(f"unknown decision profile {opts.profile!r}; this bundle "
+                                      f"has {sorted(profiles) or 'none'} (--profile)")
+            policy = DecisionPolicy.from_dict(profiles[opts.profile])
+        return policy.with_overrides(temperature=opts.temperature, thresholds=opts.thresholds,
+                                     abstain=opts.abstain)
+
+    def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Raw logits for stacked inputs (N, C, h, w); TTA averages over the bundle's views."""
+        out = self.backend(x)
+        if tta:
+            views = [self.backend(np.ascontiguousarray(TTA_TRANSFORMS[t](x)))
+                     for t in self.tta_transforms]
+            out = np.mean([out, *views], axis=0)
+        return out
+
+    def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: PredictOptions,
+                        metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Result rows for already-preprocessed inputs."""
+        if len(x) == 0:
+            return []
+        policy = self.policy_for(opts)
+        d = policy.decide(self.logits(x, opts.tta))
+        rows = []
+        for i, name in enumerate(names):
+            cid = int(d.class_id[i])
+            abstained = bool(d.abstained[i])
+            probs = ({c: round(float(p), 6) for c, p in zip(self.classes, d.probs[i],
+                                                             strict=True)}
+                     if opts.include_probs else None)
+            topk = None
+            if opts.topk:
+                order = np.argsort(-d.probs[i])[: opts.topk]
+                topk = [{"class": self.classes[j], "class_id": int(j),
+                         "score": round(float(d.probs[i, j]), 6)} for j in order]
+            pred_set = [self.classes[j] for j in d.sets[i]] if d.sets is not None else None
+            flags = ["degenerate"] if metas and metas[i].get("degenerate") else None
+            rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
+                                   cid, d.score[i], abstained, probs=probs, topk=topk,
+                                   pred_set=pred_set, flags=flags))
+        return rows
+
+    # -- public entry points -------------------------------------------------------------
+    def predict_arrays(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None,
+                       **options: Any) -> list[dict[str, Any]]:
+        """Decoded images (any dtype, (H, W) or (H, W, C)) -> one entry per array, in order:
+        a result row, or a defect dict (with ``issue``) for an array of unusable shape."""
+        names = list(names) if names is not None else [f"array[{i}]" for i in range(len(arrays))]
+        return self._predict_items([(n, lambda a=a, n=n: (to_input(np.asarray(a), self.spec,
+                                                                    path=n), {}))
+                                    for n, a in zip(names, arrays, strict=True)],
+                                   PredictOptions(**options))
+
+    def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
+                      **options: Any) -> list[dict[str, Any]]:
+        """Encoded files in memory (uploads) -> one entry per item, in order: a result row,
+        or a defect dict ``{path, issue, message}``; never raises for one bad item."""
+        names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
+        return self._predict_items([(n, lambda b=b, n=n: load_input(b, self.spec, name=n))
+                                    for n, b in zip(names, items, strict=True)],
+                                   PredictOptions(**options))
+
+    def _predict_items(self, loaders: list, opts: PredictOptions) -> list[dict[str, Any]]:
+        out: list[dict[str, Any] | None] = [None] * len(loaders)
+        xs, metas, idx, names = [], [], [], []
+        for i, (name, load) in enumerate(loaders):
+            try:
+                x, meta = load()
+            except ImageReadError as exc:
+                out[i] = exc.defect.to_dict()
+                continue
+            xs.append(x)
+            metas.append(meta)
+            idx.append(i)
+            names.append(name)
+        if xs:
+            for i, row in zip(idx, self.rows_for_inputs(np.stack(xs), names, opts, metas),
+                              strict=True):
+                out[i] = row
+        return out  # type: ignore[return-value]
+
+    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *, batch_size: int = 32,
+                      workers: int | None = None, progress: bool = False,
+                      **options: Any) -> dict[str, Any]:
+        """Files and folders (walked recursively) -> the report dict (meta, results, defects).
+
+        Every file appears exactly once, in ``results`` or in ``defects``.
+        """
+        from imgtriage.predict.batch import iter_predictions
+
+        opts = PredictOptions(**options)
+        t0 = time.perf_counter()
+        results, defects = [], []
+        for kind, item in iter_predictions(self, paths, batch_size=batch_size, opts=opts,
+                                           workers=workers, progress=progress):
+            (results if kind == "result" else defects).append(item)
+        return self.make_report(results, defects, time.perf_counter() - t0, batch_size, opts)
+
+    def make_report(self, results: list[dict[str, Any]], defects: list[dict[str, Any]],
+                    elapsed: float, batch_size: int, opts: PredictOptions) -> dict[str, Any]:
+        policy = self.policy_for(opts)
+        meta = report_meta(bundle_path=str(Path(self.bundle.path)),
+                           bundle_sha256=self.bundle_sha256, decision=policy.to_dict(),
+                           classes=self.classes, batch_size=batch_size,
+                           num_files=len(results) + len(defects), n_results=len(results),
+                           n_abstained=sum(r["abstained"] for r in results),
+                           elapsed_sec=elapsed, tta=opts.tta,
+                           extra={"backend": self.backend.name})
+        return {"meta": meta, "results": results, "defects": defects}
+
+
+def defect_dict(path: str, issue: str, message: str) -> dict[str, str]:
+    return Defect(path, issue, message).to_dict()

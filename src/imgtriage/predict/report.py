@@ -1,0 +1,84 @@
+"""The batch report format (see DESIGN.md): meta, results, defects; and its writers."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imgtriage._version import __version__
+from imgtriage.errors import ConfigError
+
+REPORT_FORMATS = (".json",)
+
+
+def result_row(path: str, class_name: str, class_id: int, score: float, abstained: bool, *,
+               probs: dict[str, float] | None = None, topk: list[dict[str, Any]] | None = None,
+               pred_set: list[str] | None = None, flags: list[str] | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of ``results``; optional keys appear only when asked for."""
+    row: dict[str, Any] = {"path": path, "class": class_name, "class_id": int(class_id),
+                           "score": round(float(score), 6), "abstained": bool(abstained)}
+    if probs is not None:
+        row["probs"] = probs
+    if topk is not None:
+        row["topk"] = topk
+    if pred_set is not None:
+        row["set"] = pred_set
+    if flags:
+        row["flags"] = flags
+    if extra:
+        row.update(extra)
+    return row
+
+
+def report_meta(*, bundle_path: str, bundle_sha256: str, decision: dict[str, Any],
+                classes: list[str], batch_size: int, num_files: int, n_results: int,
+                n_abstained: int, elapsed_sec: float, tta: bool = False,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``meta`` block: enough to know which model and which rule produced the results."""
+    meta = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bundle": bundle_path,
+        "bundle_sha256": bundle_sha256,
+        "temperature": decision.get("temperature", 1.0),
+        "thresholds": decision.get("thresholds"),
+        "tta": tta,
+        "abstain": decision.get("abstain", False),
+        "unknown_label": decision.get("unknown_label", "unknown"),
+        "profile": decision.get("profile", "default"),
+        "batch_size": batch_size,
+        "coverage": round(1 - n_abstained / n_results, 6) if n_results else None,
+        "num_files": num_files,
+        "classes": classes,
+        "elapsed_sec": round(elapsed_sec, 3),
+        "version": __version__,
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a report; the format follows the extension (.json here; see predict.sinks)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in REPORT_FORMATS:
+        from imgtriage.predict import sinks
+
+        return sinks.write_report_as(report, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def check_output_path(path: str | os.PathLike[str]) -> None:
+    """Fail before a long run, not after it, when the output format is unknown."""
+    suffix = Path(path).suffix.lower()
+    known = (*REPORT_FORMATS, ".jsonl", ".csv", ".parquet")
+    if suffix not in known:
+        raise ConfigError(f"unknown report format {suffix!r} for {path}; use one of "
+                          f"{', '.join(known)} (--output)")
