@@ -47,7 +47,7 @@ def read_raster(src: Source, fmt: str, policy: ReadPolicy) -> tuple[np.ndarray, 
             _draft(img, policy.jpeg_draft_size, orientation, meta)
         try:
             img.load()
-            if orientation not in (None, 1):
+            if orientation != 1:
                 img = ImageOps.exif_transpose(img)
                 meta["conversions"].append("exif_transpose")
             array = mode_to_array(img, meta["conversions"])
@@ -90,23 +90,23 @@ def _decoder_failure(src: Source, fmt: str, exc: Exception) -> ReadFailure:
     )
 
 
-def _orientation(img: Image.Image, meta: dict[str, Any]) -> int | None:
-    """EXIF orientation (1 = upright) or None when absent; unreadable EXIF is recorded."""
+def _orientation(img: Image.Image, meta: dict[str, Any]) -> int:
+    """EXIF orientation, 1 (upright) when absent; unreadable or invalid tags are recorded."""
     try:
         value = img.getexif().get(_EXIF_ORIENTATION)
-        orientation = int(value) if value is not None else None
+        orientation = int(value) if value is not None else 1
     except Exception:
         meta["conversions"].append("exif_unreadable")
-        orientation = None
-    if orientation is not None and not 1 <= orientation <= 8:
+        orientation = 1
+    if not 1 <= orientation <= 8:
         meta["conversions"].append(f"exif_orientation_invalid_{orientation}")
-        orientation = None
+        orientation = 1
     meta["exif_orientation"] = orientation
     return orientation
 
 
 def _draft(
-    img: Image.Image, size_hw: tuple[int, int], orientation: int | None, meta: dict[str, Any]
+    img: Image.Image, size_hw: tuple[int, int], orientation: int, meta: dict[str, Any]
 ) -> None:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= ``size_hw`` after rotation."""
     height, width = size_hw
