@@ -34,7 +34,7 @@ def inspect_command(
         f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
         f"profiles    {', '.join(m.get('profiles') or {}) or '-'}",
         f"metrics     {json.dumps(m.get('metrics', {}))}",
-        f"files       " + ", ".join(f"{k} ({v[:12]}…)" for k, v in m["files"].items()),
+        "files       " + ", ".join(f"{k} ({v[:12]}…)" for k, v in m["files"].items()),
         f"versions    {json.dumps(m.get('versions', {}))}",
     ]
     typer.echo("\n".join(lines))

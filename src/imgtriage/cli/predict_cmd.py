@@ -27,12 +27,30 @@ def predict_command(
     workers: int = typer.Option(None, help="Decoding threads (default: up to 4)."),
     threads: int = typer.Option(None, help="Compute threads for the model."),
     progress: bool = typer.Option(True, help="Show a live progress line."),
+    engine: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; "
+                                             "needs imgtriage[ray])."),
+    address: str = typer.Option(None, help="Ray cluster address for --engine ray "
+                                           "(default: start a local one)."),
 ) -> None:
     """Classify files into a report: every file once, in results or in defects."""
     from imgtriage.predict import Predictor, write_report
     from imgtriage.predict.report import check_output_path
 
     check_output_path(output)
+    if engine == "ray":
+        from imgtriage.integrations.ray_engine import ray_predict
+
+        report = ray_predict(bundle, paths, address=address, batch_size=batch_size,
+                             include_probs=include_probs, topk=topk, tta=tta,
+                             profile=profile, temperature=temperature)
+        write_report(report, output)
+        typer.echo(f"{len(report['results'])} results, {len(report['defects'])} defects "
+                   f"-> {output}")
+        return
+    if engine != "local":
+        from imgtriage.errors import ConfigError
+
+        raise ConfigError(f"engine must be local or ray, got {engine!r} (--engine)")
     predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads)
     report = predictor.predict_paths(paths, batch_size=batch_size, workers=workers,
                                      progress=progress, include_probs=include_probs,

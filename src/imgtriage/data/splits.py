@@ -16,7 +16,7 @@ from imgtriage.errors import ConfigError, DataError
 
 def _fractions_to_counts(n: int, fracs: dict[str, float]) -> dict[str, int]:
     """How many of n items each held-out split gets; keeps >= 1 for train when n >= 2."""
-    counts = {k: int(round(n * f)) for k, f in fracs.items()}
+    counts = {k: round(n * f) for k, f in fracs.items()}
     if n >= 3:
         for k, f in fracs.items():
             if f > 0 and counts[k] == 0:

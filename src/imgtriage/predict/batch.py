@@ -108,7 +108,7 @@ def _progress_bar():
     from rich.text import Text
 
     class Rate(ProgressColumn):
-        def render(self, task):  # noqa: ANN001
+        def render(self, task):
             speed = task.finished_speed or task.speed
             return Text(f"{speed:.1f} files/s" if speed else "… files/s")
 

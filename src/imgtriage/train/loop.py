@@ -113,7 +113,6 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray],
     steps = cfg.epochs * max(1, math.ceil(len(x) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps + 1,
                                                 pct_start=0.15)
-    log = Path(log_path).open("a") if log_path else None
     result, best = FitResult({}, 0), None
     with Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                   BarColumn(), TextColumn("{task.completed}/{task.total} img"),
@@ -137,12 +136,10 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray],
                 result.best_state = copy.deepcopy(model.state_dict())
             progress.update(task, msg=" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                if k.endswith(("loss", "accuracy"))))
-            if log:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+            if log_path:
+                with Path(log_path).open("a") as log:
+                    log.write(json.dumps(metrics) + "\n")
             for cb in callbacks:
                 cb(epoch, metrics, model)
-    if log:
-        log.close()
     model.load_state_dict(result.best_state)
     return result
