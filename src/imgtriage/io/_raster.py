@@ -30,27 +30,13 @@ def read_raster(src: Source, fmt: str, policy: ReadPolicy) -> tuple[np.ndarray, 
     meta: dict[str, Any] = {"format": fmt, "conversions": []}
     with ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fh = stack.enter_context(src.open())
         try:
+            fh = stack.enter_context(src.open())
             img = stack.enter_context(Image.open(fh, formats=[_PIL_FORMATS[fmt]]))
-        except Image.DecompressionBombError as exc:
-            raise _too_many(src, str(exc)) from None
-        except Exception as exc:
-            raise _decoder_failure(src, fmt, exc) from None
-        _check_pixels(src, img.size, policy)
-        meta["mode"] = img.mode
-        meta["frames"] = int(getattr(img, "n_frames", 1))
-        if meta["frames"] > 1:
-            meta["conversions"].append(f"first_frame_of_{meta['frames']}")
-        orientation = _orientation(img, meta)
-        if fmt == "jpeg" and policy.jpeg_draft_size is not None:
-            _draft(img, policy.jpeg_draft_size, orientation, meta)
-        try:
-            img.load()
-            if orientation != 1:
-                img = ImageOps.exif_transpose(img)
-                meta["conversions"].append("exif_transpose")
-            array = mode_to_array(img, meta["conversions"])
+            _check_pixels(src, img.size, policy)
+            array = _decode(img, fmt, policy, meta)
+        except ReadFailure:
+            raise
         except Image.DecompressionBombError as exc:
             raise _too_many(src, str(exc)) from None
         except Exception as exc:
@@ -58,17 +44,43 @@ def read_raster(src: Source, fmt: str, policy: ReadPolicy) -> tuple[np.ndarray, 
     return array, meta
 
 
+def _decode(img: Image.Image, fmt: str, policy: ReadPolicy, meta: dict[str, Any]) -> np.ndarray:
+    """Pixels of the first frame, upright, in the array layout of its mode."""
+    meta["mode"] = img.mode
+    meta["frames"] = int(getattr(img, "n_frames", 1))
+    if meta["frames"] > 1:
+        meta["conversions"].append(f"first_frame_of_{meta['frames']}")
+    orientation = None
+    if fmt == "jpeg" and policy.jpeg_draft_size is not None:
+        # JPEG EXIF is parsed with the header; for PNG/WebP getexif() would decode the pixels.
+        orientation = _orientation(img, meta)
+        _draft(img, policy.jpeg_draft_size, orientation, meta)
+    img.load()
+    if orientation is None:
+        orientation = _orientation(img, meta)
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+        meta["conversions"].append("exif_transpose")
+    return mode_to_array(img, meta["conversions"])
+
+
 def _check_pixels(src: Source, size: tuple[int, int], policy: ReadPolicy) -> None:
     width, height = size
     if width * height > policy.max_pixels:
-        raise _too_many(src, f"{width}x{height} = {width * height} pixels")
+        raise ReadFailure(
+            "too_many_pixels",
+            f"'{src.display}' is {width}x{height} = {width * height} pixels, over the limit "
+            f"of {policy.max_pixels} (ReadPolicy.max_pixels); downscale it or raise the "
+            "limit (--max-pixels)",
+        )
 
 
 def _too_many(src: Source, detail: str) -> ReadFailure:
+    """Pillow's own decompression-bomb guard fired (it applies whatever the policy says)."""
     return ReadFailure(
         "too_many_pixels",
-        f"'{src.display}' is too large to decode safely ({detail}; the limit is "
-        "ReadPolicy.max_pixels); downscale it or raise the limit (--max-pixels)",
+        f"'{src.display}' is too large for Pillow to decode safely ({detail}); "
+        "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS and --max-pixels together",
     )
 
 
