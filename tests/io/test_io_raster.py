@@ -125,6 +125,15 @@ def test_jpeg_exif_orientation_6_is_rotated_upright(tmp_path):
     _check_meta(rec, "jpeg")
 
 
+def test_png_exif_orientation_is_applied_too(tmp_path):
+    stored = _rng().integers(0, 256, (4, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    rec = read_image(_save(Image.fromarray(stored), tmp_path / "o.png", exif=exif))
+    assert rec.meta["exif_orientation"] == 8
+    np.testing.assert_array_equal(rec.array, np.rot90(stored, k=1))  # 8: 90 degrees CCW
+
+
 def test_jpeg_without_exif_is_upright(tmp_path):
     stored = _halves(40, 64)
     rec = read_image(_save(Image.fromarray(stored), tmp_path / "plain.jpg", quality=95))
