@@ -1,0 +1,91 @@
+"""The CLI end to end: train, inspect, predict, models, demo — as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from imgtriage.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_explains_every_command():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("train", "predict", "inspect", "demo", "models"):
+        assert cmd in res.output
+    res = runner.invoke(app, ["train", "--help"])
+    assert "--epochs" in res.output and "--val-frac" in res.output
+
+
+def test_train_inspect_predict(digits_folder, tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(digits_folder), "--out", str(run), "--img-size",
+                              "32", "--epochs", "2", "--quiet", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert (run / "bundle" / "manifest.json").is_file()
+    for f in ("config.json", "splits.csv", "metrics.jsonl", "defects.json"):
+        assert (run / f).is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    res = runner.invoke(app, ["inspect", str(run / "bundle")])
+    assert res.exit_code == 0 and "crop_cnn" in res.output and "verified" in res.output
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted((digits_folder / "d7").glob("*.png"))[:4]):
+        (inbox / ("sub" if i % 2 else "") / p.name).write_bytes(p.read_bytes())
+    (inbox / "zero.png").write_bytes(b"")
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["predict", str(run / "bundle"), str(inbox), str(tmp_path / "gone.png"),
+                              "--output", str(out), "--include-probs", "--topk", "3",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    paths = [r["path"] for r in report["results"]] + [d["path"] for d in report["defects"]]
+    assert len(paths) == len(set(paths)) == 6 == report["meta"]["num_files"]
+    issues = {d["path"].rsplit("/", 1)[-1]: d["issue"] for d in report["defects"]}
+    assert issues == {"zero.png": "empty_file", "gone.png": "not_found"}
+    r0 = report["results"][0]
+    assert len(r0["topk"]) == 3 and abs(sum(r0["probs"].values()) - 1) < 1e-4
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "imgtriage", "predict", str(tmp_path / "nob"),
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "imgtriage", "train", str(tmp_path),
+                           "--model", "resnt18"], capture_output=True, text=True)
+    assert proc.returncode == 2
+
+
+def test_unknown_model_suggests_names():
+    from imgtriage.errors import ModelError
+    from imgtriage.models import create_model
+
+    with pytest.raises(ModelError, match="Did you mean resnet18"):
+        create_model("resnt18", 3)
+
+
+def test_models_lists_registry():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "crop_cnn" in res.output and "resnet50" in res.output
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--dataset", "digits",
+                              "--epochs", "4", "--per-class", "150", "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    inbox = tmp_path / "demo" / "data" / "inbox"
+    on_disk = {str(p) for p in inbox.rglob("*") if p.is_file()}
+    listed = [r["path"] for r in report["results"]] + [d["path"] for d in report["defects"]]
+    assert sorted(listed) == sorted(on_disk)
+    assert {d["path"].rsplit("/", 1)[-1] for d in report["defects"]} == {
+        "empty.png", "truncated.png", "notes.png", "readme.txt", "photo.jpg"}
+    assert all(d["message"] for d in report["defects"])
+    summary = json.loads((tmp_path / "demo" / "demo-summary.json").read_text())
+    assert summary["accuracy_on_inbox"] > 0.5

@@ -1,0 +1,122 @@
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgtriage.data import discover, split_dataset, write_split_manifest
+from imgtriage.errors import ConfigError, DataError
+
+
+def _png(path, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+
+
+def test_class_folders_sorted_and_unsupported_files_reported(tmp_path):
+    for c in ("zebra", "ant"):
+        for i in range(3):
+            _png(tmp_path / c / f"{i}.png", i)
+    (tmp_path / "ant" / "notes.txt").write_text("x")
+    (tmp_path / "stray.png").write_bytes(b"")
+    ds = discover(tmp_path)
+    assert ds.classes == ("ant", "zebra")
+    assert ds.counts() == {"ant": 3, "zebra": 3}
+    ignored = dict(ds.ignored)
+    assert ignored[str(tmp_path / "ant" / "notes.txt")] == "unsupported extension"
+    assert "outside any class folder" in ignored[str(tmp_path / "stray.png")]
+
+
+def test_predefined_splits_kept(tmp_path):
+    for split in ("train", "val", "test"):
+        for c in ("a", "b"):
+            _png(tmp_path / split / c / "x.png")
+    ds = split_dataset(discover(tmp_path), val_frac=0.5, seed=0)
+    assert Counter(s.split for s in ds.samples) == {"train": 2, "val": 2, "test": 2}
+
+
+def test_csv_and_jsonl_manifests(tmp_path):
+    _png(tmp_path / "img" / "1.png")
+    _png(tmp_path / "img" / "2.png")
+    with (tmp_path / "m.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        w.writerow(["img/1.png", "cat", "g1", "train"])
+        w.writerow(["img/2.png", "dog", "", "validation"])
+    ds = discover(tmp_path / "m.csv")
+    assert [(s.label, s.group, s.split) for s in ds.samples] == [
+        ("cat", "g1", "train"), ("dog", None, "val")]
+    assert ds.samples[0].path == str(tmp_path / "img" / "1.png")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"path": "img/1.png", "label": "cat"}, {"path": "img/2.png", "label": "dog"}]))
+    assert discover(tmp_path / "m.jsonl").classes == ("cat", "dog")
+
+
+@pytest.mark.parametrize("content, match", [
+    ("path\nimg.png\n", "lacks 'path' or 'label'"),
+    ("path,label,split\na.png,x,holdout\n", "unknown split"),
+])
+def test_bad_manifest_errors(tmp_path, content, match):
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(DataError, match=match):
+        discover(tmp_path / "m.csv")
+
+
+def test_errors_for_missing_or_single_class(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path / "nope")
+    _png(tmp_path / "only" / "a.png")
+    with pytest.raises(DataError, match="only one class"):
+        discover(tmp_path)
+
+
+def _many(tmp_path, counts, groups=None):
+    for c, n in counts.items():
+        for i in range(n):
+            _png(tmp_path / c / f"{i:03d}.png")
+    return discover(tmp_path)
+
+
+def test_split_is_stratified_seeded_and_complete(tmp_path):
+    ds = _many(tmp_path, {"a": 40, "b": 20, "c": 10})
+    s1 = split_dataset(ds, val_frac=0.2, test_frac=0.1, seed=3)
+    s2 = split_dataset(ds, val_frac=0.2, test_frac=0.1, seed=3)
+    s3 = split_dataset(ds, val_frac=0.2, test_frac=0.1, seed=4)
+    assert [s.split for s in s1.samples] == [s.split for s in s2.samples]
+    assert [s.split for s in s1.samples] != [s.split for s in s3.samples]
+    assert len(s1.samples) == len(ds.samples)
+    per = Counter((s.label, s.split) for s in s1.samples)
+    assert (per["a", "val"], per["b", "val"], per["c", "val"]) == (8, 4, 2)
+    assert (per["a", "test"], per["b", "test"], per["c", "test"]) == (4, 2, 1)
+
+
+def test_groups_never_straddle_splits(tmp_path):
+    rows = ["path,label,group"]
+    for g in range(30):
+        for k in range(3):
+            p = tmp_path / f"g{g}_{k}.png"
+            _png(p)
+            rows.append(f"{p.name},{'a' if g % 2 else 'b'},grp{g}")
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    ds = split_dataset(discover(tmp_path / "m.csv"), val_frac=0.3, seed=0)
+    by_group = {}
+    for s in ds.samples:
+        by_group.setdefault(s.group, set()).add(s.split)
+    assert all(len(v) == 1 for v in by_group.values())
+    assert {s.split for s in ds.samples} == {"train", "val"}
+
+
+def test_split_manifest_round_trips(tmp_path):
+    ds = split_dataset(_many(tmp_path / "d", {"a": 5, "b": 5}), val_frac=0.2, seed=0)
+    path = write_split_manifest(ds, tmp_path / "run" / "splits.csv")
+    again = discover(path)
+    assert sorted((s.path, s.label, s.split) for s in again.samples) == sorted(
+        (s.path, s.label, s.split) for s in ds.samples)
+
+
+def test_bad_fractions_name_the_flag(tmp_path):
+    ds = _many(tmp_path, {"a": 3, "b": 3})
+    with pytest.raises(ConfigError, match="--val-frac"):
+        split_dataset(ds, val_frac=0.7, test_frac=0.4)
