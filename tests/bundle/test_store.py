@@ -37,7 +37,8 @@ def test_manifest_describes_everything_that_decides_an_answer(tiny_bundle):
     assert set(m["decision"]) >= {"temperature", "thresholds", "abstain", "unknown_label"}
     assert {"imgtriage", "torch", "numpy", "python"} <= set(m["versions"])
     assert m["training"]["config"]["epochs"] == 3
-    assert list(m["files"]) == ["weights.safetensors"] and len(m["files"]["weights.safetensors"]) == 64
+    assert list(m["files"]) == ["weights.safetensors"]
+    assert len(m["files"]["weights.safetensors"]) == 64
     assert 0 <= m["metrics"]["val_accuracy"] <= 1
 
 

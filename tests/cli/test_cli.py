@@ -38,7 +38,8 @@ def test_train_inspect_predict(digits_folder, tmp_path):
         (inbox / ("sub" if i % 2 else "") / p.name).write_bytes(p.read_bytes())
     (inbox / "zero.png").write_bytes(b"")
     out = tmp_path / "r.json"
-    res = runner.invoke(app, ["predict", str(run / "bundle"), str(inbox), str(tmp_path / "gone.png"),
+    gone = str(tmp_path / "gone.png")
+    res = runner.invoke(app, ["predict", str(run / "bundle"), str(inbox), gone,
                               "--output", str(out), "--include-probs", "--topk", "3",
                               "--no-progress"])
     assert res.exit_code == 0, res.output

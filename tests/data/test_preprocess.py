@@ -95,8 +95,8 @@ def test_jpeg_draft_is_part_of_the_spec(tmp_path):
     (tmp_path / "big.jpg").write_bytes(buf.getvalue())
     fast = PreprocessSpec.default_for(3, (64, 64))
     full = PreprocessSpec.default_for(3, (64, 64), jpeg_draft=False)
-    xf, mf = load_input(tmp_path / "big.jpg", fast)
-    xs, ms = load_input(tmp_path / "big.jpg", full)
+    xf, _ = load_input(tmp_path / "big.jpg", fast)
+    xs, _ = load_input(tmp_path / "big.jpg", full)
     assert xf.shape == xs.shape == (3, 64, 64)
     assert np.abs(xf - xs).mean() < 0.1  # same picture, decoded at a reduced scale
     spec_back = PreprocessSpec.from_dict(fast.to_dict())
