@@ -147,3 +147,58 @@ def test_tiff_bytes_equal_tiff_file(tmp_path):
     from_file = read_image(path)
     np.testing.assert_array_equal(from_bytes.array, from_file.array)
     assert from_bytes.meta == from_file.meta
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "packbits", "tiff_adobe_deflate"])
+def test_compressed_tiffs_written_by_pillow(tmp_path, compression):
+    """LZW needs imagecodecs in tifffile; without it the reader falls back to Pillow."""
+    from PIL import Image
+
+    pixels = _random((16, 20, 3), np.uint8)
+    path = tmp_path / "scan.tif"
+    Image.fromarray(pixels).save(path, compression=compression)
+    rec = read_image(path)
+    np.testing.assert_array_equal(rec.array, pixels)
+    used_pillow = any(c.startswith("pillow_decoder") for c in rec.meta["conversions"])
+    assert used_pillow == (compression == "tiff_lzw" and not _has_imagecodecs())
+
+
+def test_lzw_multipage_channels(tmp_path):
+    from PIL import Image
+
+    planes = [_random((6, 7), np.uint16) for _ in range(3)]
+    path = tmp_path / "stack.tif"
+    frames = [Image.fromarray(p) for p in planes]
+    frames[0].save(path, save_all=True, append_images=frames[1:], compression="tiff_lzw")
+    rec = read_image(path, policy=ReadPolicy(multipage="channels"))
+    assert rec.array.dtype == np.uint16
+    np.testing.assert_array_equal(rec.array, np.stack(planes, axis=-1))
+
+
+def _has_imagecodecs() -> bool:
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_palette_tiff_becomes_rgb(tmp_path):
+    indices = _random((5, 6), np.uint8)
+    colormap = np.stack([np.arange(256) * 257, (255 - np.arange(256)) * 257, np.zeros(256)])
+    path = tmp_path / "pal.tif"
+    tifffile.imwrite(path, indices, photometric="palette", colormap=colormap.astype(np.uint16))
+    rec = read_image(path)
+    assert "palette->RGB" in rec.meta["conversions"]
+    assert rec.array.shape == (5, 6, 3)
+    np.testing.assert_array_equal(rec.array[..., 0], indices.astype(np.uint16) * 257)
+
+
+def test_cmyk_tiff_becomes_rgb(tmp_path):
+    cmyk = np.zeros((4, 5, 4), np.uint8)
+    cmyk[..., 1:3] = 255  # magenta + yellow = red
+    path = tmp_path / "print.tif"
+    tifffile.imwrite(path, cmyk, photometric="separated")
+    rec = read_image(path)
+    assert "cmyk->rgb" in rec.meta["conversions"]
+    np.testing.assert_array_equal(rec.array[0, 0], [255, 0, 0])

@@ -155,7 +155,8 @@ def mode_to_array(img: Image.Image, conversions: list[str]) -> np.ndarray:
         conversions.append(f"palette->{target}")
         return np.array(img.convert(target))
     if mode.startswith("I;16"):
-        return np.array(img).astype(np.uint16)
+        array = np.array(img)  # uint16 in either byte order, or int16 for "I;16S"
+        return array if array.dtype.kind == "i" else array.astype(np.uint16)
     if mode == "I":
         return _int32_array(np.array(img), conversions)
     target = {"La": "LA", "RGBa": "RGBA", "RGBA;16B": "RGBA"}.get(mode, "RGB")

@@ -40,10 +40,37 @@ def read_tiff(src: Source, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, An
         except ReadFailure:
             raise
         except Exception as exc:
-            raise _decoder_failure(src, exc) from None
-    if len(pages) > 1 and policy.multipage == "first":
-        meta["conversions"].append(f"first_page_of_{len(pages)}")
+            if "imagecodecs" not in str(exc) or "pages" not in meta:
+                raise _decoder_failure(src, exc) from None
+            # LZW, JPEG and CCITT need imagecodecs in tifffile; Pillow's libtiff has them.
+            arrays = _pillow_pages(src, policy, meta, exc)
+    if meta["pages"] > 1 and policy.multipage == "first":
+        meta["conversions"].append(f"first_page_of_{meta['pages']}")
     return _stack_pages(src, arrays, meta), meta
+
+
+def _pillow_pages(
+    src: Source, policy: ReadPolicy, meta: dict[str, Any], first_error: Exception
+) -> list[np.ndarray]:
+    """Decode the pages tifffile could not (sizes were already checked from the IFDs)."""
+    from PIL import Image, ImageSequence
+
+    from imgtriage.io._raster import mode_to_array
+
+    meta["conversions"].append(f"pillow_decoder({meta['compression']})")
+    arrays = []
+    try:
+        with src.open() as fh, Image.open(fh, formats=["TIFF"]) as img:
+            for frame in ImageSequence.Iterator(img):
+                arrays.append(mode_to_array(frame, meta["conversions"]))
+                if policy.multipage == "first":
+                    break
+    except Exception as exc:
+        raise ReadFailure(
+            "decode_error",
+            f"'{src.display}' could not be decoded as TIFF: tifffile: {first_error}; Pillow: {exc}",
+        ) from None
+    return arrays
 
 
 def _describe(tif: Any, pages: list[Any], meta: dict[str, Any]) -> None:
