@@ -286,3 +286,15 @@ def test_fits_from_bytes_object(tmp_path):
     rec = read_image(buf.getvalue(), name="flat.fits")
     assert rec.meta["degenerate"] is True
     assert rec.array.dtype == np.int16 and rec.array.shape == (5, 6)
+
+
+def test_non_ascii_header_byte_is_tolerated(tmp_path):
+    hdu = fits.PrimaryHDU(_frame((4, 5)))
+    hdu.header["OBSERVER"] = "Jose X"
+    buf = io.BytesIO()
+    hdu.writeto(buf)
+    data = bytearray(buf.getvalue())
+    data[data.find(b"Jose X") + 3] = 0xE9  # a latin-1 e-acute, as some software writes it
+    rec = read_image(bytes(data), name="latin1.fits")
+    assert rec.meta["header"]["OBSERVER"].startswith("Jos")
+    assert "fits_end_card_restored" not in rec.meta["conversions"]

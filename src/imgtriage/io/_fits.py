@@ -23,21 +23,38 @@ from imgtriage.io._types import ReadPolicy
 def read_fits(
     src: Source, compression: str | None, policy: ReadPolicy
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode the first image HDU of a FITS file; ``compression`` is "gzip", "bzip2" or None."""
-    meta: dict[str, Any] = {"format": "fits", "conversions": [], "compression": compression}
+    """Decode the first image HDU of a FITS file; ``compression`` is "gzip", "bzip2" or None.
+
+    When astropy fails and the primary header turns out to lack its END card, the card is
+    put back and the file read again (recorded as ``fits_end_card_restored``).
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # recorded here, never shown to the user
         try:
-            repaired = _repaired_bytes(src, compression)
-            if repaired is not None:
-                meta["conversions"].append("fits_end_card_restored")
-            with _open_hdul(src, compression, repaired) as hdul:
-                array = _read_first_image(src, hdul, policy, meta)
+            return _read(src, compression, None, policy)
         except ReadFailure:
             raise
         except Exception as exc:
-            raise _decoder_failure(src, exc, [str(w.message) for w in caught]) from None
+            failure = _decoder_failure(src, exc, [str(w.message) for w in caught])
+        repaired = _repaired_bytes(src, compression)
+        if repaired is None:
+            raise failure
+        try:
+            array, meta = _read(src, compression, repaired, policy)
+        except ReadFailure:
+            raise
+        except Exception:
+            raise failure from None
+    meta["conversions"].append("fits_end_card_restored")
     return array, meta
+
+
+def _read(
+    src: Source, compression: str | None, repaired: bytes | None, policy: ReadPolicy
+) -> tuple[np.ndarray, dict[str, Any]]:
+    meta: dict[str, Any] = {"format": "fits", "conversions": [], "compression": compression}
+    with _open_hdul(src, compression, repaired) as hdul:
+        return _read_first_image(src, hdul, policy, meta), meta
 
 
 def _stream(src: Source, compression: str | None) -> BinaryIO:
@@ -52,11 +69,11 @@ def _stream(src: Source, compression: str | None) -> BinaryIO:
 
 def _repaired_bytes(src: Source, compression: str | None) -> bytes | None:
     """The file with its primary END card restored, or None when the header is intact."""
-    stream = _stream(src, compression)
     try:
-        return restore_end_card(stream)
-    finally:
-        stream.close()
+        with _stream(src, compression) as stream:
+            return restore_end_card(stream)
+    except (OSError, EOFError, ValueError):
+        return None
 
 
 def _open_hdul(src: Source, compression: str | None, repaired: bytes | None) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 BLOCK = 2880
 CARD = 80
 _END_CARD = b"END" + b" " * 77
-_KEYWORD_RE = re.compile(rb"^[A-Za-z0-9_\-]*\s*$")
+_KEYWORD_RE = re.compile(rb"^[A-Za-z0-9_\-]* *$")
 _JOINED_KEYWORDS = ("COMMENT", "HISTORY")
 
 
@@ -65,8 +65,12 @@ def _json_value(value: Any) -> Any:
 
 
 def _is_card(chunk: bytes) -> bool:
-    """Could these 80 bytes be a header card (printable ASCII, a legal keyword field)?"""
-    if len(chunk) != CARD or any(byte < 0x20 or byte > 0x7E for byte in chunk):
+    """Could these 80 bytes be a header card? A legal keyword field and no control bytes.
+
+    Non-ASCII text (latin-1 comments, sadly common) is tolerated; pixel data almost always
+    holds a byte below 0x20 within 80 bytes.
+    """
+    if len(chunk) != CARD or any(byte < 0x20 or byte == 0x7F for byte in chunk):
         return False
     return bool(_KEYWORD_RE.match(chunk[:8]))
 
