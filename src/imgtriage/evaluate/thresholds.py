@@ -228,7 +228,7 @@ def parse_thresholds(spec: Any, class_names: Sequence[str]) -> tuple[float, ...]
         (0.5, 0.5)
     """
     names = [str(n) for n in class_names]
-    value = _load_text(spec) if isinstance(spec, str | Path) else spec
+    value = _load_text(str(spec)) if isinstance(spec, str | Path) else spec
     if isinstance(value, dict) and set(value) == {"thresholds"}:
         value = value["thresholds"]
     if isinstance(value, bool):
