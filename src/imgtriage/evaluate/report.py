@@ -38,7 +38,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}
-.fig{max-width:100%;height:auto}.row{display:flex;flex-wrap:wrap;gap:1.5em}
+.fig{max-width:100%;height:auto}
 .gallery{display:flex;flex-wrap:wrap;gap:.6em;margin:.3em 0 1em}
 .card{width:150px;font-size:.75em;border:1px solid #ddd;padding:4px;word-break:break-all}
 .card img{display:block;margin:0 auto 3px}
@@ -242,10 +242,15 @@ def _selective_html(r: dict[str, Any]) -> str:
     return out
 
 
+def _short(text: Any, limit: int = 90) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _card(it: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]]) -> str:
     uri, reason = thumbs.get(it["index"], (None, "no thumbnail"))
     pic = (f'<img src="{uri}" alt="{_e(it["path"])}">' if uri
-           else f'<div class="ph" title="{_e(reason)}">unreadable: {_e(reason)}</div>')
+           else f'<div class="ph" title="{_e(reason)}">unreadable: {_e(_short(reason))}</div>')
     return (f'<div class="card">{pic}<div><b>{_e(it["true"])}</b> → <b>{_e(it["predicted"])}'
             f'</b> ({it["score"]:.3f})</div><div class="muted">{_e(it["path"])}</div></div>')
 
