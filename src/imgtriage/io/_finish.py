@@ -57,4 +57,12 @@ def is_constant(array: np.ndarray) -> bool:
         (True, False)
     """
     flat = array.reshape(-1, 1 if array.ndim == 2 else array.shape[-1])
-    return bool(np.all(flat.min(axis=0) == flat.max(axis=0)))
+    if flat.shape[0] == 0:
+        return True
+    # One contiguous pass against the first pixel (min/max along axis 0 of a strided view cost
+    # ~15 ms on a 500x400 RGB photo); a sparse probe answers "no" at once for real photos.
+    first = flat[:1]
+    probe = flat[:: max(1, flat.shape[0] // 64)]
+    if not bool((probe == first).all()):
+        return False
+    return bool((flat == first).all())
