@@ -1,0 +1,191 @@
+"""Dynamic batching: merge the images of concurrent requests into one inference call.
+
+Requests become jobs in one queue. A collector task on the event loop takes the oldest job and
+waits at most ``max_wait_s`` (counted from when that job arrived) for others with the same
+options to fill ``max_batch`` images; a full batch goes at once. The batch runs in a single
+worker thread, so the event loop keeps accepting and parsing requests meanwhile, and jobs that
+arrive during a batch go out together in the next one without waiting again. The queue is
+bounded in images: past ``max_queue`` a submit raises :class:`QueueFull` (503 + Retry-After).
+
+Example:
+    >>> async def demo():  # doctest: +SKIP
+    ...     b = Batcher(lambda items, names, opts: [{"n": len(x)} for x in items], max_batch=8)
+    ...     b.start()
+    ...     rows = await b.submit([b"ab"], ["a"], key=None)
+    ...     await b.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("imgtriage.serve")
+
+InferFn = Callable[[list[bytes], list[str], Any], list[dict[str, Any]]]
+
+
+class QueueFull(Exception):
+    """The queue cannot take this request; ``retry_after`` is a hint in whole seconds."""
+
+    def __init__(self, queued: int, capacity: int, retry_after: int) -> None:
+        super().__init__(f"{queued} images queued, capacity {capacity}")
+        self.queued, self.capacity, self.retry_after = queued, capacity, retry_after
+
+
+@dataclass
+class _Job:
+    items: list[bytes]
+    names: list[str]
+    key: Hashable
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Collect jobs into batches and run ``infer(items, names, key)`` on one worker thread.
+
+    ``key`` groups what may share a batch (the prediction options); ``on_batch(size, secs)``
+    and ``on_depth(images)`` feed the metrics.
+    """
+
+    def __init__(self, infer: InferFn, *, max_batch: int = 16, max_wait_s: float = 0.002,
+                 max_queue: int = 256, on_batch: Callable[[int, float], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
+        self.infer, self.max_batch, self.max_wait_s = infer, max_batch, max_wait_s
+        self.max_queue = max_queue
+        self._on_batch, self._on_depth = on_batch, on_depth
+        self._queue: deque[_Job] = deque()
+        self._depth = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._rate = 0.0  # images per second, smoothed, for Retry-After
+
+    @property
+    def depth(self) -> int:
+        """Images waiting for inference (not counting the batch being computed)."""
+        return self._depth
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgtriage-infer")
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._queue.clear()
+        self._set_depth(0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def retry_after(self) -> int:
+        """Seconds until the current queue should have drained (1..30)."""
+        if self._rate <= 0:
+            return 1
+        return max(1, min(30, math.ceil(self._depth / self._rate)))
+
+    async def submit(self, items: list[bytes], names: list[str], key: Hashable) -> list[dict]:
+        """Queue one request's images; its rows, in order, once its batch has run."""
+        if self._wake is None:
+            raise RuntimeError("Batcher.start() was not called")
+        if self._depth + len(items) > self.max_queue:
+            raise QueueFull(self._depth, self.max_queue, self.retry_after())
+        job = _Job(items, names, key, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._set_depth(self._depth + len(items))
+        self._wake.set()
+        return await job.future
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._on_depth is not None:
+            self._on_depth(depth)
+
+    async def _collect(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                while not self._queue:
+                    self._wake.clear()
+                    await self._wake.wait()
+                first = self._queue[0]
+                deadline = first.arrived + self.max_wait_s
+                while self._ready(first.key) < self.max_batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                    except TimeoutError:
+                        break
+                batch = self._take(first.key)
+                if batch:
+                    await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the collector must never die; each job got its error
+                log.exception("batch collector error")
+
+    def _ready(self, key: Hashable) -> int:
+        return sum(len(j.items) for j in self._queue if j.key == key and not j.future.done())
+
+    def _take(self, key: Hashable) -> list[_Job]:
+        """Oldest jobs with ``key`` up to max_batch images (always at least one job)."""
+        batch, size, keep, full = [], 0, deque(), False
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # cancelled by its request's timeout: drop it
+                self._set_depth(self._depth - len(job.items))
+            elif job.key == key and not full and (
+                    not batch or size + len(job.items) <= self.max_batch):
+                batch.append(job)
+                size += len(job.items)
+                self._set_depth(self._depth - len(job.items))
+            else:
+                full = full or job.key == key  # later jobs must not overtake this one
+                keep.append(job)
+        self._queue = keep
+        return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        items = [x for j in batch for x in j.items]
+        names = [n for j in batch for n in j.names]
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            rows = await loop.run_in_executor(self._executor, self.infer, items, names,
+                                              batch[0].key)
+            if len(rows) != len(items):
+                raise RuntimeError(f"inference returned {len(rows)} rows for {len(items)} "
+                                   "images")
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d images", len(items))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        secs = time.perf_counter() - t0
+        self._rate = len(items) / secs if self._rate == 0 else (
+            0.8 * self._rate + 0.2 * len(items) / max(secs, 1e-6))
+        if self._on_batch is not None:
+            self._on_batch(len(items), secs)
+        start = 0
+        for job in batch:
+            part = rows[start:start + len(job.items)]
+            start += len(job.items)
+            if not job.future.done():
+                job.future.set_result(part)

@@ -1,0 +1,178 @@
+"""The model behind one app: loaded once in the lifespan, warmed up, then fed by the batcher.
+
+Loading runs in a background thread so that ``/livez`` answers at once while a large bundle
+loads; ``/readyz`` and ``/v1/classify`` answer 503 with Retry-After until the model has been
+loaded *and* has run a warm-up batch (the first calls of a model are slow: allocation, kernel
+selection), so a load balancer only sends traffic to a worker that will answer at full speed.
+Only the public :class:`~imgtriage.predict.Predictor` API is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from imgtriage.serve.batching import Batcher, QueueFull
+from imgtriage.serve.config import ServeConfig
+from imgtriage.serve.inputs import Upload, precheck
+from imgtriage.serve.metrics import Metrics
+from imgtriage.serve.problems import Problem
+
+log = logging.getLogger("imgtriage.serve")
+
+
+def limit_pixels(predictor: Any, max_pixels: int) -> int | None:
+    """Tighten the predictor's read policy to ``max_pixels``; the limit now in force.
+
+    The io layer refuses a larger image with the ``too_many_pixels`` defect before decoding it
+    (decompression bombs). A bundle's own, lower limit is kept.
+    """
+    spec = getattr(predictor, "spec", None)
+    read = getattr(spec, "read", None)
+    if read is None:
+        log.warning("this predictor has no read policy: --max-pixels cannot be applied")
+        return None
+    if read.max_pixels > max_pixels:
+        predictor.spec = dataclasses.replace(spec, read=dataclasses.replace(
+            read, max_pixels=max_pixels))
+    return predictor.spec.read.max_pixels
+
+
+def warm_up(predictor: Any, max_batch: int) -> None:
+    """Run the model at batch 1 and at the largest batch, and decode one PNG."""
+    from PIL import Image
+
+    spec = getattr(predictor, "spec", None)
+    h, w = spec.size if spec is not None else (64, 64)
+    c = spec.in_chans if spec is not None else 3
+    rng = np.random.default_rng(0)
+    shape = (h, w) if c == 1 else (h, w, c)
+    arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(max_batch)]
+    predictor.predict_arrays(arrays[:1])
+    predictor.predict_arrays(arrays)
+    buf = io.BytesIO()
+    Image.fromarray(arrays[0] if c in (1, 3, 4) else arrays[0][..., 0]).save(buf, "PNG")
+    predictor.predict_bytes([buf.getvalue()], ["warmup.png"])
+
+
+class ModelRuntime:
+    """Loads, warms and serves one predictor; ``state`` is loading | ready | failed."""
+
+    def __init__(self, cfg: ServeConfig, metrics: Metrics, predictor: Any = None) -> None:
+        self.cfg, self.metrics = cfg, metrics
+        self.predictor = predictor
+        self.state = "loading"
+        self.error: str | None = None
+        self.description: dict[str, Any] = {}
+        self.max_pixels: int | None = None
+        self.batcher: Batcher | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._load(), name="model-load")
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    async def _load(self) -> None:
+        try:
+            self.predictor = await asyncio.to_thread(self._load_and_warm)
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("the model could not be loaded: %s", self.error)
+            return
+        self.description = self.predictor.describe()
+        self.batcher = Batcher(self._infer, max_batch=self.cfg.max_batch_size,
+                               max_wait_s=self.cfg.max_wait_ms / 1000,
+                               max_queue=self.cfg.max_queue,
+                               on_batch=self.metrics.observe_batch,
+                               on_depth=self.metrics.queue_depth.set)
+        self.batcher.start()
+        d = self.description
+        self.metrics.model_info.info({"bundle_sha256": str(d.get("bundle_sha256")),
+                                      "bundle_version": str(d.get("bundle_version")),
+                                      "backend": str(d.get("backend")),
+                                      "classes": str(len(d.get("classes", [])))})
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        log.info("model ready: %s (%s)", self.cfg.bundle, d.get("bundle_sha256", "")[:12])
+
+    def _load_and_warm(self) -> Any:
+        p = self.predictor
+        if p is None:
+            from imgtriage.predict import Predictor
+
+            p = Predictor.load(self.cfg.bundle, backend=self.cfg.backend,
+                               num_threads=self.cfg.compute_threads)
+        self.max_pixels = limit_pixels(p, self.cfg.max_pixels)
+        warm_up(p, self.cfg.max_batch_size)
+        return p
+
+    def _infer(self, items: list[bytes], names: list[str], opts: Any) -> list[dict[str, Any]]:
+        return self.predictor.predict_bytes(items, names, **dataclasses.asdict(opts))
+
+    # -- used by the routes ------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "failed":
+            raise Problem(503, "model-failed", "Model unavailable",
+                          f"the model failed to load: {self.error}")
+        raise Problem(503, "not-ready", "Not ready yet",
+                      "the model is still loading and warming up; retry shortly",
+                      headers={"Retry-After": "2"})
+
+    def identity(self) -> dict[str, Any]:
+        d = self.description
+        return {k: d.get(k) for k in ("bundle_sha256", "bundle_version", "schema_version",
+                                      "backend")}
+
+    def options(self, **given: Any) -> Any:
+        """Validated PredictOptions for a request (422 for an unknown profile or topk)."""
+        from imgtriage.errors import ImgTriageError
+        from imgtriage.predict import PredictOptions
+
+        classes = self.description.get("classes", [])
+        if given.get("topk") is not None and given["topk"] > len(classes):
+            raise Problem(422, "invalid-parameters", "Invalid parameters",
+                          f"topk={given['topk']} but the model has {len(classes)} classes")
+        opts = PredictOptions(**given)
+        try:
+            self.predictor.policy_for(opts)
+        except ImgTriageError as exc:
+            raise Problem(422, "invalid-parameters", "Invalid parameters", str(exc)) from None
+        return opts
+
+    async def classify(self, uploads: list[Upload], opts: Any) -> list[dict[str, Any]]:
+        """One entry per upload, in order: a result row or a defect dict."""
+        assert self.batcher is not None
+        entries: list[dict[str, Any] | None] = [precheck(u, self.cfg) for u in uploads]
+        todo = [i for i, e in enumerate(entries) if e is None]
+        if todo:
+            submit = self.batcher.submit([uploads[i].data for i in todo],
+                                         [uploads[i].name for i in todo], opts)
+            try:
+                rows = await asyncio.wait_for(submit, self.cfg.request_timeout_s)
+            except QueueFull as exc:
+                raise Problem(503, "overloaded", "Server overloaded",
+                              f"{exc.queued} images are waiting for inference (capacity "
+                              f"{exc.capacity}, --max-queue); retry after {exc.retry_after} s",
+                              headers={"Retry-After": str(exc.retry_after)}) from None
+            except TimeoutError:
+                raise Problem(503, "inference-timeout", "Inference timed out",
+                              f"no answer within {self.cfg.request_timeout_s:g} s "
+                              "(--request-timeout); the server is busy, retry later",
+                              headers={"Retry-After": str(self.batcher.retry_after())}) \
+                    from None
+            for i, row in zip(todo, rows, strict=True):
+                entries[i] = row
+        return entries  # type: ignore[return-value]
