@@ -55,3 +55,21 @@ def test_fit_decision_policy_end_to_end(over_confident):
     with pytest.raises(ConfigError, match="not both"):
         fit_decision_policy(logits, labels, class_names=[f"c{i}" for i in range(10)],
                             threshold_strategy="max_f1", thresholds=0.5)
+
+
+def test_positive_class_threshold_decides_recall_first():
+    # p(unsafe) = 0.3 < p(safe) = 0.7, but the recall-first threshold for unsafe is 0.2.
+    logits = np.log(np.array([[0.7, 0.3], [0.9, 0.1], [0.4, 0.6]]))
+    rule = DecisionPolicy(thresholds=(0.0, 0.2), positive_class=1)
+    d = rule.decide(logits)
+    assert d.class_id.tolist() == [1, 0, 1]
+    assert np.allclose(d.score, [0.3, 0.9, 0.6])
+    plain = DecisionPolicy(thresholds=(0.0, 0.2)).decide(logits)
+    assert plain.class_id.tolist() == [0, 0, 1]  # without a positive class, argmax stands
+    back = DecisionPolicy.from_dict(rule.to_dict())
+    assert back == rule
+
+
+def test_positive_class_needs_thresholds():
+    with pytest.raises(ConfigError, match="--positive-class"):
+        DecisionPolicy(positive_class=1)

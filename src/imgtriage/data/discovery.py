@@ -148,7 +148,7 @@ def discover(source: str | os.PathLike[str]) -> Dataset:
         samples, ignored = _from_folders(src)
     if not samples:
         raise DataError(f"no labelled images found under {src}; expected class folders "
-                        "(e.g. {src}/cat/*.png) or a manifest with path,label columns")
+                        f"(e.g. {src}/cat/*.png) or a manifest with path,label columns")
     classes = tuple(sorted({s.label for s in samples}))
     if len(classes) < 2:
         raise DataError(f"found only one class ({classes[0]!r}) under {src}; "

@@ -41,6 +41,12 @@ class DecisionPolicy:
     input whose top class is below that class's threshold is answered ``unknown_label``.
     ``conformal`` is the dict form of a fitted conformal predictor (see ``evaluate.conformal``).
 
+    ``positive_class`` (an index) makes thresholds decide, not only abstain: an input whose
+    positive-class probability reaches that class's threshold is answered positive even when
+    another class has the larger probability. This is the recall-first rule of safety review
+    (a miss costs more than a false alarm): with ``thresholds=(0.0, 0.2)`` and
+    ``positive_class=1``, p(unsafe) = 0.3 answers "unsafe".
+
     Example:
         >>> p = DecisionPolicy(temperature=2.0, thresholds=(0.7, 0.7), abstain=True)
         >>> p.decide(np.array([[2.0, 1.0], [4.0, 0.0]])).abstained.tolist()  # 0.62, 0.88
@@ -53,6 +59,7 @@ class DecisionPolicy:
     unknown_label: str = "unknown"
     conformal: dict[str, Any] | None = None
     profile: str = "default"
+    positive_class: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +70,14 @@ class DecisionPolicy:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
                 raise ConfigError("thresholds must lie in [0, 1] (--thresholds)")
+        if self.positive_class is not None:
+            if self.thresholds is None:
+                raise ConfigError("a positive class needs thresholds to decide with "
+                                  "(--positive-class with --threshold-strategy/--thresholds)")
+            if not 0 <= int(self.positive_class) < len(self.thresholds):
+                raise ConfigError(f"positive class index {self.positive_class} is out of range "
+                                  "(--positive-class)")
+            object.__setattr__(self, "positive_class", int(self.positive_class))
         if self.conformal is not None:
             from imgtriage.evaluate.conformal import ConformalPredictor
 
@@ -75,12 +90,17 @@ class DecisionPolicy:
     def decide(self, logits: np.ndarray) -> Decisions:
         probs = softmax(logits, self.temperature)
         class_id = probs.argmax(axis=1)
-        score = probs[np.arange(len(probs)), class_id]
         if self.thresholds is not None and len(self.thresholds) != probs.shape[1]:
             raise ConfigError(f"{len(self.thresholds)} thresholds for {probs.shape[1]} classes; "
                               "give one threshold per class (--thresholds)")
+        positive = np.zeros(len(probs), dtype=bool)
+        if self.positive_class is not None:
+            k = self.positive_class
+            positive = probs[:, k] >= self.thresholds[k]
+            class_id = np.where(positive, k, class_id)
+        score = probs[np.arange(len(probs)), class_id]
         if self.abstain and self.thresholds is not None:
-            abstained = score < np.asarray(self.thresholds)[class_id]
+            abstained = (score < np.asarray(self.thresholds)[class_id]) & ~positive
         else:
             abstained = np.zeros(len(probs), dtype=bool)
         sets = None

@@ -70,7 +70,8 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
             cp.predict_mask(probs), y, n_classes=len(names))}
     policy = DecisionPolicy(temperature=float(temperature), thresholds=picked[0],
                             abstain=abstain, unknown_label=unknown_label, conformal=conformal,
-                            profile=profile)
+                            profile=profile,
+                            positive_class=positive_class if picked[0] is not None else None)
     decided = policy.decide(z)
     summary["abstain"] = (abstain_summary(probs, y, picked[0], names)
                           if picked[0] is not None else None)

@@ -1,0 +1,119 @@
+"""imgtriage evaluate / calibrate"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def evaluate_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
+    data: Path = typer.Argument(..., help="Labelled folder or manifest (e.g. RUN/splits.csv); "
+                                          "with --reference, any files or folders."),
+    out: Path = typer.Option(None, "--out", "-o", help="Where report.json/report.html go "
+                                                       "(default: BUNDLE/../eval)."),
+    split: str = typer.Option(None, help="Only this split of a manifest (train/val/test/"
+                                         "calib)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (bundle policy)."),
+    profile: str = typer.Option(None, help="Evaluate under a saved decision profile."),
+    reference: Path = typer.Option(None, help="Drift check instead: compare DATA's score, "
+                                              "class and abstain distributions with an "
+                                              "evaluation directory or calibrated bundle."),
+    drift_alpha: float = typer.Option(0.01, help="Significance level of the drift tests."),
+    batch_size: int = typer.Option(64, help="Images per inference batch."),
+) -> None:
+    """Metrics, calibration, abstain, conformal sets and a failure gallery (JSON + HTML)."""
+    from imgtriage.predict.assess import drift_against, evaluate_bundle
+
+    if reference is not None:
+        res = drift_against(bundle, [data], reference, alpha=drift_alpha,
+                            batch_size=batch_size)
+        target = out or Path("drift.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(res, indent=2))
+        typer.echo(f"shift: {res['shift']} -> {target}")
+        raise typer.Exit(1 if res["shift"] else 0)
+    out = out or Path(bundle).resolve().parent / "eval"
+    rep = evaluate_bundle(bundle, data, out, split=split, tta=tta, profile=profile,
+                          batch_size=batch_size)
+    m = rep["metrics"]
+    typer.echo(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  "
+               f"NLL {m['nll']:.4f}  ECE {m['ece']:.4f}  ({rep['meta']['n_samples']} images)")
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+def calibrate_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory or .zip (updated in place "
+                                            "unless --out)."),
+    data: Path = typer.Argument(..., help="Calibration data: a labelled folder or a manifest "
+                                          "(e.g. RUN/splits.csv with --split val). Never the "
+                                          "training images or the test set."),
+    split: str = typer.Option(None, help="Only this split of a manifest."),
+    temperature: float = typer.Option(None, help="Use this temperature instead of fitting "
+                                                 "one by NLL."),
+    threshold_strategy: str = typer.Option(None, help="max_f1, target_precision, "
+                                                      "target_recall or cost (binary)."),
+    target: float = typer.Option(None, help="Precision or recall target for the strategy."),
+    thresholds: str = typer.Option(None, help="Explicit thresholds: a number, a list, JSON "
+                                              "(list or {class: t}) or a JSON file."),
+    cost_fn: float = typer.Option(1.0, help="Cost of a miss (cost strategy)."),
+    cost_fp: float = typer.Option(1.0, help="Cost of a false alarm (cost strategy)."),
+    positive_class: str = typer.Option(None, help="Class name that counts as positive "
+                                                  "(e.g. unsafe)."),
+    abstain: bool = typer.Option(False, "--abstain", help="Answer 'unknown' when no class "
+                                                          "passes its threshold."),
+    conformal_method: str = typer.Option(None, help="Conformal prediction sets: lac, aps or "
+                                                   "raps."),
+    alpha: float = typer.Option(0.1, help="Conformal miscoverage level (0.1 -> 90% sets)."),
+    mondrian: bool = typer.Option(False, "--mondrian", help="Class-conditional coverage."),
+    profile: str = typer.Option("default", help="Name of this decision rule; 'default' is "
+                                                "applied by predict/serve with no flags."),
+    make_default: bool = typer.Option(None, "--make-default/--keep-default",
+                                      help="Make this profile the bundle's default rule."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the new bundle version here "
+                                                       "instead of in place."),
+) -> None:
+    """Fit temperature, thresholds, abstain and conformal sets; write them into the bundle."""
+    from imgtriage.bundle import load_bundle
+    from imgtriage.predict.assess import calibrate_bundle
+
+    pos = None
+    if positive_class is not None:
+        classes = load_bundle(bundle, verify=False).classes
+        if positive_class not in classes:
+            from imgtriage.errors import ConfigError
+
+            raise ConfigError(f"--positive-class {positive_class!r} is not one of {classes}")
+        pos = classes.index(positive_class)
+    s = calibrate_bundle(bundle, data, split=split, profile=profile, make_default=make_default,
+                         out=out, temperature=temperature,
+                         threshold_strategy=threshold_strategy, target=target,
+                         thresholds=thresholds, cost_fn=cost_fn, cost_fp=cost_fp,
+                         positive_class=pos, abstain=abstain, conformal_method=conformal_method,
+                         alpha=alpha, mondrian=mondrian)
+    _print_calibration(s)
+    typer.echo(f"bundle updated: {out or bundle} (profile {profile!r})")
+
+
+def _print_calibration(s: dict) -> None:
+    t = s["temperature"]
+    if t.get("fitted", True) and "nll_before" in t:
+        typer.echo(f"temperature {t['temperature']:.4f}: NLL {t['nll_before']:.4f} -> "
+                   f"{t['nll_after']:.4f}, ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}")
+    else:
+        typer.echo(f"temperature {t['temperature']} (given)")
+    if s.get("abstain"):
+        a = s["abstain"]
+        typer.echo(f"abstain: coverage {a['coverage']:.4f}, accuracy at coverage "
+                   f"{a['accuracy_at_coverage']}")
+    if s.get("conformal"):
+        c = s["conformal"]
+        typer.echo(f"conformal: coverage {c['coverage']:.4f}, mean set size "
+                   f"{c['mean_set_size']:.3f}, singletons {c['singleton_rate']:.3f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate_command)
+    app.command("calibrate")(calibrate_command)

@@ -1,0 +1,201 @@
+"""Run a bundle over labelled data and hand the logits to ``evaluate``: the glue behind
+``imgtriage evaluate`` and ``imgtriage calibrate``.
+
+``evaluate`` itself only sees arrays; this module owns the model side (decode with the
+bundle's own preprocessing, logits with the bundle's backend) and writes the fitted decision
+rule back into the bundle as a new version, so ``predict`` and the service apply exactly
+what was validated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgtriage.bundle import update_bundle
+from imgtriage.data import discover
+from imgtriage.data.discovery import Sample
+from imgtriage.errors import ConfigError, DataError
+
+# Everything a Predictor (or a cascade/gallery predictor) offers that this module needs.
+PredictorLike = Any
+
+
+@dataclass(frozen=True)
+class LabelledLogits:
+    """Logits of the usable samples, their labels in the bundle's class order, and defects."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    defects: list[dict[str, str]]
+
+
+def labelled_samples(data: str | os.PathLike[str], classes: list[str],
+                     split: str | None = None) -> list[Sample]:
+    """Samples of a folder or manifest (optionally one split) whose labels the bundle knows."""
+    ds = discover(data)
+    samples = [s for s in ds.samples if split is None or s.split == split]
+    if not samples:
+        found = sorted({s.split or "none" for s in ds.samples})
+        raise DataError(f"no samples with split {split!r} in {data} (splits found: {found}); "
+                        "pass --split with one of those, or omit it")
+    unknown = sorted({s.label for s in samples} - set(classes))
+    if unknown:
+        raise DataError(f"labels {unknown} in {data} are not classes of the bundle {classes}; "
+                        "evaluate on data with the bundle's classes")
+    return samples
+
+
+def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool = False,
+                   batch_size: int = 64, workers: int | None = None) -> LabelledLogits:
+    """Raw logits for every usable sample, decoded with the bundle's own preprocessing
+    (bad files become defects, never dropped silently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgtriage.data.preprocess import load_input
+    from imgtriage.errors import ImageReadError
+
+    def decode(s: Sample):
+        try:
+            return load_input(s.path, predictor.spec)[0]
+        except ImageReadError as exc:
+            return exc.defect.to_dict()
+
+    index = {c: i for i, c in enumerate(predictor.classes)}
+    logits, labels, paths, defects = [], [], [], []
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            xs = []
+            for s, out in zip(chunk, pool.map(decode, chunk), strict=True):
+                if isinstance(out, dict):
+                    defects.append(out)
+                else:
+                    xs.append(out)
+                    labels.append(index[s.label])
+                    paths.append(s.path)
+            if xs:
+                logits.append(predictor.logits(np.stack(xs), tta))
+    if not logits:
+        raise DataError("none of the files could be read; see the defects")
+    return LabelledLogits(np.concatenate(logits).astype(np.float64), np.asarray(labels),
+                          paths, defects)
+
+
+def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
+                    out_dir: str | os.PathLike[str], *, split: str | None = None,
+                    tta: bool = False, profile: str | None = None, batch_size: int = 64,
+                    backend: str = "auto") -> dict[str, Any]:
+    """Metrics, calibration, abstain, conformal sets and the failure gallery as
+    ``out_dir/report.json`` + ``out_dir/report.html``; returns the report dict.
+
+    Example:
+        >>> evaluate_bundle("runs/a/bundle", "data/test", "runs/a/eval")  # doctest: +SKIP
+    """
+    from imgtriage.evaluate import write_report
+    from imgtriage.predict.predictor import PredictOptions, Predictor
+
+    predictor = Predictor.load(bundle, backend=backend)
+    samples = labelled_samples(data, predictor.classes, split)
+    got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size)
+    policy = predictor.policy_for(PredictOptions(profile=profile))
+    report = write_report(out_dir, logits=got.logits, labels=got.labels,
+                          class_names=predictor.classes, paths=got.paths, decision=policy,
+                          title=f"imgtriage evaluation: {Path(bundle).name} on {data}",
+                          extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
+                                 "data": str(data), "split": split, "tta": tta,
+                                 "defects": got.defects})
+    _save_reference(Path(out_dir), got.logits, policy)
+    return report
+
+
+def _save_reference(out_dir: Path, logits: np.ndarray, policy: Any) -> None:
+    from imgtriage.evaluate import reference_summary
+
+    d = policy.decide(logits)
+    ref = reference_summary(d.probs, d.abstained)
+    (out_dir / "reference.json").write_text(json.dumps(ref))
+
+
+def load_reference(ref: str | os.PathLike[str]) -> dict[str, Any]:
+    """A drift reference from an evaluation directory (reference.json), a reference file, or
+    a bundle whose calibration stored one."""
+    path = Path(ref)
+    candidates = [path / "reference.json", path / "eval" / "reference.json", path]
+    for c in candidates:
+        if c.is_file() and c.suffix == ".json":
+            return json.loads(c.read_text())
+    if (path / "manifest.json").is_file():
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("drift_reference"):
+            return manifest["drift_reference"]
+    raise ConfigError(f"no drift reference at {ref}: pass an evaluation directory (with "
+                      "reference.json) or a calibrated bundle (--reference)")
+
+
+def drift_against(bundle: str | os.PathLike[str], paths: list[str | os.PathLike[str]],
+                  reference: str | os.PathLike[str], *, alpha: float = 0.01,
+                  batch_size: int = 64) -> dict[str, Any]:
+    """Compare score/class/abstain distributions of new (unlabelled) files with a reference."""
+    from imgtriage.evaluate import drift_check
+    from imgtriage.predict.predictor import Predictor
+
+    predictor = Predictor.load(bundle)
+    report = predictor.predict_paths(paths, batch_size=batch_size, include_probs=True)
+    if not report["results"]:
+        raise DataError("no readable files to compare; see the defects")
+    probs = np.array([[r["probs"][c] for c in predictor.classes] for r in report["results"]])
+    abstained = np.array([r["abstained"] for r in report["results"]])
+    out = drift_check(load_reference(reference), probs, class_names=predictor.classes,
+                      abstained=abstained, alpha=alpha)
+    out["num_files"] = report["meta"]["num_files"]
+    out["defects"] = report["defects"]
+    return out
+
+
+def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str], *,
+                     split: str | None = None, profile: str = "default",
+                     make_default: bool | None = None, out: str | os.PathLike[str] | None = None,
+                     batch_size: int = 64, **fit_kwargs: Any) -> dict[str, Any]:
+    """Fit temperature / thresholds / abstain / conformal sets on a calibration split and write
+    them into a new version of the bundle (the old manifest stays in its history).
+
+    ``profile`` names the rule (e.g. "precision", "recall"); profiles are kept side by side
+    and picked with ``--profile``. The "default" profile (or ``make_default=True``) becomes
+    the rule ``predict`` and the service apply with no flags. ``fit_kwargs`` go to
+    :func:`imgtriage.evaluate.fit_decision_policy`. Returns the summary, with NLL and ECE
+    before and after temperature scaling.
+
+    Example:
+        >>> calibrate_bundle("runs/a/bundle", "runs/a/splits.csv", split="val",
+        ...                  threshold_strategy="target_precision", target=0.95,
+        ...                  abstain=True, conformal_method="aps", alpha=0.1)  # doctest: +SKIP
+    """
+    from imgtriage.evaluate import fit_decision_policy
+    from imgtriage.predict.predictor import Predictor
+
+    predictor = Predictor.load(bundle, backend="torch")
+    samples = labelled_samples(data, predictor.classes, split)
+    got = collect_logits(predictor, samples, batch_size=batch_size)
+    policy, summary = fit_decision_policy(got.logits, got.labels,
+                                          class_names=predictor.classes, profile=profile,
+                                          **fit_kwargs)
+    manifest = predictor.bundle.manifest
+    profiles = dict(manifest.get("profiles") or {})
+    profiles[profile] = policy.to_dict()
+    calibration = dict(manifest.get("calibration") or {})
+    summary.update(data=str(data), split=split, n_samples=len(got.labels),
+                   defects=got.defects)
+    calibration[profile] = {k: v for k, v in summary.items() if k != "drift_reference"}
+    changes = {"profiles": profiles, "calibration": calibration}
+    if make_default or (make_default is None and profile == "default"):
+        changes["decision"] = policy.to_dict()
+        changes["drift_reference"] = summary["drift_reference"]
+    update_bundle(bundle, changes, note=f"calibrate profile {profile!r} on {data}", out=out)
+    return summary
