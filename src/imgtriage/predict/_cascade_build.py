@@ -1,0 +1,298 @@
+"""Build a cascade bundle: fit the first stage, calibrate it, pick the gate, pack both stages.
+
+The data is split exactly as the second stage's training run split it (same seed and
+fractions, read from its manifest), so the validation images that choose the gate were seen
+by neither stage. When the data has fixed train/test folders and no validation split, a
+validation share is carved out of train for the first stage; the second stage may have
+trained on it, which the manifest records (``stage2_saw_validation``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgtriage.bundle import Bundle, load_bundle, new_manifest, save_bundle
+from imgtriage.bundle.store import bundle_files
+from imgtriage.data import Dataset, PreprocessSpec, discover, split_dataset
+from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_features
+from imgtriage.data.preprocess import load_record, to_input
+from imgtriage.errors import ConfigError, DataError, ImageReadError
+from imgtriage.evaluate.decision import softmax
+from imgtriage.predict._first_stage import (
+    FIRST_STAGE_FILE,
+    choose_gate,
+    fit_gbt,
+    fit_logreg,
+    gate_for_share,
+)
+
+FEATURE_STAGES = ("logreg", "gbt")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """How ``imgtriage cascade`` builds a cascade; errors name the CLI flag.
+
+    Attributes:
+        first_stage: ``logreg`` or ``gbt`` on image/header features, or the path of a small
+            classifier bundle with the same classes.
+        target_accuracy: the gate is the lowest calibrated score at which the first stage's
+            accepted validation answers are at least this accurate.
+        route_share: instead of a target, send this share of validation images to stage 2.
+        features: the :class:`FeatureSpec` (default: all statistics, default FITS cards, one
+            feature channel, or three when stage 2 takes RGB).
+        val_frac, test_frac, seed: the split; None = what the stage-2 run used.
+        c: inverse L2 strength of the logistic regression.
+        gbt_estimators, gbt_depth, gbt_learning_rate: the boosted trees.
+        workers: decoding threads.
+
+    Example:
+        >>> CascadeConfig(first_stage="gbt", target_accuracy=0.98).first_stage
+        'gbt'
+    """
+
+    first_stage: str = "logreg"
+    target_accuracy: float = 0.99
+    route_share: float | None = None
+    features: FeatureSpec | None = None
+    val_frac: float | None = None
+    test_frac: float | None = None
+    seed: int | None = None
+    c: float = 1.0
+    gbt_estimators: int = 100
+    gbt_depth: int = 3
+    gbt_learning_rate: float = 0.1
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.first_stage not in FEATURE_STAGES and not Path(self.first_stage).exists():
+            raise ConfigError(f"first stage must be logreg, gbt or an existing bundle path, got "
+                              f"{self.first_stage!r} (--first-stage)")
+        if not 0 < self.target_accuracy <= 1:
+            raise ConfigError("target accuracy must be in (0, 1] (--target-accuracy)")
+        if self.route_share is not None and not 0 <= self.route_share <= 1:
+            raise ConfigError("route share must be in [0, 1] (--route-share)")
+        if self.c <= 0:
+            raise ConfigError("C must be positive (--c)")
+        if self.gbt_estimators < 1 or self.gbt_depth < 1 or self.gbt_learning_rate <= 0:
+            raise ConfigError("boosted trees need >= 1 estimator, depth >= 1 and a positive "
+                              "learning rate (--gbt-estimators/--gbt-depth)")
+        if self.features is not None and self.features.extra_columns:
+            raise ConfigError("a cascade reads only what each file holds; extra CSV columns are "
+                              "not available at prediction time, drop extra_columns")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["features"] = self.features.to_dict() if self.features is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    bundle_path: Path
+    validation: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class _Split:
+    """Decoded images of one split: labels, raw features, first/second-stage inputs."""
+
+    paths: list[str]
+    y: np.ndarray
+    raws: list[Any]
+    x1: np.ndarray | None
+    x2: np.ndarray | None
+    defects: list[dict[str, str]]
+
+
+def _splits(b2: Bundle, data: str | os.PathLike[str], cfg: CascadeConfig
+            ) -> tuple[list, list, dict[str, Any]]:
+    """Train and validation samples split as the stage-2 run split them."""
+    tcfg = (b2.manifest.get("training") or {}).get("config") or {}
+    seed = cfg.seed if cfg.seed is not None else int(tcfg.get("seed", 0))
+    val_frac = cfg.val_frac if cfg.val_frac is not None else float(tcfg.get("val_frac", 0.15))
+    test_frac = cfg.test_frac if cfg.test_frac is not None else float(tcfg.get("test_frac", 0))
+    ds = split_dataset(discover(data), val_frac=val_frac, test_frac=test_frac, seed=seed)
+    if list(ds.classes) != b2.classes:
+        raise DataError(f"{data} has classes {list(ds.classes)} but the stage-2 bundle has "
+                        f"{b2.classes}; build the cascade on the data stage 2 was trained on")
+    train = [s for s in ds.samples if s.split == "train"]
+    val = [s for s in ds.samples if s.split == "val"]
+    carved = not val
+    if carved:  # fixed train/test folders: carve validation out of train for the first stage
+        sub = split_dataset(Dataset(tuple(replace(s, split=None) for s in train), ds.classes),
+                            val_frac=val_frac or 0.15, seed=seed)
+        train = [s for s in sub.samples if s.split == "train"]
+        val = [s for s in sub.samples if s.split == "val"]
+    if not val:
+        raise DataError("no validation images to choose the gate on; raise --val-frac")
+    info = {"data": str(data), "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
+            "n_train": len(train), "n_val": len(val), "stage2_saw_validation": carved}
+    return train, val, info
+
+
+def _decode_one(sample: Any, spec2: PreprocessSpec, fspec: FeatureSpec | None,
+                spec1: PreprocessSpec | None, want_x2: bool) -> tuple | dict[str, str]:
+    try:
+        rec = load_record(sample.path, spec2)
+        raw = raw_features(rec, fspec, path=sample.path) if fspec is not None else None
+        x1 = to_input(rec.array, spec1, path=sample.path) if spec1 is not None else None
+        x2 = to_input(rec.array, spec2, path=sample.path) if want_x2 else None
+    except ImageReadError as exc:
+        return exc.defect.to_dict()
+    return raw, x1, x2
+
+
+def _decode(samples: list, classes: list[str], spec2: PreprocessSpec,
+            fspec: FeatureSpec | None, spec1: PreprocessSpec | None, want_x2: bool,
+            workers: int | None) -> _Split:
+    index = {c: i for i, c in enumerate(classes)}
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        outs = list(pool.map(lambda s: _decode_one(s, spec2, fspec, spec1, want_x2), samples))
+    good = [(s, o) for s, o in zip(samples, outs, strict=True) if isinstance(o, tuple)]
+
+    def stack(k: int) -> np.ndarray | None:
+        return np.stack([o[k] for _, o in good]) if good and good[0][1][k] is not None else None
+
+    return _Split([s.path for s, _ in good], np.array([index[s.label] for s, _ in good]),
+                  [o[0] for _, o in good], stack(1), stack(2),
+                  [o for o in outs if isinstance(o, dict)])
+
+
+def _logits(backend: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    return np.concatenate([np.asarray(backend(x[i:i + batch]), np.float64)
+                           for i in range(0, len(x), batch)])
+
+
+def _fit_feature_stage(cfg: CascadeConfig, tr: _Split, va: _Split, n_classes: int,
+                       fspec: FeatureSpec, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """(first-stage params, standardizer dict, validation logits); scaler fitted on train."""
+    fx = FeatureStandardizer(fspec).fit(tr.raws)
+    z_tr, z_va = fx.transform(tr.raws), fx.transform(va.raws)
+    if cfg.first_stage == "gbt":
+        model: Any = fit_gbt(z_tr, tr.y, n_classes, n_estimators=cfg.gbt_estimators,
+                             max_depth=cfg.gbt_depth, learning_rate=cfg.gbt_learning_rate,
+                             seed=seed)
+    else:
+        model = fit_logreg(z_tr, tr.y, n_classes, c=cfg.c, seed=seed)
+    return model.to_dict(), fx.to_dict(), model.logits(z_va)
+
+
+def _check_stage1_bundle(path: str, classes: list[str]) -> Bundle:
+    b1 = load_bundle(path)
+    if b1.manifest.get("kind", "classifier") != "classifier":
+        raise ConfigError(f"{path}: a first-stage bundle must be a plain classifier "
+                          "(--first-stage)")
+    if b1.classes != classes:
+        raise ConfigError(f"{path}: first-stage classes {b1.classes} differ from stage 2's "
+                          f"{classes}; train it on the same data (--first-stage)")
+    return b1
+
+
+def _gate(cfg: CascadeConfig, logits: np.ndarray, y: np.ndarray) -> tuple[float, Any, Any]:
+    from imgtriage.evaluate.calibration import TemperatureScaler
+
+    temperature = TemperatureScaler().fit(logits, y).temperature_
+    probs = softmax(logits, temperature)
+    scores, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    if cfg.route_share is not None:
+        return temperature, gate_for_share(scores, correct, cfg.route_share), correct
+    return temperature, choose_gate(scores, correct, cfg.target_accuracy), correct
+
+
+def _validation(choice: Any, scores_ok: np.ndarray, correct1: np.ndarray,
+                correct2: np.ndarray, info: dict[str, Any], temperature: float
+                ) -> dict[str, Any]:
+    accepted = scores_ok
+    cascade = np.where(accepted, correct1, correct2)
+    return {**choice.to_dict(), "temperature": temperature,
+            "first_stage_accuracy": float(correct1.mean()),
+            "stage2_accuracy": float(correct2.mean()),
+            "cascade_accuracy": float(cascade.mean()),
+            "stage2_saw_validation": info["stage2_saw_validation"]}
+
+
+def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
+                  out: str | os.PathLike[str], cfg: CascadeConfig = CascadeConfig()
+                  ) -> CascadeResult:
+    """Fit a first stage on ``data``'s train split, gate it on validation, write a cascade.
+
+    Example:
+        >>> res = build_cascade("runs/mstar/bundle", "data/mstar", "runs/mstar/cascade",
+        ...                     CascadeConfig(target_accuracy=0.99))  # doctest: +SKIP
+        >>> res.validation["accepted_share"], res.validation["cascade_accuracy"]  # doctest: +SKIP
+        (0.41, 0.987)
+    """
+    from imgtriage.predict.backends import make_backend
+
+    t0 = time.perf_counter()
+    b2 = load_bundle(stage2)
+    if b2.manifest.get("kind", "classifier") != "classifier":
+        raise ConfigError(f"{stage2}: the second stage must be a plain classifier bundle")
+    classes, spec2 = b2.classes, PreprocessSpec.from_dict(b2.manifest["preprocess"])
+    train, val, info = _splits(b2, data, cfg)
+    b1 = None if cfg.first_stage in FEATURE_STAGES else _check_stage1_bundle(cfg.first_stage,
+                                                                             classes)
+    fspec = cfg.features or FeatureSpec(channels=3 if spec2.in_chans == 3 else 1)
+    spec1 = PreprocessSpec.from_dict(b1.manifest["preprocess"]) if b1 is not None else None
+    va = _decode(val, classes, spec2, fspec if b1 is None else None, spec1, True, cfg.workers)
+    if len(va.y) == 0:
+        raise DataError("every validation image was unreadable; see the defects")
+    params = features = None
+    if b1 is None:
+        tr = _decode(train, classes, spec2, fspec, None, False, cfg.workers)
+        params, features, logits1 = _fit_feature_stage(cfg, tr, va, len(classes), fspec,
+                                                       info["seed"])
+        info["defects"] = tr.defects + va.defects
+    else:
+        logits1 = _logits(make_backend(b1, "torch"), va.x1)
+        info["defects"] = va.defects
+    temperature, choice, correct1 = _gate(cfg, logits1, va.y)
+    correct2 = _logits(make_backend(b2, "torch"), va.x2).argmax(axis=1) == va.y
+    scores = softmax(logits1, temperature).max(axis=1)
+    accepted = (scores >= choice.threshold) if choice.threshold is not None else \
+        np.zeros(len(scores), bool)
+    validation = _validation(choice, accepted, correct1, correct2, info, temperature)
+    path = _write(Path(out), b2, b1, cfg, params, features, temperature, choice, validation,
+                  info)
+    return CascadeResult(path, validation, time.perf_counter() - t0)
+
+
+def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
+           params: dict | None, features: dict | None, temperature: float, choice: Any,
+           validation: dict[str, Any], info: dict[str, Any]) -> Path:
+    files = {f"stage2/{n}": d for n, d in bundle_files(b2).items()}
+    files["stage2/manifest.json"] = b2.read_bytes("manifest.json")
+    if b1 is not None:
+        files.update({f"stage1/{n}": d for n, d in bundle_files(b1).items()})
+        files["stage1/manifest.json"] = b1.read_bytes("manifest.json")
+        first = {"type": "bundle", "dir": "stage1", "sha256": b1.sha256}
+    else:
+        files[FIRST_STAGE_FILE] = json.dumps(params).encode()
+        first = {"type": cfg.first_stage, "file": FIRST_STAGE_FILE}
+    m2 = b2.manifest
+    manifest = new_manifest(
+        model_name="cascade", model_kwargs={"first_stage": first["type"]},
+        in_chans=int(m2["model"]["in_chans"]), preprocess=m2["preprocess"], classes=b2.classes,
+        decision=m2["decision"], features=features, kind="cascade", metrics=validation,
+        training={"config": cfg.to_dict(), "split": {k: v for k, v in info.items()
+                                                     if k != "defects"},
+                  "defects": info["defects"], "data": info["data"]})
+    manifest["profiles"] = m2.get("profiles", {})
+    manifest["cascade"] = {
+        "first_stage": first, "temperature": temperature, "gate": choice.threshold,
+        "gate_rule": {"target_accuracy": cfg.target_accuracy, "route_share": cfg.route_share},
+        "stage2": {"dir": "stage2", "sha256": b2.sha256}, "validation": validation}
+    return save_bundle(out, manifest, None, files)
+
+
+__all__ = ["CascadeConfig", "CascadeResult", "build_cascade"]
