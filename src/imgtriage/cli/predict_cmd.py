@@ -1,4 +1,5 @@
-"""imgtriage predict BUNDLE PATHS... --output results.json"""
+"""imgtriage predict BUNDLE PATHS... --output results.json [--store run.sqlite]
+imgtriage report STORE --output results.json"""
 
 from __future__ import annotations
 
@@ -7,12 +8,43 @@ from pathlib import Path
 import typer
 
 
+def parse_thresholds(text: str | None, n_classes: int) -> tuple[float, ...] | None:
+    """``"0.6"`` (every class) or ``"0.5,0.7,0.6"`` (one per class, in the bundle's order).
+
+    Example:
+        >>> parse_thresholds("0.6", 3)
+        (0.6, 0.6, 0.6)
+    """
+    from imgtriage.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--thresholds takes numbers separated by commas, got {text!r}") from None
+    if len(values) == 1:
+        return values * n_classes
+    if len(values) != n_classes:
+        raise ConfigError(f"--thresholds has {len(values)} values for {n_classes} classes; give "
+                          "one value for all classes or one per class")
+    return values
+
+
 def predict_command(
     bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
     paths: list[Path] = typer.Argument(..., help="Files and/or folders (walked recursively)."),
     output: Path = typer.Option(Path("results.json"), "--output", "-o",
                                 help="Report file: .json, .jsonl, .csv or .parquet."),
-    batch_size: int = typer.Option(32, help="Images per inference batch."),
+    store: Path = typer.Option(None, "--store", help="SQLite result store: every row is kept "
+                               "as it is produced; run again with the same store to resume "
+                               "(files with the same path, size and mtime are skipped)."),
+    new_only: bool = typer.Option(False, "--new-only", help="Classify only files the store "
+                                  "has never seen, and report only those (needs --store)."),
+    defect_log: Path = typer.Option(None, "--defect-log", help="Also write the defects alone "
+                                    "to this .json (or .jsonl) file."),
+    batch_size: int = typer.Option(None, help="Images per inference batch (default: what "
+                                              "the backend runs best: 16 ONNX, 32 torch)."),
     include_probs: bool = typer.Option(False, "--include-probs",
                                        help="Add every class probability to each result."),
     topk: int = typer.Option(None, help="Add the top-k classes with scores to each result."),
@@ -21,11 +53,18 @@ def predict_command(
     profile: str = typer.Option(None, help="A decision profile saved in the bundle "
                                            "(e.g. precision, recall)."),
     temperature: float = typer.Option(None, help="Override the bundle's temperature."),
+    thresholds: str = typer.Option(None, help="Override the per-class thresholds: one value "
+                                              "for all, or comma-separated in class order."),
+    abstain: bool = typer.Option(None, "--abstain/--no-abstain",
+                                 help="Override whether low scores are answered 'unknown'."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has a "
                                              "graph), torch or onnx."),
+    precision: str = typer.Option(None, help="fp32 or int8 ONNX graph (default: the one "
+                                             "`imgtriage export` chose)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0."),
-    workers: int = typer.Option(None, help="Decoding threads (default: up to 4)."),
-    threads: int = typer.Option(None, help="Compute threads for the model."),
+    workers: int = typer.Option(None, help="Decoding workers (default: one per core, >= 2)."),
+    executor: str = typer.Option("thread", help="Decoding workers are threads or processes."),
+    threads: int = typer.Option(None, help="Compute threads for the model (default: cores)."),
     progress: bool = typer.Option(True, help="Show a live progress line."),
     engine: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; "
                                              "needs imgtriage[ray])."),
@@ -33,34 +72,62 @@ def predict_command(
                                            "(default: start a local one)."),
 ) -> None:
     """Classify files into a report: every file once, in results or in defects."""
-    from imgtriage.predict import Predictor, write_report
+    from imgtriage.errors import ConfigError
+    from imgtriage.predict import Predictor
+
+    options = dict(include_probs=include_probs, topk=topk, tta=tta, profile=profile,
+                   temperature=temperature, abstain=abstain)
+    if engine == "ray":
+        _predict_on_ray(bundle, paths, output, address, batch_size, thresholds, options)
+        return
+    if engine != "local":
+        raise ConfigError(f"engine must be local or ray, got {engine!r} (--engine)")
+    from imgtriage.predict.runner import run_batch
+
+    predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads,
+                               precision=precision)
+    options["thresholds"] = parse_thresholds(thresholds, len(predictor.classes))
+    run = run_batch(predictor, paths, output=output, store=store, new_only=new_only,
+                    defect_log=defect_log, batch_size=batch_size, workers=workers,
+                    progress=progress, executor=executor, **options)
+    done = f", {run.n_skipped} already in the store" if run.n_skipped else ""
+    typer.echo(f"{run.n_results} results, {run.n_defects} defects ({run.n_new} processed now"
+               f"{done}; {run.files_per_sec:.1f} files/s), coverage {run.coverage} -> {output}"
+               + (f"; defects -> {defect_log}" if defect_log else ""))
+
+
+def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str | None,
+                    batch_size: int | None, thresholds: str | None, options: dict) -> None:
+    from imgtriage.integrations.ray_engine import ray_predict
+    from imgtriage.predict import write_report
     from imgtriage.predict.report import check_output_path
 
     check_output_path(output)
-    if engine == "ray":
-        from imgtriage.integrations.ray_engine import ray_predict
+    if thresholds is not None:
+        from imgtriage.bundle import load_bundle
 
-        report = ray_predict(bundle, paths, address=address, batch_size=batch_size,
-                             include_probs=include_probs, topk=topk, tta=tta,
-                             profile=profile, temperature=temperature)
-        write_report(report, output)
-        typer.echo(f"{len(report['results'])} results, {len(report['defects'])} defects "
-                   f"-> {output}")
-        return
-    if engine != "local":
-        from imgtriage.errors import ConfigError
-
-        raise ConfigError(f"engine must be local or ray, got {engine!r} (--engine)")
-    predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads)
-    report = predictor.predict_paths(paths, batch_size=batch_size, workers=workers,
-                                     progress=progress, include_probs=include_probs,
-                                     topk=topk, tta=tta, profile=profile,
-                                     temperature=temperature)
+        options["thresholds"] = parse_thresholds(thresholds, len(load_bundle(bundle).classes))
+    report = ray_predict(bundle, paths, address=address, batch_size=batch_size or 32,
+                         **{k: v for k, v in options.items() if v is not None})
     write_report(report, output)
-    meta = report["meta"]
-    typer.echo(f"{len(report['results'])} results, {len(report['defects'])} defects, "
-               f"coverage {meta['coverage']}, {meta['elapsed_sec']}s -> {output}")
+    typer.echo(f"{len(report['results'])} results, {len(report['defects'])} defects "
+               f"-> {output}")
+
+
+def report_command(
+    store: Path = typer.Argument(..., help="A result store written by predict --store."),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="Report file: .json, .jsonl, .csv or .parquet."),
+    defect_log: Path = typer.Option(None, "--defect-log",
+                                    help="Also write the defects alone (.json or .jsonl)."),
+) -> None:
+    """Rebuild the report of everything a result store holds (no bundle needed)."""
+    from imgtriage.predict.runner import report_from_store
+
+    meta = report_from_store(store, output, defect_log=defect_log)
+    typer.echo(f"{meta['num_files']} files (coverage {meta['coverage']}) -> {output}")
 
 
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict_command)
+    app.command("report")(report_command)

@@ -1,4 +1,8 @@
-"""Inference backends: a callable ``(N, C, h, w) float32 -> (N, K) logits`` over a bundle."""
+"""Inference backends: a callable ``(N, C, h, w) float32 -> (N, K) logits`` over a bundle.
+
+Each backend has ``name`` and ``batch_size`` (the batch it runs best at, used when the caller
+does not choose one).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,20 @@ import torch
 from imgtriage.bundle import Bundle, build_model
 from imgtriage.errors import ConfigError
 
+BACKENDS = ("auto", "torch", "onnx")
+
 
 class TorchBackend:
     """Eager PyTorch on ``device``; inference mode, no autograd."""
 
     name = "torch"
+    precision = "fp32"
+    batch_size = 32
 
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu",
+                 num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
         self.device = torch.device(device)
         self.model = build_model(bundle).to(self.device)
 
@@ -24,9 +35,13 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
 
-def make_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu"):
-    """``auto`` picks ONNX Runtime on CPU when the bundle holds a graph, else torch."""
-    if backend not in ("auto", "torch", "onnx"):
+def make_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu", *,
+                 num_threads: int | None = None, precision: str | None = None):
+    """``auto`` picks ONNX Runtime on CPU when the bundle holds a graph, else torch.
+
+    ``precision`` (fp32|int8) chooses between the ONNX graphs; default: the bundle's choice.
+    """
+    if backend not in BACKENDS:
         raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r} (--backend)")
     has_onnx = bundle.has_file("model.onnx")
     if backend == "onnx" or (backend == "auto" and has_onnx and device == "cpu"):
@@ -35,5 +50,8 @@ def make_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu"):
                               f"{bundle.path} --onnx` first or use --backend torch")
         from imgtriage.predict.onnx_backend import OnnxBackend
 
-        return OnnxBackend(bundle)
-    return TorchBackend(bundle, device)
+        return OnnxBackend(bundle, num_threads=num_threads, precision=precision)
+    if precision not in (None, "fp32"):
+        raise ConfigError(f"precision {precision!r} needs the ONNX backend; the torch backend "
+                          "runs fp32 (--precision)")
+    return TorchBackend(bundle, device, num_threads)

@@ -17,7 +17,7 @@ import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle
 from imgtriage.data.preprocess import PreprocessSpec, load_input, to_input
-from imgtriage.errors import ImageReadError, PredictionError
+from imgtriage.errors import ConfigError, ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.io import Defect
 from imgtriage.predict.report import report_meta, result_row
@@ -64,20 +64,27 @@ class Predictor:
 
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
-             device: str = "cpu", num_threads: int | None = None) -> Predictor:
-        """Load and verify a bundle; ``backend`` is auto|torch|onnx."""
+             device: str = "cpu", num_threads: int | None = None,
+             precision: str | None = None) -> Predictor:
+        """Load and verify a bundle.
+
+        ``backend`` is auto (ONNX Runtime on CPU when the bundle holds ``model.onnx``, else
+        torch), torch or onnx; ``precision`` fp32|int8 picks the ONNX graph (default: the one
+        the export chose); ``num_threads`` caps the model's compute threads.
+        """
         from imgtriage.predict.backends import make_backend
 
-        if num_threads:
-            import torch
-
-            torch.set_num_threads(num_threads)
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if b.manifest.get("kind", "classifier") != "classifier":
             from imgtriage.predict.kinds import load_special
 
+            if num_threads:
+                import torch
+
+                torch.set_num_threads(num_threads)
             return load_special(b, backend=backend, device=device)
-        return cls(b, make_backend(b, backend, device))
+        return cls(b, make_backend(b, backend, device, num_threads=num_threads,
+                                   precision=precision))
 
     # -- identity ------------------------------------------------------------------------
     @property
@@ -92,6 +99,7 @@ class Predictor:
                 "bundle_sha256": self.bundle_sha256,
                 "bundle_version": m.get("bundle_version", 1),
                 "schema_version": m["schema_version"], "backend": self.backend.name,
+                "precision": getattr(self.backend, "precision", "fp32"),
                 "versions": m.get("versions", {})}
 
     # -- core ----------------------------------------------------------------------------
@@ -103,8 +111,13 @@ class Predictor:
                 raise PredictionError(f"unknown decision profile {opts.profile!r}; this bundle "
                                       f"has {sorted(profiles) or 'none'} (--profile)")
             policy = DecisionPolicy.from_dict(profiles[opts.profile])
-        return policy.with_overrides(temperature=opts.temperature, thresholds=opts.thresholds,
-                                     abstain=opts.abstain)
+        policy = policy.with_overrides(temperature=opts.temperature,
+                                       thresholds=opts.thresholds, abstain=opts.abstain)
+        if policy.thresholds is not None and len(policy.thresholds) != len(self.classes):
+            raise ConfigError(f"{len(policy.thresholds)} thresholds for {len(self.classes)} "
+                              f"classes ({', '.join(self.classes)}); give one per class in "
+                              "that order (--thresholds)")
+        return policy
 
     def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
         """Raw logits for stacked inputs (N, C, h, w); TTA averages over the bundle's views."""
@@ -147,10 +160,22 @@ class Predictor:
         """Decoded images (any dtype, (H, W) or (H, W, C)) -> one entry per array, in order:
         a result row, or a defect dict (with ``issue``) for an array of unusable shape."""
         names = list(names) if names is not None else [f"array[{i}]" for i in range(len(arrays))]
-        return self._predict_items([(n, lambda a=a, n=n: (to_input(np.asarray(a), self.spec,
-                                                                    path=n), {}))
+        return self._predict_items([(n, lambda a=a, n=n: self._array_input(a, n))
                                     for n, a in zip(names, arrays, strict=True)],
                                    PredictOptions(**options))
+
+    def _array_input(self, array: Any, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """An in-memory image through the same final step as a file read (non-finite values
+        filled by the read policy, the constant-image flag), then ``to_input``."""
+        from imgtriage.io._finish import finish
+
+        a = np.asarray(array)
+        if a.dtype.kind not in "biuf" or a.ndim not in (2, 3) or 0 in a.shape:
+            raise ImageReadError(Defect(name, "bad_shape",
+                                        f"expected a numeric (H, W) or (H, W, C) array, got "
+                                        f"dtype {a.dtype} and shape {tuple(a.shape)}"))
+        record = finish(np.array(a), {"format": "array"}, self.spec.read)
+        return to_input(record.array, self.spec, path=name), record.meta
 
     def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
                       **options: Any) -> list[dict[str, Any]]:
@@ -170,6 +195,9 @@ class Predictor:
             except ImageReadError as exc:
                 out[i] = exc.defect.to_dict()
                 continue
+            except Exception as exc:  # a decoder bug is still one bad item, never the call
+                out[i] = defect_dict(name, "decode_error", f"{type(exc).__name__}: {exc}")
+                continue
             xs.append(x)
             metas.append(meta)
             idx.append(i)
@@ -180,16 +208,23 @@ class Predictor:
                 out[i] = row
         return out  # type: ignore[return-value]
 
-    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *, batch_size: int = 32,
-                      workers: int | None = None, progress: bool = False,
-                      **options: Any) -> dict[str, Any]:
+    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *,
+                      batch_size: int | None = None, workers: int | None = None,
+                      progress: bool = False, **options: Any) -> dict[str, Any]:
         """Files and folders (walked recursively) -> the report dict (meta, results, defects).
 
-        Every file appears exactly once, in ``results`` or in ``defects``.
+        Every file appears exactly once, in ``results`` or in ``defects``. ``batch_size``
+        None uses the backend's preferred batch. The report is built in memory: for runs over
+        millions of files use :func:`imgtriage.predict.runner.run_batch` (a store and a
+        streamed output file).
+
+        Example:
+            >>> p.predict_paths(["inbox/"], temperature=1.5, abstain=True)  # doctest: +SKIP
         """
-        from imgtriage.predict.batch import iter_predictions
+        from imgtriage.predict.batch import iter_predictions, preferred_batch_size
 
         opts = PredictOptions(**options)
+        batch_size = batch_size or preferred_batch_size(self)
         t0 = time.perf_counter()
         results, defects = [], []
         for kind, item in iter_predictions(self, paths, batch_size=batch_size, opts=opts,
@@ -206,7 +241,8 @@ class Predictor:
                            num_files=len(results) + len(defects), n_results=len(results),
                            n_abstained=sum(r["abstained"] for r in results),
                            elapsed_sec=elapsed, tta=opts.tta,
-                           extra={"backend": self.backend.name})
+                           extra={"backend": self.backend.name,
+                                  "precision": getattr(self.backend, "precision", "fp32")})
         return {"meta": meta, "results": results, "defects": defects}
 
 

@@ -1,61 +1,168 @@
-"""Report writers for large runs: JSONL, CSV and Parquet (rows of results and defects)."""
+"""Report writers: JSON, JSONL, CSV and Parquet, streamed so memory stays flat.
+
+Every writer takes the ``meta`` block and two *factories* returning iterables of result rows
+and defects, so the same code writes an in-memory report and a store with millions of rows.
+Files are written to ``<name>.tmp`` and renamed, so a killed run never leaves half a report.
+
+Flat formats (JSONL, CSV, Parquet) have one row per file with ``kind`` "result" or "defect";
+extra result keys (probs, topk, set, flags, stage, ...) are JSON-encoded strings there.
+JSONL starts with a ``{"kind": "meta", ...}`` line; Parquet keeps ``meta`` as JSON in the
+schema metadata (key ``imgtriage_meta``).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from imgtriage.errors import ConfigError, require
 
 ROW_COLUMNS = ("kind", "path", "class", "class_id", "score", "abstained", "issue", "message")
+RESULT_KEYS = frozenset(ROW_COLUMNS[1:6])
+FORMATS = (".json", ".jsonl", ".csv", ".parquet")
+Rows = Callable[[], Iterable[dict[str, Any]]]
+
+
+def extra_keys(results: Iterable[dict[str, Any]]) -> list[str]:
+    """Result keys beyond the standard columns, sorted."""
+    return sorted({k for r in results for k in r} - RESULT_KEYS)
+
+
+def flat_row(kind: str, item: dict[str, Any], extras: Sequence[str]) -> dict[str, Any]:
+    """One result or defect as a flat row of ``ROW_COLUMNS`` + ``extras``."""
+    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+    row["kind"] = kind
+    if kind == "result":
+        row.update({k: item.get(k) for k in ROW_COLUMNS[1:6]})
+    else:
+        row.update(path=item["path"], issue=item["issue"], message=item["message"])
+    for key in extras:
+        value = item.get(key) if kind == "result" else None
+        row[key] = value if value is None or isinstance(value, str) else json.dumps(value)
+    return row
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flatten a report into rows: ``kind`` is "result" or "defect"; extras JSON-encoded."""
-    rows = []
-    for r in report["results"]:
-        row = {"kind": "result", **{k: r.get(k) for k in ROW_COLUMNS[1:6]},
-               "issue": None, "message": None}
-        for key in ("probs", "topk", "set", "flags", "stage"):
-            if key in r:
-                row[key] = json.dumps(r[key]) if not isinstance(r[key], str) else r[key]
-        rows.append(row)
-    for d in report["defects"]:
-        rows.append({"kind": "defect", "path": d["path"], "class": None, "class_id": None,
-                     "score": None, "abstained": None, "issue": d["issue"],
-                     "message": d["message"]})
-    return rows
+    """Flatten an in-memory report into rows (results first, then defects)."""
+    extras = extra_keys(report["results"])
+    return [*(flat_row("result", r, extras) for r in report["results"]),
+            *(flat_row("defect", d, extras) for d in report["defects"])]
 
 
 def write_report_as(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write by extension: .jsonl (a meta line, then one line per row), .csv, .parquet."""
+    """Write an in-memory report by extension: .json, .jsonl, .csv or .parquet."""
+    return write_stream(path, report["meta"], lambda: report["results"],
+                        lambda: report["defects"], extra_keys(report["results"]))
+
+
+def write_stream(path: str | os.PathLike[str], meta: dict[str, Any], results: Rows,
+                 defects: Rows, extras: Sequence[str] = ()) -> Path:
+    """Write a report from row factories (each called once); the format follows the extension.
+
+    Example:
+        >>> write_stream("out.csv", meta, lambda: rows, lambda: [])  # doctest: +SKIP
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = report_rows(report)
-    columns = list(ROW_COLUMNS) + sorted({k for r in rows for k in r} - set(ROW_COLUMNS))
-    tmp = path.with_name(path.name + ".tmp")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with tmp.open("w") as fh:
-            fh.write(json.dumps({"kind": "meta", **report["meta"]}) + "\n")
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-    elif suffix == ".csv":
-        with tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    elif suffix == ".parquet":
-        pa = require("pyarrow", "parquet")
-        pq = require("pyarrow.parquet", "parquet")
-        table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
-        table = table.replace_schema_metadata({"imgtriage_meta": json.dumps(report["meta"])})
-        pq.write_table(table, tmp)
-    else:
-        raise ConfigError(f"unknown report format {suffix!r}; use .json, .jsonl, .csv or "
-                          ".parquet (--output)")
-    os.replace(tmp, path)
+    writers = {".json": _write_json, ".jsonl": _write_jsonl, ".csv": _write_csv,
+               ".parquet": _write_parquet}
+    if suffix not in writers:
+        raise ConfigError(f"unknown report format {suffix!r} for {path}; use one of "
+                          f"{', '.join(FORMATS)} (--output)")
+    with _atomic(path) as tmp:
+        writers[suffix](tmp, meta, results, defects, list(extras))
+    return path
+
+
+def _flat(results: Rows, defects: Rows, extras: list[str]) -> Iterator[dict[str, Any]]:
+    for r in results():
+        yield flat_row("result", r, extras)
+    for d in defects():
+        yield flat_row("defect", d, extras)
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
+                extras: list[str]) -> None:
+    with tmp.open("w") as fh:
+        fh.write('{"meta": ' + json.dumps(meta, indent=2) + ',\n"results": [')
+        _json_list(fh, results())
+        fh.write('],\n"defects": [')
+        _json_list(fh, defects())
+        fh.write("]}\n")
+
+
+def _json_list(fh: Any, items: Iterable[dict[str, Any]]) -> None:
+    sep = "\n"
+    for item in items:
+        fh.write(sep + json.dumps(item))
+        sep = ",\n"
+    if sep != "\n":
+        fh.write("\n")
+
+
+def _write_jsonl(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
+                 extras: list[str]) -> None:
+    with tmp.open("w") as fh:
+        fh.write(json.dumps({"kind": "meta", **meta}) + "\n")
+        for row in _flat(results, defects, extras):
+            fh.write(json.dumps(row) + "\n")
+
+
+def _write_csv(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
+               extras: list[str]) -> None:
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*ROW_COLUMNS, *extras], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(_flat(results, defects, extras))
+
+
+def _write_parquet(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
+                   extras: list[str], batch: int = 4096) -> None:
+    pa = require("pyarrow", "parquet")
+    pq = require("pyarrow.parquet", "parquet")
+    types = {"class_id": pa.int64(), "score": pa.float64(), "abstained": pa.bool_()}
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in (*ROW_COLUMNS, *extras)],
+                       metadata={"imgtriage_meta": json.dumps(meta)})
+    with pq.ParquetWriter(tmp, schema) as writer:
+        buf: list[dict[str, Any]] = []
+        written = 0
+        for row in _flat(results, defects, extras):
+            buf.append(row)
+            if len(buf) >= batch:
+                writer.write_table(pa.Table.from_pylist(buf, schema=schema))
+                written, buf = written + len(buf), []
+        if buf or not written:  # an empty report is still a valid file with the schema
+            writer.write_table(pa.Table.from_pylist(buf, schema=schema))
+
+
+def write_defect_log(path: str | os.PathLike[str], defects: Iterable[dict[str, Any]]) -> Path:
+    """The defects alone: a JSON list of ``{path, issue, message}`` (or JSONL by extension)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise ConfigError(f"the defect log must be .json or .jsonl, got {path} (--defect-log)")
+    with _atomic(path) as tmp, tmp.open("w") as fh:
+        if suffix == ".jsonl":
+            for d in defects:
+                fh.write(json.dumps(d) + "\n")
+        else:
+            fh.write("[")
+            _json_list(fh, defects)
+            fh.write("]\n")
     return path
