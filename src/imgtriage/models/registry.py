@@ -51,7 +51,7 @@ def register_model(name: str, *, family: str, default_size: tuple[int, int], des
 
 def _ensure_builtins() -> None:
     # Importing the modules registers their builders.
-    from imgtriage.models import cnn, timm_backbones  # noqa: F401
+    from imgtriage.models import cnn, siamese, timm_backbones  # noqa: F401
 
 
 def list_models(family: str | None = None) -> list[str]:

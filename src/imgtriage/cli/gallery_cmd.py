@@ -1,0 +1,153 @@
+"""imgtriage train-fewshot DATA --out RUN; imgtriage gallery add|remove|list|rule|create."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+gallery_app = typer.Typer(no_args_is_help=True, help="Few-shot galleries: enrol and drop "
+                                                     "classes and examples without retraining; "
+                                                     "every edit writes a new bundle version.")
+_OUT_HELP = "Write the new version here instead of replacing BUNDLE (history is kept either way)."
+
+
+def train_fewshot_command(
+    data: Path = typer.Argument(..., help="Folder of class folders (optionally under "
+                                          "train/val/test) or a CSV/JSONL manifest."),
+    out: Path = typer.Option(Path("runs/fewshot"), "--out", "-o",
+                             help="Run directory: config, splits, metrics log, bundle/."),
+    loss: str = typer.Option("proto", help="proto (prototypical episodes) or triplet."),
+    mining: str = typer.Option("semihard", help="Triplet mining: semihard or hard."),
+    margin: float = typer.Option(0.2, help="Triplet margin (squared distance of unit vectors)."),
+    n_way: int = typer.Option(5, help="Classes per episode / batch."),
+    k_shot: int = typer.Option(5, help="Support crops per class in an episode."),
+    n_query: int = typer.Option(5, help="Query crops per class in an episode."),
+    episodes: int = typer.Option(100, help="Episodes per epoch."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    embed_dim: int = typer.Option(128, help="Embedding size."),
+    scale: float = typer.Option(10.0, help="Logit scale applied to cosine similarities."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up then cosine)."),
+    img_size: int = typer.Option(64, help="Input size in pixels (square)."),
+    in_chans: int = typer.Option(None, help="Input channels; default: from the data."),
+    scaling: str = typer.Option("dtype", help="Pixel scaling: dtype, minmax or percentile."),
+    augment: str = typer.Option("flip", help="none, flip, or d4 (flips + 90-degree turns)."),
+    val_frac: float = typer.Option(0.15, help="Share of each class held out for validation."),
+    method: str = typer.Option("prototype", help="Gallery scoring: prototype or knn."),
+    knn_k: int = typer.Option(1, help="Neighbours per class for --method knn."),
+    keep_rate: float = typer.Option(0.95, help="Share of correct validation crops kept above "
+                                               "the fitted similarity threshold."),
+    seed: int = typer.Option(0, help="Seed for splits, episodes and initialisation."),
+    threads: int = typer.Option(None, help="Compute threads (default: all cores)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a Siamese / prototype encoder episodically and save a gallery bundle."""
+    from imgtriage.train.fewshot import FewShotConfig, train_fewshot
+
+    cfg = FewShotConfig(loss=loss, mining=mining, margin=margin, n_way=n_way, k_shot=k_shot,
+                        n_query=n_query, episodes=episodes, epochs=epochs, embed_dim=embed_dim,
+                        scale=scale, lr=lr, img_size=img_size, in_chans=in_chans,
+                        scaling=scaling, augment=augment, val_frac=val_frac, method=method,
+                        knn_k=knn_k, keep_rate=keep_rate, seed=seed, num_threads=threads)
+    res = train_fewshot(data, out, cfg, quiet=quiet)
+    typer.echo(f"bundle: {res.bundle_path}")
+
+
+@gallery_app.command("add")
+def add_command(
+    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
+    images: list[Path] = typer.Argument(..., help="Image files to enrol."),
+    label: str = typer.Option(..., "--label", "-l", help="Class to enrol them into (a new "
+                                                         "class when absent)."),
+    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
+) -> None:
+    """Enrol IMAGES into class --label."""
+    from imgtriage.models.gallery_edit import enrol_images
+
+    b = enrol_images(bundle, label, images, out=out)
+    typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, classes {b.classes}")
+
+
+@gallery_app.command("remove")
+def remove_command(
+    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
+    items: list[str] = typer.Argument(None, help="Items to drop (same as --images)."),
+    label: str = typer.Option(..., "--label", "-l", help="Class to remove (or to remove "
+                                                         "items from)."),
+    images: list[str] = typer.Option(None, "--images", help="Only these items (enrolled path "
+                                                            "or file name); repeatable."),
+    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
+) -> None:
+    """Remove class --label, or only some of its items."""
+    from imgtriage.models.gallery_edit import remove_items
+
+    chosen = [*(images or []), *(items or [])]
+    b = remove_items(bundle, label, chosen or None, out=out)
+    typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, classes {b.classes}")
+
+
+@gallery_app.command("list")
+def list_command(
+    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
+    items: bool = typer.Option(False, "--items", help="Also list every enrolled item."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Classes, item counts and the scoring rule of a gallery."""
+    from imgtriage.models.gallery_edit import describe_gallery
+
+    info = describe_gallery(bundle, items=items)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    rule = info["rule"]
+    typer.echo(f"{info['bundle']} (version {info['bundle_version']}): {rule['method']}"
+               f"{' k=' + str(rule['k']) if rule['method'] == 'knn' else ''}, similarity "
+               f"threshold {rule['similarity_threshold']}, {info['embed_dim']}-d embeddings")
+    for name, n in info["classes"].items():
+        typer.echo(f"  {name:24s} {n:6d}")
+        for item in info.get("items", {}).get(name, []):
+            typer.echo(f"      {item}")
+
+
+@gallery_app.command("rule")
+def rule_command(
+    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
+    similarity_threshold: float = typer.Option(None, help="Best-class cosine similarity "
+                                                          "below which the answer is unknown."),
+    no_threshold: bool = typer.Option(False, "--no-threshold", help="Never abstain."),
+    method: str = typer.Option(None, help="prototype or knn."),
+    knn_k: int = typer.Option(None, help="Neighbours per class for knn."),
+    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
+) -> None:
+    """Change the similarity threshold or scoring method."""
+    from imgtriage.models.gallery_edit import set_rule
+
+    b = set_rule(bundle, similarity_threshold=similarity_threshold,
+                 clear_threshold=no_threshold, method=method, k=knn_k, out=out)
+    rule = {k: b.manifest["gallery"][k] for k in ("method", "k", "similarity_threshold")}
+    typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, rule {rule}")
+
+
+@gallery_app.command("create")
+def create_command(
+    source: Path = typer.Argument(..., help="A gallery bundle, or a classifier bundle of model "
+                                            "siamese, whose encoder to use."),
+    data: Path = typer.Argument(..., help="Class folders to enrol."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new gallery bundle."),
+    method: str = typer.Option("prototype", help="prototype or knn."),
+    knn_k: int = typer.Option(1, help="Neighbours per class for knn."),
+    similarity_threshold: float = typer.Option(None, help="Abstain below this similarity."),
+) -> None:
+    """A new gallery from an existing encoder and a folder of labelled images."""
+    from imgtriage.models.gallery import GalleryConfig
+    from imgtriage.models.gallery_edit import create_gallery
+
+    b = create_gallery(source, data, out, config=GalleryConfig(
+        method=method, k=knn_k, similarity_threshold=similarity_threshold))
+    typer.echo(f"{b.path}: classes {b.classes}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-fewshot")(train_fewshot_command)
+    app.add_typer(gallery_app, name="gallery")

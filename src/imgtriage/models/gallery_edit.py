@@ -1,0 +1,201 @@
+"""Edit a gallery bundle without retraining: enrol, remove, re-threshold, list, create.
+
+Every edit writes a new bundle version through :func:`imgtriage.bundle.update_bundle`, so the
+previous manifest stays inside the bundle (``history/manifest.v<N>.json``). An edit that
+changes the class list also drops decision rules that were fitted per class (thresholds,
+conformal sets, profiles): they no longer line up with the classes, and the history note
+says so.
+
+Example:
+    >>> b = enrol_images("runs/fs/bundle", "T72", ["t72_a.png", "t72_b.png"])  # doctest: +SKIP
+    >>> b.manifest["bundle_version"], b.classes[-1]  # doctest: +SKIP
+    (2, 'T72')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgtriage.bundle import Bundle, load_bundle, update_bundle
+from imgtriage.errors import BundleSchemaError, DataError, ImageReadError
+from imgtriage.models.gallery import (
+    Gallery,
+    GalleryConfig,
+    embed,
+    gallery_block,
+    gallery_files,
+    load_encoder,
+    new_gallery_manifest,
+    read_gallery,
+    save_gallery_bundle,
+)
+
+PathLike = str | os.PathLike[str]
+
+
+def open_gallery(path: PathLike | Bundle) -> tuple[Bundle, Gallery, GalleryConfig]:
+    """Load a bundle and check that it is of kind ``gallery``."""
+    bundle = path if isinstance(path, Bundle) else load_bundle(path)
+    if bundle.manifest.get("kind") != "gallery":
+        raise BundleSchemaError(f"{bundle.path} is a {bundle.manifest.get('kind', 'classifier')}"
+                                " bundle, not a gallery; create one with `imgtriage "
+                                "train-fewshot` or `imgtriage gallery create`")
+    gallery, config = read_gallery(bundle)
+    return bundle, gallery, config
+
+
+def embed_files(bundle: Bundle, images: Sequence[PathLike], encoder: Any = None,
+                workers: int | None = None) -> np.ndarray:
+    """Decode files with the bundle's preprocessing and embed them. Any unreadable file is a
+    DataError naming every such file (nothing is enrolled from a partly unreadable list)."""
+    from imgtriage.data.preprocess import PreprocessSpec, load_input
+
+    if not images:
+        raise DataError("no images given to enrol")
+    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+
+    def one(p: PathLike) -> np.ndarray | str:
+        try:
+            return load_input(p, spec)[0]
+        except ImageReadError as exc:
+            return f"{exc.defect.path}: {exc.defect.issue}: {exc.defect.message}"
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        out = list(pool.map(one, images))
+    bad = [o for o in out if isinstance(o, str)]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(images)} images cannot be used; fix or leave them "
+                        f"out: {'; '.join(bad[:5])}")
+    return embed(encoder if encoder is not None else load_encoder(bundle), np.stack(out))
+
+
+def write_version(bundle: Bundle, gallery: Gallery, config: GalleryConfig, note: str,
+                  out: PathLike | None = None) -> Bundle:
+    """A new bundle version holding ``gallery`` and ``config`` (history keeps the old one)."""
+    from imgtriage.evaluate.decision import DecisionPolicy
+
+    m = bundle.manifest
+    changes: dict[str, Any] = {"classes": list(gallery.classes),
+                               "model": {**m["model"], "num_classes": len(gallery.classes)},
+                               "gallery": gallery_block(gallery, config)}
+    if list(gallery.classes) != list(m["classes"]):
+        policy = DecisionPolicy.from_dict(m.get("decision"))
+        if policy.thresholds is not None or policy.conformal is not None or m.get("profiles"):
+            changes["decision"] = replace(policy, thresholds=None, conformal=None).to_dict()
+            changes["profiles"] = {}
+            note += " (classes changed: per-class thresholds, conformal sets and profiles "
+            note += "dropped; recalibrate)"
+    return update_bundle(bundle.path, changes, note=note, extra_files=gallery_files(gallery),
+                         out=out)
+
+
+def enrol_images(path: PathLike, label: str, images: Sequence[PathLike], *,
+                 out: PathLike | None = None, workers: int | None = None) -> Bundle:
+    """Add ``images`` to class ``label`` (a new class when absent); a new bundle version.
+
+    Example:
+        >>> enrol_images("gallery", "BTR60", ["a.jpeg"]).classes  # doctest: +SKIP
+    """
+    label = str(label).strip()
+    if not label:
+        raise DataError("the class name is empty (--label)")
+    bundle, gallery, config = open_gallery(path)
+    emb = embed_files(bundle, images, workers=workers)
+    new = gallery.add(label, emb, [str(p) for p in images])
+    verb = "added class" if label not in gallery.classes else "enrolled into"
+    return write_version(bundle, new, config, f"gallery: {verb} {label!r} "
+                                              f"({len(images)} images)", out)
+
+
+def remove_items(path: PathLike, label: str, images: Sequence[str] | None = None, *,
+                 out: PathLike | None = None) -> Bundle:
+    """Drop class ``label``, or only its items named in ``images`` (by enrolled path or file
+    name); a new bundle version."""
+    bundle, gallery, config = open_gallery(path)
+    new = gallery.remove(label, list(images) if images else None)
+    what = f"{len(gallery) - len(new)} items of {label!r}" if images else f"class {label!r}"
+    return write_version(bundle, new, config, f"gallery: removed {what}", out)
+
+
+def set_rule(path: PathLike, *, similarity_threshold: float | None = None,
+             clear_threshold: bool = False, method: str | None = None, k: int | None = None,
+             out: PathLike | None = None) -> Bundle:
+    """Change the scoring rule (threshold, method, k); a new bundle version."""
+    bundle, gallery, config = open_gallery(path)
+    changes: dict[str, Any] = {k_: v for k_, v in (("similarity_threshold",
+                                                    similarity_threshold),
+                                                   ("method", method), ("k", k))
+                               if v is not None}
+    if clear_threshold:
+        changes["similarity_threshold"] = None
+    new = replace(config, **changes)
+    return write_version(bundle, gallery, new, f"gallery: rule {config.to_dict()} -> "
+                                               f"{new.to_dict()}", out)
+
+
+def describe_gallery(path: PathLike, items: bool = False) -> dict[str, Any]:
+    """Classes with their item counts, the scoring rule and the bundle version (and every
+    item's id with ``items``) -- what ``imgtriage gallery list`` prints."""
+    bundle, gallery, config = open_gallery(path)
+    out: dict[str, Any] = {"bundle": str(bundle.path),
+                           "bundle_version": bundle.manifest.get("bundle_version", 1),
+                           "rule": config.to_dict(), "embed_dim": gallery.dim,
+                           "classes": gallery.counts()}
+    if items:
+        out["items"] = {c: [i for i, lab in zip(gallery.ids, gallery.labels, strict=True)
+                            if lab == c] for c in gallery.classes}
+    return out
+
+
+def encoder_state(bundle: Bundle) -> dict[str, Any]:
+    """Encoder weights of a gallery bundle or of a classifier bundle of model ``siamese``."""
+    m = bundle.manifest
+    if m.get("kind") == "gallery":
+        return bundle.state_dict()
+    if m["model"]["name"] != "siamese":
+        raise BundleSchemaError(f"{bundle.path}: model {m['model']['name']!r} has no siamese "
+                                "encoder; train one with `imgtriage train-fewshot` or "
+                                "`imgtriage train --model siamese`")
+    return {k[len("encoder."):]: v for k, v in bundle.state_dict().items()
+            if k.startswith("encoder.")}
+
+
+def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
+                   config: GalleryConfig = GalleryConfig(), workers: int | None = None
+                   ) -> Bundle:
+    """A new gallery bundle at ``out`` from the encoder of ``source`` (a gallery bundle or a
+    ``siamese`` classifier bundle) with every image of the class folders under ``data``
+    enrolled (a train/val/test layout enrols its train split only).
+
+    Example:
+        >>> create_gallery("runs/fs/bundle", "new_targets/", "targets.gallery")  # doctest: +SKIP
+    """
+    from imgtriage.data import discover, samples_by_split
+    from imgtriage.models.siamese import build_encoder, encoder_kwargs
+
+    src = load_bundle(source)
+    state = encoder_state(src)
+    m = src.manifest["model"]
+    kwargs = encoder_kwargs(dict(m.get("kwargs") or {}))
+    encoder = build_encoder(int(m["in_chans"]), **kwargs)
+    encoder.load_state_dict(state, strict=True)
+    encoder.eval()
+    samples = samples_by_split(discover(data)).get("train", [])
+    if not samples:
+        raise DataError(f"{data} holds no training images to enrol")
+    emb = embed_files(src, [s.path for s in samples], encoder, workers)
+    gallery = Gallery.build(emb, [s.label for s in samples], [s.path for s in samples])
+    manifest = new_gallery_manifest(
+        encoder_kwargs=kwargs, in_chans=int(m["in_chans"]),
+        preprocess=src.manifest["preprocess"], gallery=gallery, config=config,
+        training={"kind": "gallery", "encoder_from": str(Path(source)),
+                  "encoder_bundle_sha256": src.sha256, "data": str(data)})
+    save_gallery_bundle(out, manifest, state, gallery)
+    return load_bundle(out)
