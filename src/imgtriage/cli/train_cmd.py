@@ -1,57 +1,103 @@
-"""imgtriage train DATA --out RUN"""
+"""imgtriage train DATA --out RUN [options]: one option per TrainConfig field.
+
+The options are generated from the fields of :class:`~imgtriage.train.config.TrainConfig`
+(their ``--help`` text lives next to each field), so every knob of the library is on the
+command line and the two can never drift apart.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import typing
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from imgtriage.train.config import AUGMENT_POLICIES
+from imgtriage.errors import ConfigError
+from imgtriage.train.config import TrainConfig, field_default, flag
+
+# First field of each section -> the --help panel it starts.
+PANELS = {"model": "Model and input", "epochs": "Run", "loss_strategy": "Class imbalance",
+          "label_smoothing": "Regularisation and augmentation", "optimizer": "Optimisation",
+          "freeze_epochs": "Transfer learning", "cache": "Data pipeline and checkpoints"}
+_AS_TEXT = {"model_kwargs", "pretrained", "conservative_classes"}  # parsed in _to_config
 
 
-def train_command(
-    data: Path = typer.Argument(..., help="Folder of class folders (optionally under "
-                                          "train/val/test) or a CSV/JSONL manifest "
-                                          "with path,label[,group][,split]."),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o",
-                             help="Run directory: config, splits, metrics log, bundle/."),
-    model: str = typer.Option("crop_cnn", help="Architecture (see `imgtriage models`), or "
-                                               "timm:<name> for any timm model."),
-    img_size: int = typer.Option(None, help="Input size in pixels (square); default: the "
-                                            "model's own."),
-    in_chans: int = typer.Option(None, help="Input channels; default: 1 if every image is "
-                                            "grayscale, else 3."),
-    epochs: int = typer.Option(10, help="Training epochs."),
-    batch_size: int = typer.Option(64, help="Images per optimisation step."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (one-cycle schedule)."),
-    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
-    val_frac: float = typer.Option(0.15, help="Share of each class held out for validation "
-                                              "when the data has no val split."),
-    test_frac: float = typer.Option(0.0, help="Share held out as a test split."),
-    augment: str = typer.Option("none", help="Augmentation policy: " + "; ".join(
-        f"{k}: {v}" for k, v in AUGMENT_POLICIES.items())),
-    scaling: str = typer.Option("dtype", help="Pixel scaling: dtype (divide by the dtype's "
-                                              "max), minmax or percentile (scientific data)."),
-    stretch: str = typer.Option("linear", help="Intensity stretch: linear, asinh or log."),
-    resize: str = typer.Option("squash", help="squash, shorter_crop or pad."),
-    pretrained: str = typer.Option(None, help="'hub' for timm/hub weights (online), or a "
-                                              "local .safetensors/.pth file."),
-    seed: int = typer.Option(0, help="Seed for splits, sampling and initialisation."),
-    threads: int = typer.Option(None, help="Compute threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-) -> None:
-    """Train a classifier and save a bundle under OUT/bundle."""
-    from imgtriage.train.config import TrainConfig
+def _annotation(name: str, hint: Any) -> Any:
+    if name in _AS_TEXT:
+        return str | None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] | None) if args else hint
+
+
+def _cli_default(name: str) -> Any:
+    value = field_default(name)
+    if name in _AS_TEXT:
+        return None
+    return value
+
+
+def _parameters() -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(TrainConfig)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                          default=typer.Argument(..., help="Folder of class folders "
+                                                 "(optionally under train/val/test) or a "
+                                                 "CSV/JSONL manifest with path,label[,group]"
+                                                 "[,split].")),
+        inspect.Parameter("out", kw, annotation=Path, default=typer.Option(
+            Path("runs/latest"), "--out", "-o", help="Run directory: config, splits, "
+            "metrics log, curves, checkpoint/, bundle/.")),
+        inspect.Parameter("resume", kw, annotation=bool, default=typer.Option(
+            False, "--resume", help="Continue OUT/checkpoint exactly (optimizer, schedule, "
+            "sampler and RNG state); the other options must match the checkpoint's.")),
+        inspect.Parameter("quiet", kw, annotation=bool, default=typer.Option(
+            False, "--quiet", "-q", help="No progress output."))]
+    panel = None
+    for f in fields(TrainConfig):
+        panel = PANELS.get(f.name, panel)
+        names = [flag(f.name)]
+        if hints[f.name] is bool:
+            names = [f"{flag(f.name)}/--no-{flag(f.name)[2:]}"]
+        params.append(inspect.Parameter(f.name, kw, annotation=_annotation(f.name, hints[
+            f.name]), default=typer.Option(_cli_default(f.name), *names,
+                                           help=f.metadata["help"], rich_help_panel=panel,
+                                           show_default=f.name not in _AS_TEXT)))
+    return params
+
+
+def _to_config(values: dict[str, Any]) -> TrainConfig:
+    """Option values -> TrainConfig (JSON model kwargs, 'hub' pretrained, class lists)."""
+    kwargs = values.pop("model_kwargs")
+    try:
+        values["model_kwargs"] = json.loads(kwargs) if kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model kwargs are not valid JSON ({exc.msg}) (--model-kwargs)") from exc
+    pretrained = values.pop("pretrained")
+    values["pretrained"] = True if pretrained == "hub" else (pretrained or False)
+    values["conservative_classes"] = values.pop("conservative_classes") or ()
+    return TrainConfig(**values)
+
+
+def train_command(**options: Any) -> None:
+    """Train a classifier and save a bundle under OUT/bundle.
+
+    Under torchrun (`torchrun --nproc_per_node N -m imgtriage train ...`) every process
+    trains a shard with DDP and process 0 writes the run directory.
+    """
     from imgtriage.train.run import train
 
-    cfg = TrainConfig(model=model, img_size=img_size, in_chans=in_chans, epochs=epochs,
-                      batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      val_frac=val_frac, test_frac=test_frac, augment=augment,
-                      scaling=scaling, stretch=stretch, resize=resize,
-                      pretrained=(True if pretrained == "hub" else pretrained or False),
-                      seed=seed, num_threads=threads)
-    res = train(data, out, cfg, quiet=quiet)
+    data, out = options.pop("data"), options.pop("out")
+    quiet, resume = options.pop("quiet"), options.pop("resume")
+    res = train(data, out, _to_config(options), quiet=quiet, resume=resume)
     typer.echo(f"bundle: {res.bundle_path}")
+
+
+train_command.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
 
 
 def models_command() -> None:

@@ -40,6 +40,10 @@ class CropCNN(nn.Module):
     def forward_features(self, x):
         return self.pool(self.features(x)).flatten(1)
 
+    def get_classifier(self) -> nn.Module:
+        """The classification head (what transfer learning trains first)."""
+        return self.head
+
     def forward(self, x):
         return self.head(self.dropout(self.forward_features(x)))
 
@@ -47,12 +51,20 @@ class CropCNN(nn.Module):
 @register_model("crop_cnn", family="cnn", default_size=(64, 64),
                 description="3 conv blocks + BN + GAP + dropout 0.5; for 64x64 crops, "
                             "25-500 labels")
-def crop_cnn(num_classes: int, in_chans: int = 1, drop_rate: float = 0.5, **kw) -> CropCNN:
-    return CropCNN(num_classes, in_chans, (32, 64, 128), 1, drop_rate, **kw)
+def crop_cnn(num_classes: int, in_chans: int = 1, drop_rate: float = 0.5,
+             widths: tuple[int, ...] | list[int] = (32, 64, 128), convs_per_block: int = 1
+             ) -> CropCNN:
+    """``widths``/``convs_per_block`` widen or deepen it (e.g. ``--model-kwargs
+    '{"widths": [48, 96, 192]}'``)."""
+    return CropCNN(num_classes, in_chans, tuple(int(w) for w in widths), int(convs_per_block),
+                   drop_rate)
 
 
 @register_model("deep_cnn", family="cnn", default_size=(96, 96),
                 description="4 double-conv blocks + BN + GAP + dropout; from scratch, "
                             "hundreds to thousands of labels")
-def deep_cnn(num_classes: int, in_chans: int = 1, drop_rate: float = 0.5, **kw) -> CropCNN:
-    return CropCNN(num_classes, in_chans, (32, 64, 128, 256), 2, drop_rate, **kw)
+def deep_cnn(num_classes: int, in_chans: int = 1, drop_rate: float = 0.5,
+             widths: tuple[int, ...] | list[int] = (32, 64, 128, 256), convs_per_block: int = 2
+             ) -> CropCNN:
+    return CropCNN(num_classes, in_chans, tuple(int(w) for w in widths), int(convs_per_block),
+                   drop_rate)

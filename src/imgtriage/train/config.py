@@ -1,71 +1,250 @@
-"""The resolved training configuration: a frozen dataclass saved with every run."""
+"""The resolved training configuration: a frozen dataclass saved with every run.
+
+Every field carries its ``--help`` text in ``metadata``; ``imgtriage train`` builds one option
+per field from it, so the library and the command line can never disagree about a knob.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from imgtriage.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of a training run. Errors name the CLI flag that sets the value.
-
-    ``in_chans`` / ``img_size`` None mean "decide from the data / the model's default".
-
-    Example:
-        >>> TrainConfig(model="crop_cnn", epochs=5, img_size=64).batch_size
-        64
-    """
-
-    model: str = "crop_cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | bool = False
-    img_size: int | None = None
-    in_chans: int | None = None
-    scaling: str = "dtype"
-    stretch: str = "linear"
-    resize: str = "squash"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    val_frac: float = 0.15
-    test_frac: float = 0.0
-    select_metric: str = "val_accuracy"
-    augment: str = "none"
-    seed: int = 0
-    num_threads: int | None = None
-    decode_workers: int | None = None
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("epochs must be >= 1 (--epochs)")
-        if self.batch_size < 1:
-            raise ConfigError("batch size must be >= 1 (--batch-size)")
-        if not self.lr > 0:
-            raise ConfigError("learning rate must be positive (--lr)")
-        if self.weight_decay < 0:
-            raise ConfigError("weight decay must be >= 0 (--weight-decay)")
-        if self.img_size is not None and self.img_size < 8:
-            raise ConfigError("image size must be >= 8 pixels (--img-size)")
-        if self.in_chans is not None and self.in_chans < 1:
-            raise ConfigError("in_chans must be >= 1 (--in-chans)")
-        if self.select_metric not in ("val_accuracy", "val_loss"):
-            raise ConfigError("select metric must be val_accuracy or val_loss (--select-metric)")
-        if self.augment not in AUGMENT_POLICIES:
-            raise ConfigError(f"augment must be one of {sorted(AUGMENT_POLICIES)} (--augment)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 # Name -> what it does, for --help. Geometric-only policies are safe for scientific data.
 AUGMENT_POLICIES = {
     "none": "no augmentation",
     "flip": "random horizontal flips",
     "flip_rot90": "random flips and 90-degree rotations (SAR, astronomy, microscopy)",
-    "shift": "random flips and small translations (photos)",
+    "shift": "random horizontal flips and small translations (photos)",
+    "light": "the modality's flips + 1 random op per image (translate, rotate, scale, "
+             "brightness, contrast, noise) at --aug-strength",
+    "randaug": "the modality's flips + --aug-ops random ops per image from the full set "
+               "(adds shear, blur, erasing) at --aug-strength",
 }
+# Modality -> which flips/rotations keep the label (used by light/randaug and TTA).
+MODALITIES = {
+    "generic": "hflip",
+    "photo": "hflip",
+    "document": "none",
+    "sar": "d4",
+    "astro": "d4",
+    "microscopy": "d4",
+    "aerial": "d4",
+}
+LOSS_STRATEGIES = ("none", "class_weights", "focal")
+SELECT_METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
+SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
+TRI_STATE = ("auto", "on", "off")
+
+
+def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run. Errors name the CLI flag that sets the value.
+
+    ``in_chans`` / ``img_size`` None mean "decide from the data / the model's default";
+    ``model="auto"`` chooses the architecture from the label counts and image size.
+
+    Example:
+        >>> TrainConfig(model="crop_cnn", epochs=5, img_size=64).batch_size
+        64
+        >>> TrainConfig(loss_strategy="focal", focal_gamma=2.0).loss_strategy
+        'focal'
+    """
+
+    # --- model and input
+    model: str = _f("crop_cnn", "Architecture (see `imgtriage models`), timm:<name> for any "
+                                "timm model, or auto: choose by labels per class and image size.")
+    model_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Extra model arguments as JSON, e.g. '{\"widths\": [32, 64, 128]}'.",
+        "flag": None})
+    pretrained: str | bool = _f(False, "'hub' for timm/hub weights (online), or a local "
+                                       ".safetensors/.pth file.")
+    img_size: int | None = _f(None, "Input size in pixels (square); default: the model's own.")
+    in_chans: int | None = _f(None, "Input channels; default: 1 if every image is grayscale, "
+                                    "else 3. Pretrained first convs are adapted by timm.")
+    scaling: str = _f("dtype", "Pixel scaling: dtype, minmax or percentile (scientific data).")
+    stretch: str = _f("linear", "Intensity stretch: linear, asinh or log.")
+    resize: str = _f("squash", "squash, shorter_crop (centre crop by --crop-pct) or pad.")
+    crop_pct: float = _f(0.875, "Share of the shorter side kept by --resize shorter_crop "
+                                "(0.6875 = 88 of 128 px).")
+    drop_rate: float | None = _f(None, "Dropout before the classification head; default: "
+                                       "the model's own.")
+    # --- schedule of the run
+    epochs: int = _f(10, "Training epochs.")
+    batch_size: int = _f(64, "Images per optimisation step (per process under torchrun).")
+    lr: float = _f(1e-3, "Peak learning rate (before --lr-ref-batch scaling).")
+    weight_decay: float = _f(1e-4, "Weight decay (never applied to biases and norm layers).")
+    val_frac: float = _f(0.15, "Share of each class held out for validation when the data has "
+                               "no val split.")
+    test_frac: float = _f(0.0, "Share held out as a test split.")
+    select_metric: str = _f("val_accuracy", "Metric that picks the best epoch and drives early "
+                                            "stopping: " + ", ".join(SELECT_METRICS) + ".")
+    augment: str = _f("none", "Augmentation policy: " + "; ".join(
+        f"{k}: {v}" for k, v in AUGMENT_POLICIES.items()) + ".")
+    seed: int = _f(0, "Seed for splits, sampling, augmentation and initialisation.")
+    num_threads: int | None = _f(None, "Compute threads (default: all cores, shared between "
+                                       "torchrun processes).", flag="threads")
+    decode_workers: int | None = _f(None, "Threads decoding images into the in-memory cache.")
+    device: str = _f("cpu", "cpu, cuda, cuda:N or auto (cuda when available).")
+    # --- class imbalance
+    loss_strategy: str = _f("none", "none | class_weights (inverse-frequency weighted cross "
+                                    "entropy) | focal (focal loss with per-class alpha).")
+    class_weight_beta: float = _f(0.5, "Power smoothing of inverse-frequency weights "
+                                       "(w := w**beta; 0 = uniform, 1 = full inverse).")
+    class_weight_cap: float = _f(10.0, "Cap each class weight at this multiple of the median "
+                                       "weight (0 = no cap).")
+    focal_gamma: float = _f(2.0, "Focal loss focusing parameter gamma (--loss-strategy focal).")
+    balanced_sampling: bool = _f(False, "Draw every class equally often per epoch (per-sample "
+                                        "loss weights are then switched off).")
+    max_repeat: int = _f(4, "With --balanced-sampling, the most times one image may appear in "
+                            "an epoch.")
+    # --- regularisation and augmentation
+    label_smoothing: float = _f(0.0, "Label smoothing epsilon.")
+    mixup_alpha: float = _f(0.0, "MixUp Beta(alpha, alpha); 0 = off.")
+    cutmix_alpha: float = _f(0.0, "CutMix Beta(alpha, alpha); 0 = off.")
+    mix_prob: float = _f(1.0, "Probability that a batch is mixed when MixUp/CutMix is on.")
+    mix_off_epoch: int = _f(0, "Stop mixing from this epoch on (0 = mix to the end).")
+    aug_strength: float = _f(0.5, "Magnitude of light/randaug ops, 0..1.")
+    aug_ops: int = _f(2, "Random ops per image for --augment randaug.")
+    modality: str = _f("generic", "Which flips/rotations keep the label: " + "; ".join(
+        f"{k}: {v}" for k, v in MODALITIES.items()) + " (d4 = flips + 90-degree turns).")
+    conservative_classes: tuple[str, ...] = _f(
+        (), "Comma-separated classes that only get geometric augmentation (no intensity "
+            "changes, no mixing), e.g. calibration frames or spectra.")
+    # --- optimisation
+    optimizer: str = _f("adamw", "adamw or sgd (Nesterov momentum).")
+    momentum: float = _f(0.9, "SGD momentum.")
+    schedule: str = _f("onecycle", "LR schedule: onecycle, cosine (with --warmup-epochs), "
+                                   "plateau (on --select-metric) or constant.")
+    warmup_epochs: float = _f(0.0, "Linear warmup epochs for cosine/plateau/constant.")
+    min_lr_ratio: float = _f(0.0, "Final LR of the cosine schedule as a share of the peak.")
+    plateau_patience: int = _f(2, "Epochs without improvement before plateau cuts the LR.")
+    plateau_factor: float = _f(0.3, "Factor plateau multiplies the LR by.")
+    lr_ref_batch: int | None = _f(None, "Reference batch size of --lr; the LR is scaled by "
+                                        "global batch / this (default: no scaling).")
+    lr_scaling: str = _f("linear", "How --lr-ref-batch scales the LR: linear or sqrt.")
+    grad_clip: float = _f(0.0, "Clip the gradient norm to this value (0 = off).")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the weights with this "
+                               "decay (e.g. 0.999) and validate/save it (0 = off).")
+    patience: int = _f(0, "Early stopping: epochs without improvement of --select-metric "
+                          "(0 = off).")
+    min_delta: float = _f(0.0, "Smallest change of --select-metric counted as improvement.")
+    amp: str = _f("auto", "Mixed precision: auto (on CUDA), on, off.")
+    channels_last: str = _f("auto", "channels_last memory format: auto (on CUDA), on, off.")
+    # --- transfer learning
+    freeze_epochs: int = _f(0, "Train only the head for this many epochs, then unfreeze.")
+    layer_decay: float = _f(1.0, "Discriminative LRs: each earlier layer group gets this "
+                                 "factor times the next one's LR (1 = same LR everywhere).")
+    auto_backbone: str = _f("resnet18", "timm backbone --model auto uses for RGB photos when "
+                                        "--pretrained weights are given.")
+    # --- data pipeline and checkpoints
+    cache: str = _f("auto", "memory: decode everything once into RAM; stream: decode in "
+                            "worker processes every epoch; auto: memory when it fits "
+                            "--cache-limit-gb.")
+    cache_limit_gb: float = _f(4.0, "Largest decoded dataset --cache auto keeps in memory.")
+    workers: int | None = _f(None, "Decoding processes of the streaming loader (default: "
+                                   "cores - 1).")
+    checkpoint_every: int = _f(1, "Save a resumable checkpoint every N epochs (0 = never).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.conservative_classes, str):
+            names = tuple(c.strip() for c in self.conservative_classes.split(",") if c.strip())
+            object.__setattr__(self, "conservative_classes", names)
+        else:
+            object.__setattr__(self, "conservative_classes", tuple(self.conservative_classes))
+        _check_basic(self)
+        _check_choices(self)
+        _check_ranges(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Rebuild a config saved with :meth:`to_dict` (unknown keys are an error)."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown training settings {sorted(unknown)}")
+        return cls(**d)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field, e.g. ``num_threads`` -> ``--threads``."""
+    meta = TrainConfig.__dataclass_fields__[name].metadata
+    return "--" + (meta.get("flag") or name).replace("_", "-")
+
+
+def field_default(name: str) -> Any:
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _need(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{what} ({flag(name)})")
+
+
+def _check_basic(c: TrainConfig) -> None:
+    _need(c.epochs >= 1, "epochs", "epochs must be >= 1")
+    _need(c.batch_size >= 1, "batch_size", "batch size must be >= 1")
+    _need(c.lr > 0, "lr", "learning rate must be positive")
+    _need(c.weight_decay >= 0, "weight_decay", "weight decay must be >= 0")
+    _need(c.img_size is None or c.img_size >= 8, "img_size", "image size must be >= 8 pixels")
+    _need(c.in_chans is None or c.in_chans >= 1, "in_chans", "in_chans must be >= 1")
+    _need(0 < c.crop_pct <= 1, "crop_pct", "crop_pct must be in (0, 1]")
+    _need(c.drop_rate is None or 0 <= c.drop_rate < 1, "drop_rate",
+          "drop rate must be in [0, 1)")
+    _need(isinstance(c.model_kwargs, dict), "model_kwargs", "model kwargs must be a JSON object")
+
+
+def _check_choices(c: TrainConfig) -> None:
+    choices = {"select_metric": SELECT_METRICS, "augment": tuple(AUGMENT_POLICIES),
+               "loss_strategy": LOSS_STRATEGIES, "modality": tuple(MODALITIES),
+               "optimizer": ("adamw", "sgd"), "schedule": SCHEDULES,
+               "lr_scaling": ("linear", "sqrt"), "amp": TRI_STATE,
+               "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream")}
+    for name, allowed in choices.items():
+        value = getattr(c, name)
+        _need(value in allowed, name, f"{name.replace('_', ' ')} must be one of "
+                                      f"{', '.join(allowed)}, got {value!r}")
+    _need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
+          f"device must be cpu, cuda, cuda:N or auto, got {c.device!r}")
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    _need(0 <= c.class_weight_beta <= 2, "class_weight_beta", "class weight beta must be in "
+                                                              "[0, 2]")
+    _need(c.class_weight_cap == 0 or c.class_weight_cap >= 1, "class_weight_cap",
+          "class weight cap must be 0 (off) or >= 1")
+    _need(c.focal_gamma >= 0, "focal_gamma", "focal gamma must be >= 0")
+    _need(c.max_repeat >= 1, "max_repeat", "max repeat must be >= 1")
+    _need(0 <= c.label_smoothing < 1, "label_smoothing", "label smoothing must be in [0, 1)")
+    _need(c.mixup_alpha >= 0, "mixup_alpha", "mixup alpha must be >= 0")
+    _need(c.cutmix_alpha >= 0, "cutmix_alpha", "cutmix alpha must be >= 0")
+    _need(0 <= c.mix_prob <= 1, "mix_prob", "mix probability must be in [0, 1]")
+    _need(c.mix_off_epoch >= 0, "mix_off_epoch", "mix off epoch must be >= 0")
+    _need(0 <= c.aug_strength <= 1, "aug_strength", "augmentation strength must be in [0, 1]")
+    _need(1 <= c.aug_ops <= 4, "aug_ops", "augmentation ops must be 1..4")
+    _need(0 <= c.momentum < 1, "momentum", "momentum must be in [0, 1)")
+    _need(c.warmup_epochs >= 0, "warmup_epochs", "warmup epochs must be >= 0")
+    _need(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", "min LR ratio must be in [0, 1]")
+    _need(c.plateau_patience >= 0, "plateau_patience", "plateau patience must be >= 0")
+    _need(0 < c.plateau_factor < 1, "plateau_factor", "plateau factor must be in (0, 1)")
+    _need(c.lr_ref_batch is None or c.lr_ref_batch >= 1, "lr_ref_batch",
+          "reference batch must be >= 1")
+    _need(c.grad_clip >= 0, "grad_clip", "gradient clip must be >= 0")
+    _need(c.ema_decay == 0 or 0.5 <= c.ema_decay < 1, "ema_decay",
+          "EMA decay must be 0 (off) or in [0.5, 1)")
+    _need(c.patience >= 0, "patience", "patience must be >= 0")
+    _need(c.min_delta >= 0, "min_delta", "min delta must be >= 0")
+    _need(0 <= c.freeze_epochs < c.epochs, "freeze_epochs",
+          "freeze epochs must be >= 0 and fewer than --epochs")
+    _need(0 < c.layer_decay <= 1, "layer_decay", "layer decay must be in (0, 1]")
+    _need(c.cache_limit_gb >= 0, "cache_limit_gb", "cache limit must be >= 0")
+    _need(c.workers is None or c.workers >= 0, "workers", "workers must be >= 0")
+    _need(c.checkpoint_every >= 0, "checkpoint_every", "checkpoint interval must be >= 0")

@@ -1,13 +1,15 @@
 """fit(): one plain, readable training loop with a validation pass per epoch.
 
-Extensions hook in through callbacks at named events (``on_epoch_end``); they never rewrite
-the batch behind the loop's back.
+Setup (device, DDP, data sources, sampler, loss, optimiser, schedule, EMA) happens once in
+:func:`_setup`; :func:`fit` then runs epochs and fires callbacks at named events
+(``on_fit_start``, ``on_epoch_start``, ``on_epoch_end``, ``on_fit_end``, see
+:mod:`imgtriage.train.callbacks`). Extensions never rewrite the batch behind the loop's back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,28 +21,50 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgtriage.data.augment import augment_batch
-from imgtriage.train.config import TrainConfig
+from imgtriage.data.augment import AugmentPolicy
+from imgtriage.data.samplers import TrainSampler
+from imgtriage.io import Defect
+from imgtriage.train.callbacks import (
+    Callback,
+    Checkpointer,
+    EarlyStopping,
+    EpochCallback,
+    EpochFunction,
+    FreezeBackbone,
+    LoopState,
+    MetricsLog,
+    restore,
+)
+from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.distributed import DistInfo, all_reduce_sum, current_dist
+from imgtriage.train.ema import ModelEma
+from imgtriage.train.losses import TrainLoss, plan_loss
+from imgtriage.train.mix import Mixer
+from imgtriage.train.optim import build_optimizer, scaled_lr
+from imgtriage.train.pipeline import ArraySource
+from imgtriage.train.schedules import LRSchedule
 
-EpochCallback = Callable[[int, dict[str, float], nn.Module], None]
+__all__ = ["EpochCallback", "FitResult", "fit", "predict_logits"]
 
 
 @dataclass
 class FitResult:
-    """Best weights (by ``select_metric``), the epoch they came from, and every epoch's metrics."""
+    """Best weights (by ``select_metric``), the epoch they came from, and every epoch's metrics.
+
+    ``loss_plan`` says which class weights / focal alphas were used, ``stopped_early`` whether
+    early stopping ended the run, ``defects`` the files a streaming source could not decode.
+    """
 
     best_state: dict[str, torch.Tensor]
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    loss_plan: dict[str, Any] | None = None
+    stopped_early: bool = False
+    defects: list[Defect] = field(default_factory=list)
 
     @property
     def best_metrics(self) -> dict[str, float]:
         return self.history[self.best_epoch - 1] if self.history else {}
-
-
-def _batches(n: int, batch_size: int, g: torch.Generator | None) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
-    return list(order.split(batch_size))
 
 
 @torch.no_grad()
@@ -49,97 +73,262 @@ def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: i
     """Logits of ``model`` (eval mode) on a stacked input array, batch by batch."""
     model.eval()
     xt = torch.as_tensor(x)
-    outs = [model(xt[i:i + batch_size]).float() for i in range(0, len(xt), batch_size)]
+    dev = next(model.parameters()).device
+    outs = [model(xt[i:i + batch_size].to(dev)).float().cpu()
+            for i in range(0, len(xt), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> dict[str, float]:
-    logits = torch.as_tensor(predict_logits(model, x, bs))
-    loss = nn.functional.cross_entropy(logits, y).item()
-    acc = (logits.argmax(1) == y).float().mean().item()
-    return {"val_loss": loss, "val_accuracy": acc}
+@dataclass
+class _Run:
+    """What the epoch functions need besides the LoopState."""
+
+    dist: DistInfo
+    device: torch.device
+    train: Any
+    val: Any
+    val_order: list[int]
+    criterion: TrainLoss
+    augment: AugmentPolicy
+    mixer: Mixer
+    autocast: Callable[[], Any]
+    scaler: Any
+    channels_last: bool
+    num_classes: int
+    loss_plan: dict[str, Any]
 
 
-def _is_better(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "val_loss" else value > best
+def _source(data: Any) -> Any:
+    if data is None:
+        return None
+    src = ArraySource(*data) if isinstance(data, tuple) else data
+    return src if len(src) else None
 
 
-def _train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                 opt: torch.optim.Optimizer, sched: Any, g: torch.Generator,
-                 advance: Callable[[int], None]) -> dict[str, float]:
-    model.train()
-    total, correct, loss_sum = 0, 0, 0.0
-    for idx in _batches(len(x), cfg.batch_size, g):
-        if len(idx) < 2 and len(x) > 1:
+def _precision(cfg: TrainConfig, device: torch.device) -> tuple[Callable[[], Any], Any]:
+    on = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
+    fp16 = on and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    if not on:
+        return contextlib.nullcontext, scaler
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    return lambda: torch.autocast(device.type, dtype=dtype), scaler
+
+
+def _policies(cfg: TrainConfig, conservative: Sequence[int]) -> tuple[AugmentPolicy, Mixer]:
+    aug = AugmentPolicy(cfg.augment, cfg.aug_strength, cfg.aug_ops, MODALITIES[cfg.modality],
+                        tuple(conservative))
+    mixer = Mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_off_epoch,
+                  tuple(conservative))
+    return aug, mixer
+
+
+def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
+           num_classes: int | None, conservative: Sequence[int]) -> tuple[LoopState, _Run]:
+    dist = current_dist(cfg.device)
+    device = torch.device(dist.device)
+    torch.manual_seed(cfg.seed + dist.rank)
+    train, val = _source(train_data), _source(val_data)
+    k = num_classes or int(max(train.labels.max(), val.labels.max() if val else 0)) + 1
+    last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    model.to(device, memory_format=torch.channels_last if last else torch.preserve_format)
+    plan = plan_loss(cfg, train.labels, k)
+    sampler = TrainSampler(train.labels, seed=cfg.seed, balanced=cfg.balanced_sampling,
+                           max_repeat=cfg.max_repeat, num_replicas=dist.world_size,
+                           rank=dist.rank)
+    opt = build_optimizer(model, cfg, scaled_lr(cfg, dist.world_size))
+    schedule = LRSchedule.from_config(opt, cfg, max(1, math.ceil(len(sampler) / cfg.batch_size)))
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main)
+    autocast, scaler = _precision(cfg, device)
+    aug, mixer = _policies(cfg, conservative)
+    n_val = len(val) if val else 0
+    run = _Run(dist, device, train, val, list(range(dist.rank, n_val, dist.world_size)),
+               TrainLoss.from_plan(plan, k).to(device), aug, mixer, autocast, scaler, last, k,
+               plan.to_dict())
+    return state, run
+
+
+def _net(state: LoopState, run: _Run) -> nn.Module:
+    """The module the loop calls: DDP-wrapped under torchrun (rebuilt after freezing)."""
+    if state.net is None:
+        state.net = state.model
+        if run.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [run.device.index] if run.device.type == "cuda" else None
+            state.net = DistributedDataParallel(state.model, device_ids=ids)
+    return state.net
+
+
+def _step(state: LoopState, run: _Run, net: nn.Module, xb: torch.Tensor, ya: torch.Tensor,
+          yb: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, clip, optimiser and schedule step on one batch: (logits, loss)."""
+    with run.autocast():
+        logits = net(xb)
+        loss = run.criterion(logits, ya)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * run.criterion(logits, yb)
+    state.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if state.cfg.grad_clip > 0:
+        run.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+    run.scaler.step(state.optimizer)
+    run.scaler.update()
+    state.schedule.step_batch()
+    if state.ema is not None:
+        state.ema.update(state.model)
+    return logits.detach(), loss.detach()
+
+
+def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
+                 ) -> dict[str, float]:
+    cfg, epoch = state.cfg, state.epoch
+    net = _net(state, run)
+    net.train()
+    state.sampler.set_epoch(epoch)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + run.dist.rank)
+    mixing = run.mixer.active(epoch)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for xb, yb in run.train.batches(state.sampler, cfg.batch_size):
+        if len(yb) < 2 and not run.dist.distributed:
             continue  # BatchNorm cannot train on a batch of one
-        xb = augment_batch(x[idx], cfg.augment, g)
-        yb = y[idx]
-        logits = model(xb)
-        loss = nn.functional.cross_entropy(logits, yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total += len(idx)
-        correct += (logits.argmax(1) == yb).sum().item()
-        loss_sum += loss.item() * len(idx)
-        advance(len(idx))
+        xb = run.augment(xb, yb, g)
+        ya, yb2, lam = yb, yb, 1.0
+        if mixing:
+            xb, ya, yb2, lam = run.mixer(xb, yb, g)
+        xb = xb.to(run.device, non_blocking=True,
+                   memory_format=torch.channels_last if run.channels_last else
+                   torch.preserve_format)
+        ya, yb2 = ya.to(run.device, non_blocking=True), yb2.to(run.device, non_blocking=True)
+        logits, loss = _step(state, run, net, xb, ya, yb2, lam)
+        n = len(ya)
+        correct = (logits.argmax(1) == ya).sum()
+        sums += torch.stack([loss.double().cpu() * n, correct.double().cpu(),
+                             torch.tensor(float(n), dtype=torch.float64)])
+        advance(n)
+    loss_sum, correct, total = all_reduce_sum(sums, run.dist).tolist()
     return {"train_loss": loss_sum / max(total, 1), "train_accuracy": correct / max(total, 1)}
 
 
-def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray],
-        val_xy: tuple[np.ndarray, np.ndarray] | None, cfg: TrainConfig, *,
-        log_path: str | Path | None = None, show_progress: bool = True,
-        callbacks: Sequence[EpochCallback] = ()) -> FitResult:
-    """Train ``model`` with AdamW + cross entropy + a cosine schedule; keep the best epoch.
+def _confusion_metrics(conf: np.ndarray, loss_sum: float) -> dict[str, float]:
+    total = conf.sum()
+    support, predicted, hits = conf.sum(1), conf.sum(0), np.diag(conf)
+    present = support > 0
+    recall = np.divide(hits, support, out=np.zeros(len(hits)), where=present)
+    precision = np.divide(hits, predicted, out=np.zeros(len(hits)), where=predicted > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(hits)), where=denom > 0)
+    labelled = present | (predicted > 0)
+    return {"val_loss": float(loss_sum / max(total, 1)),
+            "val_accuracy": float(hits.sum() / max(total, 1)),
+            "val_balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+            "val_macro_f1": float(f1[labelled].mean()) if labelled.any() else 0.0}
 
-    Each epoch ends with a validation pass (when ``val_xy`` is given) and one JSON line in
-    ``log_path``. Returns the best weights by ``cfg.select_metric`` (the last epoch without
-    validation data).
+
+@torch.no_grad()
+def _validate(state: LoopState, run: _Run) -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy and macro F1 on the validation split (all ranks)."""
+    if run.val is None:
+        return {}
+    model, k = state.eval_model(), run.num_classes
+    model.eval()
+    conf = torch.zeros(k * k, dtype=torch.float64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    for xb, yb in run.val.batches(run.val_order, state.cfg.batch_size * 2):
+        xb = xb.to(run.device, memory_format=torch.channels_last if run.channels_last else
+                   torch.preserve_format)
+        with run.autocast():
+            logits = model(xb).float().cpu()
+        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+        conf += torch.bincount(yb * k + logits.argmax(1), minlength=k * k).double()
+    stats = all_reduce_sum(torch.cat([conf, loss_sum]), run.dist)
+    return _confusion_metrics(stats[:-1].view(k, k).numpy(), float(stats[-1]))
+
+
+def _record(state: LoopState, metrics: dict[str, float], has_val: bool) -> None:
+    """Append the epoch's metrics; keep the weights when they are the best so far."""
+    state.metrics = metrics
+    state.history.append(metrics)
+    key = state.cfg.select_metric
+    value = metrics[key] if has_val else float(state.epoch)
+    best, delta = state.best_value, state.cfg.min_delta if has_val else 0.0
+    lower = has_val and key == "val_loss"
+    if best is None or (value < best - delta if lower else value > best + delta):
+        state.best_value, state.best_epoch = value, state.epoch
+        state.best_state = copy.deepcopy(state.eval_model().state_dict())
+
+
+def _callbacks(cfg: TrainConfig, log_path: str | Path | None, checkpoint_dir: str | Path | None,
+               extra: Sequence[Callback | EpochCallback]) -> list[Callback]:
+    cbs: list[Callback] = [FreezeBackbone(cfg.freeze_epochs)] if cfg.freeze_epochs else []
+    cbs += [MetricsLog(log_path)] if log_path else []
+    cbs += [EarlyStopping(cfg.patience)] if cfg.patience else []
+    cbs += [c if isinstance(c, Callback) else EpochFunction(c) for c in extra]
+    if checkpoint_dir and cfg.checkpoint_every:
+        cbs.append(Checkpointer(checkpoint_dir, cfg.checkpoint_every))  # last: saves it all
+    return cbs
+
+
+def _fire(cbs: Sequence[Callback], event: str, state: LoopState) -> None:
+    for cb in cbs:
+        getattr(cb, event)(state)
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                    BarColumn(), TextColumn("{task.completed}/{task.total} img"),
+                    TextColumn("{task.fields[msg]}"), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray] | Any,
+        val_xy: tuple[np.ndarray, np.ndarray] | Any | None, cfg: TrainConfig, *,
+        log_path: str | Path | None = None, show_progress: bool = True,
+        callbacks: Sequence[Callback | EpochCallback] = (),
+        checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+        num_classes: int | None = None, conservative: Sequence[int] = ()) -> FitResult:
+    """Train ``model`` per ``cfg``; keep the best epoch by ``cfg.select_metric``.
+
+    ``train_xy``/``val_xy`` are ``(x, y)`` arrays or a source from
+    :mod:`imgtriage.train.pipeline` (e.g. a streaming :class:`FileSource`). Each epoch ends
+    with a validation pass and one JSON line in ``log_path``; ``checkpoint_dir`` receives
+    resumable checkpoints and ``resume_from`` continues one exactly. ``conservative`` are
+    class ids that only get geometric augmentation. Under torchrun the model is wrapped in
+    DDP and every process must call fit.
 
     Example:
         >>> res = fit(model, (x_tr, y_tr), (x_va, y_va), TrainConfig(epochs=3))  # doctest: +SKIP
+        >>> res.best_epoch, res.best_metrics["val_accuracy"]  # doctest: +SKIP
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    x, y = torch.as_tensor(train_xy[0]), torch.as_tensor(train_xy[1])
-    val = (torch.as_tensor(val_xy[0]), torch.as_tensor(val_xy[1])) if val_xy and len(
-        val_xy[0]) else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, math.ceil(len(x) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps + 1,
-                                                pct_start=0.15)
-    result, best = FitResult({}, 0), None
-    with Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-                  BarColumn(), TextColumn("{task.completed}/{task.total} img"),
-                  TextColumn("{task.fields[msg]}"), TimeRemainingColumn(),
-                  disable=not show_progress, transient=False) as progress:
-        task = progress.add_task("train", total=len(x), epoch=1, epochs=cfg.epochs, msg="")
-        for epoch in range(1, cfg.epochs + 1):
-            progress.reset(task, total=len(x), epoch=epoch, epochs=cfg.epochs, msg="")
+    state, run = _setup(model, train_xy, val_xy, cfg, num_classes, conservative)
+    cbs = _callbacks(cfg, log_path, checkpoint_dir, callbacks)
+    if resume_from is not None:
+        restore(state, resume_from)
+    _fire(cbs, "on_fit_start", state)
+    with _progress(show_progress and state.is_main) as bar:
+        task = bar.add_task("train", total=len(state.sampler), epoch=1, epochs=cfg.epochs, msg="")
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            if state.stop:
+                break
+            state.epoch = epoch
+            bar.reset(task, total=len(state.sampler), epoch=epoch, epochs=cfg.epochs, msg="")
+            _fire(cbs, "on_epoch_start", state)
             t0 = time.perf_counter()
-            metrics = _train_epoch(model, x, y, cfg, opt, sched, g,
-                                   lambda n: progress.advance(task, n))
-            if val is not None:
-                metrics.update(_evaluate(model, val[0], val[1], cfg.batch_size * 2))
-            metrics.update(epoch=epoch, lr=opt.param_groups[0]["lr"],
+            metrics = _train_epoch(state, run, lambda n: bar.advance(task, n))
+            metrics.update(_validate(state, run))
+            state.schedule.step_epoch(metrics.get(cfg.select_metric))
+            metrics.update(epoch=epoch, lr=state.optimizer.param_groups[-1]["lr"],
                            seconds=round(time.perf_counter() - t0, 3))
-            result.history.append(metrics)
-            key = cfg.select_metric if val is not None else "epoch"
-            value = metrics[key] if val is not None else float(epoch)
-            if _is_better(key, value, best):
-                best, result.best_epoch = value, epoch
-                result.best_state = copy.deepcopy(model.state_dict())
-            progress.update(task, msg=" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                               if k.endswith(("loss", "accuracy"))))
-            if log_path:
-                with Path(log_path).open("a") as log:
-                    log.write(json.dumps(metrics) + "\n")
-            for cb in callbacks:
-                cb(epoch, metrics, model)
-    model.load_state_dict(result.best_state)
-    return result
+            _record(state, metrics, run.val is not None)
+            bar.update(task, msg=" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                          if k.endswith(("loss", "accuracy"))))
+            _fire(cbs, "on_epoch_end", state)
+    _fire(cbs, "on_fit_end", state)
+    model.load_state_dict(state.best_state)
+    return FitResult(state.best_state, state.best_epoch, state.history, run.loss_plan,
+                     state.stopped_early, [*getattr(run.train, "defects", []),
+                                           *getattr(run.val, "defects", [])])

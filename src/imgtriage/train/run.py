@@ -2,15 +2,22 @@
 
 Run directory layout::
 
-    RUN/config.json      the resolved TrainConfig
-    RUN/splits.csv       path,label,group,split of every sample
-    RUN/metrics.jsonl    one line per epoch
-    RUN/defects.json     files that could not be used, with the reason
-    RUN/bundle/          the bundle (manifest.json + weights.safetensors)
+    RUN/config.json         the resolved TrainConfig (after --model auto, in_chans, ...)
+    RUN/run.json            why the model was chosen, loss plan, cache mode, world size
+    RUN/class_weights.json  the class weights / focal alphas used (by class name)
+    RUN/splits.csv          path,label,group,split of every sample
+    RUN/metrics.jsonl       one line per epoch
+    RUN/curves.png          loss, accuracy and learning rate per epoch
+    RUN/defects.json        files that could not be used, with the reason
+    RUN/checkpoint/         the latest resumable checkpoint (``--resume``)
+    RUN/bundle/             the bundle (manifest.json + weights.safetensors)
+
+Under ``torchrun`` every process runs train(); only process 0 writes files and prints.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -18,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from imgtriage.bundle import new_manifest, save_bundle
@@ -29,11 +35,18 @@ from imgtriage.data import (
     split_dataset,
     write_split_manifest,
 )
-from imgtriage.data.loaders import LoadedSplit, decode_samples, detect_in_chans
-from imgtriage.errors import DataError
+from imgtriage.data.augment import FIXED_FLIPS
+from imgtriage.data.loaders import decode_samples
+from imgtriage.errors import ConfigError, DataError
 from imgtriage.models import create_model, get_entry
-from imgtriage.train.config import TrainConfig
-from imgtriage.train.loop import fit, predict_logits
+from imgtriage.train.auto import ImageProbe, choose_model, probe_images
+from imgtriage.train.checkpoint import find_checkpoint
+from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from imgtriage.train.loop import FitResult, fit
+from imgtriage.train.losses import plan_loss
+from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
+from imgtriage.train.plots import plot_curves
 
 
 @dataclass(frozen=True)
@@ -51,11 +64,22 @@ def resolve_spec(cfg: TrainConfig, in_chans: int) -> PreprocessSpec:
     else:
         size = (cfg.img_size,) * 2 if cfg.img_size else get_entry(cfg.model).default_size
     return PreprocessSpec.default_for(in_chans, tuple(size), scaling=cfg.scaling,
-                                      stretch=cfg.stretch, resize=cfg.resize)
+                                      stretch=cfg.stretch, resize=cfg.resize,
+                                      crop_pct=cfg.crop_pct)
 
 
-def set_threads(n: int | None) -> int:
-    n = n or os.cpu_count() or 1
+def tta_views(cfg: TrainConfig) -> list[str]:
+    """The TTA views that match the augmentation the model was trained with."""
+    flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+    if cfg.augment == "none":
+        flips = "none" if MODALITIES[cfg.modality] == "none" else "hflip"
+    return {"none": [], "hflip": ["hflip"],
+            "d4": ["hflip", "vflip", "rot90", "rot180", "rot270"]}[flips]
+
+
+def set_threads(n: int | None, local_world_size: int = 1) -> int:
+    """Compute threads: ``n``, or the cores shared evenly between torchrun processes."""
+    n = n or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
     torch.set_num_threads(n)
     return n
 
@@ -64,74 +88,169 @@ def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         from rich.console import Console
 
-        Console(stderr=True).print(msg)
+        Console(stderr=True).print(msg, highlight=False)
 
 
-def _decode(split: str, samples: list, classes: tuple[str, ...], spec: PreprocessSpec,
-            cfg: TrainConfig, quiet: bool) -> LoadedSplit:
-    t0 = time.perf_counter()
-    loaded = decode_samples(samples, classes, spec, workers=cfg.decode_workers)
-    _say(f"decoded {len(loaded.samples)} {split} images in {time.perf_counter() - t0:.1f}s"
-         f"{f' ({len(loaded.defects)} unusable, see defects.json)' if loaded.defects else ''}",
-         quiet)
-    return loaded
+def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe
+             ) -> tuple[TrainConfig, str]:
+    """Fill in in_chans and, for --model auto, the model and input size (with the reason)."""
+    cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
+    if cfg.model != "auto":
+        return cfg, f"--model {cfg.model} given"
+    choice = choose_model(counts, replace(probe, in_chans=cfg.in_chans),
+                          pretrained=cfg.pretrained, backbone=cfg.auto_backbone,
+                          img_size=cfg.img_size)
+    return replace(cfg, model=choice.model, img_size=choice.img_size), choice.reason
 
 
-def _val_metrics(model: torch.nn.Module, val: LoadedSplit) -> dict[str, Any]:
-    if not len(val.y):
-        return {}
-    logits = predict_logits(model, val.x)
-    probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
-    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(val.y)), val.y], 1e-12, 1))))
-    return {"val_accuracy": float((logits.argmax(1) == val.y).mean()), "val_nll": nll,
-            "val_count": len(val.y)}
+def _conservative_ids(cfg: TrainConfig, classes: tuple[str, ...]) -> list[int]:
+    unknown = sorted(set(cfg.conservative_classes) - set(classes))
+    if unknown:
+        raise ConfigError(f"conservative classes {unknown} are not among the classes "
+                          f"{list(classes)} (--conservative-classes)")
+    return [classes.index(c) for c in cfg.conservative_classes]
+
+
+def _sources(parts: dict[str, list], classes: tuple[str, ...], spec: PreprocessSpec,
+             cfg: TrainConfig, info: DistInfo, say: Any) -> tuple[Any, Any, list, str]:
+    """In-memory sources when the decoded data fits ``--cache-limit-gb``, else streaming."""
+    tr, va = parts["train"], parts.get("val", [])
+    gb = (len(tr) + len(va)) * spec.in_chans * spec.size[0] * spec.size[1] * 4 / 2**30
+    mode = cfg.cache if cfg.cache != "auto" else ("memory" if gb <= cfg.cache_limit_gb
+                                                  else "stream")
+    if mode == "stream":
+        workers = cfg.workers if cfg.workers is not None else default_workers(
+            info.local_world_size)
+        pin = info.device.startswith("cuda")
+        say(f"streaming {len(tr)} train / {len(va)} val images ({gb:.1f} GB decoded) with "
+            f"{workers} decoding process(es)")
+        return (FileSource(tr, classes, spec, workers=workers, pin_memory=pin),
+                FileSource(va, classes, spec, workers=workers, pin_memory=pin), [], mode)
+    out, defects = [], []
+    for split, samples in (("train", tr), ("val", va)):
+        t0 = time.perf_counter()
+        loaded = decode_samples(samples, classes, spec, workers=cfg.decode_workers)
+        defects += loaded.defects
+        out.append(ArraySource(loaded.x, loaded.y))
+        say(f"decoded {len(loaded.samples)} {split} images in {time.perf_counter() - t0:.1f}s"
+            f"{f' ({len(loaded.defects)} unusable, see defects.json)' if loaded.defects else ''}")
+    if len(out[0]) < 2:
+        raise DataError("fewer than 2 usable training images; see defects.json")
+    return out[0], out[1], defects, mode
+
+
+def _create(cfg: TrainConfig, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model, initialised from ``--seed``; returns it with the kwargs the bundle records."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_rate is not None:
+        kwargs["drop_rate"] = cfg.drop_rate
+    extra = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.model, num_classes, cfg.in_chans, **kwargs, **extra), kwargs
+
+
+def _write_defects(run: Path, ds: Any, defects: list) -> None:
+    rows = [d.to_dict() for d in defects]
+    rows += [{"path": p, "issue": "unsupported_format", "message": why} for p, why in ds.ignored]
+    (run / "defects.json").write_text(json.dumps(rows, indent=2))
+
+
+def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
+            model: torch.nn.Module, kwargs: dict[str, Any], result: FitResult,
+            info: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Process 0: curves, metrics, manifest (with TTA views) and the bundle."""
+    if result.history:
+        plot_curves(result.history, run / "curves.png", result.best_epoch)
+    best = result.best_metrics
+    metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "train_count": info["n_train"],
+                               "epochs_run": len(result.history),
+                               "stopped_early": result.stopped_early}
+    if "val_accuracy" in best:
+        metrics = {"val_accuracy": best["val_accuracy"], "val_nll": best["val_loss"],
+                   "val_balanced_accuracy": best["val_balanced_accuracy"],
+                   "val_macro_f1": best["val_macro_f1"], "val_count": info["n_val"], **metrics}
+    manifest = new_manifest(model_name=cfg.model, model_kwargs=kwargs, in_chans=cfg.in_chans,
+                            preprocess=spec.to_dict(), classes=list(ds.classes),
+                            training={"config": cfg.to_dict(), "counts": ds.counts(),
+                                      "data": str(data), "model_choice": info["reason"],
+                                      "loss": result.loss_plan}, metrics=metrics)
+    manifest["tta"] = tta_views(cfg)
+    return save_bundle(run / "bundle", manifest, model.state_dict()), metrics
+
+
+def _prepare(data: Any, run: Path, cfg: TrainConfig, info: DistInfo
+             ) -> tuple[Any, dict[str, list], TrainConfig, str]:
+    ds = split_dataset(discover(data), val_frac=cfg.val_frac, test_frac=cfg.test_frac,
+                       seed=cfg.seed)
+    parts = samples_by_split(ds)
+    if "train" not in parts:
+        raise DataError(f"no training samples in {data}; lower --val-frac/--test-frac")
+    counts = {c: 0 for c in ds.classes}
+    for s in parts["train"]:
+        counts[s.label] += 1
+    cfg, reason = _resolve(cfg, counts, probe_images(parts["train"]))
+    if info.is_main:
+        write_split_manifest(ds, run / "splits.csv")
+        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return ds, parts, cfg, reason
 
 
 def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-          cfg: TrainConfig = TrainConfig(), *, quiet: bool = False) -> TrainResult:
+          cfg: TrainConfig = TrainConfig(), *, quiet: bool = False,
+          resume: bool = False) -> TrainResult:
     """Discover, split, decode, fit, and save a bundle with everything that decides an answer.
+
+    ``resume=True`` continues ``out_dir/checkpoint`` exactly (same settings required).
+    Under torchrun, call it in every process (``torchrun -m imgtriage train ...`` does).
 
     Example:
         >>> res = train("data/digits", "runs/digits", TrainConfig(epochs=5))  # doctest: +SKIP
         >>> res.bundle_path
         PosixPath('runs/digits/bundle')
     """
+    info = init_distributed(cfg.device)
+    try:
+        return _train(data, Path(out_dir), cfg, quiet or not info.is_main, resume, info)
+    finally:
+        shutdown(info)
+
+
+def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
+           info: DistInfo) -> TrainResult:
     t0 = time.perf_counter()
-    set_threads(cfg.num_threads)
-    run = Path(out_dir)
+    set_threads(cfg.num_threads, info.local_world_size)
     run.mkdir(parents=True, exist_ok=True)
-    ds = split_dataset(discover(data), val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-                       seed=cfg.seed)
-    write_split_manifest(ds, run / "splits.csv")
-    parts = samples_by_split(ds)
-    in_chans = cfg.in_chans or detect_in_chans(parts["train"])
-    cfg = replace(cfg, in_chans=in_chans)
-    spec = resolve_spec(cfg, in_chans)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    _say(f"{len(ds.classes)} classes, {ds.counts()} | {in_chans} channel(s) at "
-         f"{spec.size[0]}x{spec.size[1]} | model {cfg.model}", quiet)
-    tr = _decode("train", parts["train"], ds.classes, spec, cfg, quiet)
-    va = _decode("val", parts.get("val", []), ds.classes, spec, cfg, quiet)
-    defects = [d.to_dict() for d in (*tr.defects, *va.defects)]
-    defects += [{"path": p, "issue": "unsupported_format", "message": why}
-                for p, why in ds.ignored]
-    (run / "defects.json").write_text(json.dumps(defects, indent=2))
-    if len(tr.y) < 2:
-        raise DataError("fewer than 2 usable training images; see defects.json")
-    kwargs = dict(cfg.model_kwargs)
-    model = create_model(cfg.model, len(ds.classes), in_chans, pretrained=cfg.pretrained,
-                         **kwargs) if cfg.pretrained else create_model(
-        cfg.model, len(ds.classes), in_chans, **kwargs)
-    (run / "metrics.jsonl").unlink(missing_ok=True)
-    result = fit(model, (tr.x, tr.y), (va.x, va.y), cfg, log_path=run / "metrics.jsonl",
-                 show_progress=not quiet)
-    metrics = {**_val_metrics(model, va), "best_epoch": result.best_epoch,
-               "train_count": len(tr.y)}
-    manifest = new_manifest(model_name=cfg.model, model_kwargs=kwargs, in_chans=in_chans,
-                            preprocess=spec.to_dict(), classes=list(ds.classes),
-                            training={"config": cfg.to_dict(), "counts": ds.counts(),
-                                      "data": str(data)}, metrics=metrics)
-    bundle = save_bundle(run / "bundle", manifest, model.state_dict())
+    ckpt = find_checkpoint(run) if resume else None
+    ds, parts, cfg, reason = _prepare(data, run, cfg, info)
+    spec = resolve_spec(cfg, cfg.in_chans)
+    conservative = _conservative_ids(cfg, ds.classes)
+    say = functools.partial(_say, quiet=quiet)
+    say(f"{len(ds.classes)} classes, {ds.counts()} | {cfg.in_chans} channel(s) at "
+        f"{spec.size[0]}x{spec.size[1]} | model {cfg.model} ({reason})"
+        f"{f' | {info.world_size} processes' if info.distributed else ''}")
+    tr, va, defects, mode = _sources(parts, ds.classes, spec, cfg, info, say)
+    plan = plan_loss(cfg, tr.labels, len(ds.classes))
+    weights = dict(zip(ds.classes, plan.weights, strict=True)) if plan.weights else None
+    say(f"loss: {plan.strategy} ({plan.note})"
+        + (": " + ", ".join(f"{c}={w:.3g}" for c, w in weights.items()) if weights else ""))
+    if info.is_main:
+        (run / "class_weights.json").write_text(json.dumps(
+            {**plan.to_dict(), "by_class": weights}, indent=2))
+    model, kwargs = _create(cfg, len(ds.classes))
+    result = fit(model, tr, va, cfg, log_path=run / "metrics.jsonl", show_progress=not quiet,
+                 checkpoint_dir=run / "checkpoint", resume_from=ckpt,
+                 num_classes=len(ds.classes), conservative=conservative)
+    bundle, metrics = run / "bundle", {}
+    if info.is_main:
+        _write_defects(run, ds, [*defects, *result.defects])
+        (run / "run.json").write_text(json.dumps(
+            {"model_choice": reason, "loss": plan.to_dict(), "cache": mode,
+             "world_size": info.world_size, "resumed_from": str(ckpt) if ckpt else None},
+            indent=2))
+        bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
+                                  {"reason": reason, "n_train": len(tr),
+                                   "n_val": len(va) if va is not None else 0})
+    barrier(info)
     seconds = time.perf_counter() - t0
-    _say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s", quiet)
+    say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
     return TrainResult(run, bundle, metrics, seconds)

@@ -1,0 +1,122 @@
+"""``--model auto``: choose the architecture from the labels per class and the image size.
+
+The rules, in order (each choice comes with the sentence that explains it):
+
+1. RGB images and ``--pretrained`` weights given -> the timm backbone ``--auto-backbone``
+   (transfer learning beats training from scratch on photos);
+2. fewer than 100 labels in total, or fewer than 10 per class (median) -> the Siamese /
+   prototype encoder ``siamese`` (falls back to ``crop_cnn`` when it is not installed);
+3. up to 500 labels, or fewer than 50 per class -> the shallow ``crop_cnn``;
+4. beyond that -> the deeper ``deep_cnn``, unless the images are smaller than 48 px (its
+   four pooling stages would leave nothing), where ``crop_cnn`` stays.
+
+The input size defaults to the median image side, clamped to the chosen model's range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from imgtriage.data.discovery import Sample
+from imgtriage.io import Defect
+
+FEW_SHOT_TOTAL, FEW_SHOT_PER_CLASS = 100, 10
+SHALLOW_TOTAL, SHALLOW_PER_CLASS = 500, 50
+DEEP_MIN_SIDE = 48
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """Channels and median size of a sample of the training images."""
+
+    in_chans: int
+    median_hw: tuple[int, int]
+    probed: int
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    model: str
+    img_size: int
+    reason: str
+
+
+def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
+    """Read up to ``limit`` evenly spaced samples; unreadable ones are skipped here (the
+    decode step reports them as defects)."""
+    from imgtriage.io import try_read_image
+
+    chans, hs, ws = set(), [], []
+    step = max(1, len(samples) // limit)
+    for s in list(samples)[::step][:limit]:
+        rec = try_read_image(s.path)
+        if isinstance(rec, Defect):
+            continue
+        a = rec.array
+        c = 1 if a.ndim == 2 else a.shape[2]
+        chans.add({2: 1, 4: 3}.get(c, c))  # alpha is composited away
+        hs.append(a.shape[0])
+        ws.append(a.shape[1])
+    c = 1 if chans == {1} else (chans.pop() if len(chans) == 1 else 3)
+    hw = (int(np.median(hs)), int(np.median(ws))) if hs else (64, 64)
+    return ImageProbe(c, hw, len(hs))
+
+
+def _registered(name: str) -> bool:
+    from imgtriage.errors import ModelError
+    from imgtriage.models import get_entry
+
+    try:
+        get_entry(name)
+        return True
+    except ModelError:
+        return False
+
+
+def _size(side: int, lo: int, hi: int) -> int:
+    return int(max(lo, min(hi, side)) // 4 * 4)
+
+
+def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str | bool = False,
+                 backbone: str = "resnet18", img_size: int | None = None) -> ModelChoice:
+    """Pick a model for these training label counts and images; say why.
+
+    Example:
+        >>> probe = ImageProbe(1, (64, 64), 32)
+        >>> choose_model({"a": 100, "b": 120}, probe).model
+        'crop_cnn'
+        >>> choose_model({"a": 3000, "b": 2000}, probe).model
+        'deep_cnn'
+    """
+    n = np.asarray(list(counts.values()), dtype=np.int64)
+    total, per = int(n.sum()), float(np.median(n)) if len(n) else 0.0
+    side = min(probe.median_hw)
+    facts = (f"{total} training labels, median {per:g} per class, {probe.in_chans}-channel "
+             f"images of median size {probe.median_hw[0]}x{probe.median_hw[1]}")
+    if pretrained and probe.in_chans == 3:
+        return ModelChoice(backbone, img_size or 224, f"{facts}: RGB photos with pretrained "
+                           f"weights -> transfer learning with timm {backbone}")
+    note = (" (--pretrained is only used automatically for RGB photos; pass --model "
+            f"{backbone} to use it anyway)") if pretrained else ""
+    if total < FEW_SHOT_TOTAL or per < FEW_SHOT_PER_CLASS:
+        why = f"{facts}: fewer than {FEW_SHOT_TOTAL} labels or {FEW_SHOT_PER_CLASS} per class"
+        if _registered("siamese"):
+            return ModelChoice("siamese", img_size or _size(side, 32, 64),
+                               f"{why} -> the Siamese/prototype encoder{note}")
+        return ModelChoice("crop_cnn", img_size or _size(side, 16, 64),
+                           f"{why} -> would use the Siamese/prototype encoder, which is not "
+                           f"installed; falling back to the shallow crop_cnn{note}")
+    if total <= SHALLOW_TOTAL or per < SHALLOW_PER_CLASS:
+        return ModelChoice("crop_cnn", img_size or _size(side, 16, 64),
+                           f"{facts}: up to {SHALLOW_TOTAL} labels or under "
+                           f"{SHALLOW_PER_CLASS} per class -> the shallow crop_cnn{note}")
+    if side < DEEP_MIN_SIDE and img_size is None:
+        return ModelChoice("crop_cnn", _size(side, 16, 64),
+                           f"{facts}: enough labels for deep_cnn, but images under "
+                           f"{DEEP_MIN_SIDE} px are too small for its 4 pooling stages -> "
+                           f"crop_cnn{note}")
+    return ModelChoice("deep_cnn", img_size or _size(side, DEEP_MIN_SIDE, 96),
+                       f"{facts}: more than {SHALLOW_TOTAL} labels -> the deeper deep_cnn{note}")

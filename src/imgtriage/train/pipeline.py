@@ -1,0 +1,126 @@
+"""Where training batches come from: an in-memory cache, or files streamed by workers.
+
+Both sources take the same order of indices (from :class:`~imgtriage.data.samplers.
+TrainSampler`) and yield ``(x, y)`` CPU tensors, so the loop does not know which one it runs
+on. Augmentation happens in the loop on the batch tensor, identically for both.
+
+- :class:`ArraySource` holds decoded inputs (the default when the data fits in memory):
+  indexing a batch costs microseconds.
+- :class:`FileSource` decodes files with :func:`~imgtriage.data.load_input` in DataLoader
+  worker processes (JPEG draft decoding included), pinned memory on CUDA. A file that cannot
+  be decoded is dropped from its batch and recorded in ``defects`` (the run writes them to
+  ``defects.json``): never skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imgtriage.data.discovery import Sample
+from imgtriage.data.preprocess import PreprocessSpec, load_input
+from imgtriage.errors import DataError, ImageReadError
+from imgtriage.io import Defect
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class ArraySource:
+    """Decoded inputs in memory; ``batches(order, bs)`` slices them.
+
+    Example:
+        >>> src = ArraySource(np.zeros((5, 1, 8, 8), np.float32), np.arange(5) % 2)
+        >>> [len(y) for _, y in src.batches([4, 3, 2, 1, 0], 2)]
+        [2, 2, 1]
+    """
+
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> None:
+        self.x, self.y = torch.as_tensor(x), torch.as_tensor(y).long()
+        self.labels = self.y.numpy()
+        self.defects: list[Defect] = []
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, order: Iterable[int], batch_size: int) -> Iterator[Batch]:
+        idx = torch.as_tensor(list(order), dtype=torch.long)
+        for part in idx.split(batch_size):
+            yield self.x[part], self.y[part]
+
+
+class _FileDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], labels: np.ndarray,
+                 spec: PreprocessSpec) -> None:
+        self.samples, self.labels, self.spec = list(samples), labels, spec
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, Defect | None]:
+        try:
+            x, _ = load_input(self.samples[i].path, self.spec)
+            return x, int(self.labels[i]), None
+        except ImageReadError as exc:
+            return None, int(self.labels[i]), exc.defect
+
+
+def _collate(items: list[tuple[Any, int, Defect | None]]) -> tuple[Any, Any, list[Defect]]:
+    good = [(x, y) for x, y, d in items if d is None]
+    bad = [d for _, _, d in items if d is not None]
+    if not good:
+        return None, None, bad
+    return (torch.from_numpy(np.stack([x for x, _ in good])),
+            torch.tensor([y for _, y in good], dtype=torch.long), bad)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """Decoding processes per training process: the cores left after the compute one."""
+    return max(0, (os.cpu_count() or 1) // max(1, local_world_size) - 1)
+
+
+class FileSource:
+    """Files decoded every epoch by ``workers`` processes (0: in this process)."""
+
+    def __init__(self, samples: Sequence[Sample], classes: Sequence[str], spec: PreprocessSpec,
+                 *, workers: int = 0, pin_memory: bool = False) -> None:
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted({s.label for s in samples} - set(index))
+        if unknown:
+            raise DataError(f"labels {unknown} are not among the classes {list(classes)}")
+        self.labels = np.asarray([index[s.label] for s in samples], np.int64)
+        self.dataset = _FileDataset(samples, self.labels, spec)
+        self.workers, self.pin_memory = workers, pin_memory
+        self.defects: list[Defect] = []
+        self._seen: set[str] = set()
+        self._loaders: dict[tuple[int, int], DataLoader] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _loader(self, order: Iterable[int], batch_size: int) -> DataLoader:
+        key = (id(order), batch_size)
+        if key not in self._loaders:  # one loader per sampler: workers persist across epochs
+            self._loaders[key] = DataLoader(
+                self.dataset, batch_size=batch_size, sampler=order, num_workers=self.workers,
+                collate_fn=_collate, pin_memory=self.pin_memory,
+                persistent_workers=self.workers > 0, worker_init_fn=_worker_init,
+                prefetch_factor=4 if self.workers > 0 else None)
+        return self._loaders[key]
+
+    def batches(self, order: Iterable[int], batch_size: int) -> Iterator[Batch]:
+        for x, y, bad in self._loader(order, batch_size):
+            for d in bad:
+                if d.path not in self._seen:
+                    self._seen.add(d.path)
+                    self.defects.append(d)
+            if x is not None:
+                yield x, y
