@@ -10,6 +10,7 @@ Only the public :class:`~imgtriage.predict.Predictor` API is used.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import io
 import logging
@@ -26,21 +27,24 @@ from imgtriage.serve.problems import Problem
 log = logging.getLogger("imgtriage.serve")
 
 
-def limit_pixels(predictor: Any, max_pixels: int) -> int | None:
-    """Tighten the predictor's read policy to ``max_pixels``; the limit now in force.
+def limit_pixels(predictor: Any, max_pixels: int) -> tuple[Any, int | None]:
+    """The predictor with its read policy tightened to ``max_pixels``, and the limit in force.
 
     The io layer refuses a larger image with the ``too_many_pixels`` defect before decoding it
-    (decompression bombs). A bundle's own, lower limit is kept.
+    (decompression bombs). A bundle's own, lower limit is kept. The caller's predictor is not
+    changed: a shallow copy (sharing the loaded model) gets the tighter policy.
     """
     spec = getattr(predictor, "spec", None)
     read = getattr(spec, "read", None)
     if read is None:
         log.warning("this predictor has no read policy: --max-pixels cannot be applied")
-        return None
-    if read.max_pixels > max_pixels:
-        predictor.spec = dataclasses.replace(spec, read=dataclasses.replace(
-            read, max_pixels=max_pixels))
-    return predictor.spec.read.max_pixels
+        return predictor, None
+    if read.max_pixels <= max_pixels:
+        return predictor, read.max_pixels
+    limited = copy.copy(predictor)
+    limited.spec = dataclasses.replace(spec, read=dataclasses.replace(read,
+                                                                      max_pixels=max_pixels))
+    return limited, max_pixels
 
 
 def warm_up(predictor: Any, max_batch: int) -> None:
@@ -113,7 +117,7 @@ class ModelRuntime:
 
             p = Predictor.load(self.cfg.bundle, backend=self.cfg.backend,
                                num_threads=self.cfg.compute_threads)
-        self.max_pixels = limit_pixels(p, self.cfg.max_pixels)
+        p, self.max_pixels = limit_pixels(p, self.cfg.max_pixels)
         warm_up(p, self.cfg.max_batch_size)
         return p
 
