@@ -86,10 +86,12 @@ class _CnnStage:
         self.spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
         self.backend = make_backend(bundle, backend, device)
 
-    def logits_for(self, records: Sequence[ImageRecord], names: Sequence[str]) -> np.ndarray:
-        x = np.stack([to_input(r.array, self.spec, path=n) for r, n in zip(records, names,
-                                                                             strict=True)])
-        return np.asarray(self.backend(x), np.float64)
+    def prepare(self, record: ImageRecord, name: str) -> np.ndarray:
+        """Per image, in decoding threads: the first stage's model input."""
+        return to_input(record.array, self.spec, path=name)
+
+    def logits(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        return np.asarray(self.backend(np.stack(prepared)), np.float64)
 
 
 class _FeatureStage:
@@ -100,10 +102,12 @@ class _FeatureStage:
         self.kind = model.kind
         self.features = features
 
-    def logits_for(self, records: Sequence[ImageRecord], names: Sequence[str]) -> np.ndarray:
-        spec = self.features.spec
-        raws = [raw_features(r, spec, path=n) for r, n in zip(records, names, strict=True)]
-        return self.model.logits(self.features.transform(raws))
+    def prepare(self, record: ImageRecord, name: str) -> Any:
+        """Per image, in decoding threads: its raw statistics and header values."""
+        return raw_features(record, self.features.spec, path=name)
+
+    def logits(self, prepared: Sequence[Any]) -> np.ndarray:
+        return self.model.logits(self.features.transform(prepared))
 
 
 class _CascadeBackend:
@@ -176,7 +180,22 @@ class CascadePredictor:
         """Calibrated first-stage probabilities (N, K) for decoded images."""
         if not records:
             return np.zeros((0, len(self.classes)))
-        return softmax(self.first.logits_for(records, names), self.temperature)
+        prepared = [self.first.prepare(r, n) for r, n in zip(records, names, strict=True)]
+        return softmax(self.first.logits(prepared), self.temperature)
+
+    def _prepare(self, record: ImageRecord | None, name: str) -> Any:
+        """The first stage's input for one image; None sends the image to stage 2."""
+        if record is None:
+            return None
+        try:
+            return self.first.prepare(record, name)
+        except ImageReadError:  # e.g. a band count the feature spec cannot map
+            return None
+
+    def _load(self, path: str) -> tuple[ImageRecord, Any] | Defect:
+        """Decoding-thread work for one file: decode once, prepare the first stage's input."""
+        rec = _decode(path, self.spec, path)
+        return rec if isinstance(rec, Defect) else (rec, self._prepare(rec, path))
 
     def _accept(self, probs: np.ndarray, policy: DecisionPolicy, gate: float | None
                 ) -> np.ndarray:
@@ -203,34 +222,26 @@ class CascadePredictor:
         return result_row(name, self.classes[cid], cid, float(p[cid]), False, probs=probs,
                           topk=topk, pred_set=pred_set, flags=flags, extra={"stage": 1})
 
-    def _route(self, records: Sequence[ImageRecord | None], names: Sequence[str],
-               policy: DecisionPolicy, gate: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, accepted) per item; items without a record, or whose features cannot be
-        computed, go to the second stage."""
-        probs = np.zeros((len(names), len(self.classes)))
-        usable = []
-        for i, r in enumerate(records):
-            if r is not None:
-                usable.append(i)
+    def _route(self, prepared: Sequence[Any], policy: DecisionPolicy, gate: float | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, accepted) per item; items without a first-stage input go to stage 2."""
+        probs = np.zeros((len(prepared), len(self.classes)))
+        usable = [i for i, p in enumerate(prepared) if p is not None]
         if usable:
-            try:
-                probs[usable] = self.first_stage_probs([records[i] for i in usable],
-                                                       [names[i] for i in usable])
-            except ImageReadError:  # one odd image: score them one by one
-                for i in usable:
-                    try:
-                        probs[i] = self.first_stage_probs([records[i]], [names[i]])[0]
-                    except ImageReadError:
-                        probs[i] = 0.0
+            logits = self.first.logits([prepared[i] for i in usable])
+            probs[usable] = softmax(logits, self.temperature)
         accepted = self._accept(probs, policy, gate)
-        accepted[[i for i, r in enumerate(records) if r is None]] = False
+        accepted[[i for i, p in enumerate(prepared) if p is None]] = False
         return probs, accepted
 
     def _rows_for_records(self, records: Sequence[ImageRecord], names: Sequence[str],
-                          opts: PredictOptions, gate: float | None) -> list[dict[str, Any]]:
+                          opts: PredictOptions, gate: float | None,
+                          prepared: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Rows (or defect dicts) for decoded images, in order."""
         policy = self.policy_for(opts)
-        probs, accepted = self._route(records, names, policy, gate)
+        if prepared is None:
+            prepared = [self._prepare(r, n) for r, n in zip(records, names, strict=True)]
+        probs, accepted = self._route(prepared, policy, gate)
         out: list[dict[str, Any] | None] = [None] * len(records)
         routed, xs = [], []
         for i, (rec, name) in enumerate(zip(records, names, strict=True)):
@@ -271,7 +282,9 @@ class CascadePredictor:
             except ImageReadError:
                 records.append(None)
         policy = self.policy_for(opts)
-        probs, accepted = self._route(records, names, policy, gate)
+        probs, accepted = self._route([self._prepare(r, n) for r, n in zip(records, names,
+                                                                         strict=True)],
+                                      policy, gate)
         out: list[dict[str, Any] | None] = [None] * len(names)
         for i in np.flatnonzero(accepted):
             out[i] = self._stage1_row(names[i], probs[i], opts, policy,
@@ -306,11 +319,15 @@ class CascadePredictor:
         decoded = [_decode(b, self.spec, n) for b, n in zip(items, names, strict=True)]
         return self._merge(decoded, names, opts, gate)
 
-    def _merge(self, decoded: list[ImageRecord | Defect], names: Sequence[str],
-               opts: PredictOptions, gate: float | None) -> list[dict[str, Any]]:
-        good = [i for i, d in enumerate(decoded) if isinstance(d, ImageRecord)]
-        rows = self._rows_for_records([decoded[i] for i in good], [names[i] for i in good],
-                                      opts, gate)
+    def _merge(self, decoded: list[ImageRecord | tuple[ImageRecord, Any] | Defect],
+               names: Sequence[str], opts: PredictOptions, gate: float | None
+               ) -> list[dict[str, Any]]:
+        """Rows for a batch of decode results (records, (record, prepared) pairs, defects)."""
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, Defect)]
+        pairs = [d if isinstance(d, tuple) else (d, self._prepare(d, names[i]))
+                 for i, d in ((i, decoded[i]) for i in good)]
+        rows = self._rows_for_records([r for r, _ in pairs], [names[i] for i in good], opts,
+                                      gate, [p for _, p in pairs])
         out = [d.to_dict() if isinstance(d, Defect) else None for d in decoded]
         for i, row in zip(good, rows, strict=True):
             out[i] = row
@@ -331,7 +348,7 @@ class CascadePredictor:
             pending = None
             files = iter(iter_files(paths))
             while chunk := list(islice(files, batch_size)):
-                futures = [pool.submit(_decode, f, self.spec, f) for f in chunk]
+                futures = [pool.submit(self._load, f) for f in chunk]
                 if pending is not None:
                     self._collect(*pending, opts, gate, results, defects, bar)
                 pending = (chunk, futures)
