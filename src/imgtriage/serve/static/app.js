@@ -115,7 +115,10 @@ function render(node, entry, classes) {
     node.querySelector(".note").textContent =
       `abstained: not sure enough to decide (best guess ${best})`;
   }
-  if (entry.set) node.querySelector(".note").textContent += ` · conformal set {${entry.set.join(", ")}}`;
+  if (entry.set) {
+    const set = entry.set.length ? `{${entry.set.join(", ")}}` : "empty (no class is plausible)";
+    node.querySelector(".note").textContent += ` · conformal set ${set}`;
+  }
   if (entry.probs) fillBars(node.querySelector(".bars"), entry.probs, best);
 }
 
