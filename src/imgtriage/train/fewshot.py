@@ -281,7 +281,7 @@ def fit_encoder(encoder: torch.nn.Module, train_xy: tuple[np.ndarray, np.ndarray
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             accs.append(acc)
         stat = "train_episode_accuracy" if cfg.loss == "proto" else "train_active_triplets"
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), stat: float(np.mean(accs)),
@@ -392,6 +392,7 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     cfg = replace(cfg, in_chans=spec.in_chans)
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (run / "metrics.jsonl").unlink(missing_ok=True)
+    torch.manual_seed(cfg.seed)
     encoder = build_encoder(spec.in_chans, **cfg.encoder_kwargs())
     val = (va.x, va.y) if len(va.y) else None
     fit = fit_encoder(encoder, (tr.x, tr.y), val, cfg, log_path=run / "metrics.jsonl",
