@@ -61,11 +61,41 @@ def test_a_full_batch_goes_without_waiting_for_max_wait():
 
     async def main():
         b = await started(rec, max_batch=4, max_wait_s=60.0)  # a wait would time the test out
-        out = await asyncio.gather(*(b.submit([b"x"], [f"n{i}"], "k") for i in range(4)))
+        with b.receiving():  # another request is on its way, but the batch is already full
+            out = await asyncio.gather(*(b.submit([b"x"], [f"n{i}"], "k") for i in range(4)))
         await b.stop()
         return out
 
     assert len(run(main())) == 4 and [len(n) for n, _ in rec.batches] == [4]
+
+
+def test_a_lone_request_never_waits():
+    rec = Recorder()
+
+    async def main():
+        b = await started(rec, max_batch=16, max_wait_s=60.0)
+        rows = [await b.submit([b"x"], [f"r{i}"], "k") for i in range(3)]
+        await b.stop()
+        return rows
+
+    assert len(run(main())) == 3 and [len(n) for n, _ in rec.batches] == [1, 1, 1]
+
+
+def test_a_batch_waits_for_a_request_still_being_received():
+    rec = Recorder()
+
+    async def main():
+        b = await started(rec, max_batch=16, max_wait_s=60.0)
+        with b.receiving():
+            first = asyncio.ensure_future(b.submit([b"x"], ["first"], "k"))
+            await asyncio.sleep(0.05)
+            assert rec.batches == []  # held back: the other request is still arriving
+            second = b.enqueue([b"x"], ["second"], "k")
+        await asyncio.gather(first, second)  # received: both go at once, without the 60 s
+        await b.stop()
+
+    run(main())
+    assert [names for names, _ in rec.batches] == [["first", "second"]]
 
 
 def test_batches_never_exceed_max_batch_and_keep_arrival_order():

@@ -2,10 +2,13 @@
 
 Requests become jobs in one queue. A collector task on the event loop takes the oldest job and
 waits at most ``max_wait_s`` (counted from when that job arrived) for others with the same
-options to fill ``max_batch`` images; a full batch goes at once. The batch runs in a single
-worker thread, so the event loop keeps accepting and parsing requests meanwhile, and jobs that
-arrive during a batch go out together in the next one without waiting again. The queue is
-bounded in images: past ``max_queue`` a submit raises :class:`QueueFull` (503 + Retry-After).
+options to fill ``max_batch`` images; a full batch goes at once. The wait is only spent when
+more work is known to be coming: another request is still being received (see
+:meth:`Batcher.receiving`) or the previous batch merged several requests. A lone client
+therefore never waits. The batch runs in a single worker thread, so the event loop keeps
+accepting and parsing requests meanwhile, and jobs that arrive during a batch go out together
+in the next one without waiting again. The queue is bounded in images: past ``max_queue`` a
+submit raises :class:`QueueFull` (503 + Retry-After).
 
 Example:
     >>> async def demo():  # doctest: +SKIP
@@ -22,8 +25,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,11 +72,27 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._rate = 0.0  # images per second, smoothed, for Retry-After
+        self._receiving = 0  # requests whose bodies are being read (they will submit soon)
+        self._last_jobs = 0  # requests merged into the previous batch
 
     @property
     def depth(self) -> int:
         """Images waiting for inference (not counting the batch being computed)."""
         return self._depth
+
+    @contextmanager
+    def receiving(self) -> Iterator[None]:
+        """Mark a request that is still reading its body: a batch may wait for it."""
+        self._receiving += 1
+        try:
+            yield
+        finally:
+            self._receiving -= 1
+            if self._wake is not None:
+                self._wake.set()
+
+    def _more_coming(self) -> bool:
+        return self._receiving > 0 or self._last_jobs > 1
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -97,8 +117,12 @@ class Batcher:
             return 1
         return max(1, min(30, math.ceil(self._depth / self._rate)))
 
-    async def submit(self, items: list[bytes], names: list[str], key: Hashable) -> list[dict]:
-        """Queue one request's images; its rows, in order, once its batch has run."""
+    def enqueue(self, items: list[bytes], names: list[str], key: Hashable) -> asyncio.Future:
+        """Queue one request's images now; the future gets its rows, in order.
+
+        Synchronous on purpose: a request that has just finished receiving is in the queue
+        before the collector can run again. Cancelling the future drops the job.
+        """
         if self._wake is None:
             raise RuntimeError("Batcher.start() was not called")
         if self._depth + len(items) > self.max_queue:
@@ -107,7 +131,11 @@ class Batcher:
         self._queue.append(job)
         self._set_depth(self._depth + len(items))
         self._wake.set()
-        return await job.future
+        return job.future
+
+    async def submit(self, items: list[bytes], names: list[str], key: Hashable) -> list[dict]:
+        """Queue one request's images and wait for its rows."""
+        return await self.enqueue(items, names, key)
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -123,7 +151,7 @@ class Batcher:
                     await self._wake.wait()
                 first = self._queue[0]
                 deadline = first.arrived + self.max_wait_s
-                while self._ready(first.key) < self.max_batch:
+                while self._ready(first.key) < self.max_batch and self._more_coming():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -134,6 +162,7 @@ class Batcher:
                         break
                 batch = self._take(first.key)
                 if batch:
+                    self._last_jobs = len(batch)
                     await self._run(batch)
             except asyncio.CancelledError:
                 raise

@@ -73,7 +73,8 @@ def build_router() -> Any:
         opts = st.runtime.options(include_probs=include_probs, topk=topk, tta=tta,
                                   profile=profile, temperature=temperature)
         with st.limiter.hold(ClientLimiter.client_id(request)):
-            uploads = await read_uploads(request, st.config)
+            with st.runtime.batcher.receiving():
+                uploads = await read_uploads(request, st.config)
             entries = await st.runtime.classify(uploads, opts)
         st.metrics.observe_rows(entries)
         defects = [e for e in entries if "issue" in e]

@@ -162,10 +162,10 @@ class ModelRuntime:
         entries: list[dict[str, Any] | None] = [precheck(u, self.cfg) for u in uploads]
         todo = [i for i, e in enumerate(entries) if e is None]
         if todo:
-            submit = self.batcher.submit([uploads[i].data for i in todo],
-                                         [uploads[i].name for i in todo], opts)
             try:
-                rows = await asyncio.wait_for(submit, self.cfg.request_timeout_s)
+                future = self.batcher.enqueue([uploads[i].data for i in todo],
+                                              [uploads[i].name for i in todo], opts)
+                rows = await asyncio.wait_for(future, self.cfg.request_timeout_s)
             except QueueFull as exc:
                 raise Problem(503, "overloaded", "Server overloaded",
                               f"{exc.queued} images are waiting for inference (capacity "
