@@ -75,7 +75,7 @@ def test_records_round_trip_every_optional_key():
     row = {"path": "a.png", "class": "cat", "class_id": 1, "score": 0.912345,
            "abstained": False, "probs": {"cat": 0.912345, "dog": 0.087655},
            "topk": [{"class": "cat", "class_id": 1, "score": 0.912345}],
-           "set": ["cat"], "flags": ["degenerate"]}
+           "set": ["cat"], "flags": ["degenerate"], "stage": 2}
     assert from_record(result_record(3, row)) == ("result", row)
     plain = {k: row[k] for k in ("path", "class", "class_id", "score", "abstained")}
     assert from_record(result_record(0, plain)) == ("result", plain)
@@ -144,3 +144,27 @@ def test_unknown_profile_fails_before_any_cluster_starts(tiny_bundle, mixed_fold
         ray_engine.predict_with_ray(tiny_bundle, [mixed_folder], RayConfig(),
                                     {"profile": "nope"})
     assert not ray.is_initialized()
+
+
+def test_cascade_bundle_rows_keep_their_stage(tiny_bundle, digits_folder, mixed_folder,
+                                              tmp_path, monkeypatch):
+    """A cascade re-reads each file for its first stage: relative paths must still resolve
+    inside an actor, and the extra ``stage`` key must survive the flat records."""
+    from imgtriage.predict.cascade import CascadeConfig, build_cascade
+
+    res = build_cascade(tiny_bundle, digits_folder, tmp_path / "cascade",
+                        CascadeConfig(route_share=0.5))
+    cascade = Predictor.load(res.bundle_path)
+    monkeypatch.chdir(mixed_folder.parent)
+    files = list(iter_files(["inbox/d3", "inbox/d0"]))
+    want = cascade.predict_paths(["inbox/d3", "inbox/d0"])
+    clf = BatchClassifier(str(res.bundle_path), {}, num_threads=1)
+    monkeypatch.chdir(tmp_path)  # the actor's cwd is not the driver's
+    table = clf(decode_batch(_paths_batch(files), spec=cascade.bundle.manifest["preprocess"],
+                             cwd=str(mixed_folder.parent)))
+    got = [from_record(r) for r in table.to_pylist()]
+    assert [i for k, i in got if k == "defect"] == want["defects"]
+    results = [i for k, i in got if k == "result"]
+    assert {r["stage"] for r in results} == {1, 2}
+    assert [(r["path"], r["class"], r["stage"]) for r in results] == \
+        [(r["path"], r["class"], r["stage"]) for r in want["results"]]

@@ -18,7 +18,8 @@ import numpy as np
 from imgtriage.errors import require
 from imgtriage.io import Defect
 
-EXTRA_KEYS = ("probs", "topk", "set", "flags")
+BASE_KEYS = ("path", "class", "class_id", "score", "abstained")
+EXTRA_KEYS = ("probs", "topk", "set", "flags")  # a column each; any other key goes to "extra"
 _SPECS: dict[str, Any] = {}  # one parsed PreprocessSpec per worker process
 
 
@@ -29,7 +30,7 @@ def row_schema():
         ("index", pa.int64()), ("kind", pa.string()), ("path", pa.string()),
         ("class", pa.string()), ("class_id", pa.int64()), ("score", pa.float64()),
         ("abstained", pa.bool_()), ("issue", pa.string()), ("message", pa.string()),
-        *[(k, pa.string()) for k in EXTRA_KEYS],
+        *[(k, pa.string()) for k in EXTRA_KEYS], ("extra", pa.string()),
     ])
 
 
@@ -84,24 +85,28 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: dict[str, Any],
             out = Defect(str(path), "decode_error",
                          f"input shape {out[0].shape} differs from {x.shape[1:]}")
         issue[i], message[i] = out.issue, out.message
+    paths = [str(p) for p in batch["path"]]
     return {"index": np.asarray(batch["index"], np.int64),
-            "path": np.asarray([str(p) for p in batch["path"]], dtype=object),
+            "path": np.asarray(paths, dtype=object),
+            "full": np.asarray([os.path.join(cwd, p) for p in paths], dtype=object),
             "ok": ok, "degenerate": degenerate, "issue": issue, "message": message, "x": x}
 
 
 def result_record(index: int, row: dict[str, Any]) -> dict[str, Any]:
     """A report result row -> one flat record (extras JSON-encoded, as in predict.sinks)."""
     rec = {"index": index, "kind": "result", "issue": None, "message": None,
-           **{k: row[k] for k in ("path", "class", "class_id", "score", "abstained")}}
+           **{k: row[k] for k in BASE_KEYS}}
     for k in EXTRA_KEYS:
         rec[k] = json.dumps(row[k]) if k in row else None
+    other = {k: v for k, v in row.items() if k not in BASE_KEYS and k not in EXTRA_KEYS}
+    rec["extra"] = json.dumps(other) if other else None
     return rec
 
 
 def defect_record(index: int, path: str, issue: str, message: str) -> dict[str, Any]:
     return {"index": index, "kind": "defect", "path": path, "class": None, "class_id": None,
             "score": None, "abstained": None, "issue": issue, "message": message,
-            **dict.fromkeys(EXTRA_KEYS)}
+            **dict.fromkeys(EXTRA_KEYS), "extra": None}
 
 
 def from_record(rec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -114,10 +119,12 @@ def from_record(rec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """
     if rec["kind"] == "defect":
         return "defect", {"path": rec["path"], "issue": rec["issue"], "message": rec["message"]}
-    row = {k: rec[k] for k in ("path", "class", "class_id", "score", "abstained")}
+    row = {k: rec[k] for k in BASE_KEYS}
     for k in EXTRA_KEYS:
         if rec.get(k) is not None:
             row[k] = json.loads(rec[k])
+    if rec.get("extra") is not None:
+        row.update(json.loads(rec["extra"]))
     return "result", row
 
 
@@ -145,12 +152,21 @@ class BatchClassifier:
         rows: dict[int, dict[str, Any]] = {}
         if len(good):
             x = np.ascontiguousarray(np.asarray(batch["x"])[good], dtype=np.float32)
-            names = [str(batch["path"][i]) for i in good]
+            # full paths: a cascade reads the file again, and actors have their own cwd
+            names = [str(batch["full"][i]) for i in good]
             metas = [{"degenerate": bool(batch["degenerate"][i])} for i in good]
             out = self.predictor.rows_for_inputs(x, names, self.opts, metas)
             rows = dict(zip(good.tolist(), out, strict=True))
-        records = [result_record(int(idx), rows[i]) if ok[i] else
-                   defect_record(int(idx), str(batch["path"][i]), str(batch["issue"][i]),
-                                 str(batch["message"][i]))
+        records = [self._record(int(idx), str(batch["path"][i]), str(batch["full"][i]),
+                                rows.get(i), str(batch["issue"][i]), str(batch["message"][i]))
                    for i, idx in enumerate(batch["index"])]
         return pa.Table.from_pylist(records, schema=row_schema())
+
+    @staticmethod
+    def _record(index: int, path: str, full: str, row: dict[str, Any] | None, issue: str,
+                message: str) -> dict[str, Any]:
+        if row is None:
+            return defect_record(index, path, issue, message)
+        if "issue" in row and "class" not in row:  # a model-side defect
+            return defect_record(index, path, row["issue"], row["message"].replace(full, path))
+        return result_record(index, {**row, "path": path})

@@ -43,7 +43,8 @@ def _max_bundles() -> int:
 def get_predictor(bundle: str | os.PathLike[str] | None = None) -> Any:
     """The process's Predictor for ``bundle`` (default ``IMGTRIAGE_BUNDLE``), loaded on first
     use. The cache is keyed by path and manifest sha256, so a bundle replaced in place is
-    reloaded; at most ``IMGTRIAGE_CELERY_MAX_BUNDLES`` (2) stay loaded.
+    reloaded (and its old version dropped); at most ``IMGTRIAGE_CELERY_MAX_BUNDLES`` (2)
+    stay loaded.
 
     Example:
         >>> get_predictor("runs/digits/bundle").classes[:2]  # doctest: +SKIP
@@ -64,6 +65,8 @@ def get_predictor(bundle: str | os.PathLike[str] | None = None) -> Any:
     threads = os.environ.get("IMGTRIAGE_THREADS")
     predictor = Predictor.load(resolved, backend=os.environ.get("IMGTRIAGE_BACKEND", "auto"),
                                num_threads=int(threads) if threads else None)
+    for old in [k for k in _PREDICTORS if k[0] == resolved]:  # an older version of it
+        del _PREDICTORS[old]
     _PREDICTORS[key] = predictor
     _LOADS[key] += 1
     while len(_PREDICTORS) > _max_bundles():
