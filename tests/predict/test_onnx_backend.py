@@ -1,0 +1,57 @@
+"""The ONNX Runtime backend: thread layout, split sessions, auto selection."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from imgtriage.bundle import load_bundle
+from imgtriage.bundle.export import export_onnx
+from imgtriage.errors import BundleIntegrityError, ConfigError
+from imgtriage.predict import Predictor
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tiny_bundle, tmp_path_factory):
+    dest = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("onnx") / "b")
+    export_onnx(dest)
+    return dest
+
+
+def test_split_single_thread_sessions_answer_like_one_session(onnx_bundle):
+    from imgtriage.predict.onnx_backend import OnnxBackend
+
+    b = load_bundle(onnx_bundle)
+    split = OnnxBackend(b, num_threads=2, sessions="auto")  # a small graph: one per thread
+    one = OnnxBackend(b, num_threads=2, sessions=1)
+    assert split.num_sessions == 2 and one.num_sessions == 1
+    assert OnnxBackend(b, num_threads=1).num_sessions == 1
+    x = np.random.default_rng(0).standard_normal((9, 1, 32, 32)).astype(np.float32)
+    for n in (1, 3, 9):  # below and above the split size
+        np.testing.assert_allclose(split(x[:n]), one(x[:n]), atol=1e-5)
+    assert split.batch_size == 64  # small graphs take bigger batches
+    with pytest.raises(ConfigError, match="sessions"):
+        OnnxBackend(b, sessions=0)
+
+
+def test_auto_picks_onnx_on_cpu_and_torch_elsewhere_by_request(onnx_bundle):
+    assert Predictor.load(onnx_bundle).backend.name == "onnx"
+    assert Predictor.load(onnx_bundle, backend="torch").backend.name == "torch"
+    with pytest.raises(ConfigError, match="--backend"):
+        Predictor.load(onnx_bundle, backend="tensorrt")
+    with pytest.raises(ConfigError, match="int8"):
+        Predictor.load(onnx_bundle, precision="int8")  # never exported
+
+
+def test_a_tampered_graph_is_refused(onnx_bundle, tmp_path):
+    bad = shutil.copytree(onnx_bundle, tmp_path / "bad")
+    g = bad / "model.onnx"
+    data = bytearray(g.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    g.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=r"model\.onnx"):
+        Predictor.load(bad)
