@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_digits_folder
 from imgtriage.bundle import load_bundle
 from imgtriage.cli.main import app
 from imgtriage.data import load_input
@@ -29,6 +28,7 @@ from imgtriage.models.gallery_edit import (
     set_rule,
 )
 from imgtriage.predict import Predictor
+from shared_helpers import write_digits_folder
 
 runner = CliRunner()
 SIZE = 16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -94,7 +95,8 @@ def train_command(**options: Any) -> None:
     data, out = options.pop("data"), options.pop("out")
     quiet, resume = options.pop("quiet"), options.pop("resume")
     res = train(data, out, _to_config(options), quiet=quiet, resume=resume)
-    typer.echo(f"bundle: {res.bundle_path}")
+    if os.environ.get("RANK", "0") == "0":  # one line, from process 0 only under torchrun
+        typer.echo(f"bundle: {res.bundle_path}")
 
 
 train_command.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]

@@ -50,6 +50,8 @@ from imgtriage.predict.kinds import register_kind
 from imgtriage.predict.predictor import PredictOptions, Predictor
 from imgtriage.predict.report import result_row
 
+FIRST_STAGE_INPUT = "first_stage_input"  # meta key set by CascadePredictor.load_input
+
 
 def sub_bundle(bundle: Bundle, name: str, expected_sha256: str | None = None) -> Bundle:
     """The bundle stored under ``name/`` inside ``bundle`` (directory or zip), verified."""
@@ -267,32 +269,48 @@ class CascadePredictor:
             out[i] = {**row, "stage": 2}
 
     # -- Predictor's public entry points ---------------------------------------------------
+    def load_input(self, source: str | os.PathLike[str] | bytes, name: str | None = None
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Like :func:`~imgtriage.data.preprocess.load_input` with stage 2's spec, but the
+        metadata also carries the first stage's input (``meta["first_stage_input"]``), so a
+        batch runner that decodes through this method needs no second read of the file."""
+        shown = name or (os.fspath(source) if not isinstance(source, bytes) else "<bytes>")
+        record = load_record(source, self.spec, name=name)
+        meta = dict(record.meta)
+        meta[FIRST_STAGE_INPUT] = self._prepare(record, shown)
+        return to_input(record.array, self.spec, path=shown), meta
+
     def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: PredictOptions,
                         metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Rows for inputs already preprocessed for the second stage (the path
-        ``batch.iter_predictions`` takes). The first stage needs the decoded image, so each
-        name is read again as a file; names that are not readable files go to stage 2."""
+        ``batch.iter_predictions`` takes). The first stage needs the decoded image: it comes
+        from ``meta["first_stage_input"]`` when the decoder used :meth:`load_input`, else
+        each name is read again as a file (names that are not readable files go to stage 2).
+        """
         if len(x) == 0:
             return []
         opts, gate = self._split_options(opts)
-        records: list[ImageRecord | None] = []
-        for name in names:
-            try:
-                records.append(load_record(name, self.spec) if os.path.isfile(name) else None)
-            except ImageReadError:
-                records.append(None)
+        metas = list(metas) if metas is not None else [{} for _ in names]
+        prepared = [m[FIRST_STAGE_INPUT] if FIRST_STAGE_INPUT in m else self._reread(n)
+                    for m, n in zip(metas, names, strict=True)]
         policy = self.policy_for(opts)
-        probs, accepted = self._route([self._prepare(r, n) for r, n in zip(records, names,
-                                                                         strict=True)],
-                                      policy, gate)
+        probs, accepted = self._route(prepared, policy, gate)
         out: list[dict[str, Any] | None] = [None] * len(names)
         for i in np.flatnonzero(accepted):
-            out[i] = self._stage1_row(names[i], probs[i], opts, policy,
-                                      (metas[i] if metas else None) or records[i].meta)
+            out[i] = self._stage1_row(names[i], probs[i], opts, policy, metas[i])
         routed = [i for i in range(len(names)) if not accepted[i]]
         self._stage2_into(out, routed, [x[i] for i in routed], names,
-                          [(metas[i] if metas else {}) for i in routed], opts)
+                          [{k: v for k, v in metas[i].items() if k != FIRST_STAGE_INPUT}
+                           for i in routed], opts)
         return out  # type: ignore[return-value]
+
+    def _reread(self, name: str) -> Any:
+        if not os.path.isfile(name):
+            return None
+        try:
+            return self._prepare(load_record(name, self.spec), name)
+        except ImageReadError:
+            return None
 
     def _split_options(self, opts: PredictOptions | dict[str, Any]
                        ) -> tuple[PredictOptions, float | None]:
@@ -308,8 +326,9 @@ class CascadePredictor:
         header, so header features count as missing (imputed and flagged)."""
         opts, gate = self._split_options(options)
         names = list(names) if names is not None else [f"array[{i}]" for i in range(len(arrays))]
-        records = [ImageRecord(np.asarray(a), {}) for a in arrays]
-        return self._rows_for_records(records, names, opts, gate)
+        return self._merge([_array_record(a, n, self.spec) for a, n in zip(arrays, names,
+                                                                             strict=True)],
+                           names, opts, gate)
 
     def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
                       **options: Any) -> list[dict[str, Any]]:
@@ -333,14 +352,15 @@ class CascadePredictor:
             out[i] = row
         return out  # type: ignore[return-value]
 
-    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *, batch_size: int = 32,
-                      workers: int | None = None, progress: bool = False,
-                      **options: Any) -> dict[str, Any]:
+    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *,
+                      batch_size: int | None = None, workers: int | None = None,
+                      progress: bool = False, **options: Any) -> dict[str, Any]:
         """Files and folders -> the report dict; each file decoded once, in worker threads
         while the previous batch runs; every file appears once in results or defects."""
         from imgtriage.predict.batch import iter_files
 
         opts, gate = self._split_options(options)
+        batch_size = batch_size or int(getattr(self.stage2.backend, "batch_size", 32) or 32)
         t0 = time.perf_counter()
         results, defects = [], []
         workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -368,17 +388,28 @@ class CascadePredictor:
         if not isinstance(opts, PredictOptions):
             opts = self._split_options(opts)[0]
         report = self.stage2.make_report(results, defects, elapsed, batch_size, opts)
-        n1 = sum(1 for r in results if r.get("stage") == 1)
-        n2 = sum(1 for r in results if r.get("stage") == 2)
-        n = max(len(results), 1)
-        report["meta"].update(
-            bundle=str(self.bundle.path), bundle_sha256=self.bundle_sha256,
-            backend=self.backend.name,
-            cascade={"first_stage": self.first.kind, "gate": self.gate,
-                     "temperature": self.temperature, "stage1": n1, "stage2": n2,
-                     "stage1_share": round(n1 / n, 6), "stage2_share": round(n2 / n, 6),
-                     "stage2_bundle_sha256": self.stage2.bundle_sha256})
+        block: dict[str, Any] = {"first_stage": self.first.kind, "gate": self.gate,
+                                 "temperature": self.temperature,
+                                 "stage2_bundle_sha256": self.stage2.bundle_sha256}
+        if results:  # a runner's preamble call has none yet: no counts rather than 0/0
+            n1 = sum(1 for r in results if r.get("stage") == 1)
+            n2 = sum(1 for r in results if r.get("stage") == 2)
+            block.update(stage1=n1, stage2=n2, stage1_share=round(n1 / len(results), 6),
+                         stage2_share=round(n2 / len(results), 6))
+        report["meta"].update(bundle=str(self.bundle.path), bundle_sha256=self.bundle_sha256,
+                              backend=self.backend.name, cascade=block)
         return report
+
+
+def _array_record(array: Any, name: str, spec: PreprocessSpec) -> ImageRecord | Defect:
+    """An in-memory image through the readers' last step, as ``Predictor.predict_arrays``."""
+    from imgtriage.io._finish import finish
+
+    a = np.asarray(array)
+    if a.dtype.kind not in "biuf" or a.ndim not in (2, 3) or 0 in a.shape:
+        return Defect(name, "bad_shape", f"expected a numeric (H, W) or (H, W, C) array, got "
+                                         f"dtype {a.dtype} and shape {tuple(a.shape)}")
+    return finish(np.array(a), {"format": "array"}, spec.read)
 
 
 def _decode(source: str | bytes, spec: PreprocessSpec, name: str) -> ImageRecord | Defect:

@@ -109,8 +109,11 @@ class FileSource:
     def _loader(self, order: Iterable[int], batch_size: int) -> DataLoader:
         key = (id(order), batch_size)
         if key not in self._loaders:  # one loader per sampler: workers persist across epochs
+            # its own generator: creating worker seeds must not consume the global RNG
+            # (dropout draws from it), so streaming and caching train identically
             self._loaders[key] = DataLoader(
                 self.dataset, batch_size=batch_size, sampler=order, num_workers=self.workers,
+                generator=torch.Generator().manual_seed(len(self._loaders)),
                 collate_fn=_collate, pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0, worker_init_fn=_worker_init,
                 prefetch_factor=4 if self.workers > 0 else None)

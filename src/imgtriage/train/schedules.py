@@ -54,7 +54,7 @@ class LRSchedule:
         if self.kind == "onecycle":
             up = max(1, int(self.pct_start * self.total))
             if step < up:
-                return _cos(1 / 25, 1.0, 1 - step / up)
+                return _cos(1 / 25, 1.0, step / up)
             return _cos(1.0, 1 / 25 / 1e4, (step - up) / max(1, self.total - up))
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)

@@ -1,0 +1,41 @@
+"""Helpers shared by tests in several folders (import as ``from shared_helpers import ...``).
+
+Kept out of ``conftest.py``: several folders have their own conftest, and ``from conftest import``
+would pick whichever one pytest imported first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of ../shared/datasets/<name>, or skip the test cleanly when it is absent."""
+    path = SHARED_DATASETS / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (tests that need ../shared skip without it)")
+    return path
+
+
+def write_digits_folder(root: Path, per_class: int = 30, size: int = 32, seed: int = 0,
+                        classes: tuple[int, ...] = tuple(range(10))) -> Path:
+    """scikit-learn digits as class folders of real grayscale PNGs at ``size`` pixels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(d.target == c))[:per_class]
+        out = root / f"d{c}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            img = (d.images[i] / 16 * 255).astype(np.uint8)
+            Image.fromarray(img).resize((size, size), Image.BILINEAR).save(out / f"{i:05d}.png")
+    return root

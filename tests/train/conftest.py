@@ -1,0 +1,66 @@
+"""Tiny real image folders for the training tests (kept small: 2 CPU cores, < 3 min total)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+IMBALANCED_COUNTS = {"d0": 24, "d1": 10, "d2": 4}
+
+
+def write_imbalanced_folder(root: Path, counts: dict[str, int] = IMBALANCED_COUNTS,
+                            size: int = 16, rgb: bool = False, seed: int = 0) -> Path:
+    """Class folders of real scikit-learn digits with deliberately unequal counts."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        digit = int(name[1:])
+        idx = rng.permutation(np.flatnonzero(d.target == digit))[:n]
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            img = Image.fromarray((d.images[i] / 16 * 255).astype(np.uint8))
+            img = img.resize((size, size), Image.BILINEAR)
+            if rgb:
+                img = img.convert("RGB")
+            img.save(out / f"{i:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def imbalanced_folder(tmp_path_factory) -> Path:
+    """3 digit classes with 24 / 10 / 4 grayscale 16x16 PNGs."""
+    return write_imbalanced_folder(tmp_path_factory.mktemp("imbalanced"))
+
+
+@pytest.fixture(scope="session")
+def rgb_folder(tmp_path_factory) -> Path:
+    """The same 3 classes as 32x32 RGB PNGs (for the timm/transfer tests)."""
+    return write_imbalanced_folder(tmp_path_factory.mktemp("rgb"), {"d0": 12, "d1": 12,
+                                                                    "d2": 12}, 32, rgb=True)
+
+
+def tiny_cfg(**kw):
+    """A fast config for the tiny folders (1 thread, 16 px, 2 epochs)."""
+    from imgtriage.train.config import TrainConfig
+
+    base = {"model": "crop_cnn", "img_size": 16, "epochs": 2, "batch_size": 8, "lr": 3e-3,
+            "num_threads": 1, "val_frac": 0.25, "model_kwargs": {"widths": [8, 16, 32]}}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and leave the other core to the rest)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
