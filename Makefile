@@ -24,11 +24,11 @@ demo: venv
 	$(BIN)/imgtriage demo
 
 test: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 
 # Debian packages the tests use when present (Fashion-MNIST, Redis, Chromium, FITS frames).
 system-deps:
