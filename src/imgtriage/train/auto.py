@@ -1,13 +1,15 @@
 """``--model auto``: choose the architecture from the labels per class and the image size.
 
-The rules, in order (each choice comes with the sentence that explains it):
+The labels counted are the training split's (with ``--val-frac 0`` every label given trains,
+so "500 labels" means 500). The rules, in order (each choice comes with the sentence that
+explains it):
 
 1. RGB images and ``--pretrained`` weights given -> the timm backbone ``--auto-backbone``
    (transfer learning beats training from scratch on photos);
 2. fewer than 100 labels in total, or fewer than 10 per class (median) -> the Siamese /
    prototype encoder ``siamese`` (falls back to ``crop_cnn`` when it is not installed);
-3. up to 500 labels, or fewer than 50 per class -> the shallow ``crop_cnn``;
-4. beyond that -> the deeper ``deep_cnn``, unless the images are smaller than 48 px (its
+3. fewer than 500 labels, or fewer than 50 per class -> the shallow ``crop_cnn``;
+4. 500 labels or more -> the deeper ``deep_cnn``, unless the images are smaller than 48 px (its
    four pooling stages would leave nothing), where ``crop_cnn`` stays.
 
 The input size defaults to the median image side, clamped to the chosen model's range.
@@ -90,6 +92,8 @@ def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str |
         'crop_cnn'
         >>> choose_model({"a": 3000, "b": 2000}, probe).model
         'deep_cnn'
+        >>> [choose_model(dict.fromkeys("abcde", n), probe).model for n in (5, 20, 100)]
+        ['siamese', 'crop_cnn', 'deep_cnn']
     """
     n = np.asarray(list(counts.values()), dtype=np.int64)
     total, per = int(n.sum()), float(np.median(n)) if len(n) else 0.0
@@ -109,14 +113,14 @@ def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str |
         return ModelChoice("crop_cnn", img_size or _size(side, 16, 64),
                            f"{why} -> would use the Siamese/prototype encoder, which is not "
                            f"installed; falling back to the shallow crop_cnn{note}")
-    if total <= SHALLOW_TOTAL or per < SHALLOW_PER_CLASS:
+    if total < SHALLOW_TOTAL or per < SHALLOW_PER_CLASS:
         return ModelChoice("crop_cnn", img_size or _size(side, 16, 64),
-                           f"{facts}: up to {SHALLOW_TOTAL} labels or under "
-                           f"{SHALLOW_PER_CLASS} per class -> the shallow crop_cnn{note}")
+                           f"{facts}: fewer than {SHALLOW_TOTAL} labels or "
+                           f"under {SHALLOW_PER_CLASS} per class -> the shallow crop_cnn{note}")
     if side < DEEP_MIN_SIDE and img_size is None:
         return ModelChoice("crop_cnn", _size(side, 16, 64),
                            f"{facts}: enough labels for deep_cnn, but images under "
                            f"{DEEP_MIN_SIDE} px are too small for its 4 pooling stages -> "
                            f"crop_cnn{note}")
     return ModelChoice("deep_cnn", img_size or _size(side, DEEP_MIN_SIDE, 96),
-                       f"{facts}: more than {SHALLOW_TOTAL} labels -> the deeper deep_cnn{note}")
+                       f"{facts}: {SHALLOW_TOTAL} labels or more -> the deeper deep_cnn{note}")
