@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["abstain", "calibration", "conformal", "decision", "drift", "metrics", "policy",
-           "report", "thresholds", "_gallery"]
+MODULES = ["abstain", "calibration", "conformal", "decision", "drift", "metrics", "outcomes",
+           "policy", "report", "thresholds", "_gallery"]
 
 
 @pytest.mark.parametrize("name", MODULES)

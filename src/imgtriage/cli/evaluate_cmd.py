@@ -41,6 +41,13 @@ def evaluate_command(
     m = rep["metrics"]
     typer.echo(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  "
                f"NLL {m['nll']:.4f}  ECE {m['ece']:.4f}  ({rep['meta']['n_samples']} images)")
+    d = rep.get("decision")
+    if d:
+        recall = ", ".join(f"{p['class']} {p['recall']:.4f}" for p in d["per_class"]
+                           if p["recall"] is not None)
+        typer.echo(f"under the decision rule: coverage {d['coverage']:.4f}, "
+                   f"{d['abstain_count']} abstained (review), {d['errors']} wrong; "
+                   f"recall {recall}")
     typer.echo(f"report: {out / 'report.html'}")
 
 

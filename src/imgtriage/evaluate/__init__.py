@@ -34,6 +34,7 @@ from imgtriage.evaluate.metrics import (
     to_probs,
     top_k_accuracy,
 )
+from imgtriage.evaluate.outcomes import decision_outcomes
 from imgtriage.evaluate.policy import fit_decision_policy
 from imgtriage.evaluate.report import build_report, render_html, write_report
 from imgtriage.evaluate.thresholds import ThresholdPicker, parse_thresholds
@@ -56,6 +57,7 @@ __all__ = [
     "conformal_scores",
     "confusion_matrix",
     "coverage_summary",
+    "decision_outcomes",
     "drift_check",
     "expected_calibration_error",
     "fit_decision_policy",

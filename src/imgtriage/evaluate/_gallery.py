@@ -28,15 +28,20 @@ def _most_confident(mask: np.ndarray, score: np.ndarray, limit: int) -> np.ndarr
 
 def failure_cases(probs: np.ndarray, labels: np.ndarray, names: Sequence[str],
                   paths: Sequence[str], per_class: int = 5, n_pairs: int = 10,
-                  per_pair: int = 3) -> dict[str, Any]:
+                  per_pair: int = 3, *, pred: np.ndarray | None = None,
+                  exclude: np.ndarray | None = None) -> dict[str, Any]:
     """Highest-confidence false negatives/positives per class, and the most confused pairs.
 
     A false negative of class ``c`` is a ``c`` sample predicted as another class, a false
     positive one predicted ``c`` that is not; both are ranked by the predicted class's score.
+    ``pred`` replaces the top class by a decision rule's answers (e.g. a recall-first
+    threshold); samples where ``exclude`` is True (abstained on) are never failures.
     """
-    pred = probs.argmax(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, dtype=np.int64)
     score = probs[np.arange(len(pred)), pred]
     wrong = pred != labels
+    if exclude is not None:
+        wrong &= ~np.asarray(exclude, dtype=bool)
     classes = []
     for k, name in enumerate(names):
         fn = _most_confident(wrong & (labels == k), score, per_class)
@@ -115,14 +120,18 @@ def thumbnail(path: str, reader: Reader | str, size: int = 96) -> tuple[str | No
 
 
 def attach_thumbnails(failures: dict[str, Any], reader: Reader | str, size: int = 96,
-                      max_thumbnails: int = 1000) -> dict[int, tuple[str | None, str | None]]:
-    """Thumbnails for every gallery item, keyed by sample index (each file read once)."""
+                      max_thumbnails: int = 1000,
+                      known: dict[int, tuple[str | None, str | None]] | None = None
+                      ) -> dict[int, tuple[str | None, str | None]]:
+    """Thumbnails for every gallery item, keyed by sample index (each file read once; indices
+    in ``known`` are not read again)."""
     items = [it for c in failures["per_class"]
              for it in c["false_negatives"] + c["false_positives"]]
     items += [it for pair in failures["confused_pairs"] for it in pair["examples"]]
+    known = known or {}
     thumbs: dict[int, tuple[str | None, str | None]] = {}
     for it in items:
-        if it["index"] in thumbs:
+        if it["index"] in thumbs or it["index"] in known:
             continue
         if len(thumbs) >= max_thumbnails:
             thumbs[it["index"]] = (None, f"thumbnail limit ({max_thumbnails}) reached")

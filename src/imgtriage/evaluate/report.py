@@ -30,6 +30,7 @@ from imgtriage.evaluate.metrics import (
     expected_calibration_error,
     negative_log_likelihood,
 )
+from imgtriage.evaluate.outcomes import decision_outcomes
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
@@ -77,6 +78,9 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
     """Everything ``report.json`` holds, computed from plain arrays (no files written).
 
     Metrics use the policy's calibrated probabilities; without ``decision``, plain softmax.
+    They score the top class; when the policy has thresholds, ``report["decision"]`` scores
+    what the rule answers (recall-first positive class, abstentions sent to review): see
+    :func:`~imgtriage.evaluate.outcomes.decision_outcomes`.
 
     Example:
         >>> r = build_report(logits=[[2.0, 0.0], [0.0, 1.0]], labels=[0, 0],
@@ -100,8 +104,13 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
         "failures": failure_cases(probs, y, names, path_list, gallery_per_class,
                                   n_confused_pairs),
         "feature_importance": dict(feature_importance) if feature_importance else None,
-        "extra": extra,
+        "decision": None, "extra": extra,
     }
+    if policy is not None and policy.thresholds is not None:
+        report["decision"] = decision_outcomes(
+            policy.decide(z), y, names, path_list, unknown_label=policy.unknown_label,
+            rule=policy.to_dict(), gallery_per_class=gallery_per_class,
+            n_confused_pairs=n_confused_pairs)
     if policy is not None and policy.thresholds is not None:
         report["abstain"] = {"enabled": policy.abstain,
                              **abstain_summary(probs, y, policy.thresholds, names)}
@@ -151,6 +160,9 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
                                      encoding="utf-8")
     reader = image_reader if image_reader is not None else default_reader()
     thumbs = attach_thumbnails(report["failures"], reader, thumbnail_size, max_thumbnails)
+    if report.get("decision"):
+        thumbs.update(attach_thumbnails(report["decision"]["failures"], reader, thumbnail_size,
+                                        max_thumbnails, known=thumbs))
     (out / "report.html").write_text(render_html(report, thumbs), encoding="utf-8")
     return report
 
@@ -255,10 +267,42 @@ def _card(it: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]]) 
             f'</b> ({it["score"]:.3f})</div><div class="muted">{_e(it["path"])}</div></div>')
 
 
-def _gallery_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]]) -> str:
+def _decision_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]]) -> str:
+    d = r.get("decision")
+    if not d:
+        return ""
+    rule = d["rule"] or {}
+    pos = rule.get("positive_class")
+    names = d["columns"][:-1]
+    why = (f"{_e(names[pos])} whenever its probability reaches its threshold"
+           if pos is not None else "the top class when it reaches its threshold")
+    if rule.get("abstain"):
+        why += f"; below threshold it abstains ({_e(d['columns'][-1])}: human review)"
+    out = [f"<h2>Answers under the decision rule</h2><p class='muted'>The rule answers "
+           f"{why}. Rows: true class; columns: the answer.</p>"]
+    cm = d["confusion_matrix"]
+    out.append(_table([[n, *row] for n, row in zip(names, cm, strict=True)],
+                      ["true \\ answer", *d["columns"]]))
+    out.append(_table([["coverage", d["coverage"]], ["abstained (review)", d["abstain_count"]],
+                       ["accuracy", d["accuracy"]],
+                       ["accuracy at coverage", d["accuracy_at_coverage"]],
+                       ["wrong answers", d["errors"]]], ["", "value"]))
+    out.append(_table([[p["class"], p["support"], p["recall"], p["missed"], p["abstained"],
+                        p["precision"]] for p in d["per_class"]],
+                      ["class", "support", "recall", "missed", "abstained", "precision"]))
+    out.append(_gallery_html({"failures": d["failures"]}, thumbs,
+                             "Failure gallery under the rule",
+                             "What the rule got wrong (abstentions excluded): card shows "
+                             "true → answered (score of the answered class), then the path."))
+    return "".join(out)
+
+
+def _gallery_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]],
+                  title: str = "Failure gallery",
+                  note: str = "Highest-confidence mistakes: card shows true → predicted (score "
+                              "of the predicted class), then the path.") -> str:
     f = r["failures"]
-    out = ["<h2>Failure gallery</h2><p class='muted'>Highest-confidence mistakes: card shows "
-           "true → predicted (score of the predicted class), then the path.</p>"]
+    out = [f"<h2>{_e(title)}</h2><p class='muted'>{_e(note)}</p>"]
     out.append("<h3>Most confused pairs</h3>")
     if not f["confused_pairs"]:
         out.append("<p>No mistakes.</p>")
@@ -292,7 +336,8 @@ def render_html(report: dict[str, Any],
              + _img(_plots.confusion_plot(m["confusion_matrix"]["normalized"], m["class_names"]),
                     "confusion matrix"),
              "<h2>Precision–recall</h2>" + _img(_plots.pr_plot(m["curves"]["pr"]), "PR curves"),
-             _calibration_html(report), _selective_html(report)]
+             _calibration_html(report), _selective_html(report),
+             _decision_html(report, thumbs)]
     if report.get("feature_importance"):
         parts.append("<h2>Feature importance</h2>" + _img(
             _plots.feature_importance_plot(report["feature_importance"]), "feature importance"))
