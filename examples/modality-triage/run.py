@@ -1,0 +1,298 @@
+"""Modality triage (RGB / infrared / SAR) with a statistics-first cascade, end to end.
+
+1. Build a three-class folder from ``../shared/datasets``: CIFAR-10 photos as ``rgb``, SIRST
+   frames as ``infrared``, MSTAR chips as ``sar``, every image resized to one size (64x64 PNG)
+   so that size tells nothing; file modes are kept as found (L, RGB, RGBA).
+2. Train a timm backbone (resnet18 by default) on it, 30% held out as a test split. With
+   ``--pretrained FILE`` (a local .safetensors/.pth) it is transfer learning; without one --
+   this machine has no network and no weights -- it trains from scratch and says so.
+3. Build the cascade: logistic regression on image statistics answers what it is sure of on
+   validation (``--target-accuracy``), the CNN the rest (``imgtriage.predict.build_cascade``).
+4. Measure the CNN alone and the cascade on the test files, alternately, best of
+   ``--repeats``: accuracy, per-class recall, coverage, files/second, share that skipped the CNN.
+5. Serve the cascade (``imgtriage serve`` on loopback), post test files, and check every answer
+   equals ``Predictor``'s on the same bytes.
+
+Everything lands in ``--out`` (``results.json`` holds every number the README quotes).
+
+Usage (2 CPU cores; the full size takes a few minutes):
+    .venv/bin/python examples/modality-triage/run.py --out runs/modality-triage
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "datasets"
+# class name -> (folder under ../shared/datasets, file pattern)
+SOURCES = {"rgb": ("cifar10-small", "*.jpg"), "infrared": ("sirst-infrared", "*.png"),
+           "sar": ("mstar-soc10", "*.jpeg")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shared", type=Path, default=SHARED, help="../shared/datasets")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "modality-triage")
+    ap.add_argument("--per-class", type=int, default=420, help="images per class (SIRST has 427)")
+    ap.add_argument("--size", type=int, default=64, help="side every image is resized to")
+    ap.add_argument("--backbone", default="resnet18", help="a registered timm backbone")
+    ap.add_argument("--pretrained", default=None,
+                    help="local .safetensors/.pth weights of --backbone (transfer learning); "
+                         "without it the backbone trains from scratch")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="training batch")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="default: 3e-3 from scratch, 1e-3 with pretrained weights")
+    ap.add_argument("--first-stage", default="logreg", help="logreg or gbt")
+    ap.add_argument("--target-accuracy", type=float, default=0.99)
+    ap.add_argument("--predict-batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of each predictor")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--serve-files", type=int, default=12, help="0 skips the service check")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+# -- 1. the dataset ----------------------------------------------------------------------------
+def build_dataset(shared: Path, root: Path, per_class: int, size: int, seed: int = 0
+                  ) -> dict[str, int]:
+    """``root/<class>/*.png`` at ``size`` x ``size``; reused when it already holds the data."""
+    counts = {c: len(list((root / c).glob("*.png"))) for c in SOURCES}
+    if all(n == per_class for n in counts.values()):
+        return counts
+    rng = np.random.default_rng(seed)
+    for label, (folder, pattern) in SOURCES.items():
+        files = sorted((shared / folder).rglob(pattern))
+        if len(files) < per_class:
+            raise SystemExit(f"{shared / folder} has {len(files)} files, fewer than "
+                             f"--per-class {per_class}")
+        out = root / label
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("*.png"):
+            old.unlink()
+        for i in sorted(rng.choice(len(files), per_class, replace=False)):
+            with Image.open(files[i]) as img:
+                img.load()
+                small = img.resize((size, size), Image.Resampling.BILINEAR)
+            small.save(out / f"{label}_{i:05d}.png")
+        counts[label] = per_class
+    return counts
+
+
+# -- 2. the backbone ---------------------------------------------------------------------------
+def weights_choice(pretrained: str | None, backbone: str) -> tuple[str | bool, str]:
+    """The ``pretrained`` value to train with, and the sentence that says what it means."""
+    if pretrained and Path(pretrained).is_file():
+        return str(pretrained), f"transfer learning from {pretrained}"
+    why = (f"--pretrained {pretrained} does not exist" if pretrained else
+           "no --pretrained weights file given (this machine cannot download any)")
+    return False, (f"NOTE: {why}: {backbone} trains from scratch. Pass a local "
+                   f"{backbone} .safetensors/.pth file to --pretrained for transfer learning.")
+
+
+def train_backbone(data: Path, run: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    pretrained, note = weights_choice(args.pretrained, args.backbone)
+    print(note, flush=True)
+    lr = args.lr or (1e-3 if pretrained else 3e-3)
+    freeze = 1 if pretrained and args.epochs > 1 else 0  # the new head first, then everything
+    cfg = TrainConfig(model=args.backbone, pretrained=pretrained, img_size=args.size,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=lr, test_frac=0.3,
+                      in_chans=3, augment="flip", freeze_epochs=freeze, seed=args.seed,
+                      num_threads=args.threads, checkpoint_every=0)
+    res = train(data, run, cfg, quiet=True)
+    info = {"model": args.backbone, "weights": note, "pretrained": pretrained or None,
+            "lr": lr, "epochs": args.epochs, "train_seconds": round(res.seconds, 1),
+            "val_metrics": res.metrics}
+    print(f"trained {args.backbone} in {res.seconds:.0f}s: val accuracy "
+          f"{res.metrics.get('val_accuracy')}", flush=True)
+    return res.bundle_path, info
+
+
+def split_files(run: Path, split: str) -> tuple[list[str], list[str]]:
+    """Paths and labels of one split, as the training run wrote them to ``splits.csv``."""
+    with (run / "splits.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+    return [r["path"] for r in rows], [r["label"] for r in rows]
+
+
+# -- 4. measuring ------------------------------------------------------------------------------
+def score_report(report: dict, truth: dict[str, str], classes: list[str]) -> dict[str, Any]:
+    """Accuracy (abstentions count as wrong), per-class recall, coverage, stage-1 share."""
+    results = report["results"]
+    seen = [r["path"] for r in results] + [d["path"] for d in report["defects"]]
+    if sorted(seen) != sorted(truth):
+        raise RuntimeError("the report does not hold every input file exactly once")
+    hit = {c: [] for c in classes}
+    for r in results:
+        hit[truth[r["path"]]].append(r["class"] == truth[r["path"]])
+    n = max(len(truth), 1)
+    return {"files": len(truth), "results": len(results), "defects": len(report["defects"]),
+            "accuracy": sum(sum(h) for h in hit.values()) / n,
+            "recall": {c: (float(np.mean(h)) if h else None) for c, h in hit.items()},
+            "coverage": sum(not r["abstained"] for r in results) / n,
+            "skipped_cnn": sum(r.get("stage") == 1 for r in results) / n}
+
+
+def measure(predictors: dict[str, Any], files: list[str], labels: list[str], batch_size: int,
+            repeats: int) -> dict[str, dict]:
+    """Each predictor over ``files``, alternating, ``repeats`` times; the fastest run of each
+    (the answers are the same every round)."""
+    truth = dict(zip(files, labels, strict=True))
+    best: dict[str, dict] = {}
+    for _ in range(max(1, repeats)):
+        for name, p in predictors.items():
+            t0 = time.perf_counter()
+            report = p.predict_paths(files, batch_size=batch_size, workers=2)
+            sec = time.perf_counter() - t0
+            if name not in best or sec < best[name]["seconds"]:
+                best[name] = {**score_report(report, truth, p.classes), "seconds": sec,
+                              "files_per_s": len(files) / sec}
+    return best
+
+
+# -- 5. the service ----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_check(bundle: Path, files: list[str], log: Path, timeout: float = 120.0
+                ) -> dict[str, Any]:
+    """Start ``imgtriage serve`` on loopback, post ``files`` (multipart), compare each answer
+    with ``Predictor.predict_bytes`` on the same bytes; stop the server."""
+    import httpx
+
+    from imgtriage.predict import Predictor
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "imgtriage", "serve", str(bundle), "--host", "127.0.0.1",
+           "--port", str(port), "--threads", "1"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"imgtriage serve exited {proc.returncode}: {log}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"imgtriage serve not ready in {timeout:.0f}s: {log}")
+            time.sleep(0.2)
+        blobs = [Path(f).read_bytes() for f in files]
+        names = [Path(f).name for f in files]
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/classify", timeout=60, files=[
+            ("files", (n, b, "image/png")) for n, b in zip(names, blobs, strict=True)])
+        seconds = time.perf_counter() - t0
+        r.raise_for_status()
+        served = r.json()["results"]
+        model = httpx.get(url + "/v1/model", timeout=10).json()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    local = Predictor.load(bundle).predict_bytes(blobs, names)
+    keys = ("path", "class", "class_id", "abstained", "stage")
+    same = [all(s.get(k) == p.get(k) for k in keys) and abs(s["score"] - p["score"]) < 1e-5
+            for s, p in zip(served, local, strict=True)]
+    return {"url": url, "files": len(files), "request_seconds": round(seconds, 3),
+            "equal_to_predictor": int(sum(same)), "all_equal": all(same),
+            "served_stage1": sum(s.get("stage") == 1 for s in served),
+            "bundle_sha256": model.get("bundle_sha256"),
+            "examples": [{k: s.get(k) for k in ("path", "class", "score", "stage")}
+                         for s in served[:4]]}
+
+
+# -- the recipe --------------------------------------------------------------------------------
+def _table(best: dict[str, dict], classes: list[str]) -> str:
+    base = best["cnn alone"]["files_per_s"]
+    lines = ["| predictor | accuracy | " + " | ".join(f"recall {c}" for c in classes)
+             + " | coverage | files/s | vs CNN | skipped the CNN |",
+             "|---|---:|" + "---:|" * len(classes) + "---:|---:|---:|---:|"]
+    for name, r in best.items():
+        lines.append(f"| {name} | {r['accuracy']:.4f} | " + " | ".join(
+            f"{r['recall'][c]:.4f}" for c in classes) + f" | {r['coverage']:.1%} | "
+            f"{r['files_per_s']:.0f} | {r['files_per_s'] / base:.2f}x | {r['skipped_cnn']:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the whole recipe; returns (and writes to ``OUT/results.json``) every number."""
+    args = parse_args(argv)
+    import torch
+
+    from imgtriage.predict import Predictor
+    from imgtriage.predict.cascade import CascadeConfig, build_cascade
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    counts = build_dataset(args.shared, out / "data", args.per_class, args.size, args.seed)
+    print(f"dataset {out / 'data'}: {counts} at {args.size}x{args.size}", flush=True)
+    stage2, train_info = train_backbone(out / "data", out / "cnn", args)
+    cas = build_cascade(stage2, out / "data", out / "cascade",
+                        CascadeConfig(first_stage=args.first_stage,
+                                      target_accuracy=args.target_accuracy, workers=2))
+    v = cas.validation
+    print(f"cascade built in {cas.seconds:.0f}s: gate {v['threshold']}, answers "
+          f"{v['accepted_share']:.1%} of validation at accuracy {v['accepted_accuracy']}",
+          flush=True)
+    files, labels = split_files(out / "cnn", "test")
+    cnn = Predictor.load(stage2, num_threads=args.threads)
+    cascade = Predictor.load(cas.bundle_path, num_threads=args.threads)
+    best = measure({"cnn alone": cnn, f"cascade ({args.first_stage} first)": cascade}, files,
+                   labels, args.predict_batch, args.repeats)
+    print(_table(best, cnn.classes), flush=True)
+    served = None
+    if args.serve_files > 0:
+        pick = np.random.default_rng(args.seed).choice(len(files), min(args.serve_files,
+                                                                       len(files)),
+                                                       replace=False)
+        served = serve_check(cas.bundle_path, [files[i] for i in sorted(pick)],
+                             out / "serve.log")
+        print(f"service: {served['equal_to_predictor']}/{served['files']} answers equal to "
+              f"Predictor's ({served['served_stage1']} by the first stage)", flush=True)
+    results = {"command": "examples/modality-triage/run.py " + " ".join(
+                   argv if argv is not None else sys.argv[1:]),
+               "dataset": {"root": str(out / "data"), "counts": counts, "size": args.size},
+               "cnn": {**train_info, "bundle": str(stage2)},
+               "cascade": {"bundle": str(cas.bundle_path), "build_seconds": round(cas.seconds, 1),
+                           "validation": v},
+               "test": {"files": len(files), "batch_size": args.predict_batch,
+                        "threads": args.threads, "by_predictor": best},
+               "serve": served, "classes": cnn.classes,
+               "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"wall time {results['wall_seconds']:.0f}s -> {out / 'results.json'}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The signal-crops recipe (examples/signal-crops/run.py), reduced: 48 px crops of a few MSTAR
+chips per class, one epoch per label budget, 4 test chips per class."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from PIL import Image
+
+from shared_helpers import REPO, shared_dataset
+
+pytestmark = [pytest.mark.shared, pytest.mark.slow]
+
+SCRIPT = REPO / "examples" / "signal-crops" / "run.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("recipe_signal_crops", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _in_unit(x) -> bool:
+    return x is not None and 0.0 <= x <= 1.0
+
+
+def _coherent(t: dict, files: int) -> None:
+    assert t["files"] == files and t["defects"] == 0
+    assert _in_unit(t["accuracy"]) and _in_unit(t["coverage"]) and t["files_per_s"] > 0
+    assert all(_in_unit(v) for v in t["recall"].values())
+
+
+def test_reduced_recipe_is_coherent(tmp_path):
+    from imgtriage.bundle import load_bundle
+    from imgtriage.predict import Predictor
+
+    mstar = shared_dataset("mstar-soc10")
+    recipe = _recipe()
+    out = tmp_path / "out"
+    res = recipe.main(["--mstar", str(mstar), "--out", str(out), "--crop", "48",
+                       "--train-per-class", "56", "--test-per-class", "4", "--epochs", "1",
+                       "--enrol-shots", "3", "--threads", "1"])
+    assert json.loads((out / "results.json").read_text())["runs"][0]["labels"] == 25
+    crops = list((out / "crops").rglob("*.png"))
+    assert len(crops) == 10 * (56 + 4)
+    assert {Image.open(p).size for p in crops[:50]} == {(48, 48)}
+    assert {Image.open(p).mode for p in crops[:50]} == {"L"}
+    known = res["known_classes"]
+    assert len(known) == 9 and "ZSU234" not in known
+    # --model auto: siamese, shallow CNN, deeper CNN by label count; every label trained
+    assert [(r["labels"], r["model"]) for r in res["runs"]] == [
+        (25, "siamese"), (100, "crop_cnn"), (500, "deep_cnn")]
+    for r in res["runs"]:
+        lines = (out / f"labels-{r['labels']}.csv").read_text().splitlines()
+        assert len(lines) == 1 + r["labels"]
+        assert f"{r['labels']} training labels" in r["model_choice"]
+        _coherent(r["test"], 9 * 4)
+        assert set(r["test"]["recall"]) == set(known)
+        assert Predictor.load(r["bundle"]).classes == sorted(known)
+    # budgets are nested: the 25 labelled crops are among the 100
+    small = set((out / "labels-25.csv").read_text().splitlines()[1:])
+    assert small <= set((out / "labels-100.csv").read_text().splitlines()[1:])
+    # the gallery enrolled the new class without retraining
+    g = res["gallery"]
+    assert g["encoder_unchanged"]
+    assert g["classes"]["ZSU234"] == 3 and sum(g["classes"].values()) == 25 + 3
+    _coherent(g["known_classes_before"], 9 * 4)
+    _coherent(g["all_classes_after"], 10 * 4)
+    _coherent(g["new_class_only_after"], 4)
+    before, after = load_bundle(g["bundle"]), load_bundle(g["enrolled_bundle"])
+    assert "ZSU234" not in before.classes and "ZSU234" in after.classes
+    assert Predictor.load(g["enrolled_bundle"]).classes == after.classes
