@@ -98,6 +98,9 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
     if b.manifest.get("kind", "classifier") != "classifier":
         raise ConfigError(f"{b.path} is a {b.manifest.get('kind')!r} bundle; export the "
                           "classifier bundles it contains instead")
+    if b.manifest["preprocess"].get("features"):
+        raise ConfigError(f"{b.path} is an image + feature (fusion) model; ONNX export of "
+                          "two-input models is not supported yet: predict with --backend torch")
     images = _load_images(b, calib, calib_images, say) if calib else None
     graph, parity = _export_checked(b, images, opset)
     say(f"fp32 graph: {len(graph) / 1e6:.1f} MB, max |Δprob| vs torch {parity:.2e}")

@@ -222,6 +222,24 @@ def raw_features(record: ImageRecord, spec: FeatureSpec,
     return RawFeatures(np.asarray(stats, np.float64), tuple(values))
 
 
+def with_extra_columns(raw: RawFeatures, spec: FeatureSpec, extra: Mapping[str, Any] | None
+                       ) -> RawFeatures:
+    """``raw`` with its extra-column values read from ``extra`` (a manifest row); header
+    cards and statistics stay as they are. Columns absent from ``extra`` stay missing.
+
+    Example:
+        >>> spec = FeatureSpec(stats=(), header_cards=(), extra_columns=("airmass",))
+        >>> with_extra_columns(RawFeatures(np.zeros(0), (None,)), spec, {"airmass": "1.2"}).fields
+        (1.2,)
+    """
+    n = len(spec.header_cards)
+    values = list(raw.fields[:n])
+    for f in spec.extra_columns:
+        value = _lookup([extra or {}], f.keys)
+        values.append(_number(value) if f.kind == "number" else _category(value))
+    return RawFeatures(raw.stats, tuple(values))
+
+
 def column_groups(spec: FeatureSpec, vocabulary: Mapping[str, Sequence[str]] | None = None
                   ) -> list[tuple[str, list[str]]]:
     """``[(source, column names)]``: ``"stats"`` first, then one group per field."""
@@ -428,4 +446,5 @@ __all__ = [
     "extract_features",
     "raw_features",
     "read_extra_columns",
+    "with_extra_columns",
 ]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from imgtriage.data.discovery import Sample
-from imgtriage.data.preprocess import PreprocessSpec, load_input
+from imgtriage.data.features import RawFeatures
+from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input
 from imgtriage.errors import DataError, ImageReadError
 from imgtriage.io import Defect
 
@@ -19,18 +20,22 @@ from imgtriage.io import Defect
 @dataclass(frozen=True)
 class LoadedSplit:
     """Decoded inputs of one split: ``x`` (N, C, h, w) float32, ``y`` (N,) int64, and
-    the samples kept (aligned with x) plus a defect per file that could not be used."""
+    the samples kept (aligned with x) plus a defect per file that could not be used.
+    ``raw`` holds each kept sample's raw features when the spec has a feature spec
+    (fusion models), else it is empty."""
 
     x: np.ndarray
     y: np.ndarray
     samples: tuple[Sample, ...]
     defects: tuple[Defect, ...]
+    raw: tuple[RawFeatures, ...] = ()
 
 
-def _decode_one(sample: Sample, spec: PreprocessSpec) -> np.ndarray | Defect:
+def _decode_one(sample: Sample, spec: PreprocessSpec
+                ) -> tuple[np.ndarray, RawFeatures | None] | Defect:
     try:
-        x, _ = load_input(sample.path, spec)
-        return x
+        x, meta = load_input(sample.path, spec)
+        return x, meta.get(RAW_FEATURES)
     except ImageReadError as exc:
         return exc.defect
 
@@ -48,21 +53,23 @@ def decode_samples(samples: Sequence[Sample], classes: Sequence[str], spec: Prep
     if unknown:
         raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
     workers = workers or min(4, os.cpu_count() or 1)
-    xs, ys, kept, defects = [], [], [], []
+    xs, ys, kept, defects, raws = [], [], [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for sample, out in zip(samples, pool.map(lambda s: _decode_one(s, spec), samples),
                                strict=True):
             if isinstance(out, Defect):
                 defects.append(out)
             else:
-                xs.append(out)
+                xs.append(out[0])
+                raws.append(out[1])
                 ys.append(index[sample.label])
                 kept.append(sample)
             if progress is not None:
                 progress(1)
     c, (h, w) = spec.in_chans, spec.size
     x = np.stack(xs) if xs else np.zeros((0, c, h, w), np.float32)
-    return LoadedSplit(x, np.asarray(ys, np.int64), tuple(kept), tuple(defects))
+    raw = tuple(raws) if spec.features is not None else ()
+    return LoadedSplit(x, np.asarray(ys, np.int64), tuple(kept), tuple(defects), raw)
 
 
 def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:

@@ -13,8 +13,11 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from imgtriage.data.features import FeatureSpec, raw_features
 from imgtriage.errors import ConfigError, ImageReadError
 from imgtriage.io import Defect, ImageRecord, ReadPolicy, read_image
+
+RAW_FEATURES = "raw_features"  # meta key: the image's RawFeatures when the spec has features
 
 Scaling = Literal["dtype", "minmax", "percentile"]
 Stretch = Literal["linear", "asinh", "log"]
@@ -49,6 +52,10 @@ class PreprocessSpec:
             because training and serving share this flag).
         mean, std: per-channel normalisation after scaling (length in_chans).
         read: the :class:`ReadPolicy` used to decode files.
+        features: for image + feature (fusion) models, the
+            :class:`~imgtriage.data.features.FeatureSpec` whose raw values :func:`load_input`
+            adds to the metadata (``meta["raw_features"]``), computed from the same decoded
+            record as the pixels; None for image-only models.
 
     Example:
         >>> spec = PreprocessSpec(in_chans=1, size=(64, 64), mean=(0.5,), std=(0.25,))
@@ -70,8 +77,11 @@ class PreprocessSpec:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     read: ReadPolicy = field(default_factory=ReadPolicy)
+    features: FeatureSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.features, dict):
+            object.__setattr__(self, "features", FeatureSpec.from_dict(self.features))
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
@@ -100,7 +110,12 @@ class PreprocessSpec:
             raise ConfigError("crop_pct must be in (0, 1] (--crop-pct)")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.features is None:  # image-only bundles keep their manifest unchanged
+            del d["features"]
+        else:
+            d["features"] = self.features.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
@@ -249,4 +264,17 @@ def load_input(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec,
     """
     record = load_record(source, spec, name=name)
     shown = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
-    return to_input(record.array, spec, path=shown), record.meta
+    return record_input(record, spec, path=shown)
+
+
+def record_input(record: ImageRecord, spec: PreprocessSpec, *, path: str = "<array>"
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """A decoded record -> (model input, metadata); with ``spec.features`` the metadata also
+    holds the record's raw features under ``"raw_features"`` (header cards, statistics),
+    so pixels and features always come from one decode, in training and in prediction."""
+    x = to_input(record.array, spec, path=path)
+    if spec.features is None:
+        return x, record.meta
+    meta = dict(record.meta)
+    meta[RAW_FEATURES] = raw_features(record, spec.features, path=path)
+    return x, meta

@@ -51,7 +51,7 @@ def register_model(name: str, *, family: str, default_size: tuple[int, int], des
 
 def _ensure_builtins() -> None:
     # Importing the modules registers their builders.
-    from imgtriage.models import cnn, siamese, timm_backbones  # noqa: F401
+    from imgtriage.models import cnn, fusion, siamese, timm_backbones  # noqa: F401
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -70,7 +70,8 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a registered architecture (or any timm one as ``timm:<name>``).
+    """Build a registered architecture (or any timm one as ``timm:<name>``, an image +
+    feature model as ``fusion:<backbone>``).
 
     Unknown names and bad arguments raise ModelError naming the known models.
     """
@@ -82,6 +83,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) 
         from imgtriage.models.timm_backbones import create_timm
 
         return create_timm(name[5:], num_classes, in_chans, **kwargs)
+    if name.startswith("fusion:"):
+        kwargs = {**kwargs, "backbone": name[7:]}
+        name = "fusion"
     entry = get_entry(name)
     try:
         return entry.builder(num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -63,7 +63,7 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
 
     def decode(s: Sample):
         try:
-            return load_input(s.path, predictor.spec)[0]
+            return load_input(s.path, predictor.spec)
         except ImageReadError as exc:
             return exc.defect.to_dict()
 
@@ -72,20 +72,30 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            xs = []
+            xs, metas = [], []
             for s, out in zip(chunk, pool.map(decode, chunk), strict=True):
                 if isinstance(out, dict):
                     defects.append(out)
                 else:
-                    xs.append(out)
+                    xs.append(out[0])
+                    metas.append(out[1])
                     labels.append(index[s.label])
                     paths.append(s.path)
             if xs:
-                logits.append(predictor.logits(np.stack(xs), tta))
+                logits.append(_logits(predictor, np.stack(xs), tta, metas,
+                                      paths[len(paths) - len(xs):]))
     if not logits:
         raise DataError("none of the files could be read; see the defects")
     return LabelledLogits(np.concatenate(logits).astype(np.float64), np.asarray(labels),
                           paths, defects)
+
+
+def _logits(predictor: PredictorLike, x: np.ndarray, tta: bool, metas: list, names: list
+            ) -> np.ndarray:
+    """Logits; image + feature bundles also get their scaled features from the metadata."""
+    if getattr(predictor, "features", None) is None:
+        return predictor.logits(x, tta)
+    return predictor.logits(x, tta, predictor.feature_matrix(metas, names))
 
 
 def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str],

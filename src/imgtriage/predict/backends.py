@@ -30,8 +30,13 @@ class TorchBackend:
         self.model = build_model(bundle).to(self.device)
 
     @torch.inference_mode()
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+    def __call__(self, x: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """Logits; ``features`` (N, F) go to image + feature (fusion) models."""
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if features is None:
+            out = self.model(xt)
+        else:
+            out = self.model(xt, torch.from_numpy(np.ascontiguousarray(features)).to(self.device))
         return out.float().cpu().numpy()
 
 
@@ -44,6 +49,9 @@ def make_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu", *,
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r} (--backend)")
     has_onnx = bundle.has_file("model.onnx")
+    if backend == "onnx" and bundle.manifest["preprocess"].get("features"):
+        raise ConfigError(f"{bundle.path} is an image + feature model, which runs on the torch "
+                          "backend only; use --backend torch (or auto)")
     if backend == "onnx" or (backend == "auto" and has_onnx and device == "cpu"):
         if not has_onnx:
             raise ConfigError(f"{bundle.path} has no model.onnx; run `imgtriage export "

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle
-from imgtriage.data.preprocess import PreprocessSpec, load_input, to_input
-from imgtriage.errors import ConfigError, ImageReadError, PredictionError
+from imgtriage.data.features import FeatureStandardizer, with_extra_columns
+from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input, record_input
+from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.io import Defect
 from imgtriage.predict.report import report_meta, result_row
@@ -61,6 +62,8 @@ class Predictor:
         self.classes: list[str] = bundle.classes
         self.policy = DecisionPolicy.from_dict(bundle.manifest["decision"])
         self.tta_transforms: list[str] = list(bundle.manifest.get("tta") or ["hflip"])
+        self.features = _standardizer(bundle, self.spec)
+        self.extras: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
@@ -119,14 +122,42 @@ class Predictor:
                               "that order (--thresholds)")
         return policy
 
-    def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Raw logits for stacked inputs (N, C, h, w); TTA averages over the bundle's views."""
-        out = self.backend(x)
+    def logits(self, x: np.ndarray, tta: bool = False, features: np.ndarray | None = None
+               ) -> np.ndarray:
+        """Raw logits for stacked inputs (N, C, h, w); TTA averages over the bundle's views.
+        Image + feature bundles also take ``features`` (:meth:`feature_matrix`)."""
+        if self.features is not None and features is None:
+            raise PredictionError("this bundle is an image + feature model: pass the scaled "
+                                  "features (Predictor.feature_matrix of the inputs' metadata)")
+        args = () if self.features is None else (features,)
+        out = self.backend(x, *args)
         if tta:
-            views = [self.backend(np.ascontiguousarray(TTA_TRANSFORMS[t](x)))
+            views = [self.backend(np.ascontiguousarray(TTA_TRANSFORMS[t](x)), *args)
                      for t in self.tta_transforms]
             out = np.mean([out, *views], axis=0)
         return out
+
+    def set_extra_columns(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Extra-column values by file path (``read_extra_columns`` of a manifest) for bundles
+        trained with ``--feature-columns``; files not listed get them imputed and flagged."""
+        self.extras = {str(Path(k)): dict(v) for k, v in rows.items()}
+
+    def feature_matrix(self, metas: Sequence[dict[str, Any]] | None, names: Sequence[str]
+                       ) -> np.ndarray | None:
+        """Scaled features (N, F) float32 from each input's ``meta["raw_features"]`` with the
+        bundle's standardizer (None for image-only bundles): the training transform exactly."""
+        if self.features is None:
+            return None
+        if metas is None or any(RAW_FEATURES not in m for m in metas):
+            raise PredictionError("inputs of an image + feature bundle must be decoded with the "
+                                  "bundle's PreprocessSpec (load_input), which adds their raw "
+                                  "features to the metadata")
+        spec = self.features.spec
+        raws = [m[RAW_FEATURES] for m in metas]
+        if spec is not None and spec.extra_columns:
+            raws = [with_extra_columns(r, spec, self.extras.get(str(Path(n))))
+                    for r, n in zip(raws, names, strict=True)]
+        return self.features.transform(raws).astype(np.float32)
 
     def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: PredictOptions,
                         metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -134,7 +165,7 @@ class Predictor:
         if len(x) == 0:
             return []
         policy = self.policy_for(opts)
-        d = policy.decide(self.logits(x, opts.tta))
+        d = policy.decide(self.logits(x, opts.tta, self.feature_matrix(metas, names)))
         rows = []
         for i, name in enumerate(names):
             cid = int(d.class_id[i])
@@ -175,7 +206,7 @@ class Predictor:
                                         f"expected a numeric (H, W) or (H, W, C) array, got "
                                         f"dtype {a.dtype} and shape {tuple(a.shape)}"))
         record = finish(np.array(a), {"format": "array"}, self.spec.read)
-        return to_input(record.array, self.spec, path=name), record.meta
+        return record_input(record, self.spec, path=name)
 
     def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
                       **options: Any) -> list[dict[str, Any]]:
@@ -244,6 +275,21 @@ class Predictor:
                            extra={"backend": self.backend.name,
                                   "precision": getattr(self.backend, "precision", "fp32")})
         return {"meta": meta, "results": results, "defects": defects}
+
+
+def _standardizer(bundle: Bundle, spec: PreprocessSpec) -> FeatureStandardizer | None:
+    """The bundle's fitted feature scaler when its preprocessing computes features."""
+    if spec.features is None:
+        return None
+    stored = bundle.manifest.get("features")
+    if not isinstance(stored, dict):
+        raise BundleSchemaError(f"{bundle.path}: the preprocessing computes features but the "
+                                "manifest holds no fitted 'features' scaler; retrain the bundle")
+    fx = FeatureStandardizer.from_dict(stored)
+    if fx.spec != spec.features:
+        raise BundleSchemaError(f"{bundle.path}: the feature spec of 'preprocess' differs from "
+                                "the scaler's; the manifest was edited: restore the bundle")
+    return fx
 
 
 def defect_dict(path: str, issue: str, message: str) -> dict[str, str]:

@@ -74,6 +74,16 @@ class TrainConfig:
                                 "(0.6875 = 88 of 128 px).")
     drop_rate: float | None = _f(None, "Dropout before the classification head; default: "
                                        "the model's own.")
+    feature_cards: str = _f("default", "Image + feature models (--model fusion:<backbone>): "
+                                       "comma-separated FITS header cards, each NAME or "
+                                       "NAME:category; 'default' = EXPTIME, IMAGETYP, FILTER, "
+                                       "XBINNING, YBINNING, CCD-TEMP (with their aliases); "
+                                       "'none' = no cards.")
+    feature_stats: str = _f("all", "Fusion models: image-statistic groups, comma-separated "
+                                   "from moments, percentiles, shape, saturation, entropy, "
+                                   "texture, geometry; 'all' or 'none'.")
+    feature_columns: str = _f("", "Fusion models: extra columns of the CSV/JSONL manifest "
+                                  "given as DATA, comma-separated NAME or NAME:category.")
     # --- schedule of the run
     epochs: int = _f(10, "Training epochs.")
     batch_size: int = _f(64, "Images per optimisation step (per process under torchrun).")
@@ -228,6 +238,10 @@ def _check_ranges(c: TrainConfig) -> None:
     _need(c.cutmix_alpha >= 0, "cutmix_alpha", "cutmix alpha must be >= 0")
     _need(0 <= c.mix_prob <= 1, "mix_prob", "mix probability must be in [0, 1]")
     _need(c.mix_off_epoch >= 0, "mix_off_epoch", "mix off epoch must be >= 0")
+    fusion = c.model == "fusion" or c.model.startswith("fusion:")
+    _need(not (fusion and (c.mixup_alpha > 0 or c.cutmix_alpha > 0)), "mixup_alpha",
+          "MixUp/CutMix cannot mix header features; set --mixup-alpha 0 --cutmix-alpha 0 "
+          "for fusion models")
     _need(0 <= c.aug_strength <= 1, "aug_strength", "augmentation strength must be in [0, 1]")
     _need(1 <= c.aug_ops <= 4, "aug_ops", "augmentation ops must be 1..4")
     _need(0 <= c.momentum < 1, "momentum", "momentum must be in [0, 1)")

@@ -68,15 +68,29 @@ class FitResult:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 256
-                   ) -> np.ndarray:
-    """Logits of ``model`` (eval mode) on a stacked input array, batch by batch."""
+def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 256,
+                   features: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+    """Logits of ``model`` (eval mode) on a stacked input array, batch by batch;
+    ``features`` (one standardised row per input) for image + feature (fusion) models."""
     model.eval()
     xt = torch.as_tensor(x)
+    ft = None if features is None else torch.as_tensor(features).float()
     dev = next(model.parameters()).device
-    outs = [model(xt[i:i + batch_size].to(dev)).float().cpu()
+    outs = [_forward(model, xt[i:i + batch_size].to(dev),
+                     None if ft is None else ft[i:i + batch_size].to(dev)).float().cpu()
             for i in range(0, len(xt), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
+
+
+def _forward(net: nn.Module, xb: torch.Tensor, fb: torch.Tensor | None) -> torch.Tensor:
+    """``net(x)``, or ``net(x, features)`` when the batch carries features (fusion)."""
+    return net(xb) if fb is None else net(xb, fb)
+
+
+def _unpack(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                     torch.Tensor | None]:
+    """A source's batch -> (x, y, features or None)."""
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
 
 
 @dataclass
@@ -99,6 +113,7 @@ class _Run:
 
 
 def _source(data: Any) -> Any:
+    """A source from ``(x, y)`` / ``(x, y, features)`` arrays, or the source itself."""
     if data is None:
         return None
     src = ArraySource(*data) if isinstance(data, tuple) else data
@@ -162,10 +177,11 @@ def _net(state: LoopState, run: _Run) -> nn.Module:
 
 
 def _step(state: LoopState, run: _Run, net: nn.Module, xb: torch.Tensor, ya: torch.Tensor,
-          yb: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+          yb: torch.Tensor, lam: float, fb: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, clip, optimiser and schedule step on one batch: (logits, loss)."""
     with run.autocast():
-        logits = net(xb)
+        logits = _forward(net, xb, fb)
         loss = run.criterion(logits, ya)
         if lam < 1.0:
             loss = lam * loss + (1 - lam) * run.criterion(logits, yb)
@@ -191,7 +207,8 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + run.dist.rank)
     mixing = run.mixer.active(epoch)
     sums = torch.zeros(3, dtype=torch.float64)
-    for xb, yb in run.train.batches(state.sampler, cfg.batch_size):
+    for batch in run.train.batches(state.sampler, cfg.batch_size):
+        xb, yb, fb = _unpack(batch)
         if len(yb) < 2 and not run.dist.distributed:
             continue  # BatchNorm cannot train on a batch of one
         xb = run.augment(xb, yb, g)
@@ -202,7 +219,8 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
                    memory_format=torch.channels_last if run.channels_last else
                    torch.preserve_format)
         ya, yb2 = ya.to(run.device, non_blocking=True), yb2.to(run.device, non_blocking=True)
-        logits, loss = _step(state, run, net, xb, ya, yb2, lam)
+        fb = None if fb is None else fb.to(run.device, non_blocking=True)
+        logits, loss = _step(state, run, net, xb, ya, yb2, lam, fb)
         n = len(ya)
         correct = (logits.argmax(1) == ya).sum()
         sums += torch.stack([loss.double().cpu() * n, correct.double().cpu(),
@@ -236,11 +254,13 @@ def _validate(state: LoopState, run: _Run) -> dict[str, float]:
     model.eval()
     conf = torch.zeros(k * k, dtype=torch.float64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
-    for xb, yb in run.val.batches(run.val_order, state.cfg.batch_size * 2):
+    for batch in run.val.batches(run.val_order, state.cfg.batch_size * 2):
+        xb, yb, fb = _unpack(batch)
         xb = xb.to(run.device, memory_format=torch.channels_last if run.channels_last else
                    torch.preserve_format)
+        fb = None if fb is None else fb.to(run.device)
         with run.autocast():
-            logits = model(xb).float().cpu()
+            logits = _forward(model, xb, fb).float().cpu()
         loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
         conf += torch.bincount(yb * k + logits.argmax(1), minlength=k * k).double()
     stats = all_reduce_sum(torch.cat([conf, loss_sum]), run.dist)

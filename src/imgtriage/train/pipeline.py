@@ -27,11 +27,12 @@ from imgtriage.data.preprocess import PreprocessSpec, load_input
 from imgtriage.errors import DataError, ImageReadError
 from imgtriage.io import Defect
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (x, y) or (x, y, features)
 
 
 class ArraySource:
-    """Decoded inputs in memory; ``batches(order, bs)`` slices them.
+    """Decoded inputs in memory; ``batches(order, bs)`` slices them. With ``features``
+    (standardised, one row per input: fusion models) each batch is ``(x, y, features)``.
 
     Example:
         >>> src = ArraySource(np.zeros((5, 1, 8, 8), np.float32), np.arange(5) % 2)
@@ -39,8 +40,12 @@ class ArraySource:
         [2, 2, 1]
     """
 
-    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> None:
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                 features: np.ndarray | torch.Tensor | None = None) -> None:
         self.x, self.y = torch.as_tensor(x), torch.as_tensor(y).long()
+        self.features = None if features is None else torch.as_tensor(features).float()
+        if self.features is not None and len(self.features) != len(self.y):
+            raise DataError(f"{len(self.features)} feature rows for {len(self.y)} images")
         self.labels = self.y.numpy()
         self.defects: list[Defect] = []
 
@@ -50,7 +55,10 @@ class ArraySource:
     def batches(self, order: Iterable[int], batch_size: int) -> Iterator[Batch]:
         idx = torch.as_tensor(list(order), dtype=torch.long)
         for part in idx.split(batch_size):
-            yield self.x[part], self.y[part]
+            if self.features is None:
+                yield self.x[part], self.y[part]
+            else:
+                yield self.x[part], self.y[part], self.features[part]
 
 
 class _FileDataset(Dataset):

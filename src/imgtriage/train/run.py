@@ -36,13 +36,17 @@ from imgtriage.data import (
     write_split_manifest,
 )
 from imgtriage.data.augment import FIXED_FLIPS
+from imgtriage.data.features import FeatureStandardizer
 from imgtriage.data.loaders import decode_samples
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.models import create_model, get_entry
+from imgtriage.models.fusion import default_size as fusion_size
+from imgtriage.models.fusion import is_fusion
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from imgtriage.train.fusion import feature_spec, fit_features, manifest_extras
 from imgtriage.train.loop import FitResult, fit
 from imgtriage.train.losses import plan_loss
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
@@ -58,14 +62,18 @@ class TrainResult:
 
 
 def resolve_spec(cfg: TrainConfig, in_chans: int) -> PreprocessSpec:
-    """The preprocessing a run will record in its bundle."""
+    """The preprocessing a run will record in its bundle (with the feature spec for
+    ``fusion:<backbone>`` models, so every reader computes the same features)."""
+    features = feature_spec(cfg, in_chans) if is_fusion(cfg.model) else None
     if cfg.model.startswith("timm:"):
         size = (cfg.img_size or 224,) * 2
+    elif cfg.img_size:
+        size = (cfg.img_size,) * 2
     else:
-        size = (cfg.img_size,) * 2 if cfg.img_size else get_entry(cfg.model).default_size
+        size = fusion_size(cfg.model) if features else get_entry(cfg.model).default_size
     return PreprocessSpec.default_for(in_chans, tuple(size), scaling=cfg.scaling,
                                       stretch=cfg.stretch, resize=cfg.resize,
-                                      crop_pct=cfg.crop_pct)
+                                      crop_pct=cfg.crop_pct, features=features)
 
 
 def tta_views(cfg: TrainConfig) -> list[str]:
@@ -111,37 +119,64 @@ def _conservative_ids(cfg: TrainConfig, classes: tuple[str, ...]) -> list[int]:
     return [classes.index(c) for c in cfg.conservative_classes]
 
 
-def _sources(parts: dict[str, list], classes: tuple[str, ...], spec: PreprocessSpec,
-             cfg: TrainConfig, info: DistInfo, say: Any) -> tuple[Any, Any, list, str]:
-    """In-memory sources when the decoded data fits ``--cache-limit-gb``, else streaming."""
+@dataclass(frozen=True)
+class _Sources:
+    """Training and validation sources, decode defects, cache mode, fitted features."""
+
+    train: Any
+    val: Any
+    defects: list
+    mode: str
+    features: FeatureStandardizer | None = None
+
+
+def _sources(data: Any, parts: dict[str, list], classes: tuple[str, ...],
+             spec: PreprocessSpec, cfg: TrainConfig, info: DistInfo, say: Any) -> _Sources:
+    """In-memory sources when the decoded data fits ``--cache-limit-gb``, else streaming;
+    for fusion models the scaled features ride along (scaler fitted on train only)."""
     tr, va = parts["train"], parts.get("val", [])
     gb = (len(tr) + len(va)) * spec.in_chans * spec.size[0] * spec.size[1] * 4 / 2**30
     mode = cfg.cache if cfg.cache != "auto" else ("memory" if gb <= cfg.cache_limit_gb
                                                   else "stream")
+    if spec.features is not None and mode == "stream":
+        raise ConfigError(f"fusion models train from memory, but the decoded data ({gb:.1f} GB) "
+                          "exceeds --cache-limit-gb or --cache stream was given; raise "
+                          "--cache-limit-gb or use --cache memory")
     if mode == "stream":
         workers = cfg.workers if cfg.workers is not None else default_workers(
             info.local_world_size)
         pin = info.device.startswith("cuda")
         say(f"streaming {len(tr)} train / {len(va)} val images ({gb:.1f} GB decoded) with "
             f"{workers} decoding process(es)")
-        return (FileSource(tr, classes, spec, workers=workers, pin_memory=pin),
-                FileSource(va, classes, spec, workers=workers, pin_memory=pin), [], mode)
-    out, defects = [], []
+        return _Sources(FileSource(tr, classes, spec, workers=workers, pin_memory=pin),
+                        FileSource(va, classes, spec, workers=workers, pin_memory=pin), [],
+                        mode)
+    splits, defects = [], []
     for split, samples in (("train", tr), ("val", va)):
         t0 = time.perf_counter()
         loaded = decode_samples(samples, classes, spec, workers=cfg.decode_workers)
         defects += loaded.defects
-        out.append(ArraySource(loaded.x, loaded.y))
+        splits.append(loaded)
         say(f"decoded {len(loaded.samples)} {split} images in {time.perf_counter() - t0:.1f}s"
             f"{f' ({len(loaded.defects)} unusable, see defects.json)' if loaded.defects else ''}")
-    if len(out[0]) < 2:
+    if len(splits[0].y) < 2:
         raise DataError("fewer than 2 usable training images; see defects.json")
-    return out[0], out[1], defects, mode
+    feats: list[Any] = [None, None]
+    fx = None
+    if spec.features is not None:
+        fx, feats = fit_features(spec.features, splits[0], splits[1:],
+                                 manifest_extras(data, spec.features))
+        say(f"features: {len(fx.feature_names_)} columns, scaler fitted on the training split")
+    out = [ArraySource(s.x, s.y, f) for s, f in zip(splits, feats, strict=True)]
+    return _Sources(out[0], out[1], defects, mode, fx)
 
 
-def _create(cfg: TrainConfig, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _create(cfg: TrainConfig, num_classes: int, fx: FeatureStandardizer | None = None
+            ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model, initialised from ``--seed``; returns it with the kwargs the bundle records."""
     kwargs = dict(cfg.model_kwargs)
+    if fx is not None:
+        kwargs["num_features"] = len(fx.feature_names_)
     if cfg.drop_rate is not None:
         kwargs["drop_rate"] = cfg.drop_rate
     extra = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
@@ -157,7 +192,8 @@ def _write_defects(run: Path, ds: Any, defects: list) -> None:
 
 def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
             model: torch.nn.Module, kwargs: dict[str, Any], result: FitResult,
-            info: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+            info: dict[str, Any], fx: FeatureStandardizer | None = None
+            ) -> tuple[Path, dict[str, Any]]:
     """Process 0: curves, metrics, manifest (with TTA views) and the bundle."""
     if result.history:
         plot_curves(result.history, run / "curves.png", result.best_epoch)
@@ -173,7 +209,8 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                             preprocess=spec.to_dict(), classes=list(ds.classes),
                             training={"config": cfg.to_dict(), "counts": ds.counts(),
                                       "data": str(data), "model_choice": info["reason"],
-                                      "loss": result.loss_plan}, metrics=metrics)
+                                      "loss": result.loss_plan}, metrics=metrics,
+                            features=fx.to_dict() if fx is not None else None)
     manifest["tta"] = tta_views(cfg)
     return save_bundle(run / "bundle", manifest, model.state_dict()), metrics
 
@@ -228,7 +265,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     say(f"{len(ds.classes)} classes, {ds.counts()} | {cfg.in_chans} channel(s) at "
         f"{spec.size[0]}x{spec.size[1]} | model {cfg.model} ({reason})"
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
-    tr, va, defects, mode = _sources(parts, ds.classes, spec, cfg, info, say)
+    src = _sources(data, parts, ds.classes, spec, cfg, info, say)
+    tr, va, defects, mode = src.train, src.val, src.defects, src.mode
     plan = plan_loss(cfg, tr.labels, len(ds.classes))
     weights = dict(zip(ds.classes, plan.weights, strict=True)) if plan.weights else None
     say(f"loss: {plan.strategy} ({plan.note})"
@@ -236,7 +274,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if info.is_main:
         (run / "class_weights.json").write_text(json.dumps(
             {**plan.to_dict(), "by_class": weights}, indent=2))
-    model, kwargs = _create(cfg, len(ds.classes))
+    model, kwargs = _create(cfg, len(ds.classes), src.features)
     result = fit(model, tr, va, cfg, log_path=run / "metrics.jsonl", show_progress=not quiet,
                  checkpoint_dir=run / "checkpoint", resume_from=ckpt,
                  num_classes=len(ds.classes), conservative=conservative)
@@ -249,7 +287,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
             indent=2))
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
                                   {"reason": reason, "n_train": len(tr),
-                                   "n_val": len(va) if va is not None else 0})
+                                   "n_val": len(va) if va is not None else 0}, src.features)
     barrier(info)
     seconds = time.perf_counter() - t0
     say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
