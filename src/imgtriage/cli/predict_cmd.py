@@ -70,6 +70,10 @@ def predict_command(
                                              "needs imgtriage[ray])."),
     address: str = typer.Option(None, help="Ray cluster address for --engine ray "
                                            "(default: start a local one)."),
+    feature_manifest: Path = typer.Option(None, "--feature-manifest", help="Image + feature "
+                                          "bundles trained with --feature-columns: a CSV/JSONL "
+                                          "with path and those columns for the files (files "
+                                          "not listed get them imputed and flagged)."),
 ) -> None:
     """Classify files into a report: every file once, in results or in defects."""
     from imgtriage.errors import ConfigError
@@ -87,6 +91,8 @@ def predict_command(
     predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads,
                                precision=precision)
     options["thresholds"] = parse_thresholds(thresholds, len(predictor.classes))
+    if feature_manifest is not None:
+        predictor.use_feature_manifest(feature_manifest)
     run = run_batch(predictor, paths, output=output, store=store, new_only=new_only,
                     defect_log=defect_log, batch_size=batch_size, workers=workers,
                     progress=progress, executor=executor, **options)

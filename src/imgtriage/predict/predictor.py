@@ -16,7 +16,11 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle
-from imgtriage.data.features import FeatureStandardizer, with_extra_columns
+from imgtriage.data.features import (
+    FeatureStandardizer,
+    read_extra_columns,
+    with_extra_columns,
+)
 from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input, record_input
 from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
@@ -141,6 +145,22 @@ class Predictor:
         """Extra-column values by file path (``read_extra_columns`` of a manifest) for bundles
         trained with ``--feature-columns``; files not listed get them imputed and flagged."""
         self.extras = {str(Path(k)): dict(v) for k, v in rows.items()}
+
+    def use_feature_manifest(self, manifest: str | os.PathLike[str]) -> int:
+        """Read the extra feature columns of the files to classify from a CSV/JSONL manifest
+        (``path`` + the columns the bundle was trained with); returns the number of rows.
+
+        Example:
+            >>> p.use_feature_manifest("inbox/frames.csv")  # doctest: +SKIP
+            120
+        """
+        spec = self.features.spec if self.features is not None else None
+        if spec is None or not spec.extra_columns:
+            raise ConfigError(f"{self.bundle.path} was not trained with --feature-columns; "
+                              "drop --feature-manifest")
+        keys = sorted({k for f in spec.extra_columns for k in f.keys})
+        self.set_extra_columns(read_extra_columns(manifest, keys))
+        return len(self.extras)
 
     def feature_matrix(self, metas: Sequence[dict[str, Any]] | None, names: Sequence[str]
                        ) -> np.ndarray | None:
