@@ -90,6 +90,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _worker_context() -> Any:
+    """Decoding processes start from a clean forkserver, never by forking this process:
+    a fork copies whatever the host has running (threads mid-lock, a Celery/kombu connection
+    pool whose after-fork hook blocks on Redis, Ray), and the child can hang for ever."""
+    import multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def default_workers(local_world_size: int = 1) -> int:
     """Decoding processes per training process: the cores left after the compute one."""
     return max(0, (os.cpu_count() or 1) // max(1, local_world_size) - 1)
@@ -124,7 +134,8 @@ class FileSource:
                 generator=torch.Generator().manual_seed(len(self._loaders)),
                 collate_fn=_collate, pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0, worker_init_fn=_worker_init,
-                prefetch_factor=4 if self.workers > 0 else None)
+                prefetch_factor=4 if self.workers > 0 else None,
+                multiprocessing_context=_worker_context() if self.workers > 0 else None)
         return self._loaders[key]
 
     def batches(self, order: Iterable[int], batch_size: int) -> Iterator[Batch]:
