@@ -150,20 +150,39 @@ def score_report(report: dict, truth: dict[str, str], classes: list[str]) -> dic
 
 
 def measure(predictors: dict[str, Any], files: list[str], labels: list[str], batch_size: int,
-            repeats: int) -> dict[str, dict]:
-    """Each predictor over ``files``, alternating, ``repeats`` times; the fastest run of each
-    (the answers are the same every round)."""
+            repeats: int) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Each predictor over ``files``, alternating, ``repeats`` times; the scores of the fastest
+    run of each (the answers are the same every round), and each one's result rows."""
     truth = dict(zip(files, labels, strict=True))
     best: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
     for _ in range(max(1, repeats)):
         for name, p in predictors.items():
             t0 = time.perf_counter()
             report = p.predict_paths(files, batch_size=batch_size, workers=2)
             sec = time.perf_counter() - t0
+            rows[name] = report["results"]
             if name not in best or sec < best[name]["seconds"]:
                 best[name] = {**score_report(report, truth, p.classes), "seconds": sec,
                               "files_per_s": len(files) / sec}
-    return best
+    return best, rows
+
+
+def mistakes(rows: list[dict], truth: dict[str, str]) -> list[dict[str, Any]]:
+    """The wrong answers: file, true class, answer, score and (for a cascade) stage."""
+    return [{"path": r["path"], "truth": truth[r["path"]], "class": r["class"],
+             "score": r["score"], "stage": r.get("stage")}
+            for r in rows if r["class"] != truth[r["path"]]]
+
+
+def serve_sample(rows: list[dict], n: int, seed: int) -> list[str]:
+    """``n`` test files, half of them (as far as there are any) ones the cascade sent to the
+    CNN, so the service check covers both stages."""
+    rng = np.random.default_rng(seed)
+    by_stage = {k: [r["path"] for r in rows if r.get("stage") == k] for k in (1, 2)}
+    two = list(rng.permutation(by_stage[2])[: n // 2]) if by_stage[2] else []
+    one = list(rng.permutation(by_stage[1])[: n - len(two)]) if by_stage[1] else []
+    return sorted(str(p) for p in [*one, *two])
 
 
 # -- 5. the service ----------------------------------------------------------------------------
@@ -224,6 +243,7 @@ def serve_check(bundle: Path, files: list[str], log: Path, timeout: float = 120.
     return {"url": url, "files": len(files), "request_seconds": round(seconds, 3),
             "equal_to_predictor": int(sum(same)), "all_equal": all(same),
             "served_stage1": sum(s.get("stage") == 1 for s in served),
+            "served_stage2": sum(s.get("stage") == 2 for s in served),
             "bundle_sha256": model.get("bundle_sha256"),
             "examples": [{k: s.get(k) for k in ("path", "class", "score", "stage")}
                          for s in served[:4]]}
@@ -267,18 +287,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     files, labels = split_files(out / "cnn", "test")
     cnn = Predictor.load(stage2, num_threads=args.threads)
     cascade = Predictor.load(cas.bundle_path, num_threads=args.threads)
-    best = measure({"cnn alone": cnn, f"cascade ({args.first_stage} first)": cascade}, files,
-                   labels, args.predict_batch, args.repeats)
+    name = f"cascade ({args.first_stage} first)"
+    best, rows = measure({"cnn alone": cnn, name: cascade}, files, labels, args.predict_batch,
+                         args.repeats)
     print(_table(best, cnn.classes), flush=True)
+    truth = dict(zip(files, labels, strict=True))
+    wrong = {k: mistakes(v, truth) for k, v in rows.items()}
     served = None
     if args.serve_files > 0:
-        pick = np.random.default_rng(args.seed).choice(len(files), min(args.serve_files,
-                                                                       len(files)),
-                                                       replace=False)
-        served = serve_check(cas.bundle_path, [files[i] for i in sorted(pick)],
-                             out / "serve.log")
+        served = serve_check(cas.bundle_path, serve_sample(rows[name], args.serve_files,
+                                                           args.seed), out / "serve.log")
         print(f"service: {served['equal_to_predictor']}/{served['files']} answers equal to "
-              f"Predictor's ({served['served_stage1']} by the first stage)", flush=True)
+              f"Predictor's ({served['served_stage1']} by the first stage, "
+              f"{served['served_stage2']} by the CNN)", flush=True)
     results = {"command": "examples/modality-triage/run.py " + " ".join(
                    argv if argv is not None else sys.argv[1:]),
                "dataset": {"root": str(out / "data"), "counts": counts, "size": args.size},
@@ -286,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "cascade": {"bundle": str(cas.bundle_path), "build_seconds": round(cas.seconds, 1),
                            "validation": v},
                "test": {"files": len(files), "batch_size": args.predict_batch,
-                        "threads": args.threads, "by_predictor": best},
+                        "threads": args.threads, "by_predictor": best, "mistakes": wrong},
                "serve": served, "classes": cnn.classes,
                "wall_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

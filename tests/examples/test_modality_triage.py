@@ -59,6 +59,8 @@ def test_reduced_recipe_is_coherent(tmp_path):
         assert _in_unit(r["skipped_cnn"]) and r["files_per_s"] > 0
         assert set(r["recall"]) == {"infrared", "rgb", "sar"}
         assert all(_in_unit(v) for v in r["recall"].values())
+        wrong = res["test"]["mistakes"][name]
+        assert round(r["accuracy"] * len(files)) == len(files) - len(wrong), name
     assert res["test"]["by_predictor"]["cnn alone"]["skipped_cnn"] == 0
     v = res["cascade"]["validation"]
     assert _in_unit(v["accepted_share"]) and _in_unit(v["cascade_accuracy"])
@@ -67,6 +69,7 @@ def test_reduced_recipe_is_coherent(tmp_path):
     assert cascade.classes == Predictor.load(res["cnn"]["bundle"]).classes == res["classes"]
     served = res["serve"]
     assert served["files"] == 4 and served["all_equal"] and served["equal_to_predictor"] == 4
+    assert served["served_stage1"] + served["served_stage2"] == 4
     assert served["bundle_sha256"] == cascade.bundle_sha256
 
 
