@@ -16,7 +16,7 @@
 Everything lands in ``--out`` (``results.json`` holds every number the README quotes).
 
 Usage (2 CPU cores; the full size takes a few minutes):
-    .venv/bin/python examples/modality-triage/run.py --out runs/modality-triage
+    .venv/bin/python examples/modality-triage/run.py
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SOURCES = {"rgb": ("cifar10-small", "*.jpg"), "infrared": ("sirst-infrared", "*.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, default=SHARED, help="../shared/datasets")
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "modality-triage")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "examples" / "modality-triage")
     ap.add_argument("--per-class", type=int, default=420, help="images per class (SIRST has 427)")
     ap.add_argument("--size", type=int, default=64, help="side every image is resized to")
     ap.add_argument("--backbone", default="resnet18", help="a registered timm backbone")

@@ -18,7 +18,7 @@
 Everything lands in ``--out`` (``results.json`` holds every number the README quotes).
 
 Usage (2 CPU cores; the full size takes a few minutes):
-    .venv/bin/python examples/signal-crops/run.py --out runs/signal-crops
+    .venv/bin/python examples/signal-crops/run.py
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SHARED = REPO.parent / "shared" / "datasets"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mstar", type=Path, default=SHARED / "mstar-soc10")
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "signal-crops")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "examples" / "signal-crops")
     ap.add_argument("--budgets", default="25,100,500", help="label counts, comma-separated")
     ap.add_argument("--new-class", default="ZSU234", help="class kept back, then enrolled")
     ap.add_argument("--enrol-shots", type=int, default=5, help="crops the new class enrols")
