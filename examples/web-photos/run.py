@@ -216,7 +216,10 @@ def parity(bundle: Path, served: dict[str, Any], request_size: int) -> dict[str,
 
 def service_metrics(rows: list[dict[str, Any]], photos: list[tuple[str, str]],
                     classes: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class recall, coverage and accuracy at coverage of the served answers."""
+    """Accuracy, per-class recall, coverage and accuracy at coverage of the served answers.
+
+    ``classes`` in the bundle's output order (class_id indexes it), not the --classes order.
+    """
     truth = [classes.index(label) for _, label in photos]
     ok = [r for r in rows if "class_id" in r]
     answered = [(r, t) for r, t in zip(rows, truth, strict=True)
@@ -270,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                        args.latency_requests)
         with urllib.request.urlopen(url + "/v1/model", timeout=10) as r:
             model = json.loads(r.read())
+        with urllib.request.urlopen(url + "/", timeout=10) as r:  # the page users open
+            page = {"status": r.status, "type": r.headers.get("content-type"),
+                    "has_drop_zone": b'id="drop"' in r.read()}
     finally:
         stop_service(proc)
     check = parity(bundle, served, args.request_size)
@@ -278,12 +284,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {
         "command": "python examples/web-photos/run.py " + shlex.join(
             list(argv) if argv is not None else sys.argv[1:]),
-        "classes": classes, "counts": counts, "model": args.model, "img_size": args.img_size,
-        "epochs": args.epochs, "threads": args.threads,
+        "classes": model["classes"], "counts": counts, "model": args.model,
+        "img_size": args.img_size, "epochs": args.epochs, "threads": args.threads,
         "train_seconds": train_s,
         "val": json.loads((bundle / "manifest.json").read_text())["metrics"],
         "served_backend": model["backend"], "bundle_sha256": model["bundle_sha256"],
-        "service": service_metrics(served["json"]["rows"], photos, classes),
+        "web_page": page,
+        "service": service_metrics(served["json"]["rows"], photos, model["classes"]),
         "files_per_second": {
             "service_json": n / served["json"]["seconds"],
             "service_multipart": n / served["multipart"]["seconds"],

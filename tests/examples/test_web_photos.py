@@ -33,7 +33,7 @@ def recipe(tmp_path_factory):
     out = tmp_path_factory.mktemp("web-photos")
     summary = load_recipe().main(["--data", str(data), "--out", str(out), "--per-class", "40",
                                   "--test-per-class", "8", "--epochs", "1",
-                                  "--classes", "automobile,cat,ship", "--threads", "1",
+                                  "--classes", "ship,cat,automobile", "--threads", "1",
                                   "--request-size", "5", "--latency-requests", "3"])
     return out, summary
 
@@ -64,12 +64,14 @@ def test_bundle_loads_with_onnx_graph_and_decision_rule(recipe):
 
     out, s = recipe
     b = load_bundle(out / "run" / "bundle")  # verifies hashes
-    assert b.classes == ["automobile", "cat", "ship"]
+    assert b.classes == ["automobile", "cat", "ship"] == s["classes"]
     assert (out / "run" / "bundle" / "model.onnx").is_file()
     assert b.manifest["decision"]["abstain"] is True
     assert len(b.manifest["decision"]["thresholds"]) == 3
     assert s["served_backend"] == "onnx" and s["bundle_sha256"] == b.sha256
     assert (out / "eval" / "report.html").stat().st_size > 0
+    assert s["web_page"]["status"] == 200 and s["web_page"]["has_drop_zone"]
+    assert s["web_page"]["type"].startswith("text/html")
 
 
 def test_service_answers_equal_the_predictor_on_the_same_bytes(recipe):
