@@ -8,8 +8,12 @@ spectrum, science; the ``evidence`` column says which header card or file tells)
    frame is cut into crops at native resolution, each written as a FITS file carrying its
    frame's header cards. Crops come from three disjoint column bands of the frame (left 60%
    train, next 20% val, last 20% test), so no test pixel was ever seen in training; every
-   class gets the same number of crops. ``data/frames.csv`` is the manifest
-   (``path,label,group,split``; group = the source frame).
+   class gets the same number of crops. A share of the crops (``--strip-frac``, 0.4) lose
+   their frame-type cards (``IMAGETYP``/``OBSTYPE``, ``OBJECT``, ESO ``DPR *``), as frames do
+   after a careless conversion or from cameras that never write them: the model has to read
+   those from the pixels and the remaining cards, and the missing cards are imputed and
+   flagged. ``data/frames.csv`` is the manifest (``path,label,group,split,header``; group =
+   the source frame, header = full or stripped).
 2. **Train** ``imgtriage train --model fusion:crop_cnn`` with header cards (``EXPTIME``,
    ``IMAGETYP``/``OBSTYPE``, ``FILTER``, binning, ``CCD-TEMP``, ``BITPIX`` and ESO's
    ``DPR CATG/TYPE/TECH``) and image statistics; the same run with the image branch alone
@@ -57,6 +61,9 @@ CARDS = ("EXPTIME,IMAGETYP,FILTER,XBINNING,YBINNING,CCD-TEMP,BITPIX,ESO DPR CATG
          "ESO DPR TYPE:category,ESO DPR TECH:category")
 STATS = "moments,percentiles,shape,saturation,entropy,texture"
 # Cards that describe the file's layout, not the frame: never copied onto a crop.
+# Cards that name the frame type: removed from the "stripped" crops.
+FRAME_TYPE_CARDS = ("IMAGETYP", "OBSTYPE", "FRAMETYP", "OBJECT", "ESO DPR CATG", "ESO DPR TYPE",
+                    "ESO DPR TECH")
 _STRUCTURAL = ("SIMPLE", "BITPIX", "EXTEND", "BSCALE", "BZERO", "BLANK", "XTENSION", "PCOUNT",
                "GCOUNT", "CHECKSUM", "DATASUM", "COMMENT", "HISTORY", "END", "TFIELDS",
                "EXTNAME", "INHERIT")
@@ -81,8 +88,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--crops-per-class", type=int, default=160,
                     help="training crops per class (val and test get a quarter each)")
     ap.add_argument("--max-crop", type=int, default=256, help="longest crop side, pixels")
+    ap.add_argument("--strip-frac", type=float, default=0.4,
+                    help="share of crops whose frame-type header cards are removed")
     ap.add_argument("--img-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision-target", type=float, default=0.95)
     ap.add_argument("--recall-target", type=float, default=0.95)
@@ -167,9 +176,10 @@ def crop_boxes(shape: tuple[int, int], band: tuple[float, float], n: int, cap: i
     return boxes
 
 
-def build_dataset(frames: list[Frame], out: Path, per_class: int, cap: int, seed: int
-                  ) -> dict[str, Any]:
-    """Crops of every training frame into ``out/crops`` and the manifest ``out/frames.csv``."""
+def build_dataset(frames: list[Frame], out: Path, per_class: int, cap: int, seed: int,
+                  strip_frac: float) -> dict[str, Any]:
+    """Crops of every training frame into ``out/crops`` and the manifest ``out/frames.csv``
+    (a ``strip_frac`` share of them without their frame-type cards)."""
     rng = np.random.default_rng(seed)
     train = [f for f in frames if f.role == "train"]
     wanted = {"train": per_class, "val": max(2, per_class // 4), "test": max(2, per_class // 4)}
@@ -185,12 +195,16 @@ def build_dataset(frames: list[Frame], out: Path, per_class: int, cap: int, seed
                     name = f"{frame.path.name.split('.fits')[0]}_{split}{k:03d}.fits"
                     target = out / "crops" / label / name
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    write_fits(target, pixels[y0:y1, x0:x1], cards)
+                    strip = bool(rng.random() < strip_frac)
+                    kept = {k: v for k, v in cards.items()
+                            if not (strip and k in FRAME_TYPE_CARDS)}
+                    write_fits(target, pixels[y0:y1, x0:x1], kept)
                     rows.append({"path": str(target.relative_to(out)), "label": label,
-                                 "group": frame.path.name, "split": split})
+                                 "group": frame.path.name, "split": split,
+                                 "header": "stripped" if strip else "full"})
     manifest = out / "frames.csv"
     with manifest.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["path", "label", "group", "split"])
+        writer = csv.DictWriter(fh, ["path", "label", "group", "split", "header"])
         writer.writeheader()
         writer.writerows(rows)
     counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES}
@@ -246,6 +260,22 @@ def evaluate(bundle: Path, manifest: Path, out: Path, profile: str | None = None
     if profile and rep.get("decision"):
         res["decision"] = _decision_summary(rep["decision"])
     return res
+
+
+def accuracy_by_header(bundle: Path, manifest: Path) -> dict[str, Any]:
+    """Top-class accuracy on the test crops with full and with stripped headers."""
+    from imgtriage.predict import Predictor
+
+    with manifest.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    truth = {str(manifest.parent / r["path"]): (r["label"], r["header"]) for r in rows}
+    report = Predictor.load(bundle).predict_paths(list(truth), abstain=False)
+    out: dict[str, Any] = {}
+    for kind in ("full", "stripped"):
+        hits = [r["class"] == truth[r["path"]][0] for r in report["results"]
+                if truth[r["path"]][1] == kind]
+        out[kind] = {"n": len(hits), "accuracy": float(np.mean(hits)) if hits else None}
+    return out
 
 
 def _decision_summary(d: dict[str, Any]) -> dict[str, Any]:
@@ -323,12 +353,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if a.out.exists():
         shutil.rmtree(a.out)
     a.out.mkdir(parents=True)
-    data = build_dataset(frames, a.out / "data", a.crops_per_class, a.max_crop, a.seed)
+    data = build_dataset(frames, a.out / "data", a.crops_per_class, a.max_crop, a.seed,
+                         a.strip_frac)
     manifest = data["manifest"]
     bundles = train_both(a, manifest)
     summary: dict[str, Any] = {"counts": data["counts"], "training_frames": data["frames"]}
     summary["test_fusion"] = evaluate(bundles["fusion"], manifest, a.out / "eval_fusion")
     summary["test_image_only"] = evaluate(bundles["image_only"], manifest, a.out / "eval_image")
+    summary["test_by_header"] = {k: accuracy_by_header(b, manifest) for k, b in bundles.items()}
     summary["profiles"] = calibrate(a, bundles["fusion"], manifest)
     for p in ("precision", "recall"):
         summary[f"test_{p}_profile"] = evaluate(bundles["fusion"], manifest,

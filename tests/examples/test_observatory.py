@@ -74,6 +74,9 @@ def test_metrics_are_in_range_and_count_the_test_split(recipe):
     for p in ("precision", "recall"):
         d = s[f"test_{p}_profile"]["decision"]
         assert 0.0 <= d["coverage"] <= 1.0
+    for model in ("fusion", "image_only"):
+        by = s["test_by_header"][model]
+        assert by["full"]["n"] + by["stripped"]["n"] == 16
 
 
 def test_bundle_loads_with_features_and_both_profiles(recipe):
