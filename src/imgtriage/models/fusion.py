@@ -93,7 +93,7 @@ class FusionNet(nn.Module):
 
 @register_model("fusion", family="fusion", default_size=(64, 64),
                 description="image backbone (--model fusion:<backbone>, default crop_cnn) + MLP "
-                            "on header/statistics features; needs feature-bearing data")
+                            "on FITS header cards, image statistics and manifest columns")
 def fusion(num_classes: int, in_chans: int = 1, num_features: int = 0,
            backbone: str = "crop_cnn", feature_hidden: int = 64, drop_rate: float = 0.2,
            backbone_kwargs: dict[str, Any] | None = None, pretrained: bool | str = False
