@@ -225,3 +225,30 @@ def test_cli_predict_classifies_every_file(frames, fusion_run, tmp_path):
     assert [d["path"] for d in report["defects"]] == [str(inbox / "broken.fits")]
     hits = [Path(r["path"]).name.split("__")[0] == r["class"] for r in report["results"]]
     assert np.mean(hits) >= 0.9
+
+
+def test_http_service_answers_what_the_predictor_answers(frames, fusion_run):
+    pytest.importorskip("fastapi")
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from imgtriage.serve import ServeConfig, create_app
+
+    files = sorted(frames["test"].rglob("*.fits"))[::10]
+    bundle = fusion_run / "bundle"
+    expected = Predictor.load(bundle).predict_bytes([f.read_bytes() for f in files],
+                                                     [f.name for f in files],
+                                                     include_probs=True)
+    app_ = create_app(ServeConfig(bundle=str(bundle), threads=1))
+    with TestClient(app_) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res = client.post("/v1/classify", params={"include_probs": True},
+                          files=[("file", (f.name, f.read_bytes(), "application/fits"))
+                                 for f in files])
+    assert res.status_code == 200, res.text
+    got = res.json()["results"]
+    assert [r["class"] for r in got] == [r["class"] for r in expected]
+    assert [r["probs"] for r in got] == [r["probs"] for r in expected]
