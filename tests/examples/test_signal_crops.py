@@ -70,6 +70,10 @@ def test_reduced_recipe_is_coherent(tmp_path):
     _coherent(g["known_classes_before"], 9 * 4)
     _coherent(g["all_classes_after"], 10 * 4)
     _coherent(g["new_class_only_after"], 4)
+    assert sorted(g["by_budget"], key=int) == ["25", "100", "500"]
+    for t in g["by_budget"].values():
+        _coherent(t, 9 * 4)
+    assert g["by_budget"]["25"]["accuracy"] == g["known_classes_before"]["accuracy"]
     before, after = load_bundle(g["bundle"]), load_bundle(g["enrolled_bundle"])
     assert "ZSU234" not in before.classes and "ZSU234" in after.classes
     assert Predictor.load(g["enrolled_bundle"]).classes == after.classes
