@@ -1,0 +1,221 @@
+"""End-to-end files/s of `imgtriage predict` against a plain PyTorch loop, and peak memory.
+
+What it measures, on one folder of real JPEGs (CIFAR-10 photos from ../shared/datasets,
+upscaled to 256-500 px and re-encoded; the models see 224x224 after resize 256 + centre crop):
+
+- baseline: a plain loop that opens each file with PIL, applies torchvision transforms
+  (Resize 256, CenterCrop 224, ToTensor, Normalize) and calls the eager PyTorch model batch
+  by batch (torch threads = all cores, inference mode);
+- imgtriage: ``runner.run_batch`` - the library call behind ``imgtriage predict`` - with the
+  bundle's default backend: ONNX Runtime fp32, ONNX Runtime int8 (static QDQ, calibrated on 64
+  of the same photos), and variants (torch backend, process decoders);
+- memory: peak RSS of ``imgtriage predict --store ... --output x.jsonl`` over 1,000 and 10,000
+  files (a small CNN on 32 px PNGs), to show memory does not grow with the number of files.
+
+ResNet-50 and ResNet-18 have random-init weights (speed does not depend on the values; the
+int8 agreement printed is then not meaningful). Runs are interleaved, best of ``--rounds``.
+
+    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_predict.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-small"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_jpegs(out: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` CIFAR-10 photos upscaled to random 256-500 px sides, as quality-90 JPEGs."""
+    src = sorted(CIFAR.rglob("*.jpg"))
+    if not src:
+        sys.exit(f"{CIFAR} is missing: this benchmark needs ../shared/datasets/cifar10-small")
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(src), size=n, replace=n > len(src))
+    files = []
+    for i, k in enumerate(picks):
+        w, h = (int(v) for v in rng.integers(256, 501, size=2))
+        dest = out / src[k].parent.name / f"{i:05d}.jpg"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src[k]).convert("RGB").resize((w, h), Image.BICUBIC).save(dest, quality=90)
+        files.append(dest)
+    return sorted(files)
+
+
+def make_bundle(model: str, out: Path, classes: list[str], size: int = 224,
+                in_chans: int = 3) -> Path:
+    """A bundle with random-init weights and the usual ImageNet preprocessing."""
+    from imgtriage.bundle import new_manifest, save_bundle
+    from imgtriage.data.preprocess import PreprocessSpec
+    from imgtriage.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model(model, len(classes), in_chans)
+    spec = (PreprocessSpec(in_chans=3, size=(size, size), resize="shorter_crop",
+                           crop_pct=size / 256, mean=MEAN, std=STD)
+            if in_chans == 3 else PreprocessSpec.default_for(in_chans, (size, size)))
+    manifest = new_manifest(model_name=model, model_kwargs={}, in_chans=in_chans,
+                            preprocess=spec.to_dict(), classes=classes)
+    return save_bundle(out, manifest, net.state_dict())
+
+
+def baseline(bundle: Path, files: list[Path], batch: int = 16) -> float:
+    """Files/s of the plain loop: PIL + torchvision transforms + eager PyTorch."""
+    import torchvision.transforms as T
+
+    from imgtriage.bundle import build_model, load_bundle
+
+    model = build_model(load_bundle(bundle))
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(files), batch):
+            x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files[i:i + batch]])
+            model(x).argmax(1)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def ours(bundle: Path, folder: Path, tmp: Path, *, backend: str = "auto",
+         precision: str | None = None, executor: str = "thread") -> float:
+    """Files/s of run_batch (what `imgtriage predict` calls), writing a JSONL report."""
+    from imgtriage.predict import Predictor
+    from imgtriage.predict.runner import run_batch
+
+    p = Predictor.load(bundle, backend=backend, precision=precision)
+    t0 = time.perf_counter()
+    run = run_batch(p, [folder], output=tmp / "out.jsonl", executor=executor)
+    dt = time.perf_counter() - t0
+    if run.n_results != sum(1 for _ in folder.rglob("*.jpg")):
+        raise SystemExit(f"expected every file as a result, got {run}")
+    return run.n_new / dt
+
+
+def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: int,
+                variants: bool) -> dict[str, float]:
+    from imgtriage.bundle.export import export_onnx
+
+    classes = sorted({f.parent.name for f in files})
+    b = make_bundle(model, tmp / model, classes)
+    t0 = time.perf_counter()
+    res = export_onnx(b, quantize="static", calib=folder, calib_images=64)
+    print(f"  export fp32 + int8 static: {time.perf_counter() - t0:.0f}s; "
+          f"{res.quant.summary()}", flush=True)
+    runs: dict[str, Callable[[], float]] = {
+        "baseline (PIL + torchvision + eager torch)": lambda: baseline(b, files),
+        "imgtriage onnx fp32": lambda: ours(b, folder, tmp, precision="fp32"),
+        "imgtriage onnx int8 (bundle default)": lambda: ours(b, folder, tmp),
+    }
+    if variants:
+        runs["imgtriage torch backend"] = lambda: ours(b, folder, tmp, backend="torch")
+        runs["imgtriage onnx int8, process decoders"] = lambda: ours(b, folder, tmp,
+                                                                     executor="process")
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name, fn in runs.items():
+            v = fn()
+            best[name] = max(best.get(name, 0.0), v)
+            print(f"  round {r + 1} {name:45s} {v:7.1f} files/s", flush=True)
+    return best
+
+
+_RSS_CHILD = """
+import resource, sys
+from imgtriage.cli.main import app
+sys.argv = ["imgtriage", "predict", *sys.argv[1:]]
+try:
+    app()
+except SystemExit as e:
+    if e.code:
+        raise
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(bundle: Path, folder: Path, tmp: Path) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of `imgtriage predict --store` over ``folder``, in a child."""
+    args = [str(bundle), str(folder), "--store", str(tmp / f"{folder.name}.sqlite"),
+            "--output", str(tmp / f"{folder.name}.jsonl"), "--no-progress"]
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, *args], capture_output=True,
+                         text=True, check=True).stdout
+    kb = int(out.split("PEAK_RSS_KB")[-1].split()[0])
+    return kb / 1024, time.perf_counter() - t0
+
+
+def memory_bench(tmp: Path, counts: tuple[int, ...] = (1_000, 10_000)) -> dict[int, float]:
+    """Peak RSS for folders of 1,000 and 10,000 files (hard links to 100 real PNGs)."""
+    from imgtriage.bundle.export import export_onnx
+
+    src = tmp / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    bases = []
+    for i in range(100):
+        p = src / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(p)
+        bases.append(p)
+    b = make_bundle("crop_cnn", tmp / "small", [f"c{i}" for i in range(10)], 32, 1)
+    export_onnx(b)
+    out = {}
+    for n in counts:
+        folder = tmp / f"files{n}"
+        for i in range(n):
+            d = folder / f"{i // 500:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            os.link(bases[i % 100], d / f"{i:06d}.png")
+        mib, secs = peak_rss(b, folder, tmp)
+        out[n] = mib
+        print(f"  {n:6d} files: peak RSS {mib:6.1f} MiB ({n / secs:.0f} files/s incl. "
+              "start-up)", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--models", default="resnet50,resnet18")
+    ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as d:
+        tmp = Path(d)
+        folder = tmp / "jpegs"
+        files = make_jpegs(folder, a.files)
+        print(f"{len(files)} JPEGs, 256-500 px, in {folder}", flush=True)
+        for model in a.models.split(","):
+            print(f"{model} @224:", flush=True)
+            best = bench_model(model, files, folder, tmp, a.rounds, not a.no_variants)
+            base = best["baseline (PIL + torchvision + eager torch)"]
+            for name, v in best.items():
+                print(f"  best {name:45s} {v:7.1f} files/s  {v / base:4.2f}x", flush=True)
+            results[model] = best
+        if not a.no_memory:
+            print("memory (crop_cnn, 32 px PNGs, --store, JSONL output):", flush=True)
+            results["peak_rss_mib"] = memory_bench(tmp)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
