@@ -56,8 +56,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--backbone", default="resnet18", help="timm backbone for transfer")
     ap.add_argument("--scratch-model", default="crop_cnn",
                     help="model trained from scratch when no --pretrained weights are given")
+    ap.add_argument("--scratch-pool", default="avg", choices=["avg", "max", "avgmax"],
+                    help="global pooling of the from-scratch CNN (max keeps a few-pixel defect "
+                         "from being averaged away over a clean surface)")
     ap.add_argument("--img-size", type=int, default=96)
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--target-recall", type=float, default=0.95,
                     help="recall of unsafe the threshold is chosen for, on validation")
@@ -106,9 +109,8 @@ def model_args(args: argparse.Namespace) -> tuple[list[Any], str]:
                  "--freeze-epochs", freeze, "--layer-decay", 0.8],
                 f"transfer learning: {args.backbone} from {args.pretrained}, head first "
                 f"({freeze} frozen epoch), then all layers with discriminative learning rates")
-    # max pooling: a blowhole or a hairline crack is a few pixels of a clean surface, and
-    # global average pooling would dilute it
-    return (["--model", args.scratch_model, "--model-kwargs", '{"global_pool": "max"}'],
+    return (["--model", args.scratch_model,
+             "--model-kwargs", json.dumps({"global_pool": args.scratch_pool})],
             f"NOTE: no --pretrained weights given (this machine is offline: no hub weights), so "
             f"{args.scratch_model} is trained from scratch instead of fine-tuning "
             f"{args.backbone}. Pass --pretrained {args.backbone}.safetensors (timm ImageNet "

@@ -117,5 +117,8 @@ def test_without_weights_the_recipe_says_it_trains_from_scratch():
     flags, note = mod.model_args(mod.parse_args([]))
     assert "--pretrained" not in flags and flags[flags.index("--model") + 1] == "crop_cnn"
     assert note.startswith("NOTE: no --pretrained weights") and "from scratch" in note
+    assert json.loads(flags[flags.index("--model-kwargs") + 1]) == {"global_pool": "avg"}
+    flags, _ = mod.model_args(mod.parse_args(["--scratch-pool", "max"]))
+    assert json.loads(flags[flags.index("--model-kwargs") + 1]) == {"global_pool": "max"}
     flags, note = mod.model_args(mod.parse_args(["--pretrained", "w.safetensors"]))
     assert flags[:4] == ["--model", "resnet18", "--pretrained", "w.safetensors"]
