@@ -181,6 +181,7 @@ def build_dataset(frames: list[Frame], out: Path, per_class: int, cap: int, seed
     """Crops of every training frame into ``out/crops`` and the manifest ``out/frames.csv``
     (a ``strip_frac`` share of them without their frame-type cards)."""
     rng = np.random.default_rng(seed)
+    strip_rng = np.random.default_rng(seed + 1)  # its own stream: crops do not depend on it
     train = [f for f in frames if f.role == "train"]
     wanted = {"train": per_class, "val": max(2, per_class // 4), "test": max(2, per_class // 4)}
     rows: list[dict[str, str]] = []
@@ -195,7 +196,7 @@ def build_dataset(frames: list[Frame], out: Path, per_class: int, cap: int, seed
                     name = f"{frame.path.name.split('.fits')[0]}_{split}{k:03d}.fits"
                     target = out / "crops" / label / name
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    strip = bool(rng.random() < strip_frac)
+                    strip = bool(strip_rng.random() < strip_frac)
                     kept = {k: v for k, v in cards.items()
                             if not (strip and k in FRAME_TYPE_CARDS)}
                     write_fits(target, pixels[y0:y1, x0:x1], kept)
