@@ -252,3 +252,37 @@ def test_http_service_answers_what_the_predictor_answers(frames, fusion_run):
     got = res.json()["results"]
     assert [r["class"] for r in got] == [r["class"] for r in expected]
     assert [r["probs"] for r in got] == [r["probs"] for r in expected]
+
+
+# -- feature-branch importance (gradient x input) -----------------------------------------
+def test_a_feature_the_network_cannot_see_has_zero_importance():
+    from imgtriage.predict.attribution import FeatureAttribution
+
+    torch.manual_seed(0)
+    m = create_model("fusion:crop_cnn", num_classes=3, in_chans=1, num_features=4, **SMALL)
+    with torch.no_grad():
+        m.features[0].weight[:, 2] = 0.0  # feature 2 is cut off from the feature branch
+    acc = FeatureAttribution(["a", "b", "blind", "d"])
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        acc.add(m, rng.normal(size=(8, 1, SIDE, SIDE)).astype(np.float32),
+                rng.normal(size=(8, 4)).astype(np.float32))
+    imp = acc.result()
+    assert imp["blind"] == 0.0
+    assert all(v > 0 for k, v in imp.items() if k != "blind")
+    assert list(imp.values()) == sorted(imp.values(), reverse=True)
+    assert m.training  # the model's mode is left as it was
+
+
+def test_evaluate_ranks_the_header_card_that_decides_the_label_first(frames, fusion_run,
+                                                                     tmp_path):
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", str(fusion_run / "bundle"), str(frames["test"]),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    imp = report["feature_importance"]
+    names = Predictor.load(fusion_run / "bundle").features.feature_names_
+    assert set(imp) == set(names)
+    assert "EXPTIME" in next(iter(imp))  # the only informative feature comes first
+    assert "feature importance" in (out / "report.html").read_text()

@@ -34,6 +34,7 @@ class LabelledLogits:
     labels: np.ndarray
     paths: list[str]
     defects: list[dict[str, str]]
+    feature_importance: dict[str, float] | None = None  # fusion bundles: mean |grad x input|
 
 
 def labelled_samples(data: str | os.PathLike[str], classes: list[str],
@@ -53,9 +54,11 @@ def labelled_samples(data: str | os.PathLike[str], classes: list[str],
 
 
 def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool = False,
-                   batch_size: int = 64, workers: int | None = None) -> LabelledLogits:
+                   batch_size: int = 64, workers: int | None = None,
+                   attribute: bool = False) -> LabelledLogits:
     """Raw logits for every usable sample, decoded with the bundle's own preprocessing
-    (bad files become defects, never dropped silently)."""
+    (bad files become defects, never dropped silently). With ``attribute``, image + feature
+    bundles also get each feature's mean |gradient x input| (``feature_importance``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from imgtriage.data.preprocess import load_input
@@ -69,6 +72,7 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
 
     index = {c: i for i, c in enumerate(predictor.classes)}
     logits, labels, paths, defects = [], [], [], []
+    attribution = _attribution(predictor) if attribute else None
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
@@ -82,20 +86,36 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
                     labels.append(index[s.label])
                     paths.append(s.path)
             if xs:
-                logits.append(_logits(predictor, np.stack(xs), tta, metas,
-                                      paths[len(paths) - len(xs):]))
+                x, f = np.stack(xs), _features(predictor, metas, paths[len(paths) - len(xs):])
+                logits.append(predictor.logits(x, tta) if f is None
+                              else predictor.logits(x, tta, f))
+                if attribution is not None:
+                    attribution.add(predictor.backend.model, x, f)
     if not logits:
         raise DataError("none of the files could be read; see the defects")
     return LabelledLogits(np.concatenate(logits).astype(np.float64), np.asarray(labels),
-                          paths, defects)
+                          paths, defects,
+                          attribution.result() if attribution is not None else None)
 
 
-def _logits(predictor: PredictorLike, x: np.ndarray, tta: bool, metas: list, names: list
-            ) -> np.ndarray:
-    """Logits; image + feature bundles also get their scaled features from the metadata."""
+def _attribution(predictor: PredictorLike) -> Any:
+    """A gradient x input accumulator for image + feature bundles on the torch backend."""
+    import torch
+
+    features = getattr(predictor, "features", None)
+    model = getattr(getattr(predictor, "backend", None), "model", None)
+    if features is None or not isinstance(model, torch.nn.Module):
+        return None
+    from imgtriage.predict.attribution import FeatureAttribution
+
+    return FeatureAttribution(features.feature_names_)
+
+
+def _features(predictor: PredictorLike, metas: list, names: list) -> np.ndarray | None:
+    """Scaled features of image + feature bundles (from the decode's metadata), else None."""
     if getattr(predictor, "features", None) is None:
-        return predictor.logits(x, tta)
-    return predictor.logits(x, tta, predictor.feature_matrix(metas, names))
+        return None
+    return predictor.feature_matrix(metas, names)
 
 
 def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
@@ -113,10 +133,11 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
 
     predictor = Predictor.load(bundle, backend=backend)
     samples = labelled_samples(data, predictor.classes, split)
-    got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size)
+    got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True)
     policy = predictor.policy_for(PredictOptions(profile=profile))
     report = write_report(out_dir, logits=got.logits, labels=got.labels,
                           class_names=predictor.classes, paths=got.paths, decision=policy,
+                          feature_importance=got.feature_importance,
                           title=f"imgtriage evaluation: {Path(bundle).name} on {data}",
                           extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
                                  "data": str(data), "split": split, "tta": tta,
