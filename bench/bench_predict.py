@@ -141,7 +141,10 @@ try:
 except SystemExit as e:
     if e.code:
         raise
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: on Linux ru_maxrss starts from the parent's peak across (v)fork+exec,
+# so it would report the benchmark process's own peak instead of this run's
+hwm = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+print("PEAK_RSS_KB", hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -202,7 +205,7 @@ def main() -> None:
         folder = tmp / "jpegs"
         files = make_jpegs(folder, a.files)
         print(f"{len(files)} JPEGs, 256-500 px, in {folder}", flush=True)
-        for model in a.models.split(","):
+        for model in filter(None, a.models.split(",")):  # --models "" measures memory only
             print(f"{model} @224:", flush=True)
             best = bench_model(model, files, folder, tmp, a.rounds, not a.no_variants)
             base = best["baseline (PIL + torchvision + eager torch)"]
