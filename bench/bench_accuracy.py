@@ -49,9 +49,10 @@ EXE = REPO / ".venv" / "bin" / "imgtriage"
 
 # The tuned recipes (see docs/benchmarks.md for how they were chosen).
 RECIPES = {
-    "mstar": ["--model", "crop_cnn", "--model-kwargs", '{"widths": [16, 32, 64, 128]}',
-              "--img-size", "88", "--resize", "shorter_crop", "--crop-pct", "0.6875",
-              "--augment", "shift", "--epochs", "30", "--lr", "2e-3",
+    "mstar": ["--model", "crop_cnn",
+              "--model-kwargs", '{"widths": [16, 32, 64, 128], "convs_per_block": 2}',
+              "--img-size", "64", "--resize", "shorter_crop", "--crop-pct", "0.6875",
+              "--augment", "shift", "--epochs", "20", "--lr", "2e-3",
               "--schedule", "onecycle", "--label-smoothing", "0.1", "--val-frac", "0.1",
               "--scaling", "percentile"],
     "fashion": ["--model", "crop_cnn",
