@@ -33,8 +33,6 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from imgtriage.serve.process import ServiceProcess, start_service
 
 BOUNDARY = "benchboundary7d1a"
 MAX_BODY = 4_000_000
@@ -113,31 +113,12 @@ def direct_baseline(bundle: Path, jpegs: list[bytes], threads: int, duration: fl
 
 
 # -- the server process ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: Path, port: int, args: argparse.Namespace, log: Path):
-    cmd = [sys.executable, "-m", "imgtriage", "serve", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--threads", str(args.threads), "--no-access-log",
-           "--log-level", "warning", "--max-batch-size", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--max-request-bytes", str(MAX_BODY),
-           "--max-queue", "512", "--max-client-inflight", "64"]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}: {log.read_text()}")
-        try:
-            if get(port, "/readyz")[0] == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not get ready in 180 s")
+def start_server(bundle: Path, args: argparse.Namespace, log: Path) -> ServiceProcess:
+    return start_service(bundle, log=log, timeout=180, args=[
+        "--threads", str(args.threads), "--no-access-log", "--log-level", "warning",
+        "--max-batch-size", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+        "--max-request-bytes", str(MAX_BODY), "--max-queue", "512",
+        "--max-client-inflight", "64"])
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -359,17 +340,13 @@ def main() -> None:
         res: dict = {"loadavg": [os.getloadavg()[0], None], "config": vars(args) | {
             "out": str(args.out)}}
         res["direct"] = direct_baseline(bundle, jpegs, args.threads, args.duration)
-        port = free_port()
-        proc = start_server(bundle, port, args, Path(tmp) / "server.log")
-        try:
-            res["rss_after_warmup_mib"] = round(rss_mib(proc.pid), 1)
+        with start_server(bundle, args, Path(tmp) / "server.log") as svc:
+            port, pid = svc.port, svc.proc.pid
+            res["rss_after_warmup_mib"] = round(rss_mib(pid), 1)
             res["levels"] = [load_level(port, bodies, int(c), args.duration, args.warmup)
                              for c in args.clients.split(",")]
             if args.soak > 0:
-                res["soak"] = soak(port, proc.pid, bodies, jpegs, args.soak, valid_clients=4)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+                res["soak"] = soak(port, pid, bodies, jpegs, args.soak, valid_clients=4)
     res["loadavg"][1] = os.getloadavg()[0]
     by = {lv["clients"]: lv for lv in res["levels"]}
     one, eight = by.get(1), by.get(8)

@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -186,12 +183,6 @@ def serve_sample(rows: list[dict], n: int, seed: int) -> list[str]:
 
 
 # -- 5. the service ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_check(bundle: Path, files: list[str], log: Path, timeout: float = 120.0
                 ) -> dict[str, Any]:
     """Start ``imgtriage serve`` on loopback, post ``files`` (multipart), compare each answer
@@ -199,27 +190,10 @@ def serve_check(bundle: Path, files: list[str], log: Path, timeout: float = 120.
     import httpx
 
     from imgtriage.predict import Predictor
+    from imgtriage.serve.process import start_service
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "imgtriage", "serve", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--threads", "1"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"imgtriage serve exited {proc.returncode}: {log}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"imgtriage serve not ready in {timeout:.0f}s: {log}")
-            time.sleep(0.2)
+    with start_service(bundle, args=["--threads", "1"], log=log, timeout=timeout) as svc:
+        url = svc.url
         blobs = [Path(f).read_bytes() for f in files]
         names = [Path(f).name for f in files]
         t0 = time.perf_counter()
@@ -229,13 +203,6 @@ def serve_check(bundle: Path, files: list[str], log: Path, timeout: float = 120.
         r.raise_for_status()
         served = r.json()["results"]
         model = httpx.get(url + "/v1/model", timeout=10).json()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
     local = Predictor.load(bundle).predict_bytes(blobs, names)
     keys = ("path", "class", "class_id", "abstained", "stage")
     same = [all(s.get(k) == p.get(k) for k in keys) and abs(s["score"] - p["score"]) < 1e-5

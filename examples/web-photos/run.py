@@ -23,10 +23,7 @@ import argparse
 import csv
 import importlib.util
 import json
-import os
 import shlex
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -96,48 +93,6 @@ def write_manifest(data: Path, classes: list[str], per_class: int, test_per_clas
                 w.writerows([str(f.resolve()), c, split] for f in files)
                 counts["pool" if split == "" else "test"] += len(files)
     return counts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(bundle: Path, threads: int, log: Path, timeout: float = 120.0
-                  ) -> tuple[subprocess.Popen, str]:
-    """`imgtriage serve` on a free loopback port; returns once /readyz says ready."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "imgtriage", "serve", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--threads", str(threads), "--no-access-log"]
-    print("$ imgtriage " + shlex.join(cmd[3:]) + " &", flush=True)
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_service(proc)
-    raise RuntimeError(f"the service was not ready within {timeout:g}s:\n{log.read_text()}")
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def split_photos(run: Path) -> list[tuple[str, str]]:
@@ -266,8 +221,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     imgtriage("evaluate", bundle, run / "splits.csv", "--split", "test", "--out", out / "eval")
 
     photos = split_photos(run)
-    proc, url = start_service(bundle, args.threads, out / "serve.log")
-    try:
+    from imgtriage.serve.process import start_service
+
+    serve_args = ["--threads", str(args.threads), "--no-access-log"]
+    print(f"$ imgtriage serve {bundle} " + shlex.join(serve_args) + " &", flush=True)
+    with start_service(bundle, args=serve_args, log=out / "serve.log") as svc:
+        url = svc.url
         served = call_service(url, photos, args.request_size)
         latency = single_photo_latency(url, served["bytes"], served["names"],
                                        args.latency_requests)
@@ -276,8 +235,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with urllib.request.urlopen(url + "/", timeout=10) as r:  # the page users open
             page = {"status": r.status, "type": r.headers.get("content-type"),
                     "has_drop_zone": b'id="drop"' in r.read()}
-    finally:
-        stop_service(proc)
     check = parity(bundle, served, args.request_size)
     evaluation = json.loads((out / "eval" / "report.json").read_text())
     n = len(photos)

@@ -14,6 +14,7 @@ was expected and how to fix the input::
      │    ├── BundleIntegrityError  a file's sha256 differs from the manifest
      │    └── BundleMissingFileError  a file the manifest names is absent
      ├── PredictionError        inputs to a Predictor are unusable as a whole
+     ├── ServiceStartError      `imgtriage serve` exited or never became ready (log attached)
      └── MissingDependencyError an optional extra is not installed
 
 Single bad files inside a batch never raise: they become ``Defect`` records (see ``imgtriage.io``).
@@ -38,6 +39,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelError",
     "PredictionError",
+    "ServiceStartError",
     "WeightsUnavailableError",
     "require",
 ]
@@ -89,6 +91,10 @@ class BundleMissingFileError(BundleError):
 
 class PredictionError(ImgTriageError):
     """A prediction request is unusable as a whole (not one bad file in a batch)."""
+
+
+class ServiceStartError(ImgTriageError):
+    """A service started as a child process exited or did not become ready in time."""
 
 
 class MissingDependencyError(ImgTriageError, ImportError):

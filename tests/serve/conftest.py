@@ -12,9 +12,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from serve_helpers import Gate, LiveServer, start_server, stop_server, wait_ready
+from serve_helpers import Gate, wait_ready
 
 from imgtriage.serve import ServeConfig, create_app
+from imgtriage.serve.process import ServiceProcess, start_service
 
 
 @pytest.fixture(scope="session")
@@ -91,10 +92,10 @@ def gated_predictor(profiled_bundle):
 
 
 @pytest.fixture(scope="session")
-def live_server(profiled_bundle, tmp_path_factory) -> Iterator[LiveServer]:
+def live_server(profiled_bundle, tmp_path_factory) -> Iterator[ServiceProcess]:
     """A real `imgtriage serve` process shared by the subprocess and browser tests."""
     tmp = tmp_path_factory.mktemp("live")
-    server = start_server(profiled_bundle, tmp, "--body-timeout", "1", "--max-request-bytes",
-                          "200000", "--no-access-log")
-    yield server
-    stop_server(server.proc)
+    with start_service(profiled_bundle, log=tmp / "serve.log", timeout=90, args=[
+            "--threads", "1", "--body-timeout", "1", "--max-request-bytes", "200000",
+            "--no-access-log"]) as server:
+        yield server

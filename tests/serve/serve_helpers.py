@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -60,53 +55,6 @@ class Gate:
 
     def wait_entered(self, timeout: float = 10.0) -> None:
         assert self.entered.acquire(timeout=timeout), "the gated call never started"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-
-
-def start_server(bundle: Path, tmp: Path, *args: str, timeout: float = 90.0) -> LiveServer:
-    """Start `imgtriage serve` on a free loopback port and wait (bounded) until ready."""
-    import httpx
-
-    port = free_port()
-    log = tmp / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "imgtriage", "serve", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--threads", "1", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return LiveServer(proc, url, log)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise AssertionError(f"server not ready in {timeout}s:\n{log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def assert_problem(r, status: int, slug: str | None = None) -> dict:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,24 @@ from imgtriage.data.features import RawFeatures
 from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input
 from imgtriage.errors import DataError, ImageReadError
 from imgtriage.io import Defect
+
+
+def decoder_mp_context() -> Any:
+    """The multiprocessing context for decoding worker processes (training and batch runs).
+
+    Workers start from a clean forkserver, never by forking the caller: a fork copies
+    whatever the host has running (threads mid-lock, a Celery/kombu connection pool whose
+    after-fork hook blocks on Redis, Ray), and the child can hang for ever. The server
+    imports torch and the decoder once, so each worker is then a cheap fork of it instead of
+    a fresh ``import torch`` (seconds on 2 cores) per worker.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "imgtriage.data.preprocess"])
+    return ctx
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,9 @@ class _Decoder:
         if executor == "thread":
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
         else:
-            import multiprocessing as mp
+            from imgtriage.data.loaders import decoder_mp_context
 
-            # forkserver: never fork a process whose compute threads may hold locks.
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"))
+            self.pool = ProcessPoolExecutor(workers, mp_context=decoder_mp_context())
 
     def submit(self, chunk: list[str]) -> list[Future]:
         if self.kind == "thread":

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imgtriage.data.discovery import Sample
+from imgtriage.data.loaders import decoder_mp_context
 from imgtriage.data.preprocess import PreprocessSpec, load_input
 from imgtriage.errors import DataError, ImageReadError
 from imgtriage.io import Defect
@@ -90,16 +91,6 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _worker_context() -> Any:
-    """Decoding processes start from a clean forkserver, never by forking this process:
-    a fork copies whatever the host has running (threads mid-lock, a Celery/kombu connection
-    pool whose after-fork hook blocks on Redis, Ray), and the child can hang for ever."""
-    import multiprocessing as mp
-
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
 def default_workers(local_world_size: int = 1) -> int:
     """Decoding processes per training process: the cores left after the compute one."""
     return max(0, (os.cpu_count() or 1) // max(1, local_world_size) - 1)
@@ -135,7 +126,7 @@ class FileSource:
                 collate_fn=_collate, pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0, worker_init_fn=_worker_init,
                 prefetch_factor=4 if self.workers > 0 else None,
-                multiprocessing_context=_worker_context() if self.workers > 0 else None)
+                multiprocessing_context=decoder_mp_context() if self.workers > 0 else None)
         return self._loaders[key]
 
     def batches(self, order: Iterable[int], batch_size: int) -> Iterator[Batch]:
