@@ -1,7 +1,8 @@
 """Training images/second of ``fit()`` against a bare PyTorch loop, in the same run.
 
 Same model (``crop_cnn``, same initial weights), same data, batch size, optimiser (AdamW, no
-decay on biases/norms, constant LR), threads and number of epochs; every epoch ends with a
+decay on biases/norms, constant LR), memory format (channels_last unless
+``--channels-last off``), threads and number of epochs; every epoch ends with a
 validation pass over the same validation images in both. Rates are train images per second
 of wall time (validation included). Runs are interleaved, best of ``--rounds``.
 
@@ -44,10 +45,13 @@ from imgtriage.train.config import TrainConfig
 from imgtriage.train.loop import fit
 from imgtriage.train.optim import param_groups
 
+# memory format of the bare loops' weights and batches: the one fit() uses (--channels-last)
+FORMAT = {"fmt": torch.channels_last}
+
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return create_model("crop_cnn", 10, 1)
+    return create_model("crop_cnn", 10, 1).to(memory_format=FORMAT["fmt"])
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -59,7 +63,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
                 yb: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(xb), yb)
+    loss = nn.functional.cross_entropy(model(xb.contiguous(memory_format=FORMAT["fmt"])), yb)
     loss.backward()
     opt.step()
 
@@ -69,7 +73,7 @@ def _evaluate(model: nn.Module, batches) -> float:
     model.eval()
     hits = total = 0
     for xb, yb in batches:
-        hits += int((model(xb).argmax(1) == yb).sum())
+        hits += int((model(xb.contiguous(memory_format=FORMAT["fmt"])).argmax(1) == yb).sum())
         total += len(yb)
     return hits / max(total, 1)
 
@@ -219,17 +223,22 @@ def main() -> None:
     ap.add_argument("--files", action="store_true", help="also the streaming-from-files rows")
     ap.add_argument("--files-train", type=int, default=1200)
     ap.add_argument("--files-size", type=int, default=64)
+    ap.add_argument("--channels-last", choices=("on", "off"), default="on",
+                    help="memory format of every row (fit()'s default on CPU and CUDA is on)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    FORMAT["fmt"] = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
     cfg = TrainConfig(model="crop_cnn", epochs=args.epochs, batch_size=args.batch_size,
-                      lr=1e-3, schedule="constant", checkpoint_every=1, seed=0)
+                      lr=1e-3, schedule="constant", checkpoint_every=1, seed=0,
+                      channels_last=args.channels_last)
     (x, y), _ = load_fashion_mnist()
     x = torch.from_numpy((x[:args.n_train + args.n_val] / 255.0 - 0.5) / 0.5).float()[:, None]
     y = torch.from_numpy(y[:args.n_train + args.n_val]).long()
     train, val = (x[:args.n_train], y[:args.n_train]), (x[args.n_train:], y[args.n_train:])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; crop_cnn on "
           f"Fashion-MNIST 28x28, {args.n_train} train + {args.n_val} val, batch "
-          f"{args.batch_size}, {args.epochs} epochs per timing, best of {args.rounds}")
+          f"{args.batch_size}, {args.epochs} epochs per timing, best of {args.rounds}, "
+          f"channels_last {args.channels_last} in every row")
     rows = {"bare DataLoader": lambda: bare_loader(train, val, cfg),
             "bare slicing": lambda: bare_slicing(train, val, cfg),
             "fit()": lambda: fit_plain(train, val, cfg),
@@ -239,7 +248,7 @@ def main() -> None:
     if args.files:
         samples, classes = _mstar_samples(args.files_train, args.files_train // 4)
         fcfg = TrainConfig(model="crop_cnn", epochs=1, batch_size=args.batch_size, lr=1e-3,
-                           schedule="constant", seed=0)
+                           schedule="constant", seed=0, channels_last=args.channels_last)
         print(f"\nfiles: MSTAR JPEGs at {args.files_size} px, {len(samples[0])} train + "
               f"{len(samples[1])} val decoded every epoch by 1 worker process")
         frows = {"bare DataLoader files": lambda: bare_files(samples, classes, fcfg,

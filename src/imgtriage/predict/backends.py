@@ -16,7 +16,11 @@ BACKENDS = ("auto", "torch", "onnx")
 
 
 class TorchBackend:
-    """Eager PyTorch on ``device``; inference mode, no autograd."""
+    """Eager PyTorch on ``device``; inference mode, no autograd.
+
+    Weights and image batches use the channels_last memory format: the same numbers,
+    1.1-1.7x faster convolutions on CPU (oneDNN) and CUDA (bench/bench_channels_last.py).
+    """
 
     name = "torch"
     precision = "fp32"
@@ -27,12 +31,14 @@ class TorchBackend:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = torch.device(device)
-        self.model = build_model(bundle).to(self.device)
+        self.model = build_model(bundle).to(self.device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Logits; ``features`` (N, F) go to image + feature (fusion) models."""
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if xt.ndim == 4:
+            xt = xt.contiguous(memory_format=torch.channels_last)
         if features is None:
             out = self.model(xt)
         else:

@@ -145,7 +145,8 @@ class TrainConfig:
                           "(0 = off).")
     min_delta: float = _f(0.0, "Smallest change of --select-metric counted as improvement.")
     amp: str = _f("auto", "Mixed precision: auto (on CUDA), on, off.")
-    channels_last: str = _f("auto", "channels_last memory format: auto (on CUDA), on, off.")
+    channels_last: str = _f("auto", "channels_last memory format: auto (on CUDA and CPU), "
+                                    "on, off.")
     # --- transfer learning
     freeze_epochs: int = _f(0, "Train only the head for this many epochs, then unfreeze.")
     layer_decay: float = _f(1.0, "Discriminative LRs: each earlier layer group gets this "
