@@ -66,6 +66,24 @@ def test_429_when_one_client_has_too_many_open_requests(make_client, gated_predi
     still_serving(c, digit_pngs[0][1])
 
 
+def test_made_up_authorization_headers_do_not_dodge_the_client_limit(make_client,
+                                                                    gated_predictor,
+                                                                    digit_pngs):
+    """Without API keys a client is its address, whatever Authorization header it sends."""
+    p, gate = gated_predictor
+    c = make_client(predictor=p, max_client_inflight=1)
+    gate.armed = True
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(c.post, "/v1/classify", headers={"Authorization": "Bearer a"},
+                            files=[("files", (digit_pngs[0][0], digit_pngs[0][1], "image/png"))])
+        gate.wait_entered()
+        r = c.post("/v1/classify", headers={"Authorization": "Bearer b"},
+                   files=[("files", (digit_pngs[1][0], digit_pngs[1][1], "image/png"))])
+        assert_problem(r, 429, "too-many-requests")
+        gate.event.set()
+        assert first.result(30).status_code == 200
+
+
 def test_503_with_retry_after_when_the_queue_is_full(make_client, gated_predictor, digit_pngs):
     p, gate = gated_predictor
     c = make_client(predictor=p, max_batch_size=1, max_images=2, max_queue=2)

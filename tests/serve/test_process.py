@@ -24,9 +24,10 @@ def test_exit_before_ready_raises_with_the_log(tmp_path):
     assert log.exists()
 
 
-def test_live_service_answers_and_stops(live_server):
+def test_live_service_is_ready_and_logs_its_model(live_server):
     import httpx
 
     assert live_server.proc.poll() is None
     assert live_server.port == int(live_server.url.rsplit(":", 1)[1])
     assert httpx.get(live_server.url + "/readyz", timeout=10).status_code == 200
+    assert "[imgtriage.serve] model ready" in live_server.log.read_text()  # its own log lines

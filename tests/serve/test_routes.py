@@ -139,3 +139,24 @@ def test_cors_is_off_unless_an_origin_is_given(make_client, predictor, origin_al
     else:
         assert "access-control-allow-origin" not in pre.headers
         assert "access-control-allow-origin" not in got.headers
+
+
+def test_metrics_label_routes_behind_a_root_path(profiled_bundle, predictor, digit_pngs):
+    """Behind a proxy prefix (--root-path) requests are still counted under their route."""
+    from fastapi.testclient import TestClient
+    from serve_helpers import metric_samples, wait_ready
+
+    from imgtriage.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(bundle=str(profiled_bundle), threads=1, root_path="/triage")
+    with TestClient(create_app(cfg, predictor=predictor), root_path="/triage") as prefixed:
+        wait_ready(prefixed)
+        r = prefixed.post("/triage/v1/classify",
+                          files=[("files", (digit_pngs[0][0], digit_pngs[0][1], "image/png"))])
+        assert r.status_code == 200, r.text
+        m = metric_samples(prefixed)
+    key = ("imgtriage_http_requests_total",
+           (("method", "POST"), ("route", "/v1/classify"), ("status", "200")))
+    assert m[key] == 1
+    assert not any(name == "imgtriage_http_requests_total" and ("route", "other") in labels
+                   for name, labels in m)

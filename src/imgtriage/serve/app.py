@@ -73,7 +73,22 @@ def create_app(config: ServeConfig, *, predictor: Any = None) -> Any:
 
 def app_from_env() -> Any:
     """uvicorn's factory in each worker process: the config ``serve`` put in the env."""
-    return create_app(ServeConfig.from_env())
+    config = ServeConfig.from_env()
+    _log_to_stderr(config.log_level)
+    return create_app(config)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The service's own messages (model loaded, batcher errors) beside uvicorn's, at
+    ``--log-level``; runs in each worker process. A host that already configured the
+    ``imgtriage`` logger keeps its handlers."""
+    logger = logging.getLogger("imgtriage")
+    logger.setLevel("DEBUG" if level == "trace" else level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     [%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def serve(config: ServeConfig) -> None:
@@ -88,8 +103,6 @@ def serve(config: ServeConfig) -> None:
     load_bundle(config.bundle)
     ApiKeyAuth.from_file(config.api_key_file)
     os.environ[ENV_VAR] = config.to_env()
-    logging.getLogger("imgtriage.serve").setLevel(config.log_level.upper()
-                                                  if config.log_level != "trace" else "DEBUG")
     uvicorn.run("imgtriage.serve.app:app_from_env", factory=True, host=config.host,
                 port=config.port, workers=config.workers, log_level=config.log_level,
                 access_log=config.access_log, root_path=config.root_path,

@@ -84,8 +84,11 @@ class ClientLimiter:
         self._open: Counter[str] = Counter()
 
     @staticmethod
-    def client_id(request: Any) -> str:
-        auth = request.headers.get("authorization")
+    def client_id(request: Any, keyed: bool) -> str:
+        """``keyed``: API keys are configured (and this request's key was accepted). Without
+        keys an Authorization header proves nothing, so it never names the client: a
+        made-up header per request must not buy another ``limit`` requests."""
+        auth = request.headers.get("authorization") if keyed else None
         if auth:
             return "key:" + hashlib.sha256(auth.encode("utf-8", "replace")).hexdigest()[:16]
         return "addr:" + (request.client.host if request.client else "unknown")

@@ -36,6 +36,15 @@ def route_label(path: str) -> str:
     return "/static" if path.startswith("/static/") else "other"
 
 
+def _app_path(scope: dict) -> str:
+    """The path as the app routes it: behind ``--root-path`` (a proxy prefix) uvicorn puts the
+    prefix in ``path`` too, and the label must not turn every request into 'other'."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
 class Metrics:
     """The service's counters, gauges and histograms, registered in ``self.registry``."""
 
@@ -121,7 +130,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            route = route_label(scope.get("path", ""))
+            route = route_label(_app_path(scope))
             self.metrics.requests.labels(route=route, method=scope.get("method", "?"),
                                          status=str(status)).inc()
             self.metrics.latency.labels(route=route).observe(time.perf_counter() - t0)

@@ -72,7 +72,7 @@ def build_router() -> Any:
         st.runtime.require_ready()
         opts = st.runtime.options(include_probs=include_probs, topk=topk, tta=tta,
                                   profile=profile, temperature=temperature)
-        with st.limiter.hold(ClientLimiter.client_id(request)):
+        with st.limiter.hold(ClientLimiter.client_id(request, keyed=st.auth.enabled)):
             with st.runtime.batcher.receiving():
                 uploads = await read_uploads(request, st.config)
             entries = await st.runtime.classify(uploads, opts)
