@@ -57,7 +57,7 @@ RECIPES = {
               "--scaling", "percentile", "--ema-decay", "0.995"],
     "fashion": ["--model", "crop_cnn",
                 "--model-kwargs", '{"widths": [32, 64, 128], "convs_per_block": 2}',
-                "--img-size", "28", "--augment", "flip", "--epochs", "5", "--lr", "3e-3",
+                "--img-size", "28", "--augment", "flip", "--epochs", "3", "--lr", "3e-3",
                 "--batch-size", "128", "--schedule", "onecycle", "--label-smoothing", "0.1",
                 "--val-frac", "0.05"],
 }
