@@ -4,7 +4,8 @@ Same model (``crop_cnn``, same initial weights), same data, batch size, optimise
 decay on biases/norms, constant LR), memory format (channels_last unless
 ``--channels-last off``), threads and number of epochs; every epoch ends with a
 validation pass over the same validation images in both. Rates are train images per second
-of wall time (validation included). Runs are interleaved, best of ``--rounds``.
+of wall time (validation included). Runs are interleaved; the figure is the median over
+``--rounds`` of each row's ratio to the faster bare loop of the same round.
 
 Rows:
 
@@ -27,6 +28,7 @@ The in-memory data are real Fashion-MNIST images (Debian ``dataset-fashion-mnist
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -193,23 +195,35 @@ def _mstar_samples(n_train: int, n_val: int) -> tuple[tuple[list, list], list[st
     return (samples[:n_train], samples[n_train:n_train + n_val]), list(ds.classes)
 
 
-def _race(rows: dict[str, Callable[[], float]], rounds: int, n_images: int) -> dict[str, float]:
-    """Interleaved rounds; best (lowest) seconds per row, printed as images/s."""
-    best = {k: float("inf") for k in rows}
-    for r in range(rounds):
+def _race(rows: dict[str, Callable[[], float]], rounds: int, n_images: int
+          ) -> list[dict[str, float]]:
+    """Interleaved rounds: each row once per round; images/s per row and round. Round 0 is
+    a warm-up, not returned (the first calls build oneDNN kernels and import lazily)."""
+    out = []
+    for r in range(rounds + 1):
+        rates = {}
         for name, fn in rows.items():
-            best[name] = min(best[name], fn())
-            print(f"  round {r + 1}: {name:<22} {n_images / best[name]:8.0f} img/s (best so far)",
-                  flush=True)
-    return {k: n_images / v for k, v in best.items()}
+            rates[name] = n_images / fn()
+            tag = "warm-up" if r == 0 else f"round {r}"
+            print(f"  {tag}: {name:<22} {rates[name]:8.0f} img/s", flush=True)
+        if r:
+            out.append(rates)
+    return out
 
 
-def _report(title: str, rates: dict[str, float], bare: list[str]) -> None:
-    ref_name = max(bare, key=lambda k: rates[k])
-    ref = rates[ref_name]
-    print(f"\n{title} (ratio = row / {ref_name}, the faster bare loop)")
-    for name, rate in rates.items():
-        print(f"  {name:<22} {rate:8.0f} img/s   ratio {rate / ref:5.3f}")
+def _report(title: str, rounds: list[dict[str, float]], bare: list[str]) -> None:
+    """Per row: best and median images/s, and the median over rounds of the ratio to the
+    faster bare loop *of the same round* (this VM's speed drifts between rounds, so a ratio
+    within a round is the fair one; best-of alone rewards whichever row got a lucky window)."""
+    names = list(rounds[0])
+    print(f"\n{title} (ratio = row / the faster bare loop of the same round; median of "
+          f"{len(rounds)} rounds)")
+    for name in names:
+        rates = [r[name] for r in rounds]
+        ratios = [r[name] / max(r[b] for b in bare) for r in rounds]
+        print(f"  {name:<22} best {max(rates):6.0f} img/s, median {statistics.median(rates):6.0f}"
+              f"   ratio {statistics.median(ratios):5.3f}  (rounds: "
+              + ", ".join(f"{x:.2f}" for x in ratios) + ")")
 
 
 def main() -> None:
@@ -243,8 +257,8 @@ def main() -> None:
             "bare slicing": lambda: bare_slicing(train, val, cfg),
             "fit()": lambda: fit_plain(train, val, cfg),
             "fit() + log + ckpt": lambda: fit_with_files(train, val, cfg)}
-    rates = _race(rows, args.rounds, args.n_train * args.epochs)
-    _report("in-memory tensors", rates, ["bare DataLoader", "bare slicing"])
+    rounds = _race(rows, args.rounds, args.n_train * args.epochs)
+    _report("in-memory tensors", rounds, ["bare DataLoader", "bare slicing"])
     if args.files:
         samples, classes = _mstar_samples(args.files_train, args.files_train // 4)
         fcfg = TrainConfig(model="crop_cnn", epochs=1, batch_size=args.batch_size, lr=1e-3,
@@ -255,8 +269,8 @@ def main() -> None:
                                                              args.files_size),
                  "fit() FileSource": lambda: fit_files(samples, classes, fcfg,
                                                        args.files_size)}
-        frates = _race(frows, args.rounds, len(samples[0]) * fcfg.epochs)
-        _report("streaming files", frates, ["bare DataLoader files"])
+        frounds = _race(frows, args.rounds, len(samples[0]) * fcfg.epochs)
+        _report("streaming files", frounds, ["bare DataLoader files"])
 
 
 if __name__ == "__main__":
