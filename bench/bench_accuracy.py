@@ -52,7 +52,7 @@ RECIPES = {
     "mstar": ["--model", "crop_cnn",
               "--model-kwargs", '{"widths": [16, 32, 64, 128], "convs_per_block": 2}',
               "--img-size", "64", "--resize", "shorter_crop", "--crop-pct", "0.6875",
-              "--augment", "shift", "--epochs", "40", "--lr", "2e-3",
+              "--augment", "light", "--modality", "generic", "--epochs", "40", "--lr", "2e-3",
               "--schedule", "onecycle", "--label-smoothing", "0.1", "--val-frac", "0.1",
               "--scaling", "percentile", "--ema-decay", "0.995"],
     "fashion": ["--model", "crop_cnn",
