@@ -23,7 +23,6 @@ Usage (the CPU is shared: take the lock):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -43,15 +42,6 @@ def _files(root: Path, classes: list[str]) -> tuple[list[str], list[str]]:
     return paths, labels
 
 
-def _manifest(path: Path, paths: list[str], labels: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        w.writerows(zip(paths, labels, strict=True))
-    return path
-
-
 def _decode(paths: list[str], spec) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -62,6 +52,7 @@ def _decode(paths: list[str], spec) -> np.ndarray:
 
 
 def _train_encoder(args, data: Path, seen: list[str], out: Path) -> Path:
+    from imgtriage.data import write_manifest
     from imgtriage.train.fewshot import FewShotConfig, train_fewshot
 
     if (out / "bundle" / "manifest.json").is_file():
@@ -71,13 +62,14 @@ def _train_encoder(args, data: Path, seen: list[str], out: Path) -> Path:
     cfg = FewShotConfig(loss=args.loss, epochs=args.epochs, episodes=args.train_episodes,
                         n_way=5, k_shot=5, n_query=5, img_size=64, augment="flip", lr=2e-3,
                         seed=0, num_threads=args.threads)
-    res = train_fewshot(_manifest(out / "seen.csv", paths, labels), out, cfg, quiet=True)
+    res = train_fewshot(write_manifest(out / "seen.csv", paths, labels), out, cfg, quiet=True)
     print(f"encoder ({args.loss}, {args.epochs} epochs x {args.train_episodes} episodes) in "
           f"{res.seconds:.0f}s: {res.metrics}")
     return res.bundle_path
 
 
 def _train_cnn(args, data: Path, seen: list[str], out: Path) -> Path:
+    from imgtriage.data import write_manifest
     from imgtriage.train.config import TrainConfig
     from imgtriage.train.run import train
 
@@ -88,7 +80,7 @@ def _train_cnn(args, data: Path, seen: list[str], out: Path) -> Path:
     cfg = TrainConfig(model="crop_cnn", img_size=64, epochs=args.cnn_epochs, batch_size=64,
                       lr=3e-3, augment="flip", seed=0, num_threads=args.threads)
     t0 = time.perf_counter()
-    res = train(_manifest(out / "seen.csv", paths, labels), out, cfg, quiet=True)
+    res = train(write_manifest(out / "seen.csv", paths, labels), out, cfg, quiet=True)
     print(f"crop CNN ({args.cnn_epochs} epochs) in {time.perf_counter() - t0:.0f}s: "
           f"{res.metrics}")
     return res.bundle_path

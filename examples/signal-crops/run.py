@@ -26,7 +26,6 @@ Usage (2 CPU cores; the full size takes a few minutes):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -120,15 +119,6 @@ def label_budget(train_root: Path, classes: list[str], n: int, seed: int
         paths += [str(files[i]) for i in order[:per[c]]]
         labels += [c] * per[c]
     return paths, labels
-
-
-def write_manifest(path: Path, paths: list[str], labels: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        w.writerows(zip(paths, labels, strict=True))
-    return path
 
 
 # -- 2. training -------------------------------------------------------------------------------
@@ -241,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
+    from imgtriage.data import write_manifest
     from imgtriage.predict import Predictor
 
     torch.set_num_threads(args.threads)

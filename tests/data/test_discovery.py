@@ -1,12 +1,13 @@
 import csv
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from imgtriage.data import discover, split_dataset, write_split_manifest
+from imgtriage.data import discover, split_dataset, write_manifest, write_split_manifest
 from imgtriage.errors import ConfigError, DataError
 
 
@@ -120,3 +121,16 @@ def test_bad_fractions_name_the_flag(tmp_path):
     ds = _many(tmp_path, {"a": 3, "b": 3})
     with pytest.raises(ConfigError, match="--val-frac"):
         split_dataset(ds, val_frac=0.7, test_frac=0.4)
+
+
+def test_written_manifest_is_discovered_back(tmp_path):
+    labels = ["cat", "dog", "cat", "dog"]
+    paths = [str(tmp_path / "img" / f"{i}.png") for i in range(len(labels))]
+    for i, p in enumerate(paths):
+        _png(Path(p), i * 40)
+    out = write_manifest(tmp_path / "new" / "labels.csv", paths, labels)
+    ds = discover(out)
+    assert list(ds.classes) == ["cat", "dog"]
+    assert [(s.path, s.label) for s in ds.samples] == list(zip(paths, labels, strict=True))
+    with pytest.raises(DataError, match="one label per path"):
+        write_manifest(tmp_path / "bad.csv", paths, labels[:3])

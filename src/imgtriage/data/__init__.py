@@ -1,6 +1,6 @@
 """Discovery, splits and the one file -> model-input function."""
 
-from imgtriage.data.discovery import Dataset, Sample, discover, iter_image_files
+from imgtriage.data.discovery import Dataset, Sample, discover, iter_image_files, write_manifest
 from imgtriage.data.preprocess import PreprocessSpec, load_input, load_record, to_input
 from imgtriage.data.splits import samples_by_split, split_dataset, write_split_manifest
 
@@ -15,5 +15,6 @@ __all__ = [
     "samples_by_split",
     "split_dataset",
     "to_input",
+    "write_manifest",
     "write_split_manifest",
 ]

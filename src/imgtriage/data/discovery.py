@@ -6,7 +6,7 @@ import csv
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +105,25 @@ def _manifest_rows(path: Path) -> Iterable[dict[str, str]]:
     else:
         with path.open(newline="") as fh:
             yield from csv.DictReader(fh)
+
+
+def write_manifest(path: str | os.PathLike[str], paths: Sequence[str],
+                   labels: Sequence[str]) -> Path:
+    """Write a ``path,label`` CSV manifest that :func:`discover` reads back (parent folders
+    are created). Returns the path.
+
+    Example:
+        >>> write_manifest("labels.csv", ["a.png", "b.png"], ["cat", "dog"])  # doctest: +SKIP
+    """
+    if len(paths) != len(labels):
+        raise DataError(f"{len(paths)} paths but {len(labels)} labels: one label per path")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(zip(paths, labels, strict=True))
+    return out
 
 
 def _from_manifest(path: Path) -> list[Sample]:
