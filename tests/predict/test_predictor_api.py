@@ -105,6 +105,29 @@ def test_predict_bytes_is_aligned_and_never_raises(tiny_bundle, digits, monkeypa
         out[1]["message"]
 
 
+def test_decode_then_predict_decoded_equals_predict_bytes(tiny_bundle, digits):
+    """The service's two halves: decode uploads per request, classify them in one batch."""
+    from imgtriage.predict import Decoded
+
+    p = Predictor.load(tiny_bundle, backend="torch")
+    files = [Path(f).read_bytes() for f in digits[:3]]
+    first = p.decode_bytes([files[0], b"not an image"], ["a.png", "junk.png"])
+    second = p.decode_bytes(files[1:], ["b.png", "c.png"])
+    assert [type(e) for e in first] == [Decoded, dict] and first[1]["issue"]
+    assert first[0].x.shape == (p.spec.in_chans, *p.spec.size) and first[0].name == "a.png"
+    merged = p.predict_decoded(first + second, include_probs=True, topk=2)
+    whole = p.predict_bytes([files[0], b"not an image", *files[1:]],
+                            ["a.png", "junk.png", "b.png", "c.png"], include_probs=True, topk=2)
+    assert [r["path"] for r in merged] == ["a.png", "junk.png", "b.png", "c.png"]
+    assert merged[1] == whole[1]  # the defect passes through in its place
+    for got, want in zip(merged, whole, strict=True):
+        assert got.keys() == want.keys() and got.get("class") == want.get("class")
+        if "probs" in want:
+            assert np.allclose(list(got["probs"].values()), list(want["probs"].values()),
+                               atol=1e-5)
+    assert p.predict_decoded([first[1]]) == [first[1]]  # nothing to compute: no model call
+
+
 def test_predict_arrays_handles_any_dtype_and_refuses_bad_shapes(tiny_bundle, digits):
     p = Predictor.load(tiny_bundle, backend="torch")
     img = np.asarray(Image.open(digits[0]))

@@ -81,12 +81,12 @@ def client(make_client, predictor):
 
 @pytest.fixture
 def gated_predictor(profiled_bundle):
-    """A fresh Predictor whose predict_bytes waits on a Gate (for overload tests)."""
+    """A fresh Predictor whose model step (predict_decoded) waits on a Gate (overload tests)."""
     from imgtriage.predict import Predictor
 
     p = Predictor.load(profiled_bundle, num_threads=1)
     gate = Gate()
-    p.predict_bytes = gate.wrap(p.predict_bytes)
+    p.predict_decoded = gate.wrap(p.predict_decoded)
     yield p, gate
     gate.event.set()
 

@@ -98,6 +98,62 @@ def test_a_batch_waits_for_a_request_still_being_received():
     assert [names for names, _ in rec.batches] == [["first", "second"]]
 
 
+async def queued_behind_a_running_batch(b: Batcher, rec: Recorder, key: str = "k"):
+    """x1 runs (held at the gate) while y1 and z1 queue with ``key``; then x1 is answered."""
+    x1 = asyncio.ensure_future(b.submit([b"x"], ["x1"], "k"))
+    while not rec.batches:
+        await asyncio.sleep(0.005)
+    queued = [asyncio.ensure_future(b.submit([b"x"], [n], key)) for n in ("y1", "z1")]
+    await asyncio.sleep(0.01)
+    rec.gate.set()
+    await x1
+    return queued
+
+
+def test_the_clients_a_batch_answered_are_waited_for():
+    """A closed-loop client sends again when answered: the queued jobs wait to go with it,
+    so concurrent clients share one batch instead of alternating in smaller ones."""
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = await started(rec, max_batch=16, max_wait_s=60.0)
+        queued = await queued_behind_a_running_batch(b, rec)
+        await asyncio.sleep(0.05)
+        assert len(rec.batches) == 1  # y1 and z1 are held for x1's client
+        await asyncio.gather(b.submit([b"x"], ["x2"], "k"), *queued)
+        await b.stop()
+
+    run(main())
+    assert [names for names, _ in rec.batches] == [["x1"], ["y1", "z1", "x2"]]
+
+
+def test_a_client_that_does_not_come_back_costs_at_most_max_wait():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = await started(rec, max_batch=16, max_wait_s=0.05)
+        await asyncio.gather(*await queued_behind_a_running_batch(b, rec))
+        await b.stop()
+
+    run(main())
+    assert [names for names, _ in rec.batches] == [["x1"], ["y1", "z1"]]
+
+
+def test_jobs_with_other_options_do_not_wait_for_the_answered_clients():
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main():
+        b = await started(rec, max_batch=16, max_wait_s=60.0)  # a wait would time out
+        await asyncio.gather(*await queued_behind_a_running_batch(b, rec, key="probs"))
+        await b.stop()
+
+    run(main())
+    assert [names for names, _ in rec.batches] == [["x1"], ["y1", "z1"]]
+
+
 def test_batches_never_exceed_max_batch_and_keep_arrival_order():
     rec = Recorder()
 

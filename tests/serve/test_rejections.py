@@ -195,15 +195,15 @@ def test_500_when_inference_crashes_and_the_server_recovers(make_client, profile
     from imgtriage.predict import Predictor
 
     p = Predictor.load(profiled_bundle, num_threads=1)
-    real = p.predict_bytes
+    real = p.predict_decoded
     crash = {"on": False}  # off for the warm-up
 
-    def flaky(items, names, **kw):
+    def flaky(entries, **kw):
         if crash["on"]:
             raise RuntimeError("simulated backend failure")
-        return real(items, names, **kw)
+        return real(entries, **kw)
 
-    p.predict_bytes = flaky
+    p.predict_decoded = flaky
     c = make_client(predictor=p)
     crash["on"] = True
     body = assert_problem(c.post("/v1/classify", files=[("files", ("a.png",

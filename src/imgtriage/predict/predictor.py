@@ -49,6 +49,15 @@ class PredictOptions:
     profile: str | None = None
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One image read and preprocessed, ready to join a batch (see ``decode_bytes``)."""
+
+    name: str
+    x: np.ndarray
+    meta: dict[str, Any]
+
+
 class Predictor:
     """A loaded bundle ready to classify.
 
@@ -232,32 +241,58 @@ class Predictor:
                       **options: Any) -> list[dict[str, Any]]:
         """Encoded files in memory (uploads) -> one entry per item, in order: a result row,
         or a defect dict ``{path, issue, message}``; never raises for one bad item."""
+        return self.predict_decoded(self.decode_bytes(items, names), **options)
+
+    def decode_bytes(self, items: Sequence[bytes],
+                     names: Sequence[str] | None = None) -> list[Decoded | dict[str, Any]]:
+        """The first half of :meth:`predict_bytes`: read and preprocess each item.
+
+        One entry per item, in order: a :class:`Decoded` input, or a defect dict. A service
+        decodes uploads as they arrive, on other threads, while the model runs the previous
+        batch; :meth:`predict_decoded` then classifies what it is given.
+        """
         names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
-        return self._predict_items([(n, lambda b=b, n=n: load_input(b, self.spec, name=n))
-                                    for n, b in zip(names, items, strict=True)],
-                                   PredictOptions(**options))
+        return self._load_all([(n, lambda b=b, n=n: load_input(b, self.spec, name=n))
+                               for n, b in zip(names, items, strict=True)])
+
+    def predict_decoded(self, entries: Sequence[Decoded | dict[str, Any]],
+                        **options: Any) -> list[dict[str, Any]]:
+        """The second half of :meth:`predict_bytes`: one batch through the model.
+
+        ``entries`` come from :meth:`decode_bytes` (possibly of several calls, concatenated);
+        defect dicts pass through in place, each :class:`Decoded` becomes a result row.
+        """
+        return self._rows_for_loaded(entries, PredictOptions(**options))
 
     def _predict_items(self, loaders: list, opts: PredictOptions) -> list[dict[str, Any]]:
-        out: list[dict[str, Any] | None] = [None] * len(loaders)
-        xs, metas, idx, names = [], [], [], []
-        for i, (name, load) in enumerate(loaders):
+        return self._rows_for_loaded(self._load_all(loaders), opts)
+
+    @staticmethod
+    def _load_all(loaders: list) -> list[Decoded | dict[str, Any]]:
+        out: list[Decoded | dict[str, Any]] = []
+        for name, load in loaders:
             try:
                 x, meta = load()
             except ImageReadError as exc:
-                out[i] = exc.defect.to_dict()
+                out.append(exc.defect.to_dict())
                 continue
             except Exception as exc:  # a decoder bug is still one bad item, never the call
-                out[i] = defect_dict(name, "decode_error", f"{type(exc).__name__}: {exc}")
+                out.append(defect_dict(name, "decode_error", f"{type(exc).__name__}: {exc}"))
                 continue
-            xs.append(x)
-            metas.append(meta)
-            idx.append(i)
-            names.append(name)
-        if xs:
-            for i, row in zip(idx, self.rows_for_inputs(np.stack(xs), names, opts, metas),
-                              strict=True):
+            out.append(Decoded(name, x, meta))
+        return out
+
+    def _rows_for_loaded(self, entries: Sequence[Decoded | dict[str, Any]],
+                         opts: PredictOptions) -> list[dict[str, Any]]:
+        out: list[Any] = list(entries)
+        idx = [i for i, e in enumerate(entries) if isinstance(e, Decoded)]
+        if idx:
+            got: list[Decoded] = [out[i] for i in idx]
+            rows = self.rows_for_inputs(np.stack([d.x for d in got]), [d.name for d in got],
+                                        opts, [d.meta for d in got])
+            for i, row in zip(idx, rows, strict=True):
                 out[i] = row
-        return out  # type: ignore[return-value]
+        return out
 
     def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *,
                       batch_size: int | None = None, workers: int | None = None,

@@ -1,14 +1,22 @@
 """Dynamic batching: merge the images of concurrent requests into one inference call.
 
 Requests become jobs in one queue. A collector task on the event loop takes the oldest job and
-waits at most ``max_wait_s`` (counted from when that job arrived) for others with the same
-options to fill ``max_batch`` images; a full batch goes at once. The wait is only spent when
-more work is known to be coming: another request is still being received (see
-:meth:`Batcher.receiving`) or the previous batch merged several requests. A lone client
-therefore never waits. The batch runs in a single worker thread, so the event loop keeps
-accepting and parsing requests meanwhile, and jobs that arrive during a batch go out together
-in the next one without waiting again. The queue is bounded in images: past ``max_queue`` a
-submit raises :class:`QueueFull` (503 + Retry-After).
+lets it wait for others with the same options to fill ``max_batch`` images; a full batch goes at
+once. The wait is only spent while more work is known to be coming:
+
+* another request is still being received or decoded (see :meth:`Batcher.receiving`), or
+* the clients answered by the previous batch have not sent their next requests yet: a batch
+  that answered *n* images expects *n* more to arrive after it ended (a client that sends its
+  next request when it gets an answer, the usual way a pipeline calls a service).
+
+It lasts at most ``max_wait_s``, counted from the later of the job's arrival and the end of
+the previous batch, so the model never idles longer than that. The second rule keeps
+concurrent clients in one batch: without it, eight clients settle into two groups of four
+that alternate (each group queues while the other's batch runs), and a batch of four uses the
+cores less well than one of eight. A lone client never waits: its next request is the one
+expected. The batch runs in a single worker thread, so the event loop keeps accepting and
+parsing requests meanwhile. The queue is bounded in images: past ``max_queue`` a submit
+raises :class:`QueueFull` (503 + Retry-After).
 
 Example:
     >>> async def demo():  # doctest: +SKIP
@@ -33,7 +41,7 @@ from typing import Any
 
 log = logging.getLogger("imgtriage.serve")
 
-InferFn = Callable[[list[bytes], list[str], Any], list[dict[str, Any]]]
+InferFn = Callable[[list[Any], list[str], Any], list[dict[str, Any]]]
 
 
 class QueueFull(Exception):
@@ -46,7 +54,7 @@ class QueueFull(Exception):
 
 @dataclass
 class _Job:
-    items: list[bytes]
+    items: list[Any]
     names: list[str]
     key: Hashable
     future: asyncio.Future
@@ -73,7 +81,9 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._rate = 0.0  # images per second, smoothed, for Retry-After
         self._receiving = 0  # requests whose bodies are being read (they will submit soon)
-        self._last_jobs = 0  # requests merged into the previous batch
+        self._free_since = 0.0  # when the previous batch ended (monotonic seconds)
+        self._answered = 0  # images the previous batch answered: their clients come back
+        self._answered_key: Hashable = None  # ... with the same options, most likely
 
     @property
     def depth(self) -> int:
@@ -91,8 +101,15 @@ class Batcher:
             if self._wake is not None:
                 self._wake.set()
 
-    def _more_coming(self) -> bool:
-        return self._receiving > 0 or self._last_jobs > 1
+    def _more_coming(self, key: Hashable) -> bool:
+        """A request is on its way, or the previous batch's clients are not all back."""
+        if self._receiving > 0:
+            return True
+        if key != self._answered_key:
+            return False
+        back = sum(len(j.items) for j in self._queue
+                   if j.key == key and j.arrived >= self._free_since and not j.future.done())
+        return back < self._answered
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -117,7 +134,12 @@ class Batcher:
             return 1
         return max(1, min(30, math.ceil(self._depth / self._rate)))
 
-    def enqueue(self, items: list[bytes], names: list[str], key: Hashable) -> asyncio.Future:
+    def check_room(self, n: int) -> None:
+        """Raise :class:`QueueFull` now if ``n`` more images would not fit in the queue."""
+        if self._depth + n > self.max_queue:
+            raise QueueFull(self._depth, self.max_queue, self.retry_after())
+
+    def enqueue(self, items: list[Any], names: list[str], key: Hashable) -> asyncio.Future:
         """Queue one request's images now; the future gets its rows, in order.
 
         Synchronous on purpose: a request that has just finished receiving is in the queue
@@ -125,15 +147,14 @@ class Batcher:
         """
         if self._wake is None:
             raise RuntimeError("Batcher.start() was not called")
-        if self._depth + len(items) > self.max_queue:
-            raise QueueFull(self._depth, self.max_queue, self.retry_after())
+        self.check_room(len(items))
         job = _Job(items, names, key, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._set_depth(self._depth + len(items))
         self._wake.set()
         return job.future
 
-    async def submit(self, items: list[bytes], names: list[str], key: Hashable) -> list[dict]:
+    async def submit(self, items: list[Any], names: list[str], key: Hashable) -> list[dict]:
         """Queue one request's images and wait for its rows."""
         return await self.enqueue(items, names, key)
 
@@ -150,8 +171,8 @@ class Batcher:
                     self._wake.clear()
                     await self._wake.wait()
                 first = self._queue[0]
-                deadline = first.arrived + self.max_wait_s
-                while self._ready(first.key) < self.max_batch and self._more_coming():
+                deadline = max(first.arrived, self._free_since) + self.max_wait_s
+                while self._ready(first.key) < self.max_batch and self._more_coming(first.key):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -162,8 +183,10 @@ class Batcher:
                         break
                 batch = self._take(first.key)
                 if batch:
-                    self._last_jobs = len(batch)
                     await self._run(batch)
+                    self._free_since = time.monotonic()
+                    self._answered = sum(len(j.items) for j in batch)
+                    self._answered_key = first.key
             except asyncio.CancelledError:
                 raise
             except Exception:  # the collector must never die; each job got its error

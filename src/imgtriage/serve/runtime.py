@@ -14,10 +14,12 @@ import copy
 import dataclasses
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from imgtriage.predict.predictor import Decoded
 from imgtriage.serve.batching import Batcher, QueueFull
 from imgtriage.serve.config import ServeConfig
 from imgtriage.serve.inputs import Upload, precheck
@@ -75,6 +77,7 @@ class ModelRuntime:
         self.description: dict[str, Any] = {}
         self.max_pixels: int | None = None
         self.batcher: Batcher | None = None
+        self._decoder: ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -86,6 +89,8 @@ class ModelRuntime:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.batcher is not None:
             await self.batcher.stop()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self) -> None:
         try:
@@ -101,6 +106,8 @@ class ModelRuntime:
                                on_batch=self.metrics.observe_batch,
                                on_depth=self.metrics.queue_depth.set)
         self.batcher.start()
+        self._decoder = ThreadPoolExecutor(self.cfg.compute_threads,
+                                           thread_name_prefix="imgtriage-decode")
         d = self.description
         self.metrics.model_info.info({"bundle_sha256": str(d.get("bundle_sha256")),
                                       "bundle_version": str(d.get("bundle_version")),
@@ -121,8 +128,8 @@ class ModelRuntime:
         warm_up(p, self.cfg.max_batch_size)
         return p
 
-    def _infer(self, items: list[bytes], names: list[str], opts: Any) -> list[dict[str, Any]]:
-        return self.predictor.predict_bytes(items, names, **dataclasses.asdict(opts))
+    def _infer(self, items: list[Any], names: list[str], opts: Any) -> list[dict[str, Any]]:
+        return self.predictor.predict_decoded(items, **dataclasses.asdict(opts))
 
     # -- used by the routes ------------------------------------------------------------
     def require_ready(self) -> None:
@@ -157,26 +164,41 @@ class ModelRuntime:
         return opts
 
     async def classify(self, uploads: list[Upload], opts: Any) -> list[dict[str, Any]]:
-        """One entry per upload, in order: a result row or a defect dict."""
-        assert self.batcher is not None
+        """One entry per upload, in order: a result row or a defect dict.
+
+        Uploads are decoded here, on the decode threads, as soon as they have arrived; only
+        decoded images join the batcher's queue, so the model thread does nothing but the
+        forward pass while the next requests are being decoded.
+        """
+        assert self.batcher is not None and self._decoder is not None
         entries: list[dict[str, Any] | None] = [precheck(u, self.cfg) for u in uploads]
         todo = [i for i, e in enumerate(entries) if e is None]
-        if todo:
-            try:
-                future = self.batcher.enqueue([uploads[i].data for i in todo],
-                                              [uploads[i].name for i in todo], opts)
+        if not todo:
+            return entries  # type: ignore[return-value]
+        try:
+            self.batcher.check_room(len(todo))
+            with self.batcher.receiving():
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self._decoder, self.predictor.decode_bytes,
+                    [uploads[i].data for i in todo], [uploads[i].name for i in todo])
+            ready = [(i, d) for i, d in zip(todo, decoded, strict=True) if isinstance(d, Decoded)]
+            for i, d in zip(todo, decoded, strict=True):
+                if not isinstance(d, Decoded):
+                    entries[i] = d
+            if ready:
+                future = self.batcher.enqueue([d for _, d in ready], [d.name for _, d in ready],
+                                              opts)
                 rows = await asyncio.wait_for(future, self.cfg.request_timeout_s)
-            except QueueFull as exc:
-                raise Problem(503, "overloaded", "Server overloaded",
-                              f"{exc.queued} images are waiting for inference (capacity "
-                              f"{exc.capacity}, --max-queue); retry after {exc.retry_after} s",
-                              headers={"Retry-After": str(exc.retry_after)}) from None
-            except TimeoutError:
-                raise Problem(503, "inference-timeout", "Inference timed out",
-                              f"no answer within {self.cfg.request_timeout_s:g} s "
-                              "(--request-timeout); the server is busy, retry later",
-                              headers={"Retry-After": str(self.batcher.retry_after())}) \
-                    from None
-            for i, row in zip(todo, rows, strict=True):
-                entries[i] = row
+                for (i, _), row in zip(ready, rows, strict=True):
+                    entries[i] = row
+        except QueueFull as exc:
+            raise Problem(503, "overloaded", "Server overloaded",
+                          f"{exc.queued} images are waiting for inference (capacity "
+                          f"{exc.capacity}, --max-queue); retry after {exc.retry_after} s",
+                          headers={"Retry-After": str(exc.retry_after)}) from None
+        except TimeoutError:
+            raise Problem(503, "inference-timeout", "Inference timed out",
+                          f"no answer within {self.cfg.request_timeout_s:g} s "
+                          "(--request-timeout); the server is busy, retry later",
+                          headers={"Retry-After": str(self.batcher.retry_after())}) from None
         return entries  # type: ignore[return-value]
