@@ -17,8 +17,9 @@ def serve_command(
     backend: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has a "
                                              "graph), torch or onnx."),
     max_batch_size: int = typer.Option(16, help="Most images merged into one inference call."),
-    max_wait_ms: float = typer.Option(2.0, help="How long a queued image may wait for others "
-                                                "to fill its batch."),
+    max_wait_ms: float = typer.Option(50.0, help="How long the model may idle waiting for "
+                                                 "requests known to be on their way (a lone "
+                                                 "client never waits)."),
     max_queue: int = typer.Option(256, help="Images waiting for inference before 503."),
     max_request_bytes: int = typer.Option(16 * 1024 * 1024, help="Request body limit (413)."),
     max_images: int = typer.Option(32, help="Images per request (413 above)."),

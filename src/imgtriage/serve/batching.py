@@ -68,7 +68,7 @@ class Batcher:
     and ``on_depth(images)`` feed the metrics.
     """
 
-    def __init__(self, infer: InferFn, *, max_batch: int = 16, max_wait_s: float = 0.002,
+    def __init__(self, infer: InferFn, *, max_batch: int = 16, max_wait_s: float = 0.05,
                  max_queue: int = 256, on_batch: Callable[[int, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None) -> None:
         self.infer, self.max_batch, self.max_wait_s = infer, max_batch, max_wait_s

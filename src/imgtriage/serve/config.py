@@ -7,7 +7,7 @@ N processes that each load the same bundle with the same limits.
 Example:
     >>> cfg = ServeConfig(bundle="runs/digits/bundle", max_batch_size=8)
     >>> cfg.max_wait_ms, cfg.max_images
-    (2.0, 32)
+    (50.0, 32)
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class ServeConfig:
         threads: compute threads per worker (default: CPU cores / workers).
         backend: auto | torch | onnx (see ``Predictor.load``).
         max_batch_size: images merged into one inference call.
-        max_wait_ms: how long the first queued image may wait for others to join its batch
-            (a full batch goes at once).
+        max_wait_ms: how long the model may stay idle waiting for images known to be on their
+            way (a request still uploading, or the next requests of the clients the previous
+            batch answered) before it runs what is queued; a full batch goes at once and a lone
+            client never waits.
         max_queue: images waiting for inference before new requests get 503 + Retry-After.
         max_request_bytes: request body limit, enforced while the body streams in (413).
         max_images: images per request (413 above it).
@@ -60,7 +62,7 @@ class ServeConfig:
     threads: int | None = None
     backend: str = "auto"
     max_batch_size: int = 16
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 50.0
     max_queue: int = 256
     max_request_bytes: int = 16 * 1024 * 1024
     max_images: int = 32
