@@ -160,3 +160,27 @@ def test_metrics_label_routes_behind_a_root_path(profiled_bundle, predictor, dig
     assert m[key] == 1
     assert not any(name == "imgtriage_http_requests_total" and ("route", "other") in labels
                    for name, labels in m)
+
+
+def test_a_cascade_bundle_is_served_like_predict_bytes(make_client, tiny_bundle, digits_folder,
+                                                      digit_pngs, tmp_path):
+    """Another predictor kind through the service's decode-then-batch path."""
+    from imgtriage.predict import Predictor
+    from imgtriage.predict.cascade import CascadeConfig, build_cascade
+
+    cascade = build_cascade(tiny_bundle, digits_folder, tmp_path / "cascade",
+                            CascadeConfig(route_share=0.5)).bundle_path
+    p = Predictor.load(cascade, num_threads=1)
+    c = make_client(predictor=p)
+    files = [*digit_pngs, ("junk.png", b"not an image")]
+    r = c.post("/v1/classify?include_probs=true",
+               files=[("files", (n, b, "image/png")) for n, b in files])
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    want = p.predict_bytes([b for _, b in files], [n for n, _ in files], include_probs=True)
+    assert [g["path"] for g in got] == [n for n, _ in files]
+    assert got[-1]["issue"] and want[-1]["issue"]  # a defect in its place
+    assert {g["stage"] for g in got[:-1]} == {1, 2}  # both stages answered some
+    for g, w in zip(got[:-1], want[:-1], strict=True):
+        assert (g["class"], g["stage"]) == (w["class"], w["stage"])
+        assert abs(g["score"] - w["score"]) < 1e-5

@@ -47,7 +47,7 @@ from imgtriage.io import Defect, ImageRecord
 from imgtriage.predict._cascade_build import CascadeConfig, CascadeResult, build_cascade
 from imgtriage.predict._first_stage import stage_from_dict
 from imgtriage.predict.kinds import register_kind
-from imgtriage.predict.predictor import PredictOptions, Predictor
+from imgtriage.predict.predictor import Decoded, PredictOptions, Predictor
 from imgtriage.predict.report import result_row
 
 FIRST_STAGE_INPUT = "first_stage_input"  # meta key set by CascadePredictor.load_input
@@ -333,10 +333,32 @@ class CascadePredictor:
     def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
                       **options: Any) -> list[dict[str, Any]]:
         """Encoded files in memory -> one row or defect dict per item; never raises for one."""
-        opts, gate = self._split_options(options)
+        return self.predict_decoded(self.decode_bytes(items, names), **options)
+
+    def decode_bytes(self, items: Sequence[bytes],
+                     names: Sequence[str] | None = None) -> list[Decoded | dict[str, Any]]:
+        """Decode each item once and prepare its first-stage input (as
+        :meth:`Predictor.decode_bytes`): a :class:`Decoded` or a defect dict per item."""
         names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
-        decoded = [_decode(b, self.spec, n) for b, n in zip(items, names, strict=True)]
-        return self._merge(decoded, names, opts, gate)
+        out: list[Decoded | dict[str, Any]] = []
+        for b, n in zip(items, names, strict=True):
+            rec = _decode(b, self.spec, n)
+            out.append(rec.to_dict() if isinstance(rec, Defect)
+                       else Decoded(n, (rec, self._prepare(rec, n)), {}))
+        return out
+
+    def predict_decoded(self, entries: Sequence[Decoded | dict[str, Any]],
+                        **options: Any) -> list[dict[str, Any]]:
+        """Rows for :meth:`decode_bytes` entries (of one or several calls); defect dicts pass
+        through in place."""
+        opts, gate = self._split_options(options)
+        out: list[Any] = list(entries)
+        idx = [i for i, e in enumerate(entries) if isinstance(e, Decoded)]
+        if idx:
+            rows = self._merge([out[i].x for i in idx], [out[i].name for i in idx], opts, gate)
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = row
+        return out
 
     def _merge(self, decoded: list[ImageRecord | tuple[ImageRecord, Any] | Defect],
                names: Sequence[str], opts: PredictOptions, gate: float | None

@@ -51,10 +51,14 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class Decoded:
-    """One image read and preprocessed, ready to join a batch (see ``decode_bytes``)."""
+    """One image read and preprocessed, ready to join a batch (see ``decode_bytes``).
+
+    ``x`` is the model input: the preprocessed array for a plain bundle, or what another
+    predictor kind needs (a cascade keeps the decoded record and its first-stage features).
+    """
 
     name: str
-    x: np.ndarray
+    x: Any
     meta: dict[str, Any]
 
 

@@ -60,7 +60,8 @@ class Metrics:
         self.batch_size = pc.Histogram("imgtriage_batch_size", "Images per inference call",
                                        buckets=BATCH_BUCKETS, registry=reg)
         self.inference = pc.Histogram("imgtriage_inference_duration_seconds",
-                                      "Decode + model time per inference call",
+                                      "Model time per inference call (uploads are decoded "
+                                      "before they queue)",
                                       buckets=LATENCY_BUCKETS, registry=reg)
         self.queue_depth = pc.Gauge("imgtriage_queue_depth", "Images waiting for inference",
                                     registry=reg)
