@@ -141,12 +141,13 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def batch_stats(port: int) -> tuple[float, float]:
-    """(sum, count) of the server's imgtriage_batch_size histogram."""
+def batch_stats(port: int) -> tuple[float, float, float]:
+    """Images, inference calls and seconds of inference so far, from the server's /metrics."""
     text = get(port, "/metrics")[1].decode()
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
-            if ln.startswith("imgtriage_batch_size_")}
-    return vals.get("imgtriage_batch_size_sum", 0.0), vals.get("imgtriage_batch_size_count", 0.0)
+            if ln.startswith(("imgtriage_batch_size_", "imgtriage_inference_duration_seconds_"))}
+    return (vals.get("imgtriage_batch_size_sum", 0.0), vals.get("imgtriage_batch_size_count", 0.0),
+            vals.get("imgtriage_inference_duration_seconds_sum", 0.0))
 
 
 # -- load ----------------------------------------------------------------------------------
@@ -186,14 +187,17 @@ def load_level(port: int, bodies, clients: int, duration: float, warmup: float) 
     for t in threads:
         t.start()
     time.sleep(max(0.0, record_from - time.monotonic()))
-    s0 = batch_stats(port)
+    s0, t_rec = batch_stats(port), time.monotonic()
     for t in threads:
         t.join(duration + warmup + 120)
     s1 = batch_stats(port)
     batches = s1[1] - s0[1]
     return {"clients": clients, "requests": len(lat), "errors": len(errors),
             "rps": round(len(lat) / duration, 2), **percentiles(lat),
-            "mean_batch": round((s1[0] - s0[0]) / batches, 2) if batches else None}
+            "mean_batch": round((s1[0] - s0[0]) / batches, 2) if batches else None,
+            # the model's own rate while it ran, and the share of the time it was running
+            "model_img_per_s": round((s1[0] - s0[0]) / (s1[2] - s0[2]), 1) if batches else None,
+            "model_busy": round((s1[2] - s0[2]) / (time.monotonic() - t_rec), 2)}
 
 
 # -- soak ------------------------------------------------------------------------------------
@@ -330,11 +334,13 @@ def report(res: dict) -> None:
         print(f"\nround {n}: direct Predictor (batch 1): {d['rps']} req/s, p50 {d['p50_ms']} ms, "
               f"p95 {d['p95_ms']} ms, p99 {d['p99_ms']} ms; batch 8: {d['batch8_img_per_s']} "
               "img/s")
-        print("| clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | errors |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("| clients | req/s | p50 ms | p95 ms | p99 ms | mean batch | model img/s | "
+              "model busy | errors |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for lv in rd["levels"]:
             print(f"| {lv['clients']} | {lv['rps']} | {lv['p50_ms']} | {lv['p95_ms']} | "
-                  f"{lv['p99_ms']} | {lv['mean_batch']} | {lv['errors']} |")
+                  f"{lv['p99_ms']} | {lv['mean_batch']} | {lv['model_img_per_s']} | "
+                  f"{lv['model_busy']:.0%} | {lv['errors']} |")
         print(f"round {n}: 8 clients / 1 client {ratio(rd['goals']['scaling_8_vs_1'])}, "
               f"p50 1 client / direct {ratio(rd['goals']['latency_ratio'])}")
     g = res["goals"]
