@@ -194,10 +194,13 @@ class CascadePredictor:
         except ImageReadError:  # e.g. a band count the feature spec cannot map
             return None
 
-    def _load(self, path: str) -> tuple[ImageRecord, Any] | Defect:
-        """Decoding-thread work for one file: decode once, prepare the first stage's input."""
-        rec = _decode(path, self.spec, path)
-        return rec if isinstance(rec, Defect) else (rec, self._prepare(rec, path))
+    def _load(self, source: str | bytes, name: str | None = None
+              ) -> tuple[ImageRecord, Any] | Defect:
+        """Decoding-thread work for one file or upload: decode once, prepare the first
+        stage's input."""
+        name = source if name is None else name
+        rec = _decode(source, self.spec, name)
+        return rec if isinstance(rec, Defect) else (rec, self._prepare(rec, name))
 
     def _accept(self, probs: np.ndarray, policy: DecisionPolicy, gate: float | None
                 ) -> np.ndarray:
@@ -340,12 +343,8 @@ class CascadePredictor:
         """Decode each item once and prepare its first-stage input (as
         :meth:`Predictor.decode_bytes`): a :class:`Decoded` or a defect dict per item."""
         names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
-        out: list[Decoded | dict[str, Any]] = []
-        for b, n in zip(items, names, strict=True):
-            rec = _decode(b, self.spec, n)
-            out.append(rec.to_dict() if isinstance(rec, Defect)
-                       else Decoded(n, (rec, self._prepare(rec, n)), {}))
-        return out
+        loaded = [(n, self._load(b, n)) for b, n in zip(items, names, strict=True)]
+        return [d.to_dict() if isinstance(d, Defect) else Decoded(n, d, {}) for n, d in loaded]
 
     def predict_decoded(self, entries: Sequence[Decoded | dict[str, Any]],
                         **options: Any) -> list[dict[str, Any]]:

@@ -181,10 +181,12 @@ class ModelRuntime:
                 decoded = await asyncio.get_running_loop().run_in_executor(
                     self._decoder, self.predictor.decode_bytes,
                     [uploads[i].data for i in todo], [uploads[i].name for i in todo])
-            ready = [(i, d) for i, d in zip(todo, decoded, strict=True) if isinstance(d, Decoded)]
+            ready: list[tuple[int, Decoded]] = []
             for i, d in zip(todo, decoded, strict=True):
-                if not isinstance(d, Decoded):
-                    entries[i] = d
+                if isinstance(d, Decoded):
+                    ready.append((i, d))
+                else:
+                    entries[i] = d  # a defect: it never enters a batch
             if ready:
                 future = self.batcher.enqueue([d for _, d in ready], [d.name for _, d in ready],
                                               opts)
