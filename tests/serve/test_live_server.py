@@ -59,6 +59,31 @@ def test_real_server_answers_like_the_predictor(live_server, predictor, digit_pn
     assert "imgtriage" in page.text
 
 
+def test_concurrent_clients_keep_sharing_batches(live_server, digit_pngs):
+    """Four clients that each send their next image as soon as they are answered: on a real
+    server their images keep going to the model together (about 3.9 images per call here,
+    the first calls being smaller; the exact waiting rules are pinned in test_batching)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(k: int) -> list[int]:
+        with httpx.Client(base_url=live_server.url, timeout=30) as http:
+            return [http.post("/v1/classify", files=[("files", (name, data, "image/png"))])
+                    .status_code for name, data in (digit_pngs * 3)[k::4]]
+
+    def batches() -> tuple[float, float]:
+        with httpx.Client(base_url=live_server.url, timeout=30) as http:
+            m = metric_samples(http)
+        return m[("imgtriage_batch_size_sum", ())], m[("imgtriage_batch_size_count", ())]
+
+    images0, calls0 = batches()
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [s for got in pool.map(client, range(4)) for s in got]
+    images1, calls1 = batches()
+    assert statuses == [200] * len(digit_pngs) * 3
+    assert images1 - images0 == len(digit_pngs) * 3
+    assert (images1 - images0) / (calls1 - calls0) >= 3.0  # 4 when all are always back
+
+
 @pytest.mark.parametrize("name, payload, status", [
     ("garbage request line", b"\x16\x03\x01 not http at all\r\n\r\n", 400),
     ("declared too large", b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: "
