@@ -98,10 +98,12 @@ def test_a_batch_waits_for_a_request_still_being_received():
     assert [names for names, _ in rec.batches] == [["first", "second"]]
 
 
-async def queued_behind_a_running_batch(b: Batcher, rec: Recorder, key: str = "k"):
-    """x1 runs (held at the gate) while y1 and z1 queue with ``key``; then x1 is answered."""
-    x1 = asyncio.ensure_future(b.submit([b"x"], ["x1"], "k"))
-    while not rec.batches:
+async def queued_behind_a_running_batch(b: Batcher, rec: Recorder, key: str = "k",
+                                        first: str = "x1"):
+    """``first`` runs (held at the gate) while y1 and z1 queue with ``key``; then ``first``
+    is answered."""
+    x1 = asyncio.ensure_future(b.submit([b"x"], [first], "k"))
+    while not any(first in names for names, _ in rec.batches):
         await asyncio.sleep(0.005)
     queued = [asyncio.ensure_future(b.submit([b"x"], [n], key)) for n in ("y1", "z1")]
     await asyncio.sleep(0.01)
@@ -139,6 +141,30 @@ def test_a_client_that_does_not_come_back_costs_at_most_max_wait():
 
     run(main())
     assert [names for names, _ in rec.batches] == [["x1"], ["y1", "z1"]]
+
+
+def test_clients_that_do_not_come_back_stop_being_waited_for():
+    """Independent users: nobody sends again soon after a batch. After a few such batches a
+    request queued behind a running one no longer waits for the client it answered."""
+    rec = Recorder()
+
+    async def main():
+        b = await started(rec, max_batch=16, max_wait_s=0.02)
+
+        async def one_round(i: int) -> None:
+            rec.gate.clear()
+            queued = await queued_behind_a_running_batch(b, rec, first=f"x{i}")
+            await asyncio.gather(*queued)
+            await asyncio.sleep(0.06)  # nothing arrives within the window after the batches
+
+        for i in range(3):
+            await one_round(i)
+        b.max_wait_s = 60.0  # a wait for the answered client would now time the test out
+        await one_round(3)
+        await b.stop()
+
+    run(main())
+    assert [names for names, _ in rec.batches][-2:] == [["x3"], ["y1", "z1"]]
 
 
 def test_jobs_with_other_options_do_not_wait_for_the_answered_clients():

@@ -13,10 +13,12 @@ It lasts at most ``max_wait_s``, counted from the later of the job's arrival and
 the previous batch, so the model never idles longer than that. The second rule keeps
 concurrent clients in one batch: without it, eight clients settle into two groups of four
 that alternate (each group queues while the other's batch runs), and a batch of four uses the
-cores less well than one of eight. A lone client never waits: its next request is the one
-expected. The batch runs in a single worker thread, so the event loop keeps accepting and
-parsing requests meanwhile. The queue is bounded in images: past ``max_queue`` a submit
-raises :class:`QueueFull` (503 + Retry-After).
+cores less well than one of eight. It is dropped while the answered clients have mostly *not*
+come back within ``max_wait_s`` of recent batches (independent users, who send when they
+like): then a queued request does not wait for them. A lone client never waits: its next
+request is the one expected. The batch runs in a single worker thread, so the event loop
+keeps accepting and parsing requests meanwhile. The queue is bounded in images: past
+``max_queue`` a submit raises :class:`QueueFull` (503 + Retry-After).
 
 Example:
     >>> async def demo():  # doctest: +SKIP
@@ -61,6 +63,42 @@ class _Job:
     arrived: float = field(default_factory=time.monotonic)
 
 
+class _ReturnTracker:
+    """How reliably the clients a batch answered send their next request in time.
+
+    Each batch end opens an observation (its end time, the images it answered). Once its
+    window (the batcher's ``max_wait_s`` after the end) has passed, the images that arrived
+    within it, capped at the number answered, over that number, move an average (weight
+    ``alpha``). Closed-loop clients keep it near 1; independent users (open-loop traffic)
+    drive it down, and queued requests then stop waiting for clients that are not coming
+    back. It starts at 1.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.rate = 1.0
+        self._open: deque[tuple[float, int]] = deque()  # (batch end, images answered)
+        self._arrivals: deque[tuple[float, int]] = deque()  # (time, images), while observing
+
+    def batch_ended(self, at: float, images: int) -> None:
+        self._open.append((at, images))
+
+    def arrived(self, at: float, images: int) -> None:
+        if self._open:
+            self._arrivals.append((at, images))
+
+    def reliable(self, now: float, window_s: float) -> bool:
+        """Close the observations whose window has passed; True while the average >= 0.5."""
+        while self._open and self._open[0][0] + window_s <= now:
+            end, answered = self._open.popleft()
+            came = sum(n for t, n in self._arrivals if end <= t < end + window_s)
+            self.rate += self.alpha * (min(1.0, came / max(answered, 1)) - self.rate)
+        oldest = self._open[0][0] if self._open else now
+        while self._arrivals and self._arrivals[0][0] < oldest:
+            self._arrivals.popleft()
+        return self.rate >= 0.5
+
+
 class Batcher:
     """Collect jobs into batches and run ``infer(items, names, key)`` on one worker thread.
 
@@ -84,6 +122,7 @@ class Batcher:
         self._free_since = 0.0  # when the previous batch ended (monotonic seconds)
         self._answered = 0  # images the previous batch answered: their clients come back
         self._answered_key: Hashable = None  # ... with the same options, most likely
+        self._returns = _ReturnTracker()
 
     @property
     def depth(self) -> int:
@@ -105,7 +144,8 @@ class Batcher:
         """A request is on its way, or the previous batch's clients are not all back."""
         if self._receiving > 0:
             return True
-        if key != self._answered_key:
+        if key != self._answered_key or not self._returns.reliable(time.monotonic(),
+                                                                          self.max_wait_s):
             return False
         back = sum(len(j.items) for j in self._queue
                    if j.key == key and j.arrived >= self._free_since and not j.future.done())
@@ -150,6 +190,7 @@ class Batcher:
         self.check_room(len(items))
         job = _Job(items, names, key, asyncio.get_running_loop().create_future())
         self._queue.append(job)
+        self._returns.arrived(job.arrived, len(items))
         self._set_depth(self._depth + len(items))
         self._wake.set()
         return job.future
@@ -187,6 +228,7 @@ class Batcher:
                     self._free_since = time.monotonic()
                     self._answered = sum(len(j.items) for j in batch)
                     self._answered_key = first.key
+                    self._returns.batch_ended(self._free_since, self._answered)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the collector must never die; each job got its error
