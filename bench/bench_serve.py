@@ -15,6 +15,9 @@ multipart uploads over keep-alive connections.
    Steps 1 and 2 repeat for ``--rounds`` rounds (the server idles while the direct calls
    run): each goal ratio is taken within a round, so the slow drift of a shared machine's
    speed cancels, and the median over the rounds is the figure.
+   With ``--open-loop F``, each round also sends independent requests (random arrival times,
+   F times the round's 1-client rate) and compares their p50 with the 1-client p50: the batcher
+   must not make independent users wait for clients that are not coming back.
 3. Soak: valid clients and abusive ones (garbage bytes, bad JSON/base64, oversized declared
    and chunked bodies, truncated images, uploads cut off mid-body, non-HTTP bytes) for
    ``--soak`` seconds; the server's RSS is sampled throughout. Pass: every valid request
@@ -200,6 +203,57 @@ def load_level(port: int, bodies, clients: int, duration: float, warmup: float) 
             "model_busy": round((s1[2] - s0[2]) / (time.monotonic() - t_rec), 2)}
 
 
+def open_loop_level(port: int, bodies, rate: float, duration: float, warmup: float) -> dict:
+    """Independent users: requests at random (Poisson) times, ``rate`` per second on average,
+    each sent when its time comes whatever the earlier ones are doing (a pool of keep-alive
+    connections). Latency of the requests sent inside the window."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lat: list[float] = []
+    errors: list[str] = []
+    local = threading.local()
+
+    def send(body: bytes, ctype: str, record: bool) -> None:
+        conn = getattr(local, "conn", None) or http.client.HTTPConnection("127.0.0.1", port,
+                                                                          timeout=60)
+        local.conn = conn
+        t = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/classify", body, {"Content-Type": ctype})
+            r = conn.getresponse()
+            r.read()
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(type(exc).__name__)
+            conn.close()
+            local.conn = None
+            return
+        if record:
+            (lat.append(time.perf_counter() - t) if r.status == 200
+             else errors.append(str(r.status)))
+
+    rng = random.Random(1)
+    start = time.monotonic()
+    record_from, stop_at = start + warmup, start + warmup + duration
+    s0 = None
+    with ThreadPoolExecutor(32) as pool:
+        due = start
+        while True:
+            due += rng.expovariate(rate)
+            if due >= stop_at:
+                break
+            time.sleep(max(0.0, due - time.monotonic()))
+            recording = time.monotonic() >= record_from
+            if recording and s0 is None:
+                s0 = batch_stats(port)
+            pool.submit(send, *bodies[rng.randrange(len(bodies))], recording)
+    s1 = batch_stats(port)
+    s0 = s0 or s1
+    batches = s1[1] - s0[1]
+    return {"rate": round(rate, 2), "requests": len(lat), "errors": len(errors),
+            **percentiles(lat),
+            "mean_batch": round((s1[0] - s0[0]) / batches, 2) if batches else None}
+
+
 # -- soak ------------------------------------------------------------------------------------
 def raw_send(port: int, payload: bytes, *, close_early: bool = False) -> int:
     """Send raw bytes; the status line's code, or -1 when the server closed without one."""
@@ -341,6 +395,11 @@ def report(res: dict) -> None:
             print(f"| {lv['clients']} | {lv['rps']} | {lv['p50_ms']} | {lv['p95_ms']} | "
                   f"{lv['p99_ms']} | {lv['mean_batch']} | {lv['model_img_per_s']} | "
                   f"{lv['model_busy']:.0%} | {lv['errors']} |")
+        ol = rd.get("open_loop")
+        if ol:
+            print(f"open loop (independent users) at {ol['rate']} req/s: p50 {ol['p50_ms']} ms, "
+                  f"p95 {ol['p95_ms']} ms, mean batch {ol['mean_batch']}, {ol['errors']} "
+                  f"errors; p50 / 1 client's p50 = {ol['p50_vs_1_client']}x")
         print(f"round {n}: 8 clients / 1 client {ratio(rd['goals']['scaling_8_vs_1'])}, "
               f"p50 1 client / direct {ratio(rd['goals']['latency_ratio'])}")
     g = res["goals"]
@@ -372,6 +431,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (direct, then each client level), interleaved; the goal "
                          "ratios are taken within each round and their median reported")
+    ap.add_argument("--open-loop", type=float, default=0.0,
+                    help="also send independent requests (Poisson arrivals) at this fraction "
+                         "of the round's 1-client rate and compare their p50 with 1 client's "
+                         "(0 = skip)")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     from imgtriage.predict import Predictor
@@ -391,6 +454,12 @@ def main() -> None:
                       "levels": [load_level(port, bodies, int(c), args.duration, args.warmup)
                                  for c in args.clients.split(",")]}
                 rd["goals"] = round_goals(rd["direct"], rd["levels"])
+                one = next((lv for lv in rd["levels"] if lv["clients"] == 1), None)
+                if args.open_loop > 0 and one:
+                    rd["open_loop"] = open_loop_level(port, bodies, args.open_loop * one["rps"],
+                                                      args.duration, args.warmup)
+                    rd["open_loop"]["p50_vs_1_client"] = round(
+                        rd["open_loop"]["p50_ms"] / one["p50_ms"], 2)
                 res["rounds"].append(rd)
             if args.soak > 0:
                 res["soak"] = soak(port, pid, bodies, jpegs, args.soak, valid_clients=4)
