@@ -154,28 +154,43 @@ def batch_stats(port: int) -> tuple[float, float, float]:
 
 
 # -- load ----------------------------------------------------------------------------------
+def connect(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+
+def timed_post(conn: http.client.HTTPConnection, body: bytes, ctype: str,
+               errors: list[str]) -> tuple[int, float] | None:
+    """One classify request on a keep-alive connection: (status, seconds), or None after a
+    transport error (recorded in ``errors``; the connection is closed: replace it)."""
+    t = time.perf_counter()
+    try:
+        conn.request("POST", "/v1/classify", body, {"Content-Type": ctype})
+        r = conn.getresponse()
+        r.read()
+    except (OSError, http.client.HTTPException) as exc:
+        errors.append(type(exc).__name__)
+        conn.close()
+        return None
+    return r.status, time.perf_counter() - t
+
+
+def record(answer: tuple[int, float], lat: list[float], errors: list[str]) -> None:
+    status, secs = answer
+    lat.append(secs) if status == 200 else errors.append(str(status))
+
+
 def client_loop(port: int, bodies: list[tuple[bytes, str]], stop_at: float, record_from: float,
                 lat: list[float], errors: list[str]) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = connect(port)
     i = random.randrange(len(bodies))
     while time.monotonic() < stop_at:
         body, ctype = bodies[i % len(bodies)]
         i += 1
-        t = time.perf_counter()
-        try:
-            conn.request("POST", "/v1/classify", body, {"Content-Type": ctype})
-            r = conn.getresponse()
-            r.read()
-        except (OSError, http.client.HTTPException) as exc:
-            errors.append(type(exc).__name__)
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            continue
-        if record_from <= time.monotonic() < stop_at:  # completions inside the window
-            if r.status == 200:
-                lat.append(time.perf_counter() - t)
-            else:
-                errors.append(str(r.status))
+        answer = timed_post(conn, body, ctype, errors)
+        if answer is None:
+            conn = connect(port)
+        elif record_from <= time.monotonic() < stop_at:  # completions inside the window
+            record(answer, lat, errors)
     conn.close()
 
 
@@ -213,23 +228,13 @@ def open_loop_level(port: int, bodies, rate: float, duration: float, warmup: flo
     errors: list[str] = []
     local = threading.local()
 
-    def send(body: bytes, ctype: str, record: bool) -> None:
-        conn = getattr(local, "conn", None) or http.client.HTTPConnection("127.0.0.1", port,
-                                                                          timeout=60)
-        local.conn = conn
-        t = time.perf_counter()
-        try:
-            conn.request("POST", "/v1/classify", body, {"Content-Type": ctype})
-            r = conn.getresponse()
-            r.read()
-        except (OSError, http.client.HTTPException) as exc:
-            errors.append(type(exc).__name__)
-            conn.close()
+    def send(body: bytes, ctype: str, recording: bool) -> None:
+        local.conn = getattr(local, "conn", None) or connect(port)
+        answer = timed_post(local.conn, body, ctype, errors)
+        if answer is None:
             local.conn = None
-            return
-        if record:
-            (lat.append(time.perf_counter() - t) if r.status == 200
-             else errors.append(str(r.status)))
+        elif recording:
+            record(answer, lat, errors)
 
     rng = random.Random(1)
     start = time.monotonic()
