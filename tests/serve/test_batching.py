@@ -167,6 +167,21 @@ def test_clients_that_do_not_come_back_stop_being_waited_for():
     assert [names for names, _ in rec.batches][-2:] == [["x3"], ["y1", "z1"]]
 
 
+def test_the_return_tracker_stays_bounded_when_batches_are_always_full():
+    """Full batches never ask whether the answered clients come back; what the tracker keeps
+    must still be trimmed at every batch, or a busy server would grow without end."""
+    rec = Recorder()
+
+    async def main():
+        b = await started(rec, max_batch=2, max_wait_s=0.0, max_queue=1000)
+        await asyncio.gather(*(b.submit([b"x"] * 2, [f"r{i}"] * 2, "k") for i in range(300)))
+        kept = len(b._returns._open) + len(b._returns._arrivals)
+        await b.stop()
+        return kept
+
+    assert run(main()) <= 4 and len(rec.batches) == 300
+
+
 def test_jobs_with_other_options_do_not_wait_for_the_answered_clients():
     rec = Recorder()
     rec.gate.clear()
@@ -200,7 +215,7 @@ def test_a_job_larger_than_max_batch_runs_alone():
     rec = Recorder()
 
     async def main():
-        b = await started(rec, max_batch=2, max_wait_s=0.0)
+        b = await started(rec, max_batch=2, max_wait_s=0.0, max_queue=1000)
         rows = await b.submit([b"x"] * 5, list("abcde"), "k")
         await b.stop()
         return rows

@@ -80,7 +80,8 @@ class _ReturnTracker:
         self._open: deque[tuple[float, int]] = deque()  # (batch end, images answered)
         self._arrivals: deque[tuple[float, int]] = deque()  # (time, images), while observing
 
-    def batch_ended(self, at: float, images: int) -> None:
+    def batch_ended(self, at: float, images: int, window_s: float) -> None:
+        self._settle(at, window_s)  # every batch: the queues stay bounded under any load
         self._open.append((at, images))
 
     def arrived(self, at: float, images: int) -> None:
@@ -88,7 +89,12 @@ class _ReturnTracker:
             self._arrivals.append((at, images))
 
     def reliable(self, now: float, window_s: float) -> bool:
-        """Close the observations whose window has passed; True while the average >= 0.5."""
+        """True while the average is at least one half."""
+        self._settle(now, window_s)
+        return self.rate >= 0.5
+
+    def _settle(self, now: float, window_s: float) -> None:
+        """Close the observations whose window has passed; forget arrivals none can use."""
         while self._open and self._open[0][0] + window_s <= now:
             end, answered = self._open.popleft()
             came = sum(n for t, n in self._arrivals if end <= t < end + window_s)
@@ -96,7 +102,6 @@ class _ReturnTracker:
         oldest = self._open[0][0] if self._open else now
         while self._arrivals and self._arrivals[0][0] < oldest:
             self._arrivals.popleft()
-        return self.rate >= 0.5
 
 
 class Batcher:
@@ -228,7 +233,8 @@ class Batcher:
                     self._free_since = time.monotonic()
                     self._answered = sum(len(j.items) for j in batch)
                     self._answered_key = first.key
-                    self._returns.batch_ended(self._free_since, self._answered)
+                    self._returns.batch_ended(self._free_since, self._answered,
+                                              self.max_wait_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the collector must never die; each job got its error
