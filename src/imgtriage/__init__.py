@@ -12,9 +12,18 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
+# The subpackage ``imgtriage.train`` and the function ``imgtriage.train`` share a name. Importing
+# a submodule binds it on its parent, so the package is imported here first (a namespace
+# package: nothing heavy runs) and the name is then rebound to the function below, for good.
+import imgtriage.train as _train_pkg  # noqa: F401  (bind the subpackage before the function)
 from imgtriage._version import __version__
+
+if TYPE_CHECKING:
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import TrainResult
 
 # Public name -> module that defines it. Imported on first use so that `import imgtriage`
 # stays cheap and the io layer never pulls in torch.
@@ -22,7 +31,6 @@ _EXPORTS = {
     "Predictor": "imgtriage.predict",
     "PredictOptions": "imgtriage.predict",
     "write_report": "imgtriage.predict",
-    "train": "imgtriage.train.run",
     "TrainConfig": "imgtriage.train.config",
     "TrainResult": "imgtriage.train.run",
     "fit": "imgtriage.train.loop",
@@ -43,7 +51,26 @@ _EXPORTS = {
     "DecisionPolicy": "imgtriage.evaluate.decision",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = ["__version__", *sorted([*_EXPORTS, "train"])]
+
+
+def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+          cfg: TrainConfig | None = None, *, quiet: bool = False,
+          resume: bool = False) -> TrainResult:
+    """Train a classifier and save its bundle under ``out_dir/bundle``: see
+    :func:`imgtriage.train.run.train` (imported on first call, so that ``import imgtriage``
+    stays cheap). ``cfg`` None is ``TrainConfig()``.
+
+    Example:
+        >>> import imgtriage
+        >>> cfg = imgtriage.TrainConfig(epochs=5)
+        >>> res = imgtriage.train("data/", "runs/a", cfg)  # doctest: +SKIP
+    """
+    from imgtriage.train.config import TrainConfig as _Config
+    from imgtriage.train.run import train as _train
+
+    return _train(data, out_dir, cfg if cfg is not None else _Config(), quiet=quiet,
+                  resume=resume)
 
 
 def __getattr__(name: str) -> Any:

@@ -120,7 +120,7 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
 
     Example:
         >>> b = load_bundle("runs/digits/bundle")  # doctest: +SKIP
-        >>> b.classes[:3]
+        >>> b.classes[:3]  # doctest: +SKIP
         ['0', '1', '2']
     """
     path = Path(path)

@@ -152,7 +152,7 @@ def discover(source: str | os.PathLike[str]) -> Dataset:
 
     Example:
         >>> ds = discover("data/digits")  # doctest: +SKIP
-        >>> ds.classes
+        >>> ds.classes  # doctest: +SKIP
         ('0', '1', ...)
     """
     src = Path(source)

@@ -1,4 +1,4 @@
-"""The batch report format (see DESIGN.md): meta, results, defects; and its writers."""
+"""The batch report format (README.md, "The report"): meta, results, defects; and its writers."""
 
 from __future__ import annotations
 

@@ -372,7 +372,7 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     Example:
         >>> res = train_fewshot("data/crops", "runs/fs")  # doctest: +SKIP
-        >>> res.bundle_path
+        >>> res.bundle_path  # doctest: +SKIP
         PosixPath('runs/fs/bundle')
     """
     from imgtriage.models.gallery import (

@@ -89,7 +89,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     Example:
         >>> groups = param_groups(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), 0.1, 0.05)
         >>> sorted((g["weight_decay"], len(g["params"])) for g in groups)
-        [(0.0, 3), (0.05, 1)]
+        [(0.0, 1), (0.0, 2), (0.05, 1)]
     """
     params = dict(model.named_parameters())
     skip = _no_decay(model)

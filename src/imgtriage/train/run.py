@@ -242,7 +242,7 @@ def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     Example:
         >>> res = train("data/digits", "runs/digits", TrainConfig(epochs=5))  # doctest: +SKIP
-        >>> res.bundle_path
+        >>> res.bundle_path  # doctest: +SKIP
         PosixPath('runs/digits/bundle')
     """
     info = init_distributed(cfg.device)
