@@ -90,3 +90,21 @@ def test_demo_end_to_end(tmp_path):
     assert all(d["message"] for d in report["defects"])
     summary = json.loads((tmp_path / "demo" / "demo-summary.json").read_text())
     assert summary["accuracy_on_inbox"] > 0.5
+
+
+def test_relative_data_path_splits_csv_is_reused_by_calibrate(digits_folder, tmp_path,
+                                                               monkeypatch):
+    """`train data/ --out runs/x` then `calibrate runs/x/bundle runs/x/splits.csv` (issue 19):
+    splits.csv paths must resolve from the manifest's folder, not the starting directory."""
+    for cls in ("d0", "d1", "d7"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for p in sorted((digits_folder / cls).glob("*.png"))[:10]:
+            (tmp_path / "data" / cls / p.name).write_bytes(p.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["train", "data", "--out", "runs/x", "--img-size", "16",
+                              "--epochs", "1", "--quiet", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["calibrate", "runs/x/bundle", "runs/x/splits.csv",
+                              "--split", "val"])
+    assert res.exit_code == 0, res.output
+    assert "temperature" in res.output

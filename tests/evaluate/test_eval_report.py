@@ -114,3 +114,22 @@ def test_to_uint8_and_thumbnail_edge_cases():
     assert uri is None and "shape" in err
     uri, err = thumbnail("x", lambda p: np.random.default_rng(0).random((500, 100)))
     assert err is None and uri.startswith("data:image/png;base64,")
+
+
+def test_positive_class_profile_shows_one_coverage(tmp_path):
+    """Issue 19: under a recall-first profile the abstain section and the decision section
+    of report.html showed two coverages (one ignored the positive class)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    logits = rng.normal(size=(200, 2)) + np.eye(2)[labels] * 1.5
+    policy = DecisionPolicy(thresholds=(0.8, 0.3), abstain=True, positive_class=1)
+    report = write_report(tmp_path, logits=logits, labels=labels, class_names=["safe", "unsafe"],
+                          paths=[f"p{i}" for i in range(200)], decision=policy,
+                          image_reader=lambda p: np.zeros((4, 4), np.float32))
+    decided = policy.decide(logits)
+    assert report["abstain"]["coverage"] == report["decision"]["coverage"] == pytest.approx(
+        1 - decided.abstained.mean())
+    assert report["abstain"]["abstain_count"] == int(decided.abstained.sum()) > 0
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    shown = set(re.findall(r'<td class="l">coverage</td><td class="">([0-9.]+)</td>', page))
+    assert len(shown) == 1, shown

@@ -107,10 +107,17 @@ def _manifest_rows(path: Path) -> Iterable[dict[str, str]]:
             yield from csv.DictReader(fh)
 
 
+def manifest_path(path: str | os.PathLike[str]) -> str:
+    """How a manifest row names ``path`` so that :func:`discover` finds it again wherever the
+    manifest is written: an absolute path (a relative one would be read relative to the
+    manifest's folder, not to the folder the run started in)."""
+    return os.path.abspath(path)
+
+
 def write_manifest(path: str | os.PathLike[str], paths: Sequence[str],
                    labels: Sequence[str]) -> Path:
     """Write a ``path,label`` CSV manifest that :func:`discover` reads back (parent folders
-    are created). Returns the path.
+    are created; relative paths are made absolute, see :func:`manifest_path`). Returns the path.
 
     Example:
         >>> write_manifest("labels.csv", ["a.png", "b.png"], ["cat", "dog"])  # doctest: +SKIP
@@ -122,7 +129,7 @@ def write_manifest(path: str | os.PathLike[str], paths: Sequence[str],
     with out.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label"])
-        w.writerows(zip(paths, labels, strict=True))
+        w.writerows((manifest_path(p), lab) for p, lab in zip(paths, labels, strict=True))
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgtriage.data.discovery import Dataset, Sample
+from imgtriage.data.discovery import Dataset, Sample, manifest_path
 from imgtriage.errors import ConfigError, DataError
 
 
@@ -80,14 +80,15 @@ def split_dataset(ds: Dataset, *, val_frac: float = 0.15, test_frac: float = 0.0
 
 
 def write_split_manifest(ds: Dataset, path: str | os.PathLike[str]) -> Path:
-    """Write ``path,label,group,split`` rows (CSV) so the run can be reproduced exactly."""
+    """Write ``path,label,group,split`` rows (CSV) so the run can be reproduced exactly; paths
+    are absolute, so ``discover(path)`` finds the same files from any working directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "group", "split"])
         for s in ds.samples:
-            w.writerow([s.path, s.label, s.group or "", s.split or ""])
+            w.writerow([manifest_path(s.path), s.label, s.group or "", s.split or ""])
     return path
 
 

@@ -1,7 +1,9 @@
 """What abstaining costs and buys: coverage, accuracy on what is kept, who gets abstained on.
 
 The rule is the one :class:`~imgtriage.evaluate.decision.DecisionPolicy` applies: the top class
-``k`` is kept when ``p_k >= thresholds[k]``, otherwise the input is abstained on.
+``k`` is kept when ``p_k >= thresholds[k]``, otherwise the input is abstained on. With a
+``positive_class`` (the recall-first rule) an input whose positive probability reaches that
+class's threshold is answered positive and never abstained on, as the policy does.
 """
 
 from __future__ import annotations
@@ -29,17 +31,31 @@ def _threshold_array(thresholds: Any, n_classes: int) -> np.ndarray:
     return t
 
 
-def abstain_mask(probs: Any, thresholds: Any) -> np.ndarray:
-    """True where the top class scores below its threshold (the input is abstained on).
+def _answers(p: np.ndarray, t: np.ndarray, positive_class: int | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(answered class, abstained) under the thresholds, as ``DecisionPolicy.decide`` rules."""
+    top = p.argmax(axis=1)
+    positive = np.zeros(len(p), dtype=bool)
+    if positive_class is not None:
+        if not 0 <= int(positive_class) < p.shape[1]:
+            raise ConfigError(f"positive class index {positive_class} is out of range "
+                              "(--positive-class)")
+        positive = p[:, positive_class] >= t[positive_class]
+        top = np.where(positive, int(positive_class), top)
+    return top, (p[np.arange(len(p)), top] < t[top]) & ~positive
+
+
+def abstain_mask(probs: Any, thresholds: Any, positive_class: int | None = None) -> np.ndarray:
+    """True where the answered class scores below its threshold (the input is abstained on).
 
     Example:
         >>> abstain_mask([[0.6, 0.4], [0.2, 0.8]], [0.7, 0.7]).tolist()
         [True, False]
+        >>> abstain_mask([[0.6, 0.4], [0.2, 0.8]], [0.7, 0.3], positive_class=1).tolist()
+        [False, False]
     """
     p = as_probs(probs)
-    t = _threshold_array(thresholds, p.shape[1])
-    top = p.argmax(axis=1)
-    return p[np.arange(len(p)), top] < t[top]
+    return _answers(p, _threshold_array(thresholds, p.shape[1]), positive_class)[1]
 
 
 def _rate(num: np.ndarray, den: np.ndarray) -> list[float | None]:
@@ -47,13 +63,15 @@ def _rate(num: np.ndarray, den: np.ndarray) -> list[float | None]:
 
 
 def abstain_summary(probs: Any, labels: Any, thresholds: Any,
-                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
+                    class_names: Sequence[str] | None = None,
+                    positive_class: int | None = None) -> dict[str, Any]:
     """Coverage, accuracy at coverage and per-class abstain rates under per-class thresholds.
 
     ``thresholds`` is one float per class, a single float for all, or None (never abstain).
     Per class, ``abstain_rate`` is over samples whose *true* class it is and
     ``predicted_abstain_rate`` over samples whose *top* class it is. ``accuracy_at_coverage``
-    is None when everything is abstained on.
+    is None when everything is abstained on. ``positive_class`` applies the recall-first rule
+    (see the module docstring), so the figures match what a policy with it answers.
 
     Example:
         >>> s = abstain_summary([[0.6, 0.4], [0.2, 0.8], [0.9, 0.1]], [1, 1, 0], [0.7, 0.7])
@@ -65,8 +83,7 @@ def abstain_summary(probs: Any, labels: Any, thresholds: Any,
     y = as_labels(labels, n, n_classes)
     names = check_class_names(class_names, n_classes) if class_names is not None else None
     t = _threshold_array(thresholds, n_classes)
-    top = p.argmax(axis=1)
-    abstained = p[np.arange(n), top] < t[top]
+    top, abstained = _answers(p, t, positive_class)
     kept = ~abstained
     correct = top == y
     n_kept = int(kept.sum())

@@ -73,7 +73,8 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
                             profile=profile,
                             positive_class=positive_class if picked[0] is not None else None)
     decided = policy.decide(z)
-    summary["abstain"] = (abstain_summary(probs, y, picked[0], names)
+    summary["abstain"] = (abstain_summary(probs, y, picked[0], names,
+                                          positive_class=policy.positive_class)
                           if picked[0] is not None else None)
     summary["drift_reference"] = reference_summary(probs, decided.abstained, class_names=names)
     return policy, json_safe(summary)

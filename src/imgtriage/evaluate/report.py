@@ -113,7 +113,8 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
             n_confused_pairs=n_confused_pairs)
     if policy is not None and policy.thresholds is not None:
         report["abstain"] = {"enabled": policy.abstain,
-                             **abstain_summary(probs, y, policy.thresholds, names)}
+                             **abstain_summary(probs, y, policy.thresholds, names,
+                                                positive_class=policy.positive_class)}
     if policy is not None and policy.conformal is not None:
         sets = prediction_sets_from_dict(policy.conformal, probs)
         report["conformal"] = {"settings": policy.conformal,
