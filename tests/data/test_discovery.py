@@ -134,3 +134,44 @@ def test_written_manifest_is_discovered_back(tmp_path):
     assert [(s.path, s.label) for s in ds.samples] == list(zip(paths, labels, strict=True))
     with pytest.raises(DataError, match="one label per path"):
         write_manifest(tmp_path / "bad.csv", paths, labels[:3])
+
+
+def test_train_test_layout_gets_a_validation_split_carved_from_train(tmp_path):
+    for split, n in (("train", 10), ("test", 4)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", i)
+    ds = split_dataset(discover(tmp_path), val_frac=0.2, seed=0)
+    per = Counter((s.label, s.split) for s in ds.samples)
+    assert (per["a", "val"], per["b", "val"]) == (2, 2)
+    assert (per["a", "train"], per["b", "train"]) == (8, 8)
+    assert (per["a", "test"], per["b", "test"]) == (4, 4)  # the given test split is kept
+    assert all("test" in s.path for s in ds.samples if s.split == "test")
+
+
+def test_manifest_with_train_and_test_only_gets_groups_kept_together_in_val(tmp_path):
+    rows = ["path,label,group,split"]
+    for g in range(20):
+        for k in range(2):
+            p = tmp_path / f"g{g}_{k}.png"
+            _png(p)
+            rows.append(f"{p.name},{'a' if g % 2 else 'b'},grp{g},{'test' if g < 4 else 'train'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    ds = split_dataset(discover(tmp_path / "m.csv"), val_frac=0.25, seed=0)
+    splits = Counter(s.split for s in ds.samples)
+    assert splits["val"] > 0 and splits["test"] == 8
+    by_group = {}
+    for s in ds.samples:
+        by_group.setdefault(s.group, set()).add(s.split)
+    assert all(len(v) == 1 for v in by_group.values())
+
+
+def test_a_grouping_that_leaves_validation_empty_says_how_to_fix_it(tmp_path):
+    rows = ["path,label,group"]
+    for i in range(8):  # one group per class: a group cannot be split
+        p = tmp_path / f"{i}.png"
+        _png(p)
+        rows.append(f"{p.name},{'a' if i % 2 else 'b'},{'ga' if i % 2 else 'gb'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    with pytest.raises(DataError, match=r"val split came out empty.*group.*split=val"):
+        split_dataset(discover(tmp_path / "m.csv"), val_frac=0.2, seed=0)

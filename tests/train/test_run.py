@@ -152,3 +152,26 @@ def test_auto_model_says_why(imbalanced_folder, tmp_path):
 def test_conservative_classes_must_exist(imbalanced_folder, tmp_path):
     with pytest.raises(ConfigError, match="--conservative-classes"):
         train(imbalanced_folder, tmp_path, tiny_cfg(conservative_classes="flats"), quiet=True)
+
+
+def test_train_test_layout_validates_on_a_carved_split_and_never_counts_test(
+        imbalanced_folder, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    for c in ("d0", "d1", "d2"):
+        files = sorted((imbalanced_folder / c).iterdir())
+        for i, f in enumerate(files):
+            split = "test" if i < 2 else "train"
+            (data / split / c).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, data / split / c / f.name)
+    res = train(data, tmp_path / "run", tiny_cfg(epochs=1))
+    err = capsys.readouterr().err
+    splits = [line.split(",")[3] for line in
+              (tmp_path / "run" / "splits.csv").read_text().splitlines()[1:]]
+    n_val = splits.count("val")
+    assert n_val > 0 and splits.count("test") == 6
+    assert f"{n_val} val (carved from train" in err and "6 test (held out" in err
+    counts = load_bundle(res.bundle_path).manifest["training"]["counts"]
+    assert sum(counts.values()) == 38 - 6
+    assert res.metrics["val_count"] == n_val

@@ -49,7 +49,10 @@ def _parameters() -> list[inspect.Parameter]:
                           default=typer.Argument(..., help="Folder of class folders "
                                                  "(optionally under train/val/test) or a "
                                                  "CSV/JSONL manifest with path,label[,group]"
-                                                 "[,split].")),
+                                                 "[,split]. Rows with the same group (one "
+                                                 "recording, part or patient) always land "
+                                                 "in the same split; without a val split, "
+                                                 "validation is carved from train.")),
         inspect.Parameter("out", kw, annotation=Path, default=typer.Option(
             Path("runs/latest"), "--out", "-o", help="Run directory: config, splits, "
             "metrics log, curves, checkpoint/, bundle/.")),

@@ -42,12 +42,24 @@ def _assign_units(units: list[str], fracs: dict[str, float], rng: np.random.Gene
     return out
 
 
+GROUP_HELP = ("A manifest's optional 'group' column names files that must stay together "
+              "(frames of one recording, crops of one part, photos of one patient): a whole "
+              "group goes to one split, so validation never sees a relative of a training "
+              "image.")
+
+
 def split_dataset(ds: Dataset, *, val_frac: float = 0.15, test_frac: float = 0.0,
                   seed: int = 0) -> Dataset:
     """Assign a split to every sample that has none; samples with a split keep it.
 
+    A validation split always exists when ``val_frac > 0``: when the data names no ``val``
+    split (a ``train/`` + ``test/`` layout, a manifest with only ``split=train/test``), it is
+    carved from the training samples (those marked ``train`` and those without a split).
+
     Stratified by class; when samples carry a ``group``, whole groups go to one split (the
     group's majority class is used for stratification). Deterministic for a given seed.
+    A grouping that leaves validation or training empty is a :class:`DataError` that says
+    how to fix it.
 
     Example:
         >>> ds = split_dataset(discover("data"), val_frac=0.2, seed=1)  # doctest: +SKIP
@@ -60,8 +72,20 @@ def split_dataset(ds: Dataset, *, val_frac: float = 0.15, test_frac: float = 0.0
     fracs = {k: f for k, f in (("val", 0 if has_val else val_frac),
                                ("test", 0 if has_test else test_frac)) if f > 0}
     rng = np.random.default_rng(seed)
-    todo = [s for s in ds.samples if s.split is None]
+    # without a val split, the training samples are carved too; a given test split is kept
+    free = {None} if has_val else {None, "train"}
+    todo = [s for s in ds.samples if s.split in free]
     unit_of = {id(s): (s.group if s.group is not None else f"\0{s.path}") for s in todo}
+    assignment = _assign(todo, unit_of, fracs, rng)
+    samples = tuple(replace(s, split=assignment[unit_of[id(s)]]) if s.split in free else s
+                    for s in ds.samples)
+    _check_nonempty(samples, todo, fracs)
+    return replace(ds, samples=samples)
+
+
+def _assign(todo: list[Sample], unit_of: dict[int, str], fracs: dict[str, float],
+            rng: np.random.Generator) -> dict[str, str]:
+    """Split of every unit (a group, or one file), stratified by the unit's majority class."""
     by_class: dict[str, list[str]] = defaultdict(list)
     unit_labels: dict[str, list[str]] = defaultdict(list)
     for s in todo:
@@ -72,11 +96,24 @@ def split_dataset(ds: Dataset, *, val_frac: float = 0.15, test_frac: float = 0.0
     assignment: dict[str, str] = {}
     for label in sorted(by_class):
         assignment.update(_assign_units(sorted(by_class[label]), fracs, rng))
-    samples = tuple(replace(s, split=assignment[unit_of[id(s)]]) if s.split is None else s
-                    for s in ds.samples)
-    if not any(s.split == "train" for s in samples):
-        raise DataError("no sample left for training after the split; lower --val-frac")
-    return replace(ds, samples=samples)
+    return assignment
+
+
+def _check_nonempty(samples: tuple[Sample, ...], todo: list[Sample],
+                    fracs: dict[str, float]) -> None:
+    splits = {s.split for s in samples}
+    grouped = any(s.group is not None for s in todo)
+    n_units = len({s.group if s.group is not None else s.path for s in todo})
+    how = (f" The {n_units} units being split are whole groups ('group' column): give more, "
+           "smaller groups, or mark some rows split=val in the manifest." if grouped else "")
+    if "train" not in splits:
+        raise DataError("no sample left for training after the split; lower --val-frac/"
+                        "--test-frac" + how)
+    for split, frac in fracs.items():  # tiny ungrouped data may go without; groups may not
+        if split not in splits and todo and grouped:
+            raise DataError(f"the {split} split came out empty ({len(todo)} samples, "
+                            f"--{split}-frac {frac}): raise --{split}-frac, add labelled "
+                            f"images, or give rows split={split} yourself.{how}")
 
 
 def write_split_manifest(ds: Dataset, path: str | os.PathLike[str]) -> Path:

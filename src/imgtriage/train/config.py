@@ -90,7 +90,10 @@ class TrainConfig:
     lr: float = _f(1e-3, "Peak learning rate (before --lr-ref-batch scaling).")
     weight_decay: float = _f(1e-4, "Weight decay (never applied to biases and norm layers).")
     val_frac: float = _f(0.15, "Share of each class held out for validation when the data has "
-                               "no val split.")
+                               "no val split (a train/+test/ layout or split=train/test rows "
+                               "get one carved from train). Rows sharing a manifest 'group' "
+                               "(frames of one recording, crops of one part) stay in one "
+                               "split.")
     test_frac: float = _f(0.0, "Share held out as a test split.")
     select_metric: str = _f("val_accuracy", "Metric that picks the best epoch and drives early "
                                             "stopping: " + ", ".join(SELECT_METRICS) + ".")

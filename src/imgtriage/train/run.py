@@ -207,7 +207,8 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                    "val_macro_f1": best["val_macro_f1"], "val_count": info["n_val"], **metrics}
     manifest = new_manifest(model_name=cfg.model, model_kwargs=kwargs, in_chans=cfg.in_chans,
                             preprocess=spec.to_dict(), classes=list(ds.classes),
-                            training={"config": cfg.to_dict(), "counts": ds.counts(),
+                            training={"config": cfg.to_dict(),
+                                      "counts": fit_counts(ds.classes, samples_by_split(ds)),
                                       "data": str(data), "model_choice": info["reason"],
                                       "loss": result.loss_plan}, metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
@@ -215,13 +216,34 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
     return save_bundle(run / "bundle", manifest, model.state_dict()), metrics
 
 
-def _prepare(data: Any, run: Path, cfg: TrainConfig, info: DistInfo
+def fit_counts(classes: tuple[str, ...], parts: dict[str, list]) -> dict[str, int]:
+    """Images per class the run learns from (train + val); the test split is never counted."""
+    counts = {c: 0 for c in classes}
+    for split in ("train", "val"):
+        for s in parts.get(split, []):
+            counts[s.label] += 1
+    return counts
+
+
+def split_line(parts: dict[str, list], *, carved: bool) -> str:
+    """One line saying how big each split is and where validation came from."""
+    n = {k: len(parts.get(k, [])) for k in ("train", "val", "test")}
+    where = ("carved from train, stratified and group-aware (--val-frac)" if carved
+             else "given by the data")
+    text = f"splits: {n['train']} train / {n['val']} val ({where})"
+    if n["test"]:
+        text += f" / {n['test']} test (held out, never used here)"
+    if not n["val"]:
+        text += " | no validation images: best epoch = last, the bundle stays uncalibrated"
+    return text
+
+
+def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
              ) -> tuple[Any, dict[str, list], TrainConfig, str]:
-    ds = split_dataset(discover(data), val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-                       seed=cfg.seed)
+    ds = split_dataset(given, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed)
     parts = samples_by_split(ds)
     if "train" not in parts:
-        raise DataError(f"no training samples in {data}; lower --val-frac/--test-frac")
+        raise DataError("no training samples; lower --val-frac/--test-frac")
     counts = {c: 0 for c in ds.classes}
     for s in parts["train"]:
         counts[s.label] += 1
@@ -258,11 +280,14 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     set_threads(cfg.num_threads, info.local_world_size)
     run.mkdir(parents=True, exist_ok=True)
     ckpt = find_checkpoint(run) if resume else None
-    ds, parts, cfg, reason = _prepare(data, run, cfg, info)
+    ds_given = discover(data)
+    ds, parts, cfg, reason = _prepare(ds_given, run, cfg, info)
     spec = resolve_spec(cfg, cfg.in_chans)
     conservative = _conservative_ids(cfg, ds.classes)
     say = functools.partial(_say, quiet=quiet)
-    say(f"{len(ds.classes)} classes, {ds.counts()} | {cfg.in_chans} channel(s) at "
+    say(split_line(parts, carved=not any(s.split == "val" for s in ds_given.samples)))
+    say(f"{len(ds.classes)} classes, {fit_counts(ds.classes, parts)} | {cfg.in_chans} "
+        f"channel(s) at "
         f"{spec.size[0]}x{spec.size[1]} | model {cfg.model} ({reason})"
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
     src = _sources(data, parts, ds.classes, spec, cfg, info, say)
