@@ -39,15 +39,12 @@ KNOWN: set[tuple[str, str]] = {
     ("imgtriage/bundle/export.py", "imgtriage.evaluate.decision"),
     ("imgtriage/bundle/manifest.py", "imgtriage.evaluate.decision"),
     ("imgtriage/bundle/store.py", "imgtriage.models"),
-    ("imgtriage/integrations/_ray_blocks.py", "imgtriage.predict.batch"),
     ("imgtriage/models/gallery.py", "imgtriage.predict.predictor"),
     ("imgtriage/models/gallery.py", "imgtriage.bundle"),
     ("imgtriage/models/gallery.py", "imgtriage.predict.kinds"),
     ("imgtriage/models/gallery.py", "imgtriage.predict.report"),
     ("imgtriage/models/gallery_edit.py", "imgtriage.bundle"),
     ("imgtriage/models/gallery_edit.py", "imgtriage.evaluate.decision"),
-    ("imgtriage/predict/cascade.py", "imgtriage.io._finish"),
-    ("imgtriage/predict/predictor.py", "imgtriage.io._finish"),
 }
 
 

@@ -46,10 +46,10 @@ def _spec(spec: dict[str, Any]):
 def _decode_one(path: str, cwd: str, spec: Any) -> tuple[np.ndarray, dict[str, Any]] | Defect:
     """Decode ``path`` (relative to the driver's ``cwd``) exactly as the local engine does;
     a defect names the path as the user gave it."""
-    from imgtriage.predict.batch import _decode
+    from imgtriage.predict.batch import decode_file
 
     full = os.path.join(cwd, path)
-    out = _decode(full, spec)
+    out = decode_file(full, spec)
     if isinstance(out, Defect) and full != path:
         return Defect(path, out.issue, out.message.replace(full, path))
     return out

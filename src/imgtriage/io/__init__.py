@@ -13,7 +13,7 @@ Example:
     ('fits', 30.0)
 """
 
-from imgtriage.io._reader import read_image, try_read_image
+from imgtriage.io._reader import read_array, read_image, try_read_image
 from imgtriage.io._sniff import SUPPORTED_EXTENSIONS, is_supported_path, sniff_format
 from imgtriage.io._types import DEFECT_ISSUES, Defect, DefectIssue, ImageRecord, ReadPolicy
 
@@ -25,6 +25,7 @@ __all__ = [
     "ImageRecord",
     "ReadPolicy",
     "is_supported_path",
+    "read_array",
     "read_image",
     "sniff_format",
     "try_read_image",

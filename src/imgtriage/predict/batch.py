@@ -45,7 +45,7 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
             yield str(path)
 
 
-def _decode(path: str, spec) -> Decoded:
+def decode_file(path: str, spec) -> Decoded:
     """One file -> (input, meta) or a Defect; nothing a file does can raise out of here."""
     try:
         return load_input(path, spec)
@@ -57,7 +57,7 @@ def _decode(path: str, spec) -> Decoded:
 
 def _decode_many(paths: list[str], spec) -> list[Decoded]:
     """A slice of a batch in one task (process workers: one pickle round trip per slice)."""
-    return [_decode(p, spec) for p in paths]
+    return [decode_file(p, spec) for p in paths]
 
 
 def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
@@ -90,7 +90,7 @@ class _Decoder:
 
     def submit(self, chunk: list[str]) -> list[Future]:
         if self.kind == "thread":
-            return [self.pool.submit(_decode, p, self.spec) for p in chunk]
+            return [self.pool.submit(decode_file, p, self.spec) for p in chunk]
         step = -(-len(chunk) // self.workers)
         return [self.pool.submit(_decode_many, chunk[i:i + step], self.spec)
                 for i in range(0, len(chunk), step)]

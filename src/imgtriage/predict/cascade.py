@@ -43,7 +43,7 @@ from imgtriage.data.features import FeatureStandardizer, raw_features
 from imgtriage.data.preprocess import PreprocessSpec, load_record, to_input
 from imgtriage.errors import BundleIntegrityError, BundleSchemaError, ImageReadError
 from imgtriage.evaluate.decision import DecisionPolicy, softmax
-from imgtriage.io import Defect, ImageRecord
+from imgtriage.io import Defect, ImageRecord, read_array
 from imgtriage.predict._cascade_build import CascadeConfig, CascadeResult, build_cascade
 from imgtriage.predict._first_stage import stage_from_dict
 from imgtriage.predict.kinds import register_kind
@@ -424,13 +424,10 @@ class CascadePredictor:
 
 def _array_record(array: Any, name: str, spec: PreprocessSpec) -> ImageRecord | Defect:
     """An in-memory image through the readers' last step, as ``Predictor.predict_arrays``."""
-    from imgtriage.io._finish import finish
-
-    a = np.asarray(array)
-    if a.dtype.kind not in "biuf" or a.ndim not in (2, 3) or 0 in a.shape:
-        return Defect(name, "bad_shape", f"expected a numeric (H, W) or (H, W, C) array, got "
-                                         f"dtype {a.dtype} and shape {tuple(a.shape)}")
-    return finish(np.array(a), {"format": "array"}, spec.read)
+    try:
+        return read_array(array, policy=spec.read, name=name)
+    except ImageReadError as exc:
+        return exc.defect
 
 
 def _decode(source: str | bytes, spec: PreprocessSpec, name: str) -> ImageRecord | Defect:

@@ -24,7 +24,7 @@ from imgtriage.data.features import (
 from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input, record_input
 from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
-from imgtriage.io import Defect
+from imgtriage.io import Defect, read_array
 from imgtriage.predict.report import report_meta, result_row
 
 TTA_TRANSFORMS = {
@@ -229,17 +229,10 @@ class Predictor:
                                    PredictOptions(**options))
 
     def _array_input(self, array: Any, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """An in-memory image through the same final step as a file read (non-finite values
-        filled by the read policy, the constant-image flag), then ``to_input``."""
-        from imgtriage.io._finish import finish
-
-        a = np.asarray(array)
-        if a.dtype.kind not in "biuf" or a.ndim not in (2, 3) or 0 in a.shape:
-            raise ImageReadError(Defect(name, "bad_shape",
-                                        f"expected a numeric (H, W) or (H, W, C) array, got "
-                                        f"dtype {a.dtype} and shape {tuple(a.shape)}"))
-        record = finish(np.array(a), {"format": "array"}, self.spec.read)
-        return record_input(record, self.spec, path=name)
+        """An in-memory image through the same final step as a file read
+        (:func:`imgtriage.io.read_array`), then ``to_input``."""
+        return record_input(read_array(array, policy=self.spec.read, name=name), self.spec,
+                            path=name)
 
     def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
                       **options: Any) -> list[dict[str, Any]]:
