@@ -176,6 +176,13 @@ def service_metrics(rows: list[dict[str, Any]], photos: list[tuple[str, str]],
     ``classes`` in the bundle's output order (class_id indexes it), not the --classes order.
     """
     truth = [classes.index(label) for _, label in photos]
+
+    def best(r: dict[str, Any]) -> int | None:
+        """The most likely class of a result row (an abstained row's class_id is -1)."""
+        if "class_id" not in r:
+            return None
+        return classes.index(r["best_class"]) if r["abstained"] else r["class_id"]
+
     ok = [r for r in rows if "class_id" in r]
     answered = [(r, t) for r, t in zip(rows, truth, strict=True)
                 if "class_id" in r and not r["abstained"]]
@@ -183,12 +190,12 @@ def service_metrics(rows: list[dict[str, Any]], photos: list[tuple[str, str]],
     for k, c in enumerate(classes):
         mine = [r for r, t in zip(rows, truth, strict=True) if t == k and "class_id" in r]
         per_class[c] = {"support": len(mine),
-                        "recall": sum(r["class_id"] == k for r in mine) / len(mine)
+                        "recall": sum(best(r) == k for r in mine) / len(mine)
                         if mine else None,
                         "abstained": sum(r["abstained"] for r in mine)}
     return {
         "n": len(rows), "results": len(ok), "defects": len(rows) - len(ok),
-        "accuracy": sum(r.get("class_id") == t for r, t in zip(rows, truth, strict=True))
+        "accuracy": sum(best(r) == t for r, t in zip(rows, truth, strict=True))
         / len(rows),
         "coverage": len(answered) / len(rows),
         "accuracy_at_coverage": (sum(r["class_id"] == t for r, t in answered) / len(answered)

@@ -147,3 +147,24 @@ def test_progress_counts_rate_and_eta(tmp_path):
     with quiet:
         quiet.done(3)
     assert quiet.total is None and "ETA" not in quiet.line()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_abstained_rows_have_class_id_minus_one_in_every_format(tiny_bundle, inbox, tmp_path,
+                                                                 suffix):
+    """Issue 19: one stable class_id (-1) for "unknown"; the best class stays readable."""
+    out = tmp_path / f"r{suffix}"
+    res = runner.invoke(app, ["predict", str(tiny_bundle), str(inbox), "--output", str(out),
+                              "--thresholds", "0.999", "--abstain", "--backend", "torch",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    _, results, _ = _read(out)
+    classes = Predictor.load(tiny_bundle, backend="torch").classes
+    abstained = [r for r in results if r["abstained"]]
+    assert abstained and len(results) == 6
+    for r in results:
+        if r["abstained"]:
+            assert r["class_id"] == -1 and r["class"] == "unknown"
+            assert r["best_class"] in classes
+        else:
+            assert classes[r["class_id"]] == r["class"] and not r.get("best_class")

@@ -65,6 +65,7 @@ def test_profile_abstains_with_conformal_sets(client, digit_pngs):
     files = [("files", (n, b, "image/png")) for n, b in digit_pngs[:4]]
     rows = client.post("/v1/classify?profile=strict", files=files).json()["results"]
     assert all(r["abstained"] and r["class"] == "unknown" for r in rows)
+    assert all(r["class_id"] == -1 and r["best_class"].startswith("d") for r in rows)
     assert all(isinstance(r["set"], list) for r in rows)
     default = client.post("/v1/classify", files=files).json()["results"]
     assert not any(r["abstained"] for r in default) and "set" not in default[0]

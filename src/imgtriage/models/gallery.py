@@ -387,7 +387,8 @@ class GalleryPredictor(Predictor):
             rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
                                    cid, d.score[i], abstained, probs=probs, topk=topk,
                                    pred_set=pred_set, flags=flags,
-                                   extra={"similarity": round(float(best[i]), 6)}))
+                                   extra={"similarity": round(float(best[i]), 6)},
+                                   best_class=self.classes[cid]))
         return rows
 
     def gallery_summary(self) -> dict[str, Any]:

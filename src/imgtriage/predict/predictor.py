@@ -215,7 +215,8 @@ class Predictor:
             flags = ["degenerate"] if metas and metas[i].get("degenerate") else None
             rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
                                    cid, d.score[i], abstained, probs=probs, topk=topk,
-                                   pred_set=pred_set, flags=flags))
+                                   pred_set=pred_set, flags=flags,
+                                   best_class=self.classes[cid]))
         return rows
 
     # -- public entry points -------------------------------------------------------------

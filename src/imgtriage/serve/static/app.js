@@ -109,7 +109,7 @@ function render(node, entry, classes) {
   }
   cls.textContent = entry.class;
   node.querySelector(".score").textContent = `score ${entry.score.toFixed(3)}`;
-  const best = classes[entry.class_id];
+  const best = entry.abstained ? entry.best_class : classes[entry.class_id];
   if (entry.abstained) {
     node.classList.add("abstained");
     node.querySelector(".note").textContent =
