@@ -23,7 +23,9 @@ from imgtriage.train.config import TrainConfig, field_default, flag
 # First field of each section -> the --help panel it starts.
 PANELS = {"model": "Model and input", "epochs": "Run", "loss_strategy": "Class imbalance",
           "label_smoothing": "Regularisation and augmentation", "optimizer": "Optimisation",
-          "freeze_epochs": "Transfer learning", "cache": "Data pipeline and checkpoints"}
+          "freeze_epochs": "Transfer learning",
+          "unlabeled": "Semi-supervised (unlabelled images)",
+          "cache": "Data pipeline and checkpoints"}
 _AS_TEXT = {"model_kwargs", "pretrained", "conservative_classes"}  # parsed in _to_config
 
 

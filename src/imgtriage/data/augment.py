@@ -35,7 +35,7 @@ MAX_MAGNITUDE = {"translate": 0.2, "rotate": 30.0, "scale": 0.25, "shear": 0.3,
 FLIP_SETS = ("none", "hflip", "d4")
 # Policy name -> the flip set it always uses (None: the modality's flip set).
 FIXED_FLIPS = {"none": "none", "flip": "hflip", "flip_rot90": "d4", "shift": "hflip",
-               "light": None, "randaug": None}
+               "weak": None, "light": None, "randaug": None}
 
 
 def _random_flip(x: torch.Tensor, g: torch.Generator, dim: int) -> torch.Tensor:
@@ -169,7 +169,7 @@ class AugmentPolicy:
         if self.name == "none":
             return x
         x = _random_flips(x, g, self.effective_flips)
-        if self.name == "shift":
+        if self.name in ("shift", "weak"):  # weak: the modality's flips + small shifts
             return _random_shift(x, g)
         if self.name not in ("light", "randaug") or self.strength == 0:
             return x

@@ -12,13 +12,17 @@ explains it):
 4. 500 labels or more -> the deeper ``deep_cnn``, unless the images are smaller than 48 px (its
    four pooling stages would leave nothing), where ``crop_cnn`` stays.
 
+With M unlabelled images (``--unlabeled``), semi-supervised training pseudo-labels them, so
+the rules are applied as if the M were labelled too (spread evenly over the classes), and
+the sentence says so.
+
 The input size defaults to the median image side, clamped to the chosen model's range.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -83,7 +87,8 @@ def _size(side: int, lo: int, hi: int) -> int:
 
 
 def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str | bool = False,
-                 backbone: str = "resnet18", img_size: int | None = None) -> ModelChoice:
+                 backbone: str = "resnet18", img_size: int | None = None,
+                 unlabeled: int = 0) -> ModelChoice:
     """Pick a model for these training label counts and images; say why.
 
     Example:
@@ -94,7 +99,12 @@ def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str |
         'deep_cnn'
         >>> [choose_model(dict.fromkeys("abcde", n), probe).model for n in (5, 20, 100)]
         ['siamese', 'crop_cnn', 'deep_cnn']
+        >>> choose_model(dict.fromkeys("abcde", 5), probe, unlabeled=2000).model
+        'deep_cnn'
     """
+    if unlabeled > 0:
+        return _with_unlabeled(counts, probe, unlabeled, pretrained=pretrained,
+                               backbone=backbone, img_size=img_size)
     n = np.asarray(list(counts.values()), dtype=np.int64)
     total, per = int(n.sum()), float(np.median(n)) if len(n) else 0.0
     side = min(probe.median_hw)
@@ -124,3 +134,16 @@ def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str |
                            f"crop_cnn{note}")
     return ModelChoice("deep_cnn", img_size or _size(side, DEEP_MIN_SIDE, 96),
                        f"{facts}: {SHALLOW_TOTAL} labels or more -> the deeper deep_cnn{note}")
+
+
+def _with_unlabeled(counts: dict[str, int], probe: ImageProbe, unlabeled: int,
+                    **kw: object) -> ModelChoice:
+    """Choose as if the ``unlabeled`` images were labelled (pseudo-labels), and say so."""
+    share = unlabeled // max(1, len(counts))
+    grown = {c: n + share for c, n in counts.items()}
+    choice = choose_model(grown, probe, **kw)  # type: ignore[arg-type]
+    n = sum(counts.values())
+    return replace(choice, reason=(
+        f"{n} labels and {unlabeled} unlabelled images: semi-supervised training "
+        f"(--semi-method) pseudo-labels the unlabelled ones, so the model is chosen as for "
+        f"up to {sum(grown.values())} labels. {choice.reason}"))

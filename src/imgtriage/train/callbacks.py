@@ -54,6 +54,7 @@ class LoopState:
     stopped_early: bool = False
     is_main: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
+    semi: Any = None  # the semi-supervised extension (train/semisup.py), saved with the state
 
     def eval_model(self) -> nn.Module:
         """The weights that are validated and saved: the EMA when there is one."""
@@ -158,7 +159,8 @@ def save(directory: str | Path, state: LoopState) -> Path:
             "stopped_early": state.stopped_early, "schedule": state.schedule.state_dict(),
             "sampler": state.sampler.state_dict(),
             "ema_updates": state.ema.updates if state.ema is not None else 0,
-            "config": state.cfg.to_dict()}
+            "config": state.cfg.to_dict(),
+            "unlabeled": state.semi.state_dict() if state.semi is not None else None}
     return save_checkpoint(directory, weights=weights, optimizer=state.optimizer, state=meta)
 
 
@@ -171,7 +173,11 @@ def restore(state: LoopState, path: str | Path) -> None:
     meta = ckpt.state
     saved, now = meta["config"], json.loads(json.dumps(state.cfg.to_dict()))
     ignore = {"num_threads", "decode_workers", "workers", "device", "cache", "cache_limit_gb"}
-    diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+    from imgtriage.train.config import field_default
+
+    # a setting added after the checkpoint was made matches when it is at its default
+    diff = sorted(k for k in now if k not in ignore
+                  and saved.get(k, json.loads(json.dumps(field_default(k)))) != now[k])
     if diff:
         raise ConfigError(f"the checkpoint was made with different settings for {diff}; "
                           "resume with the same settings (see its state.json) (--resume)")
@@ -182,6 +188,8 @@ def restore(state: LoopState, path: str | Path) -> None:
     restore_optimizer(state.optimizer, ckpt)
     state.schedule.load_state_dict(meta["schedule"])
     state.sampler.load_state_dict(meta["sampler"])
+    if state.semi is not None and meta.get("unlabeled") is not None:
+        state.semi.load_state_dict(meta["unlabeled"])
     set_rng_state(ckpt.optim, meta["rng"])
     state.epoch, state.history = int(meta["epoch"]), list(meta["history"])
     state.best_epoch, state.best_value = int(meta["best_epoch"]), meta["best_value"]

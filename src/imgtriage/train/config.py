@@ -17,6 +17,8 @@ AUGMENT_POLICIES = {
     "flip": "random horizontal flips",
     "flip_rot90": "random flips and 90-degree rotations (SAR, astronomy, microscopy)",
     "shift": "random horizontal flips and small translations (photos)",
+    "weak": "the modality's flips and small translations (the weak view of --unlabeled "
+            "training)",
     "light": "the modality's flips + 1 random op per image (translate, rotate, scale, "
              "brightness, contrast, noise) at --aug-strength",
     "randaug": "the modality's flips + --aug-ops random ops per image from the full set "
@@ -36,6 +38,7 @@ LOSS_STRATEGIES = ("none", "class_weights", "focal")
 SELECT_METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
 TRI_STATE = ("auto", "on", "off")
+SEMI_METHODS = ("fixmatch", "pseudo_label")
 
 
 def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -156,6 +159,19 @@ class TrainConfig:
                                  "factor times the next one's LR (1 = same LR everywhere).")
     auto_backbone: str = _f("resnet18", "timm backbone --model auto uses for RGB photos when "
                                         "--pretrained weights are given.")
+    # --- semi-supervised training from unlabelled images (train/semisup.py)
+    unlabeled: str = _f("", "Folder of unlabelled images of the same domain to learn from as "
+                            "well (semi-supervised; unreadable files go to defects.json, files "
+                            "with the content of a validation/test file are left out).")
+    semi_method: str = _f("fixmatch", "With --unlabeled: fixmatch (confident pseudo-labels of "
+                                      "a weak view teach a strongly augmented view) or "
+                                      "pseudo_label (self-training on the weak view only).")
+    unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
+    pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
+    unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")
+    distribution_alignment: bool = _f(True, "Align pseudo-label probabilities to the labelled "
+                                            "class distribution (keeps one class from taking "
+                                            "over the pseudo-labels).")
     # --- data pipeline and checkpoints
     cache: str = _f("auto", "memory: decode everything once into RAM; stream: decode in "
                             "worker processes every epoch; auto: memory when it fits "
@@ -266,3 +282,17 @@ def _check_ranges(c: TrainConfig) -> None:
     _need(c.cache_limit_gb >= 0, "cache_limit_gb", "cache limit must be >= 0")
     _need(c.workers is None or c.workers >= 0, "workers", "workers must be >= 0")
     _need(c.checkpoint_every >= 0, "checkpoint_every", "checkpoint interval must be >= 0")
+    _check_semi(c)
+
+
+def _check_semi(c: TrainConfig) -> None:
+    _need(c.semi_method in SEMI_METHODS, "semi_method",
+          f"semi method must be one of {', '.join(SEMI_METHODS)}, got {c.semi_method!r}")
+    _need(c.unlabeled_ratio >= 1, "unlabeled_ratio", "unlabeled ratio must be >= 1")
+    _need(0 <= c.pseudo_threshold <= 1, "pseudo_threshold",
+          "pseudo-label threshold must be in [0, 1]")
+    _need(c.unlabeled_weight >= 0, "unlabeled_weight", "unlabeled weight must be >= 0")
+    fusion = c.model == "fusion" or c.model.startswith("fusion:")
+    _need(not (fusion and c.unlabeled), "unlabeled",
+          "fusion models cannot learn from unlabelled images (they have no header features "
+          "to pair with them); drop --unlabeled or train an image-only model")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from imgtriage.train.mix import Mixer
 from imgtriage.train.optim import build_optimizer, scaled_lr
 from imgtriage.train.pipeline import ArraySource
 from imgtriage.train.schedules import LRSchedule
+
+if TYPE_CHECKING:
+    from imgtriage.train.semisup import SemiSupervised
 
 __all__ = ["EpochCallback", "FitResult", "fit", "predict_logits"]
 
@@ -110,6 +113,7 @@ class _Run:
     channels_last: bool
     num_classes: int
     loss_plan: dict[str, Any]
+    semi: SemiSupervised | None = None
 
 
 def _source(data: Any) -> Any:
@@ -139,7 +143,8 @@ def _policies(cfg: TrainConfig, conservative: Sequence[int]) -> tuple[AugmentPol
 
 
 def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
-           num_classes: int | None, conservative: Sequence[int]) -> tuple[LoopState, _Run]:
+           num_classes: int | None, conservative: Sequence[int],
+           semi: SemiSupervised | None = None) -> tuple[LoopState, _Run]:
     dist = current_dist(cfg.device)
     device = torch.device(dist.device)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -157,13 +162,13 @@ def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
     opt = build_optimizer(model, cfg, scaled_lr(cfg, dist.world_size))
     schedule = LRSchedule.from_config(opt, cfg, max(1, math.ceil(len(sampler) / cfg.batch_size)))
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main)
+    state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main, semi=semi)
     autocast, scaler = _precision(cfg, device)
     aug, mixer = _policies(cfg, conservative)
     n_val = len(val) if val else 0
     run = _Run(dist, device, train, val, list(range(dist.rank, n_val, dist.world_size)),
                TrainLoss.from_plan(plan, k).to(device), aug, mixer, autocast, scaler, last, k,
-               plan.to_dict())
+               plan.to_dict(), semi)
     return state, run
 
 
@@ -182,12 +187,18 @@ def _net(state: LoopState, run: _Run) -> nn.Module:
 def _step(state: LoopState, run: _Run, net: nn.Module, xb: torch.Tensor, ya: torch.Tensor,
           yb: torch.Tensor, lam: float, fb: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, clip, optimiser and schedule step on one batch: (logits, loss)."""
+    """Forward, backward, clip, optimiser and schedule step on one batch: (logits, loss).
+
+    Rows of ``xb`` beyond the labels are the semi-supervised extension's unlabelled views:
+    they share the forward pass (and batch norm) and add its loss."""
     with run.autocast():
-        logits = _forward(net, xb, fb)
+        out = _forward(net, xb, fb)
+        logits = out[:len(ya)]
         loss = run.criterion(logits, ya)
         if lam < 1.0:
             loss = lam * loss + (1 - lam) * run.criterion(logits, yb)
+        if run.semi is not None and len(out) > len(ya):
+            loss = loss + run.semi.loss(out[len(ya):])
     state.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if state.cfg.grad_clip > 0:
@@ -218,6 +229,8 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
         ya, yb2, lam = yb, yb, 1.0
         if mixing:
             xb, ya, yb2, lam = run.mixer(xb, yb, g)
+        if run.semi is not None:  # the extension's own unlabelled batch rides along
+            xb = torch.cat([xb, run.semi.draw(cfg.batch_size, g)])
         xb = xb.to(run.device, non_blocking=True,
                    memory_format=torch.channels_last if run.channels_last else
                    torch.preserve_format)
@@ -230,7 +243,10 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
                              torch.tensor(float(n), dtype=torch.float64)])
         advance(n)
     loss_sum, correct, total = all_reduce_sum(sums, run.dist).tolist()
-    return {"train_loss": loss_sum / max(total, 1), "train_accuracy": correct / max(total, 1)}
+    out = {"train_loss": loss_sum / max(total, 1), "train_accuracy": correct / max(total, 1)}
+    if run.semi is not None:
+        out.update(run.semi.epoch_metrics(int(total)))
+    return out
 
 
 def _confusion_metrics(conf: np.ndarray, loss_sum: float) -> dict[str, float]:
@@ -313,21 +329,23 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray] | Any,
         log_path: str | Path | None = None, show_progress: bool = True,
         callbacks: Sequence[Callback | EpochCallback] = (),
         checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-        num_classes: int | None = None, conservative: Sequence[int] = ()) -> FitResult:
+        num_classes: int | None = None, conservative: Sequence[int] = (),
+        unlabeled: SemiSupervised | None = None) -> FitResult:
     """Train ``model`` per ``cfg``; keep the best epoch by ``cfg.select_metric``.
 
     ``train_xy``/``val_xy`` are ``(x, y)`` arrays or a source from
     :mod:`imgtriage.train.pipeline` (e.g. a streaming :class:`FileSource`). Each epoch ends
     with a validation pass and one JSON line in ``log_path``; ``checkpoint_dir`` receives
     resumable checkpoints and ``resume_from`` continues one exactly. ``conservative`` are
-    class ids that only get geometric augmentation. Under torchrun the model is wrapped in
-    DDP and every process must call fit.
+    class ids that only get geometric augmentation. ``unlabeled`` adds a semi-supervised
+    loss on unlabelled images to every step (:mod:`imgtriage.train.semisup`). Under
+    torchrun the model is wrapped in DDP and every process must call fit.
 
     Example:
         >>> res = fit(model, (x_tr, y_tr), (x_va, y_va), TrainConfig(epochs=3))  # doctest: +SKIP
         >>> res.best_epoch, res.best_metrics["val_accuracy"]  # doctest: +SKIP
     """
-    state, run = _setup(model, train_xy, val_xy, cfg, num_classes, conservative)
+    state, run = _setup(model, train_xy, val_xy, cfg, num_classes, conservative, unlabeled)
     cbs = _callbacks(cfg, log_path, checkpoint_dir, callbacks)
     if resume_from is not None:
         restore(state, resume_from)
@@ -348,7 +366,7 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray] | Any,
                            seconds=round(time.perf_counter() - t0, 3))
             _record(state, metrics, run.val is not None)
             bar.update(task, msg=" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                          if k.endswith(("loss", "accuracy"))))
+                                          if k.endswith(("loss", "accuracy", "img_per_s"))))
             _fire(cbs, "on_epoch_end", state)
     _fire(cbs, "on_fit_end", state)
     model.load_state_dict(state.best_state)

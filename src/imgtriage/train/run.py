@@ -51,6 +51,7 @@ from imgtriage.train.loop import FitResult, fit
 from imgtriage.train.losses import plan_loss
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
+from imgtriage.train.semisup import SemiSupervised, build_semi, count_files
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe
         return cfg, f"--model {cfg.model} given"
     choice = choose_model(counts, replace(probe, in_chans=cfg.in_chans),
                           pretrained=cfg.pretrained, backbone=cfg.auto_backbone,
-                          img_size=cfg.img_size)
+                          img_size=cfg.img_size,
+                          unlabeled=count_files(cfg.unlabeled) if cfg.unlabeled else 0)
     return replace(cfg, model=choice.model, img_size=choice.img_size), choice.reason
 
 
@@ -182,6 +184,22 @@ def _create(cfg: TrainConfig, num_classes: int, fx: FeatureStandardizer | None =
     extra = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
     torch.manual_seed(cfg.seed)
     return create_model(cfg.model, num_classes, cfg.in_chans, **kwargs, **extra), kwargs
+
+
+def _semi(cfg: TrainConfig, parts: dict[str, list], spec: PreprocessSpec, labels: Any,
+          num_classes: int, info: DistInfo, say: Any) -> SemiSupervised | None:
+    """The semi-supervised extension for --unlabeled (None without it)."""
+    if not cfg.unlabeled:
+        return None
+    t0 = time.perf_counter()
+    holdout = [s.path for split in ("val", "test") for s in parts.get(split, [])]
+    semi = build_semi(cfg, spec, holdout, labels, num_classes, rank=info.rank)
+    pool = semi.pool
+    say(f"unlabelled: decoded {len(pool)} images in {time.perf_counter() - t0:.1f}s"
+        f" ({len(pool.defects)} unreadable, {len(pool.excluded)} left out: same content as a "
+        f"validation/test file) | {cfg.semi_method}, {cfg.unlabeled_ratio} unlabelled per "
+        f"labelled image, pseudo-label threshold {cfg.pseudo_threshold:g}")
+    return semi
 
 
 def _write_defects(run: Path, ds: Any, defects: list) -> None:
@@ -299,17 +317,19 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if info.is_main:
         (run / "class_weights.json").write_text(json.dumps(
             {**plan.to_dict(), "by_class": weights}, indent=2))
+    semi = _semi(cfg, parts, spec, tr.labels, len(ds.classes), info, say)
     model, kwargs = _create(cfg, len(ds.classes), src.features)
     result = fit(model, tr, va, cfg, log_path=run / "metrics.jsonl", show_progress=not quiet,
                  checkpoint_dir=run / "checkpoint", resume_from=ckpt,
-                 num_classes=len(ds.classes), conservative=conservative)
+                 num_classes=len(ds.classes), conservative=conservative, unlabeled=semi)
     bundle, metrics = run / "bundle", {}
     if info.is_main:
-        _write_defects(run, ds, [*defects, *result.defects])
+        _write_defects(run, ds, [*defects, *result.defects,
+                                 *(semi.pool.defects if semi is not None else ())])
         (run / "run.json").write_text(json.dumps(
             {"model_choice": reason, "loss": plan.to_dict(), "cache": mode,
-             "world_size": info.world_size, "resumed_from": str(ckpt) if ckpt else None},
-            indent=2))
+             "world_size": info.world_size, "resumed_from": str(ckpt) if ckpt else None,
+             "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
                                   {"reason": reason, "n_train": len(tr),
                                    "n_val": len(va) if va is not None else 0}, src.features)

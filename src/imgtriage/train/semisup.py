@@ -1,0 +1,261 @@
+"""Semi-supervised training: learn from a folder of unlabelled images of the same domain.
+
+``imgtriage train DATA --unlabeled FOLDER`` adds, to every labelled batch of the one training
+loop (:func:`imgtriage.train.loop.fit`), a batch of ``--unlabeled-ratio`` x batch-size
+unlabelled images and a consistency loss on it (FixMatch, Sohn et al. 2020):
+
+1. each unlabelled image gets a *weak* view (the modality's label-preserving flips and a
+   small shift) and a *strong* view (RandAugment-style ops at full strength, incl. erasing);
+2. the model's prediction on the weak view, optionally *distribution-aligned* (ReMixMatch:
+   multiplied by the labelled class distribution over the running mean of the predictions,
+   so no class swallows the pseudo-labels: the class-balancing step), becomes a hard
+   pseudo-label when its confidence is at least ``--pseudo-threshold``;
+3. the strong view is trained towards that pseudo-label with weight ``--unlabeled-weight``.
+
+Labelled, weak and strong images go through one forward pass, so batch norm sees them
+together. ``--semi-method pseudo_label`` trains the weak view on its own pseudo-label
+(classic self-training, no strong view): the cheaper baseline FixMatch is measured against.
+
+The unlabelled images are decoded once into memory with the run's preprocessing; files that
+cannot be read become defects of the run (``defects.json``), and files whose *content*
+(sha256) equals a validation or test file are left out, so a pseudo-label is never drawn from
+the data that judges the model. The unlabelled stream (an endless sequence of seeded
+permutations) and the alignment statistics are part of the checkpoint: a resumed run ends
+with the same weights as an uninterrupted one.
+
+Example:
+    >>> from imgtriage.train.config import TrainConfig
+    >>> cfg = TrainConfig(unlabeled="inbox/", epochs=30)  # doctest: +SKIP
+    >>> # imgtriage.train.run.train("labelled/", "runs/semi", cfg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from imgtriage.data import PreprocessSpec, iter_image_files, load_input
+from imgtriage.data.augment import AugmentPolicy
+from imgtriage.errors import ConfigError, DataError, ImageReadError
+from imgtriage.io import Defect
+from imgtriage.train.config import MODALITIES, TrainConfig
+
+STRONG_STRENGTH, STRONG_OPS = 1.0, 3
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hashes(paths: Iterable[str], workers: int = 2) -> dict[str, str]:
+    """path -> sha256 of the file's bytes (unreadable files are left out: they cannot match)."""
+    def one(p: str) -> tuple[str, str | None]:
+        try:
+            return p, file_sha256(p)
+        except OSError:
+            return p, None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return {p: h for p, h in pool.map(one, list(paths)) if h is not None}
+
+
+@dataclass(frozen=True)
+class UnlabeledPool:
+    """Decoded unlabelled inputs (N, C, H, W), their paths, the files that could not be read
+    and the files left out because their content equals a validation/test file."""
+
+    x: torch.Tensor
+    paths: tuple[str, ...]
+    defects: tuple[Defect, ...]
+    excluded: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def summary(self) -> dict[str, Any]:
+        return {"images": len(self), "unreadable": len(self.defects),
+                "excluded_same_content_as_val_test": list(self.excluded)}
+
+
+def load_unlabeled(folder: str | os.PathLike[str], spec: PreprocessSpec, *,
+                   exclude_hashes: Iterable[str] = (), workers: int | None = None
+                   ) -> UnlabeledPool:
+    """Decode every file below ``folder`` with ``spec``; unreadable ones become defects, ones
+    whose sha256 is in ``exclude_hashes`` (validation/test content) are left out.
+
+    Example:
+        >>> pool = load_unlabeled("inbox/", spec, exclude_hashes=val_hashes)  # doctest: +SKIP
+        >>> len(pool), pool.defects
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise ConfigError(f"unlabelled folder {root} does not exist; give a folder of images "
+                          "(--unlabeled)")
+    paths = [str(p) for p in iter_image_files(root)]
+    banned = set(exclude_hashes)
+    hashes = content_hashes(paths, workers or 2) if banned else {}
+    excluded = tuple(p for p in paths if hashes.get(p) in banned)
+    keep = [p for p in paths if p not in set(excluded)]
+
+    def one(p: str) -> np.ndarray | Defect:
+        try:
+            return load_input(p, spec)[0]
+        except ImageReadError as exc:
+            return exc.defect
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        outs = list(pool.map(one, keep))
+    good = [(p, x) for p, x in zip(keep, outs, strict=True) if not isinstance(x, Defect)]
+    defects = tuple(x for x in outs if isinstance(x, Defect))
+    c, (h, w) = spec.in_chans, spec.size
+    x = (torch.from_numpy(np.stack([a for _, a in good])) if good
+         else torch.zeros((0, c, h, w), dtype=torch.float32))
+    return UnlabeledPool(x, tuple(p for p, _ in good), defects, excluded)
+
+
+class UnlabeledStream:
+    """An endless stream of indices: one seeded permutation after another. Its whole state is
+    the number of indices drawn so far, so a checkpoint restores it exactly."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0) -> None:
+        self.n, self.seed, self.rank, self.drawn = n, seed, rank, 0
+        self._cycle, self._perm = -1, torch.zeros(0, dtype=torch.long)
+
+    def _permutation(self, cycle: int) -> torch.Tensor:
+        if cycle != self._cycle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle * 7919
+                                              + self.rank * 104_729 + 17)
+            self._cycle, self._perm = cycle, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def take(self, k: int) -> torch.Tensor:
+        out = []
+        while k > 0:
+            cycle, pos = divmod(self.drawn, self.n)
+            part = self._permutation(cycle)[pos:pos + k]
+            out.append(part)
+            self.drawn += len(part)
+            k -= len(part)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"drawn": self.drawn, "n": self.n}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        if int(d["n"]) != self.n:
+            raise ConfigError(f"the checkpoint was made with {d['n']} unlabelled images, now "
+                              f"there are {self.n}; resume with the same --unlabeled folder")
+        self.drawn = int(d["drawn"])
+
+
+class SemiSupervised:
+    """The unlabelled half of every training step (the loop calls :meth:`draw` and
+    :meth:`loss`); learned state: the stream position and the running class distribution.
+
+    ``prior`` is the labelled class distribution the pseudo-labels are aligned to.
+    """
+
+    def __init__(self, pool: UnlabeledPool, cfg: TrainConfig, prior: Sequence[float],
+                 rank: int = 0) -> None:
+        if len(pool) == 0:
+            raise DataError("no usable unlabelled images (see defects.json) (--unlabeled)")
+        self.pool, self.cfg = pool, cfg
+        flips = MODALITIES[cfg.modality]
+        self.weak = AugmentPolicy("weak", flips=flips)
+        self.strong = AugmentPolicy("randaug", STRONG_STRENGTH, STRONG_OPS, flips)
+        self.stream = UnlabeledStream(len(pool), cfg.seed, rank)
+        p = torch.as_tensor(prior, dtype=torch.float32)
+        self.prior = p / p.sum()
+        self.running = self.prior.clone()  # running mean of the weak-view predictions
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self._seen, self._confident, self._loss_sum, self._t0 = 0, 0, 0.0, time.perf_counter()
+
+    @property
+    def views(self) -> int:
+        """Unlabelled views per image in the forward pass: weak + strong, or weak only."""
+        return 2 if self.cfg.semi_method == "fixmatch" else 1
+
+    def draw(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
+        """The unlabelled inputs of one step: weak views, then strong views (FixMatch)."""
+        idx = self.stream.take(self.cfg.unlabeled_ratio * batch_size)
+        x = self.pool.x[idx]
+        weak = self.weak(x, None, g)
+        if self.views == 1:
+            return weak
+        return torch.cat([weak, self.strong(x, None, g)])
+
+    def _pseudo(self, logits_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = logits_w.detach().float().softmax(1)
+        if self.cfg.distribution_alignment:
+            self.running = 0.999 * self.running + 0.001 * probs.mean(0).cpu()
+            probs = probs * (self.prior / self.running.clamp_min(1e-6)).to(probs.device)
+            probs = probs / probs.sum(1, keepdim=True)
+        conf, target = probs.max(1)
+        return target, (conf >= self.cfg.pseudo_threshold).float()
+
+    def loss(self, logits_u: torch.Tensor) -> torch.Tensor:
+        """Weighted consistency loss from the unlabelled logits (weak[, strong])."""
+        parts = logits_u.chunk(self.views)
+        target, mask = self._pseudo(parts[0])
+        per = F.cross_entropy(parts[-1].float(), target, reduction="none")
+        loss = (per * mask).mean()
+        self._seen += len(target)
+        self._confident += int(mask.sum().item())
+        self._loss_sum += float(loss.detach()) * len(target)
+        return self.cfg.unlabeled_weight * loss
+
+    def epoch_metrics(self, labeled: int) -> dict[str, float]:
+        """Throughput of both streams and the share of confident pseudo-labels; resets."""
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        out = {"unlabeled_loss": self._loss_sum / max(self._seen, 1),
+               "pseudo_label_rate": self._confident / max(self._seen, 1),
+               "labeled_img_per_s": labeled / dt, "unlabeled_img_per_s": self._seen / dt}
+        self._reset_stats()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "running": self.running.tolist()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.stream.load_state_dict(d["stream"])
+        self.running = torch.tensor(d["running"], dtype=torch.float32)
+
+
+def build_semi(cfg: TrainConfig, spec: PreprocessSpec, holdout: Sequence[str],
+               labels: np.ndarray, num_classes: int, *, rank: int = 0
+               ) -> SemiSupervised:
+    """The extension for ``cfg.unlabeled``: decode the folder (leaving out every file whose
+    content equals one of the ``holdout`` validation/test files) and align pseudo-labels to
+    the labelled class distribution (add-one smoothed).
+
+    Example:
+        >>> semi = build_semi(cfg, spec, val_paths, y_train, 10)  # doctest: +SKIP
+        >>> fit(model, train, val, cfg, unlabeled=semi)  # doctest: +SKIP
+    """
+    banned = set(content_hashes(holdout, cfg.decode_workers or 2).values())
+    pool = load_unlabeled(cfg.unlabeled, spec, exclude_hashes=banned,
+                          workers=cfg.decode_workers)
+    prior = np.bincount(np.asarray(labels, np.int64), minlength=num_classes) + 1.0
+    return SemiSupervised(pool, cfg, prior.tolist(), rank)
+
+
+def count_files(folder: str | os.PathLike[str]) -> int:
+    """How many files the unlabelled folder holds (for ``--model auto``'s sentence)."""
+    root = Path(folder)
+    return sum(1 for _ in iter_image_files(root)) if root.exists() else 0

@@ -1,0 +1,210 @@
+"""Semi-supervised training (--unlabeled): the unlabelled images are used, bad ones become
+defects, validation/test content never becomes a pseudo-label, resume is exact, and the
+result works with --model auto and the gallery."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgtriage.errors import ConfigError
+from imgtriage.train import run as run_mod
+from imgtriage.train.auto import ImageProbe, choose_model
+from imgtriage.train.callbacks import Callback
+from imgtriage.train.config import TrainConfig
+from imgtriage.train.run import train
+from imgtriage.train.semisup import UnlabeledStream
+
+from .conftest import tiny_cfg, write_imbalanced_folder
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """3 digit classes, 6 labelled 16 px images each."""
+    return write_imbalanced_folder(tmp_path_factory.mktemp("lab"), {"d0": 6, "d1": 6, "d2": 6})
+
+
+@pytest.fixture(scope="module")
+def inbox(tmp_path_factory) -> Path:
+    """30 other digits of the same classes, flat, with their labels thrown away."""
+    src = write_imbalanced_folder(tmp_path_factory.mktemp("unl"),
+                                  {"d0": 10, "d1": 10, "d2": 10}, seed=7)
+    flat = tmp_path_factory.mktemp("inbox")
+    for f in sorted(src.rglob("*.png")):
+        shutil.copy(f, flat / f"{f.parent.name}_{f.name}")
+    return flat
+
+
+def _cfg(inbox: Path | str = "", **kw) -> TrainConfig:
+    base = {"val_frac": 0.0, "epochs": 3, "augment": "weak", "unlabeled": str(inbox),
+            "unlabeled_ratio": 2, "pseudo_threshold": 0.5, "checkpoint_every": 1}
+    return tiny_cfg(**{**base, **kw})
+
+
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in load_file(run / "bundle" / "weights.safetensors").items()}
+
+
+def _same(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def _log(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds" and not k.endswith("_per_s")}
+            for r in rows]
+
+
+def test_unlabelled_images_change_the_model_and_are_counted(labelled, inbox, tmp_path):
+    plain = train(labelled, tmp_path / "plain", _cfg(), quiet=True)
+    semi = train(labelled, tmp_path / "semi", _cfg(inbox), quiet=True)
+    assert not _same(tmp_path / "plain", tmp_path / "semi")
+    log = [json.loads(x) for x in
+           (tmp_path / "semi" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 3
+    for row in log:  # both throughputs are reported, and some pseudo-labels were confident
+        assert row["labeled_img_per_s"] > 0 and row["unlabeled_img_per_s"] > 0
+        assert 0 <= row["pseudo_label_rate"] <= 1
+    assert max(r["pseudo_label_rate"] for r in log) > 0
+    info = json.loads((tmp_path / "semi" / "run.json").read_text())["unlabeled"]
+    assert info["images"] == 30 and info["unreadable"] == 0
+    assert semi.bundle_path.is_dir() and plain.metrics["train_count"] == 18
+    # the unlabelled loss is what changes the model, not just the extra rows in batch norm:
+    # with weight 0 the run differs from weight 1
+    train(labelled, tmp_path / "w0", _cfg(inbox, unlabeled_weight=0.0), quiet=True)
+    assert not _same(tmp_path / "w0", tmp_path / "semi")
+
+
+def test_corrupt_unlabelled_file_lands_in_the_defect_log(labelled, inbox, tmp_path):
+    box = tmp_path / "box"
+    shutil.copytree(inbox, box)
+    (box / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    (box / "notes.txt").write_text("not an image")
+    train(labelled, tmp_path / "r", _cfg(box, epochs=1), quiet=True)
+    defects = json.loads((tmp_path / "r" / "defects.json").read_text())
+    assert sorted(Path(d["path"]).name for d in defects) == ["notes.txt", "zz_truncated.png"]
+    assert all(d["issue"] and d["message"] for d in defects)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["unlabeled"]["images"] == 30
+
+
+def test_validation_and_test_content_is_never_pseudo_labelled(labelled, inbox, tmp_path):
+    run = tmp_path / "r"
+    box = tmp_path / "box"
+    shutil.copytree(inbox, box)
+    # the split is seeded: learn it from a first run, then copy every val/test file (under
+    # another name) into the unlabelled folder
+    cfg = _cfg(box, val_frac=0.2, test_frac=0.2, epochs=1)
+    train(labelled, tmp_path / "probe", cfg, quiet=True)
+    rows = (tmp_path / "probe" / "splits.csv").read_text().splitlines()[1:]
+    held = [r.split(",")[0] for r in rows if r.split(",")[-1] in ("val", "test")]
+    assert len(held) >= 6
+    for i, p in enumerate(held):
+        shutil.copy(p, box / f"copy_{i}.png")
+    seen: list[str] = []
+
+    class Spy(Callback):
+        def on_fit_start(self, state):
+            seen.extend(state.semi.pool.paths)
+
+    real_fit = run_mod.fit
+    try:
+        run_mod.fit = lambda *a, **kw: real_fit(*a, **kw, callbacks=[Spy()])
+        train(labelled, run, cfg, quiet=True)
+    finally:
+        run_mod.fit = real_fit
+    info = json.loads((run / "run.json").read_text())["unlabeled"]
+    excluded = sorted(Path(p).name for p in info["excluded_same_content_as_val_test"])
+    assert excluded == sorted(f"copy_{i}.png" for i in range(len(held)))
+    assert len(seen) == 30 and not any(Path(p).name.startswith("copy_") for p in seen)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, state):
+        if state.epoch == self.epoch:
+            raise _Interrupt
+
+
+def test_resume_equals_uninterrupted(labelled, inbox, tmp_path, monkeypatch):
+    cfg = _cfg(inbox, epochs=4, checkpoint_every=2, pseudo_threshold=0.4)
+    train(labelled, tmp_path / "full", cfg, quiet=True)
+    real_fit = run_mod.fit
+    monkeypatch.setattr(run_mod, "fit",
+                        lambda *a, **kw: real_fit(*a, **kw, callbacks=[_StopAt(4)]))
+    with pytest.raises(_Interrupt):
+        train(labelled, tmp_path / "cut", cfg, quiet=True)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["unlabeled"]["stream"]["drawn"] > 0
+    monkeypatch.setattr(run_mod, "fit", real_fit)
+    train(labelled, tmp_path / "cut", cfg, quiet=True, resume=True)
+    assert _log(tmp_path / "cut") == _log(tmp_path / "full")
+    assert _same(tmp_path / "cut", tmp_path / "full")
+
+
+def test_stream_is_a_pure_function_of_what_was_drawn():
+    a = UnlabeledStream(7, seed=3)
+    first = torch.cat([a.take(5) for _ in range(4)])  # crosses permutation boundaries
+    assert sorted(first[:7].tolist()) == list(range(7))  # each cycle is a permutation
+    b = UnlabeledStream(7, seed=3)
+    b.take(9)
+    c = UnlabeledStream(7, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert torch.equal(c.take(11), first[9:20])
+    with pytest.raises(ConfigError, match="--unlabeled"):
+        UnlabeledStream(8, seed=3).load_state_dict(b.state_dict())
+
+
+def test_auto_explains_labels_and_unlabelled_images():
+    probe = ImageProbe(1, (64, 64), 32)
+    few = dict.fromkeys("abcdefghij", 10)
+    assert choose_model(few, probe).model in ("siamese", "crop_cnn")
+    choice = choose_model(few, probe, unlabeled=2600)
+    assert choice.model == "deep_cnn"
+    assert "100 labels and 2600 unlabelled images" in choice.reason
+    assert "2700" in choice.reason
+
+
+def test_settings_are_checked_and_named(labelled, tmp_path):
+    with pytest.raises(ConfigError, match="--unlabeled-ratio"):
+        TrainConfig(unlabeled="x", unlabeled_ratio=0)
+    with pytest.raises(ConfigError, match="--semi-method"):
+        TrainConfig(semi_method="mixmatch")
+    with pytest.raises(ConfigError, match="--unlabeled"):
+        TrainConfig(model="fusion:crop_cnn", unlabeled="x")
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(labelled, tmp_path / "r", _cfg(tmp_path / "missing"), quiet=True)
+
+
+def test_cli_and_gallery_over_a_semi_supervised_encoder(labelled, inbox, tmp_path):
+    from typer.testing import CliRunner
+
+    from imgtriage.cli.main import app
+    from imgtriage.predict import Predictor
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(labelled), "--out", str(out), "--model",
+                                   "siamese", "--img-size", "16", "--epochs", "2",
+                                   "--val-frac", "0", "--unlabeled", str(inbox),
+                                   "--semi-method", "pseudo_label", "--threads", "1",
+                                   "--batch-size", "8", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["unlabeled"] == str(inbox)
+    res = CliRunner().invoke(app, ["gallery", "create", str(out / "bundle"), str(labelled),
+                                   "--out", str(tmp_path / "gallery")])
+    assert res.exit_code == 0, res.output
+    pred = Predictor.load(tmp_path / "gallery")
+    rows = pred.predict_paths(sorted(str(p) for p in labelled.rglob("*.png"))[:4])
+    assert len(rows["results"]) == 4
