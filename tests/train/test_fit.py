@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from imgtriage.errors import ConfigError
 from imgtriage.models import create_model
 from imgtriage.train.callbacks import Callback
 from imgtriage.train.config import TrainConfig
@@ -99,6 +100,25 @@ def test_freeze_backbone_then_unfreeze(arrays):
     assert torch.equal(snaps[1][conv], start[conv])  # frozen: no update, no weight decay
     assert not torch.equal(snaps[1]["head.weight"], start["head.weight"])
     assert not torch.equal(snaps[2][conv], start[conv])  # unfrozen in epoch 2
+
+
+def test_freeze_backbone_for_every_epoch(arrays):
+    """--freeze-backbone: a new head learns on a trained backbone, which (weights and
+    batch-norm statistics) never changes, for any number of epochs (issue 19: refused)."""
+    model = _model()
+    fit(model, *arrays, _cfg(epochs=3), show_progress=False)  # a "pretrained" backbone
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fit(model, *arrays, _cfg(epochs=3, lr=3e-2, freeze_backbone=True),
+              show_progress=False)
+    head = {k for k in start if k.startswith("head.")}
+    assert head and all(torch.equal(model.state_dict()[k], start[k])
+                        for k in start if k not in head)
+    assert any("running_mean" in k for k in start)  # the statistics were really checked
+    assert res.best_metrics["val_accuracy"] > 0.6  # the zeroed head learned again
+    with pytest.raises(ConfigError, match="--freeze-backbone"):
+        _cfg(epochs=3, freeze_backbone=True, freeze_epochs=1)
 
 
 @pytest.mark.parametrize("opts", [

@@ -53,6 +53,7 @@ class LoopState:
     stop: bool = False
     stopped_early: bool = False
     is_main: bool = True
+    frozen_norm: bool = False  # keep the backbone's batch-norm layers in eval mode
     extras: dict[str, Any] = field(default_factory=dict)
     semi: Any = None  # the semi-supervised extension (train/semisup.py), saved with the state
 
@@ -115,16 +116,24 @@ class EarlyStopping(Callback):
 
 
 class FreezeBackbone(Callback):
-    """Train only the head for the first ``epochs`` epochs, then everything."""
+    """Train only the head for the first ``epochs`` epochs, then everything.
 
-    def __init__(self, epochs: int) -> None:
+    ``permanent`` (``--freeze-backbone``) freezes it for the whole run, batch-norm running
+    statistics included (the loop keeps those layers in eval mode).
+    """
+
+    def __init__(self, epochs: int, permanent: bool = False) -> None:
         self.epochs = epochs
+        self.permanent = permanent
         self.frozen: bool | None = None
+
+    def on_fit_start(self, state: LoopState) -> None:
+        state.frozen_norm = self.permanent
 
     def on_epoch_start(self, state: LoopState) -> None:
         from imgtriage.train.optim import set_backbone_frozen
 
-        frozen = state.epoch <= self.epochs
+        frozen = self.permanent or state.epoch <= self.epochs
         if frozen != self.frozen:
             set_backbone_frozen(state.model, frozen)
             state.net = None  # the DDP wrapper must see the new set of trainable parameters

@@ -155,6 +155,9 @@ class TrainConfig:
                                     "on, off.")
     # --- transfer learning
     freeze_epochs: int = _f(0, "Train only the head for this many epochs, then unfreeze.")
+    freeze_backbone: bool = _f(False, "Train only the head for every epoch: the backbone "
+                                      "(weights and normalisation statistics) stays as "
+                                      "initialised, e.g. a pretrained feature extractor.")
     layer_decay: float = _f(1.0, "Discriminative LRs: each earlier layer group gets this "
                                  "factor times the next one's LR (1 = same LR everywhere).")
     auto_backbone: str = _f("resnet18", "timm backbone --model auto uses for RGB photos when "
@@ -277,7 +280,10 @@ def _check_ranges(c: TrainConfig) -> None:
     _need(c.patience >= 0, "patience", "patience must be >= 0")
     _need(c.min_delta >= 0, "min_delta", "min delta must be >= 0")
     _need(0 <= c.freeze_epochs < c.epochs, "freeze_epochs",
-          "freeze epochs must be >= 0 and fewer than --epochs")
+          "freeze epochs must be >= 0 and fewer than --epochs (--freeze-backbone keeps the "
+          "backbone frozen for every epoch)")
+    _need(not (c.freeze_backbone and c.freeze_epochs), "freeze_backbone",
+          "--freeze-backbone freezes the backbone for every epoch; drop --freeze-epochs")
     _need(0 < c.layer_decay <= 1, "layer_decay", "layer decay must be in (0, 1]")
     _need(c.cache_limit_gb >= 0, "cache_limit_gb", "cache limit must be >= 0")
     _need(c.workers is None or c.workers >= 0, "workers", "workers must be >= 0")

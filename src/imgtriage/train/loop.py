@@ -40,7 +40,7 @@ from imgtriage.train.distributed import DistInfo, all_reduce_sum, current_dist
 from imgtriage.train.ema import ModelEma
 from imgtriage.train.losses import TrainLoss, plan_loss
 from imgtriage.train.mix import Mixer
-from imgtriage.train.optim import build_optimizer, scaled_lr
+from imgtriage.train.optim import build_optimizer, scaled_lr, set_backbone_norm_eval
 from imgtriage.train.pipeline import ArraySource
 from imgtriage.train.schedules import LRSchedule
 
@@ -217,6 +217,8 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
     cfg, epoch = state.cfg, state.epoch
     net = _net(state, run)
     net.train()
+    if state.frozen_norm:
+        set_backbone_norm_eval(state.model)
     state.sampler.set_epoch(epoch)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + run.dist.rank)
     mixing = run.mixer.active(epoch)
@@ -301,7 +303,9 @@ def _record(state: LoopState, metrics: dict[str, float], has_val: bool) -> None:
 
 def _callbacks(cfg: TrainConfig, log_path: str | Path | None, checkpoint_dir: str | Path | None,
                extra: Sequence[Callback | EpochCallback]) -> list[Callback]:
-    cbs: list[Callback] = [FreezeBackbone(cfg.freeze_epochs)] if cfg.freeze_epochs else []
+    cbs: list[Callback] = []
+    if cfg.freeze_epochs or cfg.freeze_backbone:
+        cbs.append(FreezeBackbone(cfg.freeze_epochs, permanent=cfg.freeze_backbone))
     cbs += [MetricsLog(log_path)] if log_path else []
     cbs += [EarlyStopping(cfg.patience)] if cfg.patience else []
     cbs += [c if isinstance(c, Callback) else EpochFunction(c) for c in extra]

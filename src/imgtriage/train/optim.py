@@ -127,3 +127,19 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> int:
             p.requires_grad_(not frozen)
             count += int(frozen)
     return count
+
+
+def set_backbone_norm_eval(model: nn.Module) -> int:
+    """Put every batch-norm layer outside the head in eval mode (running statistics kept
+    as they are); call after ``model.train()``. Returns how many layers it set.
+
+    A frozen feature extractor must not drift through its normalisation statistics either.
+    """
+    head = {id(p) for n, p in model.named_parameters() if n in head_names(model)}
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                id(p) in head for p in m.parameters()):
+            m.eval()
+            count += 1
+    return count
