@@ -170,8 +170,8 @@ def main() -> None:
 
     import torch
 
-    from imgtriage.models.gallery_edit import set_rule
     from imgtriage.predict import Predictor
+    from imgtriage.predict.gallery_edit import set_rule
 
     torch.set_num_threads(args.threads)
     classes = sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir())

@@ -61,6 +61,7 @@ def make_bundle(model: str, out: Path, classes: list[str], size: int = 224,
     """A bundle with random-init weights and the usual ImageNet preprocessing."""
     from imgtriage.bundle import new_manifest, save_bundle
     from imgtriage.data.preprocess import PreprocessSpec
+    from imgtriage.evaluate.decision import DecisionPolicy
     from imgtriage.models import create_model
 
     torch.manual_seed(0)
@@ -69,7 +70,8 @@ def make_bundle(model: str, out: Path, classes: list[str], size: int = 224,
                            crop_pct=size / 256, mean=MEAN, std=STD)
             if in_chans == 3 else PreprocessSpec.default_for(in_chans, (size, size)))
     manifest = new_manifest(model_name=model, model_kwargs={}, in_chans=in_chans,
-                            preprocess=spec.to_dict(), classes=classes)
+                            preprocess=spec.to_dict(), classes=classes,
+                            decision=DecisionPolicy().to_dict())
     return save_bundle(out, manifest, net.state_dict())
 
 

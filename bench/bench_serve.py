@@ -58,12 +58,14 @@ def build_bundle(root: Path) -> Path:
     """ResNet-18, random init, 10 classes, 224x224 RGB."""
     from imgtriage.bundle import new_manifest, save_bundle
     from imgtriage.data.preprocess import PreprocessSpec
+    from imgtriage.evaluate.decision import DecisionPolicy
     from imgtriage.models import create_model
 
     model = create_model("resnet18", 10, 3, pretrained=False)
     spec = PreprocessSpec.default_for(3, (224, 224))
     manifest = new_manifest(model_name="resnet18", model_kwargs={}, in_chans=3,
-                            preprocess=spec.to_dict(), classes=[f"c{i}" for i in range(10)])
+                            preprocess=spec.to_dict(), classes=[f"c{i}" for i in range(10)],
+                            decision=DecisionPolicy().to_dict())
     return save_bundle(root / "resnet18-bundle", manifest, model.state_dict())
 
 

@@ -171,8 +171,8 @@ def gallery_steps(encoder_bundle: Path, manifest: Path, out: Path, new_class: st
     """Create a gallery from ``encoder_bundle``'s encoder and the labelled crops, score it,
     enrol ``shots`` as ``new_class``, score again on all classes."""
     from imgtriage.bundle import load_bundle
-    from imgtriage.models.gallery_edit import create_gallery, describe_gallery, enrol_images
     from imgtriage.predict import Predictor
+    from imgtriage.predict.gallery_edit import create_gallery, describe_gallery, enrol_images
 
     before = create_gallery(encoder_bundle, manifest, out / "gallery")
     after = enrol_images(out / "gallery", new_class, shots, out=out / "gallery-enrolled")
@@ -199,8 +199,8 @@ def galleries_by_budget(encoder_bundle: Path, runs: list[dict], out: Path,
                         known: tuple[list[str], list[str]]) -> dict[str, dict[str, Any]]:
     """What more labels buy without retraining: each budget's labelled crops enrolled into a
     gallery over the same (smallest-budget) Siamese encoder, scored on the known classes."""
-    from imgtriage.models.gallery_edit import create_gallery
     from imgtriage.predict import Predictor
+    from imgtriage.predict.gallery_edit import create_gallery
 
     scores = {}
     for r in runs:

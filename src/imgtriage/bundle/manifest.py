@@ -36,13 +36,15 @@ def library_versions() -> dict[str, str]:
 
 
 def new_manifest(*, model_name: str, model_kwargs: dict[str, Any], in_chans: int,
-                 preprocess: dict[str, Any], classes: list[str],
-                 decision: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-                 metrics: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
+                 preprocess: dict[str, Any], classes: list[str], decision: dict[str, Any],
+                 training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                 features: dict[str, Any] | None = None,
                  kind: str = "classifier") -> dict[str, Any]:
-    """A fresh manifest (bundle_version 1); ``files`` is filled in by save_bundle."""
-    from imgtriage.evaluate.decision import DecisionPolicy
+    """A fresh manifest (bundle_version 1); ``files`` is filled in by save_bundle.
 
+    ``decision`` is the decision record (``DecisionPolicy.to_dict()``; the default rule is
+    ``DecisionPolicy().to_dict()``): the bundle stores it as data and never interprets it.
+    """
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -54,7 +56,7 @@ def new_manifest(*, model_name: str, model_kwargs: dict[str, Any], in_chans: int
         "preprocess": preprocess,
         "classes": list(classes),
         "features": features,
-        "decision": decision or DecisionPolicy().to_dict(),
+        "decision": dict(decision),
         "profiles": {},
         "training": training or {},
         "metrics": metrics or {},

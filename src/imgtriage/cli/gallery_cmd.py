@@ -63,7 +63,7 @@ def add_command(
     out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
 ) -> None:
     """Enrol IMAGES into class --label."""
-    from imgtriage.models.gallery_edit import enrol_images
+    from imgtriage.predict.gallery_edit import enrol_images
 
     b = enrol_images(bundle, label, images, out=out)
     typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, classes {b.classes}")
@@ -80,7 +80,7 @@ def remove_command(
     out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
 ) -> None:
     """Remove class --label, or only some of its items."""
-    from imgtriage.models.gallery_edit import remove_items
+    from imgtriage.predict.gallery_edit import remove_items
 
     chosen = [*(images or []), *(items or [])]
     b = remove_items(bundle, label, chosen or None, out=out)
@@ -94,7 +94,7 @@ def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Classes, item counts and the scoring rule of a gallery."""
-    from imgtriage.models.gallery_edit import describe_gallery
+    from imgtriage.predict.gallery_edit import describe_gallery
 
     info = describe_gallery(bundle, items=items)
     if as_json:
@@ -121,7 +121,7 @@ def rule_command(
     out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
 ) -> None:
     """Change the similarity threshold or scoring method."""
-    from imgtriage.models.gallery_edit import set_rule
+    from imgtriage.predict.gallery_edit import set_rule
 
     b = set_rule(bundle, similarity_threshold=similarity_threshold,
                  clear_threshold=no_threshold, method=method, k=knn_k, out=out)
@@ -141,7 +141,7 @@ def create_command(
 ) -> None:
     """A new gallery from an existing encoder and a folder of labelled images."""
     from imgtriage.models.gallery import GalleryConfig
-    from imgtriage.models.gallery_edit import create_gallery
+    from imgtriage.predict.gallery_edit import create_gallery
 
     b = create_gallery(source, data, out, config=GalleryConfig(
         method=method, k=knn_k, similarity_threshold=similarity_threshold))

@@ -1,13 +1,11 @@
-"""Few-shot galleries: classes as enrolled embeddings, scored in one matrix multiply.
+"""Few-shot galleries, the math: classes as enrolled embeddings, scored in one matrix multiply.
 
-A gallery bundle (manifest ``kind: "gallery"``) holds an embedding net
-(``weights.safetensors``, see :mod:`imgtriage.models.siamese`), the enrolled embeddings
-(``gallery.safetensors``, tensor ``embeddings`` (M, D)) and, in the manifest's ``gallery``
-block, one label and one id per row plus the scoring rule: ``prototype`` (cosine similarity
-to each class's mean embedding) or ``knn`` (mean of the k highest similarities per class),
-a ``scale`` turning similarities into logits, and the ``similarity_threshold`` below which
-the answer is ``unknown``. Classes and examples are enrolled or removed without retraining
-(:func:`enrol_images`, :func:`remove_items`); each edit writes a new bundle version.
+A :class:`Gallery` holds unit-length embeddings with one label and one id per row; it scores
+queries by ``prototype`` (cosine similarity to each class's mean embedding) or ``knn`` (mean of
+the k highest similarities per class). :class:`GalleryConfig` is the scoring rule (with a
+``scale`` turning similarities into logits and the ``similarity_threshold`` below which the
+answer is ``unknown``). Storing a gallery in a bundle and predicting with it is the gallery
+kind of :mod:`imgtriage.predict.gallery`; editing one, :mod:`imgtriage.predict.gallery_edit`.
 
 Example:
     >>> import numpy as np
@@ -27,14 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.errors import BundleSchemaError, ConfigError, DataError
+from imgtriage.errors import ConfigError, DataError
 
-# A gallery bundle predicts through the same public API as a classifier, so its predictor
-# subclasses Predictor (this is the one import of predict/ from models/, by design: the
-# registered kind loader lives with the gallery it loads).
-from imgtriage.predict.predictor import Predictor
-
-GALLERY_FILE = "gallery.safetensors"
 METHODS = ("prototype", "knn")
 
 
@@ -214,50 +206,6 @@ class Gallery:
                        tuple(i for i, k in zip(self.ids, keep, strict=True) if k), classes)
 
 
-# -- bundle storage ---------------------------------------------------------------------------
-def gallery_block(gallery: Gallery, config: GalleryConfig) -> dict[str, Any]:
-    """The manifest's ``gallery`` block: rule, labels and ids (embeddings go to safetensors)."""
-    return {**config.to_dict(), "embed_dim": gallery.dim, "labels": list(gallery.labels),
-            "ids": list(gallery.ids)}
-
-
-def gallery_files(gallery: Gallery) -> dict[str, bytes]:
-    import torch
-    from safetensors.torch import save
-
-    return {GALLERY_FILE: save({"embeddings": torch.from_numpy(gallery.embeddings.copy())})}
-
-
-def read_gallery(bundle: Any) -> tuple[Gallery, GalleryConfig]:
-    """The verified gallery and its scoring rule from a loaded gallery bundle."""
-    from safetensors.torch import load
-
-    block = bundle.manifest.get("gallery")
-    if not isinstance(block, dict) or "labels" not in block:
-        raise BundleSchemaError(f"{bundle.path}: a gallery bundle needs a 'gallery' block "
-                                "with labels and ids in its manifest")
-    tensors = load(bundle.verified_bytes(GALLERY_FILE))
-    emb = tensors["embeddings"].numpy().astype(np.float32)
-    gallery = Gallery(emb, tuple(block["labels"]), tuple(block["ids"]),
-                      tuple(bundle.manifest["classes"]))
-    return gallery, GalleryConfig.from_dict(block)
-
-
-def load_encoder(bundle: Any):
-    """The bundle's embedding net with its verified weights, in eval mode."""
-    from imgtriage.errors import BundleError
-    from imgtriage.models.siamese import build_encoder
-
-    m = bundle.manifest["model"]
-    encoder = build_encoder(int(m["in_chans"]), **dict(m.get("kwargs") or {}))
-    try:
-        encoder.load_state_dict(bundle.state_dict(), strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"{bundle.path}: weights do not fit the siamese encoder: "
-                          f"{str(exc).splitlines()[0]}") from exc
-    return encoder.eval()
-
-
 def embed(encoder: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """(N, C, h, w) model inputs -> (N, D) unit-length embeddings, batch by batch."""
     import torch
@@ -269,154 +217,3 @@ def embed(encoder: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
             outs.append(encoder(xb).float().numpy())
     dim = int(getattr(encoder, "num_features", 0))
     return np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)
-
-
-def new_gallery_manifest(*, encoder_kwargs: dict[str, Any], in_chans: int,
-                         preprocess: dict[str, Any], gallery: Gallery, config: GalleryConfig,
-                         training: dict[str, Any] | None = None,
-                         metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A version-1 manifest of kind ``gallery`` for an encoder and its gallery."""
-    from imgtriage.bundle import new_manifest
-
-    manifest = new_manifest(model_name="siamese", model_kwargs=encoder_kwargs,
-                            in_chans=in_chans, preprocess=preprocess,
-                            classes=list(gallery.classes), training=training, metrics=metrics,
-                            kind="gallery")
-    manifest["gallery"] = gallery_block(gallery, config)
-    return manifest
-
-
-def save_gallery_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
-                        encoder_state: dict[str, Any], gallery: Gallery) -> Any:
-    """Write a gallery bundle (encoder weights + gallery tensors + manifest)."""
-    from imgtriage.bundle import save_bundle
-
-    return save_bundle(path, manifest, encoder_state, gallery_files(gallery))
-
-
-# -- prediction -------------------------------------------------------------------------------
-class GalleryBackend:
-    """``(N, C, h, w) -> (N, K)`` logits (``scale`` x similarity) of a gallery bundle.
-
-    ``embed`` and ``similarities`` expose the steps; everything runs in inference mode.
-    """
-
-    name = "torch-gallery"
-
-    def __init__(self, bundle: Any, device: str = "cpu") -> None:
-        import torch
-
-        self.device = torch.device(device)
-        self.encoder = load_encoder(bundle).to(self.device)
-        self.gallery, self.config = read_gallery(bundle)
-
-    def embed(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            return self.encoder(xt).float().cpu().numpy()
-
-    def similarities(self, x: np.ndarray) -> np.ndarray:
-        return self.gallery.similarities(self.embed(x), self.config.method, self.config.k)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.similarities(x) * np.float32(self.config.scale)
-
-
-class GalleryPredictor(Predictor):
-    """A :class:`~imgtriage.predict.Predictor` over a gallery bundle: same public methods
-    (``load``, ``predict_paths``, ``predict_arrays``, ``predict_bytes``, ``rows_for_inputs``,
-    ``make_report``, ``describe`` ...), so ``imgtriage predict``, the service and Ray take
-    gallery bundles like any other. Rows add ``similarity`` (cosine similarity to the chosen
-    class); an input below the bundle's ``similarity_threshold`` is answered ``unknown``.
-
-    Example:
-        >>> p = Predictor.load("runs/fewshot/bundle")  # doctest: +SKIP
-        >>> p.predict_paths(["crops/"])["results"][0]["similarity"]  # doctest: +SKIP
-        0.83
-    """
-
-    def __init__(self, bundle: Any, backend: GalleryBackend) -> None:
-        super().__init__(bundle, backend)
-        self.gallery: Gallery = backend.gallery
-        self.config: GalleryConfig = backend.config
-
-    def similarities(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
-        """(N, K) similarities; with ``tta`` the embedding is averaged over the bundle's views."""
-        from imgtriage.predict.predictor import TTA_TRANSFORMS
-
-        if not tta:
-            return self.backend.similarities(x)
-        views = [x, *(np.ascontiguousarray(TTA_TRANSFORMS[t](x)) for t in self.tta_transforms)]
-        emb = np.mean([self.backend.embed(v) for v in views], axis=0)
-        return self.gallery.similarities(emb, self.config.method, self.config.k)
-
-    def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
-        return self.similarities(x, tta) * np.float32(self.config.scale)
-
-    def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: Any,
-                        metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """Result rows for preprocessed inputs: the decision policy on ``scale * similarity``
-        logits, plus abstention when the best similarity is below the threshold."""
-        from imgtriage.predict.report import result_row
-
-        if len(x) == 0:
-            return []
-        sims = self.similarities(x, opts.tta)
-        policy = self.policy_for(opts)
-        d = policy.decide(sims * np.float32(self.config.scale))
-        best = sims[np.arange(len(sims)), d.class_id]
-        thr = self.config.similarity_threshold
-        low = best < thr if thr is not None else np.zeros(len(best), bool)
-        rows = []
-        for i, name in enumerate(names):
-            cid = int(d.class_id[i])
-            abstained = bool(d.abstained[i] or low[i])
-            probs = ({c: round(float(p), 6) for c, p in zip(self.classes, d.probs[i],
-                                                             strict=True)}
-                     if opts.include_probs else None)
-            topk = None
-            if opts.topk:
-                order = np.argsort(-d.probs[i])[: opts.topk]
-                topk = [{"class": self.classes[j], "class_id": int(j),
-                         "score": round(float(d.probs[i, j]), 6),
-                         "similarity": round(float(sims[i, j]), 6)} for j in order]
-            pred_set = [self.classes[j] for j in d.sets[i]] if d.sets is not None else None
-            flags = ["degenerate"] if metas and metas[i].get("degenerate") else None
-            rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
-                                   cid, d.score[i], abstained, probs=probs, topk=topk,
-                                   pred_set=pred_set, flags=flags,
-                                   extra={"similarity": round(float(best[i]), 6)},
-                                   best_class=self.classes[cid]))
-        return rows
-
-    def gallery_summary(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "embed_dim": self.gallery.dim,
-                "counts": self.gallery.counts()}
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "kind": "gallery", "gallery": self.gallery_summary()}
-
-    def make_report(self, results: list[dict[str, Any]], defects: list[dict[str, Any]],
-                    elapsed: float, batch_size: int, opts: Any) -> dict[str, Any]:
-        report = super().make_report(results, defects, elapsed, batch_size, opts)
-        report["meta"].update(kind="gallery", gallery={
-            "method": self.config.method, "k": self.config.k,
-            "similarity_threshold": self.config.similarity_threshold})
-        return report
-
-
-def _register() -> None:
-    from imgtriage.predict.kinds import register_kind
-
-    @register_kind("gallery")
-    def load_gallery_predictor(bundle: Any, backend: str = "auto", device: str = "cpu",
-                               **_: Any) -> GalleryPredictor:
-        if backend not in ("auto", "torch"):
-            raise ConfigError(f"gallery bundles run on the torch backend; got {backend!r} "
-                              "(--backend auto|torch)")
-        return GalleryPredictor(bundle, GalleryBackend(bundle, device))
-
-
-_register()

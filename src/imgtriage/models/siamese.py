@@ -5,7 +5,8 @@ Two ways to use it:
 * as a plain classifier (``create_model("siamese", ...)``): a cosine head on top of the
   embedding gives ``scale * cos(embedding, class_weight)`` logits, so the ordinary training
   loop and classifier bundles work with it unchanged;
-* as the encoder of a gallery (``imgtriage.models.gallery``): only the embedding net is kept,
+* as the encoder of a gallery (``imgtriage.models.gallery``; the bundle kind is
+  ``imgtriage.predict.gallery``): only the embedding net is kept,
   and classes are the prototypes / nearest items of a gallery of enrolled embeddings, so new
   classes can be added without retraining (see ``imgtriage.train.fewshot``).
 

@@ -46,7 +46,6 @@ from imgtriage.evaluate.decision import DecisionPolicy, softmax
 from imgtriage.io import Defect, ImageRecord, read_array
 from imgtriage.predict._cascade_build import CascadeConfig, CascadeResult, build_cascade
 from imgtriage.predict._first_stage import stage_from_dict
-from imgtriage.predict.kinds import register_kind
 from imgtriage.predict.predictor import Decoded, PredictOptions, Predictor
 from imgtriage.predict.report import result_row
 
@@ -464,7 +463,6 @@ class _Progress:
             self.live.__exit__(*exc)
 
 
-@register_kind("cascade")
 def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
                  **kw: Any) -> CascadePredictor:
     """Loader for ``kind: "cascade"`` bundles (``Predictor.load`` calls it); other keyword

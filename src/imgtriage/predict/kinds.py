@@ -1,41 +1,34 @@
-"""Bundle kinds other than a plain classifier (cascade, gallery, ...) register a loader here."""
+"""Bundle kinds other than a plain classifier, and the loader of each.
+
+Each built-in kind is listed here by the module and function that load it (imported on first
+use), so no module registers itself by being imported.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 from imgtriage.bundle import Bundle
 from imgtriage.errors import BundleSchemaError
 
-_LOADERS: dict[str, Callable[..., Any]] = {}
+# kind -> (module, loader function): ``fn(bundle, backend=..., device=..., **kw) -> predictor``
+KINDS: dict[str, tuple[str, str]] = {
+    "cascade": ("imgtriage.predict.cascade", "load_cascade"),
+    "gallery": ("imgtriage.predict.gallery", "load_gallery_predictor"),
+}
 
 
-def register_kind(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(bundle, backend=..., device=...) -> predictor`` for bundles of ``kind``."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _LOADERS[kind] = fn
-        return fn
-
-    return deco
+def loader_for(kind: str, where: object = "bundle") -> Callable[..., Any]:
+    """The loader of bundles of ``kind`` (anything but ``classifier``)."""
+    if kind not in KINDS:
+        raise BundleSchemaError(f"{where}: bundle kind {kind!r} is not known to this release "
+                                f"(known: classifier, {', '.join(sorted(KINDS))}); upgrade "
+                                "imgtriage")
+    module, name = KINDS[kind]
+    return getattr(importlib.import_module(module), name)
 
 
 def load_special(bundle: Bundle, **kw: Any) -> Any:
-    kind = bundle.manifest.get("kind")
-    _import_builtin_kinds()
-    if kind not in _LOADERS:
-        raise BundleSchemaError(f"{bundle.path}: bundle kind {kind!r} is not known to this "
-                                f"release (known: classifier, {', '.join(sorted(_LOADERS))})")
-    return _LOADERS[kind](bundle, **kw)
-
-
-def _import_builtin_kinds() -> None:
-    import importlib
-
-    for mod in ("imgtriage.predict.cascade", "imgtriage.models.gallery"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    return loader_for(bundle.manifest.get("kind"), bundle.path)(bundle, **kw)

@@ -11,7 +11,7 @@ Two objectives, both on L2-normalised embeddings:
 
 The run directory mirrors ``imgtriage train`` (config.json, splits.csv, metrics.jsonl,
 defects.json, bundle/); the bundle is of kind ``gallery`` with every training crop enrolled
-and a similarity threshold fitted on the validation split (see :mod:`imgtriage.models.gallery`).
+and a similarity threshold fitted on the validation split (see :mod:`imgtriage.predict.gallery`).
 
 Example:
     >>> from imgtriage.train.fewshot import FewShotConfig, train_fewshot
@@ -375,14 +375,9 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         >>> res.bundle_path  # doctest: +SKIP
         PosixPath('runs/fs/bundle')
     """
-    from imgtriage.models.gallery import (
-        Gallery,
-        GalleryConfig,
-        embed,
-        new_gallery_manifest,
-        save_gallery_bundle,
-    )
+    from imgtriage.models.gallery import Gallery, GalleryConfig, embed
     from imgtriage.models.siamese import build_encoder
+    from imgtriage.predict.gallery import new_gallery_manifest, save_gallery_bundle
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)

@@ -39,6 +39,7 @@ from imgtriage.data.augment import FIXED_FLIPS
 from imgtriage.data.features import FeatureStandardizer
 from imgtriage.data.loaders import decode_samples
 from imgtriage.errors import ConfigError, DataError
+from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models import create_model, get_entry
 from imgtriage.models.fusion import default_size as fusion_size
 from imgtriage.models.fusion import is_fusion
@@ -225,6 +226,7 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                    "val_macro_f1": best["val_macro_f1"], "val_count": info["n_val"], **metrics}
     manifest = new_manifest(model_name=cfg.model, model_kwargs=kwargs, in_chans=cfg.in_chans,
                             preprocess=spec.to_dict(), classes=list(ds.classes),
+                            decision=DecisionPolicy().to_dict(),
                             training={"config": cfg.to_dict(),
                                       "counts": fit_counts(ds.classes, samples_by_split(ds)),
                                       "data": str(data), "model_choice": info["reason"],

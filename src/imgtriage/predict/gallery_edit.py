@@ -25,10 +25,8 @@ import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.errors import BundleSchemaError, DataError, ImageReadError
-from imgtriage.models.gallery import (
-    Gallery,
-    GalleryConfig,
-    embed,
+from imgtriage.models.gallery import Gallery, GalleryConfig, embed
+from imgtriage.predict.gallery import (
     gallery_block,
     gallery_files,
     load_encoder,

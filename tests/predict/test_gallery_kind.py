@@ -1,0 +1,228 @@
+"""The gallery kind: enrol/remove without retraining, the unknown threshold, and gallery
+bundles going through the same Predictor API and CLI as any bundle.
+
+The trained fixture is a real (small) encoder learnt episodically on nine digit classes; digit
+7 is never seen in training and is enrolled from eight examples.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from imgtriage.bundle import load_bundle
+from imgtriage.cli.main import app
+from imgtriage.data import load_input
+from imgtriage.errors import BundleSchemaError, ConfigError, DataError
+from imgtriage.evaluate.decision import DecisionPolicy
+from imgtriage.models.gallery import GalleryConfig
+from imgtriage.predict import Predictor
+from imgtriage.predict.gallery import GalleryPredictor
+from imgtriage.predict.gallery_edit import (
+    create_gallery,
+    describe_gallery,
+    enrol_images,
+    remove_items,
+    set_rule,
+)
+from shared_helpers import write_digits_folder
+
+runner = CliRunner()
+SIZE = 16
+TRAIN_DIGITS = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # 7 is held out and enrolled later
+
+
+# -- a real trained gallery --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from imgtriage.train.fewshot import FewShotConfig, train_fewshot
+
+    root = tmp_path_factory.mktemp("fewshot")
+    data = write_digits_folder(root / "train", per_class=25, size=SIZE, classes=TRAIN_DIGITS)
+    write_digits_folder(root / "new", per_class=8, size=SIZE, seed=1, classes=(7,))
+    write_digits_folder(root / "query", per_class=12, size=SIZE, seed=2,
+                        classes=(*TRAIN_DIGITS, 7))
+    cfg = FewShotConfig(epochs=4, episodes=20, img_size=SIZE, widths=(16, 32, 64),
+                        embed_dim=32, n_way=6, lr=5e-3, num_threads=1)
+    res = train_fewshot(data, root / "run", cfg, quiet=True)
+    return res, root
+
+
+@pytest.fixture
+def gallery_copy(trained, tmp_path) -> Path:
+    res, _ = trained
+    return Path(shutil.copytree(res.bundle_path, tmp_path / "gallery"))
+
+
+def _rows(bundle: Path, folder: Path) -> dict[str, dict]:
+    report = Predictor.load(bundle).predict_paths([folder], include_probs=True)
+    assert not report["defects"]
+    return {Path(r["path"]).relative_to(folder).as_posix(): r for r in report["results"]}
+
+
+def test_training_learns_and_fits_a_threshold(trained):
+    res, _ = trained
+    assert res.metrics["val_accuracy"] >= 0.7  # 9 classes: chance is 0.11
+    b = load_bundle(res.bundle_path)
+    assert b.manifest["kind"] == "gallery"
+    assert b.manifest["gallery"]["similarity_threshold"] is not None
+    assert describe_gallery(res.bundle_path)["classes"] == {f"d{i}": 21 for i in TRAIN_DIGITS}
+    lines = (res.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "val_accuracy" in json.loads(lines[0])
+
+
+def test_enrolling_a_class_changes_only_that_class_and_removing_restores(trained,
+                                                                        gallery_copy):
+    _, root = trained
+    query = root / "query"
+    before = _rows(gallery_copy, query)
+    new = enrol_images(gallery_copy, "d7", sorted((root / "new" / "d7").glob("*.png")))
+    assert new.manifest["bundle_version"] == 2 and new.classes[-1] == "d7"
+    after = _rows(gallery_copy, query)
+    changed = [k for k in before if before[k]["class"] != after[k]["class"]]
+    # A prediction may only change *to* the new class (old-class similarities are untouched,
+    # see the next test), so everything else keeps its answer.
+    assert all(after[k]["class"] == "d7" for k in changed)
+    sevens = [k for k in after if k.startswith("d7/")]
+    assert not any(before[k]["class"] == "d7" for k in sevens)
+    # The best-matching class (abstained or not) of unseen sevens is now mostly d7.
+    assert np.mean([after[k].get("best_class", after[k]["class"]) == "d7"
+                    for k in sevens]) >= 0.6
+    others = [k for k in after if not k.startswith("d7/")]
+    assert np.mean([k not in changed for k in others]) >= 0.9
+    gone = remove_items(gallery_copy, "d7")
+    assert gone.manifest["bundle_version"] == 3
+    assert _rows(gallery_copy, query) == before  # exactly, scores included
+    history = gone.manifest["history"]
+    assert [h["version"] for h in history] == [1, 2]
+    assert load_bundle(gallery_copy).has_file("history/manifest.v2.json")
+
+
+def test_old_class_similarities_are_unchanged_by_enrolment(trained, gallery_copy):
+    _, root = trained
+    files = sorted((root / "query" / "d3").glob("*.png"))
+    p0 = Predictor.load(gallery_copy)
+    x = np.stack([load_input(f, p0.spec)[0] for f in files])
+    s0 = p0.similarities(x)
+    enrol_images(gallery_copy, "d7", sorted((root / "new" / "d7").glob("*.png")))
+    s1 = Predictor.load(gallery_copy).similarities(x)
+    np.testing.assert_allclose(s1[:, :len(TRAIN_DIGITS)], s0, rtol=0, atol=1e-6)
+
+
+def test_similarity_below_threshold_is_unknown(trained, gallery_copy):
+    _, root = trained
+    query = root / "query"
+    free = set_rule(gallery_copy, clear_threshold=True)
+    rows = _rows(gallery_copy, query)
+    assert free.manifest["gallery"]["similarity_threshold"] is None
+    assert not any(r["abstained"] for r in rows.values())
+    sims = np.array([r["similarity"] for r in rows.values()])
+    cut = float(np.median(sims))
+    set_rule(gallery_copy, similarity_threshold=cut)
+    cut_rows = _rows(gallery_copy, query)
+    for k, r in rows.items():
+        low = r["similarity"] < cut
+        assert cut_rows[k]["abstained"] == low
+        assert cut_rows[k]["class"] == ("unknown" if low else r["class"])
+        assert cut_rows[k]["similarity"] == r["similarity"]
+    assert 0 < sum(r["abstained"] for r in cut_rows.values()) < len(rows)
+    report = Predictor.load(gallery_copy).predict_paths([query])
+    assert report["meta"]["gallery"]["similarity_threshold"] == cut
+    assert report["meta"]["coverage"] < 1.0
+
+
+def test_gallery_bundle_through_the_predictor_api(trained, gallery_copy, tmp_path):
+    _, root = trained
+    p = Predictor.load(gallery_copy)
+    assert isinstance(p, GalleryPredictor)
+    assert p.describe()["gallery"]["counts"]["d0"] == 21
+    files = sorted((root / "query" / "d1").glob("*.png"))[:3]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    report = p.predict_paths([*files, bad], topk=2)
+    assert len(report["results"]) == 3 and report["defects"][0]["path"] == str(bad)
+    assert all(len(r["topk"]) == 2 and "similarity" in r["topk"][0]
+               for r in report["results"])
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(f)) for f in files]
+    by_array = p.predict_arrays(arrays, names=[str(f) for f in files])
+    by_bytes = p.predict_bytes([f.read_bytes() for f in files], names=[str(f) for f in files])
+    assert [r["class"] for r in by_array] == [r["class"] for r in report["results"]]
+    assert by_bytes == by_array
+    with pytest.raises(ConfigError, match="torch"):
+        Predictor.load(gallery_copy, backend="onnx")
+
+
+def test_cli_add_list_remove_rule(trained, gallery_copy):
+    _, root = trained
+    sevens = sorted(str(p) for p in (root / "new" / "d7").glob("*.png"))
+    r = runner.invoke(app, ["gallery", "add", str(gallery_copy), "--label", "d7", *sevens])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["gallery", "list", str(gallery_copy), "--json", "--items"])
+    info = json.loads(r.output)
+    assert info["classes"]["d7"] == 8 and info["bundle_version"] == 2
+    assert info["items"]["d7"] == sevens
+    name = Path(sevens[0]).name
+    r = runner.invoke(app, ["gallery", "remove", str(gallery_copy), "--label", "d7",
+                            "--images", name])
+    assert r.exit_code == 0, r.output
+    assert describe_gallery(gallery_copy)["classes"]["d7"] == 7
+    r = runner.invoke(app, ["gallery", "rule", str(gallery_copy), "--method", "knn",
+                            "--knn-k", "3"])
+    assert r.exit_code == 0 and describe_gallery(gallery_copy)["rule"]["method"] == "knn"
+    r = runner.invoke(app, ["gallery", "list", str(gallery_copy)])
+    assert "d7" in r.output and "knn k=3" in r.output
+
+
+def test_bad_enrolment_writes_nothing(trained, gallery_copy, tmp_path):
+    _, root = trained
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    good = sorted((root / "new" / "d7").glob("*.png"))[:2]
+    with pytest.raises(DataError, match="cannot be used"):
+        enrol_images(gallery_copy, "d7", [*good, bad])
+    assert load_bundle(gallery_copy).manifest["bundle_version"] == 1
+    r = runner.invoke(app, ["gallery", "remove", str(gallery_copy), "--label", "nope"])
+    assert r.exit_code != 0 and isinstance(r.exception, DataError)
+    assert "not in the gallery" in str(r.exception)
+
+
+def test_create_gallery_from_a_siamese_classifier_bundle(trained, tmp_path):
+    import torch
+
+    from imgtriage.bundle import new_manifest, save_bundle
+    from imgtriage.data import PreprocessSpec
+    from imgtriage.models import create_model
+
+    _, root = trained
+    torch.manual_seed(0)
+    model = create_model("siamese", num_classes=3, in_chans=1, embed_dim=16,
+                         widths=(8, 16)).eval()
+    spec = PreprocessSpec.default_for(1, (SIZE, SIZE))
+    manifest = new_manifest(model_name="siamese", model_kwargs={"embed_dim": 16,
+                                                                "widths": [8, 16]},
+                            in_chans=1, preprocess=spec.to_dict(), classes=["a", "b", "c"],
+                            decision=DecisionPolicy().to_dict())
+    clf = save_bundle(tmp_path / "clf", manifest, model.state_dict())
+    rows = Predictor.load(clf).predict_paths([root / "new"])["results"]
+    assert len(rows) == 8 and {r["class"] for r in rows} <= {"a", "b", "c"}
+    out = create_gallery(clf, root / "query", tmp_path / "g",
+                         config=GalleryConfig(similarity_threshold=0.2))
+    assert out.manifest["kind"] == "gallery" and len(out.classes) == len(TRAIN_DIGITS) + 1
+    p = Predictor.load(out)
+    x = np.zeros((2, 1, SIZE, SIZE), np.float32)
+    ref = model.encoder(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(p.backend.embed(x), ref, atol=1e-6)
+    cnn = create_model("crop_cnn", num_classes=3, in_chans=1)
+    other = save_bundle(tmp_path / "cnn", {**manifest, "model": {
+        "name": "crop_cnn", "kwargs": {}, "in_chans": 1, "num_classes": 3}}, cnn.state_dict())
+    with pytest.raises(BundleSchemaError, match="no siamese encoder"):
+        create_gallery(other, root / "query", tmp_path / "g2")
+    with pytest.raises(BundleSchemaError, match="not a gallery"):
+        enrol_images(clf, "x", [])
