@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -64,6 +65,12 @@ def test_write_report_with_files_and_broken_path(tmp_path):
     assert loaded["extra"] == {"split": "test", "n": 3}
 
     assert "data:image/png;base64," in page
+    assert loaded["figures"] == ["confusion_matrix.png", "feature_importance.png",
+                                 "pr_curves.png", "reliability.png", "risk_coverage.png"]
+    for name in loaded["figures"]:  # each figure is a file beside report.html, as embedded
+        png = (tmp_path / "out" / name).read_bytes()
+        assert Image.open(tmp_path / "out" / name).size[0] > 100
+        assert base64.b64encode(png).decode() in page
     assert not re.search(r"https?://", page)
     assert "<script" not in page.lower() and "<link" not in page.lower()
     for i in MISTAKES:

@@ -12,8 +12,9 @@ def evaluate_command(
     bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
     data: Path = typer.Argument(..., help="Labelled folder or manifest (e.g. RUN/splits.csv); "
                                           "with --reference, any files or folders."),
-    out: Path = typer.Option(None, "--out", "-o", help="Where report.json/report.html go "
-                                                       "(default: BUNDLE/../eval)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Where report.json, report.html and "
+                                                       "the figures (confusion_matrix.png, "
+                                                       "...) go (default: BUNDLE/../eval)."),
     split: str = typer.Option(None, help="Only this split of a manifest (train/val/test/"
                                          "calib)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (bundle policy)."),

@@ -7,6 +7,7 @@ name is escaped.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -139,7 +140,10 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
                  gallery_per_class: int = 5, n_confused_pairs: int = 10,
                  image_reader: Reader | None = None, thumbnail_size: int = 96,
                  max_thumbnails: int = 1000) -> dict[str, Any]:
-    """Write ``report.json`` and a self-contained ``report.html`` into ``out_dir``.
+    """Write ``report.json``, a self-contained ``report.html`` and each figure as a PNG
+    beside them (``confusion_matrix.png``, ``pr_curves.png``, ``reliability.png``,
+    ``risk_coverage.png``, ``feature_importance.png`` when given; ``report["figures"]``
+    lists them) into ``out_dir``.
 
     ``logits`` (N, K), integer ``labels`` (N,), ``class_names`` in output order and one image
     ``path`` per row. ``decision`` (a DecisionPolicy or its dict) adds calibration, abstain and
@@ -157,6 +161,10 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
                           gallery_per_class=gallery_per_class, n_confused_pairs=n_confused_pairs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    figures = report_figures(report)
+    for name, uri in figures.items():
+        (out / name).write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    report["figures"] = sorted(figures)
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False, default=str),
                                      encoding="utf-8")
     reader = image_reader if image_reader is not None else default_reader()
@@ -164,8 +172,24 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
     if report.get("decision"):
         thumbs.update(attach_thumbnails(report["decision"]["failures"], reader, thumbnail_size,
                                         max_thumbnails, known=thumbs))
-    (out / "report.html").write_text(render_html(report, thumbs), encoding="utf-8")
+    (out / "report.html").write_text(render_html(report, thumbs, figures), encoding="utf-8")
     return report
+
+
+def report_figures(report: dict[str, Any]) -> dict[str, str]:
+    """Every figure of a :func:`build_report` dict as a PNG data URI, keyed by file name."""
+    m, a = report["metrics"], report["abstain"]
+    op = (a["coverage"], a["risk_at_coverage"]) if a and a["risk_at_coverage"] is not None \
+        else None
+    figs = {"confusion_matrix.png": _plots.confusion_plot(m["confusion_matrix"]["normalized"],
+                                                          m["class_names"]),
+            "pr_curves.png": _plots.pr_plot(m["curves"]["pr"]),
+            "reliability.png": _plots.reliability_plot(m["reliability"], m["ece"]),
+            "risk_coverage.png": _plots.risk_coverage_plot(m["risk_coverage"], op)}
+    if report.get("feature_importance"):
+        figs["feature_importance.png"] = _plots.feature_importance_plot(
+            report["feature_importance"])
+    return figs
 
 
 # ---------------------------------------------------------------------------- HTML rendering
@@ -219,23 +243,20 @@ def _per_class(m: dict[str, Any]) -> str:
         rows, ["class", "precision", "recall", "F1", "support", "AP", "ROC AUC"])
 
 
-def _calibration_html(r: dict[str, Any]) -> str:
+def _calibration_html(r: dict[str, Any], figs: dict[str, str]) -> str:
     c = r["calibration"]
     rows = [["NLL", c["nll_raw"], c["nll_calibrated"]], ["ECE", c["ece_raw"], c["ece_calibrated"]]]
     note = (f'<p class="muted">Temperature {_fmt(c["temperature"])}; the best temperature on '
             f'this data would be {_fmt(c["best_temperature_on_this_data"])} (diagnostic only).</p>')
-    fig = _img(_plots.reliability_plot(r["metrics"]["reliability"], r["metrics"]["ece"]),
-               "reliability diagram")
+    fig = _img(figs["reliability.png"], "reliability diagram")
     return ("<h2>Calibration</h2>" + _table(rows, ["", "raw softmax", "calibrated"]) + note
             + fig)
 
 
-def _selective_html(r: dict[str, Any]) -> str:
+def _selective_html(r: dict[str, Any], figs: dict[str, str]) -> str:
     a, cf = r["abstain"], r["conformal"]
-    op = (a["coverage"], a["risk_at_coverage"]) if a and a["risk_at_coverage"] is not None \
-        else None
     out = "<h2>Abstain and selective prediction</h2>"
-    out += _img(_plots.risk_coverage_plot(r["metrics"]["risk_coverage"], op), "risk-coverage")
+    out += _img(figs["risk_coverage.png"], "risk-coverage")
     if a:
         out += _table([["abstain enabled", a["enabled"]], ["coverage", a["coverage"]],
                        ["accuracy at coverage", a["accuracy_at_coverage"]],
@@ -324,24 +345,24 @@ def _gallery_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | N
 
 
 def render_html(report: dict[str, Any],
-                thumbs: dict[int, tuple[str | None, str | None]] | None = None) -> str:
-    """The self-contained HTML page for a :func:`build_report` dict."""
+                thumbs: dict[int, tuple[str | None, str | None]] | None = None,
+                figures: dict[str, str] | None = None) -> str:
+    """The self-contained HTML page for a :func:`build_report` dict (``figures`` from
+    :func:`report_figures`, computed when not given)."""
     thumbs = thumbs or {}
-    m = report["metrics"]
+    figs = figures if figures is not None else report_figures(report)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{_e(report['meta']['title'])}</title><style>{_CSS}</style></head><body>",
              f"<h1>{_e(report['meta']['title'])}</h1><p class='muted'>created "
              f"{_e(report['meta']['created'])} · imgtriage {_e(report['meta']['version'])}</p>",
-             _summary(report), _per_class(m),
-             "<h2>Confusion matrix</h2>"
-             + _img(_plots.confusion_plot(m["confusion_matrix"]["normalized"], m["class_names"]),
-                    "confusion matrix"),
-             "<h2>Precision–recall</h2>" + _img(_plots.pr_plot(m["curves"]["pr"]), "PR curves"),
-             _calibration_html(report), _selective_html(report),
+             _summary(report), _per_class(report["metrics"]),
+             "<h2>Confusion matrix</h2>" + _img(figs["confusion_matrix.png"], "confusion matrix"),
+             "<h2>Precision–recall</h2>" + _img(figs["pr_curves.png"], "PR curves"),
+             _calibration_html(report, figs), _selective_html(report, figs),
              _decision_html(report, thumbs)]
     if report.get("feature_importance"):
-        parts.append("<h2>Feature importance</h2>" + _img(
-            _plots.feature_importance_plot(report["feature_importance"]), "feature importance"))
+        parts.append("<h2>Feature importance</h2>" + _img(figs["feature_importance.png"],
+                                                          "feature importance"))
     parts.append(_gallery_html(report, thumbs))
     if report.get("extra"):
         text = json.dumps(report["extra"], indent=2, default=str)
