@@ -157,14 +157,14 @@ def test_missing_path_and_directory_are_not_found(tmp_path, assert_defect):
 
 def test_permission_denied_when_open_fails(tmp_path, monkeypatch, assert_defect):
     path = _write(tmp_path / "locked.png", _png_bytes(_noise()))
-    real_open = Path.open
+    real_open = os.open
 
-    def guarded_open(self, *args, **kwargs):
-        if self == path:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def guarded_open(target, *args, **kwargs):
+        if Path(target) == path:
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_open)
     assert_defect(try_read_image(path), "permission_denied", str(path))
     assert_defect(try_read_image(str(path)), "permission_denied", str(path))
 

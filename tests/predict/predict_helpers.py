@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -74,14 +75,14 @@ def make_messy_folder(root: Path, digits_folder: Path) -> dict[str, str | None]:
 
 def deny_read(monkeypatch, name: str) -> None:
     """Make opening files called ``name`` fail with PermissionError (root reads anything)."""
-    real_open = Path.open
+    real_open = os.open
 
-    def fake_open(self, *args, **kwargs):
-        if self.name == name:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def fake_open(target, *args, **kwargs):
+        if Path(os.fsdecode(target)).name == name:
+            raise PermissionError(13, "Permission denied", os.fsdecode(target))
+        return real_open(target, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
 
 
 def outcome(report: dict, root: Path) -> dict[str, str | None]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import math
 import warnings
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from imgtriage.io._budget import check_bytes, check_pages, check_time
 from imgtriage.io._fits_header import header_dict, restore_end_card
 from imgtriage.io._source import ReadFailure, Source
 from imgtriage.io._types import ReadPolicy
@@ -109,6 +111,8 @@ def _read_first_image(
     seen = []
     for index, hdu in enumerate(hdul):
         seen.append(type(hdu).__name__)
+        check_pages(src, index + 1, "HDUs (headers) to be walked to find the image", policy)
+        check_time(src, policy, f"walking to HDU {index}")
         if not _is_image(hdu):
             continue
         meta["hdu"] = index
@@ -124,12 +128,48 @@ def _read_first_image(
                 f"'{src.display}' HDU {index} is {width}x{height} ({width * height} pixels; "
                 "the limit is ReadPolicy.max_pixels); raise the limit (--max-pixels)",
             )
+        _check_budget(src, hdu, index, policy)
         return _pixels(hdu, policy, meta)
     raise ReadFailure(
         "no_image_data",
         f"'{src.display}' has no image HDU with two or more axes (HDUs: {', '.join(seen)}); "
         "tables and header-only files cannot be classified",
     )
+
+
+_SCALE_CARDS = ("BSCALE", "BZERO", "BLANK")
+
+
+def _check_budget(src: Source, hdu: Any, index: int, policy: ReadPolicy) -> None:
+    """The decoded size from the header alone, before astropy touches the data.
+
+    astropy reads the whole HDU into memory when it cannot map it (``.fits.gz``/``.bz2``,
+    uploads, tile-compressed HDUs) and scales the whole HDU to float when BSCALE/BZERO/BLANK
+    are set; only an unscaled plain file on disk is mapped, so only the kept planes count.
+    """
+    from astropy.io import fits
+
+    header = hdu.header
+    dims = [int(header.get(f"NAXIS{k}", 0)) for k in range(1, int(header["NAXIS"]) + 1)]
+    planes = math.prod(dims[2:])
+    itemsize = abs(int(header.get("BITPIX", 8))) // 8
+    scaled = any(card in header for card in _SCALE_CARDS)
+    if scaled:
+        itemsize = max(itemsize, 4) if itemsize <= 2 else 8  # astropy scales to float32/64
+    kept = planes if policy.multipage == "channels" else 1
+    if policy.multipage == "channels":
+        check_pages(src, planes, "planes stacked as channels", policy)
+    whole = scaled or isinstance(hdu, fits.CompImageHDU) or src.path is None or _compressed(src)
+    shape = "x".join(str(d) for d in dims)
+    if whole:
+        check_bytes(src, f"HDU {index}, a {shape} array read whole", dims, itemsize, policy)
+    else:
+        check_bytes(src, f"HDU {index}: {kept} plane(s) of {dims[0]}x{dims[1]}",
+                    (dims[0], dims[1], kept), itemsize, policy)
+
+
+def _compressed(src: Source) -> bool:
+    return src.head[:2] == b"\x1f\x8b" or src.head[:3] == b"BZh"
 
 
 def _pixels(hdu: Any, policy: ReadPolicy, meta: dict[str, Any]) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgtriage.io._budget import check_bytes, check_time
 from imgtriage.io._sniff import FORMAT_NAMES
 from imgtriage.io._source import ReadFailure, Source
 from imgtriage.io._types import ReadPolicy
@@ -34,7 +35,7 @@ def read_raster(src: Source, fmt: str, policy: ReadPolicy) -> tuple[np.ndarray, 
             fh = stack.enter_context(src.open())
             img = stack.enter_context(Image.open(fh, formats=[_PIL_FORMATS[fmt]]))
             _check_pixels(src, img.size, policy)
-            array = _decode(img, fmt, policy, meta)
+            array = _decode(src, img, fmt, policy, meta)
         except ReadFailure:
             raise
         except Image.DecompressionBombError as exc:
@@ -44,7 +45,8 @@ def read_raster(src: Source, fmt: str, policy: ReadPolicy) -> tuple[np.ndarray, 
     return array, meta
 
 
-def _decode(img: Image.Image, fmt: str, policy: ReadPolicy, meta: dict[str, Any]) -> np.ndarray:
+def _decode(src: Source, img: Image.Image, fmt: str, policy: ReadPolicy,
+            meta: dict[str, Any]) -> np.ndarray:
     """Pixels of the first frame, upright, in the array layout of its mode."""
     meta["mode"] = img.mode
     meta["frames"] = int(getattr(img, "n_frames", 1))
@@ -55,13 +57,29 @@ def _decode(img: Image.Image, fmt: str, policy: ReadPolicy, meta: dict[str, Any]
         # JPEG EXIF is parsed with the header; for PNG/WebP getexif() would decode the pixels.
         orientation = _orientation(img, meta)
         _draft(img, policy.jpeg_draft_size, orientation, meta)
+    _check_budget(src, img, policy)
     img.load()
+    check_time(src, policy, "after decoding the pixels")
     if orientation is None:
         orientation = _orientation(img, meta)
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
         meta["conversions"].append("exif_transpose")
     return mode_to_array(img, meta["conversions"])
+
+
+# Bytes per pixel Pillow holds for a mode (its 3-band modes take 4) or, when larger, the
+# array the mode becomes (a palette image becomes RGB(A)).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+               "I;16S": 2}
+
+
+def _check_budget(src: Source, img: Image.Image, policy: ReadPolicy) -> None:
+    """The decoded size from the header (after any JPEG draft), before a pixel is decoded."""
+    width, height = img.size
+    per_pixel = _MODE_BYTES.get(img.mode, 4)
+    check_bytes(src, f"a {width}x{height} {img.mode} image", (width, height), per_pixel,
+                policy)
 
 
 def _check_pixels(src: Source, size: tuple[int, int], policy: ReadPolicy) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+import stat
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,12 +38,21 @@ class Source:
     head: bytes
     path: Path | None = None
     data: bytes | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def open(self) -> BinaryIO:
-        """A fresh binary file object positioned at the start (the caller closes it)."""
+        """A fresh binary file object positioned at the start (the caller closes it).
+
+        The path is opened without blocking and must still be a regular file, so a file
+        swapped for a FIFO after the first look cannot hang the reader.
+        """
         if self.data is not None:
             return io.BytesIO(self.data)
-        return Path(self.path or "").open("rb")
+        return open_regular(Path(self.path or ""), self.display)
+
+    def elapsed(self) -> float:
+        """Seconds since this input was first opened (the decode clock)."""
+        return time.monotonic() - self.started
 
     def read_all(self) -> bytes:
         """All bytes of the input (files are read once, on demand)."""
@@ -83,6 +94,39 @@ def make_source(source: str | os.PathLike[str] | bytes, name: str | None) -> Sou
     return src
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular(path: Path, display: str) -> BinaryIO:
+    """Open ``path`` for reading without ever blocking; refuse anything but a regular file.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once (no writer needed), and the check is
+    made on the opened descriptor (``fstat``), so nothing can be swapped in between.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(str(path))
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise ReadFailure(
+                "not_regular_file",
+                f"'{display}' is {kind}, not a regular file; it was not read (reading it "
+                "could block forever); remove it from the input or copy the data into a file",
+            )
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    fh = os.fdopen(fd, "rb")
+    fh.raw.name = str(path)  # type: ignore[attr-defined]  # decoders that print the name
+    return fh
+
+
 def _stat_and_head(path: Path, display: str) -> tuple[int, bytes]:
     """Open the file once: its size and first bytes, with OS errors mapped to issues."""
     try:
@@ -90,7 +134,7 @@ def _stat_and_head(path: Path, display: str) -> tuple[int, bytes]:
             raise ReadFailure(
                 "not_found", f"'{display}' is a directory, not an image file; pass a file path"
             )
-        with path.open("rb") as fh:
+        with open_regular(path, display) as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_BYTES)
     except FileNotFoundError:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from imgtriage.io._budget import check_bytes, check_pages, check_time
 from imgtriage.io._source import ReadFailure, Source
 from imgtriage.io._types import ReadPolicy
 
@@ -21,7 +22,11 @@ _PLANAR_SEPARATE = 2
 
 
 def read_tiff(src: Source, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode the first page, or every page stacked as channels; raise ``ReadFailure``."""
+    """Decode the first page, or every page stacked as channels; raise ``ReadFailure``.
+
+    Only the IFDs of the pages kept are parsed (the page count comes from the IFD chain), so
+    a file of thousands of tiny pages costs no more than its first page.
+    """
     import tifffile
 
     meta: dict[str, Any] = {"format": "tiff", "conversions": []}
@@ -29,14 +34,17 @@ def read_tiff(src: Source, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, An
         warnings.simplefilter("ignore")
         try:
             with src.open() as fh, tifffile.TiffFile(fh) as tif:
-                pages = list(tif.pages)
-                if not pages:
+                count = len(tif.pages)
+                if not count:
                     raise ReadFailure("no_image_data", f"'{src.display}' holds no TIFF page")
-                _describe(tif, pages, meta)
-                chosen = pages if policy.multipage == "channels" else pages[:1]
+                if policy.multipage == "channels":
+                    check_pages(src, count, "pages stacked as channels", policy)
+                chosen = _chosen_pages(src, tif, count, policy)
+                _describe(tif, chosen[0], count, meta)
+                arrays = []
                 for page in chosen:
-                    _check_page(src, page, policy)
-                arrays = [_page_array(src, page, meta["conversions"]) for page in chosen]
+                    arrays.append(_page_array(src, page, meta["conversions"]))
+                    check_time(src, policy, f"after page {len(arrays)} of {len(chosen)}")
         except ReadFailure:
             raise
         except Exception as exc:
@@ -47,6 +55,20 @@ def read_tiff(src: Source, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, An
     if meta["pages"] > 1 and policy.multipage == "first":
         meta["conversions"].append(f"first_page_of_{meta['pages']}")
     return _stack_pages(src, arrays, meta), meta
+
+
+def _chosen_pages(src: Source, tif: Any, count: int, policy: ReadPolicy) -> list[Any]:
+    """The pages to decode, each checked from its IFD; their bytes together within budget."""
+    indices = range(count) if policy.multipage == "channels" else range(1)
+    chosen, total = [], 0
+    for index in indices:
+        page = tif.pages[index]
+        check_time(src, policy, f"reading the header of page {index}")
+        total += _check_page(src, page, policy)
+        if total > policy.max_decoded_bytes:
+            check_bytes(src, f"{index + 1} pages", (total,), 1, policy)
+        chosen.append(page)
+    return chosen
 
 
 def _pillow_pages(
@@ -73,13 +95,21 @@ def _pillow_pages(
     return arrays
 
 
-def _describe(tif: Any, pages: list[Any], meta: dict[str, Any]) -> None:
+# tifffile's series walk every page (quadratic in the page count): only asked for small files.
+_SERIES_PAGE_LIMIT = 64
+
+
+def _describe(tif: Any, first: Any, count: int, meta: dict[str, Any]) -> None:
     """What the container says about itself: page count, axes, photometric, description."""
     import tifffile
 
-    first = pages[0]
-    meta["pages"] = len(pages)
-    meta["axes"] = str(tif.series[0].axes) if tif.series else str(first.axes)
+    meta["pages"] = count
+    if count == 1:
+        meta["axes"] = str(first.axes)
+    elif count <= _SERIES_PAGE_LIMIT and tif.series:
+        meta["axes"] = str(tif.series[0].axes)
+    else:
+        meta["axes"] = "I" + str(first.axes)
     meta["page_axes"] = str(first.axes)
     meta["photometric"] = _enum_name(tifffile.PHOTOMETRIC, first.photometric)
     meta["planarconfig"] = _enum_name(tifffile.PLANARCONFIG, first.planarconfig)
@@ -97,8 +127,11 @@ def _enum_name(enum: Any, value: Any) -> str:
         return str(value).lower()
 
 
-def _check_page(src: Source, page: Any, policy: ReadPolicy) -> None:
-    """Refuse huge or truncated pages from their IFD alone, before decoding a byte."""
+def _check_page(src: Source, page: Any, policy: ReadPolicy) -> int:
+    """Refuse huge or truncated pages from their IFD alone, before decoding a byte.
+
+    Returns the page's decoded bytes.
+    """
     height, width = int(page.imagelength), int(page.imagewidth)
     if height * width > policy.max_pixels:
         raise ReadFailure(
@@ -106,6 +139,12 @@ def _check_page(src: Source, page: Any, policy: ReadPolicy) -> None:
             f"'{src.display}' has a {width}x{height} page ({width * height} pixels; the limit "
             "is ReadPolicy.max_pixels); downscale it or raise the limit (--max-pixels)",
         )
+    samples = max(1, int(page.samplesperpixel))
+    itemsize = page.dtype.itemsize if page.dtype is not None else -(-int(page.bitspersample) // 8)
+    if int(page.photometric) == _PALETTE:
+        samples, itemsize = 3, 2  # the palette expands each index to 16-bit RGB
+    nbytes = check_bytes(src, f"a {width}x{height}x{samples} page", (width, height, samples),
+                       max(1, itemsize), policy)
     ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
     if ends and max(ends) > src.size:
         raise ReadFailure(
@@ -113,6 +152,7 @@ def _check_page(src: Source, page: Any, policy: ReadPolicy) -> None:
             f"'{src.display}' ends at byte {src.size} but its image data runs to byte "
             f"{max(ends)}; the file was cut short, re-download or re-copy it",
         )
+    return nbytes
 
 
 def _page_array(src: Source, page: Any, conversions: list[str]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,10 @@ DEFECT_ISSUES = (
     "format_mismatch",  # the bytes are not what the extension says (e.g. text named .png)
     "unsupported_format",  # bytes of a kind imgtriage does not read
     "too_many_pixels",  # over ReadPolicy.max_pixels (decompression bombs)
+    "too_large",  # decoding would take more than ReadPolicy.max_decoded_bytes of memory
+    "too_many_pages",  # more pages/planes/HDUs than ReadPolicy.max_pages
+    "decode_timeout",  # decoding took longer than ReadPolicy.decode_timeout_s
+    "not_regular_file",  # a FIFO, socket or device: never opened for a blocking read
     "no_image_data",  # a FITS/TIFF container without any image
     "decode_error",  # the decoder failed for another reason
     "bad_shape",  # the image cannot become the model's input (e.g. channel count)
@@ -31,6 +36,10 @@ DefectIssue = Literal[
     "format_mismatch",
     "unsupported_format",
     "too_many_pixels",
+    "too_large",
+    "too_many_pages",
+    "decode_timeout",
+    "not_regular_file",
     "no_image_data",
     "decode_error",
     "bad_shape",
@@ -55,12 +64,36 @@ class Defect:
         return {"path": self.path, "issue": self.issue, "message": self.message}
 
 
+# The decode budget's defaults: two decode threads at the limit stay under ~1 GB together,
+# the float copy preprocessing makes included (see docs/service.md, "Decode budget").
+DEFAULT_MAX_DECODED_BYTES = 128 * 2**20
+DEFAULT_MAX_PAGES = 256
+DEFAULT_DECODE_TIMEOUT_S = 30.0
+# Schema bounds: a policy (from a bundle manifest, say) outside them is refused, not obeyed.
+_MAX_PIXELS_BOUND = 10**10
+_MAX_BYTES_BOUND = 2**40
+_MAX_PAGES_BOUND = 100_000
+_MAX_TIMEOUT_BOUND = 3600.0
+
+
 @dataclass(frozen=True)
 class ReadPolicy:
     """How readers treat the awkward cases. Travels in the bundle's preprocessing block.
 
+    The decode budget (``max_pixels``, ``max_decoded_bytes``, ``max_pages``,
+    ``decode_timeout_s``) is checked from the file's headers before the pixels are allocated
+    wherever the format allows (PNG/JPEG/GIF/BMP/WebP, TIFF IFDs, FITS headers); every entry
+    point (predict, serve, train, evaluate) reads through it. Over budget, a file becomes a
+    ``too_many_pixels``, ``too_large``, ``too_many_pages`` or ``decode_timeout`` defect.
+
     Attributes:
         max_pixels: refuse images with more pixels (height*width) than this (decompression bombs).
+        max_decoded_bytes: refuse files whose decoded data would take more bytes than this
+            (pixels x channels x bytes per sample x pages/planes kept; for FITS the whole
+            HDU when it must be read whole: compressed, scaled or streamed).
+        max_pages: refuse files needing more pages, planes, frames or HDUs than this.
+        decode_timeout_s: wall-clock seconds one file may take to decode; checked between the
+            decoder's steps (a file over it becomes ``decode_timeout``).
         multipage: ``"first"`` keeps the first page/plane of a multi-page TIFF,
             ``"channels"`` stacks pages as channels (they must share one shape).
         nonfinite_fill: value that replaces NaN/+Inf/-Inf in float data (counted in metadata).
@@ -72,12 +105,36 @@ class ReadPolicy:
     multipage: Literal["first", "channels"] = "first"
     nonfinite_fill: float = 0.0
     jpeg_draft_size: tuple[int, int] | None = None
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    max_pages: int = DEFAULT_MAX_PAGES
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        if self.max_pixels <= 0:
-            raise ConfigError("max_pixels must be positive (--max-pixels)")
+        _bounded_int(self.max_pixels, 1, _MAX_PIXELS_BOUND, "max_pixels", "--max-pixels")
+        _bounded_int(self.max_decoded_bytes, 1, _MAX_BYTES_BOUND, "max_decoded_bytes",
+                     "--max-decoded-bytes")
+        _bounded_int(self.max_pages, 1, _MAX_PAGES_BOUND, "max_pages", "--max-pages")
+        timeout = self.decode_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+                0 < timeout <= _MAX_TIMEOUT_BOUND):
+            raise ConfigError(f"decode_timeout_s must be a number of seconds in (0, "
+                              f"{_MAX_TIMEOUT_BOUND:g}], got {timeout!r} (--decode-timeout)")
+        if not isinstance(self.nonfinite_fill, int | float) or isinstance(
+                self.nonfinite_fill, bool) or not math.isfinite(self.nonfinite_fill):
+            raise ConfigError(f"nonfinite_fill must be a finite number, got "
+                              f"{self.nonfinite_fill!r}")
+        draft = self.jpeg_draft_size
+        if draft is not None and (len(draft) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65_535
+                for v in draft)):
+            raise ConfigError(f"jpeg_draft_size must be two integers in 1..65535, got {draft!r}")
         if self.multipage not in ("first", "channels"):
             raise ConfigError("multipage must be 'first' or 'channels' (--multipage)")
+
+
+def _bounded_int(value: object, lo: int, hi: int, name: str, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name} must be an integer in {lo}..{hi}, got {value!r} ({flag})")
 
 
 @dataclass(frozen=True)
