@@ -5,7 +5,7 @@ PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS  ?= onnx,serve,parquet,dev,ray,celery
+EXTRAS  ?= onnx,serve,parquet,dev,ray,celery,pretrained
 
 .PHONY: venv demo test lint bench clean system-deps
 

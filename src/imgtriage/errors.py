@@ -8,7 +8,9 @@ was expected and how to fix the input::
      ├── DataError              a dataset folder or manifest cannot be used
      │    └── ImageReadError     one file could not be read (carries a Defect)
      ├── ModelError             unknown architecture, bad arguments
-     │    └── WeightsUnavailableError   pretrained weights cannot be had (offline, missing file)
+     │    ├── WeightsUnavailableError   pretrained weights cannot be had (offline, missing file)
+     │    ├── WeightsMismatchError      a weights file does not fit the architecture (keys/shapes)
+     │    └── UnsafeWeightsError        a weights file is a pickle that would run code
      ├── BundleError            a bundle cannot be saved or loaded
      │    ├── BundleSchemaError  unknown or malformed manifest
      │    ├── BundleIntegrityError  a file's sha256 differs from the manifest
@@ -40,6 +42,8 @@ __all__ = [
     "ModelError",
     "PredictionError",
     "ServiceStartError",
+    "UnsafeWeightsError",
+    "WeightsMismatchError",
     "WeightsUnavailableError",
     "require",
 ]
@@ -71,6 +75,15 @@ class ModelError(ImgTriageError):
 
 class WeightsUnavailableError(ModelError):
     """Pretrained weights were asked for but cannot be obtained here."""
+
+
+class WeightsMismatchError(ModelError):
+    """A pretrained weights file does not fit the architecture: missing, unexpected or
+    differently shaped keys outside the classifier head. Never a silent random init."""
+
+
+class UnsafeWeightsError(ModelError):
+    """A weights file is a pickle that needs code to load; only plain tensors are accepted."""
 
 
 class BundleError(ImgTriageError):

