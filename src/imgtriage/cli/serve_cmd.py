@@ -42,6 +42,9 @@ def serve_command(
                                            "under, e.g. /imgtriage."),
     log_level: str = typer.Option("info", help="critical|error|warning|info|debug."),
     access_log: bool = typer.Option(True, help="Log one line per request."),
+    legacy_classify_route: bool = typer.Option(
+        False, "--legacy-classify-route", help="Also answer the old Flask backend's clients: "
+        "POST /classify {\"image\": \"<base64>\"} -> one flat result (docs/service.md)."),
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/classify, GET /v1/model, /livez, /readyz,
     /metrics and a web page at /."""
@@ -58,7 +61,7 @@ def serve_command(
         max_client_inflight=max_client_inflight,
         api_key_file=str(api_key_file) if api_key_file else None,
         cors_origins=tuple(cors_origin or ()), root_path=root_path, log_level=log_level,
-        access_log=access_log)
+        access_log=access_log, legacy_classify=legacy_classify_route)
     serve(cfg)
 
 

@@ -60,6 +60,10 @@ def create_app(config: ServeConfig, *, predictor: Any = None) -> Any:
     app.state.limiter = ClientLimiter(config.max_client_inflight)
     install_handlers(app)
     app.include_router(build_router())
+    if config.legacy_classify:
+        from imgtriage.serve.compat import build_compat_router
+
+        app.include_router(build_compat_router())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -53,6 +53,8 @@ class ServeConfig:
         cors_origins: origins allowed by CORS; empty = CORS off.
         log_level: uvicorn's log level; access_log: one log line per request.
         root_path: the path prefix a reverse proxy serves the app under (e.g. ``/imgtriage``).
+        legacy_classify: also answer ``POST /classify {"image": "<base64>"}`` with one flat
+            result, for clients of the old Flask backend (see ``serve.compat``).
     """
 
     bundle: str
@@ -76,6 +78,7 @@ class ServeConfig:
     log_level: str = "info"
     access_log: bool = True
     root_path: str = ""
+    legacy_classify: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", os.fspath(self.bundle))

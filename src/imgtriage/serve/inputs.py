@@ -184,15 +184,20 @@ def _json_fields(doc: Any) -> tuple[list[str], list[str] | None]:
 
 
 def _b64(text: str, index: int) -> bytes:
+    return decode_base64(text, f"images[{index}]")
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    """File bytes from standard base64 or a ``data:...;base64,`` URL (400 naming ``where``)."""
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or not head.endswith(";base64"):
-            raise bad_request(f"images[{index}] is a data URL without ';base64,'",
+            raise bad_request(f"{where} is a data URL without ';base64,'",
                               "bad-base64", "Invalid base64")
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise bad_request(f"images[{index}] is not valid base64 ({exc}); encode the file's "
+        raise bad_request(f"{where} is not valid base64 ({exc}); encode the file's "
                           "bytes with standard base64 (RFC 4648, with padding)",
                           "bad-base64", "Invalid base64") from None
 

@@ -24,7 +24,7 @@ from typing import Any
 from imgtriage.errors import require
 
 ROUTES = ("/", "/v1/classify", "/v1/model", "/livez", "/readyz", "/metrics", "/docs",
-          "/openapi.json")
+          "/openapi.json", "/classify")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
