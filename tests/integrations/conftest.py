@@ -39,8 +39,12 @@ def comparable_meta(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in drop}
 
 
-def _assert_same_report(got: dict, want: dict, tol: float = 1e-6) -> None:
-    """Same files in the same order, same classes, scores within ``tol``, same defects."""
+def _assert_same_report(got: dict, want: dict, tol: float = 2e-6) -> None:
+    """Same files in the same order, same classes, scores within ``tol``, same defects.
+
+    Scores are rounded to 6 decimals and batches may differ between engines, so two
+    engines can land one rounding step apart: ``tol`` allows that step plus float error.
+    """
     assert [r["path"] for r in got["results"]] == [r["path"] for r in want["results"]]
     for g, w in zip(got["results"], want["results"], strict=True):
         assert set(g) == set(w), g["path"]

@@ -53,7 +53,7 @@ def test_ray_parquet_dataset_holds_every_file_once(
     for r, w in zip(results, want["results"], strict=True):
         assert (r["path"], r["class"], r["abstained"]) == (w["path"], w["class"],
                                                            w["abstained"])
-        assert abs(r["score"] - w["score"]) <= 1e-6
+        assert abs(r["score"] - w["score"]) <= 2e-6  # one step of 6-decimal rounding
     assert got["results"] == [] and got["defects"] == want["defects"]
     for key in ("num_files", "coverage", "abstain", "thresholds", "tta", "bundle_sha256"):
         assert got["meta"][key] == want["meta"][key], key
