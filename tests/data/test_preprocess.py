@@ -112,3 +112,59 @@ def test_jpeg_draft_is_part_of_the_spec(tmp_path):
 def test_spec_validation_names_flags(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         PreprocessSpec(**kw)
+
+
+def _whole_image_reference(array, spec):
+    """The file -> tensor rules written for the whole image at once (floats of every channel)."""
+    x = array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer) and spec.scaling == "dtype":
+        info = np.iinfo(array.dtype)
+        x = (x - info.min) / float(info.max - info.min)
+    else:
+        lo, hi = (np.percentile(x, spec.percentiles) if spec.scaling == "percentile"
+                  else (float(x.min()), float(x.max())))
+        x = np.clip((x - lo) / float(hi - lo), 0.0, 1.0)
+    if spec.stretch == "asinh":
+        x = np.arcsinh(spec.asinh_a * x) / np.arcsinh(spec.asinh_a)
+    x = x.astype(np.float32)
+    x = x if x.ndim == 3 else x[..., None]
+    if x.shape[2] in (2, 4) and spec.in_chans in (1, 3):
+        alpha = x[..., -1:]
+        x = x[..., :-1] * alpha + spec.alpha_background * (1.0 - alpha)
+    if x.shape[2] == 1 and spec.in_chans > 1:
+        x = np.repeat(x, spec.in_chans, axis=2)
+    if x.shape[2] == 3 and spec.in_chans == 1:
+        x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    th, tw = spec.size
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., k]), "F").resize(
+        (tw, th), Image.Resampling.BILINEAR)) for k in range(x.shape[2])]
+    out = (np.stack(planes, 2) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std,
+                                                                                 np.float32)
+    return out.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("shape,dtype,in_chans,scaling,stretch", [
+    ((30, 41, 4), np.uint8, 3, "dtype", "linear"),
+    ((30, 41, 2), np.uint16, 3, "minmax", "asinh"),
+    ((30, 41), np.float32, 3, "percentile", "linear"),
+    ((30, 41, 3), np.int16, 1, "dtype", "asinh"),
+    ((30, 41, 4), np.float64, 1, "minmax", "linear"),
+])
+def test_channel_by_channel_gives_exactly_the_whole_image_values(shape, dtype, in_chans,
+                                                                 scaling, stretch):
+    rng = np.random.default_rng(3)
+    array = (rng.random(shape) * 3000).astype(dtype)
+    spec = PreprocessSpec.default_for(in_chans, (12, 17), scaling=scaling, stretch=stretch)
+    assert np.array_equal(to_input(array, spec), _whole_image_reference(array, spec))
+
+
+def test_a_large_rgba_image_costs_a_few_float_planes_not_the_whole_image_as_floats():
+    from hostile_files import peak_rss_delta
+
+    array = np.full((3000, 3000, 4), 200, np.uint8)
+    plane = 3000 * 3000 * 4  # one channel as float32
+    spec = PreprocessSpec.default_for(3, (32, 32))
+    x, delta = peak_rss_delta(lambda: to_input(array, spec))
+    assert x.shape == (3, 32, 32)
+    # Whole-image floats would be 4 planes for the image plus 3-6 for compositing.
+    assert delta < 5 * plane, f"to_input took {delta / plane:.1f} float planes"

@@ -139,21 +139,45 @@ class PreprocessSpec:
                    std=kw.pop("std", std), **kw)
 
 
-def _scale(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Native dtype -> float32 in [0, 1] (per spec.scaling), then the stretch."""
-    if spec.scaling == "dtype" and np.issubdtype(x.dtype, np.integer):
-        info = np.iinfo(x.dtype)
-        out = (x.astype(np.float32) - info.min) / float(info.max - info.min)
-    elif x.dtype == np.bool_:
-        out = x.astype(np.float32)
-    else:
-        xf = x.astype(np.float32)
-        if spec.scaling == "percentile":
-            lo, hi = np.percentile(xf, spec.percentiles)
-        else:
-            lo, hi = float(xf.min()), float(xf.max())
-        span = float(hi - lo)
-        out = np.clip((xf - lo) / span, 0.0, 1.0) if span > 0 else np.zeros_like(xf)
+def _range(array: np.ndarray, spec: PreprocessSpec) -> tuple[Any, Any] | None:
+    """The (lo, hi) that map to 0..1 over the whole image, or None for dtype scaling.
+
+    Taken over every channel at once, as the float32 image would give them: min/max of the
+    native array cast to float32 (the cast is monotonic), percentiles of the float32 copy.
+    """
+    if array.dtype == np.bool_ or (spec.scaling == "dtype"
+                                   and np.issubdtype(array.dtype, np.integer)):
+        return None
+    if spec.scaling == "percentile":
+        lo, hi = np.percentile(array.astype(np.float32), spec.percentiles)
+        return lo, hi
+    return float(np.float32(array.min())), float(np.float32(array.max()))
+
+
+def _scale_channel(ch: np.ndarray, spec: PreprocessSpec, span: tuple[Any, Any] | None
+                   ) -> np.ndarray:
+    """One native channel -> float32 in [0, 1] (per spec.scaling), then the stretch.
+
+    Elementwise, so working channel by channel gives exactly the whole image's values while
+    holding one channel of floats at a time (a large image never exists whole as floats).
+    """
+    out = ch.astype(np.float32)
+    if span is None and ch.dtype != np.bool_:
+        info = np.iinfo(ch.dtype)
+        if info.min:
+            out -= info.min
+        out /= float(info.max - info.min)
+    elif span is not None:
+        lo, hi = span
+        width = float(hi - lo)
+        if not width > 0:
+            out[...] = 0.0
+        elif spec.scaling != "percentile":  # Python floats keep float32 arithmetic: in place
+            out -= lo
+            out /= width
+            np.clip(out, 0.0, 1.0, out=out)
+        else:  # NumPy float64 percentiles: the arithmetic runs in float64, as it always has
+            out = np.clip((out - lo) / width, 0.0, 1.0)
     if spec.stretch == "asinh":
         out = np.arcsinh(spec.asinh_a * out) / np.arcsinh(spec.asinh_a)
     elif spec.stretch == "log":
@@ -161,42 +185,15 @@ def _scale(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def _composite_alpha(x: np.ndarray, bg: float) -> np.ndarray:
-    """(H, W, C+1) with alpha last -> (H, W, C) composited on a grey background."""
-    alpha = x[..., -1:]
-    return x[..., :-1] * alpha + bg * (1.0 - alpha)
-
-
-def _match_channels(x: np.ndarray, in_chans: int, bg: float, path: str) -> np.ndarray:
-    """(H, W[, C]) float -> (H, W, in_chans) by explicit rules; anything else is a defect."""
-    if x.ndim == 2:
-        x = x[..., None]
-    c = x.shape[2]
-    if c == in_chans:
-        return x
-    if c in (2, 4) and in_chans in (1, 3) and c - 1 in (1, 3):  # LA / RGBA
-        x, c = _composite_alpha(x, bg), c - 1
-        if c == in_chans:
-            return x
-    if c == 1 and in_chans > 1:
-        return np.repeat(x, in_chans, axis=2)
-    if c == 3 and in_chans == 1:
-        return (x @ _LUMA)[..., None]
-    raise ImageReadError(Defect(path, "bad_shape",
-                                f"image has {x.shape[2]} channels but the model takes "
-                                f"{in_chans}; convert the file or retrain with --in-chans "
-                                f"{x.shape[2]}"))
-
-
 def _resize_channel(ch: np.ndarray, size_wh: tuple[int, int], interp: str) -> np.ndarray:
     img = Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32), mode="F")
     return np.asarray(img.resize(size_wh, _PIL_INTERP[interp]), dtype=np.float32)
 
 
-def _geometry(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """(H, W, C) float -> (h, w, C) by spec.resize, channel by channel in float precision."""
+def _geometry(ch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(H, W) float -> (h, w) by spec.resize, in float precision."""
     th, tw = spec.size
-    h, w = x.shape[:2]
+    h, w = ch.shape[:2]
     if spec.resize == "squash":
         target, crop = (tw, th), None
     elif spec.resize == "shorter_crop":
@@ -207,16 +204,12 @@ def _geometry(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     else:  # pad
         scale = min(th / h, tw / w)
         target, crop = (max(1, round(w * scale)), max(1, round(h * scale))), None
-    if (w, h) == target:
-        out = x
-    else:
-        out = np.stack([_resize_channel(x[..., i], target, spec.interpolation)
-                        for i in range(x.shape[2])], axis=2)
+    out = ch if (w, h) == target else _resize_channel(ch, target, spec.interpolation)
     if crop is not None:
         top, left = crop
         out = out[top:top + th, left:left + tw]
     elif spec.resize == "pad":
-        canvas = np.zeros((th, tw, x.shape[2]), np.float32)
+        canvas = np.zeros((th, tw), np.float32)
         oh, ow = out.shape[:2]
         top, left = (th - oh) // 2, (tw - ow) // 2
         canvas[top:top + oh, left:left + ow] = out
@@ -224,18 +217,61 @@ def _geometry(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
+def _channel_plan(c: int, in_chans: int, path: str) -> tuple[bool, str]:
+    """How c channels become in_chans: (composite alpha?, then "same"|"repeat"|"luma").
+
+    LA/RGBA are composited onto the background first; one channel is repeated, RGB becomes
+    luma; anything else is a defect.
+    """
+    alpha = c in (2, 4) and in_chans in (1, 3) and c - 1 in (1, 3)
+    colours = c - 1 if alpha else c
+    if colours == in_chans:
+        return alpha, "same"
+    if colours == 1 and in_chans > 1:
+        return alpha, "repeat"
+    if colours == 3 and in_chans == 1:
+        return alpha, "luma"
+    raise ImageReadError(Defect(path, "bad_shape",
+                                f"image has {c} channels but the model takes "
+                                f"{in_chans}; convert the file or retrain with --in-chans {c}"))
+
+
+def _model_planes(array: np.ndarray, spec: PreprocessSpec, path: str) -> list[np.ndarray]:
+    """The (h, w) float32 planes of the model input, before mean/std, one channel at a time."""
+    x = array if array.ndim == 3 else array[..., None]
+    alpha, rule = _channel_plan(x.shape[2], spec.in_chans, path)
+    span = _range(array, spec)
+    bg = spec.alpha_background
+    a = _scale_channel(x[..., -1], spec, span) if alpha else None
+    backdrop = None if a is None else bg * (1.0 - a)  # shared by every colour channel
+    colours = x.shape[2] - 1 if alpha else x.shape[2]
+
+    def colour(k: int) -> np.ndarray:
+        ch = _scale_channel(x[..., k], spec, span)
+        if a is not None:  # ch * a + bg * (1 - a), in place (same float32 operations)
+            ch *= a
+            ch += backdrop
+        return ch
+
+    if rule == "luma":
+        grey = (np.stack([colour(k) for k in range(3)], axis=2) @ _LUMA)
+        return [_geometry(grey, spec)]
+    planes = [_geometry(colour(k), spec) for k in range(colours)]
+    return planes * spec.in_chans if rule == "repeat" else planes
+
+
 def to_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>") -> np.ndarray:
     """A decoded image (any dtype, (H, W) or (H, W, C)) -> float32 (in_chans, h, w), normalised.
 
-    Raises ImageReadError(Defect(..., "bad_shape")) when the channels cannot be matched.
+    Works one channel at a time, so a large image costs one channel of floats, not the
+    whole image four times over. Raises ImageReadError(Defect(..., "bad_shape")) when the
+    channels cannot be matched.
     """
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise ImageReadError(Defect(path, "bad_shape",
                                     f"expected a 2-D image or (H, W, C), got shape "
                                     f"{tuple(array.shape)}"))
-    x = _scale(array, spec)
-    x = _match_channels(x, spec.in_chans, spec.alpha_background, path)
-    x = _geometry(x, spec)
+    x = np.stack(_model_planes(array, spec, path), axis=2)
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)
     x = (x - mean) / std

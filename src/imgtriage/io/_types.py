@@ -66,7 +66,7 @@ class Defect:
 
 # The decode budget's defaults: two decode threads at the limit stay under ~1 GB together,
 # the float copy preprocessing makes included (see docs/service.md, "Decode budget").
-DEFAULT_MAX_DECODED_BYTES = 128 * 2**20
+DEFAULT_MAX_DECODED_BYTES = 64 * 2**20
 DEFAULT_MAX_PAGES = 256
 DEFAULT_DECODE_TIMEOUT_S = 30.0
 # Schema bounds: a policy (from a bundle manifest, say) outside them is refused, not obeyed.
