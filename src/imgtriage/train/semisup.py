@@ -99,7 +99,7 @@ def load_unlabeled(folder: str | os.PathLike[str], spec: PreprocessSpec, *,
 
     Example:
         >>> pool = load_unlabeled("inbox/", spec, exclude_hashes=val_hashes)  # doctest: +SKIP
-        >>> len(pool), pool.defects
+        >>> len(pool), pool.defects  # doctest: +SKIP
     """
     root = Path(folder)
     if not root.exists():
