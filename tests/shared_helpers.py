@@ -39,3 +39,13 @@ def write_digits_folder(root: Path, per_class: int = 30, size: int = 32, seed: i
             img = (d.images[i] / 16 * 255).astype(np.uint8)
             Image.fromarray(img).resize((size, size), Image.BILINEAR).save(out / f"{i:05d}.png")
     return root
+
+
+def without_graph(bundle: Path, dest: Path, reason: str = "removed by a test") -> Path:
+    """A copy of ``bundle`` as if its ONNX export had failed: no model.onnx, the reason kept."""
+    from imgtriage.bundle import load_bundle, save_bundle
+    from imgtriage.bundle.graph import not_exported
+
+    b = load_bundle(bundle)
+    manifest = {**b.manifest, "onnx": not_exported(reason)}
+    return save_bundle(dest, manifest, b.state_dict())

@@ -12,6 +12,7 @@ from imgtriage.bundle import load_bundle
 from imgtriage.bundle.export import export_onnx
 from imgtriage.errors import ConfigError
 from imgtriage.predict import Predictor
+from shared_helpers import without_graph
 
 pytest.importorskip("onnxruntime")
 
@@ -95,7 +96,7 @@ def test_export_errors_say_what_to_pass(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="--calib"):
         export_onnx(tiny_bundle, quantize="static", calib=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="export"):
-        Predictor.load(tiny_bundle, backend="onnx")
+        Predictor.load(without_graph(tiny_bundle, tmp_path / "nograph"), backend="onnx")
     with pytest.raises(ConfigError, match="--precision"):
         Predictor.load(tiny_bundle, backend="torch", precision="int8")
 

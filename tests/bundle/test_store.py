@@ -37,7 +37,7 @@ def test_manifest_describes_everything_that_decides_an_answer(tiny_bundle):
     assert set(m["decision"]) >= {"temperature", "thresholds", "abstain", "unknown_label"}
     assert {"imgtriage", "torch", "numpy", "python"} <= set(m["versions"])
     assert m["training"]["config"]["epochs"] == 3
-    assert list(m["files"]) == ["weights.safetensors"]
+    assert list(m["files"]) == ["model.onnx", "weights.safetensors"]  # the graph from the start
     assert len(m["files"]["weights.safetensors"]) == 64
     assert 0 <= m["metrics"]["val_accuracy"] <= 1
 
@@ -45,8 +45,9 @@ def test_manifest_describes_everything_that_decides_an_answer(tiny_bundle):
 def test_saved_and_reloaded_bundle_gives_identical_probabilities(bundle_copy, digits_folder,
                                                                  tmp_path):
     b = load_bundle(bundle_copy)
-    again = save_bundle(tmp_path / "again", b.manifest, b.state_dict())
-    zipped = save_bundle(tmp_path / "again.zip", b.manifest, b.state_dict())
+    graph = {"model.onnx": b.verified_bytes("model.onnx")}
+    again = save_bundle(tmp_path / "again", b.manifest, b.state_dict(), graph)
+    zipped = save_bundle(tmp_path / "again.zip", b.manifest, b.state_dict(), graph)
     folder = digits_folder / "d3"
     p0, p1, p2 = (_probs(x, folder) for x in (bundle_copy, again, zipped))
     assert p0 == p1 == p2

@@ -35,7 +35,7 @@ def mixed_inputs(mixed_folder) -> list[str]:
 
 def comparable_meta(meta: dict) -> dict:
     """Meta without what legitimately differs between engines and runs."""
-    drop = {"timestamp", "elapsed_sec", "engine", "ray", "worker"}
+    drop = {"timestamp", "elapsed_sec", "engine", "ray", "worker", "threads"}
     return {k: v for k, v in meta.items() if k not in drop}
 
 

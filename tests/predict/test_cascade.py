@@ -156,6 +156,10 @@ def test_bundle_holds_no_pickle_and_every_file_is_hashed(gated, tmp_path):
         assert not data.startswith(b"\x80"), name  # pickle protocol marker
         if name.endswith(".json"):
             json.loads(data)
+        elif name.endswith(".onnx"):  # the stage's graph: a protobuf, no code
+            import onnx
+
+            assert onnx.load_from_string(data).graph.output[0].name == "logits"
         else:
             assert name.endswith(".safetensors") and _is_safetensors(data), name
     broken = tmp_path / "broken"

@@ -109,6 +109,21 @@ def test_cli_export_then_predict_uses_onnx_and_report_rebuilds(tiny_bundle, inbo
     assert isinstance(res.exception, ConfigError) and "--onnx" in str(res.exception)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cli_predict_names_backend_precision_and_threads(tiny_bundle, inbox, tmp_path, backend):
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["predict", str(tiny_bundle), str(inbox), "--output", str(out),
+                              "--backend", backend, "--threads", "1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    name = "onnx" if backend == "auto" else "torch"
+    said = f"backend {name}, precision fp32, 1 thread"
+    assert lines[0].startswith(f"predict: {said}")  # before any file is read
+    assert "8 files" not in lines[0] and said in lines[-1] and "6 results" in lines[-1]
+    meta = json.loads(out.read_text())["meta"]
+    assert (meta["backend"], meta["precision"], meta["threads"]) == (name, "fp32", 1)
+
+
 def test_cli_refuses_bad_outputs_before_running(tiny_bundle, inbox, tmp_path):
     for args, flag in ([["--output", str(tmp_path / "r.xlsx")], "--output"],
                        [["--defect-log", str(tmp_path / "d.csv")], "--defect-log"],

@@ -13,6 +13,7 @@ from imgtriage.serve.config import ENV_VAR
 @pytest.mark.parametrize("kwargs, flag", [
     ({"port": 0}, "--port"), ({"port": 70000}, "--port"), ({"workers": 0}, "--workers"),
     ({"threads": 0}, "--threads"), ({"backend": "tf"}, "--backend"),
+    ({"precision": "fp16"}, "--precision"),
     ({"max_batch_size": 0}, "--max-batch-size"), ({"max_wait_ms": -1}, "--max-wait-ms"),
     ({"max_queue": 4, "max_images": 8}, "--max-queue"),
     ({"max_request_bytes": 0}, "--max-request-bytes"), ({"max_images": 0}, "--max-images"),

@@ -30,4 +30,8 @@ def test_live_service_is_ready_and_logs_its_model(live_server):
     assert live_server.proc.poll() is None
     assert live_server.port == int(live_server.url.rsplit(":", 1)[1])
     assert httpx.get(live_server.url + "/readyz", timeout=10).status_code == 200
-    assert "[imgtriage.serve] model ready" in live_server.log.read_text()  # its own log lines
+    log = live_server.log.read_text()
+    assert "[imgtriage.serve] model ready" in log  # its own log lines
+    # what runs is said before the workers start, and again by each worker once loaded
+    assert log.splitlines()[0].startswith("serve: backend onnx, precision fp32, 1 thread")
+    assert "backend onnx, precision fp32, threads 1" in log

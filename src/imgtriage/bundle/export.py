@@ -20,8 +20,6 @@ Both print top-1 agreement, max |Δprobability| and (for class folders) accuracy
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import tempfile
 import time
@@ -33,12 +31,21 @@ from typing import Any
 
 import numpy as np
 
+from imgtriage.bundle.graph import (
+    INT8_FILE,
+    ONNX_FILE,
+    PARITY_TOLERANCE,
+    export_graph,
+    run_graph,
+    session_options,
+    softmax,
+    usable_cores,
+)
 from imgtriage.bundle.store import Bundle, build_model, load_bundle, sha256_bytes, update_bundle
 from imgtriage.errors import BundleError, ConfigError, require
 
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-PARITY_TOLERANCE = 1e-4
+__all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportResult", "QuantCheck",
+           "export_onnx", "quant_check", "run_graph", "session_options", "usable_cores"]
 QUANT_MODES = ("static", "dynamic")
 DYNAMIC_CNN_WARNING = ("dynamic int8 quantises only MatMul/Gemm: for a CNN it is usually SLOWER "
                        "than fp32 on CPU; prefer --quantize static with --calib")
@@ -102,11 +109,15 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
         raise ConfigError(f"{b.path} is an image + feature (fusion) model; ONNX export of "
                           "two-input models is not supported yet: predict with --backend torch")
     images = _load_images(b, calib, calib_images, say) if calib else None
-    graph, parity = _export_checked(b, images, opset)
+    try:
+        g = export_graph(build_model(b), b.manifest, images.x[:16] if images else None,
+                         opset=opset)
+    except BundleError as exc:
+        raise BundleError(f"{b.path}: {exc}") from exc
+    graph, info, parity = g.data, dict(g.info), float(g.info["parity_max_abs_dprob"])
     say(f"fp32 graph: {len(graph) / 1e6:.1f} MB, max |Δprob| vs torch {parity:.2e}")
     files = {ONNX_FILE: graph}
     notes: list[str] = []
-    info = _onnx_info(b, graph, opset, parity)
     if quantize:
         if quantize == "dynamic":
             warnings.warn(DYNAMIC_CNN_WARNING, stacklevel=2)
@@ -142,102 +153,7 @@ def _check_args(quantize: str | None, calib: Any, calib_images: int) -> None:
         raise ConfigError("calib_images must be >= 1 (--calib-images)")
 
 
-def _onnx_info(b: Bundle, graph: bytes, opset: int, parity: float) -> dict[str, Any]:
-    import torch
-
-    return {"file": ONNX_FILE, "sha256": sha256_bytes(graph), "opset": opset,
-            "input": "input", "output": "logits", "dynamic_batch": True,
-            "input_is": "normalised output of imgtriage.data.preprocess.to_input",
-            "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
-            "parity_max_abs_dprob": parity, "precision": "fp32", "int8": None}
-
-
-def _export_checked(b: Bundle, images: _Images | None, opset: int) -> tuple[bytes, float]:
-    """Export, then compare ORT with torch on real (or random) inputs; refuse above 1e-4."""
-    import torch
-
-    model = build_model(b)
-    pre = b.manifest["preprocess"]
-    shape = (int(pre["in_chans"]), *(int(s) for s in pre["size"]))
-    if images is not None:
-        x = images.x[:16]
-    else:
-        x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
-    graph = _torch_to_onnx(model, torch.from_numpy(x[:2]), opset)
-    graph = _with_metadata(graph, b)
-    with torch.inference_mode():
-        ref = model(torch.from_numpy(x)).float().numpy()
-    got = run_graph(graph, x)
-    parity = float(np.abs(_softmax(ref) - _softmax(got)).max())
-    if not parity <= PARITY_TOLERANCE:
-        raise BundleError(f"{b.path}: ONNX Runtime's probabilities differ from PyTorch's by "
-                          f"{parity:.2e} (> {PARITY_TOLERANCE}); this architecture does not "
-                          "export faithfully: keep using --backend torch")
-    return graph, parity
-
-
-def _torch_to_onnx(model: Any, sample: Any, opset: int) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (sample,), buf, dynamo=False, input_names=["input"],
-                          output_names=["logits"], opset_version=opset,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          do_constant_folding=True)
-    return buf.getvalue()
-
-
-def _with_metadata(graph: bytes, b: Bundle) -> bytes:
-    """Record preprocessing and classes in the graph, for consumers outside imgtriage."""
-    onnx = require("onnx", "onnx")
-    proto = onnx.load_from_string(graph)
-    meta = {"imgtriage.preprocess": json.dumps(b.manifest["preprocess"]),
-            "imgtriage.classes": json.dumps(b.classes),
-            "imgtriage.input": "normalised (x - mean) / std, (N, C, h, w) float32; see "
-                               "imgtriage.preprocess"}
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    return proto.SerializeToString()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity-aware), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def session_options(threads: int, *, spinning: bool = False) -> Any:
-    """ONNX Runtime SessionOptions for CPU: ``threads`` intra-op threads, every graph
-    optimisation, no thread spinning unless asked (decoding threads share the cores)."""
-    ort = require("onnxruntime", "onnx")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return so
-
-
-def run_graph(graph: bytes, x: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Logits of an ONNX graph on ``x`` (a plain session; for checks, not for speed)."""
-    ort = require("onnxruntime", "onnx")
-    sess = ort.InferenceSession(graph, session_options(usable_cores()),
-                                providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + batch])})[0]
-                           for i in range(0, len(x), batch)])
-
-
 def _softmax(z: np.ndarray) -> np.ndarray:
-    from imgtriage.evaluate.decision import softmax
-
     return softmax(z)
 
 

@@ -15,6 +15,7 @@ def inspect_command(
 ) -> None:
     """Verify a bundle and print what it holds: model, input, classes, decision rule."""
     from imgtriage.bundle import load_bundle
+    from imgtriage.bundle.graph import graph_summary
 
     b = load_bundle(bundle, verify=not no_verify)
     m = b.manifest
@@ -33,6 +34,7 @@ def inspect_command(
         f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
         f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
         f"profiles    {', '.join(m.get('profiles') or {}) or '-'}",
+        f"runtime     {graph_summary(m.get('onnx'))}",
         f"metrics     {json.dumps(m.get('metrics', {}))}",
         "files       " + ", ".join(f"{k} ({v[:12]}…)" for k, v in m["files"].items()),
         f"versions    {json.dumps(m.get('versions', {}))}",

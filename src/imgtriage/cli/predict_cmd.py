@@ -59,8 +59,9 @@ def predict_command(
                                  help="Override whether low scores are answered 'unknown'."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has a "
                                              "graph), torch or onnx."),
-    precision: str = typer.Option(None, help="fp32 or int8 ONNX graph (default: the one "
-                                             "`imgtriage export` chose)."),
+    precision: str = typer.Option(None, help="fp32 or int8 ONNX graph (default: the "
+                                             "bundle's: int8 only where its check accepted "
+                                             "it)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0."),
     workers: int = typer.Option(None, help="Decoding workers (default: one per core, >= 2)."),
     executor: str = typer.Option("thread", help="Decoding workers are threads or processes."),
@@ -90,6 +91,8 @@ def predict_command(
 
     predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads,
                                precision=precision)
+    runtime = predictor.runtime.line()
+    typer.echo(f"predict: {runtime}")
     options["thresholds"] = parse_thresholds(thresholds, len(predictor.classes))
     if feature_manifest is not None:
         predictor.use_feature_manifest(feature_manifest)
@@ -99,25 +102,31 @@ def predict_command(
     done = f", {run.n_skipped} already in the store" if run.n_skipped else ""
     typer.echo(f"{run.n_results} results, {run.n_defects} defects ({run.n_new} processed now"
                f"{done}; {run.files_per_sec:.1f} files/s), coverage {run.coverage} -> {output}"
-               + (f"; defects -> {defect_log}" if defect_log else ""))
+               + (f"; defects -> {defect_log}" if defect_log else "") + f" | {runtime}")
 
 
 def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str | None,
                     batch_size: int | None, thresholds: str | None, options: dict) -> None:
+    from dataclasses import replace
+
+    from imgtriage.bundle import load_bundle
     from imgtriage.integrations.ray_engine import ray_predict
     from imgtriage.predict import write_report
+    from imgtriage.predict.backends import choose_runtime
     from imgtriage.predict.report import check_output_path
 
     check_output_path(output)
+    b = load_bundle(bundle, verify=False)
+    # what each actor loads; its threads are the actor's own share of its node's cores
+    runtime = replace(choose_runtime(b), threads=None).line()
+    typer.echo(f"predict (ray): {runtime}")
     if thresholds is not None:
-        from imgtriage.bundle import load_bundle
-
-        options["thresholds"] = parse_thresholds(thresholds, len(load_bundle(bundle).classes))
+        options["thresholds"] = parse_thresholds(thresholds, len(b.classes))
     report = ray_predict(bundle, paths, address=address, batch_size=batch_size or 32,
                          **{k: v for k, v in options.items() if v is not None})
     write_report(report, output)
     typer.echo(f"{len(report['results'])} results, {len(report['defects'])} defects "
-               f"-> {output}")
+               f"-> {output} | {runtime}")
 
 
 def report_command(

@@ -16,6 +16,9 @@ def serve_command(
                                            "(default: CPU cores / workers)."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has a "
                                              "graph), torch or onnx."),
+    precision: str = typer.Option(None, help="fp32 or int8 ONNX graph (default: the "
+                                             "bundle's: int8 only where its check accepted "
+                                             "it)."),
     max_batch_size: int = typer.Option(16, help="Most images merged into one inference call."),
     max_wait_ms: float = typer.Option(50.0, help="How long the model may idle waiting for "
                                                  "requests known to be on their way (a lone "
@@ -53,7 +56,8 @@ def serve_command(
 
     cfg = ServeConfig(
         bundle=str(bundle), host=host, port=port, workers=workers, threads=threads,
-        backend=backend, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        backend=backend, precision=precision, max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
         max_queue=max_queue, max_request_bytes=max_request_bytes, max_images=max_images,
         max_pixels=max_pixels,
         allowed_formats=tuple(f.strip().lower() for f in allowed_formats.split(",") if f.strip()),

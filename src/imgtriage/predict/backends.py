@@ -1,18 +1,100 @@
 """Inference backends: a callable ``(N, C, h, w) float32 -> (N, K) logits`` over a bundle.
 
-Each backend has ``name`` and ``batch_size`` (the batch it runs best at, used when the caller
-does not choose one).
+Each backend has ``name``, ``precision``, ``threads`` and ``batch_size`` (the batch it runs
+best at, used when the caller does not choose one). :func:`choose_runtime` decides which
+backend and graph a bundle runs with (and why), without loading anything, so the CLI can say it
+before a long run and :func:`make_backend` can never decide differently.
+
+torch is imported only when the torch backend is built: the ONNX path starts without it.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import dataclass
+from typing import Any
 
-from imgtriage.bundle import Bundle, build_model
+import numpy as np
+
+from imgtriage.bundle import Bundle
+from imgtriage.bundle.graph import ONNX_FILE, usable_cores
 from imgtriage.errors import ConfigError
 
 BACKENDS = ("auto", "torch", "onnx")
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which backend and precision a bundle runs with, on how many threads, and why.
+
+    Example:
+        >>> RuntimeChoice("onnx", "fp32", 2, "the bundle's verified graph").line()
+        'backend onnx, precision fp32, 2 threads (the bundle's verified graph)'
+    """
+
+    backend: str
+    precision: str
+    threads: int | None
+    note: str = ""
+
+    def line(self) -> str:
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" \
+            if self.threads else "default threads"
+        return (f"backend {self.backend}, precision {self.precision}, {threads}"
+                + (f" ({self.note})" if self.note else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "precision": self.precision, "threads": self.threads,
+                "runtime_note": self.note}
+
+
+def choose_runtime(bundle: Bundle, backend: str = "auto", device: str = "cpu", *,
+                   num_threads: int | None = None, precision: str | None = None
+                   ) -> RuntimeChoice:
+    """``auto`` picks ONNX Runtime on CPU when the bundle holds a graph, else torch.
+
+    ``precision`` (fp32|int8) chooses between the ONNX graphs; default: the bundle's choice
+    (int8 only where its check accepted it).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r} (--backend)")
+    if num_threads is not None and num_threads < 1:
+        raise ConfigError("num_threads must be >= 1 (--threads)")
+    info = bundle.manifest.get("onnx") or {}
+    has_onnx = bundle.has_file(ONNX_FILE)
+    if backend == "onnx" and bundle.manifest["preprocess"].get("features"):
+        raise ConfigError(f"{bundle.path} is an image + feature model, which runs on the torch "
+                          "backend only; use --backend torch (or auto)")
+    if backend == "onnx" or (backend == "auto" and has_onnx and device == "cpu"):
+        if not has_onnx:
+            raise ConfigError(f"{bundle.path} has no model.onnx; run `imgtriage export "
+                              f"{bundle.path} --onnx` first or use --backend torch")
+        from imgtriage.predict.onnx_backend import onnx_file_for
+
+        _, chosen = onnx_file_for(bundle, precision)
+        return RuntimeChoice("onnx", chosen, num_threads or usable_cores(),
+                             _onnx_note(info, chosen, precision))
+    if precision not in (None, "fp32"):
+        raise ConfigError(f"precision {precision!r} needs the ONNX backend; the torch backend "
+                          "runs fp32 (--precision)")
+    if backend == "torch":
+        note = "asked for"
+    elif device != "cpu":
+        note = f"device {device}"
+    else:
+        note = f"no ONNX graph: {info.get('reason') or 'exported before graphs were default'}"
+    return RuntimeChoice("torch", "fp32", num_threads or usable_cores(), note)
+
+
+def _onnx_note(info: dict[str, Any], chosen: str, asked: str | None) -> str:
+    if asked is not None:
+        return "asked for"
+    int8 = info.get("int8") or {}
+    if chosen == "int8":
+        return f"int8 accepted: {int8['accepted']}" if int8.get("accepted") else \
+            "int8 chosen at export"
+    if int8.get("refused"):
+        return f"int8 refused: {int8['refused']}"
+    return "the bundle's verified graph"
 
 
 class TorchBackend:
@@ -28,44 +110,45 @@ class TorchBackend:
 
     def __init__(self, bundle: Bundle, device: str = "cpu",
                  num_threads: int | None = None) -> None:
+        import torch
+
+        from imgtriage.bundle import build_model
+
         if num_threads:
             torch.set_num_threads(int(num_threads))
+        self.threads = torch.get_num_threads()
         self.device = torch.device(device)
         self.model = build_model(bundle).to(self.device, memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def __call__(self, x: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Logits; ``features`` (N, F) go to image + feature (fusion) models."""
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        if xt.ndim == 4:
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        if features is None:
-            out = self.model(xt)
-        else:
-            out = self.model(xt, torch.from_numpy(np.ascontiguousarray(features)).to(self.device))
-        return out.float().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+            if xt.ndim == 4:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            if features is None:
+                out = self.model(xt)
+            else:
+                out = self.model(xt, torch.from_numpy(np.ascontiguousarray(features))
+                                 .to(self.device))
+            return out.float().cpu().numpy()
 
 
 def make_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu", *,
-                 num_threads: int | None = None, precision: str | None = None):
-    """``auto`` picks ONNX Runtime on CPU when the bundle holds a graph, else torch.
+                 num_threads: int | None = None, precision: str | None = None) -> Any:
+    """The backend :func:`choose_runtime` picks for ``bundle``."""
+    choice = choose_runtime(bundle, backend, device, num_threads=num_threads,
+                            precision=precision)
+    return build_backend(bundle, choice, device, num_threads)
 
-    ``precision`` (fp32|int8) chooses between the ONNX graphs; default: the bundle's choice.
-    """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r} (--backend)")
-    has_onnx = bundle.has_file("model.onnx")
-    if backend == "onnx" and bundle.manifest["preprocess"].get("features"):
-        raise ConfigError(f"{bundle.path} is an image + feature model, which runs on the torch "
-                          "backend only; use --backend torch (or auto)")
-    if backend == "onnx" or (backend == "auto" and has_onnx and device == "cpu"):
-        if not has_onnx:
-            raise ConfigError(f"{bundle.path} has no model.onnx; run `imgtriage export "
-                              f"{bundle.path} --onnx` first or use --backend torch")
+
+def build_backend(bundle: Bundle, choice: RuntimeChoice, device: str = "cpu",
+                  num_threads: int | None = None) -> Any:
+    """Load the backend a :class:`RuntimeChoice` names."""
+    if choice.backend == "onnx":
         from imgtriage.predict.onnx_backend import OnnxBackend
 
-        return OnnxBackend(bundle, num_threads=num_threads, precision=precision)
-    if precision not in (None, "fp32"):
-        raise ConfigError(f"precision {precision!r} needs the ONNX backend; the torch backend "
-                          "runs fp32 (--precision)")
+        return OnnxBackend(bundle, num_threads=num_threads, precision=choice.precision)
     return TorchBackend(bundle, device, num_threads)

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -143,6 +144,7 @@ class CascadePredictor:
         self.spec: PreprocessSpec = stage2.spec
         self.policy: DecisionPolicy = stage2.policy
         self.backend = _CascadeBackend(first.kind, getattr(stage2.backend, "name", "?"))
+        self.runtime = dataclasses.replace(stage2.runtime, backend=self.backend.name)
 
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",

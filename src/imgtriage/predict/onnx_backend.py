@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgtriage.bundle import Bundle
-from imgtriage.bundle.export import INT8_FILE, ONNX_FILE, session_options, usable_cores
+from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, session_options, usable_cores
 from imgtriage.errors import BundleError, ConfigError, require
 
 # Graphs with fewer weight bytes than this count as "small" (overhead-bound) for sessions="auto".
@@ -80,6 +80,8 @@ class OnnxBackend:
                               f"{str(exc).splitlines()[0]}; re-export it with `imgtriage "
                               f"export {bundle.path} --onnx`") from exc
         self._input = self._sessions[0].get_inputs()[0].name
+        names = [o.name for o in self._sessions[0].get_outputs()]
+        self._outputs = ["logits" if "logits" in names else names[0]]
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="ort") if n > 1 else None
         self.threads = threads
         # ORT CNNs gain little past ~16 images per call; small graphs like bigger batches.
@@ -98,7 +100,8 @@ class OnnxBackend:
         return len(self._sessions)
 
     def _run(self, i: int, x: np.ndarray) -> np.ndarray:
-        return self._sessions[i].run(None, {self._input: x})[0]
+        # by name: graphs may carry more outputs (e.g. features) that this call does not need
+        return self._sessions[i].run(self._outputs, {self._input: x})[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -25,6 +25,7 @@ from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input, 
 from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.io import Defect, read_array
+from imgtriage.predict.backends import RuntimeChoice
 from imgtriage.predict.report import report_meta, result_row
 
 TTA_TRANSFORMS = {
@@ -72,9 +73,14 @@ class Predictor:
         'cat'
     """
 
-    def __init__(self, bundle: Bundle, backend: Any) -> None:
+    def __init__(self, bundle: Bundle, backend: Any, runtime: RuntimeChoice | None = None
+                 ) -> None:
         self.bundle = bundle
         self.backend = backend
+        # what runs, and why: printed by predict/serve and written into every report's meta
+        self.runtime = RuntimeChoice(backend.name, getattr(backend, "precision", "fp32"),
+                                     getattr(backend, "threads", None),
+                                     runtime.note if runtime is not None else "")
         self.spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
         self.classes: list[str] = bundle.classes
         self.policy = DecisionPolicy.from_dict(bundle.manifest["decision"])
@@ -92,7 +98,7 @@ class Predictor:
         torch), torch or onnx; ``precision`` fp32|int8 picks the ONNX graph (default: the one
         the export chose); ``num_threads`` caps the model's compute threads.
         """
-        from imgtriage.predict.backends import make_backend
+        from imgtriage.predict.backends import build_backend, choose_runtime
 
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if b.manifest.get("kind", "classifier") != "classifier":
@@ -103,8 +109,9 @@ class Predictor:
 
                 torch.set_num_threads(num_threads)
             return load_special(b, backend=backend, device=device)
-        return cls(b, make_backend(b, backend, device, num_threads=num_threads,
-                                   precision=precision))
+        choice = choose_runtime(b, backend, device, num_threads=num_threads,
+                                precision=precision)
+        return cls(b, build_backend(b, choice, device, num_threads), choice)
 
     # -- identity ------------------------------------------------------------------------
     @property
@@ -118,8 +125,7 @@ class Predictor:
                 "decision": self.policy.to_dict(), "profiles": sorted(m.get("profiles", {})),
                 "bundle_sha256": self.bundle_sha256,
                 "bundle_version": m.get("bundle_version", 1),
-                "schema_version": m["schema_version"], "backend": self.backend.name,
-                "precision": getattr(self.backend, "precision", "fp32"),
+                "schema_version": m["schema_version"], **self.runtime.to_dict(),
                 "versions": m.get("versions", {})}
 
     # -- core ----------------------------------------------------------------------------
@@ -325,8 +331,7 @@ class Predictor:
                            num_files=len(results) + len(defects), n_results=len(results),
                            n_abstained=sum(r["abstained"] for r in results),
                            elapsed_sec=elapsed, tta=opts.tta,
-                           extra={"backend": self.backend.name,
-                                  "precision": getattr(self.backend, "precision", "fp32")})
+                           extra=self.runtime.to_dict())
         return {"meta": meta, "results": results, "defects": defects}
 
 

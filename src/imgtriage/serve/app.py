@@ -95,6 +95,23 @@ def _log_to_stderr(level: str) -> None:
         logger.propagate = False
 
 
+def runtime_line(bundle: Any, config: ServeConfig) -> str:
+    """What each worker will run: backend, precision and threads (and why), from the manifest.
+
+    Example:
+        >>> runtime_line(load_bundle("b"), ServeConfig("b", threads=2))  # doctest: +SKIP
+        "backend onnx, precision fp32, 2 threads (the bundle's verified graph)"
+    """
+    kind = bundle.manifest.get("kind", "classifier")
+    if kind != "classifier":
+        return f"a {kind} bundle, {config.compute_threads} threads per worker"
+    from imgtriage.predict.backends import choose_runtime
+
+    line = choose_runtime(bundle, config.backend, num_threads=config.compute_threads,
+                          precision=config.precision).line()
+    return line + (f", per worker x {config.workers}" if config.workers > 1 else "")
+
+
 def serve(config: ServeConfig) -> None:
     """Check the bundle and the key file, then run uvicorn with ``config.workers`` processes.
 
@@ -104,8 +121,9 @@ def serve(config: ServeConfig) -> None:
     uvicorn = require("uvicorn", "serve")
     from imgtriage.bundle import load_bundle
 
-    load_bundle(config.bundle)
+    b = load_bundle(config.bundle)
     ApiKeyAuth.from_file(config.api_key_file)
+    print(f"serve: {runtime_line(b, config)}", flush=True)
     os.environ[ENV_VAR] = config.to_env()
     uvicorn.run("imgtriage.serve.app:app_from_env", factory=True, host=config.host,
                 port=config.port, workers=config.workers, log_level=config.log_level,

@@ -35,6 +35,7 @@ class ServeConfig:
         host, port, workers: where uvicorn listens and how many processes it starts.
         threads: compute threads per worker (default: CPU cores / workers).
         backend: auto | torch | onnx (see ``Predictor.load``).
+        precision: fp32 | int8 ONNX graph; None = the bundle's (int8 only where accepted).
         max_batch_size: images merged into one inference call.
         max_wait_ms: how long the model may stay idle waiting for images known to be on their
             way (a request still uploading, or the next requests of the clients the previous
@@ -63,6 +64,7 @@ class ServeConfig:
     workers: int = 1
     threads: int | None = None
     backend: str = "auto"
+    precision: str | None = None
     max_batch_size: int = 16
     max_wait_ms: float = 50.0
     max_queue: int = 256
@@ -96,6 +98,9 @@ class ServeConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r} "
                               "(--backend)")
+        if self.precision not in (None, "fp32", "int8"):
+            raise ConfigError(f"precision must be fp32 or int8, got {self.precision!r} "
+                              "(--precision)")
         if not 0 <= self.max_wait_ms <= 1000:
             raise ConfigError(f"max wait must be 0..1000 ms, got {self.max_wait_ms} "
                               "(--max-wait-ms)")

@@ -115,7 +115,9 @@ class ModelRuntime:
                                       "classes": str(len(d.get("classes", [])))})
         self.state = "ready"
         self.metrics.ready.set(1)
-        log.info("model ready: %s (%s)", self.cfg.bundle, d.get("bundle_sha256", "")[:12])
+        log.info("model ready: %s (%s) | backend %s, precision %s, threads %s", self.cfg.bundle,
+                 d.get("bundle_sha256", "")[:12], d.get("backend"), d.get("precision", "-"),
+                 d.get("threads", self.cfg.compute_threads))
 
     def _load_and_warm(self) -> Any:
         p = self.predictor
@@ -123,7 +125,8 @@ class ModelRuntime:
             from imgtriage.predict import Predictor
 
             p = Predictor.load(self.cfg.bundle, backend=self.cfg.backend,
-                               num_threads=self.cfg.compute_threads)
+                               num_threads=self.cfg.compute_threads,
+                               precision=self.cfg.precision)
         p, self.max_pixels = limit_pixels(p, self.cfg.max_pixels)
         warm_up(p, self.cfg.max_batch_size)
         return p

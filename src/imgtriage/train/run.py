@@ -10,7 +10,8 @@ Run directory layout::
     RUN/curves.png          loss, accuracy and learning rate per epoch
     RUN/defects.json        files that could not be used, with the reason
     RUN/checkpoint/         the latest resumable checkpoint (``--resume``)
-    RUN/bundle/             the bundle (manifest.json + weights.safetensors)
+    RUN/bundle/             the bundle (manifest.json + weights.safetensors + model.onnx, the
+                            fp32 graph checked against torch on validation images)
 
 Under ``torchrun`` every process runs train(); only process 0 writes files and prints.
 """
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from imgtriage.bundle import new_manifest, save_bundle
+from imgtriage.bundle import load_bundle, new_manifest, save_bundle
+from imgtriage.bundle.graph import graph_summary
 from imgtriage.data import (
     PreprocessSpec,
     discover,
@@ -51,6 +53,7 @@ from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shu
 from imgtriage.train.fusion import feature_spec, fit_features, manifest_extras
 from imgtriage.train.loop import FitResult, fit
 from imgtriage.train.losses import plan_loss
+from imgtriage.train.onnx_step import attach_graph, sample_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
 from imgtriage.train.semisup import SemiSupervised, build_semi, count_files
@@ -241,7 +244,7 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
             model: torch.nn.Module, kwargs: dict[str, Any], result: FitResult,
             info: dict[str, Any], fx: FeatureStandardizer | None = None
             ) -> tuple[Path, dict[str, Any]]:
-    """Process 0: curves, metrics, manifest (with TTA views) and the bundle."""
+    """Process 0: curves, metrics, manifest (with TTA views), the ONNX graph and the bundle."""
     if result.history:
         plot_curves(result.history, run / "curves.png", result.best_epoch)
     best = result.best_metrics
@@ -263,7 +266,17 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                             metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
     manifest["tta"] = tta_views(cfg)
-    return save_bundle(run / "bundle", manifest, model.state_dict()), metrics
+    state = model.state_dict()
+    files = attach_graph(manifest, state, info["x_check"])
+    return save_bundle(run / "bundle", manifest, state, files), metrics
+
+
+def _check_inputs(src: _Sources, parts: dict[str, list], spec: PreprocessSpec
+                  ) -> Any:
+    """Validation inputs (training ones without a validation split) for the ONNX parity check."""
+    if src.val is not None and len(src.val):
+        return sample_inputs(src.val, parts.get("val", []), spec)
+    return sample_inputs(src.train, parts["train"], spec)
 
 
 def fit_counts(classes: tuple[str, ...], parts: dict[str, list]) -> dict[str, int]:
@@ -368,8 +381,11 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
              "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
                                   {"reason": reason, "n_train": len(tr), "weights": plan,
-                                   "n_val": len(va) if va is not None else 0}, src.features)
+                                   "n_val": len(va) if va is not None else 0,
+                                   "x_check": _check_inputs(src, parts, spec)}, src.features)
     barrier(info)
     seconds = time.perf_counter() - t0
     say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
+    if info.is_main:
+        say(graph_summary(load_bundle(bundle, verify=False).manifest.get("onnx")))
     return TrainResult(run, bundle, metrics, seconds)
