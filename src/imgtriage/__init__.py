@@ -49,6 +49,8 @@ _EXPORTS = {
     "Defect": "imgtriage.io",
     "ReadPolicy": "imgtriage.io",
     "DecisionPolicy": "imgtriage.evaluate.decision",
+    "import_model": "imgtriage.predict.importing",
+    "ImportConfig": "imgtriage.predict.importing",
 }
 
 __all__ = ["__version__", *sorted([*_EXPORTS, "train"])]

@@ -14,7 +14,8 @@ was expected and how to fix the input::
      ├── BundleError            a bundle cannot be saved or loaded
      │    ├── BundleSchemaError  unknown or malformed manifest
      │    ├── BundleIntegrityError  a file's sha256 differs from the manifest
-     │    └── BundleMissingFileError  a file the manifest names is absent
+     │    ├── BundleMissingFileError  a file the manifest names is absent
+     │    └── ImportParityError  an imported model does not reproduce the expected outputs
      ├── PredictionError        inputs to a Predictor are unusable as a whole
      ├── ServiceStartError      `imgtriage serve` exited or never became ready (log attached)
      └── MissingDependencyError an optional extra is not installed
@@ -38,6 +39,7 @@ __all__ = [
     "DataError",
     "ImageReadError",
     "ImgTriageError",
+    "ImportParityError",
     "MissingDependencyError",
     "ModelError",
     "PredictionError",
@@ -100,6 +102,11 @@ class BundleIntegrityError(BundleError):
 
 class BundleMissingFileError(BundleError):
     """A file the manifest lists is missing from the bundle."""
+
+
+class ImportParityError(BundleError):
+    """A model wrapped by ``imgtriage import`` answers the sample images differently from the
+    outputs given for them: its declared preprocessing (or class order) is not the model's."""
 
 
 class PredictionError(ImgTriageError):

@@ -232,6 +232,10 @@ def build_model(bundle: Bundle):
     from imgtriage.models import create_model
 
     m = bundle.manifest["model"]
+    if m["name"] == "onnx":
+        raise BundleError(f"{bundle.path} holds an imported ONNX graph (model.onnx) and no "
+                          "PyTorch weights: run it with the ONNX backend; torch-only tools "
+                          "(export, attribution) do not apply to it")
     model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
                          **dict(m.get("kwargs") or {}))
     try:

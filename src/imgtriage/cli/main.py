@@ -17,7 +17,7 @@ app = typer.Typer(name="imgtriage", no_args_is_help=True, add_completion=False,
 
 # Command modules, each with register(app). Optional ones may be absent in a slim install.
 COMMAND_MODULES = ("train_cmd", "predict_cmd", "inspect_cmd", "demo_cmd", "evaluate_cmd",
-                   "export_cmd", "serve_cmd", "cascade_cmd", "gallery_cmd")
+                   "export_cmd", "serve_cmd", "cascade_cmd", "gallery_cmd", "import_cmd")
 
 
 def _register_all() -> None:

@@ -23,6 +23,24 @@ Scaling = Literal["dtype", "minmax", "percentile"]
 Stretch = Literal["linear", "asinh", "log"]
 Resize = Literal["squash", "shorter_crop", "pad"]
 Interp = Literal["nearest", "bilinear", "bicubic", "area"]
+ChannelOrder = Literal["rgb", "bgr"]
+
+# Named preprocessing of models made elsewhere (``imgtriage import --preprocess NAME``): the
+# PreprocessSpec fields each sets. Values run 0..1 after scaling; ``value_range`` multiplies
+# them first (255 = the model was trained on 0..255 pixels), ``channel_order`` reorders RGB,
+# then ``(x - mean) / std`` per channel, in the model's channel order.
+PREPROCESS_PRESETS: dict[str, dict[str, Any]] = {
+    # Keras/keras.applications preprocess_input(mode="caffe") (ResNet50, VGG16, ...):
+    # RGB -> BGR, ImageNet mean subtracted on 0..255, no scaling.
+    "keras-caffe": {"channel_order": "bgr", "value_range": 255.0,
+                    "mean": (103.939, 116.779, 123.68), "std": (1.0, 1.0, 1.0)},
+    # preprocess_input(mode="tf") (MobileNet, Inception, Xception, ...): x / 127.5 - 1.
+    "keras-tf": {"channel_order": "rgb", "value_range": 1.0,
+                 "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    # torchvision / timm ImageNet models (and Keras mode="torch"): x / 255, ImageNet mean/std.
+    "torch-imagenet": {"channel_order": "rgb", "value_range": 1.0,
+                       "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
 
 _PIL_INTERP = {
     "nearest": Image.Resampling.NEAREST,
@@ -50,7 +68,12 @@ class PreprocessSpec:
         jpeg_draft: let JPEGs decode at a reduced scale that stays >= 2x the input size
             (PIL draft mode: several times faster on large photos, same answer everywhere
             because training and serving share this flag).
-        mean, std: per-channel normalisation after scaling (length in_chans).
+        mean, std: per-channel normalisation after scaling (length in_chans), in the
+            model's channel order and in units of ``value_range``.
+        channel_order: ``rgb`` or ``bgr`` (3-channel models trained on BGR, e.g. Keras
+            "caffe" models): the colour channels are reversed before mean/std.
+        value_range: the 0..1 values are multiplied by this before mean/std (255 for models
+            trained on 0..255 pixel values).
         read: the :class:`ReadPolicy` used to decode files.
         features: for image + feature (fusion) models, the
             :class:`~imgtriage.data.features.FeatureSpec` whose raw values :func:`load_input`
@@ -76,6 +99,8 @@ class PreprocessSpec:
     jpeg_draft: bool = True
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channel_order: ChannelOrder = "rgb"
+    value_range: float = 1.0
     read: ReadPolicy = field(default_factory=ReadPolicy)
     features: FeatureSpec | None = None
 
@@ -108,6 +133,15 @@ class PreprocessSpec:
             raise ConfigError("percentiles must satisfy 0 <= lo < hi <= 100 (--percentiles)")
         if not 0 < self.crop_pct <= 1:
             raise ConfigError("crop_pct must be in (0, 1] (--crop-pct)")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ConfigError(f"channel order must be rgb or bgr, got {self.channel_order!r} "
+                              "(--channel-order)")
+        if self.channel_order == "bgr" and self.in_chans != 3:
+            raise ConfigError("channel order bgr needs a 3-channel model (--channel-order)")
+        object.__setattr__(self, "value_range", float(self.value_range))
+        if not (self.value_range > 0 and np.isfinite(self.value_range)):
+            raise ConfigError(f"value range must be a positive number, got {self.value_range} "
+                              "(--value-range)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -127,6 +161,28 @@ class PreprocessSpec:
         if unknown:
             raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}")
         return cls(**d, read=ReadPolicy(**read))
+
+    @classmethod
+    def from_preset(cls, name: str, *, size: tuple[int, int], in_chans: int = 3,
+                    **overrides: Any) -> PreprocessSpec:
+        """The spec of a named preprocessing (:data:`PREPROCESS_PRESETS`); ``overrides`` (None
+        values ignored) replace any field, e.g. ``interpolation="nearest"``.
+
+        Example:
+            >>> s = PreprocessSpec.from_preset("keras-caffe", size=(224, 224))
+            >>> s.channel_order, s.value_range, s.mean[0]
+            ('bgr', 255.0, 103.939)
+        """
+        if name not in PREPROCESS_PRESETS:
+            raise ConfigError(f"unknown preprocessing {name!r}; use one of "
+                              f"{', '.join(PREPROCESS_PRESETS)} or 'custom' with --mean, --std,"
+                              " --channel-order and --value-range (--preprocess)")
+        chosen = {**PREPROCESS_PRESETS[name],
+                  **{k: v for k, v in overrides.items() if v is not None}}
+        if in_chans != 3 and overrides.get("mean") is None:
+            raise ConfigError(f"preprocessing {name!r} is for 3-channel models; give --mean and "
+                              f"--std for {in_chans} channels (--preprocess custom)")
+        return cls(in_chans=in_chans, size=tuple(size), **chosen)
 
     @classmethod
     def default_for(cls, in_chans: int, size: tuple[int, int], **kw: Any) -> PreprocessSpec:
@@ -271,7 +327,12 @@ def to_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>") 
         raise ImageReadError(Defect(path, "bad_shape",
                                     f"expected a 2-D image or (H, W, C), got shape "
                                     f"{tuple(array.shape)}"))
-    x = np.stack(_model_planes(array, spec, path), axis=2)
+    planes = _model_planes(array, spec, path)
+    if spec.channel_order == "bgr":
+        planes = planes[::-1]
+    x = np.stack(planes, axis=2)
+    if spec.value_range != 1.0:
+        x *= np.float32(spec.value_range)
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)
     x = (x - mean) / std

@@ -70,8 +70,8 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a registered architecture (or any timm one as ``timm:<name>``, an image +
-    feature model as ``fusion:<backbone>``).
+    """Build a registered architecture (or any timm one as ``timm:<name>``, a torchvision
+    one as ``torchvision:<name>``, an image + feature model as ``fusion:<backbone>``).
 
     Unknown names and bad arguments raise ModelError naming the known models.
     """
@@ -83,6 +83,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) 
         from imgtriage.models.timm_backbones import create_timm
 
         return create_timm(name[5:], num_classes, in_chans, **kwargs)
+    if name.startswith("torchvision:"):
+        from imgtriage.models.torchvision_models import create_torchvision
+
+        return create_torchvision(name[12:], num_classes, in_chans, **kwargs)
     if name.startswith("fusion:"):
         kwargs = {**kwargs, "backbone": name[7:]}
         name = "fusion"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle import update_bundle
+from imgtriage.bundle import load_bundle, update_bundle
 from imgtriage.data import discover
 from imgtriage.data.discovery import Sample
 from imgtriage.errors import ConfigError, DataError
@@ -211,7 +211,10 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
     from imgtriage.evaluate import fit_decision_policy
     from imgtriage.predict.predictor import Predictor
 
-    predictor = Predictor.load(bundle, backend="torch")
+    b = load_bundle(bundle)
+    # fp32 torch where the bundle has weights; an imported ONNX graph (fp32) has only itself
+    predictor = Predictor.load(b, backend="onnx" if b.manifest["model"]["name"] == "onnx"
+                               else "torch")
     samples = labelled_samples(data, predictor.classes, split)
     got = collect_logits(predictor, samples, batch_size=batch_size)
     policy, summary = fit_decision_policy(got.logits, got.labels,

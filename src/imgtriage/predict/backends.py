@@ -61,6 +61,11 @@ def choose_runtime(bundle: Bundle, backend: str = "auto", device: str = "cpu", *
         raise ConfigError("num_threads must be >= 1 (--threads)")
     info = bundle.manifest.get("onnx") or {}
     has_onnx = bundle.has_file(ONNX_FILE)
+    if bundle.manifest["model"]["name"] == "onnx":  # an imported graph: no torch weights
+        if backend == "torch":
+            raise ConfigError(f"{bundle.path} holds an imported ONNX graph and no PyTorch "
+                              "weights; use --backend onnx (or auto)")
+        backend = "onnx"
     if backend == "onnx" and bundle.manifest["preprocess"].get("features"):
         raise ConfigError(f"{bundle.path} is an image + feature model, which runs on the torch "
                           "backend only; use --backend torch (or auto)")
