@@ -76,8 +76,9 @@ def test_torchvision_resnet18_state_dict(images, tmp_path):
                        check_images=str(images), expected=str(tmp_path / "expected.npy"))
     res = import_model(tmp_path / "best_resnet.pth", tmp_path / "bundle", cfg)
     assert res.parity["max_abs_dprob"] <= 1e-4 and res.parity["n_images"] == 6
-    got = _bundle_probs(res.bundle_path, images, backend="torch")
-    assert np.abs(got - want).max() <= 1e-4
+    for backend in ("torch", "onnx"):  # like a trained bundle, it carries a verified graph
+        got = _bundle_probs(res.bundle_path, images, backend=backend)
+        assert np.abs(got - want).max() <= 1e-4, backend
     pre = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["preprocess"]
     assert (pre["channel_order"], pre["value_range"], pre["mean"]) == (
         "rgb", 1.0, [0.485, 0.456, 0.406])

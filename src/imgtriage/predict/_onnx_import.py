@@ -23,7 +23,8 @@ from imgtriage.errors import BundleError, ConfigError, require
 
 LAYOUTS = ("auto", "nchw", "nhwc")
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
-INPUT_NAME, OUTPUT_NAME = "imgtriage_input", "imgtriage_logits"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"  # what every bundle graph takes and answers
+FOREIGN_INPUT, FOREIGN_OUTPUT = "foreign_input", "foreign_output"
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _CHANNEL_COUNTS = (1, 3, 4)
 TINY = 1e-30
@@ -118,35 +119,48 @@ def inspect_graph(graph: bytes, layout: str = "auto", outputs: str = "auto") -> 
                      int(opset))
 
 
+def _rename(g: Any, old: str, new: str) -> None:
+    """Rename tensor ``old`` everywhere in graph ``g`` (node inputs/outputs, graph I/O)."""
+    for node in g.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.name == old:
+            vi.name = new
+
+
 def wrap_graph(graph: bytes, info: GraphInfo) -> bytes:
-    """The graph with an NCHW float input ``imgtriage_input`` and a logits output
-    ``imgtriage_logits``, both with a free batch dimension."""
+    """The graph with an NCHW float input ``input`` and a logits output ``logits`` (the names
+    every bundle graph has), both with a free batch dimension. The original tensors are
+    renamed ``foreign_input``/``foreign_output`` first, so their names never collide."""
     onnx = require("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load_from_string(graph)
     g = model.graph
-    old_in = next(i for i in g.input if i.name == info.original_input)
-    old_out = next(o for o in g.output if o.name == info.original_output)
+    _rename(g, info.original_input, FOREIGN_INPUT)
+    _rename(g, info.original_output, FOREIGN_OUTPUT)
+    old_in = next(i for i in g.input if i.name == FOREIGN_INPUT)
+    old_out = next(o for o in g.output if o.name == FOREIGN_OUTPUT)
     h, w = info.size if info.size else ("height", "width")
     new_in = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                            ["batch", info.in_chans, h, w])
     if info.layout == "nhwc":
-        first = helper.make_node("Transpose", [INPUT_NAME], [info.original_input],
+        first = helper.make_node("Transpose", [INPUT_NAME], [FOREIGN_INPUT],
                                  perm=[0, 2, 3, 1], name="imgtriage_to_nhwc")
     else:
-        first = helper.make_node("Identity", [INPUT_NAME], [info.original_input],
+        first = helper.make_node("Identity", [INPUT_NAME], [FOREIGN_INPUT],
                                  name="imgtriage_input_identity")
     last: list[Any] = []
     if info.outputs == "probabilities":
         g.initializer.append(numpy_helper.from_array(np.array(TINY, np.float32),
                                                      "imgtriage_tiny"))
-        last = [helper.make_node("Max", [info.original_output, "imgtriage_tiny"],
+        last = [helper.make_node("Max", [FOREIGN_OUTPUT, "imgtriage_tiny"],
                                  ["imgtriage_floored"], name="imgtriage_floor"),
                 helper.make_node("Log", ["imgtriage_floored"], [OUTPUT_NAME],
                                  name="imgtriage_log")]
     else:
-        last = [helper.make_node("Identity", [info.original_output], [OUTPUT_NAME],
+        last = [helper.make_node("Identity", [FOREIGN_OUTPUT], [OUTPUT_NAME],
                                  name="imgtriage_output_identity")]
     g.input.remove(old_in)
     g.input.insert(0, new_in)
@@ -165,17 +179,18 @@ def wrap_graph(graph: bytes, info: GraphInfo) -> bytes:
 
 def run_foreign(graph: bytes, x_nchw: np.ndarray, info: GraphInfo) -> np.ndarray:
     """The original graph's output on ``x_nchw`` (transposed for an NHWC graph)."""
-    from imgtriage.bundle.export import run_graph
+    from imgtriage.bundle.graph import run_graph
 
     x = x_nchw.transpose(0, 2, 3, 1) if info.layout == "nhwc" else x_nchw
-    return run_graph(graph, np.ascontiguousarray(x, dtype=np.float32))
+    return run_graph(graph, np.ascontiguousarray(x, dtype=np.float32),
+                     output=info.original_output)
 
 
 def check_wrapped(original: bytes, wrapped: bytes, info: GraphInfo, num_classes: int,
                   shape: tuple[int, int, int]) -> float:
     """Run both graphs on the same random batch of 2 (which also proves the batch dimension
     is free) and return max |Δprobability|; refuse a class-count mismatch."""
-    from imgtriage.bundle.export import run_graph
+    from imgtriage.bundle.graph import run_graph
     from imgtriage.evaluate.decision import softmax
 
     x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)

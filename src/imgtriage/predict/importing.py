@@ -150,8 +150,7 @@ def import_model(source: str | os.PathLike[str], out: str | os.PathLike[str],
     if suffix == ".onnx":
         manifest, weights, files, graph_parity = _from_onnx(src, cfg)
     elif suffix in TORCH_SUFFIXES:
-        manifest, weights, files, graph_parity = _from_state_dict(src, cfg), _weights(src, cfg), \
-            {}, None
+        manifest, weights, files, graph_parity = _from_state_dict(src, cfg)
     else:
         raise ConfigError(f"{src}: import takes an .onnx file or a state_dict/checkpoint "
                           f"({', '.join(TORCH_SUFFIXES)}); a Keras .keras/.h5 model converts to "
@@ -185,7 +184,7 @@ def _manifest(model_name: str, kwargs: dict[str, Any], spec: PreprocessSpec,
 
 
 def _from_onnx(src: Path, cfg: ImportConfig) -> tuple[dict, None, dict[str, bytes], float]:
-    from imgtriage.bundle.export import ONNX_FILE
+    from imgtriage.bundle.graph import ONNX_FILE
     from imgtriage.bundle.store import sha256_bytes
 
     if cfg.arch is not None:
@@ -204,8 +203,8 @@ def _from_onnx(src: Path, cfg: ImportConfig) -> tuple[dict, None, dict[str, byte
                                  (info.in_chans, *size))
     manifest = _manifest(ONNX_MODEL, {}, spec, cfg)
     manifest["onnx"] = {"file": ONNX_FILE, "sha256": sha256_bytes(wrapped),
-                        "opset": info.opset, "input": "imgtriage_input",
-                        "output": "imgtriage_logits", "dynamic_batch": True,
+                        "opset": info.opset, "input": "input", "output": "logits",
+                        "outputs": ["logits"], "dynamic_batch": True,
                         "input_is": "normalised output of imgtriage.data.preprocess.to_input",
                         "exporter": "imgtriage import (wrapped foreign graph)",
                         "parity_max_abs_dprob": graph_parity, "precision": "fp32",
@@ -213,20 +212,36 @@ def _from_onnx(src: Path, cfg: ImportConfig) -> tuple[dict, None, dict[str, byte
     return manifest, None, {ONNX_FILE: wrapped}, graph_parity
 
 
-def _from_state_dict(src: Path, cfg: ImportConfig) -> dict[str, Any]:
+def _from_state_dict(src: Path, cfg: ImportConfig
+                     ) -> tuple[dict, dict[str, Any], dict[str, bytes], float | None]:
     if cfg.arch is None:
         raise ConfigError("a state_dict has no architecture in it; name it with --arch "
                           "(torchvision:resnet50, timm:<name> or a registered name)")
     if cfg.layout != "auto" or cfg.outputs not in ("auto", "logits"):
         raise ConfigError("--layout and --outputs are for ONNX files; a torch model takes NCHW "
                           "and answers logits")
+    from imgtriage.bundle.graph import training_graph
+
     side = cfg.size or 224
     spec = spec_for(cfg, (side, side), cfg.in_chans)
-    return _manifest(cfg.arch, {}, spec, cfg)
+    manifest = _manifest(cfg.arch, {}, spec, cfg)
+    model = _checked_model(src, cfg)
+    # like a trained bundle: a verified ONNX graph (or the reason there is none)
+    files, manifest["onnx"] = training_graph(model, manifest, _check_inputs(cfg, spec))
+    return manifest, model.state_dict(), files, manifest["onnx"].get("parity_max_abs_dprob")
 
 
-def _weights(src: Path, cfg: ImportConfig) -> dict[str, Any]:
-    """The checked state dict for ``cfg.arch`` (every key and shape must fit)."""
+def _check_inputs(cfg: ImportConfig, spec: PreprocessSpec) -> np.ndarray | None:
+    """The parity images through the bundle's preprocessing (None: random inputs)."""
+    if cfg.check_images is None:
+        return None
+    from imgtriage.data.preprocess import load_input
+
+    return np.stack([load_input(f, spec)[0] for f in _check_files(cfg.check_images)[:16]])
+
+
+def _checked_model(src: Path, cfg: ImportConfig) -> Any:
+    """``cfg.arch`` holding the file's weights (every key and shape must fit), eval mode."""
     from imgtriage.models import create_model
     from imgtriage.models.weights_file import read_state_dict
 
@@ -251,7 +266,7 @@ def _weights(src: Path, cfg: ImportConfig) -> dict[str, Any]:
         raise WeightsMismatchError(f"{src} does not fit {cfg.arch}: {'; '.join(parts)}. Name "
                                    "the architecture the weights were saved from (--arch)")
     model.load_state_dict(state, strict=False)
-    return model.state_dict()
+    return model.eval()
 
 
 # -- the parity check ------------------------------------------------------------------------
