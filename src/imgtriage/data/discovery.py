@@ -6,7 +6,7 @@ import csv
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,17 +48,29 @@ class Dataset:
         return [s for s in self.samples if s.split == split]
 
 
-def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
-    """Every file below ``root`` in a stable (sorted) order, as a stream; hidden files skipped."""
+def iter_image_files(root: str | os.PathLike[str], *, include_hidden: bool = False,
+                     on_hidden: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Every file below ``root`` in a stable (sorted) order, as a stream.
+
+    Hidden entries (names starting with ".") are yielded with ``include_hidden``; otherwise
+    they are skipped and each one (a file, or a hidden folder as a whole) is passed to
+    ``on_hidden``, so a caller can say what it left out. Symlinked folders are not followed.
+    """
     root = Path(root)
     if root.is_file():
         yield root
         return
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = sorted(d for d in dirnames if include_hidden or not d.startswith("."))
+        if on_hidden is not None:
+            for d in sorted(set(dirnames) - set(kept)):
+                on_hidden(Path(dirpath) / d)
+        dirnames[:] = kept
         for name in sorted(filenames):
-            if not name.startswith("."):
+            if include_hidden or not name.startswith("."):
                 yield Path(dirpath) / name
+            elif on_hidden is not None:
+                on_hidden(Path(dirpath) / name)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -68,8 +80,12 @@ def _class_dirs(root: Path) -> list[Path]:
 def _scan_class_folders(root: Path, split: str | None,
                         ignored: list[tuple[str, str]]) -> list[Sample]:
     samples = []
+
+    def hidden(path: Path) -> None:
+        ignored.append((str(path), "hidden (its name starts with '.'); rename it to train on it"))
+
     for cdir in _class_dirs(root):
-        for f in iter_image_files(cdir):
+        for f in iter_image_files(cdir, on_hidden=hidden):
             if is_supported_path(f):
                 samples.append(Sample(str(f), cdir.name, None, split))
             else:
@@ -87,9 +103,11 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
             samples += _scan_class_folders(p, split, ignored)
     else:
         samples = _scan_class_folders(root, None, ignored)
-    for f in root.iterdir():
+    for f in sorted(root.iterdir()):
         if f.is_file() and not f.name.startswith("."):
             ignored.append((str(f), "file outside any class folder"))
+        elif f.name.startswith("."):
+            ignored.append((str(f), "hidden (its name starts with '.'); not searched"))
     return samples, ignored
 
 

@@ -28,6 +28,58 @@ FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 Rows = Callable[[], Iterable[dict[str, Any]]]
 
 
+def safe_text(text: str) -> str:
+    """A file name (or a message naming one) as text every report format can hold.
+
+    Names that are not valid UTF-8 arrive from the OS as surrogate escapes (``os.fsdecode``);
+    their bytes are shown as ``\\xNN`` escapes. Valid text is returned unchanged. The result
+    store keeps the exact bytes.
+
+    Example:
+        >>> safe_text(os.fsdecode(b"caf\\xe9.png"))
+        'caf\\\\xe9.png'
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def safe_item(item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` with its path and message made safe (see :func:`safe_text`)."""
+    fixed = {k: safe_text(item[k]) for k in ("path", "message")
+             if isinstance(item.get(k), str)}
+    return {**item, **fixed} if any(fixed[k] is not item[k] for k in fixed) else item
+
+
+# A spreadsheet runs a cell starting with these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """Neutralise a text cell a spreadsheet would run as a formula: prefix it with ``'``.
+
+    Plain numbers (``-0.5``) are kept as they are.
+
+    Example:
+        >>> csv_cell('=HYPERLINK("http://x")'), csv_cell("-0.5"), csv_cell("cat")
+        ('\'=HYPERLINK("http://x")', '-0.5', 'cat')
+    """
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def extra_keys(results: Iterable[dict[str, Any]]) -> list[str]:
     """Result keys beyond the standard columns, sorted."""
     return sorted({k for r in results for k in r} - RESULT_KEYS)
@@ -36,6 +88,7 @@ def extra_keys(results: Iterable[dict[str, Any]]) -> list[str]:
 def flat_row(kind: str, item: dict[str, Any], extras: Sequence[str]) -> dict[str, Any]:
     """One result or defect as a flat row of ``ROW_COLUMNS`` + ``extras``."""
     row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+    item = safe_item(item)
     row["kind"] = kind
     if kind == "result":
         row.update({k: item.get(k) for k in ROW_COLUMNS[1:6]})
@@ -110,7 +163,7 @@ def _write_json(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
 def _json_list(fh: Any, items: Iterable[dict[str, Any]]) -> None:
     sep = "\n"
     for item in items:
-        fh.write(sep + json.dumps(item))
+        fh.write(sep + json.dumps(safe_item(item)))
         sep = ",\n"
     if sep != "\n":
         fh.write("\n")
@@ -129,7 +182,8 @@ def _write_csv(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
     with tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*ROW_COLUMNS, *extras], extrasaction="ignore")
         w.writeheader()
-        w.writerows(_flat(results, defects, extras))
+        for row in _flat(results, defects, extras):
+            w.writerow({k: csv_cell(v) for k, v in row.items()})
 
 
 def _write_parquet(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
@@ -160,7 +214,7 @@ def write_defect_log(path: str | os.PathLike[str], defects: Iterable[dict[str, A
     with _atomic(path) as tmp, tmp.open("w") as fh:
         if suffix == ".jsonl":
             for d in defects:
-                fh.write(json.dumps(d) + "\n")
+                fh.write(json.dumps(safe_item(d)) + "\n")
         else:
             fh.write("[")
             _json_list(fh, defects)

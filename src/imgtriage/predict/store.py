@@ -33,6 +33,7 @@ from typing import Any
 from imgtriage.errors import ConfigError
 
 STORE_SCHEMA = 1
+_OUR_TABLES = frozenset({"info", "runs", "items", "sqlite_sequence"})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started TEXT NOT NULL,
@@ -44,6 +45,16 @@ CREATE TABLE IF NOT EXISTS items (path TEXT PRIMARY KEY, size INTEGER NOT NULL,
 CREATE INDEX IF NOT EXISTS items_seq ON items (seq);
 CREATE INDEX IF NOT EXISTS items_run ON items (run_id, seq);
 """
+
+
+def path_key(path: str) -> str | bytes:
+    """The store's key for a path: the text itself, or, for a name that is not valid UTF-8
+    (surrogate escapes from ``os.fsdecode``), its exact bytes, so no name is lost or merged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape")
 
 
 def file_key(path: str) -> tuple[int, int]:
@@ -68,6 +79,7 @@ class ResultStore:
         self._lock = None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._refuse_foreign()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
@@ -92,6 +104,19 @@ class ResultStore:
         if identity is not None:
             store._bind(identity, meta or {})
         return store
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a database that is not ours before anything is written to it."""
+        tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = not tables or (tables <= _OUR_TABLES and "info" in tables and bool(
+            self.db.execute("SELECT 1 FROM info WHERE key = 'schema'").fetchone()))
+        if not ours:
+            self.db.close()
+            shown = ", ".join(sorted(tables)[:8])
+            raise ConfigError(f"{self.path} is an SQLite database that is not an imgtriage "
+                              f"result store (it holds the tables {shown}); it was left "
+                              "untouched: give --store a new file path")
 
     # -- identity ----------------------------------------------------------------------------
     def info(self, key: str) -> Any:
@@ -163,7 +188,7 @@ class ResultStore:
         """True when ``path`` is stored with its current size and mtime (resume)."""
         key = file_key(path)
         row = self.db.execute("SELECT size, mtime_ns FROM items WHERE path = ?",
-                              (path,)).fetchone()
+                              (path_key(path),)).fetchone()
         if row is not None and tuple(row) == key:
             return True
         self._keys[path] = key
@@ -171,7 +196,7 @@ class ResultStore:
 
     def skip_seen(self, path: str) -> bool:
         """True when ``path`` is stored at all, changed or not (``--new-only``)."""
-        if self.db.execute("SELECT 1 FROM items WHERE path = ?", (path,)).fetchone():
+        if self.db.execute("SELECT 1 FROM items WHERE path = ?", (path_key(path),)).fetchone():
             return True
         self._keys[path] = file_key(path)
         return False
@@ -186,7 +211,8 @@ class ResultStore:
         self._seq += 1
         self._begin()
         self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (path, size, mtime, kind, json.dumps(item), self.run_id, self._seq))
+                        (path_key(path), size, mtime, kind, json.dumps(item), self.run_id,
+                         self._seq))
         self._pending += 1
         if (self._pending >= self.commit_rows
                 or time.monotonic() - self._last_commit >= self.commit_seconds):
