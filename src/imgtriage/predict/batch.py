@@ -34,17 +34,18 @@ Decoded = tuple[np.ndarray, dict[str, Any]] | Defect
 
 
 def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
-    """Every input file once, as an absolute, normalised path (so ``dir``, ``/abs/dir`` and
-    ``.`` name a file the same way and a result store keys it once).
+    """Every input file, named as given but normalised (``./a/../b.png`` -> ``b.png``).
 
     Folders are expanded recursively (sorted, streamed), hidden files and folders included:
     every file under a folder given is an input and ends up in the results or the defects
     (a ``.DS_Store`` becomes an ``unsupported_format`` defect). Files and missing paths are
     kept, so a missing path becomes a ``not_found`` defect rather than vanishing. Names that
-    are not valid UTF-8 come through losslessly (``os.fsdecode``: surrogate escapes).
+    are not valid UTF-8 come through losslessly (``os.fsdecode``: surrogate escapes). A
+    result store keys each file by its absolute path, so ``dir``, ``/abs/dir`` and ``.``
+    are one row per file there.
     """
     for p in paths:
-        path = Path(os.path.abspath(os.fsdecode(p)))
+        path = Path(os.path.normpath(os.fsdecode(p)))
         if path.is_dir():
             for f in iter_image_files(path, include_hidden=True):
                 yield str(f)

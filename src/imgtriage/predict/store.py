@@ -48,8 +48,11 @@ CREATE INDEX IF NOT EXISTS items_run ON items (run_id, seq);
 
 
 def path_key(path: str) -> str | bytes:
-    """The store's key for a path: the text itself, or, for a name that is not valid UTF-8
-    (surrogate escapes from ``os.fsdecode``), its exact bytes, so no name is lost or merged."""
+    """The store's key for a path: its absolute, normalised form (``dir/a.png``,
+    ``/abs/dir/a.png`` and ``./a.png`` run from ``dir`` are one file), as text, or, for a
+    name that is not valid UTF-8 (surrogate escapes from ``os.fsdecode``), as its exact
+    bytes, so no name is lost or merged with another."""
+    path = os.path.abspath(path)
     try:
         path.encode("utf-8")
         return path
