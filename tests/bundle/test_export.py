@@ -1,4 +1,5 @@
-"""ONNX export: a new bundle version, torch/ONNX parity, int8 with a printed check."""
+"""ONNX export: a new bundle version, torch/ONNX parity, int8 judged on held-out images and
+made the default only when proven."""
 
 from __future__ import annotations
 
@@ -63,20 +64,81 @@ def test_torch_and_onnx_agree_within_1e4(exported, digits_folder):
     assert [r["class"] for r in t["results"]] == [r["class"] for r in o["results"]]
 
 
-def test_static_int8_prints_its_agreement_and_accuracy(exported, digits_folder):
+def test_static_int8_is_judged_on_held_out_images(exported, digits_folder):
     dest, res, lines = exported
     q = res.quant
-    assert q.mode == "static" and q.n_images == 40
+    # one folder: 40 images calibrate, the other 260 are held out for the check
+    assert q.mode == "static" and (q.n_calib, q.n_images) == (40, 260)
     assert q.accuracy_fp32 is not None and q.accuracy_int8 is not None  # class folders
-    assert q.agreement >= 0.9 and q.max_abs_dprob < 0.2
-    assert any("top-1 agreement" in line and "accuracy fp32" in line for line in lines)
-    p = Predictor.load(dest)  # auto: ONNX Runtime, int8 as the export chose
-    assert (p.backend.name, p.backend.precision) == ("onnx", "int8")
+    assert q.agreement >= 0.8 and q.max_abs_dprob < 0.5
+    assert any("held-out" in line and "accuracy fp32" in line and "->" in line
+               for line in lines)
+    m = load_bundle(dest).manifest["onnx"]
+    assert m["precision"] == res.precision == ("int8" if q.accepted else "fp32")
+    assert ("accepted" if q.accepted else "refused") in m["int8"]
+    p = Predictor.load(dest)  # auto: ONNX Runtime at the precision the check allowed
+    assert (p.backend.name, p.backend.precision) == ("onnx", res.precision)
+    forced = Predictor.load(dest, precision="int8")
     paths = sorted(str(p) for p in (digits_folder / "d2").glob("*.png"))
-    classes = [r["class"] for r in p.predict_paths(paths)["results"]]
+    classes = [r["class"] for r in forced.predict_paths(paths)["results"]]
     ref = [r["class"] for r in Predictor.load(dest, backend="torch").predict_paths(paths)[
         "results"]]
     assert np.mean(np.array(classes) == np.array(ref)) >= 0.8
+
+
+def _graph_of(model_or_none, bundle):
+    """fp32 graph bytes of a bundle's own model, or of a differently initialised one."""
+    from imgtriage.bundle import build_model
+    from imgtriage.bundle.graph import export_graph
+    from imgtriage.models import create_model
+
+    b = load_bundle(bundle)
+    if model_or_none == "own":
+        model = build_model(b)
+    else:
+        import torch
+
+        torch.manual_seed(123)
+        model = create_model("crop_cnn", 10, 1)
+    return export_graph(model.eval(), b.manifest, None).data
+
+
+@pytest.mark.parametrize("quantised_as", ["disagreeing", "identical"])
+def test_int8_becomes_the_default_only_when_proven(tiny_run, tmp_path, monkeypatch,
+                                                   quantised_as):
+    from imgtriage.bundle import int8
+
+    dest = shutil.copytree(tiny_run.bundle_path, tmp_path / "b")
+    # the "int8" graph: another model (disagrees) or fp32 itself (cannot disagree)
+    fake = _graph_of("other" if quantised_as == "disagreeing" else "own", dest)
+    monkeypatch.setattr(int8, "_quantize", lambda *_a: fake)
+    lines: list[str] = []
+    res = export_onnx(dest, quantize="static", calib=tiny_run.run_dir / "splits.csv",
+                      log=lines.append)
+    q, m = res.quant, load_bundle(dest).manifest["onnx"]
+    assert q.n_images == 40  # the val rows of splits.csv, never the train rows
+    p = Predictor.load(dest)
+    if quantised_as == "disagreeing":
+        assert not q.accepted and q.agreement < 0.99 and "agreement" in q.reason
+        assert res.precision == m["precision"] == "fp32" and m["int8"]["refused"] == q.reason
+        assert p.runtime.precision == "fp32" and "int8 refused" in p.runtime.note
+        assert any("fp32 kept" in line for line in lines)
+        assert Predictor.load(dest, precision="int8").runtime.precision == "int8"  # if asked
+    else:
+        assert q.accepted and q.agreement == 1.0 and q.accuracy_fp32 == q.accuracy_int8
+        assert res.precision == m["precision"] == "int8" and "accepted" in m["int8"]
+        assert p.runtime.precision == "int8" and "int8 accepted" in p.runtime.note
+
+
+def test_the_rule_needs_labels_enough_images_and_both_bounds():
+    from imgtriage.bundle.int8 import judge
+
+    ok, why = judge(1.0, 0.9, 0.9, 29)  # too few held-out images to prove anything
+    assert not ok and "30" in why
+    assert not judge(1.0, None, None, 500)[0]
+    assert judge(0.99, 0.900, 0.895, 500)[0]  # exactly at both bounds
+    assert not judge(0.989, 0.90, 0.90, 500)[0]
+    assert not judge(0.995, 0.900, 0.894, 500)[0]  # 0.6 points
 
 
 def test_dynamic_int8_warns_that_it_is_slower_for_cnns(tiny_bundle, tmp_path, digits_folder):
@@ -95,6 +157,8 @@ def test_export_errors_say_what_to_pass(tiny_bundle, tmp_path):
         export_onnx(tiny_bundle, quantize="int4", calib=tmp_path)
     with pytest.raises(ConfigError, match="--calib"):
         export_onnx(tiny_bundle, quantize="static", calib=tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="--check-images"):
+        export_onnx(tiny_bundle, quantize="static", calib=tmp_path, check_images=0)
     with pytest.raises(ConfigError, match="export"):
         Predictor.load(without_graph(tiny_bundle, tmp_path / "nograph"), backend="onnx")
     with pytest.raises(ConfigError, match="--precision"):

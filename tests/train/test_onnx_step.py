@@ -57,3 +57,28 @@ def test_a_model_that_does_not_export_keeps_torch_and_says_why(failure, tmp_path
     p = Predictor.load(res.bundle_path)
     assert p.runtime.backend == "torch" and why in p.runtime.note
     assert p.predict_paths([data])["meta"]["backend"] == "torch"
+
+
+def test_train_quantize_static_calibrates_on_train_and_judges_on_val(digits_folder, tmp_path,
+                                                                     monkeypatch, capsys):
+    from imgtriage.bundle import int8
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    seen = {}
+
+    def as_fp32(graph, mode, calib):  # an "int8" graph that cannot disagree: must be accepted
+        seen["calib"] = calib
+        return graph
+
+    monkeypatch.setattr(int8, "_quantize", as_fp32)
+    cfg = TrainConfig(model="crop_cnn", img_size=16, epochs=1, batch_size=32, num_threads=1,
+                      quantize="static")
+    res = train(digits_folder, tmp_path / "run", cfg)
+    info = load_bundle(res.bundle_path).manifest["onnx"]
+    q = info["int8"]
+    assert (q["n_calib"], q["n_images"]) == (64, res.metrics["val_count"]) == (64, 40)
+    assert seen["calib"].shape == (64, 1, 16, 16)
+    assert q["accepted"] and q["agreement"] == 1.0 and info["precision"] == "int8"
+    assert "int8 is the default" in capsys.readouterr().err
+    assert Predictor.load(res.bundle_path).runtime.precision == "int8"

@@ -1,31 +1,25 @@
-"""Export a bundle's model to ONNX (``model.onnx``), optionally with an int8 copy.
+"""Export a bundle's model to ONNX (``model.onnx``) in a new bundle version, optionally with int8.
 
-Design: the graph computes the model only. Its input is exactly what
-:func:`imgtriage.data.preprocess.to_input` returns: scaled, resized *and normalised* with the
-bundle's mean/std. Putting the normalisation in the graph as well would apply it twice, and
-feeding the graph un-normalised data would need a second preprocessing path that could drift.
-So there is one preprocessing function for every backend, and the graph carries the
-preprocessing block in its metadata (``imgtriage.preprocess``) for tools outside imgtriage.
+Bundles from ``imgtriage train`` already carry a verified fp32 graph (see ``bundle.graph``);
+this re-exports one (another opset, an older bundle) and adds int8 graphs. The export writes a
+new bundle version (the old manifest stays in ``history/``) after checking that ONNX Runtime
+reproduces the PyTorch probabilities within 1e-4.
 
-The export writes a new bundle version (the old manifest stays in ``history/``) after checking
-that ONNX Runtime reproduces the PyTorch probabilities within 1e-4. Quantisation:
-
-- ``static``: int8 QDQ, per-channel weights, activations calibrated on images from a folder.
-  About 2x fp32 speed for CNNs on AVX2.
-- ``dynamic``: only MatMul/Gemm are quantised; for CNNs it is *slower* than fp32 (a warning
-  says so). Meant for transformer-style models.
-
-Both print top-1 agreement, max |Δprobability| and (for class folders) accuracy against fp32.
+int8 follows the rule in ``bundle.int8``: calibrate on training images, judge on held-out
+labelled images, and make int8 the default only when it is proven (accuracy drop <= 0.5
+points and agreement >= 99%); otherwise fp32 stays the default and the manifest says why.
+``--calib`` is a folder or a splits CSV (``RUN/splits.csv``: calibrate on its train rows, check
+on its val rows); ``--check`` names the held-out images explicitly. Given only a folder, a
+seeded part of it is held out for the check, never used to calibrate.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,37 +32,18 @@ from imgtriage.bundle.graph import (
     export_graph,
     run_graph,
     session_options,
-    softmax,
     usable_cores,
 )
-from imgtriage.bundle.store import Bundle, build_model, load_bundle, sha256_bytes, update_bundle
-from imgtriage.errors import BundleError, ConfigError, require
+from imgtriage.bundle.int8 import QUANT_MODES, LabelledInputs, QuantCheck, quantize_checked
+from imgtriage.bundle.store import Bundle, build_model, load_bundle, update_bundle
+from imgtriage.errors import BundleError, ConfigError
 
 __all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportResult", "QuantCheck",
-           "export_onnx", "quant_check", "run_graph", "session_options", "usable_cores"]
-QUANT_MODES = ("static", "dynamic")
+           "export_onnx", "run_graph", "session_options", "usable_cores"]
+
 DYNAMIC_CNN_WARNING = ("dynamic int8 quantises only MatMul/Gemm: for a CNN it is usually SLOWER "
                        "than fp32 on CPU; prefer --quantize static with --calib")
-
-
-@dataclass(frozen=True)
-class QuantCheck:
-    """How the int8 graph compares with the fp32 graph on the check images."""
-
-    mode: str
-    n_images: int
-    agreement: float
-    max_abs_dprob: float
-    accuracy_fp32: float | None = None
-    accuracy_int8: float | None = None
-
-    def summary(self) -> str:
-        text = (f"int8 {self.mode} vs fp32 on {self.n_images} images: top-1 agreement "
-                f"{self.agreement:.1%}, max |Δprob| {self.max_abs_dprob:.4f}")
-        if self.accuracy_fp32 is not None:
-            text += (f", accuracy fp32 {self.accuracy_fp32:.1%} / int8 "
-                     f"{self.accuracy_int8:.1%}")
-        return text
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -81,26 +56,23 @@ class ExportResult:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class _Images:
-    x: np.ndarray  # (N, C, h, w) model inputs
-    labels: np.ndarray | None  # class ids, or None when the folder has no class names
-
-
 def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
-                calib: str | os.PathLike[str] | None = None, calib_images: int = 64,
-                opset: int = 17, out: str | os.PathLike[str] | None = None,
+                calib: str | os.PathLike[str] | None = None,
+                check: str | os.PathLike[str] | None = None, calib_images: int = 64,
+                check_images: int = 500, opset: int = 17,
+                out: str | os.PathLike[str] | None = None,
                 log: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``model.onnx`` (and ``model.int8.onnx`` with ``quantize``) into a new bundle version.
 
     Example:
-        >>> r = export_onnx("runs/a/bundle", quantize="static", calib="data/val")  # doctest: +SKIP
-        >>> r.quant.agreement > 0.98  # doctest: +SKIP
-        True
+        >>> r = export_onnx("runs/a/bundle", quantize="static",
+        ...                 calib="runs/a/splits.csv")  # doctest: +SKIP
+        >>> r.precision, r.quant.reason  # doctest: +SKIP
+        ('int8', 'agreement 99.6% >= 99%, accuracy 91.2% -> 91.0% (-0.20 points) on 500 ...')
     """
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
-    _check_args(quantize, calib, calib_images)
+    _check_args(quantize, calib, calib_images, check_images)
     b = load_bundle(bundle)
     if b.manifest.get("kind", "classifier") != "classifier":
         raise ConfigError(f"{b.path} is a {b.manifest.get('kind')!r} bundle; export the "
@@ -108,9 +80,9 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
     if b.manifest["preprocess"].get("features"):
         raise ConfigError(f"{b.path} is an image + feature (fusion) model; ONNX export of "
                           "two-input models is not supported yet: predict with --backend torch")
-    images = _load_images(b, calib, calib_images, say) if calib else None
+    sets = _calib_and_check(b, calib, check, calib_images, check_images, say) if calib else None
     try:
-        g = export_graph(build_model(b), b.manifest, images.x[:16] if images else None,
+        g = export_graph(build_model(b), b.manifest, sets[1].x[:16] if sets else None,
                          opset=opset)
     except BundleError as exc:
         raise BundleError(f"{b.path}: {exc}") from exc
@@ -118,134 +90,112 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
     say(f"fp32 graph: {len(graph) / 1e6:.1f} MB, max |Δprob| vs torch {parity:.2e}")
     files = {ONNX_FILE: graph}
     notes: list[str] = []
-    if quantize:
+    result: QuantCheck | None = None
+    if quantize and sets is not None:
         if quantize == "dynamic":
             warnings.warn(DYNAMIC_CNN_WARNING, stacklevel=2)
             notes.append(DYNAMIC_CNN_WARNING)
             say(f"warning: {DYNAMIC_CNN_WARNING}")
-        if images is None:  # pragma: no cover - _check_args requires --calib with --quantize
-            raise ConfigError("--quantize needs --calib DIR")
-        q = _quantize(graph, quantize, images)
-        check = quant_check(graph, q, images, quantize)
-        say(check.summary())
+        q, result = quantize_checked(graph, quantize, sets[0].x, sets[1])
+        say(result.summary())
         files[INT8_FILE] = q
-        info["int8"] = {"file": INT8_FILE, "sha256": sha256_bytes(q), **asdict(check)}
-        info["precision"] = "int8"
+        info["int8"] = result.manifest_block(q)
+        info["precision"] = "int8" if result.accepted else "fp32"
     else:
-        check = None
         old_int8 = (b.manifest.get("onnx") or {}).get("int8")
         if old_int8 and b.has_file(old_int8.get("file", INT8_FILE)):
             info["int8"] = old_int8  # same weights: the earlier int8 graph stays valid
     note = f"onnx export (opset {opset}" + (f", int8 {quantize})" if quantize else ")")
     new = update_bundle(b.path, {"onnx": info}, note=note, extra_files=files, out=out)
-    return ExportResult(new.path, parity, info["precision"], check,
+    return ExportResult(new.path, parity, info["precision"], result,
                         time.perf_counter() - t0, tuple(notes))
 
 
-def _check_args(quantize: str | None, calib: Any, calib_images: int) -> None:
+def _check_args(quantize: str | None, calib: Any, calib_images: int, check_images: int) -> None:
     if quantize is not None and quantize not in QUANT_MODES:
         raise ConfigError(f"quantize must be static or dynamic, got {quantize!r} (--quantize)")
     if quantize and calib is None:
-        raise ConfigError("int8 quantisation needs a folder of real images to calibrate on and "
-                          "to check accuracy against fp32: pass --calib DIR (e.g. the "
-                          "validation images)")
+        raise ConfigError("int8 quantisation needs real images to calibrate on and held-out "
+                          "labelled images to check it against fp32: pass --calib "
+                          "RUN/splits.csv (train rows calibrate, val rows check) or --calib DIR")
     if calib_images < 1:
         raise ConfigError("calib_images must be >= 1 (--calib-images)")
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    return softmax(z)
+    if check_images < 1:
+        raise ConfigError("check_images must be >= 1 (--check-images)")
 
 
 # -- images for calibration and checks ------------------------------------------------------
-def _reservoir(paths: Any, k: int, seed: int = 0) -> list[str]:
-    """``k`` paths drawn uniformly from a stream (memory stays k, whatever the folder holds)."""
+def _reservoir(items: Any, k: int, seed: int = 0) -> list[Any]:
+    """``k`` items drawn uniformly from a stream (memory stays k, whatever the folder holds)."""
     rng = np.random.default_rng(seed)
-    keep: list[str] = []
-    for i, p in enumerate(paths):
+    keep: list[Any] = []
+    for i, p in enumerate(items):
         if i < k:
-            keep.append(str(p))
+            keep.append(p)
         else:
             j = int(rng.integers(0, i + 1))
             if j < k:
-                keep[j] = str(p)
+                keep[j] = p
     return sorted(keep)
 
 
-def _load_images(b: Bundle, folder: str | os.PathLike[str], n: int,
-                 say: Callable[[str], None]) -> _Images:
-    """Up to ``n`` images from ``folder`` through the bundle's own preprocessing; a file's parent
-    folder named like a class gives its label (for the accuracy check)."""
-    from imgtriage.data.discovery import iter_image_files
+def _labelled_paths(source: str | os.PathLike[str], split: str | None, flag: str
+                    ) -> list[tuple[str, str]] | Any:
+    """``(path, label)`` of a folder (label: the parent folder's name) or of a CSV/JSONL
+    manifest's rows (only ``split``'s rows when the manifest has a split column)."""
+    from imgtriage.data.discovery import discover, iter_image_files
+
+    root = Path(source)
+    if root.is_dir():
+        return ((str(p), Path(p).parent.name) for p in iter_image_files(root))
+    if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
+        samples = discover(root).samples
+        if split is not None and any(s.split for s in samples):
+            samples = [s for s in samples if s.split == split]
+        return [(s.path, s.label) for s in samples]
+    raise ConfigError(f"{root} is neither a folder nor a CSV/JSONL manifest ({flag})")
+
+
+def _calib_and_check(b: Bundle, calib: str | os.PathLike[str],
+                     check: str | os.PathLike[str] | None, n_calib: int, n_check: int,
+                     say: Callable[[str], None]) -> tuple[LabelledInputs, LabelledInputs]:
+    """Calibration images (training rows) and disjoint held-out check images."""
+    is_manifest = Path(calib).suffix.lower() in MANIFEST_SUFFIXES
+    cal = _reservoir(_labelled_paths(calib, "train", "--calib"), n_calib if check or
+                     is_manifest else n_calib + n_check)
+    if check is not None or is_manifest:
+        held = _reservoir(_labelled_paths(check or calib, "val", "--check"), n_check)
+        used = {p for p, _ in cal}
+        held = [(p, lab) for p, lab in held if p not in used]
+        where = f"{check or calib}" + ("" if check else " (val rows)")
+    else:  # one folder: a seeded part is held out, never calibrated on
+        order = np.random.default_rng(1).permutation(len(cal))
+        k = min(n_calib, len(cal) // 2)
+        cal, held = [cal[i] for i in order[:k]], [cal[i] for i in order[k:]]
+        where = f"{calib} (held out from calibration)"
+    cx = _load(b, cal, "--calib", calib)
+    hx = _load(b, held, "--check", check or calib)
+    say(f"calibration: {len(cx.x)} images from {calib}; check: {len(hx.x)} held-out images "
+        f"from {where}")
+    return cx, hx
+
+
+def _load(b: Bundle, items: list[tuple[str, str]], flag: str, where: Any) -> LabelledInputs:
+    """Images through the bundle's own preprocessing; labels when every one names a class."""
     from imgtriage.data.preprocess import PreprocessSpec, load_input
     from imgtriage.errors import ImageReadError
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise ConfigError(f"calibration folder {root} does not exist or is not a folder (--calib)")
     spec = PreprocessSpec.from_dict(b.manifest["preprocess"])
     index = {c: i for i, c in enumerate(b.classes)}
-    xs, labels, bad = [], [], 0
-    for p in _reservoir(iter_image_files(root), n):
+    xs, labels = [], []
+    for path, label in items:
         try:
-            xs.append(load_input(p, spec)[0])
+            xs.append(load_input(path, spec)[0])
         except ImageReadError:
-            bad += 1
             continue
-        labels.append(index.get(Path(p).parent.name, -1))
+        labels.append(index.get(label, -1))
     if not xs:
-        raise ConfigError(f"no readable images in {root} ({bad} unreadable); --calib needs "
-                          "real images like the ones the model will see")
-    say(f"calibration: {len(xs)} images from {root}" + (f" ({bad} unreadable, skipped)"
-                                                         if bad else ""))
+        raise ConfigError(f"no readable images in {where} for {flag}; it needs real images like "
+                          "the ones the model will see")
     y = np.asarray(labels)
-    return _Images(np.stack(xs), y if (y >= 0).all() else None)
-
-
-# -- quantisation -----------------------------------------------------------------------------
-class _Reader:
-    """ONNX Runtime calibration reader over preprocessed images, 8 per batch."""
-
-    def __init__(self, x: np.ndarray, name: str = "input", batch: int = 8) -> None:
-        self._batches = iter([{name: np.ascontiguousarray(x[i:i + batch])}
-                              for i in range(0, len(x), batch)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
-def _quantize(graph: bytes, mode: str, images: _Images) -> bytes:
-    """int8 copy of ``graph``: static QDQ per-channel (calibrated on ``images``) or dynamic."""
-    q = require("onnxruntime.quantization", "onnx")
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(prefix="imgtriage-quant-") as tmp:
-        src, prep, dst = (Path(tmp) / n for n in ("fp32.onnx", "prep.onnx", "int8.onnx"))
-        src.write_bytes(graph)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(prep))
-            if mode == "static":
-                # U8 activations x S8 per-channel weights; reduce_range keeps AVX2 (no VNNI)
-                # from saturating its 16-bit intermediate sums.
-                q.quantize_static(str(prep), str(dst), _Reader(images.x),
-                                  quant_format=q.QuantFormat.QDQ, per_channel=True,
-                                  reduce_range=True, activation_type=q.QuantType.QUInt8,
-                                  weight_type=q.QuantType.QInt8,
-                                  calibrate_method=q.CalibrationMethod.MinMax)
-            else:
-                q.quantize_dynamic(str(prep), str(dst), per_channel=True, reduce_range=True,
-                                   weight_type=q.QuantType.QInt8)
-        return dst.read_bytes()
-
-
-def quant_check(fp32: bytes, int8: bytes, images: _Images, mode: str) -> QuantCheck:
-    """Agreement of the int8 graph with the fp32 one (and accuracy when labels are known)."""
-    p32, p8 = _softmax(run_graph(fp32, images.x)), _softmax(run_graph(int8, images.x))
-    top32, top8 = p32.argmax(1), p8.argmax(1)
-    acc32 = acc8 = None
-    if images.labels is not None:
-        acc32 = float((top32 == images.labels).mean())
-        acc8 = float((top8 == images.labels).mean())
-    return QuantCheck(mode, len(images.x), float((top32 == top8).mean()),
-                      float(np.abs(p32 - p8).max()), acc32, acc8)
+    return LabelledInputs(np.stack(xs), y if (y >= 0).all() else None)

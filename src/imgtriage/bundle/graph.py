@@ -167,12 +167,14 @@ def graph_summary(info: dict[str, Any] | None) -> str:
         return "predicts with torch (no ONNX graph)"
     if not info.get("file"):
         return f"predicts with torch: ONNX export failed ({info.get('reason', 'unknown')})"
-    text = (f"predicts with ONNX Runtime {info.get('precision', 'fp32')} (model.onnx, max "
+    text = (f"predicts with ONNX Runtime {info.get('precision', 'fp32')} (fp32 graph: max "
             f"|Δprob| vs torch {info['parity_max_abs_dprob']:.1e} on "
             f"{info.get('parity_images', '?')} images)")
     int8 = info.get("int8") or {}
-    if int8.get("refused"):
-        text += f"; int8 refused: {int8['refused']}"
+    if int8.get("accepted"):
+        text += f"; int8 accepted: {int8['accepted']}"
+    elif int8.get("refused"):
+        text += f"; int8 refused, fp32 kept: {int8['refused']}"
     return text
 
 

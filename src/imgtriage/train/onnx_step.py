@@ -5,48 +5,108 @@ Every entry point that writes a classifier bundle (``train`` and what builds on 
 is exported from a fresh CPU copy of the model holding exactly the weights the bundle stores,
 and checked against torch on validation images (training images when there is no validation
 split). An architecture that does not export keeps torch, and the manifest says why.
+
+With ``--quantize static`` an int8 graph is calibrated on training images and judged on the
+validation images (``bundle.int8``): it becomes the default only when proven.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle.graph import training_graph
+from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, training_graph
+from imgtriage.bundle.int8 import LabelledInputs, quantize_checked
 from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
 from imgtriage.models import create_model
 
-CHECK_IMAGES = 16
+PARITY_IMAGES = 16
+CALIB_IMAGES = 64
+JUDGE_IMAGES = 1000
 
 
-def sample_inputs(source: Any, samples: Sequence[Sample], spec: PreprocessSpec,
-                  n: int = CHECK_IMAGES) -> np.ndarray | None:
-    """Up to ``n`` model inputs of a split: the decoded arrays of an in-memory source, or the
-    first readable files of a streamed one (through the bundle's preprocessing)."""
+@dataclass(frozen=True)
+class GraphInputs:
+    """Held-out images for the parity check and the int8 verdict, training images to
+    calibrate int8 on (None without ``--quantize``)."""
+
+    check: LabelledInputs | None
+    calib: np.ndarray | None = None
+
+
+def sample_inputs(source: Any, samples: Sequence[Sample], spec: PreprocessSpec, n: int,
+                  classes: Sequence[str]) -> LabelledInputs | None:
+    """Up to ``n`` labelled model inputs of a split: the decoded arrays of an in-memory
+    source, or the first readable files of a streamed one (the bundle's preprocessing)."""
     x = getattr(source, "x", None)
     if x is not None and len(x):
-        return np.ascontiguousarray(np.asarray(x[:n], dtype=np.float32))
-    xs = []
-    for s in samples:
+        idx = _spread(len(x), n)
+        return LabelledInputs(np.ascontiguousarray(np.asarray(x[idx], dtype=np.float32)),
+                              np.asarray(source.labels)[idx])
+    index = {c: i for i, c in enumerate(classes)}
+    xs, ys = [], []
+    for i in _spread(len(samples), len(samples)):  # every file in a seeded order
+        s = samples[int(i)]
         if len(xs) >= n:
             break
         try:
             xs.append(load_input(s.path, spec)[0])
         except ImageReadError:
             continue
-    return np.stack(xs) if xs else None
+        ys.append(index[s.label])
+    return LabelledInputs(np.stack(xs), np.asarray(ys)) if xs else None
 
 
-def attach_graph(manifest: dict[str, Any], state_dict: dict[str, Any],
-                 x_check: np.ndarray | None) -> dict[str, bytes]:
-    """Export the bundle's model to ``model.onnx``; sets ``manifest["onnx"]`` (the graph's
-    block, or why there is none) and returns the files to save beside the weights."""
+def _spread(total: int, n: int) -> np.ndarray:
+    """``min(n, total)`` indices drawn without replacement (seeded): a split stored class by
+    class still gives every class its share."""
+    if total <= n:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(0).choice(total, n, replace=False))
+
+
+def graph_inputs(train: tuple[Any, Sequence[Sample]], val: tuple[Any, Sequence[Sample]],
+                 spec: PreprocessSpec, classes: Sequence[str], quantize: str) -> GraphInputs:
+    """Validation images (training ones without a validation split) and, for int8, training
+    images to calibrate on."""
+    n = JUDGE_IMAGES if quantize != "none" else PARITY_IMAGES
+    held = val if val[0] is not None and len(val[0]) else train
+    check = sample_inputs(*held, spec, n, classes)
+    if quantize == "none":
+        return GraphInputs(check)
+    calib = sample_inputs(*train, spec, CALIB_IMAGES, classes)
+    return GraphInputs(check, calib.x if calib is not None else None)
+
+
+def attach_graph(manifest: dict[str, Any], state_dict: dict[str, Any], inputs: GraphInputs,
+                 quantize: str = "none", say: Callable[[str], None] | None = None
+                 ) -> dict[str, bytes]:
+    """Export the bundle's model to ``model.onnx`` (and judge an int8 copy with
+    ``quantize="static"``); sets ``manifest["onnx"]`` (the graphs' block, or why there is
+    none) and returns the files to save beside the weights."""
     m = manifest["model"]
     model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
                          **dict(m.get("kwargs") or {}))
     model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
-    files, manifest["onnx"] = training_graph(model.eval(), manifest, x_check)
-    return files
+    x_check = inputs.check.x[:PARITY_IMAGES] if inputs.check is not None else None
+    files, info = training_graph(model.eval(), manifest, x_check)
+    manifest["onnx"] = info
+    if quantize == "none" or not files:
+        return files
+    if inputs.calib is None or inputs.check is None:
+        info["int8"] = {"refused": "no training/validation images to calibrate and judge on"}
+        return files
+    try:
+        q, verdict = quantize_checked(files[ONNX_FILE], quantize, inputs.calib, inputs.check)
+    except Exception as exc:  # a quantiser failure keeps fp32, with the reason
+        info["int8"] = {"refused": f"quantisation failed: {type(exc).__name__}: {exc}"[:300]}
+        return files
+    if say is not None:
+        say(verdict.summary())
+    info["int8"] = verdict.manifest_block(q)
+    info["precision"] = "int8" if verdict.accepted else "fp32"
+    return {**files, INT8_FILE: q}

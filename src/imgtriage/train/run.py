@@ -53,7 +53,7 @@ from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shu
 from imgtriage.train.fusion import feature_spec, fit_features, manifest_extras
 from imgtriage.train.loop import FitResult, fit
 from imgtriage.train.losses import plan_loss
-from imgtriage.train.onnx_step import attach_graph, sample_inputs
+from imgtriage.train.onnx_step import GraphInputs, attach_graph, graph_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
 from imgtriage.train.semisup import SemiSupervised, build_semi, count_files
@@ -267,16 +267,16 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                             features=fx.to_dict() if fx is not None else None)
     manifest["tta"] = tta_views(cfg)
     state = model.state_dict()
-    files = attach_graph(manifest, state, info["x_check"])
+    files = attach_graph(manifest, state, info["graph_inputs"], cfg.quantize, info["say"])
     return save_bundle(run / "bundle", manifest, state, files), metrics
 
 
-def _check_inputs(src: _Sources, parts: dict[str, list], spec: PreprocessSpec
-                  ) -> Any:
-    """Validation inputs (training ones without a validation split) for the ONNX parity check."""
-    if src.val is not None and len(src.val):
-        return sample_inputs(src.val, parts.get("val", []), spec)
-    return sample_inputs(src.train, parts["train"], spec)
+def _graph_inputs(src: _Sources, parts: dict[str, list], spec: PreprocessSpec,
+                  classes: tuple[str, ...], quantize: str) -> GraphInputs:
+    """Validation images for the ONNX parity check (and the int8 verdict), training images to
+    calibrate int8 on."""
+    return graph_inputs((src.train, parts["train"]), (src.val, parts.get("val", [])), spec,
+                        classes, quantize)
 
 
 def fit_counts(classes: tuple[str, ...], parts: dict[str, list]) -> dict[str, int]:
@@ -382,7 +382,9 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
                                   {"reason": reason, "n_train": len(tr), "weights": plan,
                                    "n_val": len(va) if va is not None else 0,
-                                   "x_check": _check_inputs(src, parts, spec)}, src.features)
+                                   "say": say, "graph_inputs": _graph_inputs(
+                                       src, parts, spec, ds.classes, cfg.quantize)},
+                                  src.features)
     barrier(info)
     seconds = time.perf_counter() - t0
     say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
