@@ -38,3 +38,63 @@ def test_small_images_keep_crop_cnn_at_500_labels():
 
 def test_docstring_examples():
     assert doctest.testmod(auto, raise_on_error=False).failed == 0
+
+
+# --- the whole recipe (train/auto_recipe.py) ----------------------------------------------
+
+def test_grey_images_use_the_pretrained_backbone_only_when_large():
+    big, crops = ImageProbe(1, (300, 280), 32), ImageProbe(1, (64, 64), 32)
+    counts = {"ok": 1300, "bad": 650}
+    choice = choose_model(counts, big, pretrained=True)
+    assert choice.pretrained and choice.in_chans == 3 and "replicated" in choice.reason
+    assert choose_model(counts, crops, pretrained=True).model == "deep_cnn"
+    assert not choose_model(counts, big, pretrained=False).pretrained
+
+
+def test_imbalance_turns_on_class_weights_and_balanced_selection():
+    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig
+
+    cheap = Costs(0.001, 0.002)
+    cfg, why = plan_recipe(TrainConfig(model="deep_cnn"), {"ok": 900, "bad": 300}, 100,
+                           pretrained=False, rgb_photos=False, costs=cheap)
+    assert (cfg.loss_strategy, cfg.select_metric) == ("class_weights", "val_balanced_accuracy")
+    assert "imbalanced 3.0:1" in why
+    given = TrainConfig(model="deep_cnn", loss_strategy="focal")
+    cfg, _ = plan_recipe(given, {"ok": 900, "bad": 300}, 100, pretrained=False,
+                         rgb_photos=False, costs=cheap)
+    assert cfg.loss_strategy == "focal" and cfg.select_metric == "val_balanced_accuracy"
+    cfg, why = plan_recipe(TrainConfig(model="deep_cnn"), {"a": 500, "b": 450}, 100,
+                           pretrained=False, rgb_photos=False, costs=cheap)
+    assert cfg.loss_strategy == "none" and "imbalanced" not in why
+
+
+@pytest.mark.parametrize(("budget", "finetune"), [(15.0, True), (0.5, False)])
+def test_time_budget_decides_fine_tuning(budget, finetune):
+    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig
+
+    cfg = TrainConfig(model="efficientnet_lite0", time_budget=budget)
+    # 5,000 images: embedding ~25 s, a fine-tuning epoch ~110 s
+    got, why = plan_recipe(cfg, {"a": 2500, "b": 2500}, 500, pretrained=True,
+                           rgb_photos=True, costs=Costs(0.005, 0.02))
+    assert "estimate: embedding 5500 images once ~28s" in why
+    if finetune:
+        assert got.freeze_epochs == 1 and 2 <= got.epochs <= 9 and got.augment == "light"
+        assert got.modality == "photo" and got.lr < cfg.lr and not got.freeze_backbone
+    else:
+        assert got.freeze_backbone and got.epochs == cfg.epochs and "head on cached" in why
+
+
+def test_time_budget_caps_cnn_epochs_only_when_left_at_default():
+    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig
+
+    slow = Costs(0.01, 0.05)  # 1,000 images: ~52 s per epoch
+    cfg, why = plan_recipe(TrainConfig(model="deep_cnn", time_budget=3), {"a": 500, "b": 500},
+                           200, pretrained=False, rgb_photos=False, costs=slow)
+    assert cfg.epochs == 3 and "3 of the 10 epochs fit" in why
+    cfg, _ = plan_recipe(TrainConfig(model="deep_cnn", time_budget=3, epochs=20),
+                         {"a": 500, "b": 500}, 200, pretrained=False, rgb_photos=False,
+                         costs=slow)
+    assert cfg.epochs == 20

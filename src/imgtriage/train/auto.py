@@ -4,9 +4,11 @@ The labels counted are the training split's (with ``--val-frac 0`` every label g
 so "500 labels" means 500). The rules, in order (each choice comes with the sentence that
 explains it):
 
-1. RGB images and pretrained weights for ``--auto-backbone`` (installed by
-   ``imgtriage[pretrained]``, or a file given to ``--pretrained``) -> that backbone at the
-   size its weights were trained at (transfer learning beats training from scratch on photos);
+1. RGB images, or grey images of 96 px or more (the channel replicated to RGB), and
+   pretrained weights for ``--auto-backbone`` (installed by ``imgtriage[pretrained]``, or a
+   file given to ``--pretrained``) -> that backbone at the size its weights were trained at
+   (transfer learning beats training from scratch on photos and surfaces; smaller grey crops
+   such as the signal lab's keep the small CNNs below);
 2. fewer than 100 labels in total, or fewer than 10 per class (median) -> the Siamese /
    prototype encoder ``siamese`` (falls back to ``crop_cnn`` when it is not installed);
 3. fewer than 500 labels, or fewer than 50 per class -> the shallow ``crop_cnn``;
@@ -33,6 +35,7 @@ from imgtriage.io import Defect
 FEW_SHOT_TOTAL, FEW_SHOT_PER_CLASS = 100, 10
 SHALLOW_TOTAL, SHALLOW_PER_CLASS = 500, 50
 DEEP_MIN_SIDE = 48
+GREY_PRETRAINED_MIN_SIDE = 96  # smaller grey crops (signal lab, digits) keep the small CNNs
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,14 @@ class ImageProbe:
 
 @dataclass(frozen=True)
 class ModelChoice:
+    """The architecture, input size and why; ``in_chans`` 3 when grey images are replicated
+    to RGB for a pretrained backbone (None: as the data has them)."""
+
     model: str
     img_size: int
     reason: str
+    in_chans: int | None = None
+    pretrained: bool = False  # the pretrained-backbone route (rule 1)
 
 
 def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
@@ -125,9 +133,16 @@ def choose_model(counts: dict[str, int], probe: ImageProbe, *, pretrained: str |
     if pretrained and probe.in_chans == 3:
         return ModelChoice(backbone, img_size or _backbone_size(backbone),
                            f"{facts}: RGB photos with pretrained weights installed -> "
-                           f"transfer learning with {backbone}")
-    note = (" (--pretrained is only used automatically for RGB photos; pass --model "
-            f"{backbone} to use it anyway)") if pretrained else ""
+                           f"transfer learning with {backbone}", pretrained=True)
+    if pretrained and probe.in_chans == 1 and side >= GREY_PRETRAINED_MIN_SIDE:
+        return ModelChoice(backbone, img_size or _backbone_size(backbone),
+                           f"{facts}: grey images of {GREY_PRETRAINED_MIN_SIDE} px or more "
+                           f"with pretrained weights installed -> transfer learning with "
+                           f"{backbone}, the grey channel replicated to RGB", in_chans=3,
+                           pretrained=True)
+    note = (" (pretrained weights are used automatically for RGB photos and grey images of "
+            f"{GREY_PRETRAINED_MIN_SIDE} px or more; pass --model {backbone} to use them "
+            "anyway)") if pretrained else ""
     if total < FEW_SHOT_TOTAL or per < FEW_SHOT_PER_CLASS:
         why = f"{facts}: fewer than {FEW_SHOT_TOTAL} labels or {FEW_SHOT_PER_CLASS} per class"
         if _registered("siamese"):

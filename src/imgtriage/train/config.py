@@ -161,8 +161,20 @@ class TrainConfig:
     freeze_backbone: bool = _f(False, "Train only the head for every epoch: the backbone "
                                       "(weights and normalisation statistics) stays as "
                                       "initialised, e.g. a pretrained feature extractor.")
+    head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
+                              "epochs of the head on cached embeddings (each image goes "
+                              "through the frozen backbone once; an epoch takes a fraction "
+                              "of a second).")
+    head_lr: float = _f(3e-3, "Peak learning rate of the head on cached embeddings.")
+    embed_cache: str = _f("auto", "Where embeddings of the frozen backbone are cached (keyed "
+                                  "by file content, backbone and preprocessing): auto "
+                                  "($IMGTRIAGE_CACHE or ~/.cache/imgtriage), off, or a folder.")
     layer_decay: float = _f(1.0, "Discriminative LRs: each earlier layer group gets this "
                                  "factor times the next one's LR (1 = same LR everywhere).")
+    time_budget: float = _f(15.0, "--model auto: minutes the run may take on this machine; "
+                                  "auto times the chosen model first, prints its estimate "
+                                  "per epoch and fits the epochs (and pretrained fine-tuning) "
+                                  "into the budget.")
     auto_backbone: str = _f("efficientnet_lite0", "timm backbone --model auto uses for RGB "
                                                   "photos when its pretrained weights are "
                                                   "installed (or --pretrained names a file).")
@@ -294,6 +306,9 @@ def _check_ranges(c: TrainConfig) -> None:
           "backbone frozen for every epoch)")
     _need(not (c.freeze_backbone and c.freeze_epochs), "freeze_backbone",
           "--freeze-backbone freezes the backbone for every epoch; drop --freeze-epochs")
+    _need(c.time_budget > 0, "time_budget", "time budget must be positive (minutes)")
+    _need(c.head_epochs >= 1, "head_epochs", "head epochs must be >= 1")
+    _need(c.head_lr > 0, "head_lr", "head learning rate must be positive")
     _need(0 < c.layer_decay <= 1, "layer_decay", "layer decay must be in (0, 1]")
     _need(c.cache_limit_gb >= 0, "cache_limit_gb", "cache limit must be >= 0")
     _need(c.workers is None or c.workers >= 0, "workers", "workers must be >= 0")

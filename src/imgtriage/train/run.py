@@ -47,6 +47,7 @@ from imgtriage.models.fusion import default_size as fusion_size
 from imgtriage.models.fusion import is_fusion
 from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resolve_weights
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
+from imgtriage.train.auto_recipe import plan_recipe
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
@@ -57,6 +58,7 @@ from imgtriage.train.onnx_step import GraphInputs, attach_graph, graph_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
 from imgtriage.train.semisup import SemiSupervised, build_semi, count_files
+from imgtriage.train.transfer import cached_head_applies, combine, embed_splits, train_head
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,11 @@ def _say(msg: str, quiet: bool) -> None:
         Console(stderr=True).print(msg, highlight=False)
 
 
-def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe
-             ) -> tuple[TrainConfig, str]:
-    """Fill in in_chans and, for --model auto, the model and input size (with the reason)."""
+def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val: int = 0,
+             distributed: bool = False) -> tuple[TrainConfig, str]:
+    """Fill in in_chans and, for --model auto, the model, input size and the rest of the
+    recipe (train/auto_recipe.py; not under torchrun, where every process must agree)."""
+    chans_given = cfg.in_chans is not None
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
         return cfg, f"--model {cfg.model} given"
@@ -142,7 +146,13 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe
     choice = choose_model(counts, replace(probe, in_chans=cfg.in_chans), pretrained=ready,
                           backbone=cfg.auto_backbone, img_size=cfg.img_size,
                           unlabeled=count_files(cfg.unlabeled) if cfg.unlabeled else 0)
-    return replace(cfg, model=choice.model, img_size=choice.img_size), choice.reason
+    cfg = replace(cfg, model=choice.model, img_size=choice.img_size,
+                  in_chans=cfg.in_chans if chans_given else choice.in_chans or cfg.in_chans)
+    if distributed or cfg.unlabeled:
+        return cfg, choice.reason
+    cfg, recipe = plan_recipe(cfg, counts, n_val, pretrained=choice.pretrained,
+                              rgb_photos=probe.in_chans == 3)
+    return cfg, f"{choice.reason}; {recipe}"
 
 
 def _conservative_ids(cfg: TrainConfig, classes: tuple[str, ...]) -> list[int]:
@@ -310,7 +320,8 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
     counts = {c: 0 for c in ds.classes}
     for s in parts["train"]:
         counts[s.label] += 1
-    cfg, reason = _resolve(cfg, counts, probe_images(parts["train"]))
+    cfg, reason = _resolve(cfg, counts, probe_images(parts["train"]), len(parts.get("val", [])),
+                           info.distributed)
     if info.is_main:
         write_split_manifest(ds, run / "splits.csv")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -337,6 +348,53 @@ def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         shutdown(info)
 
 
+@dataclass(frozen=True)
+class _Head:
+    """The head phase on cached embeddings: the model with its trained head."""
+
+    model: torch.nn.Module
+    kwargs: dict[str, Any]
+    result: FitResult
+    loss: Any
+    defects: list
+    n_train: int
+    n_val: int
+
+
+def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
+                spec: PreprocessSpec, cfg: TrainConfig, plan: WeightsPlan, say: Any,
+                quiet: bool) -> _Head:
+    """Embed every image once through the frozen pretrained backbone, train the head."""
+    model, kwargs = _create(cfg, len(classes), None, plan)
+    tr, va = embed_splits(model, parts, classes, spec, cfg, plan, say=say, progress=not quiet)
+    if len(tr.y) < 2:
+        raise DataError("fewer than 2 usable training images; see defects.json")
+    lplan = plan_loss(cfg, tr.y, len(classes))
+    say(f"loss: {lplan.strategy} ({lplan.note})")
+    result = train_head(model, tr, va, cfg, lplan, run / "head_metrics.jsonl", say)
+    return _Head(model, kwargs, result, lplan, [*tr.defects, *va.defects], len(tr.y),
+                 len(va.y))
+
+
+def _finish_head(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
+                 plan: WeightsPlan, head: _Head, reason: str, say: Any, t0: float
+                 ) -> TrainResult:
+    """--freeze-backbone with pretrained weights: the head phase is the whole run."""
+    _write_defects(run, ds, head.defects)
+    (run / "metrics.jsonl").write_text((run / "head_metrics.jsonl").read_text())
+    (run / "class_weights.json").write_text(json.dumps(head.loss.to_dict(), indent=2))
+    (run / "run.json").write_text(json.dumps(
+        {"model_choice": reason, "loss": head.loss.to_dict(), "weights": plan.to_dict(),
+         "cache": "embeddings", "world_size": 1, "resumed_from": None, "unlabeled": None},
+        indent=2))
+    bundle, metrics = _finish(run, data, cfg, ds, spec, head.model, head.kwargs, head.result,
+                              {"reason": reason, "n_train": head.n_train, "weights": plan,
+                               "n_val": head.n_val})
+    seconds = time.perf_counter() - t0
+    say(f"best epoch {head.result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
+    return TrainResult(run, bundle, metrics, seconds)
+
+
 def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
            info: DistInfo) -> TrainResult:
     t0 = time.perf_counter()
@@ -356,6 +414,15 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
     if plan.note:
         say(f"weights: {plan.note}")
+    head = None
+    if cached_head_applies(cfg, plan, info.distributed):
+        head = _head_phase(run, parts, ds.classes, spec, cfg, plan, say, quiet)
+        if cfg.freeze_backbone:
+            return _finish_head(run, data, cfg, ds, spec, plan, head, reason, say, t0)
+        say(f"fine-tuning the whole network for {cfg.epochs - cfg.freeze_epochs} epoch(s) "
+            f"from that head (--layer-decay {cfg.layer_decay:g})")
+    fit_cfg = cfg if head is None else replace(cfg, freeze_epochs=0,
+                                               epochs=cfg.epochs - cfg.freeze_epochs)
     src = _sources(data, parts, ds.classes, spec, cfg, info, say)
     tr, va, defects, mode = src.train, src.val, src.defects, src.mode
     lplan = plan_loss(cfg, tr.labels, len(ds.classes))
@@ -366,10 +433,14 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         (run / "class_weights.json").write_text(json.dumps(
             {**lplan.to_dict(), "by_class": weights}, indent=2))
     semi = _semi(cfg, parts, spec, tr.labels, len(ds.classes), info, say)
-    model, kwargs = _create(cfg, len(ds.classes), src.features, plan)
-    result = fit(model, tr, va, cfg, log_path=run / "metrics.jsonl", show_progress=not quiet,
-                 checkpoint_dir=run / "checkpoint", resume_from=ckpt,
+    model, kwargs = (head.model, head.kwargs) if head is not None else _create(
+        cfg, len(ds.classes), src.features, plan)
+    result = fit(model, tr, va, fit_cfg, log_path=run / "metrics.jsonl",
+                 show_progress=not quiet, checkpoint_dir=run / "checkpoint", resume_from=ckpt,
                  num_classes=len(ds.classes), conservative=conservative, unlabeled=semi)
+    if head is not None:
+        result = combine(head.result, result)
+        defects = [*head.defects, *defects]
     bundle, metrics = run / "bundle", {}
     if info.is_main:
         _write_defects(run, ds, [*defects, *result.defects,

