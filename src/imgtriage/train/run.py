@@ -376,10 +376,11 @@ def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
                  len(va.y))
 
 
-def _finish_head(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
-                 plan: WeightsPlan, head: _Head, reason: str, say: Any, t0: float
-                 ) -> TrainResult:
+def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
+                 spec: PreprocessSpec, plan: WeightsPlan, head: _Head, reason: str, say: Any,
+                 t0: float) -> TrainResult:
     """--freeze-backbone with pretrained weights: the head phase is the whole run."""
+    ds, parts = split
     _write_defects(run, ds, head.defects)
     (run / "metrics.jsonl").write_text((run / "head_metrics.jsonl").read_text())
     (run / "class_weights.json").write_text(json.dumps(head.loss.to_dict(), indent=2))
@@ -389,7 +390,8 @@ def _finish_head(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: Preproce
         indent=2))
     bundle, metrics = _finish(run, data, cfg, ds, spec, head.model, head.kwargs, head.result,
                               {"reason": reason, "n_train": head.n_train, "weights": plan,
-                               "n_val": head.n_val})
+                               "n_val": head.n_val, "x_check": sample_inputs(
+                                   None, parts.get("val") or parts["train"], spec)})
     seconds = time.perf_counter() - t0
     say(f"best epoch {head.result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
     return TrainResult(run, bundle, metrics, seconds)
@@ -418,7 +420,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if cached_head_applies(cfg, plan, info.distributed):
         head = _head_phase(run, parts, ds.classes, spec, cfg, plan, say, quiet)
         if cfg.freeze_backbone:
-            return _finish_head(run, data, cfg, ds, spec, plan, head, reason, say, t0)
+            return _finish_head(run, data, cfg, (ds, parts), spec, plan, head, reason, say, t0)
         say(f"fine-tuning the whole network for {cfg.epochs - cfg.freeze_epochs} epoch(s) "
             f"from that head (--layer-decay {cfg.layer_decay:g})")
     fit_cfg = cfg if head is None else replace(cfg, freeze_epochs=0,
