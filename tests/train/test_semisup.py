@@ -82,6 +82,16 @@ def test_unlabelled_images_change_the_model_and_are_counted(labelled, inbox, tmp
     assert not _same(tmp_path / "w0", tmp_path / "semi")
 
 
+def test_ema_teacher_labels_the_weak_views(labelled, inbox, tmp_path):
+    cfg = _cfg(inbox, semi_method="fixmatch_ema", ema_decay=0.9, pseudo_threshold=0.4)
+    train(labelled, tmp_path / "ema", cfg, quiet=True)
+    train(labelled, tmp_path / "plain", _cfg(ema_decay=0.9), quiet=True)
+    assert not _same(tmp_path / "ema", tmp_path / "plain")
+    log = [json.loads(x) for x in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["pseudo_label_rate"] for r in log) > 0
+    assert all(r["unlabeled_img_per_s"] > 0 for r in log)
+
+
 def test_corrupt_unlabelled_file_lands_in_the_defect_log(labelled, inbox, tmp_path):
     box = tmp_path / "box"
     shutil.copytree(inbox, box)
@@ -138,8 +148,10 @@ class _StopAt(Callback):
             raise _Interrupt
 
 
-def test_resume_equals_uninterrupted(labelled, inbox, tmp_path, monkeypatch):
-    cfg = _cfg(inbox, epochs=4, checkpoint_every=2, pseudo_threshold=0.4)
+@pytest.mark.parametrize("method", ["fixmatch", "fixmatch_ema"])
+def test_resume_equals_uninterrupted(labelled, inbox, tmp_path, monkeypatch, method):
+    cfg = _cfg(inbox, epochs=4, checkpoint_every=2, pseudo_threshold=0.4, semi_method=method,
+               ema_decay=0.9 if method == "fixmatch_ema" else 0.0)
     train(labelled, tmp_path / "full", cfg, quiet=True)
     real_fit = run_mod.fit
     monkeypatch.setattr(run_mod, "fit",

@@ -38,7 +38,7 @@ LOSS_STRATEGIES = ("none", "class_weights", "focal")
 SELECT_METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
 TRI_STATE = ("auto", "on", "off")
-SEMI_METHODS = ("fixmatch", "pseudo_label")
+SEMI_METHODS = ("fixmatch", "fixmatch_ema", "pseudo_label")
 
 
 def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -183,8 +183,11 @@ class TrainConfig:
                             "well (semi-supervised; unreadable files go to defects.json, files "
                             "with the content of a validation/test file are left out).")
     semi_method: str = _f("fixmatch", "With --unlabeled: fixmatch (confident pseudo-labels of "
-                                      "a weak view teach a strongly augmented view) or "
-                                      "pseudo_label (self-training on the weak view only).")
+                                      "a weak view teach a strongly augmented view), "
+                                      "fixmatch_ema (the same, the weak view labelled by the "
+                                      "--ema-decay weights in eval mode, without gradients: "
+                                      "cheaper per step) or pseudo_label (self-training on "
+                                      "the weak view only).")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
     pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
     unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")

@@ -232,7 +232,7 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
         if mixing:
             xb, ya, yb2, lam = run.mixer(xb, yb, g)
         if run.semi is not None:  # the extension's own unlabelled batch rides along
-            xb = torch.cat([xb, run.semi.draw(cfg.batch_size, g)])
+            xb = torch.cat([xb, run.semi.draw(cfg.batch_size, g, state.eval_model())])
         xb = xb.to(run.device, non_blocking=True,
                    memory_format=torch.channels_last if run.channels_last else
                    torch.preserve_format)

@@ -13,7 +13,11 @@ unlabelled images and a consistency loss on it (FixMatch, Sohn et al. 2020):
 3. the strong view is trained towards that pseudo-label with weight ``--unlabeled-weight``.
 
 Labelled, weak and strong images go through one forward pass, so batch norm sees them
-together. ``--semi-method pseudo_label`` trains the weak view on its own pseudo-label
+together. ``--semi-method fixmatch_ema`` labels the weak view with the weight average
+(``--ema-decay``; the current weights without it) in eval mode and without gradients, so only
+labelled and strong images are trained: about 1.4x cheaper per step, and the average's
+pseudo-labels are steadier (Mean Teacher, Tarvainen & Valpola 2017).
+``--semi-method pseudo_label`` trains the weak view on its own pseudo-label
 (classic self-training, no strong view): the cheaper baseline FixMatch is measured against.
 
 The unlabelled images are decoded once into memory with the run's preprocessing; files that
@@ -42,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from imgtriage.data import PreprocessSpec, iter_image_files, load_input
@@ -181,6 +186,7 @@ class SemiSupervised:
         p = torch.as_tensor(prior, dtype=torch.float32)
         self.prior = p / p.sum()
         self.running = self.prior.clone()  # running mean of the weak-view predictions
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -188,17 +194,27 @@ class SemiSupervised:
 
     @property
     def views(self) -> int:
-        """Unlabelled views per image in the forward pass: weak + strong, or weak only."""
+        """Unlabelled views per image in the trained forward pass: weak + strong (fixmatch),
+        strong only (fixmatch_ema: the weak view went through the teacher) or weak only."""
         return 2 if self.cfg.semi_method == "fixmatch" else 1
 
-    def draw(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
-        """The unlabelled inputs of one step: weak views, then strong views (FixMatch)."""
+    def draw(self, batch_size: int, g: torch.Generator, teacher: nn.Module | None = None
+             ) -> torch.Tensor:
+        """The unlabelled inputs of one step (weak views, then strong views); for
+        fixmatch_ema the weak views are labelled by ``teacher`` here and only the strong
+        views are returned."""
         idx = self.stream.take(self.cfg.unlabeled_ratio * batch_size)
         x = self.pool.x[idx]
         weak = self.weak(x, None, g)
-        if self.views == 1:
+        if self.cfg.semi_method == "pseudo_label":
             return weak
-        return torch.cat([weak, self.strong(x, None, g)])
+        strong = self.strong(x, None, g)
+        if self.cfg.semi_method == "fixmatch":
+            return torch.cat([weak, strong])
+        if teacher is None:
+            raise ConfigError("--semi-method fixmatch_ema needs the loop's model")
+        self._pending = self._pseudo(_teacher_logits(teacher, weak))
+        return strong
 
     def _pseudo(self, logits_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = logits_w.detach().float().softmax(1)
@@ -212,7 +228,11 @@ class SemiSupervised:
     def loss(self, logits_u: torch.Tensor) -> torch.Tensor:
         """Weighted consistency loss from the unlabelled logits (weak[, strong])."""
         parts = logits_u.chunk(self.views)
-        target, mask = self._pseudo(parts[0])
+        if self._pending is not None:
+            (target, mask), self._pending = self._pending, None
+            target, mask = target.to(logits_u.device), mask.to(logits_u.device)
+        else:
+            target, mask = self._pseudo(parts[0])
         per = F.cross_entropy(parts[-1].float(), target, reduction="none")
         loss = (per * mask).mean()
         self._seen += len(target)
@@ -235,6 +255,17 @@ class SemiSupervised:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.stream.load_state_dict(d["stream"])
         self.running = torch.tensor(d["running"], dtype=torch.float32)
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits in eval mode (no dropout, batch-norm running statistics)."""
+    was = teacher.training
+    teacher.eval()
+    try:
+        return teacher(x.to(next(teacher.parameters()).device))
+    finally:
+        teacher.train(was)
 
 
 def build_semi(cfg: TrainConfig, spec: PreprocessSpec, holdout: Sequence[str],
