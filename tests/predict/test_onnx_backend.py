@@ -55,3 +55,21 @@ def test_a_tampered_graph_is_refused(onnx_bundle, tmp_path):
     g.write_bytes(bytes(data))
     with pytest.raises(BundleIntegrityError, match=r"model\.onnx"):
         Predictor.load(bad)
+
+
+def test_the_onnx_predict_path_never_imports_torch(tiny_bundle, digits_folder, tmp_path):
+    """Start-up: `imgtriage predict` on an ONNX bundle loads no torch (python -X importtime)."""
+    import subprocess
+    import sys
+
+    png = sorted((digits_folder / "d4").glob("*.png"))[0]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "imgtriage", "predict",
+                           str(tiny_bundle), str(png), "--output", str(tmp_path / "r.json"),
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("predict: backend onnx, precision fp32")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "imgtriage.predict.onnx_backend" in imported
+    assert any(m.startswith("onnxruntime") for m in imported)
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
