@@ -27,8 +27,8 @@ class RuntimeChoice:
     """Which backend and precision a bundle runs with, on how many threads, and why.
 
     Example:
-        >>> RuntimeChoice("onnx", "fp32", 2, "the bundle's verified graph").line()
-        'backend onnx, precision fp32, 2 threads (the bundle's verified graph)'
+        >>> print(RuntimeChoice("onnx", "fp32", 2, "the bundle's verified graph").line())
+        backend onnx, precision fp32, 2 threads (the bundle's verified graph)
     """
 
     backend: str
