@@ -54,7 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=None,
                     help="default: 3e-3 from scratch, 1e-3 with pretrained weights")
     ap.add_argument("--first-stage", default="logreg", help="logreg or gbt")
-    ap.add_argument("--target-accuracy", type=float, default=0.99)
+    ap.add_argument("--target-accuracy", type=float, default=0.97,
+                    help="accuracy the first stage must be shown to reach on what it answers")
+    ap.add_argument("--gate-confidence", type=float, default=0.95,
+                    help="confidence of that showing (Clopper-Pearson); 0 trusts the observed "
+                         "accuracy of a validation set of any size")
+    ap.add_argument("--always-second-stage", default="sar",
+                    help="comma-separated classes the CNN always answers ('' for none)")
     ap.add_argument("--predict-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds of each predictor")
     ap.add_argument("--threads", type=int, default=2)
@@ -229,6 +235,10 @@ def _table(best: dict[str, dict], classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the whole recipe; returns (and writes to ``OUT/results.json``) every number."""
     args = parse_args(argv)
@@ -246,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage2, train_info = train_backbone(out / "data", out / "cnn", args)
     cas = build_cascade(stage2, out / "data", out / "cascade",
                         CascadeConfig(first_stage=args.first_stage,
-                                      target_accuracy=args.target_accuracy, workers=2))
+                                      target_accuracy=args.target_accuracy,
+                                      gate_confidence=args.gate_confidence,
+                                      always_second_stage=_names(args.always_second_stage),
+                                      workers=2))
     v = cas.validation
     print(f"cascade built in {cas.seconds:.0f}s: gate {v['threshold']}, answers "
           f"{v['accepted_share']:.1%} of validation at accuracy {v['accepted_accuracy']}",
@@ -260,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(_table(best, cnn.classes), flush=True)
     truth = dict(zip(files, labels, strict=True))
     wrong = {k: mistakes(v, truth) for k, v in rows.items()}
+    routed = [r for r in rows[name] if truth[r["path"]] in _names(args.always_second_stage)]
+    v["test_always_second_stage"] = {  # every test file of those classes went to the CNN?
+        "files": len(routed), "to_stage2": sum(r.get("stage") == 2 for r in routed)}
     served = None
     if args.serve_files > 0:
         served = serve_check(cas.bundle_path, serve_sample(rows[name], args.serve_files,

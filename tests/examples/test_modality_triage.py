@@ -42,7 +42,7 @@ def test_reduced_recipe_is_coherent(tmp_path):
     out = tmp_path / "out"
     res = recipe.main(["--shared", str(_shared()), "--out", str(out), "--per-class", "30",
                        "--size", "32", "--epochs", "1", "--repeats", "1", "--serve-files", "4",
-                       "--threads", "1"])
+                       "--threads", "1", "--gate-confidence", "0"])  # 14 validation images
     assert json.loads((out / "results.json").read_text())["test"]["files"] == res["test"]["files"]
     # the dataset: three classes, one size for all
     assert res["dataset"]["counts"] == {"rgb": 30, "infrared": 30, "sar": 30}
@@ -64,6 +64,8 @@ def test_reduced_recipe_is_coherent(tmp_path):
     assert res["test"]["by_predictor"]["cnn alone"]["skipped_cnn"] == 0
     v = res["cascade"]["validation"]
     assert _in_unit(v["accepted_share"]) and _in_unit(v["cascade_accuracy"])
+    sar = v["test_always_second_stage"]  # --always-second-stage sar (the default)
+    assert sar["files"] > 0 and sar["to_stage2"] == sar["files"]
     # the bundles load; the service answered exactly as Predictor does
     cascade = Predictor.load(res["cascade"]["bundle"])
     assert cascade.classes == Predictor.load(res["cnn"]["bundle"]).classes == res["classes"]

@@ -28,6 +28,7 @@ from imgtriage.evaluate.decision import softmax
 from imgtriage.predict import PredictOptions, Predictor
 from imgtriage.predict._first_stage import (
     LinearStage,
+    accuracy_lower_bound,
     choose_gate,
     fit_gbt,
     fit_logreg,
@@ -75,10 +76,13 @@ def stripes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gated(stripes, tmp_path_factory):
-    """A logreg cascade gated for 99% accuracy on the stripes data."""
+    """A logreg cascade gated for 99% accuracy on the stripes data. Its 18 validation images
+    cannot show 99% at 95% confidence (test_gate_refuses_a_too_small_validation_set): these
+    routing tests use the observed accuracy (gate_confidence 0)."""
     data, bundle, _, _ = stripes
     out = tmp_path_factory.mktemp("gated") / "cascade"
-    return build_cascade(bundle, data, out, CascadeConfig(target_accuracy=0.99))
+    return build_cascade(bundle, data, out, CascadeConfig(target_accuracy=0.99,
+                                                          gate_confidence=0))
 
 
 def _label(path: str) -> str:
@@ -276,7 +280,8 @@ def test_cli_builds_and_predict_reports_stages(stripes, tmp_path):
     runner = CliRunner()
     out = tmp_path / "c"
     res = runner.invoke(app, ["cascade", str(bundle), str(data), "--out", str(out),
-                              "--first-stage", "gbt", "--target-accuracy", "0.95"])
+                              "--first-stage", "gbt", "--target-accuracy", "0.95",
+                              "--gate-confidence", "0"])
     assert res.exit_code == 0, res.output
     assert "first stage answers" in res.output
     report = tmp_path / "r.json"
@@ -286,6 +291,42 @@ def test_cli_builds_and_predict_reports_stages(stripes, tmp_path):
     rep = json.loads(report.read_text())
     assert {r["stage"] for r in rep["results"]} <= {1, 2} and len(rep["results"]) == 6
     assert rep["meta"]["cascade"]["first_stage"] == "gbt"
+    # the per-stage counts (issue 19: the predict command's meta was built before any row)
+    stages = [r["stage"] for r in rep["results"]]
+    c = rep["meta"]["cascade"]
+    assert (c["stage1"], c["stage2"]) == (stages.count(1), stages.count(2))
+    assert c["stage1_share"] == pytest.approx(stages.count(1) / 6)
+
+
+def test_gate_refuses_a_too_small_validation_set(stripes, tmp_path):
+    """Issue 19: 12 of 12 validation images accepted at 99% was trusted; now the gate says
+    how many images the target needs at the stated confidence."""
+    data, bundle, val, _ = stripes
+    with pytest.raises(DataError, match=f"on {len(val)} validation images.*at least 299"):
+        build_cascade(bundle, data, tmp_path / "c", CascadeConfig(target_accuracy=0.99))
+    assert not (tmp_path / "c").exists()
+    # a reachable target at that confidence: the gate widens until the bound holds
+    res = build_cascade(bundle, data, tmp_path / "ok", CascadeConfig(target_accuracy=0.8))
+    v = res.validation
+    assert v["min_validation"] == 14 and v["gate_confidence"] == 0.95
+    if v["n_accepted"]:
+        assert accuracy_lower_bound(v["n_accepted"] * v["accepted_accuracy"],
+                                    v["n_accepted"], 0.95) >= 0.8
+
+
+def test_always_second_stage_routes_every_image_of_the_class(stripes, tmp_path):
+    data, bundle, val, fresh = stripes
+    res = build_cascade(bundle, data, tmp_path / "c", CascadeConfig(
+        target_accuracy=0.99, gate_confidence=0, always_second_stage=("dark",)))
+    rule = load_bundle(res.bundle_path).manifest["cascade"]["always_second_stage"]
+    assert rule["classes"] == ["dark"] and 0 < rule["min_probability"] <= 0.5
+    rows = Predictor.load(res.bundle_path).predict_paths([*val, fresh])["results"]
+    dark = [r for r in rows if _label(r["path"]) == "dark"]
+    assert dark and all(r["stage"] == 2 for r in dark)
+    assert any(r["stage"] == 1 for r in rows if _label(r["path"]) == "bright")
+    with pytest.raises(ConfigError, match="always-second-stage"):
+        build_cascade(bundle, data, tmp_path / "x", CascadeConfig(
+            gate_confidence=0, always_second_stage=("sar",)))
 
 
 # -- the first stage's JSON models and the gate, on plain arrays -----------------------
@@ -328,6 +369,23 @@ def test_choose_gate_finds_the_largest_share_meeting_the_target():
     # low-confidence lucky streaks do not lower the gate
     lucky = choose_gate(np.array([0.999, 0.998, 0.5, 0.5001]), np.ones(4, bool), 0.99)
     assert lucky.n_accepted == 2
+
+
+def test_gate_with_a_confidence_bound():
+    assert accuracy_lower_bound(12, 12, 0.95) == pytest.approx(0.05 ** (1 / 12))
+    assert accuracy_lower_bound(0, 5, 0.95) == 0 and accuracy_lower_bound(3, 4, 0) == 0.75
+    scores = np.linspace(1.0, 0.99, 100)
+    correct = np.ones(100, bool)
+    correct[70] = False
+    # 70 of 70 right: observed 100%, but shown only down to 0.05 ** (1 / 70) = 0.958
+    assert choose_gate(scores, correct, 0.99, confidence=0.95).threshold is None
+    assert choose_gate(scores, correct, 0.99).n_accepted == 100  # 99 of 100: point estimate
+    # 70/70 shows 0.958; 99/100 only 0.953, and every prefix between shows less
+    assert choose_gate(scores, correct, 0.955, confidence=0.95).n_accepted == 70
+    eligible = np.ones(100, bool)
+    eligible[:10] = False  # routed by class: never accepted, still counted
+    g = choose_gate(scores, correct, 0.95, confidence=0.95, eligible=eligible)
+    assert g.n == 100 and g.n_accepted == 60  # 60/60 shows 0.9513; 89/90 only 0.948
 
 
 def test_gate_for_share_and_its_errors():

@@ -20,6 +20,15 @@ def cascade_command(
                                                      "the validation images it answers."),
     route_share: float = typer.Option(None, help="Instead of a target accuracy: send this "
                                                  "share of validation images to stage 2."),
+    gate_confidence: float = typer.Option(0.95, help="Confidence (one-sided Clopper-Pearson) "
+                                                     "that the first stage's answers reach "
+                                                     "--target-accuracy; too small a "
+                                                     "validation set is refused. 0 trusts "
+                                                     "the observed accuracy."),
+    always_second_stage: str = typer.Option(None, help="Comma-separated classes the first "
+                                                       "stage never answers (e.g. sar): "
+                                                       "images it thinks may be one go to "
+                                                       "stage 2."),
     feature_channels: int = typer.Option(None, help="Channels of the per-channel statistics "
                                                     "(default 3 for an RGB stage 2, else 1)."),
     feature_max_side: int = typer.Option(64, help="Statistics use every s-th pixel so no "
@@ -45,7 +54,10 @@ def cascade_command(
         features = FeatureSpec(channels=feature_channels or (3 if in_chans == 3 else 1),
                                max_side=feature_max_side)
     cfg = CascadeConfig(first_stage=first_stage, target_accuracy=target_accuracy,
-                        route_share=route_share, features=features, val_frac=val_frac,
+                        route_share=route_share, gate_confidence=gate_confidence,
+                        always_second_stage=tuple(c.strip() for c in (always_second_stage or "")
+                                                  .split(",") if c.strip()),
+                        features=features, val_frac=val_frac,
                         seed=seed, workers=workers)
     res = build_cascade(stage2, data, out, cfg)
     v = res.validation
@@ -54,7 +66,8 @@ def cascade_command(
                f"validation ({v['n']} images): gate {v['threshold']}, first stage answers "
                f"{v['accepted_share']:.1%} at accuracy "
                f"{'n/a' if acc is None else f'{acc:.4f}'}; cascade accuracy "
-               f"{v['cascade_accuracy']:.4f} vs stage 2 alone {v['stage2_accuracy']:.4f}")
+               f"{v['cascade_accuracy']:.4f} vs stage 2 alone {v['stage2_accuracy']:.4f}"
+               + (f"; {v['routed_by_class']} routed by class" if always_second_stage else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,7 @@ from imgtriage.predict._first_stage import (
     fit_gbt,
     fit_logreg,
     gate_for_share,
+    min_validation,
 )
 
 FEATURE_STAGES = ("logreg", "gbt")
@@ -47,6 +48,14 @@ class CascadeConfig:
         target_accuracy: the gate is the lowest calibrated score at which the first stage's
             accepted validation answers are at least this accurate.
         route_share: instead of a target, send this share of validation images to stage 2.
+        gate_confidence: the gate opens only where the first stage's accuracy on what it
+            accepts is at least ``target_accuracy`` with this one-sided confidence
+            (Clopper–Pearson), and a validation set too small to ever show that is refused
+            (:func:`min_validation`); 0 trusts the observed accuracy (over-trusts small sets).
+        always_second_stage: class names the first stage never answers: an image goes to
+            stage 2 when the first stage gives these classes at least the smallest probability
+            it gave any validation image of them (at most 0.5), so every validation image of
+            them is routed, and any image the first stage thinks is probably one of them.
         features: the :class:`FeatureSpec` (default: all statistics, default FITS cards, one
             feature channel, or three when stage 2 takes RGB).
         val_frac, test_frac, seed: the split; None = what the stage-2 run used.
@@ -62,6 +71,8 @@ class CascadeConfig:
     first_stage: str = "logreg"
     target_accuracy: float = 0.99
     route_share: float | None = None
+    gate_confidence: float = 0.95
+    always_second_stage: tuple[str, ...] = ()
     features: FeatureSpec | None = None
     val_frac: float | None = None
     test_frac: float | None = None
@@ -80,6 +91,9 @@ class CascadeConfig:
             raise ConfigError("target accuracy must be in (0, 1] (--target-accuracy)")
         if self.route_share is not None and not 0 <= self.route_share <= 1:
             raise ConfigError("route share must be in [0, 1] (--route-share)")
+        if not 0 <= self.gate_confidence < 1:
+            raise ConfigError("gate confidence must be in [0, 1) (--gate-confidence)")
+        object.__setattr__(self, "always_second_stage", tuple(self.always_second_stage))
         if self.c <= 0:
             raise ConfigError("C must be positive (--c)")
         if self.gbt_estimators < 1 or self.gbt_depth < 1 or self.gbt_learning_rate <= 0:
@@ -198,15 +212,60 @@ def _check_stage1_bundle(path: str, classes: list[str]) -> Bundle:
     return b1
 
 
-def _gate(cfg: CascadeConfig, logits: np.ndarray, y: np.ndarray) -> tuple[float, Any, Any]:
+def _check_validation_size(cfg: CascadeConfig, n: int) -> int:
+    """The smallest validation set the gate rule can work with; refuse a smaller one."""
+    if cfg.route_share is not None:
+        return 1  # a compute budget claims no accuracy
+    need = min_validation(cfg.target_accuracy, cfg.gate_confidence)
+    if n < need:
+        raise DataError(
+            f"the gate would be chosen on {n} validation images, but showing "
+            f"{cfg.target_accuracy:.1%} accuracy for the first stage's answers at "
+            f"{cfg.gate_confidence:.0%} confidence needs at least {need} (all accepted and "
+            "right). Add validation images (--val-frac), lower --target-accuracy, use "
+            "--route-share, or --gate-confidence 0 to trust the observed accuracy")
+    return need
+
+
+def _routing(cfg: CascadeConfig, classes: list[str], probs: np.ndarray, y: np.ndarray
+             ) -> dict[str, Any] | None:
+    """The per-class routing rule (see CascadeConfig.always_second_stage), or None."""
+    if not cfg.always_second_stage:
+        return None
+    unknown = sorted(set(cfg.always_second_stage) - set(classes))
+    if unknown:
+        raise ConfigError(f"--always-second-stage names {unknown}, not among the classes "
+                          f"{classes}")
+    idx = [classes.index(c) for c in cfg.always_second_stage]
+    mass = probs[:, idx].sum(axis=1)
+    theirs = np.isin(y, idx)
+    floor = min(0.5, float(mass[theirs].min())) if theirs.any() else 0.5
+    return {"classes": list(cfg.always_second_stage), "class_ids": idx,
+            "min_probability": floor}
+
+
+def routed_by_class(probs: np.ndarray, rule: dict[str, Any] | None) -> np.ndarray:
+    """True where the routing rule sends an image to stage 2 whatever its score."""
+    if not rule:
+        return np.zeros(len(probs), bool)
+    return probs[:, rule["class_ids"]].sum(axis=1) >= rule["min_probability"]
+
+
+def _gate(cfg: CascadeConfig, logits: np.ndarray, y: np.ndarray, classes: list[str]
+          ) -> tuple[float, Any, Any, dict[str, Any] | None]:
     from imgtriage.evaluate.calibration import TemperatureScaler
 
     temperature = TemperatureScaler().fit(logits, y).temperature_
     probs = softmax(logits, temperature)
     scores, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    rule = _routing(cfg, classes, probs, y)
+    eligible = ~routed_by_class(probs, rule)
     if cfg.route_share is not None:
-        return temperature, gate_for_share(scores, correct, cfg.route_share), correct
-    return temperature, choose_gate(scores, correct, cfg.target_accuracy), correct
+        choice = gate_for_share(scores, correct, cfg.route_share, eligible)
+    else:
+        choice = choose_gate(scores, correct, cfg.target_accuracy, cfg.gate_confidence,
+                             eligible)
+    return temperature, choice, correct, rule
 
 
 def _validation(choice: Any, scores_ok: np.ndarray, correct1: np.ndarray,
@@ -256,20 +315,26 @@ def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
     else:
         logits1 = _logits(make_backend(b1, "torch"), va.x1)
         info["defects"] = va.defects
-    temperature, choice, correct1 = _gate(cfg, logits1, va.y)
+    info["min_validation"] = _check_validation_size(cfg, len(va.y))
+    temperature, choice, correct1, rule = _gate(cfg, logits1, va.y, classes)
     correct2 = _logits(make_backend(b2, "torch"), va.x2).argmax(axis=1) == va.y
-    scores = softmax(logits1, temperature).max(axis=1)
-    accepted = (scores >= choice.threshold) if choice.threshold is not None else \
-        np.zeros(len(scores), bool)
+    probs1 = softmax(logits1, temperature)
+    routed = routed_by_class(probs1, rule)
+    accepted = (probs1.max(axis=1) >= choice.threshold) & ~routed \
+        if choice.threshold is not None else np.zeros(len(probs1), bool)
     validation = _validation(choice, accepted, correct1, correct2, info, temperature)
+    validation.update(gate_confidence=cfg.gate_confidence,
+                      min_validation=info["min_validation"],
+                      routed_by_class=int(routed.sum()))
     path = _write(Path(out), b2, b1, cfg, params, features, temperature, choice, validation,
-                  info)
+                  info, rule)
     return CascadeResult(path, validation, time.perf_counter() - t0)
 
 
 def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
            params: dict | None, features: dict | None, temperature: float, choice: Any,
-           validation: dict[str, Any], info: dict[str, Any]) -> Path:
+           validation: dict[str, Any], info: dict[str, Any],
+           rule: dict[str, Any] | None) -> Path:
     files = {f"stage2/{n}": d for n, d in bundle_files(b2).items()}
     files["stage2/manifest.json"] = b2.read_bytes("manifest.json")
     if b1 is not None:
@@ -290,7 +355,9 @@ def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
     manifest["profiles"] = m2.get("profiles", {})
     manifest["cascade"] = {
         "first_stage": first, "temperature": temperature, "gate": choice.threshold,
-        "gate_rule": {"target_accuracy": cfg.target_accuracy, "route_share": cfg.route_share},
+        "gate_rule": {"target_accuracy": cfg.target_accuracy, "route_share": cfg.route_share,
+                      "confidence": cfg.gate_confidence},
+        "always_second_stage": rule,
         "stage2": {"dir": "stage2", "sha256": b2.sha256}, "validation": validation}
     return save_bundle(out, manifest, None, files)
 

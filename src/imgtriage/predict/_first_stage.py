@@ -209,14 +209,54 @@ class GateChoice:
         return dict(self.__dict__)
 
 
-def _describe(scores: np.ndarray, correct: np.ndarray, threshold: float | None) -> GateChoice:
+def _describe(scores: np.ndarray, correct: np.ndarray, threshold: float | None,
+              eligible: np.ndarray | None = None) -> GateChoice:
     accepted = scores >= threshold if threshold is not None else np.zeros(len(scores), bool)
+    if eligible is not None:
+        accepted &= eligible
     k = int(accepted.sum())
     acc = float(correct[accepted].mean()) if k else None
     return GateChoice(threshold, k / len(scores) if len(scores) else 0.0, acc, k, len(scores))
 
 
-def choose_gate(scores: np.ndarray, correct: np.ndarray, target_accuracy: float) -> GateChoice:
+def accuracy_lower_bound(correct: Any, n: Any, confidence: float) -> np.ndarray:
+    """One-sided Clopper–Pearson lower bound on an accuracy seen as ``correct`` of ``n``:
+    with probability ``confidence`` the true accuracy is at least this (0 where n is 0).
+    ``confidence`` 0 gives the point estimate ``correct / n``.
+
+    Example:
+        >>> round(float(accuracy_lower_bound(12, 12, 0.95)), 3)  # 12 of 12 right
+        0.779
+    """
+    from scipy.special import betaincinv
+
+    k = np.asarray(correct, np.float64)
+    m = np.asarray(n, np.float64)
+    if confidence == 0:
+        return np.divide(k, m, out=np.zeros(np.broadcast(k, m).shape), where=m > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lb = betaincinv(np.maximum(k, 1e-300), m - k + 1, 1.0 - confidence)
+    return np.where((k > 0) & (m > 0), lb, 0.0)
+
+
+def min_validation(target_accuracy: float, confidence: float) -> int:
+    """The fewest validation images (all accepted, all right) that can show
+    ``target_accuracy`` at ``confidence``: ``ceil(ln(1 - confidence) / ln(target))``.
+
+    Example:
+        >>> min_validation(0.99, 0.95), min_validation(0.9, 0.95)
+        (299, 29)
+    """
+    if confidence == 0:
+        return 1
+    if target_accuracy >= 1:
+        raise ConfigError("a target accuracy of 1 can never be shown from a finite "
+                          "validation set; lower --target-accuracy or set --gate-confidence 0")
+    return math.ceil(math.log(1 - confidence) / math.log(target_accuracy) - 1e-9)
+
+
+def choose_gate(scores: np.ndarray, correct: np.ndarray, target_accuracy: float,
+                confidence: float = 0.0, eligible: np.ndarray | None = None) -> GateChoice:
     """The lowest score threshold whose accepted validation images (score >= threshold) are
     at least ``target_accuracy`` correct *and* whose mean calibrated score is at least the
     target too: the largest accepted share meeting both. The second condition keeps a lucky
@@ -224,10 +264,16 @@ def choose_gate(scores: np.ndarray, correct: np.ndarray, target_accuracy: float)
     features cannot tell apart) from dragging the gate down. Tied scores are accepted or
     refused together.
 
+    With ``confidence`` > 0 "at least the target correct" means the Clopper–Pearson lower
+    bound (:func:`accuracy_lower_bound`), not the observed share: a handful of right answers
+    cannot open the gate, it widens (accepts fewer, or nothing) until the bound holds.
+    Images outside ``eligible`` (routed to stage 2 by class) are never accepted.
+
     Example:
         >>> s = np.array([0.999, 0.995, 0.99, 0.6, 0.5])
         >>> choose_gate(s, np.array([1, 1, 1, 1, 0], bool), 0.99).threshold
         0.99
+        >>> choose_gate(s, np.array([1, 1, 1, 1, 0], bool), 0.99, confidence=0.95).threshold
     """
     if not 0 < target_accuracy <= 1:
         raise ConfigError("target accuracy must be in (0, 1] (--target-accuracy)")
@@ -236,21 +282,29 @@ def choose_gate(scores: np.ndarray, correct: np.ndarray, target_accuracy: float)
     if len(scores) == 0:
         raise DataError("no validation images to choose the gate on; add a val split or raise "
                         "--val-frac")
+    keep = np.ones(len(scores), bool) if eligible is None else np.asarray(eligible, bool)
     order = np.argsort(-scores, kind="stable")
+    order = order[keep[order]]
+    if len(order) == 0:
+        return _describe(scores, correct, None, keep)
     s, c = scores[order], correct[order]
     k = np.arange(1, len(s) + 1)
     boundary = np.append(s[1:] < s[:-1], True)  # prefix ends where the score drops
     tol = 1e-9
-    ok = (boundary & (np.cumsum(c) >= target_accuracy * k - tol)
-          & (np.cumsum(s) >= target_accuracy * k - tol))
+    right = np.cumsum(c)
+    shown = (right >= target_accuracy * k - tol) if confidence == 0 else \
+        (accuracy_lower_bound(right, k, confidence) >= target_accuracy - tol)
+    ok = boundary & shown & (np.cumsum(s) >= target_accuracy * k - tol)
     if not ok.any():
-        return _describe(scores, correct, None)
-    return _describe(scores, correct, float(s[np.flatnonzero(ok).max()]))
+        return _describe(scores, correct, None, keep)
+    return _describe(scores, correct, float(s[np.flatnonzero(ok).max()]), keep)
 
 
-def gate_for_share(scores: np.ndarray, correct: np.ndarray, route_share: float) -> GateChoice:
+def gate_for_share(scores: np.ndarray, correct: np.ndarray, route_share: float,
+                   eligible: np.ndarray | None = None) -> GateChoice:
     """The threshold that sends the ``route_share`` lowest-scoring validation images to the
-    second stage (a compute budget instead of an accuracy target).
+    second stage (a compute budget instead of an accuracy target). Images outside
+    ``eligible`` go to stage 2 anyway and count toward the share.
 
     Example:
         >>> gate_for_share(np.array([0.9, 0.8, 0.7, 0.6]), np.ones(4, bool), 0.5).threshold
@@ -259,7 +313,8 @@ def gate_for_share(scores: np.ndarray, correct: np.ndarray, route_share: float) 
     if not 0 <= route_share <= 1:
         raise ConfigError("route share must be in [0, 1] (--route-share)")
     scores = np.asarray(scores, np.float64)
-    s = np.sort(scores)
-    k = math.floor(route_share * len(s) + 0.5)
+    keep = np.ones(len(scores), bool) if eligible is None else np.asarray(eligible, bool)
+    s = np.sort(scores[keep])
+    k = max(0, math.floor(route_share * len(scores) + 0.5) - int((~keep).sum()))
     threshold = None if k >= len(s) else float(s[k])
-    return _describe(scores, np.asarray(correct, bool), threshold)
+    return _describe(scores, np.asarray(correct, bool), threshold, keep)

@@ -45,7 +45,12 @@ from imgtriage.data.preprocess import PreprocessSpec, load_record, to_input
 from imgtriage.errors import BundleIntegrityError, BundleSchemaError, ImageReadError
 from imgtriage.evaluate.decision import DecisionPolicy, softmax
 from imgtriage.io import Defect, ImageRecord, read_array
-from imgtriage.predict._cascade_build import CascadeConfig, CascadeResult, build_cascade
+from imgtriage.predict._cascade_build import (
+    CascadeConfig,
+    CascadeResult,
+    build_cascade,
+    routed_by_class,
+)
 from imgtriage.predict._first_stage import stage_from_dict
 from imgtriage.predict.predictor import Decoded, PredictOptions, Predictor
 from imgtriage.predict.report import result_row
@@ -209,7 +214,8 @@ class CascadePredictor:
             return np.zeros(len(probs), bool)
         cid = probs.argmax(axis=1)
         score = probs[np.arange(len(probs)), cid]
-        ok = score >= gate
+        ok = (score >= gate) & ~routed_by_class(
+            probs, self.bundle.manifest["cascade"].get("always_second_stage"))
         if policy.abstain and policy.thresholds is not None:
             ok &= score >= np.asarray(policy.thresholds)[cid]
         return ok

@@ -77,6 +77,18 @@ def report_meta(*, bundle_path: str, bundle_sha256: str, decision: dict[str, Any
     return meta
 
 
+def stage_counts(n1: int, n2: int) -> dict[str, Any]:
+    """A cascade report's per-stage counts (``meta["cascade"]``): files each stage answered.
+
+    Example:
+        >>> stage_counts(3, 1)["stage1_share"]
+        0.75
+    """
+    n = n1 + n2
+    return {"stage1": n1, "stage2": n2, "stage1_share": round(n1 / n, 6) if n else None,
+            "stage2_share": round(n2 / n, 6) if n else None}
+
+
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write a report; the format follows the extension (.json here; see predict.sinks)."""
     path = Path(path)

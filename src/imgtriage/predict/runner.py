@@ -28,6 +28,7 @@ from imgtriage.errors import ConfigError
 from imgtriage.predict.batch import iter_predictions, preferred_batch_size
 from imgtriage.predict.predictor import PredictOptions
 from imgtriage.predict.progress import RunProgress
+from imgtriage.predict.report import stage_counts
 from imgtriage.predict.sinks import FORMATS, write_defect_log, write_stream
 from imgtriage.predict.store import ResultStore
 
@@ -130,6 +131,9 @@ def store_meta(store: ResultStore, run_id: int | None = None) -> dict[str, Any]:
                 num_files=store.count(None, run_id),
                 coverage=round(1 - n_abstained / n_results, 6) if n_results else None,
                 elapsed_sec=round(store.elapsed(run_id), 3), store=str(store.path))
+    if isinstance(meta.get("cascade"), dict):  # built before any row: count the stages now
+        stages = store.value_counts("stage", run_id)
+        meta["cascade"] = {**meta["cascade"], **stage_counts(stages.get(1, 0), stages.get(2, 0))}
     return meta
 
 

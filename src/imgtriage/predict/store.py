@@ -285,6 +285,13 @@ class ResultStore:
         sql = f"SELECT COUNT(*) FROM items{where} AND json_extract(data, '$.abstained') = 1"
         return int(self.db.execute(sql, args).fetchone()[0])
 
+    def value_counts(self, key: str, run_id: int | None = None) -> dict[Any, int]:
+        """How many result rows hold each value of ``key`` (e.g. a cascade's ``stage``)."""
+        where, args = self._where("result", run_id)
+        sql = (f"SELECT json_extract(data, '$.' || ?), COUNT(*) FROM items{where} "
+               "GROUP BY 1")
+        return {v: int(n) for v, n in self.db.execute(sql, (key, *args))}
+
     def extra_keys(self, run_id: int | None = None) -> list[str]:
         """Keys result rows hold beyond the standard ones (probs, topk, set, stage, ...)."""
         where, args = self._where("result", run_id)
