@@ -17,6 +17,10 @@
    larger budget's labels are enrolled into a gallery over the same encoder too: what more
    labels buy without retraining.
 
+5. With ``--unlabeled``: each budget is trained once more with the known classes' other train
+   crops as unlabelled images (``imgtriage train --unlabeled``, semi-supervised FixMatch with
+   an EMA teacher), the same small CNN with and without them, for ``--semi-steps`` steps.
+
 Everything lands in ``--out`` (``results.json`` holds every number the README quotes).
 
 Usage (2 CPU cores; the full size takes a few minutes):
@@ -62,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "darker than the 17-degree train chips (docs/benchmarks.md)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unlabeled", action="store_true",
+                    help="also train every budget with the other train crops of the known "
+                         "classes as unlabelled images, against the same model without them")
+    ap.add_argument("--semi-steps", type=int, default=300,
+                    help="optimiser steps of each --unlabeled comparison run")
+    ap.add_argument("--semi-method", default="fixmatch_ema")
     return ap.parse_args(argv)
 
 
@@ -138,6 +148,46 @@ def train_budget(manifest: Path, run: Path, n: int, args: argparse.Namespace) ->
     return {"labels": n, "model": chosen["model"], "img_size": chosen["img_size"],
             "epochs": epochs, "model_choice": why, "train_seconds": round(res.seconds, 1),
             "bundle": str(res.bundle_path)}
+
+
+# -- 2b. semi-supervised: the same small CNN with and without the unlabelled crops -----------
+SEMI_MODEL = {"model": "crop_cnn", "model_kwargs": {"widths": [16, 32, 64, 128]},
+              "drop_rate": 0.2, "ema_decay": 0.99, "augment": "weak"}
+
+
+def unlabeled_folder(train_root: Path, classes: list[str], labelled: list[str], out: Path
+                     ) -> Path:
+    """``out``: links to every train crop of ``classes`` that is not labelled, named by
+    index only (the class folder, i.e. the label, is not carried over)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    taken = {str(Path(p).resolve()) for p in labelled}
+    rest = [f for c in classes for f in sorted((train_root / c).glob("*.png"))
+            if str(f.resolve()) not in taken]
+    for i, f in enumerate(rest):
+        (out / f"{i:05d}.png").symlink_to(f.resolve())
+    return out
+
+
+def train_pair(manifest: Path, box: Path, out: Path, n: int, args: argparse.Namespace
+               ) -> dict[str, Any]:
+    """The same recipe without and with ``--unlabeled box``; returns both runs."""
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    epochs = max(1, -(-args.semi_steps // -(-n // args.batch_size)))
+    pair = {}
+    for arm, folder in (("labels", ""), ("semi", str(box))):
+        cfg = TrainConfig(**SEMI_MODEL, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                          val_frac=0.0, scaling=args.scaling, seed=args.seed,
+                          num_threads=args.threads, checkpoint_every=0, unlabeled=folder,
+                          semi_method=args.semi_method, pseudo_threshold=0.9)
+        res = train(manifest, out / f"run-{n}-{arm}", cfg, quiet=True)
+        pair[arm] = {"bundle": str(res.bundle_path), "train_seconds": round(res.seconds, 1),
+                     "epochs": epochs}
+    pair["unlabeled"] = sum(1 for _ in box.iterdir())
+    return pair
 
 
 # -- 3. scoring --------------------------------------------------------------------------------
@@ -259,6 +309,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["test"] = score(Predictor.load(run["bundle"]), *tests["known"])
         print(f"  test accuracy {run['test']['accuracy']:.4f} on {run['test']['files']} crops",
               flush=True)
+        if args.unlabeled:
+            box = unlabeled_folder(out / "crops" / "train", classes, paths,
+                                   out / f"unlabeled-{n}")
+            run["semi"] = train_pair(manifest, box, out, n, args)
+            for arm in ("labels", "semi"):
+                run["semi"][arm]["test"] = score(Predictor.load(run["semi"][arm]["bundle"]),
+                                                 *tests["known"])
+            print(f"  small CNN, {args.semi_steps} steps: test accuracy "
+                  f"{run['semi']['labels']['test']['accuracy']:.4f} from the labels only, "
+                  f"{run['semi']['semi']['test']['accuracy']:.4f} with "
+                  f"{run['semi']['unlabeled']} unlabelled crops", flush=True)
         runs.append(run)
     gallery = None
     siamese = next((r for r in runs if r["model"] == "siamese"), None)

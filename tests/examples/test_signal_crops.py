@@ -42,7 +42,8 @@ def test_reduced_recipe_is_coherent(tmp_path):
     out = tmp_path / "out"
     res = recipe.main(["--mstar", str(mstar), "--out", str(out), "--crop", "48",
                        "--train-per-class", "56", "--test-per-class", "4", "--epochs", "1",
-                       "--enrol-shots", "3", "--threads", "1"])
+                       "--enrol-shots", "3", "--threads", "1", "--unlabeled",
+                       "--semi-steps", "2"])
     assert json.loads((out / "results.json").read_text())["runs"][0]["labels"] == 25
     crops = list((out / "crops").rglob("*.png"))
     assert len(crops) == 10 * (56 + 4)
@@ -60,6 +61,13 @@ def test_reduced_recipe_is_coherent(tmp_path):
         _coherent(r["test"], 9 * 4)
         assert set(r["test"]["recall"]) == set(known)
         assert Predictor.load(r["bundle"]).classes == sorted(known)
+        # --unlabeled: the same small CNN without and with the other known train crops
+        semi = r["semi"]
+        assert semi["unlabeled"] == 9 * 56 - r["labels"]
+        for arm in ("labels", "semi"):
+            _coherent(semi[arm]["test"], 9 * 4)
+        cfg = json.loads((out / f"run-{r['labels']}-semi" / "config.json").read_text())
+        assert cfg["unlabeled"].endswith(f"unlabeled-{r['labels']}")
     # budgets are nested: the 25 labelled crops are among the 100
     small = set((out / "labels-25.csv").read_text().splitlines()[1:])
     assert small <= set((out / "labels-100.csv").read_text().splitlines()[1:])

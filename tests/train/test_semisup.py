@@ -196,6 +196,8 @@ def test_settings_are_checked_and_named(labelled, tmp_path):
         TrainConfig(semi_method="mixmatch")
     with pytest.raises(ConfigError, match="--unlabeled"):
         TrainConfig(model="fusion:crop_cnn", unlabeled="x")
+    with pytest.raises(ConfigError, match="--unlabeled"):
+        TrainConfig(freeze_backbone=True, unlabeled="x")
     with pytest.raises(ConfigError, match="does not exist"):
         train(labelled, tmp_path / "r", _cfg(tmp_path / "missing"), quiet=True)
 

@@ -326,6 +326,10 @@ def _check_semi(c: TrainConfig) -> None:
     _need(0 <= c.pseudo_threshold <= 1, "pseudo_threshold",
           "pseudo-label threshold must be in [0, 1]")
     _need(c.unlabeled_weight >= 0, "unlabeled_weight", "unlabeled weight must be >= 0")
+    _need(not (c.freeze_backbone and c.unlabeled), "unlabeled",
+          "--freeze-backbone trains only the head on cached embeddings, where unlabelled "
+          "images cannot take part; drop --freeze-backbone (or use --freeze-epochs) or "
+          "--unlabeled")
     fusion = c.model == "fusion" or c.model.startswith("fusion:")
     _need(not (fusion and c.unlabeled), "unlabeled",
           "fusion models cannot learn from unlabelled images (they have no header features "
