@@ -4,6 +4,7 @@ from imgtriage.bundle.manifest import SCHEMA_VERSION, new_manifest, validate_man
 from imgtriage.bundle.store import (
     Bundle,
     build_model,
+    check_pinned,
     load_bundle,
     save_bundle,
     sha256_file,
@@ -14,6 +15,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Bundle",
     "build_model",
+    "check_pinned",
     "load_bundle",
     "new_manifest",
     "save_bundle",

@@ -6,6 +6,7 @@ import platform
 from datetime import UTC, datetime
 from typing import Any
 
+from imgtriage.bundle.checks import check_bounds
 from imgtriage.errors import BundleSchemaError
 
 SCHEMA = "imgtriage.bundle"
@@ -81,6 +82,7 @@ def validate_manifest(m: Any, where: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:
         raise BundleSchemaError(f"{where}: manifest lacks {missing}; the bundle is incomplete")
+    check_bounds(m, where)
     if len(m["classes"]) != m["model"].get("num_classes"):
         raise BundleSchemaError(f"{where}: {len(m['classes'])} class names for a model with "
                                 f"{m['model'].get('num_classes')} outputs")

@@ -18,6 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgtriage.bundle.checks import (
+    MAX_MANIFEST_BYTES,
+    check_file_name,
+    check_safetensors,
+    check_zip,
+    inside,
+    parse_manifest,
+)
 from imgtriage.bundle.manifest import MANIFEST_NAME, WEIGHTS_NAME, validate_manifest
 from imgtriage.errors import (
     BundleError,
@@ -57,13 +65,15 @@ class Bundle:
         return list(self.manifest["classes"])
 
     def read_bytes(self, name: str) -> bytes:
+        """A file of the bundle; only plain relative names inside it are ever read."""
         if self._zip is not None:
+            check_file_name(name, str(self.path))
             with zipfile.ZipFile(io.BytesIO(self._zip)) as zf:
                 try:
                     return zf.read(name)
                 except KeyError as exc:
                     raise BundleMissingFileError(f"{self.path}: missing {name}") from exc
-        f = self.path / name
+        f = inside(self.path, name, str(self.path))
         if not f.is_file():
             raise BundleMissingFileError(f"{self.path}: the manifest lists {name} but the file "
                                          "is missing; copy the whole bundle directory")
@@ -89,7 +99,15 @@ class Bundle:
         """The model weights (verified) as a dict of tensors."""
         from safetensors.torch import load
 
-        return load(self.verified_bytes(WEIGHTS_NAME))
+        data = self.verified_bytes(WEIGHTS_NAME)
+        check_safetensors(data, WEIGHTS_NAME, str(self.path))
+        try:
+            return load(data)
+        except Exception as exc:  # SafetensorError and friends: one line, no traceback
+            raise BundleIntegrityError(f"{self.path}: {WEIGHTS_NAME} cannot be read as "
+                                       f"safetensors ({type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else ''}); "
+                                       "restore it from the original bundle") from None
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any], bytes | None]:
@@ -97,26 +115,32 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], bytes | None]:
         mf = path / MANIFEST_NAME
         if not mf.is_file():
             raise BundleMissingFileError(f"{path}: no {MANIFEST_NAME}; is this a bundle directory?")
+        if mf.stat().st_size > MAX_MANIFEST_BYTES:
+            parse_manifest(b" " * (MAX_MANIFEST_BYTES + 1), str(path))  # says it is too big
         raw, zdata = mf.read_bytes(), None
     elif path.is_file() and zipfile.is_zipfile(path):
         zdata = path.read_bytes()
         with zipfile.ZipFile(io.BytesIO(zdata)) as zf:
+            check_zip(zf, str(path))  # sizes from the directory, before anything is unpacked
             if MANIFEST_NAME not in zf.namelist():
                 raise BundleMissingFileError(f"{path}: zip holds no {MANIFEST_NAME}")
+            if zf.getinfo(MANIFEST_NAME).file_size > MAX_MANIFEST_BYTES:
+                parse_manifest(b" " * (MAX_MANIFEST_BYTES + 1), str(path))
             raw = zf.read(MANIFEST_NAME)
     elif path.exists():
         raise BundleSchemaError(f"{path} is neither a bundle directory nor a zipped bundle")
     else:
         raise BundleMissingFileError(f"bundle {path} does not exist")
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BundleSchemaError(f"{path}: manifest.json is not valid JSON ({exc.msg})") from exc
-    return manifest, zdata
+    return parse_manifest(raw, str(path)), zdata
 
 
-def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
+def load_bundle(path: str | os.PathLike[str], *, verify: bool = True,
+                expect_sha256: str | None = None) -> Bundle:
     """Open a bundle directory or zip, check its schema and (by default) every file's sha256.
+
+    With ``verify`` every file must match its hash and every ``.safetensors`` file must be
+    one. ``expect_sha256`` pins the bundle: any other bundle (``Bundle.sha256``, what
+    ``imgtriage inspect`` prints) is refused.
 
     Example:
         >>> b = load_bundle("runs/digits/bundle")  # doctest: +SKIP
@@ -127,10 +151,24 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
     manifest, zdata = _read_manifest(path)
     validate_manifest(manifest, str(path))
     bundle = Bundle(path, manifest, zdata)
+    if expect_sha256 is not None:
+        check_pinned(bundle, expect_sha256)
     if verify:
         for name in manifest["files"]:
-            bundle.verified_bytes(name)
+            data = bundle.verified_bytes(name)
+            if name.endswith(".safetensors"):
+                check_safetensors(data, name, str(path))
     return bundle
+
+
+def check_pinned(bundle: Bundle, expect_sha256: str) -> None:
+    """Refuse ``bundle`` unless its sha256 is ``expect_sha256`` (a deployment's pin)."""
+    want = expect_sha256.strip().lower()
+    if bundle.sha256 != want:
+        raise BundleIntegrityError(
+            f"{bundle.path} has sha256 {bundle.sha256} but {want or '(empty)'} was expected "
+            "(--expect-sha256); this is not the pinned bundle: deploy the pinned one or "
+            "update the pin (imgtriage inspect prints a bundle's sha256)")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -172,6 +210,7 @@ def save_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
     manifest["files"] = {name: sha256_bytes(data) for name, data in sorted(files.items())}
     validate_manifest(manifest, str(path))
     body = json.dumps(manifest, indent=2, default=_json_default).encode()
+    _check_replaceable(path)
     if path.suffix == ".zip":
         return _write_zip(path, body, files)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +223,15 @@ def save_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Only a bundle is ever replaced: never a folder or file that is something else."""
+    if path.is_symlink() or (path.exists() and not (
+            (path.is_dir() and (path / MANIFEST_NAME).is_file())
+            or (path.is_file() and path.suffix == ".zip" and zipfile.is_zipfile(path)))):
+        raise BundleError(f"{path} exists and is not a bundle; it was left untouched: give "
+                          "the new bundle a new path (--out)")
 
 
 def _write_zip(path: Path, body: bytes, files: dict[str, bytes]) -> Path:

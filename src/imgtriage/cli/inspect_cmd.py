@@ -40,7 +40,9 @@ def inspect_command(
         f"versions    {json.dumps(m.get('versions', {}))}",
     ]
     typer.echo("\n".join(lines))
-    typer.echo("verified: every file matches its sha256" if not no_verify else "not verified")
+    typer.echo("verified: every file matches its sha256, the weights are safetensors and "
+               "the manifest is within its schema bounds" if not no_verify
+               else "not verified (--no-verify): file hashes and weights were not checked")
 
 
 def register(app: typer.Typer) -> None:

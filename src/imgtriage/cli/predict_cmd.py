@@ -71,6 +71,19 @@ def predict_command(
                                              "needs imgtriage[ray])."),
     address: str = typer.Option(None, help="Ray cluster address for --engine ray "
                                            "(default: start a local one)."),
+    expect_sha256: str = typer.Option(None, "--expect-sha256", help="Refuse any bundle but "
+                                      "the one with this sha256 (imgtriage inspect prints "
+                                      "it): pins a deployment to a bundle."),
+    max_pixels: int = typer.Option(None, "--max-pixels", help="Decode budget: pixels per "
+                                   "image (default: the bundle's, 100M)."),
+    max_decoded_bytes: int = typer.Option(None, "--max-decoded-bytes", help="Decode budget: "
+                                          "bytes one file may take once decoded (default: "
+                                          "the bundle's, 64 MiB)."),
+    max_pages: int = typer.Option(None, "--max-pages", help="Decode budget: pages, planes "
+                                  "or HDUs one file may need (default: the bundle's, 256)."),
+    decode_timeout: float = typer.Option(None, "--decode-timeout", help="Decode budget: "
+                                         "seconds one file may take to decode (default: "
+                                         "the bundle's, 30)."),
     feature_manifest: Path = typer.Option(None, "--feature-manifest", help="Image + feature "
                                           "bundles trained with --feature-columns: a CSV/JSONL "
                                           "with path and those columns for the files (files "
@@ -83,14 +96,19 @@ def predict_command(
     options = dict(include_probs=include_probs, topk=topk, tta=tta, profile=profile,
                    temperature=temperature, abstain=abstain)
     if engine == "ray":
-        _predict_on_ray(bundle, paths, output, address, batch_size, thresholds, options)
+        _predict_on_ray(bundle, paths, output, address, batch_size, thresholds, options,
+                        expect_sha256)
         return
     if engine != "local":
         raise ConfigError(f"engine must be local or ray, got {engine!r} (--engine)")
+    from imgtriage.predict.limits import with_read_limits
     from imgtriage.predict.runner import run_batch
 
     predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads,
-                               precision=precision)
+                               precision=precision, expect_sha256=expect_sha256)
+    predictor = with_read_limits(predictor, max_pixels=max_pixels,
+                                 max_decoded_bytes=max_decoded_bytes, max_pages=max_pages,
+                                 decode_timeout_s=decode_timeout)
     runtime = predictor.runtime.line()
     typer.echo(f"predict: {runtime}")
     options["thresholds"] = parse_thresholds(thresholds, len(predictor.classes))
@@ -106,7 +124,8 @@ def predict_command(
 
 
 def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str | None,
-                    batch_size: int | None, thresholds: str | None, options: dict) -> None:
+                    batch_size: int | None, thresholds: str | None, options: dict,
+                    expect_sha256: str | None = None) -> None:
     from dataclasses import replace
 
     from imgtriage.bundle import load_bundle
@@ -116,7 +135,7 @@ def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str 
     from imgtriage.predict.report import check_output_path
 
     check_output_path(output)
-    b = load_bundle(bundle, verify=False)
+    b = load_bundle(bundle, verify=False, expect_sha256=expect_sha256)
     # what each actor loads; its threads are the actor's own share of its node's cores
     runtime = replace(choose_runtime(b), threads=None).line()
     typer.echo(f"predict (ray): {runtime}")

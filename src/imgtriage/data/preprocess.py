@@ -48,6 +48,8 @@ _PIL_INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
     "area": Image.Resampling.BOX,
 }
+MAX_SIDE = 8_192  # a model input side; larger ones cost gigabytes per image
+MAX_CHANNELS = 1_024
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -113,8 +115,10 @@ class PreprocessSpec:
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
         if self.in_chans < 1:
             raise ConfigError("in_chans must be >= 1 (--in-chans)")
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise ConfigError("size must be two positive integers (--img-size)")
+        if len(self.size) != 2 or min(self.size) < 1 or max(self.size) > MAX_SIDE:
+            raise ConfigError(f"size must be two integers in 1..{MAX_SIDE} (--img-size)")
+        if self.in_chans > MAX_CHANNELS:
+            raise ConfigError(f"in_chans must be <= {MAX_CHANNELS} (--in-chans)")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ConfigError(f"mean/std need {self.in_chans} values, one per input channel "
                               "(--mean/--std)")

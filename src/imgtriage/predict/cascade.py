@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle import Bundle, load_bundle
+from imgtriage.bundle import Bundle, load_bundle, validate_manifest
+from imgtriage.bundle.checks import inside, parse_manifest
 from imgtriage.bundle.manifest import MANIFEST_NAME
 from imgtriage.data.features import FeatureStandardizer, raw_features
 from imgtriage.data.preprocess import PreprocessSpec, load_record, to_input
@@ -62,14 +63,16 @@ def sub_bundle(bundle: Bundle, name: str, expected_sha256: str | None = None) ->
     """The bundle stored under ``name/`` inside ``bundle`` (directory or zip), verified."""
     prefix = f"{name}/"
     if bundle._zip is None:
-        inner = load_bundle(Path(bundle.path) / name)
+        inner = load_bundle(inside(Path(bundle.path), name, str(bundle.path)))
     else:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
             for fname in bundle.manifest["files"]:
                 if fname.startswith(prefix):
                     zf.writestr(fname[len(prefix):], bundle.verified_bytes(fname))
-        inner_manifest = json.loads(bundle.verified_bytes(prefix + MANIFEST_NAME))
+        inner_manifest = validate_manifest(parse_manifest(
+            bundle.verified_bytes(prefix + MANIFEST_NAME), f"{bundle.path}:{name}"),
+            f"{bundle.path}:{name}")
         inner = Bundle(Path(bundle.path) / name, inner_manifest, buf.getvalue())
         for fname in inner_manifest["files"]:
             inner.verified_bytes(fname)

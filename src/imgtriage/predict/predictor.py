@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle import Bundle, load_bundle
+from imgtriage.bundle import Bundle, check_pinned, load_bundle
 from imgtriage.data.features import (
     FeatureStandardizer,
     read_extra_columns,
@@ -91,8 +91,12 @@ class Predictor:
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
              device: str = "cpu", num_threads: int | None = None,
-             precision: str | None = None) -> Predictor:
+             precision: str | None = None, expect_sha256: str | None = None) -> Predictor:
         """Load and verify a bundle.
+
+        ``expect_sha256`` pins the bundle: any other (its manifest hash, what
+        ``imgtriage inspect`` prints and ``/v1/model`` reports) is refused with
+        :class:`~imgtriage.errors.BundleIntegrityError`.
 
         ``backend`` is auto (ONNX Runtime on CPU when the bundle holds ``model.onnx``, else
         torch), torch or onnx; ``precision`` fp32|int8 picks the ONNX graph (default: the one
@@ -100,7 +104,10 @@ class Predictor:
         """
         from imgtriage.predict.backends import build_backend, choose_runtime
 
-        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle,
+                                                                   expect_sha256=expect_sha256)
+        if expect_sha256 is not None:
+            check_pinned(b, expect_sha256)
         if b.manifest.get("kind", "classifier") != "classifier":
             from imgtriage.predict.kinds import load_special
 
