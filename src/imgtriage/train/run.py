@@ -281,12 +281,15 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
     return save_bundle(run / "bundle", manifest, state, files), metrics
 
 
-def _graph_inputs(src: _Sources, parts: dict[str, list], spec: PreprocessSpec,
+def _graph_inputs(src: _Sources | None, parts: dict[str, list], spec: PreprocessSpec,
                   classes: tuple[str, ...], quantize: str) -> GraphInputs:
     """Validation images for the ONNX parity check (and the int8 verdict), training images to
-    calibrate int8 on."""
-    return graph_inputs((src.train, parts["train"]), (src.val, parts.get("val", [])), spec,
-                        classes, quantize)
+    calibrate int8 on; ``src`` None (the head trained on embeddings) reads them from files."""
+    val = parts.get("val", [])
+    if src is None:  # a non-empty source without arrays: sample_inputs reads the files
+        return graph_inputs((parts["train"], parts["train"]), (val or None, val), spec,
+                            classes, quantize)
+    return graph_inputs((src.train, parts["train"]), (src.val, val), spec, classes, quantize)
 
 
 def fit_counts(classes: tuple[str, ...], parts: dict[str, list]) -> dict[str, int]:
@@ -390,8 +393,9 @@ def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[
         indent=2))
     bundle, metrics = _finish(run, data, cfg, ds, spec, head.model, head.kwargs, head.result,
                               {"reason": reason, "n_train": head.n_train, "weights": plan,
-                               "n_val": head.n_val, "x_check": sample_inputs(
-                                   None, parts.get("val") or parts["train"], spec)})
+                               "n_val": head.n_val, "say": say,
+                               "graph_inputs": _graph_inputs(None, parts, spec, ds.classes,
+                                                             cfg.quantize)})
     seconds = time.perf_counter() - t0
     say(f"best epoch {head.result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
     return TrainResult(run, bundle, metrics, seconds)
