@@ -218,8 +218,37 @@ def test_truncated_fits(tmp_path, assert_defect):
     good = tmp_path / "good.fits"
     _write_fits(good, _frame((100, 100)))
     path = tmp_path / "cut.fits"
-    path.write_bytes(good.read_bytes()[:20000])
-    assert_defect(try_read_image(path), "truncated", str(path))
+    path.write_bytes(good.read_bytes()[:20000])  # the header and 42 of 100 float32 rows
+    assert_defect(try_read_image(path), "truncated", str(path))  # under half: a defect
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int16])
+def test_truncated_fits_with_most_rows_reads_partially_flagged(tmp_path, dtype):
+    """Issue 19: the rows that exist are read (scaled as astropy scales them), the missing
+    ones filled with nonfinite_fill, and the record says how many were read."""
+    data = (_frame((100, 80)) - (900 if dtype == np.int16 else 0)).astype(dtype)
+    good = tmp_path / "good.fits"
+    hdu = _write_fits(good, data)
+    full = read_image(good).array
+    start = len(hdu.header.tostring())  # the data follows the header's blocks
+    row = 80 * data.dtype.itemsize
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(good.read_bytes()[:start + 70 * row + row // 2])  # 70.5 rows
+    rec = read_image(cut, policy=ReadPolicy(nonfinite_fill=-1.0))
+    assert rec.meta["partial"] == {"rows_read": 70, "rows": 100, "fraction": 0.7}
+    assert rec.array.shape == full.shape and rec.array.dtype == full.dtype
+    np.testing.assert_array_equal(rec.array[:70], full[:70])
+    assert (rec.array[70:] == (-1.0 if full.dtype.kind == "f" else 0)).all()
+    assert rec.meta["header"]["EXPTIME"] == 30.0
+    assert any(c.startswith("fits_partial_70_of_100") for c in rec.meta["conversions"])
+    off = ReadPolicy(fits_partial_min=1.0)
+    assert try_read_image(cut, policy=off).issue == "truncated"
+    gz = tmp_path / "cut.fits.gz"
+    gz.write_bytes(gzip.compress(good.read_bytes())[:-2000])  # a cut compressed stream
+    out = read_image(gz)  # what the stream holds before the cut: partial, the same pixels
+    n = out.meta["partial"]["rows_read"]
+    assert 50 <= n < 100 and out.meta["compression"] == "gzip"
+    np.testing.assert_array_equal(out.array[:n], full[:n])
 
 
 def test_oversized_fits_is_refused_from_naxis(tmp_path, assert_defect):

@@ -164,3 +164,21 @@ def test_describe_says_what_serving_needs(tiny_bundle):
     d = Predictor.load(tiny_bundle, backend="torch").describe()
     assert d["backend"] == "torch" and d["precision"] == "fp32"
     assert d["classes"] == [f"d{i}" for i in range(10)] and len(d["bundle_sha256"]) == 64
+
+
+def test_truncated_fits_is_a_flagged_result(tiny_bundle, tmp_path):
+    """Issue 19: a FITS file cut inside its data is classified from the rows it has, and the
+    row says so (flags: partial); one with too few rows stays a truncated defect."""
+    from astropy.io import fits
+
+    frame = np.random.default_rng(0).normal(1000, 50, (64, 64)).astype(np.float32)
+    fits.PrimaryHDU(frame).writeto(tmp_path / "whole.fits")
+    raw = (tmp_path / "whole.fits").read_bytes()
+    start, row = 2880, 64 * 4
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "most.fits").write_bytes(raw[:start + 48 * row])
+    (tmp_path / "in" / "little.fits").write_bytes(raw[:start + 10 * row])
+    report = Predictor.load(tiny_bundle).predict_paths([tmp_path / "in"])
+    (row_,) = report["results"]
+    assert row_["path"].endswith("most.fits") and row_["flags"] == ["partial"]
+    assert [d["issue"] for d in report["defects"]] == ["truncated"]

@@ -2,7 +2,8 @@
 
 Plain files are memory-mapped and only the plane that is kept is copied out, so a large cube
 costs one plane of memory; the file is closed before returning. ``.fits.gz``, ``.fits.bz2``,
-tile-compressed (``.fz``) HDUs and headers missing their END card all read.
+tile-compressed (``.fz``) HDUs and headers missing their END card all read. A file cut short
+inside its image data reads partially, flagged (``io/_fits_partial.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from imgtriage.io._budget import check_bytes, check_pages, check_time
 from imgtriage.io._fits_header import header_dict, restore_end_card
+from imgtriage.io._fits_partial import salvage
 from imgtriage.io._source import ReadFailure, Source
 from imgtriage.io._types import ReadPolicy
 
@@ -38,6 +40,11 @@ def read_fits(
             raise
         except Exception as exc:
             failure = _decoder_failure(src, exc, [str(w.message) for w in caught])
+        # astropy calls a cut .fits.gz "corrupt": the stream itself says how far it goes
+        if failure.issue == "truncated" or (compression and failure.issue == "decode_error"):
+            partial = salvage(src, compression, policy)
+            if partial is not None:
+                return partial
         repaired = _repaired_bytes(src, compression)
         if repaired is None:
             raise failure

@@ -99,6 +99,10 @@ class ReadPolicy:
         nonfinite_fill: value that replaces NaN/+Inf/-Inf in float data (counted in metadata).
         jpeg_draft_size: when set (h, w), JPEGs may be decoded at a reduced scale that is still
             at least this size (PIL draft mode); ``None`` decodes at full size.
+        fits_partial_min: a FITS file cut short inside its image data is read partially when
+            at least this share of the image's rows is present: the missing rows are filled
+            with ``nonfinite_fill`` and ``meta["partial"]`` says how many were read (results
+            are flagged ``partial``); below it, or at 1, it is a ``truncated`` defect.
     """
 
     max_pixels: int = 100_000_000
@@ -108,6 +112,7 @@ class ReadPolicy:
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     max_pages: int = DEFAULT_MAX_PAGES
     decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+    fits_partial_min: float = 0.5
 
     def __post_init__(self) -> None:
         _bounded_int(self.max_pixels, 1, _MAX_PIXELS_BOUND, "max_pixels", "--max-pixels")
@@ -128,6 +133,10 @@ class ReadPolicy:
                 isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65_535
                 for v in draft)):
             raise ConfigError(f"jpeg_draft_size must be two integers in 1..65535, got {draft!r}")
+        share = self.fits_partial_min
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ConfigError(f"fits_partial_min must be a share in (0, 1], got {share!r} "
+                              "(1 turns partial FITS reads off)")
         if self.multipage not in ("first", "channels"):
             raise ConfigError("multipage must be 'first' or 'channels' (--multipage)")
 

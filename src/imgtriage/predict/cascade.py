@@ -54,7 +54,7 @@ from imgtriage.predict._cascade_build import (
 )
 from imgtriage.predict._first_stage import stage_from_dict
 from imgtriage.predict.predictor import Decoded, PredictOptions, Predictor
-from imgtriage.predict.report import result_row
+from imgtriage.predict.report import meta_flags, result_row
 
 FIRST_STAGE_INPUT = "first_stage_input"  # meta key set by CascadePredictor.load_input
 
@@ -233,7 +233,7 @@ class CascadePredictor:
             topk = [{"class": self.classes[j], "class_id": int(j), "score": round(float(p[j]), 6)}
                     for j in np.argsort(-p)[: opts.topk]]
         pred_set = [self.classes[cid]] if policy.conformal is not None else None
-        flags = ["degenerate"] if meta.get("degenerate") else None
+        flags = meta_flags(meta)
         return result_row(name, self.classes[cid], cid, float(p[cid]), False, probs=probs,
                           topk=topk, pred_set=pred_set, flags=flags, extra={"stage": 1})
 

@@ -21,7 +21,7 @@ from imgtriage.errors import BundleError, BundleSchemaError, ConfigError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed
 from imgtriage.predict.predictor import TTA_TRANSFORMS, Predictor
-from imgtriage.predict.report import result_row
+from imgtriage.predict.report import meta_flags, result_row
 
 __all__ = ["GALLERY_FILE", "Gallery", "GalleryBackend", "GalleryConfig", "GalleryPredictor",
            "embed", "gallery_block", "gallery_files", "load_encoder", "load_gallery_predictor",
@@ -179,7 +179,7 @@ class GalleryPredictor(Predictor):
                          "score": round(float(d.probs[i, j]), 6),
                          "similarity": round(float(sims[i, j]), 6)} for j in order]
             pred_set = [self.classes[j] for j in d.sets[i]] if d.sets is not None else None
-            flags = ["degenerate"] if metas and metas[i].get("degenerate") else None
+            flags = meta_flags(metas[i]) if metas else None
             rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
                                    cid, d.score[i], abstained, probs=probs, topk=topk,
                                    pred_set=pred_set, flags=flags,

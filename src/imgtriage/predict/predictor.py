@@ -26,7 +26,7 @@ from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, Pre
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.io import Defect, read_array
 from imgtriage.predict.backends import RuntimeChoice
-from imgtriage.predict.report import report_meta, result_row
+from imgtriage.predict.report import meta_flags, report_meta, result_row
 
 TTA_TRANSFORMS = {
     "hflip": lambda x: x[..., ::-1],
@@ -225,7 +225,7 @@ class Predictor:
                 topk = [{"class": self.classes[j], "class_id": int(j),
                          "score": round(float(d.probs[i, j]), 6)} for j in order]
             pred_set = [self.classes[j] for j in d.sets[i]] if d.sets is not None else None
-            flags = ["degenerate"] if metas and metas[i].get("degenerate") else None
+            flags = meta_flags(metas[i]) if metas else None
             rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
                                    cid, d.score[i], abstained, probs=probs, topk=topk,
                                    pred_set=pred_set, flags=flags,

@@ -51,6 +51,20 @@ def result_row(path: str, class_name: str, class_id: int, score: float, abstaine
     return row
 
 
+def meta_flags(meta: dict[str, Any] | None) -> list[str] | None:
+    """A result row's ``flags`` from its image's read metadata: ``degenerate`` (a constant
+    image), ``partial`` (a truncated file read as far as it goes, see ``meta["partial"]``).
+
+    Example:
+        >>> meta_flags({"degenerate": False, "partial": {"rows_read": 60, "rows": 100}})
+        ['partial']
+    """
+    if not meta:
+        return None
+    flags = [name for name in ("degenerate", "partial") if meta.get(name)]
+    return flags or None
+
+
 def report_meta(*, bundle_path: str, bundle_sha256: str, decision: dict[str, Any],
                 classes: list[str], batch_size: int, num_files: int, n_results: int,
                 n_abstained: int, elapsed_sec: float, tta: bool = False,
