@@ -25,8 +25,20 @@ def tiny_run(digits_folder, tmp_path_factory):
     from imgtriage.train.run import train
 
     cfg = TrainConfig(model="crop_cnn", img_size=32, epochs=3, batch_size=32, lr=3e-3,
-                      num_threads=1)
+                      num_threads=1, calibrate=False)  # the raw model: T = 1, no rule
     return train(digits_folder, tmp_path_factory.mktemp("run"), cfg, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(digits_folder, tmp_path_factory):
+    """The same model trained with the default options: calibrated on validation, with the
+    default abstain rule and the OOD scorer in its bundle."""
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    cfg = TrainConfig(model="crop_cnn", img_size=32, epochs=3, batch_size=32, lr=3e-3,
+                      num_threads=1)
+    return train(digits_folder, tmp_path_factory.mktemp("calibrated"), cfg, quiet=True)
 
 
 @pytest.fixture(scope="session")

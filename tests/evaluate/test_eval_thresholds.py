@@ -175,3 +175,47 @@ def test_parse_thresholds_errors(tmp_path):
         parse_thresholds(str(bad), NAMES)
     with pytest.raises(ConfigError):
         parse_thresholds(True, NAMES)
+
+
+def test_recall_target_with_delta_holds_on_new_data_in_95_percent_of_200_draws():
+    """Positive-class scores ~ Beta(5, 2): the recall of a threshold t on new data is exactly
+    1 - F(t). A target of 0.95 at delta 0.05 must hold in >= 95% of validation draws, where
+    the plain empirical threshold misses it about half the time."""
+    from scipy.stats import beta
+
+    rng = np.random.default_rng(0)
+    held, held_plain = 0, 0
+    for _ in range(200):
+        pos = rng.beta(5, 2, size=120)
+        neg = rng.beta(2, 5, size=120)
+        probs1 = np.r_[pos, neg]
+        probs = np.c_[1 - probs1, probs1]
+        y = np.r_[np.ones(120, int), np.zeros(120, int)]
+        t = ThresholdPicker("target_recall", target=0.95, positive_class=1,
+                            delta=0.05).fit(probs, y)
+        plain = ThresholdPicker("target_recall", target=0.95, positive_class=1).fit(probs, y)
+        held += beta.sf(t.thresholds_[1], 5, 2) >= 0.95
+        held_plain += beta.sf(plain.thresholds_[1], 5, 2) >= 0.95
+        assert t.achieved_[1]["rests_on_positives"] == 120
+    assert held >= 190
+    assert held_plain < 150  # the bound is what makes the difference
+
+
+def test_recall_target_with_too_few_positives_says_so():
+    probs = np.array([[0.2, 0.8]] * 10 + [[0.9, 0.1]] * 10)
+    y = np.r_[np.ones(10, int), np.zeros(10, int)]
+    t = ThresholdPicker("target_recall", target=0.95, positive_class=1, delta=0.05).fit(probs, y)
+    a = t.achieved_[1]
+    assert a["met"] is False and a["min_positives"] == 59 and a["rests_on_positives"] == 10
+    assert t.thresholds_[1] == 0.0 and "only 10 validation positives" in a["note"]
+
+
+def test_precision_target_with_delta_is_stricter_than_without():
+    rng = np.random.default_rng(1)
+    p1 = np.r_[rng.beta(5, 2, 300), rng.beta(2, 5, 300)]
+    probs, y = np.c_[1 - p1, p1], np.r_[np.ones(300, int), np.zeros(300, int)]
+    plain = ThresholdPicker("target_precision", target=0.9, positive_class=1).fit(probs, y)
+    bound = ThresholdPicker("target_precision", target=0.9, positive_class=1,
+                            delta=0.05).fit(probs, y)
+    assert bound.thresholds_[1] > plain.thresholds_[1]
+    assert bound.achieved_[1]["precision"] >= 0.9

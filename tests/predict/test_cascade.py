@@ -66,7 +66,7 @@ def stripes(tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade")
     data = _write_images(root / "data", per_class=30, seed=0)
     cfg = TrainConfig(model="crop_cnn", img_size=32, epochs=3, batch_size=16, lr=3e-3,
-                      num_threads=1, seed=0)
+                      num_threads=1, seed=0, calibrate=False)
     bundle = train(data, root / "run", cfg, quiet=True).bundle_path
     ds = split_dataset(discover(data), val_frac=cfg.val_frac, seed=cfg.seed)
     val = sorted(s.path for s in ds.samples if s.split == "val")

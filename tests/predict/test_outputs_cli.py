@@ -47,6 +47,7 @@ def _read(path: Path) -> tuple[dict, list[dict], list[dict]]:
             r["class_id"] = int(r["class_id"]) if r["class_id"] else None
             r["score"] = float(r["score"]) if r["score"] else None
             r["abstained"] = {"True": True, "False": False}.get(r["abstained"])
+            r["reason"] = r["reason"] or None  # CSV has no null: an empty cell
     else:
         import pyarrow.parquet as pq
 

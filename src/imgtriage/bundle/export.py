@@ -30,6 +30,7 @@ from imgtriage.bundle.graph import (
     ONNX_FILE,
     PARITY_TOLERANCE,
     export_graph,
+    graph_outputs,
     run_graph,
     session_options,
     usable_cores,
@@ -82,8 +83,10 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
                           "two-input models is not supported yet: predict with --backend torch")
     sets = _calib_and_check(b, calib, check, calib_images, check_images, say) if calib else None
     try:
-        g = export_graph(build_model(b), b.manifest, sets[1].x[:16] if sets else None,
-                         opset=opset)
+        ood = bool((b.manifest.get("decision") or {}).get("ood"))
+        g = export_graph(build_model(b, with_features=ood), b.manifest,
+                         sets[1].x[:16] if sets else None, opset=opset,
+                         outputs=graph_outputs(b.manifest))
     except BundleError as exc:
         raise BundleError(f"{b.path}: {exc}") from exc
     graph, info, parity = g.data, dict(g.info), float(g.info["parity_max_abs_dprob"])

@@ -26,7 +26,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +41,25 @@ INPUT_NAME = "input"
 PARITY_TOLERANCE = 1e-4
 DEFAULT_OPSET = 17
 
-# Output name -> how the torch model computes it from the (normalised) input batch. The first
-# entry is the classifier output every runtime uses; extra outputs are opt-in per export.
-GRAPH_OUTPUTS: dict[str, Callable[[Any, Any], Any]] = {
-    "logits": lambda model, x: model(x),
-}
+# Output name -> its position in what the torch model returns: a plain classifier returns the
+# logits; imgtriage.models.WithFeatures(model) returns (logits, penultimate features), both from
+# one forward pass (what an OOD rule needs). The first entry is the one every runtime uses.
+GRAPH_OUTPUTS: dict[str, int] = {"logits": 0, "features": 1}
+
+
+def graph_outputs(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The outputs a bundle's graph needs: the logits, and the features when its decision rule
+    refuses out-of-distribution inputs (export then takes ``WithFeatures(model)``)."""
+    return ("logits", "features") if (manifest.get("decision") or {}).get("ood") else ("logits",)
+
+
+def _pick(model: Any, x: Any, outputs: tuple[str, ...]) -> tuple[Any, ...]:
+    out = model(x)
+    out = out if isinstance(out, tuple) else (out,)
+    if max(GRAPH_OUTPUTS[n] for n in outputs) >= len(out):
+        raise ConfigError(f"graph outputs {list(outputs)} need a model returning (logits, "
+                          "features): wrap it in imgtriage.models.WithFeatures")
+    return tuple(out[GRAPH_OUTPUTS[n]] for n in outputs)
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,8 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
     return Graph(graph, info, time.perf_counter() - t0)
 
 
-def training_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | None
+def training_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | None,
+                   outputs: Sequence[str] = ("logits",)
                    ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """``(extra files, onnx block)`` for a bundle being written by a training entry point.
 
@@ -150,7 +165,7 @@ def training_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | N
         return {}, not_exported("image + feature (fusion) models take two inputs; ONNX export "
                                 "of two-input models is not supported yet")
     try:
-        g = export_graph(model, manifest, x_check)
+        g = export_graph(model, manifest, x_check, outputs=outputs)
     except Exception as exc:  # any exporter or runtime failure keeps torch, with the reason
         return {}, not_exported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     return {ONNX_FILE: g.data}, {**g.info, "export_seconds": round(g.seconds, 3)}
@@ -187,7 +202,7 @@ def _torch_to_onnx(model: Any, sample: Any, opset: int, outputs: tuple[str, ...]
             self.inner = inner
 
         def forward(self, x: Any) -> Any:
-            outs = tuple(GRAPH_OUTPUTS[name](self.inner, x) for name in outputs)
+            outs = _pick(self.inner, x, outputs)
             return outs[0] if len(outs) == 1 else outs
 
     buf = io.BytesIO()
@@ -206,7 +221,8 @@ def _parity(model: Any, graph: bytes, x: np.ndarray, outputs: tuple[str, ...]) -
 
     with torch.inference_mode():
         xt = torch.from_numpy(x)
-        refs = {name: GRAPH_OUTPUTS[name](model, xt).float().numpy() for name in outputs}
+        refs = {name: v.float().numpy()
+                for name, v in zip(outputs, _pick(model, xt, outputs), strict=True)}
     parity = float(np.abs(softmax(refs["logits"]) - softmax(run_graph(graph, x))).max())
     for name in outputs[1:]:
         got = run_graph(graph, x, output=name)

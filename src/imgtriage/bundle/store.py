@@ -275,9 +275,10 @@ def update_bundle(path: str | os.PathLike[str], changes: dict[str, Any], *,
     return load_bundle(target)
 
 
-def build_model(bundle: Bundle):
-    """Instantiate the bundle's architecture and load its verified weights (eval mode)."""
-    from imgtriage.models import create_model
+def build_model(bundle: Bundle, *, with_features: bool = False):
+    """Instantiate the bundle's architecture and load its verified weights (eval mode);
+    ``with_features`` returns ``(logits, penultimate features)`` from one forward pass."""
+    from imgtriage.models import WithFeatures, create_model
 
     m = bundle.manifest["model"]
     if m["name"] == "onnx":
@@ -291,4 +292,4 @@ def build_model(bundle: Bundle):
     except RuntimeError as exc:
         raise BundleError(f"{bundle.path}: weights do not fit architecture {m['name']!r}: "
                           f"{str(exc).splitlines()[0]}") from exc
-    return model.eval()
+    return WithFeatures(model).eval() if with_features else model.eval()

@@ -25,7 +25,7 @@ PANELS = {"model": "Model and input", "epochs": "Run", "loss_strategy": "Class i
           "label_smoothing": "Regularisation and augmentation", "optimizer": "Optimisation",
           "freeze_epochs": "Transfer learning",
           "unlabeled": "Semi-supervised (unlabelled images)",
-          "cache": "Data pipeline and checkpoints"}
+          "cache": "Data pipeline and checkpoints", "calibrate": "Calibration and unknowns"}
 _AS_TEXT = {"model_kwargs", "pretrained", "conservative_classes"}  # parsed in _to_config
 
 

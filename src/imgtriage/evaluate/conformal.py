@@ -125,6 +125,9 @@ def _qhat_from_json(q: Any) -> float | np.ndarray:
 class ConformalPredictor:
     """Split conformal prediction sets from calibrated probabilities.
 
+    An empty set (possible with randomised APS/RAPS or a small ``qhat``) tells a user
+    nothing; unless ``allow_empty`` it gets the top class instead (coverage can only rise).
+
     Fitted attributes: ``qhat_`` (float, or one per class with ``mondrian=True``),
     ``n_calibration_`` and ``n_per_class_``.
 
@@ -140,7 +143,8 @@ class ConformalPredictor:
 
     def __init__(self, method: str = "lac", alpha: float = 0.1, mondrian: bool = False,
                  randomized: bool = False, k_reg: int = 1, lam: float = 0.01,
-                 seed: int = 0) -> None:
+                 seed: int = 0, allow_empty: bool = False) -> None:
+        self.allow_empty = allow_empty
         self.method = method
         self.alpha = alpha
         self.mondrian = mondrian
@@ -187,7 +191,11 @@ class ConformalPredictor:
         if qhat.ndim == 1 and len(qhat) != p.shape[1]:
             raise ConfigError(f"conformal predictor has {len(qhat)} per-class quantiles but the "
                               f"model has {p.shape[1]} classes; recalibrate (imgtriage calibrate)")
-        return self.scores(p) <= (qhat[None, :] if qhat.ndim == 1 else qhat)
+        mask = self.scores(p) <= (qhat[None, :] if qhat.ndim == 1 else qhat)
+        if not self.allow_empty:
+            empty = ~mask.any(axis=1)
+            mask[np.flatnonzero(empty), p[empty].argmax(axis=1)] = True
+        return mask
 
     def predict_sets(self, probs: Any) -> list[list[int]]:
         """Prediction set per row, classes listed from most to least probable."""
@@ -204,6 +212,7 @@ class ConformalPredictor:
                 "alpha": float(self.alpha), "mondrian": bool(self.mondrian),
                 "randomized": bool(self.randomized), "k_reg": int(self.k_reg),
                 "lam": float(self.lam), "seed": int(self.seed),
+                "allow_empty": bool(self.allow_empty),
                 "qhat": _qhat_to_json(self.qhat_), "n_calibration": int(self.n_calibration_),
                 "n_per_class": [int(v) for v in self.n_per_class_]}
 
@@ -222,7 +231,8 @@ class ConformalPredictor:
                               "(imgtriage calibrate)")
         cp = cls(method=d["method"], alpha=d["alpha"], mondrian=bool(d.get("mondrian", False)),
                  randomized=bool(d.get("randomized", False)), k_reg=int(d.get("k_reg", 1)),
-                 lam=float(d.get("lam", 0.01)), seed=int(d.get("seed", 0)))
+                 lam=float(d.get("lam", 0.01)), seed=int(d.get("seed", 0)),
+                 allow_empty=bool(d.get("allow_empty", False)))
         cp._check_params()
         cp.qhat_ = _qhat_from_json(d["qhat"])
         if cp.mondrian != isinstance(cp.qhat_, np.ndarray):

@@ -29,8 +29,13 @@ class Decisions:
     probs: np.ndarray  # (N, K) calibrated probabilities
     class_id: np.ndarray  # (N,) argmax class, also when abstained
     score: np.ndarray  # (N,) probability of class_id
-    abstained: np.ndarray  # (N,) bool: no class passed its threshold
+    abstained: np.ndarray  # (N,) bool: no class passed its threshold, or out of distribution
     sets: list[list[int]] | None = None  # conformal prediction sets, when configured
+    reason: list[str | None] = field(default_factory=list)  # why abstained (REASONS), or None
+
+
+# Why an input was abstained on, in the order they take precedence.
+REASONS = ("out_of_distribution", "low_confidence", "ambiguous")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,11 @@ class DecisionPolicy:
     ``thresholds`` is None (no thresholds) or one float per class. With ``abstain`` True, an
     input whose top class is below that class's threshold is answered ``unknown_label``.
     ``conformal`` is the dict form of a fitted conformal predictor (see ``evaluate.conformal``).
+
+    ``ood`` is the out-of-distribution rule (dict of ``evaluate.ood.KnnOOD.rule()``): an
+    input whose OOD score (passed to :meth:`decide`) exceeds ``ood["threshold"]`` is abstained
+    on with reason ``out_of_distribution``, whatever its confidence. ``set_abstain`` abstains
+    (reason ``ambiguous``) when the conformal set is not a single class.
 
     ``positive_class`` (an index) makes thresholds decide, not only abstain: an input whose
     positive-class probability reaches that class's threshold is answered positive even when
@@ -60,6 +70,8 @@ class DecisionPolicy:
     conformal: dict[str, Any] | None = None
     profile: str = "default"
     positive_class: int | None = None
+    ood: dict[str, Any] | None = None
+    set_abstain: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,12 +94,20 @@ class DecisionPolicy:
             from imgtriage.evaluate.conformal import ConformalPredictor
 
             ConformalPredictor.from_dict(self.conformal)  # a bad block fails on load, not later
+        if self.set_abstain and self.conformal is None:
+            raise ConfigError("abstaining on ambiguous sets needs conformal sets "
+                              "(--conformal-method)")
+        if self.ood is not None and not isinstance(self.ood.get("threshold"), int | float):
+            raise ConfigError("the OOD rule needs a numeric 'threshold'; retrain or recalibrate "
+                              "the bundle")
 
     def with_overrides(self, **changes: Any) -> DecisionPolicy:
         """A copy with some fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def decide(self, logits: np.ndarray) -> Decisions:
+    def decide(self, logits: np.ndarray, ood_scores: np.ndarray | None = None) -> Decisions:
+        """Apply the rule to raw logits; ``ood_scores`` (one per row, higher = stranger) are
+        needed when the policy has an OOD rule (rows without a score: NaN, never refused)."""
         probs = softmax(logits, self.temperature)
         class_id = probs.argmax(axis=1)
         if self.thresholds is not None and len(self.thresholds) != probs.shape[1]:
@@ -100,16 +120,32 @@ class DecisionPolicy:
             class_id = np.where(positive, k, class_id)
         score = probs[np.arange(len(probs)), class_id]
         if self.abstain and self.thresholds is not None:
-            abstained = (score < np.asarray(self.thresholds)[class_id]) & ~positive
+            low = (score < np.asarray(self.thresholds)[class_id]) & ~positive
         else:
-            abstained = np.zeros(len(probs), dtype=bool)
+            low = np.zeros(len(probs), dtype=bool)
         sets = None
         if self.conformal is not None:
             from imgtriage.evaluate.conformal import prediction_sets_from_dict
 
             sets = prediction_sets_from_dict(self.conformal, probs)
-        return Decisions(probs=probs, class_id=class_id, score=score, abstained=abstained,
-                         sets=sets)
+        ambiguous = np.array([self.set_abstain and len(s) != 1 for s in sets or [[]] * len(probs)],
+                             dtype=bool)
+        ood = self.ood_mask(ood_scores, len(probs)) & self.abstain
+        reason = [("out_of_distribution" if o else "low_confidence" if lo else
+                   "ambiguous" if a else None) for o, lo, a in zip(ood, low, ambiguous,
+                                                                   strict=True)]
+        return Decisions(probs=probs, class_id=class_id, score=score,
+                         abstained=ood | low | ambiguous, sets=sets, reason=reason)
+
+    def ood_mask(self, ood_scores: np.ndarray | None, n: int) -> np.ndarray:
+        """True where the OOD score exceeds the rule's threshold (False without a rule)."""
+        if self.ood is None or ood_scores is None:
+            return np.zeros(n, dtype=bool)
+        s = np.asarray(ood_scores, dtype=np.float64).reshape(-1)
+        if len(s) != n:
+            raise ConfigError(f"{len(s)} OOD scores for {n} inputs; they must align")
+        with np.errstate(invalid="ignore"):
+            return s > float(self.ood["threshold"])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -16,6 +16,7 @@ from imgtriage.evaluate.calibration import TemperatureScaler
 from imgtriage.evaluate.conformal import ConformalPredictor, coverage_summary
 from imgtriage.evaluate.decision import DecisionPolicy, softmax
 from imgtriage.evaluate.drift import reference_summary
+from imgtriage.evaluate.selective import fit_confidence_threshold
 from imgtriage.evaluate.thresholds import ThresholdPicker, parse_thresholds
 
 
@@ -26,8 +27,11 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
                         abstain: bool = False, conformal_method: str | None = None,
                         alpha: float = 0.1, mondrian: bool = False, randomized: bool = True,
                         k_reg: int = 1, lam: float = 0.01, seed: int = 0,
-                        unknown_label: str = "unknown",
-                        profile: str = "default") -> tuple[DecisionPolicy, dict[str, Any]]:
+                        unknown_label: str = "unknown", profile: str = "default",
+                        target_accuracy: float | None = None, delta: float | None = None,
+                        set_abstain: bool = False, allow_empty: bool = False,
+                        ood: dict[str, Any] | None = None
+                        ) -> tuple[DecisionPolicy, dict[str, Any]]:
     """A fitted policy and a JSON-serialisable summary of how it was chosen.
 
     ``temperature`` None fits one (:class:`TemperatureScaler`); a number is used as given.
@@ -35,6 +39,13 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     ``thresholds`` (anything :func:`parse_thresholds` accepts), not both. ``conformal_method``
     (``"lac"``, ``"aps"``, ``"raps"``) adds prediction sets. Use a calibration split the model
     was not trained on; the summary's numbers are measured on that same split.
+
+    A fitted temperature is kept only when it lowers the validation NLL; otherwise the policy
+    keeps T = 1 and the summary's ``temperature.note`` says why. ``target_accuracy`` (instead
+    of a threshold strategy) sets one confidence threshold for every class: the lowest whose
+    answered validation images reach that accuracy (:func:`fit_confidence_threshold`), with
+    abstain on. ``delta`` makes recall/precision targets hold with probability 1 - delta.
+    ``ood`` is an out-of-distribution rule that travels with the policy.
 
     Example:
         >>> import numpy as np
@@ -52,25 +63,34 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     names = check_class_names(class_names, z.shape[1])
     summary: dict[str, Any] = {"class_names": names}
     if temperature is None:
-        scaler = TemperatureScaler().fit(z, y)
-        temperature = scaler.temperature_
-        summary["temperature"] = scaler.to_dict()
+        temperature, summary["temperature"] = _fit_temperature(z, y)
     else:
         summary["temperature"] = {"temperature": float(temperature), "fitted": False}
     probs = softmax(z, temperature)
-    picked = _thresholds(probs, y, names, threshold_strategy, target, cost_fn, cost_fp,
-                         positive_class, thresholds)
+    if target_accuracy is not None:
+        if threshold_strategy is not None or thresholds is not None:
+            from imgtriage.errors import ConfigError
+
+            raise ConfigError("give a target accuracy or a threshold strategy/thresholds, not "
+                              "both (--target-accuracy, --threshold-strategy, --thresholds)")
+        rule = fit_confidence_threshold(probs, y, target_accuracy)
+        picked = ((rule["threshold"],) * len(names), {"strategy": "target_accuracy", **rule})
+        abstain = True
+    else:
+        picked = _thresholds(probs, y, names, threshold_strategy, target, cost_fn, cost_fp,
+                             positive_class, thresholds, delta)
     summary["thresholds"] = picked[1]
     conformal = None
     if conformal_method is not None:
         cp = ConformalPredictor(conformal_method, alpha, mondrian=mondrian, randomized=randomized,
-                                k_reg=k_reg, lam=lam, seed=seed).fit(probs, y)
+                                k_reg=k_reg, lam=lam, seed=seed,
+                                allow_empty=allow_empty).fit(probs, y)
         conformal = cp.to_dict()
         summary["conformal"] = {"settings": conformal, **coverage_summary(
             cp.predict_mask(probs), y, n_classes=len(names))}
     policy = DecisionPolicy(temperature=float(temperature), thresholds=picked[0],
                             abstain=abstain, unknown_label=unknown_label, conformal=conformal,
-                            profile=profile,
+                            profile=profile, ood=ood, set_abstain=set_abstain,
                             positive_class=positive_class if picked[0] is not None else None)
     decided = policy.decide(z)
     summary["abstain"] = (abstain_summary(probs, y, picked[0], names,
@@ -80,9 +100,31 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     return policy, json_safe(summary)
 
 
+def _fit_temperature(z: Any, y: Any) -> tuple[float, dict[str, Any]]:
+    """Fitted T when it lowers validation NLL, else 1.0; the dict says which and why."""
+    scaler = TemperatureScaler().fit(z, y)
+    info = scaler.to_dict()
+    info["n"] = len(y)
+    if scaler.nll_after_ < scaler.nll_before_ - 1e-6:
+        info["kept"] = True
+        info["note"] = None
+        if scaler.ece_after_ > scaler.ece_before_:
+            info["note"] = (f"NLL (the criterion) fell {scaler.nll_before_:.4f} -> "
+                            f"{scaler.nll_after_:.4f} while the 15-bin ECE rose "
+                            f"{scaler.ece_before_:.4f} -> {scaler.ece_after_:.4f}; binned ECE on "
+                            f"{len(y)} images is noisy, NLL is a proper score")
+        return scaler.temperature_, info
+    info.update(temperature=1.0, kept=False, fitted_temperature=scaler.temperature_,
+                nll_after=scaler.nll_before_, ece_after=scaler.ece_before_,
+                note=f"kept T = 1: the fitted T = {scaler.temperature_:.4f} did not lower the "
+                     f"validation NLL ({scaler.nll_before_:.4f})")
+    return 1.0, info
+
+
 def _thresholds(probs: Any, y: Any, names: list[str], strategy: str | None,
                 target: float | None, cost_fn: float, cost_fp: float,
-                positive_class: int | None, given: Any) -> tuple[tuple[float, ...] | None, Any]:
+                positive_class: int | None, given: Any, delta: float | None = None
+                ) -> tuple[tuple[float, ...] | None, Any]:
     from imgtriage.errors import ConfigError
 
     if strategy is not None and given is not None:
@@ -94,5 +136,5 @@ def _thresholds(probs: Any, y: Any, names: list[str], strategy: str | None,
     if strategy is None:
         return None, None
     picker = ThresholdPicker(strategy, target=target, cost_fn=cost_fn, cost_fp=cost_fp,
-                             positive_class=positive_class).fit(probs, y)
+                             positive_class=positive_class, delta=delta).fit(probs, y)
     return picker.thresholds_, picker.to_dict()

@@ -15,6 +15,11 @@ from typing import Any
 import numpy as np
 
 from imgtriage.errors import ConfigError
+from imgtriage.evaluate._bounds import (
+    clopper_pearson_lower,
+    min_positives,
+    recall_order_statistic,
+)
 from imgtriage.evaluate._curves import BinaryCounts, binary_counts
 from imgtriage.evaluate._validation import as_labels, as_probs, check_choice, not_fitted
 
@@ -47,10 +52,14 @@ def _max_f1(c: BinaryCounts) -> tuple[int | None, bool]:
     return int(np.argmax(f1)), True  # argmax: the first, i.e. highest threshold among ties
 
 
-def _target_precision(c: BinaryCounts, target: float) -> tuple[int | None, bool]:
+def _target_precision(c: BinaryCounts, target: float, delta: float | None = None
+                      ) -> tuple[int | None, bool]:
     # precision is not monotone in the threshold: look at every candidate, keep the feasible
     # one with the most true positives (highest recall), and among those the highest threshold
-    feasible = c.tp >= target * (c.tp + c.fp) - _EPS
+    if delta is None:
+        feasible = c.tp >= target * (c.tp + c.fp) - _EPS
+    else:  # the precision's Clopper-Pearson lower bound must reach the target
+        feasible = clopper_pearson_lower(c.tp, c.tp + c.fp, delta) >= target - _EPS
     feasible &= c.tp > 0
     if c.n_pos == 0 or not feasible.any():
         return _index_above(c), False
@@ -64,6 +73,23 @@ def _target_recall(c: BinaryCounts, target: float) -> tuple[int | None, bool]:
         return _index_above(c), False
     ok = np.flatnonzero(c.tp >= target * c.n_pos - _EPS)
     return int(ok[0]), True  # recall only grows as the threshold falls: first = highest
+
+
+def _recall_bound(scores: np.ndarray, positives: np.ndarray, target: float,
+                  delta: float) -> dict[str, Any]:
+    """Threshold keeping recall >= target with probability >= 1 - delta (see ``_bounds``)."""
+    pos = np.sort(scores[positives])
+    need = min_positives(target, delta)
+    r = recall_order_statistic(len(pos), target, delta)
+    info = {"delta": delta, "rests_on_positives": len(pos), "min_positives": need}
+    if r is None:
+        return {**info, "threshold": 0.0, "note": (
+            f"only {len(pos)} validation positives; certifying recall {target} at "
+            f"delta {delta} needs >= {need}: threshold 0 (accept every image) until more "
+            "labelled positives are added")}
+    return {**info, "threshold": float(pos[r - 1]), "note": (
+        f"order statistic {r} of {len(pos)} positives: recall >= {target} with "
+        f"probability >= {1 - delta:g}")}
 
 
 def _min_cost(c: BinaryCounts, cost_fn: float, cost_fp: float) -> tuple[int | None, float]:
@@ -86,6 +112,12 @@ class ThresholdPicker:
             with the highest recall. If none reaches it the threshold is 1.0 and the class's
             ``achieved_`` entry says ``met: False``.
         ``target_recall``: the highest threshold whose recall is >= ``target``.
+
+    ``delta`` (target strategies): make the target hold on new data with probability
+    >= ``1 - delta``, not only on the validation split: recall by an exact order-statistic
+    bound, precision by a Clopper-Pearson lower bound (see ``evaluate._bounds``). Each
+    class's ``achieved_`` entry then says how many validation positives the threshold rests
+    on and how many the bound needs.
         ``cost``: binary problems only: minimise ``cost_fn * FN + cost_fp * FP`` for
             ``positive_class`` (default 1); the other class's threshold is 0 (always accepted).
 
@@ -103,8 +135,9 @@ class ThresholdPicker:
 
     def __init__(self, strategy: str = "max_f1", target: float | None = None,
                  cost_fn: float = 1.0, cost_fp: float = 1.0,
-                 positive_class: int | None = None) -> None:
+                 positive_class: int | None = None, delta: float | None = None) -> None:
         self.strategy = strategy
+        self.delta = delta
         self.target = target
         self.cost_fn = cost_fn
         self.cost_fp = cost_fp
@@ -123,12 +156,21 @@ class ThresholdPicker:
                                   "(--threshold-strategy)")
             if min(self.cost_fn, self.cost_fp) < 0 or self.cost_fn + self.cost_fp <= 0:
                 raise ConfigError("costs must be >= 0 and not both 0 (--cost-fn, --cost-fp)")
+        if self.delta is not None and not 0.0 < float(self.delta) < 1.0:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta} (--delta)")
         if self.positive_class is not None and not 0 <= int(self.positive_class) < n_classes:
             raise ConfigError(f"positive_class must be a class index in [0, {n_classes}), got "
                               f"{self.positive_class} (--positive-class)")
 
-    def _fit_class(self, c: BinaryCounts) -> dict[str, Any]:
+    def _fit_class(self, c: BinaryCounts, scores: np.ndarray, positives: np.ndarray
+                   ) -> dict[str, Any]:
         note = None
+        delta = None if self.delta is None else float(self.delta)
+        if self.strategy == "target_recall" and delta is not None and c.n_pos:
+            b = _recall_bound(scores, positives, float(self.target), delta)
+            ok = np.flatnonzero(c.thresholds >= b["threshold"])
+            row = _at(c, int(ok[-1]) if len(ok) else None, b.pop("threshold"))
+            return {**row, "met": b["rests_on_positives"] >= b["min_positives"], **b}
         if self.strategy == "cost":
             i, cost = _min_cost(c, float(self.cost_fn), float(self.cost_fp))
             row = _at(c, i, c.thresholds[i] if i is not None else 1.0)
@@ -136,15 +178,19 @@ class ThresholdPicker:
         if self.strategy == "max_f1":
             i, met = _max_f1(c)
         elif self.strategy == "target_precision":
-            i, met = _target_precision(c, float(self.target))
+            i, met = _target_precision(c, float(self.target), delta)
             if not met:
-                note = f"no threshold reaches precision {self.target}; set to 1.0"
+                note = (f"no threshold reaches precision {self.target}"
+                        + (f" with probability {1 - delta:g}" if delta else "") + "; set to 1.0")
         else:
             i, met = _target_recall(c, float(self.target))
         if c.n_pos == 0:
             note = "class absent from labels; set to 1.0"
         threshold = 1.0 if not met else float(c.thresholds[i])
-        return {**_at(c, i, threshold), "met": met, "note": note}
+        row = {**_at(c, i, threshold), "met": met, "note": note}
+        if delta is not None and self.strategy.startswith("target_"):
+            row.update(delta=delta, rests_on_positives=c.n_pos)
+        return row
 
     def fit(self, probs: Any, labels: Any) -> ThresholdPicker:
         """Choose ``thresholds_`` from probabilities and integer labels of a held-out split."""
@@ -161,7 +207,7 @@ class ThresholdPicker:
         for k in range(n_classes):
             c = binary_counts(p[:, k], y == k)
             if k in fitted:
-                achieved.append(self._fit_class(c))
+                achieved.append(self._fit_class(c, p[:, k], y == k))
             else:
                 achieved.append({**_at(c, len(c.tp) - 1 if len(c.tp) else None, 0.0),
                                  "met": True, "note": "not fitted: always accepted"})
@@ -176,6 +222,7 @@ class ThresholdPicker:
             raise not_fitted(self)
         return {"strategy": self.strategy, "target": self.target, "cost_fn": self.cost_fn,
                 "cost_fp": self.cost_fp, "positive_class": self.positive_class,
+                "delta": self.delta,
                 "thresholds": list(self.thresholds_), "achieved": self.achieved_}
 
 

@@ -124,21 +124,37 @@ class TorchBackend:
         self.threads = torch.get_num_threads()
         self.device = torch.device(device)
         self.model = build_model(bundle).to(self.device, memory_format=torch.channels_last)
+        self._tap: Any = None
+
+    def _args(self, x: np.ndarray, features: np.ndarray | None) -> list[Any]:
+        import torch
+
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if xt.ndim == 4:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        if features is None:
+            return [xt]
+        return [xt, torch.from_numpy(np.ascontiguousarray(features)).to(self.device)]
 
     def __call__(self, x: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Logits; ``features`` (N, F) go to image + feature (fusion) models."""
         import torch
 
         with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-            if xt.ndim == 4:
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            if features is None:
-                out = self.model(xt)
-            else:
-                out = self.model(xt, torch.from_numpy(np.ascontiguousarray(features))
-                                 .to(self.device))
-            return out.float().cpu().numpy()
+            return self.model(*self._args(x, features)).float().cpu().numpy()
+
+    def with_features(self, x: np.ndarray, features: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate features from one forward pass (for OOD scores)."""
+        import torch
+
+        from imgtriage.models import WithFeatures
+
+        if self._tap is None:
+            self._tap = WithFeatures(self.model)
+        with torch.inference_mode():
+            logits, feats = self._tap(*self._args(x, features))
+        return logits.float().cpu().numpy(), feats.float().cpu().numpy()
 
 
 def make_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu", *,

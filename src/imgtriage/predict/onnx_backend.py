@@ -81,6 +81,7 @@ class OnnxBackend:
                               f"export {bundle.path} --onnx`") from exc
         self._input = self._sessions[0].get_inputs()[0].name
         names = [o.name for o in self._sessions[0].get_outputs()]
+        self._names = names
         self._outputs = ["logits" if "logits" in names else names[0]]
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="ort") if n > 1 else None
         self.threads = threads
@@ -99,19 +100,38 @@ class OnnxBackend:
     def num_sessions(self) -> int:
         return len(self._sessions)
 
-    def _run(self, i: int, x: np.ndarray) -> np.ndarray:
-        # by name: graphs may carry more outputs (e.g. features) that this call does not need
-        return self._sessions[i].run(self._outputs, {self._input: x})[0]
+    @property
+    def has_features(self) -> bool:
+        """Whether the graph also emits the penultimate features (the OOD scorer's input)."""
+        return "features" in self._names
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, i: int, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        # by name: graphs may carry more outputs (e.g. features) that this call does not need
+        return self._sessions[i].run(names, {self._input: x})
+
+    def _all(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = len(self._sessions)
         if self._pool is None or len(x) < 2 * n:
-            return np.asarray(self._run(0, x), dtype=np.float32)
+            return [np.asarray(o, dtype=np.float32) for o in self._run(0, x, names)]
         parts = np.array_split(x, n)
-        futures = [self._pool.submit(self._run, i, np.ascontiguousarray(p))
+        futures = [self._pool.submit(self._run, i, np.ascontiguousarray(p), names)
                    for i, p in enumerate(parts)]
-        return np.concatenate([f.result() for f in futures]).astype(np.float32, copy=False)
+        outs = [f.result() for f in futures]
+        return [np.concatenate([o[j] for o in outs]).astype(np.float32, copy=False)
+                for j in range(len(names))]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._all(x, self._outputs)[0]
+
+    def with_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate features from the same graph run (for OOD scores)."""
+        if not self.has_features:
+            raise BundleError(f"{self.file} has no 'features' output, which this bundle's OOD "
+                              "rule needs; re-export it (imgtriage export BUNDLE --onnx) or "
+                              "use --backend torch")
+        logits, feats = self._all(x, [self._outputs[0], "features"])
+        return logits, feats
 
     def close(self) -> None:
         if self._pool is not None:

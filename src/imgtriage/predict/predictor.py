@@ -24,6 +24,7 @@ from imgtriage.data.features import (
 from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input, record_input
 from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
+from imgtriage.evaluate.ood import OOD_FILE, KnnOOD
 from imgtriage.io import Defect, read_array
 from imgtriage.predict.backends import RuntimeChoice
 from imgtriage.predict.report import meta_flags, report_meta, result_row
@@ -87,6 +88,7 @@ class Predictor:
         self.tta_transforms: list[str] = list(bundle.manifest.get("tta") or ["hflip"])
         self.features = _standardizer(bundle, self.spec)
         self.extras: dict[str, dict[str, Any]] = {}
+        self._ood: dict[str, KnnOOD] = {}
 
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
@@ -167,6 +169,38 @@ class Predictor:
             out = np.mean([out, *views], axis=0)
         return out
 
+    def ood_scorer(self, rule: dict[str, Any]) -> KnnOOD:
+        """The bundle's fitted OOD scorer for a policy's rule (its arrays read once)."""
+        name = rule.get("file", OOD_FILE)
+        if name not in self._ood:
+            from safetensors.numpy import load
+
+            self._ood[name] = KnnOOD.from_rule(rule, load(self.bundle.verified_bytes(name)))
+        return self._ood[name]
+
+    def forward(self, x: np.ndarray, policy: DecisionPolicy, tta: bool = False,
+                features: np.ndarray | None = None,
+                metas: Sequence[dict[str, Any]] | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, when ``policy`` has an OOD rule, each input's OOD score (from the
+        un-augmented view; a constant, degenerate image scores +inf)."""
+        if policy.ood is None or not policy.abstain:
+            return self.logits(x, tta, features), None
+        with_features = getattr(self.backend, "with_features", None)
+        if with_features is None:
+            raise PredictionError(f"backend {self.backend.name!r} cannot return the features "
+                                  "this bundle's OOD rule needs; use --backend torch")
+        args = () if self.features is None else (features,)
+        logits, feats = with_features(x, *args)
+        if tta:
+            views = [self.backend(np.ascontiguousarray(TTA_TRANSFORMS[t](x)), *args)
+                     for t in self.tta_transforms]
+            logits = np.mean([logits, *views], axis=0)
+        scores = self.ood_scorer(policy.ood).score(feats)
+        if metas:
+            scores[[bool(m.get("degenerate")) for m in metas]] = np.inf
+        return logits, scores
+
     def set_extra_columns(self, rows: dict[str, dict[str, Any]]) -> None:
         """Extra-column values by file path (``read_extra_columns`` of a manifest) for bundles
         trained with ``--feature-columns``; files not listed get them imputed and flagged."""
@@ -211,7 +245,8 @@ class Predictor:
         if len(x) == 0:
             return []
         policy = self.policy_for(opts)
-        d = policy.decide(self.logits(x, opts.tta, self.feature_matrix(metas, names)))
+        d = policy.decide(*self.forward(x, policy, opts.tta, self.feature_matrix(metas, names),
+                                        metas))
         rows = []
         for i, name in enumerate(names):
             cid = int(d.class_id[i])
@@ -229,7 +264,7 @@ class Predictor:
             rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
                                    cid, d.score[i], abstained, probs=probs, topk=topk,
                                    pred_set=pred_set, flags=flags,
-                                   best_class=self.classes[cid]))
+                                   best_class=self.classes[cid], reason=d.reason[i]))
         return rows
 
     # -- public entry points -------------------------------------------------------------

@@ -21,13 +21,15 @@ over HTTP; the best class's name stays in ``best_class`` and its probability in 
 def result_row(path: str, class_name: str, class_id: int, score: float, abstained: bool, *,
                probs: dict[str, float] | None = None, topk: list[dict[str, Any]] | None = None,
                pred_set: list[str] | None = None, flags: list[str] | None = None,
-               extra: dict[str, Any] | None = None, best_class: str | None = None
-               ) -> dict[str, Any]:
+               extra: dict[str, Any] | None = None, best_class: str | None = None,
+               reason: str | None = None) -> dict[str, Any]:
     """One entry of ``results``; optional keys appear only when asked for.
 
     ``class_id`` is the best class's index; an abstained row has ``class_id``
     :data:`UNKNOWN_CLASS_ID` (-1), its ``class`` is the unknown label, and ``best_class``
     names the class it would have answered (whose probability ``score`` still is).
+    ``reason`` says why a row abstained (``out_of_distribution``, ``low_confidence`` or
+    ``ambiguous``); it is None for answered rows and always present.
 
     Example:
         >>> result_row("a.png", "unknown", 2, 0.41, True, best_class="sar")["class_id"]
@@ -35,7 +37,8 @@ def result_row(path: str, class_name: str, class_id: int, score: float, abstaine
     """
     row: dict[str, Any] = {"path": path, "class": class_name,
                            "class_id": UNKNOWN_CLASS_ID if abstained else int(class_id),
-                           "score": round(float(score), 6), "abstained": bool(abstained)}
+                           "score": round(float(score), 6), "abstained": bool(abstained),
+                           "reason": (reason or "low_confidence") if abstained else None}
     if abstained and best_class is not None:
         row["best_class"] = best_class
     if probs is not None:

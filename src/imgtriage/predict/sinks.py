@@ -22,8 +22,9 @@ from typing import Any
 
 from imgtriage.errors import ConfigError, require
 
-ROW_COLUMNS = ("kind", "path", "class", "class_id", "score", "abstained", "issue", "message")
-RESULT_KEYS = frozenset(ROW_COLUMNS[1:6])
+ROW_COLUMNS = ("kind", "path", "class", "class_id", "score", "abstained", "reason", "issue",
+               "message")
+RESULT_KEYS = frozenset(ROW_COLUMNS[1:7])
 FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 Rows = Callable[[], Iterable[dict[str, Any]]]
 
@@ -91,7 +92,7 @@ def flat_row(kind: str, item: dict[str, Any], extras: Sequence[str]) -> dict[str
     item = safe_item(item)
     row["kind"] = kind
     if kind == "result":
-        row.update({k: item.get(k) for k in ROW_COLUMNS[1:6]})
+        row.update({k: item.get(k) for k in ROW_COLUMNS[1:7]})
     else:
         row.update(path=item["path"], issue=item["issue"], message=item["message"])
     for key in extras:

@@ -207,6 +207,23 @@ class TrainConfig:
                                "default only when accuracy drops <= 0.5 points and agreement "
                                "is >= 99%, else fp32 stays and the reason is recorded. none: "
                                "the fp32 graph only (always exported and checked).")
+    # --- calibration and unknowns (the bundle's default decision rule)
+    calibrate: bool = _f(True, "End by fitting the temperature on the validation split (kept "
+                               "only if it lowers NLL) and writing the default rule: abstain "
+                               "below the confidence that reaches --target-accuracy, and on "
+                               "out-of-distribution inputs. --no-calibrate: T = 1, never "
+                               "abstains.")
+    target_accuracy: float = _f(0.95, "Default rule: answer an image only when its calibrated "
+                                      "confidence reaches the lowest threshold at which "
+                                      "answered validation images are this accurate.")
+    ood: bool = _f(True, "Fit a k-NN out-of-distribution scorer on the model's penultimate "
+                         "features of the training images (Sun et al. 2022); inputs beyond "
+                         "its threshold are refused as out_of_distribution.")
+    ood_accept: float = _f(0.95, "Share of in-distribution (validation) images the OOD "
+                                 "threshold accepts (a conformal quantile).")
+    ood_k: int = _f(10, "Which nearest training neighbour's distance is the OOD score.")
+    ood_bank: int = _f(10000, "At most this many training images' features are kept for the "
+                              "OOD scorer (a seeded sample).")
 
     def __post_init__(self) -> None:
         if isinstance(self.conservative_classes, str):
@@ -316,6 +333,10 @@ def _check_ranges(c: TrainConfig) -> None:
     _need(c.cache_limit_gb >= 0, "cache_limit_gb", "cache limit must be >= 0")
     _need(c.workers is None or c.workers >= 0, "workers", "workers must be >= 0")
     _need(c.checkpoint_every >= 0, "checkpoint_every", "checkpoint interval must be >= 0")
+    _need(0 < c.target_accuracy <= 1, "target_accuracy", "target accuracy must be in (0, 1]")
+    _need(0 < c.ood_accept < 1, "ood_accept", "OOD acceptance must be in (0, 1)")
+    _need(c.ood_k >= 1, "ood_k", "OOD k must be >= 1")
+    _need(c.ood_bank >= 1, "ood_bank", "OOD bank size must be >= 1")
     _check_semi(c)
 
 

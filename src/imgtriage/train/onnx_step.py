@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, training_graph
+from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, graph_outputs, training_graph
 from imgtriage.bundle.int8 import LabelledInputs, quantize_checked
 from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
-from imgtriage.models import create_model
+from imgtriage.models import WithFeatures, create_model
 
 PARITY_IMAGES = 16
 CALIB_IMAGES = 64
@@ -93,7 +93,10 @@ def attach_graph(manifest: dict[str, Any], state_dict: dict[str, Any], inputs: G
                          **dict(m.get("kwargs") or {}))
     model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
     x_check = inputs.check.x[:PARITY_IMAGES] if inputs.check is not None else None
-    files, info = training_graph(model.eval(), manifest, x_check)
+    outputs = graph_outputs(manifest)
+    if "features" in outputs:  # the OOD rule reads the penultimate features of the same pass
+        model = WithFeatures(model)
+    files, info = training_graph(model.eval(), manifest, x_check, outputs)
     manifest["onnx"] = info
     if quantize == "none" or not files:
         return files

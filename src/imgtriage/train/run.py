@@ -48,6 +48,7 @@ from imgtriage.models.fusion import is_fusion
 from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resolve_weights
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 from imgtriage.train.auto_recipe import plan_recipe
+from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
@@ -67,6 +68,7 @@ class TrainResult:
     bundle_path: Path
     metrics: dict[str, Any]
     seconds: float
+    rule: str = ""  # what the bundle's default decision rule does on validation, in a line
 
 
 def weights_plan(cfg: TrainConfig) -> WeightsPlan:
@@ -276,8 +278,19 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                             metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
     manifest["tta"] = tta_views(cfg)
+    cal = info.get("calibration") or Calibration(summary={
+        "skipped": "the frozen-backbone head phase is not calibrated yet; run imgtriage "
+                   "calibrate BUNDLE RUN/splits.csv --split val"})
+    manifest.update(cal.manifest_changes())  # before the graph: an OOD rule adds its output
+    if cal.summary and cal.summary.get("temperature"):
+        t = cal.summary["temperature"]
+        metrics.update(temperature=t["temperature"], val_nll_calibrated=t["nll_after"],
+                       val_ece=t["ece_before"], val_ece_calibrated=t["ece_after"],
+                       val_coverage=cal.summary["default_rule"]["coverage"],
+                       val_accuracy_answered=cal.summary["default_rule"]["accuracy_answered"])
     state = model.state_dict()
-    files = attach_graph(manifest, state, info["graph_inputs"], cfg.quantize, info["say"])
+    files = {**attach_graph(manifest, state, info["graph_inputs"], cfg.quantize, info["say"]),
+             **cal.files}
     return save_bundle(run / "bundle", manifest, state, files), metrics
 
 
@@ -447,7 +460,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if head is not None:
         result = combine(head.result, result)
         defects = [*head.defects, *defects]
-    bundle, metrics = run / "bundle", {}
+    bundle, metrics, cal = run / "bundle", {}, None
     if info.is_main:
         _write_defects(run, ds, [*defects, *result.defects,
                                  *(semi.pool.defects if semi is not None else ())])
@@ -456,8 +469,10 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
              "cache": mode, "world_size": info.world_size,
              "resumed_from": str(ckpt) if ckpt else None,
              "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
+        cal = calibrate_run(model, tr, va, list(ds.classes), cfg)
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
                                   {"reason": reason, "n_train": len(tr), "weights": plan,
+                                   "calibration": cal,
                                    "n_val": len(va) if va is not None else 0,
                                    "say": say, "graph_inputs": _graph_inputs(
                                        src, parts, spec, ds.classes, cfg.quantize)},
@@ -467,4 +482,6 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
     if info.is_main:
         say(graph_summary(load_bundle(bundle, verify=False).manifest.get("onnx")))
-    return TrainResult(run, bundle, metrics, seconds)
+    if cal is not None:
+        say(cal.line)
+    return TrainResult(run, bundle, metrics, seconds, cal.line if cal is not None else "")

@@ -1,0 +1,129 @@
+"""The end of every training run: calibrate on validation and write the default rule.
+
+``train()`` calls :func:`calibrate_run` after the best epoch is restored. On the validation
+split (never trained on) it fits the temperature (kept only when it lowers NLL), a confidence
+threshold at which answered images reach ``--target-accuracy``, and, from the model's own
+penultimate features of the training images, a k-NN out-of-distribution scorer whose
+threshold accepts ``--ood-accept`` of validation images. The result is the bundle's default
+decision rule, so ``predict`` and the service say "unknown" out of the box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgtriage.errors import ModelError
+from imgtriage.evaluate import fit_decision_policy
+from imgtriage.evaluate.ood import OOD_FILE, KnnOOD
+from imgtriage.models.penultimate import WithFeatures
+from imgtriage.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration adds to the manifest (and files), and the one line to print."""
+
+    decision: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    drift_reference: dict[str, Any] | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    line: str = ""
+
+    def manifest_changes(self) -> dict[str, Any]:
+        if self.decision is None:
+            return {"calibration": {"default": self.summary}} if self.summary else {}
+        return {"decision": self.decision, "profiles": {"default": self.decision},
+                "calibration": {"default": self.summary},
+                "drift_reference": self.drift_reference}
+
+
+@torch.no_grad()
+def embed(model: nn.Module, source: Any, order: list[int] | None = None,
+          batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Logits, penultimate features (None when the model has no head to read) and labels of
+    a training source (:mod:`imgtriage.train.pipeline`), in eval mode, no augmentation."""
+    model.eval()
+    dev = next(model.parameters()).device
+    try:
+        net: nn.Module = WithFeatures(model)
+    except ModelError:
+        net = model
+    logits, feats, labels = [], [], []
+    for batch in source.batches(order if order is not None else list(range(len(source))),
+                                batch_size):
+        args = [t.to(dev) for t in (batch[0], *batch[2:3])]
+        out = net(*args)
+        lo, fe = out if isinstance(out, tuple) else (out, None)
+        logits.append(lo.float().cpu().numpy())
+        if fe is not None:
+            feats.append(fe.float().cpu().numpy())
+        labels.append(batch[1].numpy())
+    if not logits:
+        return np.zeros((0, 0)), None, np.zeros(0, np.int64)
+    return (np.concatenate(logits).astype(np.float64),
+            np.concatenate(feats) if feats else None, np.concatenate(labels))
+
+
+def _ood(model: nn.Module, train: Any, val_feats: np.ndarray | None, cfg: TrainConfig
+         ) -> tuple[KnnOOD | None, str | None]:
+    if not cfg.ood:
+        return None, "off (--no-ood)"
+    if val_feats is None:
+        return None, "the model has no classification head to read penultimate features from"
+    n = len(train)
+    order = list(range(n))
+    if n > cfg.ood_bank:  # embed only the sample the scorer keeps
+        order = sorted(np.random.default_rng(cfg.seed).choice(n, cfg.ood_bank,
+                                                               replace=False).tolist())
+    _, train_feats, _ = embed(model, train, order)
+    if train_feats is None or not len(train_feats):
+        return None, "no training features"
+    return KnnOOD(k=cfg.ood_k, accept=cfg.ood_accept, max_bank=cfg.ood_bank,
+                  seed=cfg.seed).fit(train_feats, val_feats), None
+
+
+def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
+                  cfg: TrainConfig) -> Calibration:
+    """Fit the default decision rule on ``val`` (see the module docstring)."""
+    if not cfg.calibrate:
+        return Calibration(summary={"skipped": "--no-calibrate"},
+                           line="not calibrated (--no-calibrate): T = 1, never abstains")
+    if val is None or len(val) == 0:
+        return Calibration(summary={"skipped": "no validation images"},
+                           line="not calibrated: no validation images (raise --val-frac)")
+    logits, feats, y = embed(model, val)
+    ood, ood_note = _ood(model, train, feats, cfg)
+    policy, summary = fit_decision_policy(
+        logits, y, class_names=classes, target_accuracy=cfg.target_accuracy,
+        ood=ood.rule() if ood is not None else None)
+    d = policy.decide(logits, ood.val_scores_ if ood is not None else None)
+    answered = ~d.abstained
+    correct = d.class_id == y
+    summary["default_rule"] = {
+        "n": len(y), "coverage": float(answered.mean()),
+        "accuracy_answered": float(correct[answered].mean()) if answered.any() else None,
+        "abstained_low_confidence": int(sum(r == "low_confidence" for r in d.reason)),
+        "abstained_ood": int(sum(r == "out_of_distribution" for r in d.reason))}
+    summary["ood"] = ood.rule() if ood is not None else {"skipped": ood_note}
+    files = {}
+    if ood is not None:
+        from safetensors.numpy import save
+
+        files[OOD_FILE] = save(ood.arrays())
+    return Calibration(policy.to_dict(), {k: v for k, v in summary.items()
+                                          if k != "drift_reference"},
+                       summary["drift_reference"], files, rule_line(summary["default_rule"]))
+
+
+def rule_line(r: dict[str, Any]) -> str:
+    """"answers 93% of validation images at 99.1% accuracy; abstains on the rest (...)"."""
+    acc = r["accuracy_answered"]
+    acc_text = f"{100 * acc:.1f}% accuracy" if acc is not None else "no accuracy (none answered)"
+    return (f"answers {100 * r['coverage']:.0f}% of validation images at {acc_text}; abstains "
+            f"on the rest (validation n={r['n']}: {r['abstained_low_confidence']} low "
+            f"confidence, {r['abstained_ood']} out of distribution)")
