@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imgtriage.bundle import build_model, load_bundle, save_bundle
-from imgtriage.bundle.graph import GRAPH_OUTPUTS, export_graph, run_graph
+from imgtriage.bundle.graph import export_graph, run_graph
 from imgtriage.errors import ConfigError
 from imgtriage.predict import Predictor
 
@@ -16,9 +16,9 @@ pytest.importorskip("onnxruntime")
 def test_a_second_output_rides_along_and_logits_stay_first(tiny_bundle, monkeypatch, tmp_path):
     b = load_bundle(tiny_bundle)
     model = build_model(b)
-    monkeypatch.setitem(GRAPH_OUTPUTS, "features", lambda m, x: m.forward_features(x))
+    tapped = build_model(b, with_features=True)  # (logits, penultimate features)
     x = np.random.default_rng(1).standard_normal((5, 1, 32, 32)).astype(np.float32)
-    g = export_graph(model, b.manifest, x, outputs=("logits", "features"))
+    g = export_graph(tapped, b.manifest, x, outputs=("logits", "features"))
     assert g.info["outputs"] == ["logits", "features"] and g.info["parity_images"] == 5
     import torch
 

@@ -110,3 +110,21 @@ def test_temperature_that_does_not_lower_nll_is_not_kept():
     policy, summary = fit_decision_policy(logits, np.arange(20) % 2, class_names=["a", "b"])
     assert policy.temperature == 1.0 and summary["temperature"]["kept"] is False
     assert "kept T = 1" in summary["temperature"]["note"]
+
+
+def test_torch_and_onnx_backends_give_the_same_ood_scores_and_reasons(calibrated_run,
+                                                                       digits_folder):
+    m = load_bundle(calibrated_run.bundle_path).manifest
+    assert m["onnx"]["outputs"] == ["logits", "features"]
+    data = [_png(a) for a in JUNK.values()]
+    data += [p.read_bytes() for p in sorted(digits_folder.glob("*/*.png"))[::25]]
+    rows = {}
+    for backend in ("torch", "onnx"):
+        p = Predictor.load(calibrated_run.bundle_path, backend=backend, num_threads=1)
+        rows[backend] = p.predict_bytes(data)
+        x = np.stack([p.decode_bytes([b])[0].x for b in data])
+        rows[backend + "_scores"] = p.forward(x, p.policy)[1]
+    assert [r["reason"] for r in rows["torch"]] == [r["reason"] for r in rows["onnx"]]
+    finite = np.isfinite(rows["torch_scores"])
+    np.testing.assert_allclose(rows["onnx_scores"][finite], rows["torch_scores"][finite],
+                               atol=1e-4)
