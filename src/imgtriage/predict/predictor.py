@@ -89,6 +89,8 @@ class Predictor:
         self.features = _standardizer(bundle, self.spec)
         self.extras: dict[str, dict[str, Any]] = {}
         self._ood: dict[str, KnnOOD] = {}
+        if self.policy.ood is not None:  # a missing or altered scorer fails at load
+            self.ood_scorer(self.policy.ood)
 
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
