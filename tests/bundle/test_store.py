@@ -109,3 +109,22 @@ def test_update_keeps_history_and_changes_decisions(bundle_copy, digits_folder):
     assert old["decision"]["temperature"] == 1.0
     report = Predictor.load(bundle_copy).predict_paths([digits_folder / "d1"])
     assert report["meta"]["temperature"] == 2.0
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_called_a_pickle():
+    import struct
+
+    from safetensors.numpy import load, save
+
+    from imgtriage.bundle.checks import check_safetensors
+    from imgtriage.errors import BundleIntegrityError
+
+    for pad in range(0, 300):  # find arrays whose JSON header is 128 + 256k bytes long
+        data = save({"bank": np.zeros((2, 3), np.float32), "x" * (pad + 1): np.zeros(1)})
+        if data[0] == 0x80:
+            break
+    assert struct.unpack("<Q", data[:8])[0] % 256 == 0x80
+    check_safetensors(data, "ood.safetensors", "b")  # accepted
+    assert load(data)["bank"].shape == (2, 3)
+    with pytest.raises(BundleIntegrityError, match="pickle"):
+        check_safetensors(b"\x80\x04" + b"\0" * 20, "w.safetensors", "b")

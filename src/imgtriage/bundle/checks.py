@@ -212,7 +212,12 @@ def check_safetensors(data: bytes, name: str, where: str) -> None:
 
     Pickles, ``torch.save`` zips and absurd header lengths are refused in one line.
     """
-    if data[:2] in _PICKLE_STARTS or data[:1] == b"\x80":
+    # a safetensors header is JSON right after its 8-byte length; that length's low byte may
+    # be anything (0x80 for a 128-byte header), so look for the JSON before calling it a pickle
+    looks_safetensors = data[8:9] == b"{"
+    if looks_safetensors:
+        kind = None
+    elif data[:2] in _PICKLE_STARTS or data[:1] == b"\x80":
         kind = "a Python pickle"
     elif data[:4] == b"PK\x03\x04":
         kind = "a zip (torch.save output)"
