@@ -198,6 +198,8 @@ def test_settings_are_checked_and_named(labelled, tmp_path):
         TrainConfig(model="fusion:crop_cnn", unlabeled="x")
     with pytest.raises(ConfigError, match="--unlabeled"):
         TrainConfig(freeze_backbone=True, unlabeled="x")
+    with pytest.raises(ConfigError, match="--cache-limit-gb"):
+        train(labelled, tmp_path / "big", _cfg(labelled, cache_limit_gb=1e-6), quiet=True)
     with pytest.raises(ConfigError, match="does not exist"):
         train(labelled, tmp_path / "r", _cfg(tmp_path / "missing"), quiet=True)
 

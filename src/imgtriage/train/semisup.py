@@ -279,6 +279,12 @@ def build_semi(cfg: TrainConfig, spec: PreprocessSpec, holdout: Sequence[str],
         >>> semi = build_semi(cfg, spec, val_paths, y_train, 10)  # doctest: +SKIP
         >>> fit(model, train, val, cfg, unlabeled=semi)  # doctest: +SKIP
     """
+    n, (h, w) = count_files(cfg.unlabeled), spec.size
+    gb = n * spec.in_chans * h * w * 4 / 2**30
+    if gb > cfg.cache_limit_gb:
+        raise ConfigError(f"the {n} unlabelled images take {gb:.1f} GB decoded, more than "
+                          f"--cache-limit-gb {cfg.cache_limit_gb:g} (they are kept in memory); "
+                          "raise --cache-limit-gb or give a smaller --unlabeled folder")
     banned = set(content_hashes(holdout, cfg.decode_workers or 2).values())
     pool = load_unlabeled(cfg.unlabeled, spec, exclude_hashes=banned,
                           workers=cfg.decode_workers)
