@@ -80,3 +80,35 @@ def test_gallery_config_errors_name_the_flag():
         GalleryConfig(similarity_threshold=1.5)
     with pytest.raises(ConfigError, match="--knn-k"):
         GalleryConfig(k=0)
+
+
+@pytest.mark.parametrize(("method", "k"), [("prototype", 1), ("knn", 1), ("knn", 3)])
+def test_held_out_scores_equal_rebuilding_the_gallery_without_each_item(method, k):
+    """The vectorised leave-one-out equals removing the item and scoring it again."""
+    from imgtriage.models.gallery import held_out_scores
+
+    g = _random_gallery(seed=1, n=30, k=3)
+    g = g.add("lonely", np.random.default_rng(5).normal(size=(1, 8)), ["solo"])
+    best, correct = held_out_scores(g, method, k)
+    for i, (item, label) in enumerate(zip(g.ids, g.labels, strict=True)):
+        if label == "lonely":  # alone in its class: nothing left to answer it with
+            assert not correct[i]
+            continue
+        rest = g.remove(label, [item])
+        sims = rest.similarities(g.embeddings[i:i + 1], method, k)[0]
+        assert best[i] == pytest.approx(sims.max(), abs=1e-6)
+        assert correct[i] == (rest.classes[int(sims.argmax())] == label)
+
+
+def test_fitted_threshold_keeps_the_stated_share_of_correct_held_out_items():
+    from imgtriage.models.gallery import fit_similarity_threshold, held_out_scores
+
+    g = _random_gallery(seed=2, n=200, d=6, k=5)
+    t, fit = fit_similarity_threshold(g, GalleryConfig(), acceptance=0.9)
+    best, correct = held_out_scores(g)
+    kept = best[correct] >= t
+    assert kept.mean() >= 0.9 and (best[correct] > t).mean() < 0.9  # the tightest such cut
+    assert fit["threshold"] == t and fit["n_items"] == 200
+    assert fit["held_out_coverage"] == pytest.approx(np.mean(best >= t))
+    with pytest.raises(ConfigError, match="--acceptance"):
+        fit_similarity_threshold(g, GalleryConfig(), acceptance=1.5)

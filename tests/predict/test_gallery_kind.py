@@ -226,3 +226,39 @@ def test_create_gallery_from_a_siamese_classifier_bundle(trained, tmp_path):
         create_gallery(other, root / "query", tmp_path / "g2")
     with pytest.raises(BundleSchemaError, match="not a gallery"):
         enrol_images(clf, "x", [])
+
+
+def test_threshold_fitted_on_enrolled_examples(trained, gallery_copy, tmp_path):
+    """Issue 19: a gallery made without a validation split never abstained; `gallery
+    fit-threshold` / `create --acceptance` fit the threshold on the enrolled items held out
+    in turn, at the stated acceptance."""
+    _, root = trained
+    set_rule(gallery_copy, clear_threshold=True)
+    res = runner.invoke(app, ["gallery", "fit-threshold", str(gallery_copy),
+                              "--acceptance", "0.9"])
+    assert res.exit_code == 0, res.output
+    m = load_bundle(gallery_copy).manifest
+    fit = m["threshold_fit"]
+    enrolled = sum(describe_gallery(gallery_copy)["classes"].values())
+    assert fit["acceptance"] == 0.9 and fit["n_items"] == enrolled
+    t = m["gallery"]["similarity_threshold"]
+    assert t is not None and t == fit["threshold"] and "held-out accuracy" in res.output
+    rows = _rows(gallery_copy, root / "query")
+    assert all(r["abstained"] == (r["similarity"] < t) for r in rows.values())
+    created = create_gallery(gallery_copy, root / "query", tmp_path / "g", acceptance=0.9)
+    made = created.manifest
+    assert made["gallery"]["similarity_threshold"] == made["threshold_fit"]["threshold"]
+    assert made["threshold_fit"]["n_items"] == len(list((root / "query").rglob("*.png")))
+
+
+def test_fewshot_without_validation_fits_its_threshold_left_one_out(trained, tmp_path):
+    from imgtriage.train.fewshot import FewShotConfig, train_fewshot
+
+    _, root = trained
+    cfg = FewShotConfig(epochs=1, episodes=5, img_size=SIZE, widths=(8, 16), embed_dim=16,
+                        n_way=3, val_frac=0.0, keep_rate=0.8, num_threads=1)
+    res = train_fewshot(root / "query", tmp_path / "run", cfg, quiet=True)
+    m = load_bundle(res.bundle_path).manifest
+    fit = res.metrics["threshold_fit"]
+    assert m["gallery"]["similarity_threshold"] == fit["threshold"] is not None
+    assert fit["acceptance"] == 0.8 and "left-one-out" in m["training"]["threshold_rule"]

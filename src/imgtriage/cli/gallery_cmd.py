@@ -138,14 +138,50 @@ def create_command(
     method: str = typer.Option("prototype", help="prototype or knn."),
     knn_k: int = typer.Option(1, help="Neighbours per class for knn."),
     similarity_threshold: float = typer.Option(None, help="Abstain below this similarity."),
+    acceptance: float = typer.Option(None, help="Instead: fit the threshold on the enrolled "
+                                                "images, each held out in turn, keeping this "
+                                                "share of those answered correctly (e.g. "
+                                                "0.95)."),
 ) -> None:
     """A new gallery from an existing encoder and a folder of labelled images."""
     from imgtriage.models.gallery import GalleryConfig
     from imgtriage.predict.gallery_edit import create_gallery
 
-    b = create_gallery(source, data, out, config=GalleryConfig(
+    if acceptance is not None and similarity_threshold is not None:
+        from imgtriage.errors import ConfigError
+
+        raise ConfigError("give --similarity-threshold or --acceptance, not both")
+    b = create_gallery(source, data, out, acceptance=acceptance, config=GalleryConfig(
         method=method, k=knn_k, similarity_threshold=similarity_threshold))
     typer.echo(f"{b.path}: classes {b.classes}")
+    if b.manifest.get("threshold_fit"):
+        _echo_fit(b.manifest["threshold_fit"])
+
+
+@gallery_app.command("fit-threshold")
+def fit_threshold_command(
+    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
+    acceptance: float = typer.Option(0.95, help="Share of the held-out enrolled items answered "
+                                                "correctly that the threshold keeps."),
+    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
+) -> None:
+    """Fit the similarity threshold on the enrolled items (leave-one-out); below it the
+    gallery answers unknown."""
+    from imgtriage.predict.gallery_edit import fit_threshold
+
+    b, fit = fit_threshold(bundle, acceptance, out=out)
+    _echo_fit(fit)
+    typer.echo(f"bundle: {b.path} (version {b.manifest['bundle_version']})")
+
+
+def _echo_fit(fit: dict) -> None:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    typer.echo(f"similarity threshold {fit['threshold']} (acceptance {fit['acceptance']}, "
+               f"{fit['n_items']} enrolled items held out in turn): held-out accuracy "
+               f"{pct(fit['held_out_accuracy'])}, coverage {pct(fit['held_out_coverage'])}, "
+               f"accuracy at coverage {pct(fit['accuracy_at_coverage'])}")
 
 
 def register(app: typer.Typer) -> None:

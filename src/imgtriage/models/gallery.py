@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -204,6 +205,77 @@ class Gallery:
         classes = tuple(c for c in self.classes if c in set(labels))
         return Gallery(self.embeddings[keep], labels,
                        tuple(i for i, k in zip(self.ids, keep, strict=True) if k), classes)
+
+
+def acceptance_threshold(best_sims: np.ndarray, correct: np.ndarray, acceptance: float
+                         ) -> float | None:
+    """The similarity that keeps ``acceptance`` of the correctly answered held-out items
+    (None when there are none: the gallery then never abstains).
+
+    Example:
+        >>> acceptance_threshold(np.array([0.9, 0.8, 0.7, 0.2]), np.array([1, 1, 1, 0], bool),
+        ...                      acceptance=2 / 3)
+        0.8
+    """
+    if not 0 < acceptance <= 1:
+        raise ConfigError(f"acceptance must be in (0, 1], got {acceptance} (--acceptance)")
+    good = np.sort(np.asarray(best_sims, np.float64)[np.asarray(correct, bool)])
+    if not len(good):
+        return None
+    drop = math.floor((1 - acceptance) * len(good) + 1e-9)
+    return float(good[min(drop, len(good) - 1)])
+
+
+def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out over the enrolled items: each item scored against the gallery without
+    it. Returns (best class similarity, answered its own class) per item; an item alone in
+    its class cannot be answered with it (its class has nothing left to match).
+
+    Example:
+        >>> g = Gallery.build(np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]]),
+        ...                   ["a", "a", "b", "b"], ["1", "2", "3", "4"])
+        >>> held_out_scores(g)[1].tolist()
+        [True, True, True, True]
+    """
+    e, lab = gallery.embeddings.astype(np.float64), gallery._label_ids
+    n_classes = len(gallery.classes)
+    counts = np.bincount(lab, minlength=n_classes)
+    if method == "prototype":
+        sums = np.stack([e[lab == c].sum(axis=0) for c in range(n_classes)])
+        norms = np.linalg.norm(sums, axis=1)
+        sims = (e @ sums.T) / np.where(norms > 0, norms, 1.0)[None]
+        own_sum = sums[lab] - e  # the item's class without the item
+        own_norm = np.linalg.norm(own_sum, axis=1)
+        own = np.einsum("md,md->m", e, own_sum) / np.where(own_norm > 0, own_norm, 1.0)
+        sims[np.arange(len(e)), lab] = np.where(counts[lab] > 1, own, -np.inf)
+    elif method == "knn":
+        pair = e @ e.T
+        np.fill_diagonal(pair, -np.inf)
+        sims = np.full((len(e), n_classes), -np.inf)
+        for c in range(n_classes):
+            top = -np.sort(-pair[:, lab == c], axis=1)[:, :int(k)]
+            finite = np.isfinite(top)
+            n = finite.sum(axis=1)
+            sims[:, c] = np.where(n > 0, np.where(finite, top, 0).sum(axis=1)
+                                  / np.maximum(n, 1), -np.inf)
+    else:
+        raise ConfigError(f"gallery method must be one of {METHODS} (--method)")
+    return sims.max(axis=1), sims.argmax(axis=1) == lab
+
+
+def fit_similarity_threshold(gallery: Gallery, config: GalleryConfig, acceptance: float
+                             ) -> tuple[float | None, dict[str, Any]]:
+    """The threshold that keeps ``acceptance`` of the enrolled items a leave-one-out gallery
+    answers correctly, and what it does on them (the fit's record for the manifest)."""
+    best, correct = held_out_scores(gallery, config.method, config.k)
+    t = acceptance_threshold(best, correct, acceptance)
+    kept = best >= t if t is not None else np.ones(len(best), bool)
+    return t, {"rule": "leave-one-out over the enrolled items", "acceptance": acceptance,
+               "threshold": t, "n_items": len(best),
+               "held_out_accuracy": float(correct.mean()) if len(best) else None,
+               "held_out_coverage": float(kept.mean()) if len(best) else None,
+               "accuracy_at_coverage": float(correct[kept].mean()) if kept.any() else None}
 
 
 def embed(encoder: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

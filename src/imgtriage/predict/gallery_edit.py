@@ -25,7 +25,7 @@ import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.errors import BundleSchemaError, DataError, ImageReadError
-from imgtriage.models.gallery import Gallery, GalleryConfig, embed
+from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
 from imgtriage.predict.gallery import (
     gallery_block,
     gallery_files,
@@ -75,14 +75,15 @@ def embed_files(bundle: Bundle, images: Sequence[PathLike], encoder: Any = None,
 
 
 def write_version(bundle: Bundle, gallery: Gallery, config: GalleryConfig, note: str,
-                  out: PathLike | None = None) -> Bundle:
-    """A new bundle version holding ``gallery`` and ``config`` (history keeps the old one)."""
+                  out: PathLike | None = None, extra: dict[str, Any] | None = None) -> Bundle:
+    """A new bundle version holding ``gallery`` and ``config`` (history keeps the old one);
+    ``extra`` manifest keys are set too."""
     from imgtriage.evaluate.decision import DecisionPolicy
 
     m = bundle.manifest
     changes: dict[str, Any] = {"classes": list(gallery.classes),
                                "model": {**m["model"], "num_classes": len(gallery.classes)},
-                               "gallery": gallery_block(gallery, config)}
+                               "gallery": gallery_block(gallery, config), **(extra or {})}
     if list(gallery.classes) != list(m["classes"]):
         policy = DecisionPolicy.from_dict(m.get("decision"))
         if policy.thresholds is not None or policy.conformal is not None or m.get("profiles"):
@@ -138,6 +139,27 @@ def set_rule(path: PathLike, *, similarity_threshold: float | None = None,
                                                f"{new.to_dict()}", out)
 
 
+def fit_threshold(path: PathLike, acceptance: float = 0.95, *,
+                  out: PathLike | None = None) -> tuple[Bundle, dict[str, Any]]:
+    """Fit the similarity threshold on the enrolled items themselves, each held out in turn
+    (:func:`~imgtriage.models.gallery.fit_similarity_threshold`): the threshold keeps
+    ``acceptance`` of the held-out items answered correctly; below it the gallery answers
+    unknown. A new bundle version; the fit's record is the manifest's ``threshold_fit``.
+
+    Example:
+        >>> b, fit = fit_threshold("targets.gallery", acceptance=0.95)  # doctest: +SKIP
+        >>> fit["held_out_coverage"]  # doctest: +SKIP
+        0.83
+    """
+    bundle, gallery, config = open_gallery(path)
+    threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
+    new = replace(config, similarity_threshold=threshold)
+    b = write_version(bundle, gallery, new, f"gallery: similarity threshold {threshold} fitted "
+                                            f"at acceptance {acceptance} (leave-one-out)", out,
+                      extra={"threshold_fit": fit})
+    return b, fit
+
+
 def describe_gallery(path: PathLike, items: bool = False) -> dict[str, Any]:
     """Classes with their item counts, the scoring rule and the bundle version (and every
     item's id with ``items``) -- what ``imgtriage gallery list`` prints."""
@@ -166,11 +188,12 @@ def encoder_state(bundle: Bundle) -> dict[str, Any]:
 
 
 def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
-                   config: GalleryConfig = GalleryConfig(), workers: int | None = None
-                   ) -> Bundle:
+                   config: GalleryConfig = GalleryConfig(), workers: int | None = None,
+                   acceptance: float | None = None) -> Bundle:
     """A new gallery bundle at ``out`` from the encoder of ``source`` (a gallery bundle or a
     ``siamese`` classifier bundle) with every image of the class folders under ``data``
-    enrolled (a train/val/test layout enrols its train split only).
+    enrolled (a train/val/test layout enrols its train split only). With ``acceptance``
+    the similarity threshold is fitted on the enrolled images (see :func:`fit_threshold`).
 
     Example:
         >>> create_gallery("runs/fs/bundle", "new_targets/", "targets.gallery")  # doctest: +SKIP
@@ -190,10 +213,15 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
         raise DataError(f"{data} holds no training images to enrol")
     emb = embed_files(src, [s.path for s in samples], encoder, workers)
     gallery = Gallery.build(emb, [s.label for s in samples], [s.path for s in samples])
+    fit = None
+    if acceptance is not None:
+        threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
+        config = replace(config, similarity_threshold=threshold)
     manifest = new_gallery_manifest(
         encoder_kwargs=kwargs, in_chans=int(m["in_chans"]),
         preprocess=src.manifest["preprocess"], gallery=gallery, config=config,
         training={"kind": "gallery", "encoder_from": str(Path(source)),
                   "encoder_bundle_sha256": src.sha256, "data": str(data)})
+    manifest["threshold_fit"] = fit
     save_gallery_bundle(out, manifest, state, gallery)
     return load_bundle(out)

@@ -321,11 +321,9 @@ def similarity_threshold(best_sims: np.ndarray, correct: np.ndarray, keep_rate: 
         ...                      keep_rate=2 / 3)
         0.8
     """
-    good = np.sort(np.asarray(best_sims, np.float64)[np.asarray(correct, bool)])
-    if not len(good):
-        return None
-    drop = math.floor((1 - keep_rate) * len(good) + 1e-9)
-    return float(good[min(drop, len(good) - 1)])
+    from imgtriage.models.gallery import acceptance_threshold
+
+    return acceptance_threshold(best_sims, correct, keep_rate)
 
 
 # -- from a folder to a gallery bundle ---------------------------------------------------------
@@ -375,7 +373,7 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         >>> res.bundle_path  # doctest: +SKIP
         PosixPath('runs/fs/bundle')
     """
-    from imgtriage.models.gallery import Gallery, GalleryConfig, embed
+    from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
     from imgtriage.models.siamese import build_encoder
     from imgtriage.predict.gallery import new_gallery_manifest, save_gallery_bundle
 
@@ -404,12 +402,17 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                             [s.path for s in tr.samples], [c for c in ds.classes if c in present])
     gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.scale,
                          similarity_threshold=threshold)
+    rule = f"keep {cfg.keep_rate:.0%} of correct validation crops"
+    if val is None:  # no held-out split: hold out each enrolled crop in turn
+        threshold, fit = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
+        gcfg = replace(gcfg, similarity_threshold=threshold)
+        metrics["threshold_fit"] = fit
+        rule = f"keep {cfg.keep_rate:.0%} of the enrolled crops answered correctly left-one-out"
     manifest = new_gallery_manifest(
         encoder_kwargs=cfg.encoder_kwargs(), in_chans=spec.in_chans, preprocess=spec.to_dict(),
         gallery=gallery, config=gcfg, metrics=metrics,
         training={"config": cfg.to_dict(), "counts": ds.counts(), "data": str(data),
-                  "kind": "fewshot", "threshold_rule": f"keep {cfg.keep_rate:.0%} of correct "
-                                                       "validation crops"})
+                  "kind": "fewshot", "threshold_rule": rule})
     bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery)
     seconds = time.perf_counter() - t0
     if not quiet:
