@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 import numpy as np
@@ -35,20 +36,20 @@ def _paths_batch(paths: list[str]) -> dict[str, np.ndarray]:
 
 def test_decode_batch_turns_bad_files_into_rows_not_errors(predictor, mixed_inputs):
     files = list(iter_files(mixed_inputs))
-    out = decode_batch(_paths_batch(files), spec=predictor.bundle.manifest["preprocess"],
-                       cwd="/")
+    out = decode_batch(_paths_batch(files), decoder=predictor.decoder, cwd="/")
     bad = {f.rsplit("/", 1)[-1]: str(i) for f, i, ok in
            zip(files, out["issue"], out["ok"], strict=True) if not ok}
     assert bad == {"empty.png": "empty_file", "text.png": "format_mismatch",
                    "truncated.png": "truncated", "missing.png": "not_found"}
-    assert out["x"].shape == (len(files), predictor.spec.in_chans, *predictor.spec.size)
-    assert not out["x"][~out["ok"]].any()  # defects carry zero inputs, never garbage
+    good = [pickle.loads(d) for d, ok in zip(out["decoded"], out["ok"], strict=True) if ok]
+    assert [d.name for d in good] == [f for f, ok in zip(files, out["ok"], strict=True) if ok]
+    assert all(d.x.shape == (predictor.spec.in_chans, *predictor.spec.size) for d in good)
+    assert not any(out["decoded"][~out["ok"]])  # defects carry no input, never garbage
 
 
 def test_decode_batch_names_relative_paths_as_given(predictor, mixed_folder):
     rel = "inbox/d0/empty.png"
-    out = decode_batch(_paths_batch([rel, "inbox/d3/nope.png"]),
-                       spec=predictor.bundle.manifest["preprocess"],
+    out = decode_batch(_paths_batch([rel, "inbox/d3/nope.png"]), decoder=predictor.decoder,
                        cwd=str(mixed_folder.parent))
     assert out["issue"].tolist() == ["empty_file", "not_found"]
     assert str(mixed_folder) not in out["message"][0] and rel in out["message"][0]
@@ -59,8 +60,7 @@ def test_classifier_rows_equal_predictor_rows(tiny_bundle, predictor, mixed_inpu
     files = list(iter_files(mixed_inputs))
     opts = {"include_probs": True, "topk": 2}
     clf = BatchClassifier(str(tiny_bundle), opts, num_threads=1)
-    table = clf(decode_batch(_paths_batch(files), spec=predictor.bundle.manifest["preprocess"],
-                             cwd="/"))
+    table = clf(decode_batch(_paths_batch(files), decoder=predictor.decoder, cwd="/"))
     assert table.schema == row_schema()
     got = [from_record(r) for r in table.to_pylist()]
     want = predictor.predict_paths(mixed_inputs, include_probs=True, topk=2)
@@ -148,8 +148,8 @@ def test_unknown_profile_fails_before_any_cluster_starts(tiny_bundle, mixed_fold
 
 def test_cascade_bundle_rows_keep_their_stage(tiny_bundle, digits_folder, mixed_folder,
                                               tmp_path, monkeypatch):
-    """A cascade re-reads each file for its first stage: relative paths must still resolve
-    inside an actor, and the extra ``stage`` key must survive the flat records."""
+    """The cascade's own decoder runs in the decode tasks (each file read once, relative paths
+    resolved against the driver's cwd), and the extra ``stage`` key survives the records."""
     from imgtriage.predict.cascade import CascadeConfig, build_cascade
 
     res = build_cascade(tiny_bundle, digits_folder, tmp_path / "cascade",
@@ -160,7 +160,7 @@ def test_cascade_bundle_rows_keep_their_stage(tiny_bundle, digits_folder, mixed_
     want = cascade.predict_paths(["inbox/d3", "inbox/d0"])
     clf = BatchClassifier(str(res.bundle_path), {}, num_threads=1)
     monkeypatch.chdir(tmp_path)  # the actor's cwd is not the driver's
-    table = clf(decode_batch(_paths_batch(files), spec=cascade.bundle.manifest["preprocess"],
+    table = clf(decode_batch(_paths_batch(files), decoder=cascade.decoder,
                              cwd=str(mixed_folder.parent)))
     got = [from_record(r) for r in table.to_pylist()]
     assert [i for k, i in got if k == "defect"] == want["defects"]

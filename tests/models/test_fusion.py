@@ -165,7 +165,7 @@ def test_missing_card_is_imputed_and_flagged(fusion_run):
     p = Predictor.load(fusion_run / "bundle")
     names = p.features.feature_names_
     arr = np.full((SIDE, SIDE), 1000, np.uint16)
-    _, meta = p._array_input(arr, "no-header")
+    meta = p.decoder.from_array(arr, "no-header").meta
     assert meta[RAW_FEATURES].fields == (None, None)
     row = p.feature_matrix([meta], ["no-header"])[0]
     raw_missing = np.asarray(p.features.transform_arrays(

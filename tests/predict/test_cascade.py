@@ -25,7 +25,7 @@ from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_featur
 from imgtriage.data.preprocess import PreprocessSpec, load_record
 from imgtriage.errors import BundleIntegrityError, ConfigError, DataError
 from imgtriage.evaluate.decision import softmax
-from imgtriage.predict import PredictOptions, Predictor
+from imgtriage.predict import Predictor
 from imgtriage.predict._first_stage import (
     LinearStage,
     accuracy_lower_bound,
@@ -232,10 +232,9 @@ def test_bytes_arrays_gate_override_and_batch_path(stripes, gated):
     direct = {r["path"]: r for r in p.predict_paths(val)["results"]}
     assert {k: (v["class"], v["stage"]) for k, v in streamed.items()} == \
         {k: (v["class"], v["stage"]) for k, v in direct.items()}
-    # a decoder that uses CascadePredictor.load_input hands the first stage its input
-    loaded = [p.load_input(v) for v in val]
-    hooked = p.rows_for_inputs(np.stack([x for x, _ in loaded]), val,
-                               PredictOptions(), [m for _, m in loaded])
+    # the cascade's own decoder hands the first stage its input: rows need no second read
+    decoded = [p.decoder(v) for v in val]
+    hooked = p.rows(decoded, p.options())
     assert [(r["class"], r["stage"]) for r in hooked] == \
         [(direct[v]["class"], direct[v]["stage"]) for v in val]
 

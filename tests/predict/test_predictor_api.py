@@ -90,16 +90,16 @@ def test_predict_bytes_is_aligned_and_never_raises(tiny_bundle, digits, monkeypa
                                             "unsupported_format"]
     assert [o["path"] for o in out] == names
     assert out[0]["class"] == out[3]["class"] and out[0]["score"] == out[3]["score"]
-    import imgtriage.predict.predictor as mod
+    import imgtriage.predict.base as mod
 
-    real = mod.load_input
+    real = mod.load_record
 
     def flaky(src, spec, name=None):
         if name == "d.png":
             raise RuntimeError("decoder bug")
         return real(src, spec, name=name)
 
-    monkeypatch.setattr(mod, "load_input", flaky)
+    monkeypatch.setattr(mod, "load_record", flaky)
     out = p.predict_bytes([good, good], ["c.png", "d.png"])
     assert out[0]["class"] and out[1]["issue"] == "decode_error" and "decoder bug" in \
         out[1]["message"]

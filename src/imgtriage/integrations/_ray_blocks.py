@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import numpy as np
 
 from imgtriage.errors import require
-from imgtriage.io import Defect
+from imgtriage.predict.base import Decoded, Decoder, Entry, decode_entry, is_defect
 
 BASE_KEYS = ("path", "class", "class_id", "score", "abstained")
 EXTRA_KEYS = ("probs", "topk", "set", "flags")  # a column each; any other key goes to "extra"
-_SPECS: dict[str, Any] = {}  # one parsed PreprocessSpec per worker process
 
 
 def row_schema():
@@ -34,62 +34,41 @@ def row_schema():
     ])
 
 
-def _spec(spec: dict[str, Any]):
-    from imgtriage.data.preprocess import PreprocessSpec
-
-    key = json.dumps(spec, sort_keys=True, default=str)
-    if key not in _SPECS:
-        _SPECS[key] = PreprocessSpec.from_dict(spec)
-    return _SPECS[key]
+def _decode_one(path: str, cwd: str, decoder: Decoder) -> Entry:
+    """Decode ``path`` (relative to the driver's ``cwd``) with the kind's own decoder, exactly
+    as the local engine does; rows and defects name the path as the user gave it."""
+    return decode_entry(decoder, os.path.join(cwd, path), path)
 
 
-def _decode_one(path: str, cwd: str, spec: Any) -> tuple[np.ndarray, dict[str, Any]] | Defect:
-    """Decode ``path`` (relative to the driver's ``cwd``) exactly as the local engine does;
-    a defect names the path as the user gave it."""
-    from imgtriage.predict.batch import decode_file
-
-    full = os.path.join(cwd, path)
-    out = decode_file(full, spec)
-    if isinstance(out, Defect) and full != path:
-        return Defect(path, out.issue, out.message.replace(full, path))
-    return out
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, spec: dict[str, Any],
+def decode_batch(batch: dict[str, np.ndarray], *, decoder: Decoder,
                  cwd: str) -> dict[str, np.ndarray]:
-    """CPU stage: paths -> model inputs. A file that fails becomes ``ok=False`` with its
-    issue and message, and a zero input of the right shape, so one bad file never fails a
-    block.
+    """CPU stage: paths -> decoded inputs (``decoded``: each :class:`Decoded`, pickled for
+    the trip to the model actors). A file that fails becomes ``ok=False`` with its issue and
+    message, so one bad file never fails a block.
 
     Example:
+        >>> from imgtriage.data.preprocess import PreprocessSpec
+        >>> from imgtriage.predict.predictor import ClassifierDecoder
         >>> out = decode_batch({"index": np.arange(1), "path": np.array(["nope.png"])},
-        ...                    spec={"in_chans": 1, "size": [8, 8], "mean": [0.5],
-        ...                          "std": [0.25]}, cwd="/")
-        >>> out["ok"].tolist(), out["issue"].tolist(), out["x"].shape
-        ([False], ['not_found'], (1, 1, 8, 8))
+        ...                    decoder=ClassifierDecoder(PreprocessSpec.default_for(1, (8, 8))),
+        ...                    cwd="/")
+        >>> out["ok"].tolist(), out["issue"].tolist(), out["decoded"].tolist()
+        ([False], ['not_found'], [b''])
     """
-    s = _spec(spec)
     n = len(batch["path"])
-    x = np.zeros((n, s.in_chans, *s.size), np.float32)
     ok = np.zeros(n, bool)
-    degenerate = np.zeros(n, bool)
+    decoded = np.full(n, b"", dtype=object)
     issue = np.full(n, "", dtype=object)
     message = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
-        out = _decode_one(str(path), cwd, s)
-        if not isinstance(out, Defect):
-            if out[0].shape == x.shape[1:]:
-                x[i], ok[i] = out[0], True
-                degenerate[i] = bool(out[1].get("degenerate"))
-                continue
-            out = Defect(str(path), "decode_error",
-                         f"input shape {out[0].shape} differs from {x.shape[1:]}")
-        issue[i], message[i] = out.issue, out.message
-    paths = [str(p) for p in batch["path"]]
+        out = _decode_one(str(path), cwd, decoder)
+        if isinstance(out, Decoded):
+            decoded[i], ok[i] = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL), True
+        else:
+            issue[i], message[i] = out["issue"], out["message"]
     return {"index": np.asarray(batch["index"], np.int64),
-            "path": np.asarray(paths, dtype=object),
-            "full": np.asarray([os.path.join(cwd, p) for p in paths], dtype=object),
-            "ok": ok, "degenerate": degenerate, "issue": issue, "message": message, "x": x}
+            "path": np.asarray([str(p) for p in batch["path"]], dtype=object),
+            "ok": ok, "issue": issue, "message": message, "decoded": decoded}
 
 
 def result_record(index: int, row: dict[str, Any]) -> dict[str, Any]:
@@ -133,40 +112,36 @@ class BatchClassifier:
 
     Example:
         >>> clf = BatchClassifier("runs/digits/bundle", {"include_probs": True})  # doctest: +SKIP
-        >>> clf(decode_batch(paths_batch, spec=spec, cwd=".")).num_rows  # doctest: +SKIP
+        >>> clf(decode_batch(paths_batch, decoder=p.decoder, cwd=".")).num_rows  # doctest: +SKIP
         32
     """
 
     def __init__(self, bundle: str, options: dict[str, Any], backend: str = "auto",
                  device: str = "cpu", num_threads: int | None = None) -> None:
-        from imgtriage.predict import PredictOptions, Predictor
+        from imgtriage.predict import Predictor
 
         self.predictor = Predictor.load(bundle, backend=backend, device=device,
                                         num_threads=num_threads)
-        self.opts = PredictOptions(**options)
+        self.opts = self.predictor.options(**options)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         pa = require("pyarrow", "ray")
         ok = np.asarray(batch["ok"], bool)
         good = np.flatnonzero(ok)
-        rows: dict[int, dict[str, Any]] = {}
-        if len(good):
-            x = np.ascontiguousarray(np.asarray(batch["x"])[good], dtype=np.float32)
-            # full paths: a cascade reads the file again, and actors have their own cwd
-            names = [str(batch["full"][i]) for i in good]
-            metas = [{"degenerate": bool(batch["degenerate"][i])} for i in good]
-            out = self.predictor.rows_for_inputs(x, names, self.opts, metas)
-            rows = dict(zip(good.tolist(), out, strict=True))
-        records = [self._record(int(idx), str(batch["path"][i]), str(batch["full"][i]),
-                                rows.get(i), str(batch["issue"][i]), str(batch["message"][i]))
+        # the decode tasks' own output (never a bundle): Decoded inputs for this kind's rows
+        entries: list[Decoded] = [pickle.loads(batch["decoded"][i]) for i in good]
+        rows = dict(zip(good.tolist(), self.predictor.predict_entries(entries, self.opts),
+                        strict=True))
+        records = [self._record(int(idx), str(batch["path"][i]), rows.get(i),
+                                str(batch["issue"][i]), str(batch["message"][i]))
                    for i, idx in enumerate(batch["index"])]
         return pa.Table.from_pylist(records, schema=row_schema())
 
     @staticmethod
-    def _record(index: int, path: str, full: str, row: dict[str, Any] | None, issue: str,
+    def _record(index: int, path: str, row: dict[str, Any] | None, issue: str,
                 message: str) -> dict[str, Any]:
         if row is None:
             return defect_record(index, path, issue, message)
-        if "issue" in row and "class" not in row:  # a model-side defect
-            return defect_record(index, path, row["issue"], row["message"].replace(full, path))
+        if is_defect(row):  # a model-side defect
+            return defect_record(index, path, row["issue"], row["message"])
         return result_record(index, {**row, "path": path})

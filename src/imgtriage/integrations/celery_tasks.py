@@ -25,14 +25,17 @@ import os
 import tempfile
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgtriage.errors import ConfigError, require
+
+if TYPE_CHECKING:
+    from imgtriage.predict.base import BasePredictor
 
 _celery = require("celery", "celery")
 _signals = require("celery.signals", "celery")
 
-_PREDICTORS: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_PREDICTORS: OrderedDict[tuple[str, str], BasePredictor] = OrderedDict()
 _LOADS: Counter[tuple[str, str]] = Counter()
 
 
@@ -40,7 +43,7 @@ def _max_bundles() -> int:
     return max(1, int(os.environ.get("IMGTRIAGE_CELERY_MAX_BUNDLES", "2")))
 
 
-def get_predictor(bundle: str | os.PathLike[str] | None = None) -> Any:
+def get_predictor(bundle: str | os.PathLike[str] | None = None) -> BasePredictor:
     """The process's Predictor for ``bundle`` (default ``IMGTRIAGE_BUNDLE``), loaded on first
     use. The cache is keyed by path and manifest sha256, so a bundle replaced in place is
     reloaded (and its old version dropped); at most ``IMGTRIAGE_CELERY_MAX_BUNDLES`` (2)

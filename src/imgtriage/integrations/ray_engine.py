@@ -23,9 +23,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgtriage.errors import ConfigError, PredictionError, require
+
+if TYPE_CHECKING:
+    from imgtriage.predict.base import BasePredictor, PredictOptions
 
 META_FILE = "_imgtriage_report.json"  # meta + defects, next to a Parquet dataset's files
 
@@ -120,16 +123,13 @@ def predict_with_ray(bundle: str | os.PathLike[str], paths: Iterable[str | os.Pa
                      cfg: RayConfig, options: dict[str, Any], *,
                      dataset_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The run behind :func:`ray_predict`, with an explicit :class:`RayConfig`."""
-    from imgtriage.predict import PredictOptions, Predictor
+    from imgtriage.predict import Predictor
     from imgtriage.predict.batch import iter_files
 
     ray = require("ray", "ray")
     require("ray.data", "ray")
-    opts = PredictOptions(**options)
     predictor = Predictor.load(bundle, backend=cfg.backend)  # verifies the bundle up front
-    if not hasattr(predictor, "rows_for_inputs"):
-        raise ConfigError(f"bundle kind {predictor.bundle.manifest.get('kind')!r} is not "
-                          "supported by the ray engine yet; use --engine local")
+    opts = predictor.options(**options)
     predictor.policy_for(opts)  # an unknown --profile fails before the cluster starts
     files = list(iter_files(paths))
     uri = _check_dataset_dir(dataset_dir) if dataset_dir is not None else None
@@ -196,7 +196,8 @@ def _plan(ray: Any, cfg: RayConfig) -> _Plan:
     return _Plan(cpus=cpus, gpus=gpus, num_actors=actors)
 
 
-def _pipeline(ray: Any, files: list[str], bundle: str, predictor: Any, opts: Any,
+def _pipeline(ray: Any, files: list[str], bundle: str, predictor: BasePredictor,
+              opts: PredictOptions,
               cfg: RayConfig, plan: _Plan) -> Any:
     """The lazy Ray Dataset: listing -> decode tasks -> actor pool -> flat rows."""
     from dataclasses import asdict
@@ -213,7 +214,7 @@ def _pipeline(ray: Any, files: list[str], bundle: str, predictor: Any, opts: Any
     # would decode inside them and leave the decode CPUs idle.
     ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
                         num_cpus=cfg.decode_cpus, memory=_decode_memory(spec, per_block),
-                        fn_kwargs={"spec": spec, "cwd": os.getcwd()})
+                        fn_kwargs={"decoder": predictor.decoder, "cwd": os.getcwd()})
     gpu = {"num_gpus": 1} if plan.gpus else {}
     return ds.map_batches(
         BatchClassifier, batch_size=cfg.batch_size, batch_format="numpy",
@@ -283,8 +284,8 @@ def _check_dataset_dir(path: str | os.PathLike[str]) -> str:
     return uri
 
 
-def _write_dataset(ds: Any, uri: str, n_files: int, predictor: Any, opts: Any,
-                   cfg: RayConfig, t0: float) -> dict[str, Any]:
+def _write_dataset(ds: Any, uri: str, n_files: int, predictor: BasePredictor,
+                   opts: PredictOptions, cfg: RayConfig, t0: float) -> dict[str, Any]:
     """Workers write the rows as Parquet; the driver reads back only counts and defects."""
     from imgtriage.integrations._ray_blocks import from_record
 

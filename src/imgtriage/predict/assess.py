@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle import load_bundle, update_bundle
+from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.data import discover
 from imgtriage.data.discovery import Sample
 from imgtriage.errors import ConfigError, DataError
-
-# Everything a Predictor (or a cascade/gallery predictor) offers that this module needs.
-PredictorLike = Any
+from imgtriage.predict.base import Decoded, decode_entry
+from imgtriage.predict.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,18 @@ def labelled_samples(data: str | os.PathLike[str], classes: list[str],
     return samples
 
 
-def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool = False,
+def _logit_predictor(bundle: str | os.PathLike[str] | Bundle, backend: str) -> Predictor:
+    """A loaded bundle whose kind has logits to evaluate and calibrate (classifier, gallery)."""
+    predictor = Predictor.load(bundle, backend=backend)
+    if not isinstance(predictor, Predictor):
+        kind = predictor.bundle.manifest.get("kind")
+        raise ConfigError(f"{predictor.bundle.path} is a {kind} bundle, which has no single "
+                          "model's logits; evaluate or calibrate the bundle it was built from "
+                          "(e.g. a cascade's stage 2)")
+    return predictor
+
+
+def collect_logits(predictor: Predictor, samples: list[Sample], *, tta: bool = False,
                    batch_size: int = 64, workers: int | None = None,
                    attribute: bool = False) -> LabelledLogits:
     """Raw logits for every usable sample, decoded with the bundle's own preprocessing
@@ -61,14 +71,10 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
     bundles also get each feature's mean |gradient x input| (``feature_importance``)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from imgtriage.data.preprocess import load_input
-    from imgtriage.errors import ImageReadError
+    decoder = predictor.decoder
 
-    def decode(s: Sample):
-        try:
-            return load_input(s.path, predictor.spec)
-        except ImageReadError as exc:
-            return exc.defect.to_dict()
+    def decode(s: Sample) -> Decoded | dict[str, Any]:
+        return decode_entry(decoder, s.path)
 
     index = {c: i for i, c in enumerate(predictor.classes)}
     logits, labels, paths, defects = [], [], [], []
@@ -81,8 +87,8 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
                 if isinstance(out, dict):
                     defects.append(out)
                 else:
-                    xs.append(out[0])
-                    metas.append(out[1])
+                    xs.append(out.x)
+                    metas.append(out.meta)
                     labels.append(index[s.label])
                     paths.append(s.path)
             if xs:
@@ -98,12 +104,12 @@ def collect_logits(predictor: PredictorLike, samples: list[Sample], *, tta: bool
                           attribution.result() if attribution is not None else None)
 
 
-def _attribution(predictor: PredictorLike) -> Any:
+def _attribution(predictor: Predictor) -> Any:
     """A gradient x input accumulator for image + feature bundles on the torch backend."""
     import torch
 
-    features = getattr(predictor, "features", None)
-    model = getattr(getattr(predictor, "backend", None), "model", None)
+    features = predictor.features
+    model = getattr(predictor.backend, "model", None)  # the torch backend's network
     if features is None or not isinstance(model, torch.nn.Module):
         return None
     from imgtriage.predict.attribution import FeatureAttribution
@@ -111,9 +117,9 @@ def _attribution(predictor: PredictorLike) -> Any:
     return FeatureAttribution(features.feature_names_)
 
 
-def _features(predictor: PredictorLike, metas: list, names: list) -> np.ndarray | None:
+def _features(predictor: Predictor, metas: list, names: list) -> np.ndarray | None:
     """Scaled features of image + feature bundles (from the decode's metadata), else None."""
-    if getattr(predictor, "features", None) is None:
+    if predictor.features is None:
         return None
     return predictor.feature_matrix(metas, names)
 
@@ -129,9 +135,9 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
         >>> evaluate_bundle("runs/a/bundle", "data/test", "runs/a/eval")  # doctest: +SKIP
     """
     from imgtriage.evaluate import write_report
-    from imgtriage.predict.predictor import PredictOptions, Predictor
+    from imgtriage.predict.predictor import PredictOptions
 
-    predictor = Predictor.load(bundle, backend=backend)
+    predictor = _logit_predictor(bundle, backend)
     samples = labelled_samples(data, predictor.classes, split)
     got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True)
     policy = predictor.policy_for(PredictOptions(profile=profile))
@@ -175,7 +181,6 @@ def drift_against(bundle: str | os.PathLike[str], paths: list[str | os.PathLike[
                   batch_size: int = 64) -> dict[str, Any]:
     """Compare score/class/abstain distributions of new (unlabelled) files with a reference."""
     from imgtriage.evaluate import drift_check
-    from imgtriage.predict.predictor import Predictor
 
     predictor = Predictor.load(bundle)
     report = predictor.predict_paths(paths, batch_size=batch_size, include_probs=True)
@@ -209,12 +214,11 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
         ...                  abstain=True, conformal_method="aps", alpha=0.1)  # doctest: +SKIP
     """
     from imgtriage.evaluate import fit_decision_policy
-    from imgtriage.predict.predictor import Predictor
 
     b = load_bundle(bundle)
     # fp32 torch where the bundle has weights; an imported ONNX graph (fp32) has only itself
-    predictor = Predictor.load(b, backend="onnx" if b.manifest["model"]["name"] == "onnx"
-                               else "torch")
+    predictor = _logit_predictor(b, "onnx" if b.manifest["model"]["name"] == "onnx"
+                                 else "torch")
     samples = labelled_samples(data, predictor.classes, split)
     got = collect_logits(predictor, samples, batch_size=batch_size)
     policy, summary = fit_decision_policy(got.logits, got.labels,

@@ -1,7 +1,9 @@
 """Batch runs over files: list as a stream, decode in parallel with inference, never lose a file.
 
 ``iter_predictions`` yields ``("result", row)`` or ``("defect", {path, issue, message})`` for
-every file it is given, exactly once, in input order.
+every file it is given, exactly once, in input order. It takes any predictor kind
+(:class:`~imgtriage.predict.base.BasePredictor`) and decodes each file once, with the kind's
+own decoder.
 
 The pipeline is bounded: at most ``prefetch`` batches are being decoded (by a pool of threads
 or processes) while the model runs the current one, so memory does not grow with the number
@@ -17,20 +19,20 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from imgtriage.data.discovery import iter_image_files
-from imgtriage.data.preprocess import load_input
-from imgtriage.errors import ConfigError, ImageReadError
-from imgtriage.io import Defect
-
-if TYPE_CHECKING:
-    from imgtriage.predict.predictor import PredictOptions, Predictor
+from imgtriage.errors import ConfigError
+from imgtriage.predict.base import (
+    BasePredictor,
+    Decoder,
+    Entry,
+    PredictOptions,
+    decode_entry,
+    is_defect,
+)
 
 EXECUTORS = ("thread", "process")
-Decoded = tuple[np.ndarray, dict[str, Any]] | Defect
 
 
 def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
@@ -53,19 +55,9 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
             yield str(path)
 
 
-def decode_file(path: str, spec) -> Decoded:
-    """One file -> (input, meta) or a Defect; nothing a file does can raise out of here."""
-    try:
-        return load_input(path, spec)
-    except ImageReadError as exc:
-        return exc.defect
-    except Exception as exc:  # a decoder bug must not stop a run of millions of files
-        return Defect(path, "decode_error", f"{type(exc).__name__}: {exc}")
-
-
-def _decode_many(paths: list[str], spec) -> list[Decoded]:
+def _decode_many(paths: list[str], decoder: Decoder) -> list[Entry]:
     """A slice of a batch in one task (process workers: one pickle round trip per slice)."""
-    return [decode_file(p, spec) for p in paths]
+    return [decode_entry(decoder, p) for p in paths]
 
 
 def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
@@ -83,11 +75,11 @@ def default_workers() -> int:
 class _Decoder:
     """Submit a batch of paths, get back a handle whose ``result()`` is the decoded batch."""
 
-    def __init__(self, spec, workers: int, executor: str) -> None:
+    def __init__(self, decoder: Decoder, workers: int, executor: str) -> None:
         if executor not in EXECUTORS:
             raise ConfigError(f"executor must be thread or process, got {executor!r} "
                               "(--executor)")
-        self.spec, self.workers, self.kind = spec, workers, executor
+        self.decoder, self.workers, self.kind = decoder, workers, executor
         self.pool: Executor
         if executor == "thread":
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
@@ -98,12 +90,12 @@ class _Decoder:
 
     def submit(self, chunk: list[str]) -> list[Future]:
         if self.kind == "thread":
-            return [self.pool.submit(decode_file, p, self.spec) for p in chunk]
+            return [self.pool.submit(decode_entry, self.decoder, p) for p in chunk]
         step = -(-len(chunk) // self.workers)
-        return [self.pool.submit(_decode_many, chunk[i:i + step], self.spec)
+        return [self.pool.submit(_decode_many, chunk[i:i + step], self.decoder)
                 for i in range(0, len(chunk), step)]
 
-    def collect(self, futures: list[Future]) -> list[Decoded]:
+    def collect(self, futures: list[Future]) -> list[Entry]:
         if self.kind == "thread":
             return [f.result() for f in futures]
         return [d for f in futures for d in f.result()]
@@ -112,7 +104,7 @@ class _Decoder:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def iter_predictions(predictor: Predictor, paths: Iterable[str | os.PathLike[str]], *,
+def iter_predictions(predictor: BasePredictor, paths: Iterable[str | os.PathLike[str]], *,
                      batch_size: int | None = None, opts: PredictOptions | None = None,
                      workers: int | None = None, progress: bool | Any = False,
                      skip: Callable[[str], bool] | None = None, executor: str = "thread",
@@ -127,20 +119,19 @@ def iter_predictions(predictor: Predictor, paths: Iterable[str | os.PathLike[str
         >>> for kind, item in iter_predictions(p, ["inbox/"]):  # doctest: +SKIP
         ...     print(kind, item["path"])
     """
-    from imgtriage.predict.predictor import PredictOptions
     from imgtriage.predict.progress import RunProgress
 
-    batch_size = batch_size or preferred_batch_size(predictor)
+    batch_size = batch_size or predictor.batch_size
     if batch_size < 1:
         raise ConfigError("batch size must be >= 1 (--batch-size)")
     if prefetch < 1:
         raise ConfigError("prefetch must be >= 1 (--prefetch)")
-    opts = opts or PredictOptions()
+    opts = predictor.options(opts)
     bar = progress if isinstance(progress, RunProgress) else RunProgress(paths if progress
                                                                         else None,
                                                                         enabled=bool(progress))
     files = _skipping(iter_files(paths), skip, bar)
-    decoder = _Decoder(predictor.spec, workers or default_workers(), executor)
+    decoder = _Decoder(predictor.decoder, workers or default_workers(), executor)
     pending: deque[tuple[list[str], list[Future]]] = deque()
     try:
         with bar:
@@ -152,12 +143,6 @@ def iter_predictions(predictor: Predictor, paths: Iterable[str | os.PathLike[str
                 yield from _finish(predictor, decoder, *pending.popleft(), opts, bar)
     finally:
         decoder.close()
-
-
-def preferred_batch_size(predictor: Any) -> int:
-    """The backend's preferred batch (ONNX 16 for big CNNs, 64 for small; torch 32)."""
-    backend = getattr(predictor, "backend", None)
-    return int(getattr(backend, "batch_size", 32) or 32)
 
 
 def _skipping(files: Iterator[str], skip: Callable[[str], bool] | None,
@@ -172,18 +157,10 @@ def _skipping(files: Iterator[str], skip: Callable[[str], bool] | None,
             yield f
 
 
-def _finish(predictor: Predictor, decoder: _Decoder, chunk: list[str], futures: list[Future],
-            opts: PredictOptions, bar: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    decoded = decoder.collect(futures)
-    good = [(p, d) for p, d in zip(chunk, decoded, strict=True) if not isinstance(d, Defect)]
-    rows: dict[int, dict[str, Any]] = {}
-    if good:
-        x = np.stack([d[0] for _, d in good])
-        out = predictor.rows_for_inputs(x, [p for p, _ in good], opts, [d[1] for _, d in good])
-        rows = {id(d): row for (_, d), row in zip(good, out, strict=True)}
+def _finish(predictor: BasePredictor, decoder: _Decoder, chunk: list[str],
+            futures: list[Future], opts: PredictOptions, bar: Any
+            ) -> Iterator[tuple[str, dict[str, Any]]]:
+    rows = predictor.predict_entries(decoder.collect(futures), opts)
     bar.done(len(chunk))
-    for d in decoded:
-        if isinstance(d, Defect):
-            yield "defect", d.to_dict()
-        else:
-            yield "result", rows[id(d)]
+    for row in rows:
+        yield ("defect" if is_defect(row) else "result"), row

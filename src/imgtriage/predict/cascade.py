@@ -6,11 +6,12 @@ small CNN bundle under ``stage1/``), its temperature and gate, and the second-st
 copied under ``stage2/``. Every file of both is listed with its sha256 in the outer manifest,
 and the inner manifests are checked against the hashes recorded when the cascade was built.
 
-:class:`CascadePredictor` has the public methods of :class:`~imgtriage.predict.Predictor`, so
-``Predictor.load``, ``imgtriage predict`` and the service accept a cascade bundle like any
-other. Each file is decoded once; the first stage scores it; when its calibrated score is at
-least the gate (and, with abstain on, the class threshold) the answer is the first stage's,
-else the image goes to the second stage, whose rows are exactly what the second-stage
+:class:`CascadePredictor` is a :class:`~imgtriage.predict.base.BasePredictor`, so
+``Predictor.load``, ``imgtriage predict``, the service, Ray and Celery accept a cascade bundle
+like any other. Each file is decoded once, by :class:`CascadeDecoder`, which also prepares the
+first stage's input on the decoding thread; the first stage scores it; when its calibrated
+score is at least the gate (and, with abstain on, the class threshold) the answer is the first
+stage's, else the image goes to the second stage, whose rows are exactly what the second-stage
 bundle alone returns. Every row records ``"stage": 1`` or ``2``; the report's
 ``meta["cascade"]`` says how many files each stage answered.
 
@@ -28,11 +29,9 @@ import dataclasses
 import io
 import json
 import os
-import time
 import zipfile
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,11 @@ import numpy as np
 from imgtriage.bundle import Bundle, load_bundle, validate_manifest
 from imgtriage.bundle.checks import inside, parse_manifest
 from imgtriage.bundle.manifest import MANIFEST_NAME
-from imgtriage.data.features import FeatureStandardizer, raw_features
-from imgtriage.data.preprocess import PreprocessSpec, load_record, to_input
+from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_features
+from imgtriage.data.preprocess import PreprocessSpec, to_input
 from imgtriage.errors import BundleIntegrityError, BundleSchemaError, ImageReadError
-from imgtriage.evaluate.decision import DecisionPolicy, softmax
-from imgtriage.io import Defect, ImageRecord, read_array
+from imgtriage.evaluate.decision import DecisionPolicy, Decisions, softmax
+from imgtriage.io import ImageRecord
 from imgtriage.predict._cascade_build import (
     CascadeConfig,
     CascadeResult,
@@ -53,10 +52,16 @@ from imgtriage.predict._cascade_build import (
     routed_by_class,
 )
 from imgtriage.predict._first_stage import stage_from_dict
-from imgtriage.predict.predictor import Decoded, PredictOptions, Predictor
-from imgtriage.predict.report import meta_flags, result_row
-
-FIRST_STAGE_INPUT = "first_stage_input"  # meta key set by CascadePredictor.load_input
+from imgtriage.predict.base import (
+    BasePredictor,
+    Decoded,
+    Decoder,
+    PredictOptions,
+    decision_rows,
+    is_defect,
+)
+from imgtriage.predict.predictor import Predictor
+from imgtriage.predict.report import stage_counts
 
 
 def sub_bundle(bundle: Bundle, name: str, expected_sha256: str | None = None) -> Bundle:
@@ -84,6 +89,42 @@ def sub_bundle(bundle: Bundle, name: str, expected_sha256: str | None = None) ->
     return inner
 
 
+@dataclass(frozen=True)
+class CnnInput:
+    """The first stage's input when it is a small CNN bundle: its own preprocessing."""
+
+    spec: PreprocessSpec
+
+    def __call__(self, record: ImageRecord, name: str) -> np.ndarray:
+        return to_input(record.array, self.spec, path=name)
+
+
+@dataclass(frozen=True)
+class FeatureInput:
+    """The first stage's input when it is a feature model: raw statistics and header values."""
+
+    spec: FeatureSpec
+
+    def __call__(self, record: ImageRecord, name: str) -> Any:
+        return raw_features(record, self.spec, path=name)
+
+
+@dataclass(frozen=True)
+class CascadeDecoder(Decoder):
+    """Decode once (with stage 2's read policy) and prepare the first stage's input, on the
+    decoding thread. ``Decoded.x`` is ``(record, first-stage input or None)``; the second
+    stage's input is made only for the images the first stage passes on."""
+
+    first: CnnInput | FeatureInput
+
+    def from_record(self, record: ImageRecord, name: str) -> Decoded:
+        try:
+            prepared = self.first(record, name)
+        except ImageReadError:  # e.g. a band count the feature spec cannot map: stage 2
+            prepared = None
+        return Decoded(name, (record, prepared), record.meta)
+
+
 class _CnnStage:
     """A small classifier bundle used as the first stage: its own preprocessing + backend."""
 
@@ -93,12 +134,8 @@ class _CnnStage:
         from imgtriage.predict.backends import make_backend
 
         self.bundle = bundle
-        self.spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+        self.input = CnnInput(PreprocessSpec.from_dict(bundle.manifest["preprocess"]))
         self.backend = make_backend(bundle, backend, device)
-
-    def prepare(self, record: ImageRecord, name: str) -> np.ndarray:
-        """Per image, in decoding threads: the first stage's model input."""
-        return to_input(record.array, self.spec, path=name)
 
     def logits(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         return np.asarray(self.backend(np.stack(prepared)), np.float64)
@@ -111,10 +148,7 @@ class _FeatureStage:
         self.model = model
         self.kind = model.kind
         self.features = features
-
-    def prepare(self, record: ImageRecord, name: str) -> Any:
-        """Per image, in decoding threads: its raw statistics and header values."""
-        return raw_features(record, self.features.spec, path=name)
+        self.input = FeatureInput(features.spec)
 
     def logits(self, prepared: Sequence[Any]) -> np.ndarray:
         return self.model.logits(self.features.transform(prepared))
@@ -123,12 +157,22 @@ class _FeatureStage:
 class _CascadeBackend:
     """Stands where Predictor has ``backend``: a name for reports and ``describe``."""
 
-    def __init__(self, first: str, second: str) -> None:
-        self.name = f"cascade({first}+{second})"
+    def __init__(self, first: str, stage2: Any) -> None:
+        self.name = f"cascade({first}+{stage2.name})"
+        self.precision = getattr(stage2, "precision", "fp32")
+        self.batch_size = getattr(stage2, "batch_size", 32)
 
 
-class CascadePredictor:
-    """A loaded cascade bundle, duck-typed to :class:`~imgtriage.predict.Predictor`.
+@dataclass(frozen=True)
+class CascadeOptions(PredictOptions):
+    """Predictor's options plus ``gate``: None uses the bundle's gate; 1.01 sends every
+    image to the second stage, 0.0 none."""
+
+    gate: float | None = None
+
+
+class CascadePredictor(BasePredictor):
+    """A loaded cascade bundle: the first stage answers what it is sure of, stage 2 the rest.
 
     Per-call options are Predictor's; ``temperature``/``profile``/``tta``/``thresholds``
     apply to the second stage, and an extra ``gate=`` overrides the first stage's gate
@@ -141,7 +185,9 @@ class CascadePredictor:
         [1, 2]
     """
 
-    def __init__(self, bundle: Bundle, first: Any, stage2: Predictor,
+    options_type = CascadeOptions
+
+    def __init__(self, bundle: Bundle, first: _CnnStage | _FeatureStage, stage2: Predictor,
                  temperature: float, gate: float | None) -> None:
         self.bundle = bundle
         self.first = first
@@ -151,7 +197,7 @@ class CascadePredictor:
         self.classes: list[str] = list(bundle.classes)
         self.spec: PreprocessSpec = stage2.spec
         self.policy: DecisionPolicy = stage2.policy
-        self.backend = _CascadeBackend(first.kind, getattr(stage2.backend, "name", "?"))
+        self.backend = _CascadeBackend(first.kind, stage2.backend)
         self.runtime = dataclasses.replace(stage2.runtime, backend=self.backend.name)
 
     @classmethod
@@ -161,10 +207,9 @@ class CascadePredictor:
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         return load_cascade(b, backend=backend, device=device, **kw)
 
-    # -- identity ------------------------------------------------------------------------
     @property
-    def bundle_sha256(self) -> str:
-        return self.bundle.sha256
+    def decoder(self) -> CascadeDecoder:
+        return CascadeDecoder(self.spec, self.first.input)
 
     def describe(self) -> dict[str, Any]:
         """Predictor.describe of the second stage, with the cascade's identity and gate."""
@@ -191,25 +236,8 @@ class CascadePredictor:
         """Calibrated first-stage probabilities (N, K) for decoded images."""
         if not records:
             return np.zeros((0, len(self.classes)))
-        prepared = [self.first.prepare(r, n) for r, n in zip(records, names, strict=True)]
+        prepared = [self.first.input(r, n) for r, n in zip(records, names, strict=True)]
         return softmax(self.first.logits(prepared), self.temperature)
-
-    def _prepare(self, record: ImageRecord | None, name: str) -> Any:
-        """The first stage's input for one image; None sends the image to stage 2."""
-        if record is None:
-            return None
-        try:
-            return self.first.prepare(record, name)
-        except ImageReadError:  # e.g. a band count the feature spec cannot map
-            return None
-
-    def _load(self, source: str | bytes, name: str | None = None
-              ) -> tuple[ImageRecord, Any] | Defect:
-        """Decoding-thread work for one file or upload: decode once, prepare the first
-        stage's input."""
-        name = source if name is None else name
-        rec = _decode(source, self.spec, name)
-        return rec if isinstance(rec, Defect) else (rec, self._prepare(rec, name))
 
     def _accept(self, probs: np.ndarray, policy: DecisionPolicy, gate: float | None
                 ) -> np.ndarray:
@@ -223,20 +251,6 @@ class CascadePredictor:
             ok &= score >= np.asarray(policy.thresholds)[cid]
         return ok
 
-    def _stage1_row(self, name: str, p: np.ndarray, opts: PredictOptions,
-                    policy: DecisionPolicy, meta: dict[str, Any]) -> dict[str, Any]:
-        cid = int(p.argmax())
-        probs = ({c: round(float(v), 6) for c, v in zip(self.classes, p, strict=True)}
-                 if opts.include_probs else None)
-        topk = None
-        if opts.topk:
-            topk = [{"class": self.classes[j], "class_id": int(j), "score": round(float(p[j]), 6)}
-                    for j in np.argsort(-p)[: opts.topk]]
-        pred_set = [self.classes[cid]] if policy.conformal is not None else None
-        flags = meta_flags(meta)
-        return result_row(name, self.classes[cid], cid, float(p[cid]), False, probs=probs,
-                          topk=topk, pred_set=pred_set, flags=flags, extra={"stage": 1})
-
     def _route(self, prepared: Sequence[Any], policy: DecisionPolicy, gate: float | None
                ) -> tuple[np.ndarray, np.ndarray]:
         """(probs, accepted) per item; items without a first-stage input go to stage 2."""
@@ -249,229 +263,55 @@ class CascadePredictor:
         accepted[[i for i, p in enumerate(prepared) if p is None]] = False
         return probs, accepted
 
-    def _rows_for_records(self, records: Sequence[ImageRecord], names: Sequence[str],
-                          opts: PredictOptions, gate: float | None,
-                          prepared: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """Rows (or defect dicts) for decoded images, in order."""
+    def _stage1_rows(self, names: Sequence[str], probs: np.ndarray, opts: PredictOptions,
+                     policy: DecisionPolicy, metas: Sequence[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+        """First-stage answers: never abstained, a one-class set when stage 2 gives sets."""
+        cid = probs.argmax(axis=1)
+        d = Decisions(probs=probs, class_id=cid, score=probs[np.arange(len(probs)), cid],
+                      abstained=np.zeros(len(probs), bool),
+                      sets=[[int(c)] for c in cid] if policy.conformal is not None else None)
+        return decision_rows(names, self.classes, d, policy, opts, metas,
+                             extras=[{"stage": 1}] * len(names))
+
+    def rows(self, batch: Sequence[Decoded], opts: PredictOptions) -> list[dict[str, Any]]:
+        """Rows (or defect dicts) for decoded images, in order: stage 1 where it is sure,
+        one stage-2 batch for the rest."""
+        if not batch:
+            return []
+        gate = opts.gate if isinstance(opts, CascadeOptions) and opts.gate is not None \
+            else self.gate
         policy = self.policy_for(opts)
-        if prepared is None:
-            prepared = [self._prepare(r, n) for r, n in zip(records, names, strict=True)]
-        probs, accepted = self._route(prepared, policy, gate)
-        out: list[dict[str, Any] | None] = [None] * len(records)
+        names = [d.name for d in batch]
+        probs, accepted = self._route([d.x[1] for d in batch], policy, gate)
+        out: list[dict[str, Any] | None] = [None] * len(batch)
+        took = np.flatnonzero(accepted)
+        for i, row in zip(took, self._stage1_rows([names[i] for i in took], probs[took], opts,
+                                                  policy, [batch[i].meta for i in took]),
+                          strict=True):
+            out[i] = row
         routed, xs = [], []
-        for i, (rec, name) in enumerate(zip(records, names, strict=True)):
-            if accepted[i]:
-                out[i] = self._stage1_row(name, probs[i], opts, policy, rec.meta)
-                continue
+        for i in np.flatnonzero(~accepted):
             try:
-                xs.append(to_input(rec.array, self.spec, path=name))
+                xs.append(Decoded(names[i], to_input(batch[i].x[0].array, self.spec,
+                                                     path=names[i]), batch[i].meta))
                 routed.append(i)
             except ImageReadError as exc:
                 out[i] = exc.defect.to_dict()
-        self._stage2_into(out, routed, xs, names, [records[i].meta for i in routed], opts)
+        for i, row in zip(routed, self.stage2.rows(xs, opts), strict=True):
+            out[i] = row if is_defect(row) else {**row, "stage": 2}
         return out  # type: ignore[return-value]
 
-    def _stage2_into(self, out: list, routed: list[int], xs: list[np.ndarray],
-                     names: Sequence[str], metas: list[dict[str, Any]],
-                     opts: PredictOptions) -> None:
-        if not routed:
-            return
-        rows = self.stage2.rows_for_inputs(np.stack(xs), [names[i] for i in routed], opts,
-                                           metas)
-        for i, row in zip(routed, rows, strict=True):
-            out[i] = {**row, "stage": 2}
-
-    # -- Predictor's public entry points ---------------------------------------------------
-    def load_input(self, source: str | os.PathLike[str] | bytes, name: str | None = None
-                   ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Like :func:`~imgtriage.data.preprocess.load_input` with stage 2's spec, but the
-        metadata also carries the first stage's input (``meta["first_stage_input"]``), so a
-        batch runner that decodes through this method needs no second read of the file."""
-        shown = name or (os.fspath(source) if not isinstance(source, bytes) else "<bytes>")
-        record = load_record(source, self.spec, name=name)
-        meta = dict(record.meta)
-        meta[FIRST_STAGE_INPUT] = self._prepare(record, shown)
-        return to_input(record.array, self.spec, path=shown), meta
-
-    def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: PredictOptions,
-                        metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """Rows for inputs already preprocessed for the second stage (the path
-        ``batch.iter_predictions`` takes). The first stage needs the decoded image: it comes
-        from ``meta["first_stage_input"]`` when the decoder used :meth:`load_input`, else
-        each name is read again as a file (names that are not readable files go to stage 2).
-        """
-        if len(x) == 0:
-            return []
-        opts, gate = self._split_options(opts)
-        metas = list(metas) if metas is not None else [{} for _ in names]
-        prepared = [m[FIRST_STAGE_INPUT] if FIRST_STAGE_INPUT in m else self._reread(n)
-                    for m, n in zip(metas, names, strict=True)]
-        policy = self.policy_for(opts)
-        probs, accepted = self._route(prepared, policy, gate)
-        out: list[dict[str, Any] | None] = [None] * len(names)
-        for i in np.flatnonzero(accepted):
-            out[i] = self._stage1_row(names[i], probs[i], opts, policy, metas[i])
-        routed = [i for i in range(len(names)) if not accepted[i]]
-        self._stage2_into(out, routed, [x[i] for i in routed], names,
-                          [{k: v for k, v in metas[i].items() if k != FIRST_STAGE_INPUT}
-                           for i in routed], opts)
-        return out  # type: ignore[return-value]
-
-    def _reread(self, name: str) -> Any:
-        if not os.path.isfile(name):
-            return None
-        try:
-            return self._prepare(load_record(name, self.spec), name)
-        except ImageReadError:
-            return None
-
-    def _split_options(self, opts: PredictOptions | dict[str, Any]
-                       ) -> tuple[PredictOptions, float | None]:
-        if isinstance(opts, PredictOptions):
-            return opts, self.gate
-        opts = dict(opts)
-        gate = opts.pop("gate", self.gate)
-        return PredictOptions(**opts), gate
-
-    def predict_arrays(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None,
-                       **options: Any) -> list[dict[str, Any]]:
-        """Decoded images -> one row (or defect dict) per array, in order. Arrays carry no
-        header, so header features count as missing (imputed and flagged)."""
-        opts, gate = self._split_options(options)
-        names = list(names) if names is not None else [f"array[{i}]" for i in range(len(arrays))]
-        return self._merge([_array_record(a, n, self.spec) for a, n in zip(arrays, names,
-                                                                             strict=True)],
-                           names, opts, gate)
-
-    def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
-                      **options: Any) -> list[dict[str, Any]]:
-        """Encoded files in memory -> one row or defect dict per item; never raises for one."""
-        return self.predict_decoded(self.decode_bytes(items, names), **options)
-
-    def decode_bytes(self, items: Sequence[bytes],
-                     names: Sequence[str] | None = None) -> list[Decoded | dict[str, Any]]:
-        """Decode each item once and prepare its first-stage input (as
-        :meth:`Predictor.decode_bytes`): a :class:`Decoded` or a defect dict per item."""
-        names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
-        loaded = [(n, self._load(b, n)) for b, n in zip(items, names, strict=True)]
-        return [d.to_dict() if isinstance(d, Defect) else Decoded(n, d, {}) for n, d in loaded]
-
-    def predict_decoded(self, entries: Sequence[Decoded | dict[str, Any]],
-                        **options: Any) -> list[dict[str, Any]]:
-        """Rows for :meth:`decode_bytes` entries (of one or several calls); defect dicts pass
-        through in place."""
-        opts, gate = self._split_options(options)
-        out: list[Any] = list(entries)
-        idx = [i for i, e in enumerate(entries) if isinstance(e, Decoded)]
-        if idx:
-            rows = self._merge([out[i].x for i in idx], [out[i].name for i in idx], opts, gate)
-            for i, row in zip(idx, rows, strict=True):
-                out[i] = row
-        return out
-
-    def _merge(self, decoded: list[ImageRecord | tuple[ImageRecord, Any] | Defect],
-               names: Sequence[str], opts: PredictOptions, gate: float | None
-               ) -> list[dict[str, Any]]:
-        """Rows for a batch of decode results (records, (record, prepared) pairs, defects)."""
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, Defect)]
-        pairs = [d if isinstance(d, tuple) else (d, self._prepare(d, names[i]))
-                 for i, d in ((i, decoded[i]) for i in good)]
-        rows = self._rows_for_records([r for r, _ in pairs], [names[i] for i in good], opts,
-                                      gate, [p for _, p in pairs])
-        out = [d.to_dict() if isinstance(d, Defect) else None for d in decoded]
-        for i, row in zip(good, rows, strict=True):
-            out[i] = row
-        return out  # type: ignore[return-value]
-
-    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *,
-                      batch_size: int | None = None, workers: int | None = None,
-                      progress: bool = False, **options: Any) -> dict[str, Any]:
-        """Files and folders -> the report dict; each file decoded once, in worker threads
-        while the previous batch runs; every file appears once in results or defects."""
-        from imgtriage.predict.batch import iter_files
-
-        opts, gate = self._split_options(options)
-        batch_size = batch_size or int(getattr(self.stage2.backend, "batch_size", 32) or 32)
-        t0 = time.perf_counter()
-        results, defects = [], []
-        workers = workers or max(1, min(4, os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool, _Progress(progress) as bar:
-            pending = None
-            files = iter(iter_files(paths))
-            while chunk := list(islice(files, batch_size)):
-                futures = [pool.submit(self._load, f) for f in chunk]
-                if pending is not None:
-                    self._collect(*pending, opts, gate, results, defects, bar)
-                pending = (chunk, futures)
-            if pending is not None:
-                self._collect(*pending, opts, gate, results, defects, bar)
-        return self.make_report(results, defects, time.perf_counter() - t0, batch_size, opts)
-
-    def _collect(self, chunk: list[str], futures: list, opts: PredictOptions,
-                 gate: float | None, results: list, defects: list, bar: _Progress) -> None:
-        for row in self._merge([f.result() for f in futures], chunk, opts, gate):
-            (defects if "issue" in row else results).append(row)
-        bar.advance(len(chunk))
-
-    def make_report(self, results: list[dict[str, Any]], defects: list[dict[str, Any]],
-                    elapsed: float, batch_size: int, opts: PredictOptions) -> dict[str, Any]:
-        """The second stage's report format, with the cascade's identity and per-stage counts."""
-        if not isinstance(opts, PredictOptions):
-            opts = self._split_options(opts)[0]
-        report = self.stage2.make_report(results, defects, elapsed, batch_size, opts)
+    def report_extra(self, results: list[dict[str, Any]], opts: PredictOptions
+                     ) -> dict[str, Any]:
+        """The cascade's identity and per-stage counts (none in a runner's preamble call)."""
         block: dict[str, Any] = {"first_stage": self.first.kind, "gate": self.gate,
                                  "temperature": self.temperature,
                                  "stage2_bundle_sha256": self.stage2.bundle_sha256}
-        if results:  # a runner's preamble call has none yet: no counts rather than 0/0
-            n1 = sum(1 for r in results if r.get("stage") == 1)
-            n2 = sum(1 for r in results if r.get("stage") == 2)
-            block.update(stage1=n1, stage2=n2, stage1_share=round(n1 / len(results), 6),
-                         stage2_share=round(n2 / len(results), 6))
-        report["meta"].update(bundle=str(self.bundle.path), bundle_sha256=self.bundle_sha256,
-                              backend=self.backend.name, cascade=block)
-        return report
-
-
-def _array_record(array: Any, name: str, spec: PreprocessSpec) -> ImageRecord | Defect:
-    """An in-memory image through the readers' last step, as ``Predictor.predict_arrays``."""
-    try:
-        return read_array(array, policy=spec.read, name=name)
-    except ImageReadError as exc:
-        return exc.defect
-
-
-def _decode(source: str | bytes, spec: PreprocessSpec, name: str) -> ImageRecord | Defect:
-    try:
-        return load_record(source, spec, name=name)
-    except ImageReadError as exc:
-        return exc.defect
-    except Exception as exc:  # a decoder bug must not stop a run of millions of files
-        return Defect(name, "decode_error", f"{type(exc).__name__}: {exc}")
-
-
-class _Progress:
-    """A live "files, files/s" line (rich), or nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import Progress, TextColumn, TimeElapsedColumn
-
-            self.live = Progress(TextColumn("cascade classified {task.completed} files"),
-                                 TextColumn("{task.speed} files/s"), TimeElapsedColumn())
-            self.live.__enter__()
-            self.task = self.live.add_task("classify", total=None)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.enabled:
-            self.live.advance(self.task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.live.__exit__(*exc)
+        if results:
+            block.update(stage_counts(sum(1 for r in results if r.get("stage") == 1),
+                                      sum(1 for r in results if r.get("stage") == 2)))
+        return {**super().report_extra(results, opts), "cascade": block}
 
 
 def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
@@ -488,8 +328,9 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
                                 f"the cascade's {bundle.classes}")
     stage2 = Predictor.load(inner, backend=backend, device=device, **kw)
     fs = c["first_stage"]
+    first: _CnnStage | _FeatureStage
     if fs["type"] == "bundle":
-        first: Any = _CnnStage(sub_bundle(bundle, fs["dir"], fs["sha256"]), backend, device)
+        first = _CnnStage(sub_bundle(bundle, fs["dir"], fs["sha256"]), backend, device)
     else:
         params = json.loads(bundle.verified_bytes(fs["file"]))  # sha256-checked
         first = _FeatureStage(stage_from_dict(params),
@@ -499,5 +340,5 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
                             None if gate is None else float(gate))
 
 
-__all__ = ["CascadeConfig", "CascadePredictor", "CascadeResult", "build_cascade",
-           "load_cascade", "sub_bundle"]
+__all__ = ["CascadeConfig", "CascadeDecoder", "CascadeOptions", "CascadePredictor",
+           "CascadeResult", "build_cascade", "load_cascade", "sub_bundle"]

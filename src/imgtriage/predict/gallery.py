@@ -20,8 +20,8 @@ from imgtriage.bundle import Bundle, new_manifest, save_bundle
 from imgtriage.errors import BundleError, BundleSchemaError, ConfigError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed
+from imgtriage.predict.base import PredictOptions, decision_rows
 from imgtriage.predict.predictor import TTA_TRANSFORMS, Predictor
-from imgtriage.predict.report import meta_flags, result_row
 
 __all__ = ["GALLERY_FILE", "Gallery", "GalleryBackend", "GalleryConfig", "GalleryPredictor",
            "embed", "gallery_block", "gallery_files", "load_encoder", "load_gallery_predictor",
@@ -150,10 +150,11 @@ class GalleryPredictor(Predictor):
         emb = np.mean([self.backend.embed(v) for v in views], axis=0)
         return self.gallery.similarities(emb, self.config.method, self.config.k)
 
-    def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+    def logits(self, x: np.ndarray, tta: bool = False, features: np.ndarray | None = None
+               ) -> np.ndarray:
         return self.similarities(x, tta) * np.float32(self.config.scale)
 
-    def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: Any,
+    def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: PredictOptions,
                         metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Result rows for preprocessed inputs: the decision policy on ``scale * similarity``
         logits, plus abstention when the best similarity is below the threshold."""
@@ -165,27 +166,10 @@ class GalleryPredictor(Predictor):
         best = sims[np.arange(len(sims)), d.class_id]
         thr = self.config.similarity_threshold
         low = best < thr if thr is not None else np.zeros(len(best), bool)
-        rows = []
-        for i, name in enumerate(names):
-            cid = int(d.class_id[i])
-            abstained = bool(d.abstained[i] or low[i])
-            probs = ({c: round(float(p), 6) for c, p in zip(self.classes, d.probs[i],
-                                                             strict=True)}
-                     if opts.include_probs else None)
-            topk = None
-            if opts.topk:
-                order = np.argsort(-d.probs[i])[: opts.topk]
-                topk = [{"class": self.classes[j], "class_id": int(j),
-                         "score": round(float(d.probs[i, j]), 6),
-                         "similarity": round(float(sims[i, j]), 6)} for j in order]
-            pred_set = [self.classes[j] for j in d.sets[i]] if d.sets is not None else None
-            flags = meta_flags(metas[i]) if metas else None
-            rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
-                                   cid, d.score[i], abstained, probs=probs, topk=topk,
-                                   pred_set=pred_set, flags=flags,
-                                   extra={"similarity": round(float(best[i]), 6)},
-                                   best_class=self.classes[cid]))
-        return rows
+        return decision_rows(names, self.classes, d, policy, opts, metas,
+                             abstained=d.abstained | low,
+                             extras=[{"similarity": round(float(b), 6)} for b in best],
+                             topk_extra={"similarity": sims})
 
     def gallery_summary(self) -> dict[str, Any]:
         return {**self.config.to_dict(), "embed_dim": self.gallery.dim,
@@ -194,13 +178,11 @@ class GalleryPredictor(Predictor):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kind": "gallery", "gallery": self.gallery_summary()}
 
-    def make_report(self, results: list[dict[str, Any]], defects: list[dict[str, Any]],
-                    elapsed: float, batch_size: int, opts: Any) -> dict[str, Any]:
-        report = super().make_report(results, defects, elapsed, batch_size, opts)
-        report["meta"].update(kind="gallery", gallery={
+    def report_extra(self, results: list[dict[str, Any]], opts: PredictOptions
+                     ) -> dict[str, Any]:
+        return {**super().report_extra(results, opts), "kind": "gallery", "gallery": {
             "method": self.config.method, "k": self.config.k,
-            "similarity_threshold": self.config.similarity_threshold})
-        return report
+            "similarity_threshold": self.config.similarity_threshold}}
 
 
 def load_gallery_predictor(bundle: Bundle, backend: str = "auto", device: str = "cpu",

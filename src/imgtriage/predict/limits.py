@@ -8,14 +8,15 @@ read policy.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from typing import Any
+
+from imgtriage.predict.base import BasePredictor
 
 LIMIT_FIELDS = ("max_pixels", "max_decoded_bytes", "max_pages", "decode_timeout_s")
 
 
-def with_read_limits(predictor: Any, *, tighten_only: bool = False, **limits: Any) -> Any:
+def with_read_limits(predictor: BasePredictor, *, tighten_only: bool = False,
+                     **limits: Any) -> BasePredictor:
     """``predictor`` reading with ``limits`` (None values keep the bundle's).
 
     ``tighten_only`` keeps the bundle's value wherever it is already lower (a service never
@@ -27,10 +28,7 @@ def with_read_limits(predictor: Any, *, tighten_only: bool = False, **limits: An
     unknown = set(limits) - set(LIMIT_FIELDS)
     if unknown:
         raise TypeError(f"unknown read limits {sorted(unknown)}; use {LIMIT_FIELDS}")
-    spec = getattr(predictor, "spec", None)
-    read = getattr(spec, "read", None)
-    if read is None:
-        return predictor
+    read = predictor.spec.read
     changes = {}
     for key, value in limits.items():
         if value is None:
@@ -42,6 +40,4 @@ def with_read_limits(predictor: Any, *, tighten_only: bool = False, **limits: An
             changes[key] = value
     if not changes:
         return predictor
-    limited = copy.copy(predictor)
-    limited.spec = dataclasses.replace(spec, read=dataclasses.replace(read, **changes))
-    return limited
+    return predictor.with_read_policy(**changes)

@@ -1,14 +1,16 @@
-"""Predictor: the Python API. Load a bundle once, classify arrays, bytes, files and folders.
+"""Predictor: the Python API, and the classifier kind (image-only and image + feature fusion).
 
-The bundle's temperature, thresholds, abstain rule and conformal sets apply by default;
-each can be overridden per call. One bad file never raises: it becomes a defect.
+Load a bundle once, classify arrays, bytes, files and folders. The bundle's temperature,
+thresholds, abstain rule and conformal sets apply by default; each can be overridden per call.
+One bad file never raises: it becomes a defect. What every kind shares (decoding with the
+defect path, the entry points, the report) is :class:`~imgtriage.predict.base.BasePredictor`;
+this module adds what a classifier does differently: its backend, TTA and fusion features.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,19 @@ from imgtriage.data.features import (
     read_extra_columns,
     with_extra_columns,
 )
-from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input, record_input
-from imgtriage.errors import BundleSchemaError, ConfigError, ImageReadError, PredictionError
+from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, record_input
+from imgtriage.errors import BundleSchemaError, ConfigError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.evaluate.ood import OOD_FILE, KnnOOD
-from imgtriage.io import Defect, read_array
+from imgtriage.io import ImageRecord
 from imgtriage.predict.backends import RuntimeChoice
-from imgtriage.predict.report import meta_flags, report_meta, result_row
+from imgtriage.predict.base import (
+    BasePredictor,
+    Decoded,
+    Decoder,
+    PredictOptions,
+    decision_rows,
+)
 
 TTA_TRANSFORMS = {
     "hflip": lambda x: x[..., ::-1],
@@ -39,33 +47,16 @@ TTA_TRANSFORMS = {
 
 
 @dataclass(frozen=True)
-class PredictOptions:
-    """Per-call options; None means "what the bundle says"."""
+class ClassifierDecoder(Decoder):
+    """File -> (model input, metadata with the raw features of a fusion bundle)."""
 
-    include_probs: bool = False
-    topk: int | None = None
-    tta: bool = False
-    temperature: float | None = None
-    thresholds: tuple[float, ...] | None = None
-    abstain: bool | None = None
-    profile: str | None = None
+    def from_record(self, record: ImageRecord, name: str) -> Decoded:
+        x, meta = record_input(record, self.spec, path=name)
+        return Decoded(name, x, meta)
 
 
-@dataclass(frozen=True)
-class Decoded:
-    """One image read and preprocessed, ready to join a batch (see ``decode_bytes``).
-
-    ``x`` is the model input: the preprocessed array for a plain bundle, or what another
-    predictor kind needs (a cascade keeps the decoded record and its first-stage features).
-    """
-
-    name: str
-    x: Any
-    meta: dict[str, Any]
-
-
-class Predictor:
-    """A loaded bundle ready to classify.
+class Predictor(BasePredictor):
+    """A loaded classifier bundle ready to classify (``load`` opens any kind of bundle).
 
     Example:
         >>> p = Predictor.load("runs/digits/bundle")  # doctest: +SKIP
@@ -95,7 +86,8 @@ class Predictor:
     @classmethod
     def load(cls, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
              device: str = "cpu", num_threads: int | None = None,
-             precision: str | None = None, expect_sha256: str | None = None) -> Predictor:
+             precision: str | None = None, expect_sha256: str | None = None
+             ) -> BasePredictor:
         """Load and verify a bundle.
 
         ``expect_sha256`` pins the bundle: any other (its manifest hash, what
@@ -124,10 +116,9 @@ class Predictor:
                                 precision=precision)
         return cls(b, build_backend(b, choice, device, num_threads), choice)
 
-    # -- identity ------------------------------------------------------------------------
     @property
-    def bundle_sha256(self) -> str:
-        return self.bundle.sha256
+    def decoder(self) -> ClassifierDecoder:
+        return ClassifierDecoder(self.spec)
 
     def describe(self) -> dict[str, Any]:
         """What a client needs to know about the model (the service's GET /v1/model)."""
@@ -249,134 +240,13 @@ class Predictor:
         policy = self.policy_for(opts)
         d = policy.decide(*self.forward(x, policy, opts.tta, self.feature_matrix(metas, names),
                                         metas))
-        rows = []
-        for i, name in enumerate(names):
-            cid = int(d.class_id[i])
-            abstained = bool(d.abstained[i])
-            probs = ({c: round(float(p), 6) for c, p in zip(self.classes, d.probs[i],
-                                                             strict=True)}
-                     if opts.include_probs else None)
-            topk = None
-            if opts.topk:
-                order = np.argsort(-d.probs[i])[: opts.topk]
-                topk = [{"class": self.classes[j], "class_id": int(j),
-                         "score": round(float(d.probs[i, j]), 6)} for j in order]
-            pred_set = [self.classes[j] for j in d.sets[i]] if d.sets is not None else None
-            flags = meta_flags(metas[i]) if metas else None
-            rows.append(result_row(name, policy.unknown_label if abstained else self.classes[cid],
-                                   cid, d.score[i], abstained, probs=probs, topk=topk,
-                                   pred_set=pred_set, flags=flags,
-                                   best_class=self.classes[cid], reason=d.reason[i]))
-        return rows
+        return decision_rows(names, self.classes, d, policy, opts, metas)
 
-    # -- public entry points -------------------------------------------------------------
-    def predict_arrays(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None,
-                       **options: Any) -> list[dict[str, Any]]:
-        """Decoded images (any dtype, (H, W) or (H, W, C)) -> one entry per array, in order:
-        a result row, or a defect dict (with ``issue``) for an array of unusable shape."""
-        names = list(names) if names is not None else [f"array[{i}]" for i in range(len(arrays))]
-        return self._predict_items([(n, lambda a=a, n=n: self._array_input(a, n))
-                                    for n, a in zip(names, arrays, strict=True)],
-                                   PredictOptions(**options))
-
-    def _array_input(self, array: Any, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """An in-memory image through the same final step as a file read
-        (:func:`imgtriage.io.read_array`), then ``to_input``."""
-        return record_input(read_array(array, policy=self.spec.read, name=name), self.spec,
-                            path=name)
-
-    def predict_bytes(self, items: Sequence[bytes], names: Sequence[str] | None = None,
-                      **options: Any) -> list[dict[str, Any]]:
-        """Encoded files in memory (uploads) -> one entry per item, in order: a result row,
-        or a defect dict ``{path, issue, message}``; never raises for one bad item."""
-        return self.predict_decoded(self.decode_bytes(items, names), **options)
-
-    def decode_bytes(self, items: Sequence[bytes],
-                     names: Sequence[str] | None = None) -> list[Decoded | dict[str, Any]]:
-        """The first half of :meth:`predict_bytes`: read and preprocess each item.
-
-        One entry per item, in order: a :class:`Decoded` input, or a defect dict. A service
-        decodes uploads as they arrive, on other threads, while the model runs the previous
-        batch; :meth:`predict_decoded` then classifies what it is given.
-        """
-        names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
-        return self._load_all([(n, lambda b=b, n=n: load_input(b, self.spec, name=n))
-                               for n, b in zip(names, items, strict=True)])
-
-    def predict_decoded(self, entries: Sequence[Decoded | dict[str, Any]],
-                        **options: Any) -> list[dict[str, Any]]:
-        """The second half of :meth:`predict_bytes`: one batch through the model.
-
-        ``entries`` come from :meth:`decode_bytes` (possibly of several calls, concatenated);
-        defect dicts pass through in place, each :class:`Decoded` becomes a result row.
-        """
-        return self._rows_for_loaded(entries, PredictOptions(**options))
-
-    def _predict_items(self, loaders: list, opts: PredictOptions) -> list[dict[str, Any]]:
-        return self._rows_for_loaded(self._load_all(loaders), opts)
-
-    @staticmethod
-    def _load_all(loaders: list) -> list[Decoded | dict[str, Any]]:
-        out: list[Decoded | dict[str, Any]] = []
-        for name, load in loaders:
-            try:
-                x, meta = load()
-            except ImageReadError as exc:
-                out.append(exc.defect.to_dict())
-                continue
-            except Exception as exc:  # a decoder bug is still one bad item, never the call
-                out.append(defect_dict(name, "decode_error", f"{type(exc).__name__}: {exc}"))
-                continue
-            out.append(Decoded(name, x, meta))
-        return out
-
-    def _rows_for_loaded(self, entries: Sequence[Decoded | dict[str, Any]],
-                         opts: PredictOptions) -> list[dict[str, Any]]:
-        out: list[Any] = list(entries)
-        idx = [i for i, e in enumerate(entries) if isinstance(e, Decoded)]
-        if idx:
-            got: list[Decoded] = [out[i] for i in idx]
-            rows = self.rows_for_inputs(np.stack([d.x for d in got]), [d.name for d in got],
-                                        opts, [d.meta for d in got])
-            for i, row in zip(idx, rows, strict=True):
-                out[i] = row
-        return out
-
-    def predict_paths(self, paths: Iterable[str | os.PathLike[str]], *,
-                      batch_size: int | None = None, workers: int | None = None,
-                      progress: bool = False, **options: Any) -> dict[str, Any]:
-        """Files and folders (walked recursively) -> the report dict (meta, results, defects).
-
-        Every file appears exactly once, in ``results`` or in ``defects``. ``batch_size``
-        None uses the backend's preferred batch. The report is built in memory: for runs over
-        millions of files use :func:`imgtriage.predict.runner.run_batch` (a store and a
-        streamed output file).
-
-        Example:
-            >>> p.predict_paths(["inbox/"], temperature=1.5, abstain=True)  # doctest: +SKIP
-        """
-        from imgtriage.predict.batch import iter_predictions, preferred_batch_size
-
-        opts = PredictOptions(**options)
-        batch_size = batch_size or preferred_batch_size(self)
-        t0 = time.perf_counter()
-        results, defects = [], []
-        for kind, item in iter_predictions(self, paths, batch_size=batch_size, opts=opts,
-                                           workers=workers, progress=progress):
-            (results if kind == "result" else defects).append(item)
-        return self.make_report(results, defects, time.perf_counter() - t0, batch_size, opts)
-
-    def make_report(self, results: list[dict[str, Any]], defects: list[dict[str, Any]],
-                    elapsed: float, batch_size: int, opts: PredictOptions) -> dict[str, Any]:
-        policy = self.policy_for(opts)
-        meta = report_meta(bundle_path=str(Path(self.bundle.path)),
-                           bundle_sha256=self.bundle_sha256, decision=policy.to_dict(),
-                           classes=self.classes, batch_size=batch_size,
-                           num_files=len(results) + len(defects), n_results=len(results),
-                           n_abstained=sum(r["abstained"] for r in results),
-                           elapsed_sec=elapsed, tta=opts.tta,
-                           extra=self.runtime.to_dict())
-        return {"meta": meta, "results": results, "defects": defects}
+    def rows(self, batch: Sequence[Decoded], opts: PredictOptions) -> list[dict[str, Any]]:
+        if not batch:
+            return []
+        return self.rows_for_inputs(np.stack([d.x for d in batch]), [d.name for d in batch],
+                                    opts, [d.meta for d in batch])
 
 
 def _standardizer(bundle: Bundle, spec: PreprocessSpec) -> FeatureStandardizer | None:
@@ -392,7 +262,3 @@ def _standardizer(bundle: Bundle, spec: PreprocessSpec) -> FeatureStandardizer |
         raise BundleSchemaError(f"{bundle.path}: the feature spec of 'preprocess' differs from "
                                 "the scaler's; the manifest was edited: restore the bundle")
     return fx
-
-
-def defect_dict(path: str, issue: str, message: str) -> dict[str, str]:
-    return Defect(path, issue, message).to_dict()

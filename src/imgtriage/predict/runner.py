@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from imgtriage.errors import ConfigError
-from imgtriage.predict.batch import iter_predictions, preferred_batch_size
-from imgtriage.predict.predictor import PredictOptions
+from imgtriage.predict.base import BasePredictor, PredictOptions
+from imgtriage.predict.batch import iter_predictions
 from imgtriage.predict.progress import RunProgress
 from imgtriage.predict.report import stage_counts
 from imgtriage.predict.sinks import FORMATS, write_defect_log, write_stream
@@ -75,7 +75,7 @@ def identity_of(meta: dict[str, Any], opts: PredictOptions) -> dict[str, Any]:
     return ident
 
 
-def run_batch(predictor: Any, paths: Iterable[str | os.PathLike[str]], *,
+def run_batch(predictor: BasePredictor, paths: Iterable[str | os.PathLike[str]], *,
               output: str | os.PathLike[str] | None = None,
               store: str | os.PathLike[str] | None = None, new_only: bool = False,
               defect_log: str | os.PathLike[str] | None = None, batch_size: int | None = None,
@@ -89,13 +89,13 @@ def run_batch(predictor: Any, paths: Iterable[str | os.PathLike[str]], *,
     run's rows (plus rows of an earlier run that died before writing its report).
     Without ``store``, a temporary one is used and removed.
     """
-    opts = opts or PredictOptions(**options)
+    opts = predictor.options(opts, **options)
     paths = list(paths)
     output_p = Path(output) if output is not None else None
     log_p = Path(defect_log) if defect_log is not None else None
     store_p = Path(store) if store is not None else None
     _check_paths(output_p, log_p, store_p, new_only)
-    batch_size = batch_size or preferred_batch_size(predictor)
+    batch_size = batch_size or predictor.batch_size
     meta = predictor.make_report([], [], 0.0, batch_size, opts)["meta"]
     tmpdir = None if store_p else Path(tempfile.mkdtemp(prefix="imgtriage-run-"))
     db = store_p or Path(tmpdir or ".") / "results.sqlite"

@@ -6,8 +6,9 @@ Files are written to ``<name>.tmp`` and renamed, so a killed run never leaves ha
 
 Flat formats (JSONL, CSV, Parquet) have one row per file with ``kind`` "result" or "defect";
 extra result keys (probs, topk, set, flags, stage, ...) are JSON-encoded strings there.
-JSONL starts with a ``{"kind": "meta", ...}`` line; Parquet keeps ``meta`` as JSON in the
-schema metadata (key ``imgtriage_meta``).
+JSONL starts with a ``{"kind": "meta", ...}`` line (where a gallery report's own ``kind`` is
+``bundle_kind``); Parquet keeps ``meta`` as JSON in the schema metadata (key
+``imgtriage_meta``).
 """
 
 from __future__ import annotations
@@ -173,7 +174,9 @@ def _json_list(fh: Any, items: Iterable[dict[str, Any]]) -> None:
 def _write_jsonl(tmp: Path, meta: dict[str, Any], results: Rows, defects: Rows,
                  extras: list[str]) -> None:
     with tmp.open("w") as fh:
-        fh.write(json.dumps({"kind": "meta", **meta}) + "\n")
+        # "kind" says what a line is; a report's own "kind" (a gallery's) is "bundle_kind"
+        line = {("bundle_kind" if k == "kind" else k): v for k, v in meta.items()}
+        fh.write(json.dumps({"kind": "meta", **line}) + "\n")
         for row in _flat(results, defects, extras):
             fh.write(json.dumps(row) + "\n")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from imgtriage._version import __version__
 from imgtriage.errors import require
+from imgtriage.predict.base import BasePredictor
 from imgtriage.serve.auth import ApiKeyAuth
 from imgtriage.serve.config import ENV_VAR, ServeConfig
 from imgtriage.serve.limits import ClientLimiter
@@ -31,7 +32,7 @@ thresholds and an explicit "unknown" when the model should not decide. Every ref
 `application/problem+json` document."""
 
 
-def create_app(config: ServeConfig, *, predictor: Any = None) -> Any:
+def create_app(config: ServeConfig, *, predictor: BasePredictor | None = None) -> Any:
     """The service for ``config.bundle`` (or an already loaded ``predictor``).
 
     The model loads (or, given, warms up) in the background once the app starts; ``/readyz``

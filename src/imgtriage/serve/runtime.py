@@ -4,13 +4,14 @@ Loading runs in a background thread so that ``/livez`` answers at once while a l
 loads; ``/readyz`` and ``/v1/classify`` answer 503 with Retry-After until the model has been
 loaded *and* has run a warm-up batch (the first calls of a model are slow: allocation, kernel
 selection), so a load balancer only sends traffic to a worker that will answer at full speed.
-Only the public :class:`~imgtriage.predict.Predictor` API is used.
+Any predictor kind is served through the one contract,
+:class:`~imgtriage.predict.base.BasePredictor`: uploads are decoded by the kind's own decoder
+(once each), and only decoded inputs join a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import io
 import logging
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.predict.predictor import Decoded
+from imgtriage.predict.base import BasePredictor, Decoded, PredictOptions
 from imgtriage.serve.batching import Batcher, QueueFull
 from imgtriage.serve.config import ServeConfig
 from imgtriage.serve.inputs import Upload, precheck
@@ -29,33 +30,25 @@ from imgtriage.serve.problems import Problem
 log = logging.getLogger("imgtriage.serve")
 
 
-def limit_pixels(predictor: Any, max_pixels: int) -> tuple[Any, int | None]:
+def limit_pixels(predictor: BasePredictor, max_pixels: int) -> tuple[BasePredictor, int]:
     """The predictor with its read policy tightened to ``max_pixels``, and the limit in force.
 
     The io layer refuses a larger image with the ``too_many_pixels`` defect before decoding it
     (decompression bombs). A bundle's own, lower limit is kept. The caller's predictor is not
     changed: a shallow copy (sharing the loaded model) gets the tighter policy.
     """
-    spec = getattr(predictor, "spec", None)
-    read = getattr(spec, "read", None)
-    if read is None:
-        log.warning("this predictor has no read policy: --max-pixels cannot be applied")
-        return predictor, None
-    if read.max_pixels <= max_pixels:
-        return predictor, read.max_pixels
-    limited = copy.copy(predictor)
-    limited.spec = dataclasses.replace(spec, read=dataclasses.replace(read,
-                                                                      max_pixels=max_pixels))
-    return limited, max_pixels
+    current = predictor.spec.read.max_pixels
+    if current <= max_pixels:
+        return predictor, current
+    return predictor.with_read_policy(max_pixels=max_pixels), max_pixels
 
 
-def warm_up(predictor: Any, max_batch: int) -> None:
+def warm_up(predictor: BasePredictor, max_batch: int) -> None:
     """Run the model at batch 1 and at the largest batch, and decode one PNG."""
     from PIL import Image
 
-    spec = getattr(predictor, "spec", None)
-    h, w = spec.size if spec is not None else (64, 64)
-    c = spec.in_chans if spec is not None else 3
+    h, w = predictor.spec.size
+    c = predictor.spec.in_chans
     rng = np.random.default_rng(0)
     shape = (h, w) if c == 1 else (h, w, c)
     arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(max_batch)]
@@ -69,7 +62,8 @@ def warm_up(predictor: Any, max_batch: int) -> None:
 class ModelRuntime:
     """Loads, warms and serves one predictor; ``state`` is loading | ready | failed."""
 
-    def __init__(self, cfg: ServeConfig, metrics: Metrics, predictor: Any = None) -> None:
+    def __init__(self, cfg: ServeConfig, metrics: Metrics,
+                 predictor: BasePredictor | None = None) -> None:
         self.cfg, self.metrics = cfg, metrics
         self.predictor = predictor
         self.state = "loading"
@@ -119,7 +113,7 @@ class ModelRuntime:
                  d.get("bundle_sha256", "")[:12], d.get("backend"), d.get("precision", "-"),
                  d.get("threads", self.cfg.compute_threads))
 
-    def _load_and_warm(self) -> Any:
+    def _load_and_warm(self) -> BasePredictor:
         p = self.predictor
         if p is None:
             from imgtriage.predict import Predictor
@@ -131,7 +125,9 @@ class ModelRuntime:
         warm_up(p, self.cfg.max_batch_size)
         return p
 
-    def _infer(self, items: list[Any], names: list[str], opts: Any) -> list[dict[str, Any]]:
+    def _infer(self, items: list[Decoded], names: list[str], opts: PredictOptions
+               ) -> list[dict[str, Any]]:
+        assert self.predictor is not None
         return self.predictor.predict_decoded(items, **dataclasses.asdict(opts))
 
     # -- used by the routes ------------------------------------------------------------
@@ -150,23 +146,24 @@ class ModelRuntime:
         return {k: d.get(k) for k in ("bundle_sha256", "bundle_version", "schema_version",
                                       "backend")}
 
-    def options(self, **given: Any) -> Any:
+    def options(self, **given: Any) -> PredictOptions:
         """Validated PredictOptions for a request (422 for an unknown profile or topk)."""
         from imgtriage.errors import ImgTriageError
-        from imgtriage.predict import PredictOptions
 
         classes = self.description.get("classes", [])
         if given.get("topk") is not None and given["topk"] > len(classes):
             raise Problem(422, "invalid-parameters", "Invalid parameters",
                           f"topk={given['topk']} but the model has {len(classes)} classes")
-        opts = PredictOptions(**given)
+        assert self.predictor is not None
         try:
+            opts = self.predictor.options(**given)
             self.predictor.policy_for(opts)
         except ImgTriageError as exc:
             raise Problem(422, "invalid-parameters", "Invalid parameters", str(exc)) from None
         return opts
 
-    async def classify(self, uploads: list[Upload], opts: Any) -> list[dict[str, Any]]:
+    async def classify(self, uploads: list[Upload], opts: PredictOptions
+                       ) -> list[dict[str, Any]]:
         """One entry per upload, in order: a result row or a defect dict.
 
         Uploads are decoded here, on the decode threads, as soon as they have arrived; only
