@@ -70,8 +70,8 @@ def csv_cell(value: Any) -> Any:
     Plain numbers (``-0.5``) are kept as they are.
 
     Example:
-        >>> csv_cell('=HYPERLINK("http://x")'), csv_cell("-0.5"), csv_cell("cat")
-        ('\'=HYPERLINK("http://x")', '-0.5', 'cat')
+        >>> print(csv_cell('=HYPERLINK("http://x")'), csv_cell("-0.5"), csv_cell("cat"))
+        '=HYPERLINK("http://x") -0.5 cat
     """
     if not isinstance(value, str) or not value.startswith(_FORMULA_START):
         return value
