@@ -53,5 +53,5 @@ def test_a_modified_v1_file_is_still_refused(tmp_path):
     data = bytearray((copy / "weights.safetensors").read_bytes())
     data[-1] ^= 1
     (copy / "weights.safetensors").write_bytes(bytes(data))
-    with pytest.raises(BundleIntegrityError, match="weights.safetensors"):
+    with pytest.raises(BundleIntegrityError, match=r"weights\.safetensors"):
         load_bundle(copy)
