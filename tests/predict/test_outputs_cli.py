@@ -165,6 +165,19 @@ def test_progress_counts_rate_and_eta(tmp_path):
     assert quiet.total is None and "ETA" not in quiet.line()
 
 
+def test_progress_without_a_terminal_prints_a_plain_line_every_n_files():
+    import io
+
+    out = io.StringIO()  # not a TTY, like a log file
+    with RunProgress(None, enabled=True, every=10, stream=out) as bar:
+        for _ in range(25):
+            bar.done(1)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" classified")[0] for line in lines] == [
+        "classify: 10", "classify: 20", "classify: 25"]
+    assert all("files/s" in line for line in lines)
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
 def test_abstained_rows_have_class_id_minus_one_in_every_format(tiny_bundle, inbox, tmp_path,
                                                                  suffix):

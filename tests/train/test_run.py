@@ -172,6 +172,12 @@ def test_train_test_layout_validates_on_a_carved_split_and_never_counts_test(
     n_val = splits.count("val")
     assert n_val > 0 and splits.count("test") == 6
     assert f"{n_val} val (carved from train" in err and "6 test (held out" in err
+    # stderr is not a terminal here: one plain progress line per epoch, unwrapped lines
+    epochs = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 1 and epochs[0].startswith(f"epoch 1/1: {splits.count('train')} img "
+                                                     "train_loss=")
+    assert any(line.startswith("answers ") and line.endswith("out of distribution)")
+               for line in err.splitlines())
     counts = load_bundle(res.bundle_path).manifest["training"]["counts"]
     assert sum(counts.values()) == 38 - 6
     assert res.metrics["val_count"] == n_val

@@ -8,6 +8,7 @@ appears once the count is in; until then the line shows files/s and elapsed time
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -25,8 +26,12 @@ class RunProgress:
     """
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]] | None, *,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, every: int = 1000, stream: Any = None) -> None:
         self.enabled = enabled
+        self.every = every  # without a terminal: one plain line per this many files
+        self._stream = stream
+        self._plain: bool | None = None
+        self._next_line = every
         self.classified = 0
         self.skipped_count = 0
         self.total: int | None = None
@@ -72,6 +77,13 @@ class RunProgress:
         self._t0 = time.perf_counter()
         if not self.enabled:
             return self
+        stream = self._stream or sys.stderr
+        self._plain = not stream.isatty()
+        if self._plain:  # a log file or a pipe: plain lines, never a live bar
+            if self._paths is not None:
+                threading.Thread(target=self._count_total, daemon=True,
+                                 name="count-files").start()
+            return self
         from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(TextColumn("{task.description}"), _line_column(self),
@@ -85,13 +97,22 @@ class RunProgress:
 
     def __exit__(self, *exc: Any) -> bool:
         self._stop.set()
+        if self._plain:
+            self._say()
         if self._progress is not None:
             self._refresh()
             self._progress.__exit__(*exc)
             self._progress = None
         return False
 
+    def _say(self) -> None:
+        print(f"classify: {self.line()}", file=self._stream or sys.stderr, flush=True)
+
     def _refresh(self) -> None:
+        if self._plain and self.classified + self.skipped_count >= self._next_line:
+            self._say()
+            done = self.classified + self.skipped_count
+            self._next_line = (done // self.every + 1) * self.every
         if self._progress is not None:
             self._progress.update(self._task, completed=self.classified + self.skipped_count,
                                   total=self.total)

@@ -319,9 +319,57 @@ def _fire(cbs: Sequence[Callback], event: str, state: LoopState) -> None:
         getattr(cb, event)(state)
 
 
+class PlainProgress:
+    """The progress of :func:`fit` when stderr is not a terminal (a log file, CI, a pipe):
+    one plain line per finished epoch instead of a live bar that a log never shows.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> with PlainProgress(out) as bar:
+        ...     t = bar.add_task("train", total=10, epoch=1, epochs=2, msg="")
+        ...     bar.advance(t, 10)
+        ...     bar.update(t, msg="train_loss=0.5")
+        >>> out.getvalue()
+        'epoch 1/2: 10 img train_loss=0.5\n'
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self.fields: dict[str, Any] = {}
+        self.completed = 0
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    def add_task(self, _name: str, total: int, **fields: Any) -> int:
+        self.reset(0, total=total, **fields)
+        return 0
+
+    def reset(self, _task: int, total: int, **fields: Any) -> None:
+        self.fields, self.completed = dict(fields), 0
+
+    def advance(self, _task: int, n: int) -> None:
+        self.completed += n
+
+    def update(self, _task: int, msg: str = "") -> None:
+        import sys
+
+        f = self.fields
+        print(f"epoch {f.get('epoch')}/{f.get('epochs')}: {self.completed} img {msg}".rstrip(),
+              file=self.stream or sys.stderr, flush=True)
+
+
 def _progress(enabled: bool) -> Any:
+    import sys
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress()
     return Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                     BarColumn(), TextColumn("{task.completed}/{task.total} img"),
                     TextColumn("{task.fields[msg]}"), TimeRemainingColumn(),

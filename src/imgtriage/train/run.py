@@ -131,7 +131,7 @@ def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         from rich.console import Console
 
-        Console(stderr=True).print(msg, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(msg, highlight=False)  # no wrap in logs
 
 
 def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val: int = 0,

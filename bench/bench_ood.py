@@ -1,0 +1,245 @@
+"""Out-of-distribution detection of default bundles: k-NN on penultimate features (the
+bundle's OOD scorer) against max-softmax probability (MSP), in the same run, on the same images.
+
+Tasks (each trained with ``imgtriage.train`` and its *default* calibration, per seed):
+
+* ``mstar``: 10-class MSTAR SOC model; ID = the 15 deg test chips; far OOD = CIFAR-10 test
+  photos, SIRST infrared frames and synthetic noise (uniform and Gaussian, 128 px).
+* ``mstar6``: the first 6 MSTAR classes only; near OOD = the test chips of the other 4.
+* ``fashion``: Fashion-MNIST model (a class-balanced subset of train); near OOD = scikit-learn
+  digits (8x8 upscaled to 28 px, white on black like Fashion-MNIST).
+
+Reported per task: AUROC and FPR at 95% TPR of both scores (OOD = positive for AUROC; FPR =
+share of OOD accepted while 95% of ID test images are), ECE of the calibrated default bundle on
+the ID test split, accuracy and coverage of ID test images under the default rule with and
+without its OOD part, and prediction throughput with the OOD scorer vs without (``rounds``
+interleaved rounds, median of within-round ratios). Medians (min-max) over seeds.
+
+Usage (the machine is shared: take the lock):
+    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_ood.py --seeds 0,1,2 \\
+        --out /tmp/oodbench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = next((p / "shared" / "datasets" for p in (REPO.parent, REPO.parent.parent)
+               if (p / "shared" / "datasets").is_dir()), REPO.parent / "shared" / "datasets")
+MSTAR = SHARED / "mstar-soc10"
+MSTAR_CFG = dict(model="crop_cnn", model_kwargs={"widths": [16, 32, 64, 128]}, img_size=64,
+                 resize="shorter_crop", crop_pct=0.6875, scaling="percentile", augment="shift",
+                 epochs=12, lr=2e-3, label_smoothing=0.1, val_frac=0.1)
+FASHION_CFG = dict(model="crop_cnn", img_size=28, epochs=6, lr=3e-3, augment="flip",
+                   val_frac=0.1)
+
+
+def _files(root: Path) -> dict[str, list[Path]]:
+    return {c.name: sorted(c.iterdir()) for c in sorted(root.iterdir()) if c.is_dir()}
+
+
+def _noise(out: Path, n: int = 100) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(123)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        a = (rng.integers(0, 256, (128, 128)) if i % 2 else
+             np.clip(rng.normal(128, 50, (128, 128)), 0, 255)).astype(np.uint8)
+        paths.append(out / f"noise{i:03d}.png")
+        Image.fromarray(a).save(paths[-1])
+    return paths
+
+
+def _digits(out: Path) -> list[Path]:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(load_digits().images):
+        a = (im / 16 * 255).astype(np.uint8)
+        paths.append(out / f"digit{i:04d}.png")
+        Image.fromarray(a).resize((28, 28), Image.BILINEAR).save(paths[-1])
+    return paths
+
+
+def _fashion(out: Path, per_class_train: int, per_class_test: int) -> tuple[Path, list]:
+    from PIL import Image
+
+    from imgtriage.demo import FASHION_CLASSES, _find_idx, _read_idx
+
+    x, y = _read_idx(_find_idx("train-images-idx3-ubyte")), _read_idx(
+        _find_idx("train-labels-idx1-ubyte"))
+    rng = np.random.default_rng(0)
+    test = []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        for k, i in enumerate(idx[:per_class_train + per_class_test]):
+            split = "train" if k < per_class_train else "test"
+            p = out / split / FASHION_CLASSES[c] / f"{i:05d}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(p)
+            if split == "test":
+                test.append((p, FASHION_CLASSES[c]))
+    return out / "train", test
+
+
+def _inputs(p: Any, paths: list[Path]) -> np.ndarray:
+    from imgtriage.data.preprocess import load_input
+
+    return np.stack([load_input(str(f), p.spec)[0] for f in paths])
+
+
+def _scores(p: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    from imgtriage.evaluate.decision import softmax
+
+    logits, knn = p.forward(x, p.policy)
+    return {"logits": logits, "knn": knn, "msp": -softmax(logits, p.policy.temperature).max(1)}
+
+
+def _throughput(p: Any, x: np.ndarray, rounds: int) -> dict[str, Any]:
+    """img/s of the default rule with the OOD scorer vs the same rule without it."""
+    from dataclasses import replace
+
+    plain = replace(p.policy, ood=None)
+    ratios, rates = [], {"with": [], "without": []}
+    for _ in range(rounds):
+        got = {}
+        for name, pol in (("without", plain), ("with", p.policy)):
+            t0 = time.perf_counter()
+            for i in range(0, len(x), 64):
+                pol.decide(*p.forward(x[i:i + 64], pol))
+            got[name] = len(x) / (time.perf_counter() - t0)
+            rates[name].append(got[name])
+        ratios.append(got["with"] / got["without"])
+    return {"ratio_median": statistics.median(ratios), "ratios": ratios,
+            "img_s_with": statistics.median(rates["with"]),
+            "img_s_without": statistics.median(rates["without"]), "backend": p.backend.name}
+
+
+def _id_metrics(p: Any, s: dict[str, np.ndarray], y: np.ndarray) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from imgtriage.evaluate import expected_calibration_error
+    from imgtriage.evaluate.decision import softmax
+
+    probs = softmax(s["logits"], p.policy.temperature)
+    out = {"accuracy": float((probs.argmax(1) == y).mean()),
+           "ece_default": expected_calibration_error(probs, y),
+           "ece_uncalibrated": expected_calibration_error(softmax(s["logits"]), y),
+           "temperature": p.policy.temperature}
+    for name, pol, ood in (("rule", p.policy, s["knn"]),
+                           ("rule_without_ood", replace(p.policy, ood=None), None)):
+        d = pol.decide(s["logits"], ood)
+        kept = ~d.abstained
+        out[name] = {"coverage": float(kept.mean()),
+                     "accuracy_answered": float((d.class_id[kept] == y[kept]).mean())
+                     if kept.any() else None}
+    return out
+
+
+def run_task(task: str, seed: int, out: Path, rounds: int) -> dict[str, Any]:
+    from imgtriage.data import write_manifest
+    from imgtriage.evaluate.ood import auroc_fpr
+    from imgtriage.predict import Predictor
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    work = out / f"{task}-s{seed}"
+    if task == "fashion":
+        data, test = _fashion(out / "fashion-data", 600, 100)
+        ood_sets = {"digits": _digits(out / "digits")}
+        cfg = TrainConfig(**FASHION_CFG, seed=seed, num_threads=2)
+    else:
+        train_files, test_files = _files(MSTAR / "train"), _files(MSTAR / "test")
+        keep = sorted(train_files)[:6] if task == "mstar6" else sorted(train_files)
+        paths = [str(f) for c in keep for f in train_files[c]]
+        data = write_manifest(work / "train.csv", paths,
+                              [c for c in keep for _ in train_files[c]])
+        test = [(f, c) for c in keep for f in test_files[c]]
+        if task == "mstar6":
+            ood_sets = {"mstar_other4": [f for c in sorted(test_files)[6:]
+                                         for f in test_files[c]]}
+        else:
+            ood_sets = {"cifar10": sorted((SHARED / "cifar10-small" / "test").rglob("*.jpg")),
+                        "sirst": sorted((SHARED / "sirst-infrared").glob("*.png")),
+                        "noise": _noise(out / "noise")}
+        cfg = TrainConfig(**MSTAR_CFG, seed=seed, num_threads=2)
+    t0 = time.perf_counter()
+    res = train(data, work / "run", cfg, quiet=True)
+    train_s = time.perf_counter() - t0
+    p = Predictor.load(res.bundle_path, num_threads=2)
+    y = np.array([p.classes.index(c) for _, c in test])
+    x_id = _inputs(p, [f for f, _ in test])
+    s_id = _scores(p, x_id)
+    row: dict[str, Any] = {"task": task, "seed": seed, "train_seconds": round(train_s, 1),
+                           "rule_line": res.rule, "id": _id_metrics(p, s_id, y), "ood": {}}
+    for name, files in ood_sets.items():
+        s = _scores(p, _inputs(p, files))
+        row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in ("knn", "msp")}
+        d = p.policy.decide(s["logits"], s["knn"])
+        row["ood"][name]["refused_by_rule"] = float(d.abstained.mean())
+    row["throughput"] = _throughput(p, x_id[:512], rounds)
+    return row
+
+
+def _med(vals: list[float]) -> str:
+    return f"{statistics.median(vals):.4f} ({min(vals):.4f}-{max(vals):.4f})"
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        rs = [r for r in rows if r["task"] == task]
+        lines.append(f"== {task} (seeds {[r['seed'] for r in rs]})")
+        ids = [r["id"] for r in rs]
+        lines.append(f"  ID test accuracy {_med([i['accuracy'] for i in ids])}, ECE default "
+                     f"{_med([i['ece_default'] for i in ids])} (T=1: "
+                     f"{_med([i['ece_uncalibrated'] for i in ids])})")
+        for k in ("rule", "rule_without_ood"):
+            lines.append(f"  {k}: coverage {_med([i[k]['coverage'] for i in ids])}, accuracy "
+                         f"answered {_med([i[k]['accuracy_answered'] for i in ids])}")
+        for name in rs[0]["ood"]:
+            for m in ("knn", "msp"):
+                a = [r["ood"][name][m]["auroc"] for r in rs]
+                f = [r["ood"][name][m]["fpr_at_95tpr"] for r in rs]
+                lines.append(f"  {name:13s} {m}: AUROC {_med(a)}  FPR@95TPR {_med(f)}")
+            lines.append(f"  {name:13s} refused by the default rule: "
+                         f"{_med([r['ood'][name]['refused_by_rule'] for r in rs])}")
+        lines.append(f"  throughput with/without OOD scorer: "
+                     f"{_med([r['throughput']['ratio_median'] for r in rs])} "
+                     f"({rs[0]['throughput']['backend']}, "
+                     f"{statistics.median([r['throughput']['img_s_without'] for r in rs]):.0f}"
+                     " img/s without)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="mstar,mstar6,fashion")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/oodbench"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for task in args.tasks.split(","):
+            rows.append(run_task(task, seed, args.out, args.rounds))
+            print(json.dumps(rows[-1]), flush=True)
+            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(summarise(rows)))
+
+
+if __name__ == "__main__":
+    main()
