@@ -118,3 +118,18 @@ def test_auto_picks_the_pretrained_recipe_for_rgb_and_says_why(rgb_folder, tmp_p
     assert saved["model"] == "efficientnet_lite0" and saved["freeze_backbone"], why
     assert "pretrained weights installed" in why and "estimate: embedding" in why
     assert "head on cached embeddings only" in why
+
+
+def test_embedder_matches_pytorch_whichever_backend_runs():
+    from imgtriage.train.embed_cache import Embedder, pooled_features
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 2, pretrained="none").eval()
+    x = np.random.default_rng(0).normal(size=(3, 3, 40, 40)).astype(np.float32)
+    emb = Embedder(model, threads=1)
+    first, again = emb(x), emb(x[::-1].copy())
+    with torch.no_grad():
+        ref = pooled_features(model, torch.from_numpy(x)).numpy()
+    assert emb.backend in ("onnxruntime", "torch")
+    np.testing.assert_allclose(first, ref, atol=1e-4)
+    np.testing.assert_allclose(again, ref[::-1], atol=1e-4)

@@ -39,7 +39,13 @@ from torch import nn
 from imgtriage.data.preprocess import PreprocessSpec
 from imgtriage.models.pretrained import WeightsPlan
 from imgtriage.train.config import TrainConfig
-from imgtriage.train.embed_cache import Embedded, EmbeddingStore, cache_root, embed_samples
+from imgtriage.train.embed_cache import (
+    Embedded,
+    Embedder,
+    EmbeddingStore,
+    cache_root,
+    embed_samples,
+)
 from imgtriage.train.loop import FitResult, _confusion_metrics
 from imgtriage.train.losses import LossPlan, TrainLoss
 
@@ -121,13 +127,14 @@ def embed_splits(model: nn.Module, parts: dict[str, list], classes: Sequence[str
     store = EmbeddingStore(cache_root(cfg.embed_cache), backbone_id(plan, spec.in_chans), spec)
     t0 = time.perf_counter()
     workers = cfg.decode_workers or 2
-    out = [embed_samples(model, parts.get(split, []), classes, spec, store,
+    embedder = Embedder(model)
+    out = [embed_samples(embedder, parts.get(split, []), classes, spec, store,
                          batch_size=min(cfg.batch_size, 64), workers=workers,
                          progress=progress, label=split) for split in ("train", "val")]
     hits, computed = sum(e.hits for e in out), sum(e.computed for e in out)
     where = store.dir if store.dir is not None else "not stored (--embed-cache off)"
-    say(f"embeddings: {computed} computed, {hits} from the cache ({where}) in "
-        f"{time.perf_counter() - t0:.1f}s")
+    say(f"embeddings: {computed} computed ({embedder.backend}), {hits} from the cache "
+        f"({where}) in {time.perf_counter() - t0:.1f}s")
     return out[0], out[1]
 
 
