@@ -330,8 +330,8 @@ class PlainProgress:
         ...     t = bar.add_task("train", total=10, epoch=1, epochs=2, msg="")
         ...     bar.advance(t, 10)
         ...     bar.update(t, msg="train_loss=0.5")
-        >>> out.getvalue()
-        'epoch 1/2: 10 img train_loss=0.5\n'
+        >>> out.getvalue().splitlines()
+        ['epoch 1/2: 10 img train_loss=0.5']
     """
 
     def __init__(self, stream: Any = None) -> None:
