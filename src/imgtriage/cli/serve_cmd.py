@@ -35,6 +35,17 @@ def serve_command(
                                                      "inference (503 after)."),
     body_timeout: float = typer.Option(15.0, help="Seconds between pieces of a request body "
                                                   "(408 after)."),
+    body_deadline: float = typer.Option(60.0, help="Seconds a whole request body may take "
+                                                   "to arrive (408 after)."),
+    max_decoded_bytes: int = typer.Option(64 * 2**20, help="Decode budget: bytes one image "
+                                          "may take once decoded (too_large above)."),
+    max_pages: int = typer.Option(64, help="Decode budget: pages, planes or HDUs one image "
+                                           "may need (too_many_pages above)."),
+    decode_timeout: float = typer.Option(5.0, help="Decode budget: seconds one image may "
+                                                   "take to decode (decode_timeout, 422)."),
+    expect_sha256: str = typer.Option(None, "--expect-sha256", help="Refuse to serve any "
+                                      "bundle but the one with this sha256 (imgtriage "
+                                      "inspect prints it)."),
     max_client_inflight: int = typer.Option(32, help="Open classify requests per client "
                                                      "(API key or address; 429 above)."),
     api_key_file: Path = typer.Option(None, help="File with one accepted bearer token per "
@@ -62,6 +73,8 @@ def serve_command(
         max_pixels=max_pixels,
         allowed_formats=tuple(f.strip().lower() for f in allowed_formats.split(",") if f.strip()),
         request_timeout_s=request_timeout, body_timeout_s=body_timeout,
+        body_deadline_s=body_deadline, max_decoded_bytes=max_decoded_bytes,
+        max_pages=max_pages, decode_timeout_s=decode_timeout, expect_sha256=expect_sha256,
         max_client_inflight=max_client_inflight,
         api_key_file=str(api_key_file) if api_key_file else None,
         cors_origins=tuple(cors_origin or ()), root_path=root_path, log_level=log_level,

@@ -21,7 +21,7 @@ from imgtriage.errors import require
 from imgtriage.predict.base import BasePredictor
 from imgtriage.serve.auth import ApiKeyAuth
 from imgtriage.serve.config import ENV_VAR, ServeConfig
-from imgtriage.serve.limits import ClientLimiter
+from imgtriage.serve.limits import ClientLimiter, SecretQueryGuard
 from imgtriage.serve.metrics import Metrics, MetricsMiddleware
 from imgtriage.serve.problems import install_handlers
 from imgtriage.serve.routes import STATIC_DIR, build_router
@@ -72,7 +72,8 @@ def create_app(config: ServeConfig, *, predictor: BasePredictor | None = None) -
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every answer
+    app.add_middleware(SecretQueryGuard)  # outermost: a credential in a URL goes no further
     return app
 
 
@@ -122,7 +123,7 @@ def serve(config: ServeConfig) -> None:
     uvicorn = require("uvicorn", "serve")
     from imgtriage.bundle import load_bundle
 
-    b = load_bundle(config.bundle)
+    b = load_bundle(config.bundle, expect_sha256=config.expect_sha256)
     ApiKeyAuth.from_file(config.api_key_file)
     print(f"serve: {runtime_line(b, config)}", flush=True)
     os.environ[ENV_VAR] = config.to_env()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imgtriage.errors import ConfigError
+from imgtriage.serve.limits import bearer_token
 from imgtriage.serve.problems import Problem
 
 MIN_TOKEN_CHARS = 8
@@ -66,10 +67,10 @@ class ApiKeyAuth:
     def accepts(self, authorization: str | None) -> bool:
         if not self._digests:
             return True
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             return False
-        digest = _digest(token.strip())
+        digest = _digest(token)
         matched = False
         for known in self._digests:  # no early exit: every key costs the same
             matched |= hmac.compare_digest(digest, known)

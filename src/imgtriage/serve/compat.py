@@ -16,13 +16,12 @@ so old clients that send more than ``image`` keep working.
 
 # No `from __future__ import annotations`: FastAPI reads the handler's annotations at runtime.
 
-import json
 from typing import Any
 
 from imgtriage.errors import require
 from imgtriage.serve.config import ServeConfig
 from imgtriage.serve.inputs import Upload, decode_base64
-from imgtriage.serve.limits import ClientLimiter, iter_body
+from imgtriage.serve.limits import ClientLimiter, iter_body, load_json_limited
 from imgtriage.serve.problems import Problem
 
 LEGACY_NAME = "image"
@@ -39,10 +38,11 @@ async def read_legacy_upload(request: Any, cfg: ServeConfig) -> Upload:
         raise Problem(415, "unsupported-media-type", "Unsupported media type",
                       f'send {{"image": "<base64>"}} as application/json, not {media!r}',
                       error="send the image as JSON {\"image\": \"<base64>\"}")
-    chunks = [c async for c in iter_body(request, cfg.max_request_bytes, cfg.body_timeout_s)]
+    chunks = [c async for c in iter_body(request, cfg.max_request_bytes, cfg.body_timeout_s,
+                                         cfg.body_deadline_s)]
     try:
-        doc = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = load_json_limited(b"".join(chunks))
+    except ValueError as exc:  # bad JSON, bad UTF-8, too deep, absurd numbers
         raise Problem(400, "bad-json", "Invalid JSON", f"the body is not valid JSON: {exc}",
                       error="the body is not valid JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):

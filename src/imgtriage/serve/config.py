@@ -48,6 +48,14 @@ class ServeConfig:
         allowed_formats: formats accepted, decided from the bytes (others: 415).
         request_timeout_s: how long a request may wait for its inference (503 after).
         body_timeout_s: how long the server waits for the next piece of a body (408 after).
+        body_deadline_s: how long a whole request body may take to arrive (408 after): a
+            client trickling a byte every few seconds cannot hold a request open.
+        max_decoded_bytes, max_pages, decode_timeout_s: the decode budget per image (see
+            ``imgtriage.io.ReadPolicy``; a bundle's lower values are kept): over it an image
+            is a ``too_large``, ``too_many_pages`` or ``decode_timeout`` defect (422), and a
+            decode thread busy past ``decode_timeout_s`` counts as stuck; with every decode
+            thread stuck the service is not ready (503 on /readyz and /v1/classify).
+        expect_sha256: refuse to serve any bundle but the one with this sha256.
         max_client_inflight: classify requests one client (API key or address) may have
             open at once (429 above it).
         api_key_file: file with one accepted bearer token per line; None = no auth.
@@ -74,6 +82,11 @@ class ServeConfig:
     allowed_formats: tuple[str, ...] = KNOWN_FORMATS
     request_timeout_s: float = 30.0
     body_timeout_s: float = 15.0
+    body_deadline_s: float = 60.0
+    max_decoded_bytes: int = 64 * 2**20
+    max_pages: int = 64
+    decode_timeout_s: float = 5.0
+    expect_sha256: str | None = None
     max_client_inflight: int = 32
     api_key_file: str | None = None
     cors_origins: tuple[str, ...] = ()
@@ -90,6 +103,8 @@ class ServeConfig:
                               "max_batch_size": "--max-batch-size", "max_queue": "--max-queue",
                               "max_request_bytes": "--max-request-bytes",
                               "max_images": "--max-images", "max_pixels": "--max-pixels",
+                              "max_decoded_bytes": "--max-decoded-bytes",
+                              "max_pages": "--max-pages",
                               "max_client_inflight": "--max-client-inflight"})
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port} (--port)")
@@ -108,7 +123,9 @@ class ServeConfig:
             raise ConfigError(f"the queue ({self.max_queue} images) must hold at least one "
                               f"full request ({self.max_images} images) (--max-queue)")
         for name, flag in (("request_timeout_s", "--request-timeout"),
-                           ("body_timeout_s", "--body-timeout")):
+                           ("body_timeout_s", "--body-timeout"),
+                           ("body_deadline_s", "--body-deadline"),
+                           ("decode_timeout_s", "--decode-timeout")):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{flag.lstrip('-').replace('-', ' ')} must be > 0 seconds, "
                                   f"got {getattr(self, name)} ({flag})")

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from imgtriage.errors import require
 from imgtriage.serve.config import ServeConfig
-from imgtriage.serve.limits import iter_body, too_large
+from imgtriage.serve.limits import iter_body, load_json_limited, too_large
 from imgtriage.serve.problems import Problem
 
 MAX_NAME_CHARS = 200
@@ -138,7 +137,8 @@ async def _read_multipart(request: Any, ctype: str, cfg: ServeConfig) -> list[Up
     collector = _MultipartCollector(cfg.max_images, cfg)
     try:
         parser = pm.MultipartParser(boundary, collector.callbacks())
-        async for chunk in iter_body(request, cfg.max_request_bytes, cfg.body_timeout_s):
+        async for chunk in iter_body(request, cfg.max_request_bytes, cfg.body_timeout_s,
+                                     cfg.body_deadline_s):
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:
@@ -151,11 +151,12 @@ async def _read_multipart(request: Any, ctype: str, cfg: ServeConfig) -> list[Up
 
 
 async def _read_json(request: Any, cfg: ServeConfig) -> list[Upload]:
-    chunks = [c async for c in iter_body(request, cfg.max_request_bytes, cfg.body_timeout_s)]
+    chunks = [c async for c in iter_body(request, cfg.max_request_bytes, cfg.body_timeout_s,
+                                         cfg.body_deadline_s)]
     try:
-        doc = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}", "bad-json",
+        doc = load_json_limited(b"".join(chunks))
+    except ValueError as exc:  # bad JSON, bad UTF-8, too deep, absurd numbers
+        raise bad_request(f"the body is not usable JSON: {exc}", "bad-json",
                           "Invalid JSON") from None
     images, names = _json_fields(doc)
     if len(images) > cfg.max_images:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -45,15 +46,27 @@ def declared_length(request: Any, max_bytes: int) -> int | None:
     return length
 
 
-async def iter_body(request: Any, max_bytes: int, chunk_timeout: float) -> AsyncIterator[bytes]:
+async def iter_body(request: Any, max_bytes: int, chunk_timeout: float,
+                    deadline_s: float | None = None) -> AsyncIterator[bytes]:
     """Yield the body's chunks; 413 past ``max_bytes``, 408 when a chunk is slower than
-    ``chunk_timeout`` seconds, 400 when the client goes away mid-body."""
+    ``chunk_timeout`` seconds or the whole body takes longer than ``deadline_s`` (a client
+    trickling a byte at a time), 400 when the client goes away mid-body."""
     declared_length(request, max_bytes)
     total = 0
+    loop = asyncio.get_running_loop()
+    end = None if deadline_s is None else loop.time() + deadline_s
     while True:
+        wait = chunk_timeout if end is None else min(chunk_timeout, end - loop.time())
         try:
-            message = await asyncio.wait_for(request.receive(), chunk_timeout)
+            if wait <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(request.receive(), wait)
         except TimeoutError:
+            if end is not None and loop.time() >= end - 1e-3:
+                raise Problem(408, "body-deadline", "Request timeout",
+                              f"the request body took longer than {deadline_s:g} s in all "
+                              "(--body-deadline); send it at a steady pace, or send less "
+                              "per request") from None
             raise Problem(408, "body-timeout", "Request timeout",
                           f"no request data arrived for {chunk_timeout:g} s "
                           "(--body-timeout); send the whole body without pausing") from None
@@ -69,6 +82,57 @@ async def iter_body(request: Any, max_bytes: int, chunk_timeout: float) -> Async
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+MAX_JSON_DEPTH = 8
+MAX_JSON_DIGITS = 100
+
+
+def _json_int(text: str) -> int:
+    if len(text) > MAX_JSON_DIGITS:
+        raise ValueError(f"it holds a {len(text)}-digit number; numbers in a request body "
+                         f"have at most {MAX_JSON_DIGITS} digits")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    if len(text) > MAX_JSON_DIGITS:
+        raise ValueError(f"it holds a {len(text)}-character number; numbers in a request "
+                         f"body have at most {MAX_JSON_DIGITS} characters")
+    return float(text)
+
+
+def load_json_limited(raw: bytes) -> Any:
+    """``json.loads`` for request bodies, with limits: nesting depth, number length.
+
+    Raises ``ValueError`` (``JSONDecodeError`` and ``UnicodeDecodeError`` are ones) with a
+    message for the client; nothing a body holds can raise anything else out of here.
+    """
+    try:
+        doc = json.loads(raw, parse_int=_json_int, parse_float=_json_float)
+    except RecursionError:
+        raise ValueError(f"it is nested too deeply (a request body nests at most "
+                         f"{MAX_JSON_DEPTH} arrays/objects)") from None
+    stack = [(doc, 1)]
+    while stack:  # iterative: a depth check must not recurse
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"it nests arrays/objects {depth} deep; a request body "
+                                 f"nests at most {MAX_JSON_DEPTH}")
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items if isinstance(v, dict | list))
+    return doc
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, whatever the scheme's case
+    and the spaces around (``bearer  tok`` and ``Bearer tok`` are the same token)."""
+    parts = (authorization or "").split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return None
+    token = parts[1].strip()
+    return token or None
 
 
 class ClientLimiter:
@@ -88,9 +152,9 @@ class ClientLimiter:
         """``keyed``: API keys are configured (and this request's key was accepted). Without
         keys an Authorization header proves nothing, so it never names the client: a
         made-up header per request must not buy another ``limit`` requests."""
-        auth = request.headers.get("authorization") if keyed else None
-        if auth:
-            return "key:" + hashlib.sha256(auth.encode("utf-8", "replace")).hexdigest()[:16]
+        token = bearer_token(request.headers.get("authorization")) if keyed else None
+        if token:  # the credential itself, not how the header spelled it
+            return "key:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
         return "addr:" + (request.client.host if request.client else "unknown")
 
     @contextmanager
@@ -107,3 +171,42 @@ class ClientLimiter:
             self._open[client] -= 1
             if self._open[client] <= 0:
                 del self._open[client]
+
+
+# Query parameters that look like credentials: a URL ends up in access logs, proxies and
+# browser history, so a request carrying one is refused before anything logs it.
+SECRET_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token",
+                           "auth", "authorization", "bearer", "password", "secret"})
+
+
+class SecretQueryGuard:
+    """Plain ASGI middleware: refuse (400) a request whose query string holds a credential.
+
+    The query string is blanked in the request scope first, so the access log (which uvicorn
+    writes from the same scope when the answer goes out) never shows the secret.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or not scope.get("query_string"):
+            await self.app(scope, receive, send)
+            return
+        from urllib.parse import parse_qsl
+
+        raw = scope["query_string"].decode("latin-1")
+        names = {k.strip().lower() for k, _ in parse_qsl(raw, keep_blank_values=True)}
+        leaked = sorted(names & SECRET_PARAMS)
+        if not leaked:
+            await self.app(scope, receive, send)
+            return
+        scope["query_string"] = b"redacted"
+        body = json.dumps(Problem(
+            400, "credential-in-url", "Credential in the URL",
+            f"the query string holds {', '.join(leaked)}: credentials never go in a URL "
+            "(it is logged and cached); send the key as 'Authorization: Bearer <key>'").body())
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/problem+json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body.encode()})

@@ -96,7 +96,9 @@ def build_router() -> Any:
         limits = {"max_request_bytes": cfg.max_request_bytes, "max_images": cfg.max_images,
                   "max_pixels": st.runtime.max_pixels, "max_batch_size": cfg.max_batch_size,
                   "allowed_formats": list(cfg.allowed_formats),
-                  "request_timeout_s": cfg.request_timeout_s}
+                  "request_timeout_s": cfg.request_timeout_s,
+                  "body_timeout_s": cfg.body_timeout_s, "body_deadline_s": cfg.body_deadline_s,
+                  **{k: v for k, v in st.runtime.budget.items() if k != "max_pixels"}}
         return JSONResponse({**st.runtime.description, "limits": limits,
                              "auth": st.auth.enabled})
 

@@ -15,14 +15,15 @@ import asyncio
 import dataclasses
 import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from imgtriage.predict.base import BasePredictor, Decoded, PredictOptions
+from imgtriage.predict.limits import with_read_limits
 from imgtriage.serve.batching import Batcher, QueueFull
 from imgtriage.serve.config import ServeConfig
+from imgtriage.serve.decoding import DecodeOverrun, DecodePool
 from imgtriage.serve.inputs import Upload, precheck
 from imgtriage.serve.metrics import Metrics
 from imgtriage.serve.problems import Problem
@@ -37,10 +38,21 @@ def limit_pixels(predictor: BasePredictor, max_pixels: int) -> tuple[BasePredict
     (decompression bombs). A bundle's own, lower limit is kept. The caller's predictor is not
     changed: a shallow copy (sharing the loaded model) gets the tighter policy.
     """
-    current = predictor.spec.read.max_pixels
-    if current <= max_pixels:
-        return predictor, current
-    return predictor.with_read_policy(max_pixels=max_pixels), max_pixels
+    limited = with_read_limits(predictor, tighten_only=True, max_pixels=max_pixels)
+    return limited, limited.spec.read.max_pixels
+
+
+def limit_reading(predictor: Any, cfg: ServeConfig) -> tuple[Any, dict[str, Any]]:
+    """The predictor under the service's decode budget (a bundle's lower values kept), and
+    the budget in force (reported on /v1/model)."""
+    p, max_pixels = limit_pixels(predictor, cfg.max_pixels)
+    p = with_read_limits(p, tighten_only=True, max_decoded_bytes=cfg.max_decoded_bytes,
+                         max_pages=cfg.max_pages, decode_timeout_s=cfg.decode_timeout_s)
+    read = getattr(getattr(p, "spec", None), "read", None)
+    budget = {"max_pixels": max_pixels}
+    for key in ("max_decoded_bytes", "max_pages", "decode_timeout_s"):
+        budget[key] = getattr(read, key, None)
+    return p, budget
 
 
 def warm_up(predictor: BasePredictor, max_batch: int) -> None:
@@ -70,8 +82,9 @@ class ModelRuntime:
         self.error: str | None = None
         self.description: dict[str, Any] = {}
         self.max_pixels: int | None = None
+        self.budget: dict[str, Any] = {}
         self.batcher: Batcher | None = None
-        self._decoder: ThreadPoolExecutor | None = None
+        self._decoder: DecodePool | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -84,7 +97,7 @@ class ModelRuntime:
         if self.batcher is not None:
             await self.batcher.stop()
         if self._decoder is not None:
-            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._decoder.shutdown()
 
     async def _load(self) -> None:
         try:
@@ -100,8 +113,9 @@ class ModelRuntime:
                                on_batch=self.metrics.observe_batch,
                                on_depth=self.metrics.queue_depth.set)
         self.batcher.start()
-        self._decoder = ThreadPoolExecutor(self.cfg.compute_threads,
-                                           thread_name_prefix="imgtriage-decode")
+        self._decoder = DecodePool(self.cfg.compute_threads,
+                                   float(self.budget.get("decode_timeout_s")
+                                         or self.cfg.decode_timeout_s))
         d = self.description
         self.metrics.model_info.info({"bundle_sha256": str(d.get("bundle_sha256")),
                                       "bundle_version": str(d.get("bundle_version")),
@@ -120,8 +134,14 @@ class ModelRuntime:
 
             p = Predictor.load(self.cfg.bundle, backend=self.cfg.backend,
                                num_threads=self.cfg.compute_threads,
-                               precision=self.cfg.precision)
-        p, self.max_pixels = limit_pixels(p, self.cfg.max_pixels)
+                               precision=self.cfg.precision,
+                               expect_sha256=self.cfg.expect_sha256)
+        elif self.cfg.expect_sha256 is not None and hasattr(p, "bundle"):
+            from imgtriage.bundle import check_pinned
+
+            check_pinned(p.bundle, self.cfg.expect_sha256)
+        p, self.budget = limit_reading(p, self.cfg)
+        self.max_pixels = self.budget["max_pixels"]
         warm_up(p, self.cfg.max_batch_size)
         return p
 
@@ -133,6 +153,12 @@ class ModelRuntime:
     # -- used by the routes ------------------------------------------------------------
     def require_ready(self) -> None:
         if self.state == "ready":
+            if self._decoder is not None and self._decoder.saturated():
+                raise Problem(503, "decoder-saturated", "Decoder saturated",
+                              f"all {self._decoder.threads} decode threads are busy with "
+                              f"files slower than {self._decoder.timeout_s:g} s "
+                              "(--decode-timeout); retry shortly",
+                              headers={"Retry-After": "2"})
             return
         if self.state == "failed":
             raise Problem(503, "model-failed", "Model unavailable",
@@ -162,6 +188,23 @@ class ModelRuntime:
             raise Problem(422, "invalid-parameters", "Invalid parameters", str(exc)) from None
         return opts
 
+    async def _decode(self, upload: Upload) -> Any:
+        """One upload on a decode thread: a Decoded input or a defect dict; a decode that
+        runs past the budget (stuck in a decoder) is answered as ``decode_timeout``."""
+        assert self._decoder is not None
+        try:
+            (out,) = await self._decoder.run(self.predictor.decode_bytes, [upload.data],
+                                             [upload.name])
+        except DecodeOverrun as exc:
+            from imgtriage.io import Defect
+
+            timeout = self._decoder.timeout_s
+            return Defect(upload.name, "decode_timeout",
+                          f"'{upload.name}' was still decoding after {exc.seconds:.1f} s, "
+                          f"over the limit of {timeout:g} s (--decode-timeout); the file is "
+                          "unusually slow to decode: re-export it").to_dict()
+        return out
+
     async def classify(self, uploads: list[Upload], opts: PredictOptions
                        ) -> list[dict[str, Any]]:
         """One entry per upload, in order: a result row or a defect dict.
@@ -178,9 +221,7 @@ class ModelRuntime:
         try:
             self.batcher.check_room(len(todo))
             with self.batcher.receiving():
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._decoder, self.predictor.decode_bytes,
-                    [uploads[i].data for i in todo], [uploads[i].name for i in todo])
+                decoded = await asyncio.gather(*(self._decode(uploads[i]) for i in todo))
             ready: list[tuple[int, Decoded]] = []
             for i, d in zip(todo, decoded, strict=True):
                 if isinstance(d, Decoded):
