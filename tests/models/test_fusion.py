@@ -102,8 +102,6 @@ def test_fusion_without_features_is_an_error():
 
 
 def test_fusion_config_errors_name_the_flag():
-    with pytest.raises(ConfigError, match="--mixup-alpha"):
-        TrainConfig(model="fusion:crop_cnn", mixup_alpha=0.2)
     from imgtriage.train.fusion import feature_spec
 
     with pytest.raises(ConfigError, match="--feature-stats"):
@@ -121,6 +119,16 @@ def test_fusion_learns_a_header_label_an_image_model_cannot(frames, fusion_run, 
     assert len(fused["results"]) == len(plain["results"]) == 40
     assert _accuracy(fused) >= 0.95
     assert _accuracy(plain) <= 0.75  # chance is 0.5: the pixels carry no label
+
+
+def test_fusion_trains_with_mixup_and_cutmix(frames, tmp_path):
+    """Issue 19: MixUp/CutMix were refused for fusion; the features now mix with the labels'
+    weight, and the header label is still learnt."""
+    res = train(frames["train"], tmp_path / "mixed", _cfg(
+        "fusion:crop_cnn", model_kwargs=SMALL, feature_cards="EXPTIME,IMAGETYP",
+        mixup_alpha=0.4, cutmix_alpha=1.0, mix_off_epoch=10), quiet=True)
+    report = Predictor.load(res.bundle_path).predict_paths([frames["test"]])
+    assert _accuracy(report) >= 0.9
 
 
 def test_bundle_records_the_feature_spec_and_scaler(fusion_run):

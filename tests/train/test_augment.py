@@ -115,6 +115,27 @@ def test_mixup_keeps_conservative_samples_and_mixes_labels():
     assert not (yb[~keep & (yb != y)] == 3).any()
 
 
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_features_mix_with_the_label_weight(kind):
+    """Issue 19: fusion batches mix their features like their labels (never the conservative
+    ones), so MixUp/CutMix work for image + feature models."""
+    x = torch.randn(16, 1, 12, 12, generator=_gen(5))
+    y = torch.arange(16) % 4
+    f = torch.randn(16, 3, generator=_gen(6))
+    mixer = Mixer(**({"mixup_alpha": 0.4} if kind == "mixup" else {"cutmix_alpha": 1.0}),
+                  conservative=(3,))
+    _, ya, yb, lam, fm = mixer.mix(x, y, _gen(7), f)
+    keep = y == 3
+    assert torch.equal(fm[keep], f[keep]) and torch.equal(ya, y)
+    mixed = yb != y
+    assert mixed.any() and not torch.allclose(fm[mixed], f[mixed])
+    for i in range(16):  # every row: lam * its own + (1 - lam) * a partner labelled y_b
+        assert any(y[j] == yb[i] and torch.allclose(fm[i], lam * f[i] + (1 - lam) * f[j],
+                                                    atol=1e-5) for j in range(16)), i
+    _, _, yb_, lam_ = mixer(x, y, _gen(7))  # the 4-tuple call draws the same mix
+    assert lam_ == lam and torch.equal(yb_, yb)
+
+
 def test_cutmix_lambda_is_the_pasted_area():
     x = torch.zeros(16, 1, 20, 20)
     x[8:] = 1.0

@@ -303,10 +303,6 @@ def _check_ranges(c: TrainConfig) -> None:
     _need(c.cutmix_alpha >= 0, "cutmix_alpha", "cutmix alpha must be >= 0")
     _need(0 <= c.mix_prob <= 1, "mix_prob", "mix probability must be in [0, 1]")
     _need(c.mix_off_epoch >= 0, "mix_off_epoch", "mix off epoch must be >= 0")
-    fusion = c.model == "fusion" or c.model.startswith("fusion:")
-    _need(not (fusion and (c.mixup_alpha > 0 or c.cutmix_alpha > 0)), "mixup_alpha",
-          "MixUp/CutMix cannot mix header features; set --mixup-alpha 0 --cutmix-alpha 0 "
-          "for fusion models")
     _need(0 <= c.aug_strength <= 1, "aug_strength", "augmentation strength must be in [0, 1]")
     _need(1 <= c.aug_ops <= 4, "aug_ops", "augmentation ops must be 1..4")
     _need(0 <= c.momentum < 1, "momentum", "momentum must be in [0, 1)")

@@ -230,7 +230,7 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
         xb = run.augment(xb, yb, g)
         ya, yb2, lam = yb, yb, 1.0
         if mixing:
-            xb, ya, yb2, lam = run.mixer(xb, yb, g)
+            xb, ya, yb2, lam, fb = run.mixer.mix(xb, yb, g, fb)
         if run.semi is not None:  # the extension's own unlabelled batch rides along
             xb = torch.cat([xb, run.semi.draw(cfg.batch_size, g, state.eval_model())])
         xb = xb.to(run.device, non_blocking=True,
