@@ -79,7 +79,8 @@ def baseline(bundle: Path, files: list[Path], batch: int = 16) -> float:
     """Files/s of the plain loop: PIL + torchvision transforms + eager PyTorch."""
     import torchvision.transforms as T
 
-    from imgtriage.bundle import build_model, load_bundle
+    from imgtriage.bundle import load_bundle
+    from imgtriage.predict.backends import build_model
 
     model = build_model(load_bundle(bundle))
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -108,7 +109,7 @@ def ours(bundle: Path, folder: Path, tmp: Path, *, backend: str = "auto",
 
 def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: int,
                 variants: bool) -> dict[str, float]:
-    from imgtriage.bundle.export import export_onnx
+    from imgtriage.predict.export import export_onnx
 
     classes = sorted({f.parent.name for f in files})
     b = make_bundle(model, tmp / model, classes)
@@ -163,7 +164,7 @@ def peak_rss(bundle: Path, folder: Path, tmp: Path) -> tuple[float, float]:
 
 def memory_bench(tmp: Path, counts: tuple[int, ...] = (1_000, 10_000)) -> dict[int, float]:
     """Peak RSS for folders of 1,000 and 10,000 files (hard links to 100 real PNGs)."""
-    from imgtriage.bundle.export import export_onnx
+    from imgtriage.predict.export import export_onnx
 
     src = tmp / "src"
     src.mkdir()

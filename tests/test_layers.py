@@ -32,13 +32,6 @@ SAME_LAYER_OK = {"train", "evaluate", "predict", "serve", "integrations", "cli",
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 BUNDLE_MUST_NOT_IMPORT = {"models"}
 
-# Violations present when this test landed, being removed one commit at a time (issue 18):
-# (file, imported module). The list may only shrink; an entry that no longer occurs fails the
-# test too, so it is deleted in the commit that fixes it. Never add to it.
-KNOWN: set[tuple[str, str]] = {
-    ("imgtriage/bundle/store.py", "imgtriage.models"),
-}
-
 
 def _package(module: str) -> str:
     """``imgtriage.io._tiff`` -> ``io``; ``imgtriage`` (the facade) -> ``__init__``."""
@@ -134,14 +127,8 @@ def test_every_package_is_placed():
 
 
 def test_layers_point_down_and_privates_stay_private():
-    found = violations()
-    new = [msg for key, msgs in sorted(found.items()) if key not in KNOWN for msg in msgs]
-    assert not new, "\n".join(["upward or private imports:", *new])
-
-
-def test_known_violations_only_shrink():
-    fixed = sorted(KNOWN - set(violations()))
-    assert not fixed, f"fixed, so delete from KNOWN in tests/test_layers.py: {fixed}"
+    found = [msg for _, msgs in sorted(violations().items()) for msg in msgs]
+    assert not found, "\n".join(["upward or private imports:", *found])
 
 
 @pytest.mark.parametrize(("source", "bad"), [

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgtriage.bundle import build_model, load_bundle, save_bundle
+from imgtriage.bundle import load_bundle, save_bundle
 from imgtriage.bundle.graph import export_graph, run_graph
 from imgtriage.errors import ConfigError
 from imgtriage.predict import Predictor
+from imgtriage.predict.backends import build_model
 
 pytest.importorskip("onnxruntime")
 

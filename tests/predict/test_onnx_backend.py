@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from imgtriage.bundle import load_bundle
-from imgtriage.bundle.export import export_onnx
 from imgtriage.errors import BundleIntegrityError, ConfigError
 from imgtriage.predict import Predictor
+from imgtriage.predict.export import export_onnx
 
 pytest.importorskip("onnxruntime")
 

@@ -36,7 +36,7 @@ def lite_bundle(tmp_path_factory):
 
 def _manual_probs(bundle_path, files, mean, std):
     from imgtriage.bundle import load_bundle
-    from imgtriage.bundle.store import build_model
+    from imgtriage.predict.backends import build_model
 
     model = build_model(load_bundle(bundle_path))
     xs = []

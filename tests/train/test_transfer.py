@@ -70,7 +70,7 @@ def lite_installed():
 def test_frozen_backbone_trains_the_head_on_cached_embeddings(rgb_folder, tmp_path,
                                                               lite_installed):
     from imgtriage.bundle import load_bundle
-    from imgtriage.bundle.store import build_model
+    from imgtriage.predict.backends import build_model
     from imgtriage.train.run import train
 
     cfg = tiny_cfg(model="efficientnet_lite0", img_size=32, model_kwargs={},

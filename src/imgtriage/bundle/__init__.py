@@ -1,9 +1,9 @@
-"""The portable model artifact: save, load, verify (and export, see ``bundle.export``)."""
+"""The portable model artifact as data: save, load, verify (building its model and exporting it
+are above this layer: ``predict.backends.build_model``, ``predict.export``)."""
 
 from imgtriage.bundle.manifest import SCHEMA_VERSION, new_manifest, validate_manifest
 from imgtriage.bundle.store import (
     Bundle,
-    build_model,
     check_pinned,
     load_bundle,
     save_bundle,
@@ -14,7 +14,6 @@ from imgtriage.bundle.store import (
 __all__ = [
     "SCHEMA_VERSION",
     "Bundle",
-    "build_model",
     "check_pinned",
     "load_bundle",
     "new_manifest",

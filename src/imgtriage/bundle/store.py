@@ -273,23 +273,3 @@ def update_bundle(path: str | os.PathLike[str], changes: dict[str, Any], *,
         raise BundleError(f"{path} is zipped; write the new version to a .zip path")
     save_bundle(target, new, None, files)
     return load_bundle(target)
-
-
-def build_model(bundle: Bundle, *, with_features: bool = False):
-    """Instantiate the bundle's architecture and load its verified weights (eval mode);
-    ``with_features`` returns ``(logits, penultimate features)`` from one forward pass."""
-    from imgtriage.models import WithFeatures, create_model
-
-    m = bundle.manifest["model"]
-    if m["name"] == "onnx":
-        raise BundleError(f"{bundle.path} holds an imported ONNX graph (model.onnx) and no "
-                          "PyTorch weights: run it with the ONNX backend; torch-only tools "
-                          "(export, attribution) do not apply to it")
-    model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
-                         **dict(m.get("kwargs") or {}))
-    try:
-        model.load_state_dict(bundle.state_dict(), strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"{bundle.path}: weights do not fit architecture {m['name']!r}: "
-                          f"{str(exc).splitlines()[0]}") from exc
-    return WithFeatures(model).eval() if with_features else model.eval()

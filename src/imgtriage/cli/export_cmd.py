@@ -31,8 +31,8 @@ def export_command(
                                         "(needed for a zipped bundle: a .zip path)."),
 ) -> None:
     """Export the model for ONNX Runtime (the default CPU backend once a graph is present)."""
-    from imgtriage.bundle.export import export_onnx
     from imgtriage.errors import ConfigError
+    from imgtriage.predict.export import export_onnx
 
     if not onnx:
         raise ConfigError("choose what to export: --onnx (the only format so far)")

@@ -1,7 +1,7 @@
 """Make a foreign ONNX classifier take what ``to_input`` gives and answer logits.
 
 A bundle's graph takes the normalised ``(N, C, h, w)`` float32 batch of
-:func:`imgtriage.data.preprocess.to_input` and returns logits (``bundle/export.py``). A graph
+:func:`imgtriage.data.preprocess.to_input` and returns logits (``predict/export.py``). A graph
 made by Keras/tf2onnx usually takes ``(N, h, w, C)`` and ends in a softmax. Rather than
 teaching every backend about layouts and output kinds, the import wraps the graph once:
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from imgtriage.bundle import Bundle
 from imgtriage.bundle.graph import ONNX_FILE, usable_cores
-from imgtriage.errors import ConfigError
+from imgtriage.errors import BundleError, ConfigError
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -117,8 +117,6 @@ class TorchBackend:
                  num_threads: int | None = None) -> None:
         import torch
 
-        from imgtriage.bundle import build_model
-
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.threads = torch.get_num_threads()
@@ -173,3 +171,26 @@ def build_backend(bundle: Bundle, choice: RuntimeChoice, device: str = "cpu",
 
         return OnnxBackend(bundle, num_threads=num_threads, precision=choice.precision)
     return TorchBackend(bundle, device, num_threads)
+
+
+def build_model(bundle: Bundle, *, with_features: bool = False):
+    """Instantiate the bundle's architecture and load its verified weights (eval mode);
+    ``with_features`` returns ``(logits, penultimate features)`` from one forward pass.
+
+    This is where a bundle (data) becomes a network: above ``bundle``, which never builds one.
+    """
+    from imgtriage.models import WithFeatures, create_model
+
+    m = bundle.manifest["model"]
+    if m["name"] == "onnx":
+        raise BundleError(f"{bundle.path} holds an imported ONNX graph (model.onnx) and no "
+                          "PyTorch weights: run it with the ONNX backend; torch-only tools "
+                          "(export, attribution) do not apply to it")
+    model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
+                         **dict(m.get("kwargs") or {}))
+    try:
+        model.load_state_dict(bundle.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{bundle.path}: weights do not fit architecture {m['name']!r}: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    return WithFeatures(model).eval() if with_features else model.eval()

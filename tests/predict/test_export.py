@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from imgtriage.bundle import load_bundle
-from imgtriage.bundle.export import export_onnx
 from imgtriage.errors import ConfigError
 from imgtriage.predict import Predictor
+from imgtriage.predict.export import export_onnx
 from shared_helpers import without_graph
 
 pytest.importorskip("onnxruntime")
@@ -88,9 +88,9 @@ def test_static_int8_is_judged_on_held_out_images(exported, digits_folder):
 
 def _graph_of(model_or_none, bundle):
     """fp32 graph bytes of a bundle's own model, or of a differently initialised one."""
-    from imgtriage.bundle import build_model
     from imgtriage.bundle.graph import export_graph
     from imgtriage.models import create_model
+    from imgtriage.predict.backends import build_model
 
     b = load_bundle(bundle)
     if model_or_none == "own":

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.bundle.graph import (
     INT8_FILE,
     ONNX_FILE,
@@ -36,8 +37,8 @@ from imgtriage.bundle.graph import (
     usable_cores,
 )
 from imgtriage.bundle.int8 import QUANT_MODES, LabelledInputs, QuantCheck, quantize_checked
-from imgtriage.bundle.store import Bundle, build_model, load_bundle, update_bundle
 from imgtriage.errors import BundleError, ConfigError
+from imgtriage.predict.backends import build_model
 
 __all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportResult", "QuantCheck",
            "export_onnx", "run_graph", "session_options", "usable_cores"]
