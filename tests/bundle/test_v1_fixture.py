@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgtriage.bundle import load_bundle
+from imgtriage.bundle import Manifest, load_bundle
 from imgtriage.errors import BundleIntegrityError
 from imgtriage.predict import Predictor
 
@@ -55,3 +55,18 @@ def test_a_modified_v1_file_is_still_refused(tmp_path):
     (copy / "weights.safetensors").write_bytes(bytes(data))
     with pytest.raises(BundleIntegrityError, match=r"weights\.safetensors"):
         load_bundle(copy)
+
+
+def test_the_typed_manifest_reads_the_v1_bundle_and_fills_old_writers_gaps():
+    info = load_bundle(V1).info
+    assert (info.schema_version, info.kind, info.bundle_version) == (1, "classifier", 2)
+    assert info.model.name == "crop_cnn" and dict(info.model.kwargs) == {"widths": [4, 8]}
+    assert info.classes == ("dark", "bright") and info.tta == ("hflip",)
+    assert [h.version for h in info.history] == [1] and set(info.profiles) == {"strict"}
+    raw = dict(load_bundle(V1).manifest)
+    for key in ("kind", "bundle_version", "profiles", "history", "tta"):  # an early v1 writer
+        raw.pop(key)
+    old = Manifest.from_dict(raw)
+    assert (old.kind, old.bundle_version, old.profiles, old.history, old.tta) == \
+        ("classifier", 1, {}, (), None)
+    assert old.model == info.model and old.block("cascade") is None

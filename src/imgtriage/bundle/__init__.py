@@ -2,6 +2,7 @@
 are above this layer: ``predict.backends.build_model``, ``predict.export``)."""
 
 from imgtriage.bundle.manifest import SCHEMA_VERSION, new_manifest, validate_manifest
+from imgtriage.bundle.record import HistoryEntry, Manifest, ModelRecord
 from imgtriage.bundle.store import (
     Bundle,
     check_pinned,
@@ -14,6 +15,9 @@ from imgtriage.bundle.store import (
 __all__ = [
     "SCHEMA_VERSION",
     "Bundle",
+    "HistoryEntry",
+    "Manifest",
+    "ModelRecord",
     "check_pinned",
     "load_bundle",
     "new_manifest",

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from imgtriage.bundle.checks import (
     parse_manifest,
 )
 from imgtriage.bundle.manifest import MANIFEST_NAME, WEIGHTS_NAME, validate_manifest
+from imgtriage.bundle.record import Manifest
 from imgtriage.errors import (
     BundleError,
     BundleIntegrityError,
@@ -49,11 +51,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 @dataclass
 class Bundle:
-    """A loaded, verified bundle: its manifest and a way to read its files."""
+    """A loaded, verified bundle: its manifest and a way to read its files.
+
+    ``manifest`` is the dict on disk (its hash is the bundle's identity); ``info`` is the same
+    manifest typed (:class:`~imgtriage.bundle.record.Manifest`), which readers use.
+    """
 
     path: Path
     manifest: dict[str, Any]
     _zip: bytes | None = None
+
+    @cached_property
+    def info(self) -> Manifest:
+        """The typed manifest (v1 defaults filled in), read once."""
+        return Manifest.from_dict(self.manifest, str(self.path))
 
     @property
     def sha256(self) -> str:
@@ -62,7 +73,7 @@ class Bundle:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.info.classes)
 
     def read_bytes(self, name: str) -> bytes:
         """A file of the bundle; only plain relative names inside it are ever read."""

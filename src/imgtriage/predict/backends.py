@@ -59,14 +59,14 @@ def choose_runtime(bundle: Bundle, backend: str = "auto", device: str = "cpu", *
         raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r} (--backend)")
     if num_threads is not None and num_threads < 1:
         raise ConfigError("num_threads must be >= 1 (--threads)")
-    info = bundle.manifest.get("onnx") or {}
+    info = bundle.info.block("onnx") or {}
     has_onnx = bundle.has_file(ONNX_FILE)
-    if bundle.manifest["model"]["name"] == "onnx":  # an imported graph: no torch weights
+    if bundle.info.model.name == "onnx":  # an imported graph: no torch weights
         if backend == "torch":
             raise ConfigError(f"{bundle.path} holds an imported ONNX graph and no PyTorch "
                               "weights; use --backend onnx (or auto)")
         backend = "onnx"
-    if backend == "onnx" and bundle.manifest["preprocess"].get("features"):
+    if backend == "onnx" and bundle.info.preprocess.get("features"):
         raise ConfigError(f"{bundle.path} is an image + feature model, which runs on the torch "
                           "backend only; use --backend torch (or auto)")
     if backend == "onnx" or (backend == "auto" and has_onnx and device == "cpu"):
@@ -181,16 +181,15 @@ def build_model(bundle: Bundle, *, with_features: bool = False):
     """
     from imgtriage.models import WithFeatures, create_model
 
-    m = bundle.manifest["model"]
-    if m["name"] == "onnx":
+    m = bundle.info.model
+    if m.name == "onnx":
         raise BundleError(f"{bundle.path} holds an imported ONNX graph (model.onnx) and no "
                           "PyTorch weights: run it with the ONNX backend; torch-only tools "
                           "(export, attribution) do not apply to it")
-    model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
-                         **dict(m.get("kwargs") or {}))
+    model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
     try:
         model.load_state_dict(bundle.state_dict(), strict=True)
     except RuntimeError as exc:
-        raise BundleError(f"{bundle.path}: weights do not fit architecture {m['name']!r}: "
+        raise BundleError(f"{bundle.path}: weights do not fit architecture {m.name!r}: "
                           f"{str(exc).splitlines()[0]}") from exc
     return WithFeatures(model).eval() if with_features else model.eval()

@@ -134,7 +134,7 @@ class _CnnStage:
         from imgtriage.predict.backends import make_backend
 
         self.bundle = bundle
-        self.input = CnnInput(PreprocessSpec.from_dict(bundle.manifest["preprocess"]))
+        self.input = CnnInput(PreprocessSpec.from_dict(dict(bundle.info.preprocess)))
         self.backend = make_backend(bundle, backend, device)
 
     def logits(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
@@ -214,9 +214,9 @@ class CascadePredictor(BasePredictor):
     def describe(self) -> dict[str, Any]:
         """Predictor.describe of the second stage, with the cascade's identity and gate."""
         out = dict(self.stage2.describe())
-        c = self.bundle.manifest["cascade"]
+        c = self.bundle.info.block("cascade")
         out.update(kind="cascade", bundle_sha256=self.bundle_sha256, backend=self.backend.name,
-                   bundle_version=self.bundle.manifest.get("bundle_version", 1),
+                   bundle_version=self.bundle.info.bundle_version,
                    cascade={"first_stage": self.first.kind, "gate": self.gate,
                             "temperature": self.temperature,
                             "validation": c.get("validation", {}),
@@ -246,7 +246,7 @@ class CascadePredictor(BasePredictor):
         cid = probs.argmax(axis=1)
         score = probs[np.arange(len(probs)), cid]
         ok = (score >= gate) & ~routed_by_class(
-            probs, self.bundle.manifest["cascade"].get("always_second_stage"))
+            probs, self.bundle.info.block("cascade").get("always_second_stage"))
         if policy.abstain and policy.thresholds is not None:
             ok &= score >= np.asarray(policy.thresholds)[cid]
         return ok
@@ -318,7 +318,7 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
                  **kw: Any) -> CascadePredictor:
     """Loader for ``kind: "cascade"`` bundles (``Predictor.load`` calls it); other keyword
     arguments (thread counts, precision) go to the second stage's ``Predictor.load``."""
-    c = bundle.manifest.get("cascade")
+    c = bundle.info.block("cascade")
     if not isinstance(c, dict) or "stage2" not in c or "first_stage" not in c:
         raise BundleSchemaError(f"{bundle.path}: a cascade manifest needs a 'cascade' block "
                                 "with first_stage and stage2; rebuild with `imgtriage cascade`")
@@ -334,7 +334,7 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
     else:
         params = json.loads(bundle.verified_bytes(fs["file"]))  # sha256-checked
         first = _FeatureStage(stage_from_dict(params),
-                              FeatureStandardizer.from_dict(bundle.manifest["features"]))
+                              FeatureStandardizer.from_dict(dict(bundle.info.features or {})))
     gate = c.get("gate")
     return CascadePredictor(bundle, first, stage2, float(c["temperature"]),
                             None if gate is None else float(gate))

@@ -48,14 +48,14 @@ def read_gallery(bundle: Bundle) -> tuple[Gallery, GalleryConfig]:
     """The verified gallery and its scoring rule from a loaded gallery bundle."""
     from safetensors.torch import load
 
-    block = bundle.manifest.get("gallery")
+    block = bundle.info.block("gallery")
     if not isinstance(block, dict) or "labels" not in block:
         raise BundleSchemaError(f"{bundle.path}: a gallery bundle needs a 'gallery' block "
                                 "with labels and ids in its manifest")
     tensors = load(bundle.verified_bytes(GALLERY_FILE))
     emb = tensors["embeddings"].numpy().astype(np.float32)
     gallery = Gallery(emb, tuple(block["labels"]), tuple(block["ids"]),
-                      tuple(bundle.manifest["classes"]))
+                      bundle.info.classes)
     return gallery, GalleryConfig.from_dict(block)
 
 
@@ -63,8 +63,8 @@ def load_encoder(bundle: Bundle):
     """The bundle's embedding net with its verified weights, in eval mode."""
     from imgtriage.models.siamese import build_encoder
 
-    m = bundle.manifest["model"]
-    encoder = build_encoder(int(m["in_chans"]), **dict(m.get("kwargs") or {}))
+    m = bundle.info.model
+    encoder = build_encoder(m.in_chans, **dict(m.kwargs))
     try:
         encoder.load_state_dict(bundle.state_dict(), strict=True)
     except RuntimeError as exc:

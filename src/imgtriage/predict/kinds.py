@@ -31,4 +31,4 @@ def loader_for(kind: str, where: object = "bundle") -> Callable[..., Any]:
 
 
 def load_special(bundle: Bundle, **kw: Any) -> Any:
-    return loader_for(bundle.manifest.get("kind"), bundle.path)(bundle, **kw)
+    return loader_for(bundle.info.kind, bundle.path)(bundle, **kw)

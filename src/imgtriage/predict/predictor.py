@@ -73,10 +73,10 @@ class Predictor(BasePredictor):
         self.runtime = RuntimeChoice(backend.name, getattr(backend, "precision", "fp32"),
                                      getattr(backend, "threads", None),
                                      runtime.note if runtime is not None else "")
-        self.spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+        self.spec = PreprocessSpec.from_dict(dict(bundle.info.preprocess))
         self.classes: list[str] = bundle.classes
-        self.policy = DecisionPolicy.from_dict(bundle.manifest["decision"])
-        self.tta_transforms: list[str] = list(bundle.manifest.get("tta") or ["hflip"])
+        self.policy = DecisionPolicy.from_dict(dict(bundle.info.decision))
+        self.tta_transforms: list[str] = list(bundle.info.tta or ["hflip"])
         self.features = _standardizer(bundle, self.spec)
         self.extras: dict[str, dict[str, Any]] = {}
         self._ood: dict[str, KnnOOD] = {}
@@ -104,7 +104,7 @@ class Predictor(BasePredictor):
                                                                    expect_sha256=expect_sha256)
         if expect_sha256 is not None:
             check_pinned(b, expect_sha256)
-        if b.manifest.get("kind", "classifier") != "classifier":
+        if b.info.kind != "classifier":
             from imgtriage.predict.kinds import load_special
 
             if num_threads:
@@ -122,23 +122,23 @@ class Predictor(BasePredictor):
 
     def describe(self) -> dict[str, Any]:
         """What a client needs to know about the model (the service's GET /v1/model)."""
-        m = self.bundle.manifest
-        return {"classes": self.classes, "input": m["preprocess"], "model": m["model"],
-                "decision": self.policy.to_dict(), "profiles": sorted(m.get("profiles", {})),
-                "bundle_sha256": self.bundle_sha256,
-                "bundle_version": m.get("bundle_version", 1),
-                "schema_version": m["schema_version"], **self.runtime.to_dict(),
-                "versions": m.get("versions", {})}
+        info = self.bundle.info
+        return {"classes": self.classes, "input": dict(info.preprocess),
+                "model": self.bundle.manifest["model"],  # as stored, every key kept
+                "decision": self.policy.to_dict(), "profiles": sorted(info.profiles),
+                "bundle_sha256": self.bundle_sha256, "bundle_version": info.bundle_version,
+                "schema_version": info.schema_version, **self.runtime.to_dict(),
+                "versions": dict(info.versions)}
 
     # -- core ----------------------------------------------------------------------------
     def policy_for(self, opts: PredictOptions) -> DecisionPolicy:
         policy = self.policy
         if opts.profile is not None:
-            profiles = self.bundle.manifest.get("profiles", {})
+            profiles = self.bundle.info.profiles
             if opts.profile not in profiles:
                 raise PredictionError(f"unknown decision profile {opts.profile!r}; this bundle "
                                       f"has {sorted(profiles) or 'none'} (--profile)")
-            policy = DecisionPolicy.from_dict(profiles[opts.profile])
+            policy = DecisionPolicy.from_dict(dict(profiles[opts.profile]))
         policy = policy.with_overrides(temperature=opts.temperature,
                                        thresholds=opts.thresholds, abstain=opts.abstain)
         if policy.thresholds is not None and len(policy.thresholds) != len(self.classes):
@@ -253,11 +253,11 @@ def _standardizer(bundle: Bundle, spec: PreprocessSpec) -> FeatureStandardizer |
     """The bundle's fitted feature scaler when its preprocessing computes features."""
     if spec.features is None:
         return None
-    stored = bundle.manifest.get("features")
+    stored = bundle.info.features
     if not isinstance(stored, dict):
         raise BundleSchemaError(f"{bundle.path}: the preprocessing computes features but the "
                                 "manifest holds no fitted 'features' scaler; retrain the bundle")
-    fx = FeatureStandardizer.from_dict(stored)
+    fx = FeatureStandardizer.from_dict(dict(stored))
     if fx.spec != spec.features:
         raise BundleSchemaError(f"{bundle.path}: the feature spec of 'preprocess' differs from "
                                 "the scaler's; the manifest was edited: restore the bundle")
