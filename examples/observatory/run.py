@@ -232,6 +232,9 @@ def build_inbox(frames: list[Frame], inbox: Path) -> dict[str, str]:
     for name, content in broken.items():
         (inbox / name).write_bytes(content)
         expected[name] = ""
+    # cut late: most rows are there, so it is read partially and its row flagged "partial"
+    (inbox / "cut_late_hbo.fits").write_bytes(data[: len(data) * 9 // 10])
+    expected["cut_late_hbo.fits"] = ""
     return expected
 
 
@@ -319,6 +322,7 @@ def batch_report(bundle: Path, inbox: Path, out: Path, expected: dict[str, str]
             "defects": len(rep["defects"]), "coverage": rep["meta"].get("coverage"),
             "defect_issues": {Path(d["path"]).name: d["issue"] for d in rep["defects"]},
             "answers": {n: r["class"] for n, r in sorted(rows.items())},
+            "flagged": {n: r["flags"] for n, r in sorted(rows.items()) if r.get("flags")},
             "new_frames_correct": sum(rows[n]["class"] == expected[n] for n in labelled),
             "new_frames": len(labelled), "seconds": round(seconds, 2),
             "defect_log_rows": len(json.loads(defects_path.read_text()))}

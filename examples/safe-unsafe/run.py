@@ -54,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="local timm weights file (.safetensors/.pth) for --backbone, or 'hub' "
                          "when online; without it the CNN is trained from scratch")
     ap.add_argument("--backbone", default="resnet18", help="timm backbone for transfer")
+    ap.add_argument("--freeze-backbone", action="store_true",
+                    help="with --pretrained: train the head only, for every epoch (the "
+                         "backbone stays a fixed ImageNet feature extractor)")
     ap.add_argument("--scratch-model", default="crop_cnn",
                     help="model trained from scratch when no --pretrained weights are given")
     ap.add_argument("--scratch-pool", default="avg", choices=["avg", "max", "avgmax"],
@@ -103,6 +106,11 @@ def write_manifest(data: Path, max_safe: int, max_per_defect: int, path: Path
 
 def model_args(args: argparse.Namespace) -> tuple[list[Any], str]:
     """Training flags for transfer learning, or for the from-scratch fallback, and a note."""
+    if args.pretrained and args.freeze_backbone:
+        return (["--model", args.backbone, "--pretrained", args.pretrained,
+                 "--freeze-backbone"],
+                f"transfer learning: {args.backbone} from {args.pretrained}, the head only "
+                f"for all {args.epochs} epochs (--freeze-backbone)")
     if args.pretrained:
         freeze = 1 if args.epochs > 1 else 0
         return (["--model", args.backbone, "--pretrained", args.pretrained,

@@ -102,6 +102,7 @@ def test_every_inbox_file_is_answered_once_and_broken_fits_are_defects(recipe):
     broken = {"truncated_hbo.fits", "empty.fits", "garbage.fits", "header_only.fits",
               "3Dtable.tfits", "xspectr.fits", "nttexample.mt"}
     assert set(inbox["defect_issues"]) == broken
+    assert inbox["flagged"]["cut_late_hbo.fits"] == ["partial"]  # read from the rows it has
     assert all(r["class"] in {"arc", "flat", "science", "spectrum", "unknown"}
                for r in report["results"])
     assert report["meta"]["num_files"] == inbox["files"]

@@ -107,6 +107,8 @@ def test_reports_show_the_rule_matrix_and_missed_defects(recipe):
         page = (out / name / "report.html").read_text()
         assert "Answers under the decision rule" in page
         assert "Failure gallery under the rule" in page and "Confusion matrix" in page
+        for png in ("confusion_matrix.png", "pr_curves.png", "reliability.png"):
+            assert (out / name / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # beside it
     page = (out / "eval-recall" / "report.html").read_text()
     for path in s["test_recall_rule"]["missed_unsafe"]:
         assert path in page.split("Failure gallery under the rule", 1)[1]
@@ -122,3 +124,16 @@ def test_without_weights_the_recipe_says_it_trains_from_scratch():
     assert json.loads(flags[flags.index("--model-kwargs") + 1]) == {"global_pool": "max"}
     flags, note = mod.model_args(mod.parse_args(["--pretrained", "w.safetensors"]))
     assert flags[:4] == ["--model", "resnet18", "--pretrained", "w.safetensors"]
+
+
+def test_freeze_backbone_trains_the_head_only_with_weights():
+    mod = load_recipe()
+    flags, note = mod.model_args(mod.parse_args(["--pretrained", "w.safetensors",
+                                                 "--freeze-backbone"]))
+    assert "--freeze-backbone" in flags and "--freeze-epochs" not in flags
+    assert "head only" in note
+    from imgtriage.cli.train_cmd import train_command  # the flag exists on `imgtriage train`
+
+    names = [p.default.param_decls for p in train_command.__signature__.parameters.values()
+             if hasattr(p.default, "param_decls")]
+    assert any("--freeze-backbone" in str(n) for n in names)
