@@ -1,21 +1,32 @@
-"""End-to-end files/s of `imgtriage predict` against a plain PyTorch loop, and peak memory.
+"""End-to-end files/s of `imgtriage predict` against a plain PyTorch loop, the tuned ONNX
+Runtime ceiling, CLI start-up, and peak memory.
 
 What it measures, on one folder of real JPEGs (CIFAR-10 photos from ../shared/datasets,
-upscaled to 256-500 px and re-encoded; the models see 224x224 after resize 256 + centre crop):
+upscaled to 256-500 px and re-encoded; the models see 224x224 after resize 256 + centre crop),
+rows interleaved in every round (rotating order), ``--rounds`` rounds (>= 3):
 
-- baseline: a plain loop that opens each file with PIL, applies torchvision transforms
+- naive: a plain loop that opens each file with PIL, applies torchvision transforms
   (Resize 256, CenterCrop 224, ToTensor, Normalize) and calls the eager PyTorch model batch
   by batch (torch threads = all cores, inference mode);
-- imgtriage: ``runner.run_batch`` - the library call behind ``imgtriage predict`` - with the
-  bundle's default backend: ONNX Runtime fp32, ONNX Runtime int8 (static QDQ, calibrated on 64
-  of the same photos), and variants (torch backend, process decoders);
-- memory: peak RSS of ``imgtriage predict --store ... --output x.jsonl`` over 1,000 and 10,000
-  files (a small CNN on 32 px PNGs), to show memory does not grow with the number of files.
+- default bundle: a bundle exactly as ``imgtriage train`` writes it (the fp32 ONNX graph
+  attached and parity-checked by the training step), run by ``runner.run_batch`` (the call
+  behind ``imgtriage predict``) with no options: what a user gets without any export step;
+- torch backend: the same bundle with ``backend="torch"``;
+- int8: the bundle after ``export_onnx(quantize="static")`` (calibrated on 64 photos, judged on
+  other, held-out photos), run with ``precision="int8"``; whether the check accepted int8 as
+  the default is printed (with random weights near-ties make it refuse: speed only);
+- CLI end to end: ``imgtriage predict`` in a child process (start-up included), fp32;
+- ceiling: a tuned bare ONNX Runtime session (same threads, spinning off, every graph
+  optimisation) on the ready, preprocessed tensors, batch 16: the model's own rate;
+- start-up: seconds of ``imgtriage predict BUNDLE one.jpg`` (child process, wall time).
 
-ResNet-50 and ResNet-18 have random-init weights (speed does not depend on the values; the
-int8 agreement printed is then not meaningful). Runs are interleaved, best of ``--rounds``.
+Each round's figures are divided by the same round's naive (or fp32 / ceiling) figure, and
+the medians (min-max) of those ratios are printed; never best-of. Memory: peak RSS of
+``imgtriage predict --store ... --output x.jsonl`` over 1,000 and 10,000 small PNGs.
 
-    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_predict.py
+ResNet-50 and ResNet-18 have random-init weights (speed does not depend on the values).
+
+    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_predict.py --files 96 --rounds 3
 """
 
 from __future__ import annotations
@@ -93,46 +104,122 @@ def baseline(bundle: Path, files: list[Path], batch: int = 16) -> float:
 
 
 def ours(bundle: Path, folder: Path, tmp: Path, *, backend: str = "auto",
-         precision: str | None = None, executor: str = "thread") -> float:
-    """Files/s of run_batch (what `imgtriage predict` calls), writing a JSONL report."""
+         precision: str | None = None) -> float:
+    """Files/s of run_batch (what `imgtriage predict` calls), writing a JSONL report; the
+    bundle is loaded before the clock starts, as the naive loop builds its model before."""
     from imgtriage.predict import Predictor
     from imgtriage.predict.runner import run_batch
 
     p = Predictor.load(bundle, backend=backend, precision=precision)
     t0 = time.perf_counter()
-    run = run_batch(p, [folder], output=tmp / "out.jsonl", executor=executor)
+    run = run_batch(p, [folder], output=tmp / "out.jsonl")
     dt = time.perf_counter() - t0
     if run.n_results != sum(1 for _ in folder.rglob("*.jpg")):
         raise SystemExit(f"expected every file as a result, got {run}")
     return run.n_new / dt
 
 
+def cli(bundle: Path, paths: list[Path], tmp: Path) -> float:
+    """Wall seconds of `imgtriage predict` in a child process (start-up included)."""
+    args = [sys.executable, "-m", "imgtriage", "predict", str(bundle), *map(str, paths),
+            "--output", str(tmp / "cli.jsonl"), "--no-progress"]
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def ceiling(bundle: Path, files: list[Path], precision: str = "fp32", batch: int = 16
+            ) -> Callable[[], float]:
+    """Files/s of a tuned bare ONNX Runtime session on ready tensors (decoded once here)."""
+    import onnxruntime as ort
+
+    from imgtriage.bundle import load_bundle
+    from imgtriage.bundle.graph import session_options, usable_cores
+    from imgtriage.data.preprocess import PreprocessSpec, load_input
+
+    b = load_bundle(bundle)
+    spec = PreprocessSpec.from_dict(b.manifest["preprocess"])
+    x = np.stack([load_input(f, spec)[0] for f in files])
+    name = "model.onnx" if precision == "fp32" else "model.int8.onnx"
+    sess = ort.InferenceSession(b.verified_bytes(name), session_options(usable_cores()),
+                                providers=["CPUExecutionProvider"])
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(x), batch):
+            sess.run(["logits"], {"input": np.ascontiguousarray(x[i:i + batch])})
+        return len(x) / (time.perf_counter() - t0)
+
+    return run
+
+
+def trained_bundle(model: str, out: Path, classes: list[str]) -> Path:
+    """A bundle as `imgtriage train` writes it: the training step's fp32 graph attached."""
+    from imgtriage.bundle import load_bundle, save_bundle
+    from imgtriage.train.onnx_step import GraphInputs, attach_graph
+
+    plain = make_bundle(model, out.with_name(out.name + "-plain"), classes)
+    b = load_bundle(plain)
+    manifest, state = dict(b.manifest), b.state_dict()
+    files = attach_graph(manifest, state, GraphInputs(None))
+    return save_bundle(out, manifest, state, files)
+
+
 def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: int,
-                variants: bool) -> dict[str, float]:
+                variants: bool) -> dict[str, list[float]]:
+    import shutil
+
     from imgtriage.predict.export import export_onnx
 
     classes = sorted({f.parent.name for f in files})
-    b = make_bundle(model, tmp / model, classes)
     t0 = time.perf_counter()
-    res = export_onnx(b, quantize="static", calib=folder, calib_images=64)
-    print(f"  export fp32 + int8 static: {time.perf_counter() - t0:.0f}s; "
-          f"{res.quant.summary()}", flush=True)
+    b = trained_bundle(model, tmp / model, classes)
+    print(f"  training step's fp32 graph: {time.perf_counter() - t0:.0f}s", flush=True)
+    q = shutil.copytree(b, tmp / f"{model}-int8")
+    t0 = time.perf_counter()
+    res = export_onnx(q, quantize="static", calib=folder, calib_images=64)
+    print(f"  int8 static: {time.perf_counter() - t0:.0f}s; {res.quant.summary()}", flush=True)
     runs: dict[str, Callable[[], float]] = {
-        "baseline (PIL + torchvision + eager torch)": lambda: baseline(b, files),
-        "imgtriage onnx fp32": lambda: ours(b, folder, tmp, precision="fp32"),
-        "imgtriage onnx int8 (bundle default)": lambda: ours(b, folder, tmp),
+        "naive (PIL + torchvision + eager torch)": lambda: baseline(b, files),
+        "default bundle from train (onnx fp32)": lambda: ours(b, folder, tmp),
+        "int8 (precision int8)": lambda: ours(q, folder, tmp, precision="int8"),
+        "CLI end to end fp32 (start-up included)": lambda: len(files) / cli(b, [folder], tmp),
+        "ceiling: tuned bare ORT fp32 on tensors": ceiling(b, files),
+        "ceiling: tuned bare ORT int8 on tensors": ceiling(q, files, "int8"),
+        "CLI start-up, 1 file (s)": lambda: cli(b, files[:1], tmp),
     }
     if variants:
-        runs["imgtriage torch backend"] = lambda: ours(b, folder, tmp, backend="torch")
-        runs["imgtriage onnx int8, process decoders"] = lambda: ours(b, folder, tmp,
-                                                                     executor="process")
-    best: dict[str, float] = {}
+        runs["torch backend"] = lambda: ours(b, folder, tmp, backend="torch")
+    got: dict[str, list[float]] = {k: [] for k in runs}
+    keys = list(runs)
     for r in range(rounds):
-        for name, fn in runs.items():
-            v = fn()
-            best[name] = max(best.get(name, 0.0), v)
-            print(f"  round {r + 1} {name:45s} {v:7.1f} files/s", flush=True)
-    return best
+        for name in keys[r % len(keys):] + keys[:r % len(keys)]:
+            v = runs[name]()
+            got[name].append(v)
+            print(f"  round {r + 1} {name:42s} {v:7.2f}", flush=True)
+    return got
+
+
+def ratios(got: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Within-round ratios: every row / naive, and the goal ratios."""
+    naive = got["naive (PIL + torchvision + eager torch)"]
+    out = {f"{k} / naive": [v / n for v, n in zip(vs, naive, strict=True)]
+           for k, vs in got.items() if "start-up" not in k and not k.startswith("naive")}
+    pairs = {"int8 / fp32 (end to end)": ("int8 (precision int8)",
+                                          "default bundle from train (onnx fp32)"),
+             "fp32 end to end / fp32 ceiling": ("default bundle from train (onnx fp32)",
+                                                "ceiling: tuned bare ORT fp32 on tensors"),
+             "int8 end to end / int8 ceiling": ("int8 (precision int8)",
+                                                "ceiling: tuned bare ORT int8 on tensors"),
+             "int8 ceiling / fp32 ceiling": ("ceiling: tuned bare ORT int8 on tensors",
+                                             "ceiling: tuned bare ORT fp32 on tensors")}
+    for name, (a, b) in pairs.items():
+        out[name] = [x / y for x, y in zip(got[a], got[b], strict=True)]
+    return out
+
+
+def _mmm(v: list[float]) -> str:
+    return f"{float(np.median(v)):7.2f} ({min(v):.2f}-{max(v):.2f})"
 
 
 _RSS_CHILD = """
@@ -192,17 +279,20 @@ def memory_bench(tmp: Path, counts: tuple[int, ...] = (1_000, 10_000)) -> dict[i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=300)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--files", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="resnet50,resnet18")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    if a.rounds < 3:
+        sys.exit("--rounds must be >= 3: the figures are medians of within-round ratios")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
-    results: dict[str, object] = {}
+          f"{load0:.1f}", flush=True)
+    results: dict[str, object] = {"load_before": load0}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as d:
         tmp = Path(d)
         folder = tmp / "jpegs"
@@ -210,14 +300,16 @@ def main() -> None:
         print(f"{len(files)} JPEGs, 256-500 px, in {folder}", flush=True)
         for model in filter(None, a.models.split(",")):  # --models "" measures memory only
             print(f"{model} @224:", flush=True)
-            best = bench_model(model, files, folder, tmp, a.rounds, not a.no_variants)
-            base = best["baseline (PIL + torchvision + eager torch)"]
-            for name, v in best.items():
-                print(f"  best {name:45s} {v:7.1f} files/s  {v / base:4.2f}x", flush=True)
-            results[model] = best
+            got = bench_model(model, files, folder, tmp, a.rounds, not a.no_variants)
+            for name, v in got.items():
+                print(f"  {name:52s} {_mmm(v)}", flush=True)
+            for name, v in ratios(got).items():
+                print(f"  ratio {name:46s} {_mmm(v)}", flush=True)
+            results[model] = {"raw": got, "ratios": ratios(got)}
         if not a.no_memory:
             print("memory (crop_cnn, 32 px PNGs, --store, JSONL output):", flush=True)
             results["peak_rss_mib"] = memory_bench(tmp)
+    results["load_after"] = os.getloadavg()[0]
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
