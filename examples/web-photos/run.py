@@ -7,7 +7,8 @@ HTTP service whose preprocessing can never drift from training:
 2. ``imgtriage train`` (validation carved from the train pool, seeded);
 3. ``imgtriage calibrate`` on the validation split: temperature, per-class thresholds for a
    target precision, abstain ("not sure" instead of a wrong label);
-4. ``imgtriage export --onnx``: the service then runs ONNX Runtime;
+4. (no export step: the bundle from ``train`` already carries its verified ONNX graph, so the
+   service runs ONNX Runtime);
 5. ``imgtriage evaluate`` on the test split (report.json + report.html);
 6. a real ``imgtriage serve`` on loopback, called by ``photo_client.py`` with base64 JSON and
    with multipart (what the web page at ``/`` sends) for every test photo;
@@ -224,7 +225,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     imgtriage("calibrate", bundle, run / "splits.csv", "--split", "val",
               "--threshold-strategy", "target_precision", "--target", args.target_precision,
               "--abstain")
-    imgtriage("export", bundle, "--onnx")
     imgtriage("evaluate", bundle, run / "splits.csv", "--split", "test", "--out", out / "eval")
 
     photos = split_photos(run)
