@@ -92,6 +92,14 @@ def test_demo_end_to_end(tmp_path):
     assert all(d["message"] for d in report["defects"])
     summary = json.loads((tmp_path / "demo" / "demo-summary.json").read_text())
     assert summary["accuracy_on_inbox"] > 0.5
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in report["results"]}
+    assert all(by_name[n]["abstained"] for n in ("noise.png", "constant.png", "blank.png"))
+    assert {by_name[n]["reason"] for n in ("constant.png", "blank.png")} == {
+        "out_of_distribution"}
+    assert summary["refused"]["junk"] == "3 of 3" and summary["unseen_class"] == "9"
+    assert sum(summary["refused_by_reason"].values()) == sum(
+        r["abstained"] for r in report["results"])
+    assert "refused" in res.output and "never-trained class '9'" in res.output
 
 
 def test_relative_data_path_splits_csv_is_reused_by_calibrate(digits_folder, tmp_path,

@@ -17,15 +17,24 @@ def demo_command(
     epochs: int = typer.Option(6, help="Training epochs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Build a labelled folder, train, save a bundle, classify an inbox with broken files."""
+    """Build a labelled folder, train a calibrated bundle, classify an inbox with broken
+    files, junk images and a class never trained on; count what it refuses and why."""
     from imgtriage.demo import run_demo
 
     r = run_demo(out, dataset=dataset, per_class=per_class, epochs=epochs, quiet=quiet)
+    s = r.summary
+    why = ", ".join(f"{n} {k}" for k, n in sorted(s["refused_by_reason"].items())) or "none"
+    acc = (f"{s['accuracy_on_answered']:.1%} accuracy" if s["accuracy_on_answered"] is not None
+           else "none answered")
     typer.echo(f"data:    {r.data_dir}\nbundle:  {r.bundle_path}\nreport:  {r.report_path}\n"
-               f"inbox:   {r.n_results} classified (accuracy {r.accuracy:.1%}), "
-               f"{r.n_defects} defects with reasons\ntime:    {r.seconds:.0f}s\n"
-               f"next:    imgtriage inspect {r.bundle_path}")
-
+               f"rule:    {s['rule']}\n"
+               f"inbox:   {r.n_results} images: answered {s['answered_known']} of the "
+               f"trained classes at {acc}; refused (\"unknown\"): known classes "
+               f"{s['refused']['known_class']}, never-trained class {s['unseen_class']!r} "
+               f"{s['refused']['unseen_class']}, junk (noise/constant/blank) "
+               f"{s['refused']['junk']}; why: {why}\n"
+               f"defects: {r.n_defects} unreadable files, each with its reason\n"
+               f"time:    {r.seconds:.0f}s\nnext:    imgtriage inspect {r.bundle_path}")
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo_command)
