@@ -131,6 +131,25 @@ def test_fusion_trains_with_mixup_and_cutmix(frames, tmp_path):
     assert _accuracy(report) >= 0.9
 
 
+def test_streamed_fusion_training_equals_training_from_memory(frames, tmp_path):
+    """Issue 19: fusion models can stream (the seed's 448 px frames do not fit in memory):
+    the scaler is fitted on the training files' features without keeping pixels, each batch's
+    features come from the same decode as its pixels, and the run equals the in-memory one."""
+    kw = dict(model_kwargs=SMALL, feature_cards="EXPTIME,IMAGETYP", epochs=4, workers=0)
+    runs = {cache: train(frames["train"], tmp_path / cache,
+                         _cfg("fusion:crop_cnn", cache=cache, **kw), quiet=True)
+            for cache in ("memory", "stream")}
+    manifests = {c: load_bundle(r.bundle_path).manifest for c, r in runs.items()}
+    assert manifests["stream"]["features"] == manifests["memory"]["features"]
+    probs = {c: [r["probs"] for r in sorted(Predictor.load(run.bundle_path, backend="torch")
+                                            .predict_paths([frames["test"]], include_probs=True)
+                                            ["results"], key=lambda r: r["path"])]
+             for c, run in runs.items()}
+    diff = max(abs(a[k] - b[k]) for a, b in zip(probs["memory"], probs["stream"], strict=True)
+               for k in a)
+    assert diff <= 1e-4
+
+
 def test_bundle_records_the_feature_spec_and_scaler(fusion_run):
     m = load_bundle(fusion_run / "bundle").manifest
     assert m["model"]["name"] == "fusion:crop_cnn"

@@ -126,6 +126,37 @@ def fit_features(spec: FeatureSpec, train: LoadedSplit, others: Sequence[LoadedS
     return fx, mats
 
 
+def fit_streamed_features(spec: FeatureSpec, samples: Sequence[Any], pre: Any,
+                          extras: dict[str, dict[str, str]] | None = None,
+                          workers: int | None = None) -> FeatureStandardizer:
+    """Fit the standardizer on the training files' raw features without keeping any pixels
+    (streamed fusion training): one decode per file, unreadable files left to the streaming
+    source (which records them as defects)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgtriage.data.features import raw_features
+    from imgtriage.data.preprocess import load_record
+    from imgtriage.errors import ImageReadError
+
+    extras = extras or {}
+
+    def one(s: Any) -> RawFeatures | None:
+        try:
+            raw = raw_features(load_record(s.path, pre), spec, path=s.path)
+        except ImageReadError:
+            return None
+        if spec.extra_columns:
+            raw = with_extra_columns(raw, spec, extras.get(str(Path(s.path)))
+                                     or extras.get(s.path))
+        return raw
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        rows = [r for r in pool.map(one, samples) if r is not None]
+    if not rows:
+        raise DataError("no training file could be read to fit the feature scaler")
+    return FeatureStandardizer(spec).fit(rows)
+
+
 def summary(fx: FeatureStandardizer) -> dict[str, Any]:
     """What the run log says about the features: how many, and how many cards were missing."""
     return {"num_features": len(fx.feature_names_),

@@ -7,15 +7,17 @@ on. Augmentation happens in the loop on the batch tensor, identically for both.
 - :class:`ArraySource` holds decoded inputs (the default when the data fits in memory):
   indexing a batch costs microseconds.
 - :class:`FileSource` decodes files with :func:`~imgtriage.data.load_input` in DataLoader
-  worker processes (JPEG draft decoding included), pinned memory on CUDA. A file that cannot
-  be decoded is dropped from its batch and recorded in ``defects`` (the run writes them to
-  ``defects.json``): never skipped silently.
+  worker processes (JPEG draft decoding included), pinned memory on CUDA; for fusion models
+  it also scales each file's raw features (from the same decode) with the fitted
+  standardizer. A file that cannot be decoded is dropped from its batch and recorded in
+  ``defects`` (the run writes them to ``defects.json``): never skipped silently.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,28 +65,45 @@ class ArraySource:
 
 
 class _FileDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], labels: np.ndarray,
-                 spec: PreprocessSpec) -> None:
+    def __init__(self, samples: Sequence[Sample], labels: np.ndarray, spec: PreprocessSpec,
+                 features: Any = None, extras: dict[str, dict[str, str]] | None = None
+                 ) -> None:
         self.samples, self.labels, self.spec = list(samples), labels, spec
+        self.features, self.extras = features, extras or {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, Defect | None]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, Defect | None, Any]:
+        path = self.samples[i].path
         try:
-            x, _ = load_input(self.samples[i].path, self.spec)
-            return x, int(self.labels[i]), None
+            x, meta = load_input(path, self.spec)
         except ImageReadError as exc:
-            return None, int(self.labels[i]), exc.defect
+            return None, int(self.labels[i]), exc.defect, None
+        return x, int(self.labels[i]), None, self._feature_row(meta, path)
+
+    def _feature_row(self, meta: dict[str, Any], path: str) -> np.ndarray | None:
+        """The standardised feature row of a fusion model's input (from the same decode)."""
+        if self.features is None:
+            return None
+        from imgtriage.data.features import with_extra_columns
+        from imgtriage.data.preprocess import RAW_FEATURES
+
+        raw = meta[RAW_FEATURES]
+        if self.spec.features is not None and self.spec.features.extra_columns:
+            raw = with_extra_columns(raw, self.spec.features, self.extras.get(str(Path(path)))
+                                     or self.extras.get(path))
+        return self.features.transform([raw])[0].astype(np.float32)
 
 
-def _collate(items: list[tuple[Any, int, Defect | None]]) -> tuple[Any, Any, list[Defect]]:
-    good = [(x, y) for x, y, d in items if d is None]
-    bad = [d for _, _, d in items if d is not None]
+def _collate(items: list[tuple[Any, int, Defect | None, Any]]) -> tuple[Any, ...]:
+    good = [(x, y, f) for x, y, d, f in items if d is None]
+    bad = [d for _, _, d, _ in items if d is not None]
     if not good:
-        return None, None, bad
-    return (torch.from_numpy(np.stack([x for x, _ in good])),
-            torch.tensor([y for _, y in good], dtype=torch.long), bad)
+        return None, None, None, bad
+    feats = None if good[0][2] is None else torch.from_numpy(np.stack([f for *_, f in good]))
+    return (torch.from_numpy(np.stack([x for x, _, _ in good])),
+            torch.tensor([y for _, y, _ in good], dtype=torch.long), feats, bad)
 
 
 def _worker_init(_: int) -> None:
@@ -100,13 +119,14 @@ class FileSource:
     """Files decoded every epoch by ``workers`` processes (0: in this process)."""
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], spec: PreprocessSpec,
-                 *, workers: int = 0, pin_memory: bool = False) -> None:
+                 *, workers: int = 0, pin_memory: bool = False, features: Any = None,
+                 extras: dict[str, dict[str, str]] | None = None) -> None:
         index = {c: i for i, c in enumerate(classes)}
         unknown = sorted({s.label for s in samples} - set(index))
         if unknown:
             raise DataError(f"labels {unknown} are not among the classes {list(classes)}")
         self.labels = np.asarray([index[s.label] for s in samples], np.int64)
-        self.dataset = _FileDataset(samples, self.labels, spec)
+        self.dataset = _FileDataset(samples, self.labels, spec, features, extras)
         self.workers, self.pin_memory = workers, pin_memory
         self.defects: list[Defect] = []
         self._seen: set[str] = set()
@@ -130,10 +150,10 @@ class FileSource:
         return self._loaders[key]
 
     def batches(self, order: Iterable[int], batch_size: int) -> Iterator[Batch]:
-        for x, y, bad in self._loader(order, batch_size):
+        for x, y, feats, bad in self._loader(order, batch_size):
             for d in bad:
                 if d.path not in self._seen:
                     self._seen.add(d.path)
                     self.defects.append(d)
             if x is not None:
-                yield x, y
+                yield (x, y) if feats is None else (x, y, feats)

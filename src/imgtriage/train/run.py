@@ -52,7 +52,12 @@ from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
-from imgtriage.train.fusion import feature_spec, fit_features, manifest_extras
+from imgtriage.train.fusion import (
+    feature_spec,
+    fit_features,
+    fit_streamed_features,
+    manifest_extras,
+)
 from imgtriage.train.loop import FitResult, fit
 from imgtriage.train.losses import plan_loss
 from imgtriage.train.onnx_step import GraphInputs, attach_graph, graph_inputs
@@ -184,19 +189,21 @@ def _sources(data: Any, parts: dict[str, list], classes: tuple[str, ...],
     gb = (len(tr) + len(va)) * spec.in_chans * spec.size[0] * spec.size[1] * 4 / 2**30
     mode = cfg.cache if cfg.cache != "auto" else ("memory" if gb <= cfg.cache_limit_gb
                                                   else "stream")
-    if spec.features is not None and mode == "stream":
-        raise ConfigError(f"fusion models train from memory, but the decoded data ({gb:.1f} GB) "
-                          "exceeds --cache-limit-gb or --cache stream was given; raise "
-                          "--cache-limit-gb or use --cache memory")
     if mode == "stream":
         workers = cfg.workers if cfg.workers is not None else default_workers(
             info.local_world_size)
         pin = info.device.startswith("cuda")
         say(f"streaming {len(tr)} train / {len(va)} val images ({gb:.1f} GB decoded) with "
             f"{workers} decoding process(es)")
-        return _Sources(FileSource(tr, classes, spec, workers=workers, pin_memory=pin),
-                        FileSource(va, classes, spec, workers=workers, pin_memory=pin), [],
-                        mode)
+        fx, extras = None, None
+        if spec.features is not None:  # fusion: scaler fitted on train, rows from each decode
+            extras = manifest_extras(data, spec.features)
+            fx = fit_streamed_features(spec.features, tr, spec, extras, cfg.decode_workers)
+            say(f"features: {len(fx.feature_names_)} columns, scaler fitted on the training "
+                "split")
+        return _Sources(*(FileSource(s, classes, spec, workers=workers, pin_memory=pin,
+                                     features=fx, extras=extras) for s in (tr, va)), [], mode,
+                        fx)
     splits, defects = [], []
     for split, samples in (("train", tr), ("val", va)):
         t0 = time.perf_counter()
