@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from imgtriage.cli._options import config_from_options, config_parameters
+from imgtriage.train.fewshot_config import FewShotConfig
 
 gallery_app = typer.Typer(no_args_is_help=True, help="Few-shot galleries: enrol and drop "
                                                      "classes and examples without retraining; "
@@ -13,45 +18,27 @@ gallery_app = typer.Typer(no_args_is_help=True, help="Few-shot galleries: enrol 
 _OUT_HELP = "Write the new version here instead of replacing BUNDLE (history is kept either way)."
 
 
-def train_fewshot_command(
-    data: Path = typer.Argument(..., help="Folder of class folders (optionally under "
-                                          "train/val/test) or a CSV/JSONL manifest."),
-    out: Path = typer.Option(Path("runs/fewshot"), "--out", "-o",
-                             help="Run directory: config, splits, metrics log, bundle/."),
-    loss: str = typer.Option("proto", help="proto (prototypical episodes) or triplet."),
-    mining: str = typer.Option("semihard", help="Triplet mining: semihard or hard."),
-    margin: float = typer.Option(0.2, help="Triplet margin (squared distance of unit vectors)."),
-    n_way: int = typer.Option(5, help="Classes per episode / batch."),
-    k_shot: int = typer.Option(5, help="Support crops per class in an episode."),
-    n_query: int = typer.Option(5, help="Query crops per class in an episode."),
-    episodes: int = typer.Option(100, help="Episodes per epoch."),
-    epochs: int = typer.Option(10, help="Training epochs."),
-    embed_dim: int = typer.Option(128, help="Embedding size."),
-    scale: float = typer.Option(10.0, help="Logit scale applied to cosine similarities."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up then cosine)."),
-    img_size: int = typer.Option(64, help="Input size in pixels (square)."),
-    in_chans: int = typer.Option(None, help="Input channels; default: from the data."),
-    scaling: str = typer.Option("dtype", help="Pixel scaling: dtype, minmax or percentile."),
-    augment: str = typer.Option("flip", help="none, flip, or d4 (flips + 90-degree turns)."),
-    val_frac: float = typer.Option(0.15, help="Share of each class held out for validation."),
-    method: str = typer.Option("prototype", help="Gallery scoring: prototype or knn."),
-    knn_k: int = typer.Option(1, help="Neighbours per class for --method knn."),
-    keep_rate: float = typer.Option(0.95, help="Share of correct validation crops kept above "
-                                               "the fitted similarity threshold."),
-    seed: int = typer.Option(0, help="Seed for splits, episodes and initialisation."),
-    threads: int = typer.Option(None, help="Compute threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-) -> None:
+def train_fewshot_command(**options: Any) -> None:
     """Train a Siamese / prototype encoder episodically and save a gallery bundle."""
-    from imgtriage.train.fewshot import FewShotConfig, train_fewshot
+    from imgtriage.train.fewshot import train_fewshot
 
-    cfg = FewShotConfig(loss=loss, mining=mining, margin=margin, n_way=n_way, k_shot=k_shot,
-                        n_query=n_query, episodes=episodes, epochs=epochs, embed_dim=embed_dim,
-                        scale=scale, lr=lr, img_size=img_size, in_chans=in_chans,
-                        scaling=scaling, augment=augment, val_frac=val_frac, method=method,
-                        knn_k=knn_k, keep_rate=keep_rate, seed=seed, num_threads=threads)
-    res = train_fewshot(data, out, cfg, quiet=quiet)
+    data, out, quiet = options.pop("data"), options.pop("out"), options.pop("quiet")
+    res = train_fewshot(data, out, config_from_options(FewShotConfig, options), quiet=quiet)
     typer.echo(f"bundle: {res.bundle_path}")
+
+
+# One option per FewShotConfig field (its help text and flag live with the field).
+train_fewshot_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., help="Folder of class folders (optionally "
+                                             "under train/val/test) or a CSV/JSONL manifest.")),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                      default=typer.Option(Path("runs/fewshot"), "--out", "-o",
+                                           help="Run directory: config, splits, metrics log, "
+                                                "bundle/.")),
+    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--quiet", "-q", help="No progress output.")),
+    *config_parameters(FewShotConfig)])
 
 
 @gallery_app.command("add")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from imgtriage.errors import ConfigError
@@ -26,74 +26,76 @@ KNOWN_FORMATS = ("jpeg", "png", "bmp", "webp", "gif", "tiff", "fits")
 BACKENDS = ("auto", "torch", "onnx")
 
 
+def _f(default: Any, help: str, *, flag: str | None = None, repeat: bool = False) -> Any:
+    """A field with its ``imgtriage serve`` option: help text, and the flag where it is not
+    ``--field-name`` (``cli/_options.py`` builds the command from these)."""
+    meta = {"help": help, "flag": flag, "repeat": repeat}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything ``imgtriage serve`` can be told.
+    """Everything ``imgtriage serve`` can be told; one option per field (its help text is the
+    field's ``metadata["help"]``). ``bundle`` is the bundle directory or .zip to serve.
 
-    Attributes:
-        bundle: the bundle directory or .zip to serve.
-        host, port, workers: where uvicorn listens and how many processes it starts.
-        threads: compute threads per worker (default: CPU cores / workers).
-        backend: auto | torch | onnx (see ``Predictor.load``).
-        precision: fp32 | int8 ONNX graph; None = the bundle's (int8 only where accepted).
-        max_batch_size: images merged into one inference call.
-        max_wait_ms: how long the model may stay idle waiting for images known to be on their
-            way (a request still uploading, or the next requests of the clients the previous
-            batch answered) before it runs what is queued; a full batch goes at once and a lone
-            client never waits.
-        max_queue: images waiting for inference before new requests get 503 + Retry-After.
-        max_request_bytes: request body limit, enforced while the body streams in (413).
-        max_images: images per request (413 above it).
-        max_pixels: pixels per image (height*width); larger ones are ``too_many_pixels``.
-        allowed_formats: formats accepted, decided from the bytes (others: 415).
-        request_timeout_s: how long a request may wait for its inference (503 after).
-        body_timeout_s: how long the server waits for the next piece of a body (408 after).
-        body_deadline_s: how long a whole request body may take to arrive (408 after): a
-            client trickling a byte every few seconds cannot hold a request open.
-        max_decoded_bytes, max_pages, decode_timeout_s: the decode budget per image (see
-            ``imgtriage.io.ReadPolicy``; a bundle's lower values are kept): over it an image
-            is a ``too_large``, ``too_many_pages`` or ``decode_timeout`` defect (422), and a
-            decode thread busy past ``decode_timeout_s`` counts as stuck; with every decode
-            thread stuck the service is not ready (503 on /readyz and /v1/classify).
-        expect_sha256: refuse to serve any bundle but the one with this sha256.
-        max_client_inflight: classify requests one client (API key or address) may have
-            open at once (429 above it).
-        api_key_file: file with one accepted bearer token per line; None = no auth.
-        cors_origins: origins allowed by CORS; empty = CORS off.
-        log_level: uvicorn's log level; access_log: one log line per request.
-        root_path: the path prefix a reverse proxy serves the app under (e.g. ``/imgtriage``).
-        legacy_classify: also answer ``POST /classify {"image": "<base64>"}`` with one flat
-            result, for clients of the old Flask backend (see ``serve.compat``).
+    ``max_wait_ms`` bounds how long the model may stay idle waiting for images known to be on
+    their way (a request still uploading, or the next requests of the clients the previous
+    batch answered); a full batch goes at once and a lone client never waits. The decode
+    budget (``max_decoded_bytes``, ``max_pages``, ``decode_timeout_s``; see
+    ``imgtriage.io.ReadPolicy``, a bundle's lower values are kept) makes an image over it a
+    ``too_large``, ``too_many_pages`` or ``decode_timeout`` defect (422); a decode thread busy
+    past ``decode_timeout_s`` counts as stuck, and with every one stuck the service is not
+    ready. ``legacy_classify`` serves the old Flask backend's route (see ``serve.compat``).
     """
 
     bundle: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    threads: int | None = None
-    backend: str = "auto"
-    precision: str | None = None
-    max_batch_size: int = 16
-    max_wait_ms: float = 50.0
-    max_queue: int = 256
-    max_request_bytes: int = 16 * 1024 * 1024
-    max_images: int = 32
-    max_pixels: int = 40_000_000
-    allowed_formats: tuple[str, ...] = KNOWN_FORMATS
-    request_timeout_s: float = 30.0
-    body_timeout_s: float = 15.0
-    body_deadline_s: float = 60.0
-    max_decoded_bytes: int = 64 * 2**20
-    max_pages: int = 64
-    decode_timeout_s: float = 5.0
-    expect_sha256: str | None = None
-    max_client_inflight: int = 32
-    api_key_file: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    log_level: str = "info"
-    access_log: bool = True
-    root_path: str = ""
-    legacy_classify: bool = False
+    host: str = _f("127.0.0.1", "Address to listen on (0.0.0.0 for all).")
+    port: int = _f(8000, "TCP port.")
+    workers: int = _f(1, "Worker processes; each loads the model once.")
+    threads: int | None = _f(None, "Compute threads per worker (default: CPU cores / "
+                                   "workers).")
+    backend: str = _f("auto", "auto (ONNX Runtime when the bundle has a graph), torch or onnx.")
+    precision: str | None = _f(None, "fp32 or int8 ONNX graph (default: the bundle's: int8 "
+                                     "only where its check accepted it).")
+    max_batch_size: int = _f(16, "Most images merged into one inference call.")
+    max_wait_ms: float = _f(50.0, "How long the model may idle waiting for requests known to "
+                                  "be on their way (a lone client never waits).")
+    max_queue: int = _f(256, "Images waiting for inference before 503.")
+    max_request_bytes: int = _f(16 * 1024 * 1024, "Request body limit (413).")
+    max_images: int = _f(32, "Images per request (413 above).")
+    max_pixels: int = _f(40_000_000, "Pixels per image; larger images are refused as "
+                                     "too_many_pixels.")
+    allowed_formats: tuple[str, ...] = _f(KNOWN_FORMATS, "Comma-separated formats accepted "
+                                                         "(checked from the bytes).")
+    request_timeout_s: float = _f(30.0, "Seconds a request may wait for its inference (503 "
+                                        "after).", flag="--request-timeout")
+    body_timeout_s: float = _f(15.0, "Seconds between pieces of a request body (408 after).",
+                               flag="--body-timeout")
+    body_deadline_s: float = _f(60.0, "Seconds a whole request body may take to arrive (408 "
+                                      "after).", flag="--body-deadline")
+    max_decoded_bytes: int = _f(64 * 2**20, "Decode budget: bytes one image may take once "
+                                            "decoded (too_large above).")
+    max_pages: int = _f(64, "Decode budget: pages, planes or HDUs one image may need "
+                            "(too_many_pages above).")
+    decode_timeout_s: float = _f(5.0, "Decode budget: seconds one image may take to decode "
+                                      "(decode_timeout, 422).", flag="--decode-timeout")
+    expect_sha256: str | None = _f(None, "Refuse to serve any bundle but the one with this "
+                                         "sha256 (imgtriage inspect prints it).")
+    max_client_inflight: int = _f(32, "Open classify requests per client (API key or "
+                                      "address; 429 above).")
+    api_key_file: str | None = _f(None, "File with one accepted bearer token per line; "
+                                        "without it no key is asked for.")
+    cors_origins: tuple[str, ...] = _f((), "Allow this browser origin (repeat); CORS is off "
+                                           "without it.", flag="--cors-origin", repeat=True)
+    log_level: str = _f("info", "critical|error|warning|info|debug.")
+    access_log: bool = _f(True, "Log one line per request.")
+    root_path: str = _f("", "Path prefix a reverse proxy serves the app under, e.g. "
+                            "/imgtriage.")
+    legacy_classify: bool = _f(False, "Also answer the old Flask backend's clients: POST "
+                                      "/classify {\"image\": \"<base64>\"} -> one flat result "
+                                      "(docs/service.md).", flag="--legacy-classify-route")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", os.fspath(self.bundle))

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,82 +35,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from imgtriage.errors import ConfigError, DataError
+from imgtriage.errors import DataError
+from imgtriage.train.fewshot_config import AUGMENTS, LOSSES, MINING, FewShotConfig
 
-LOSSES = ("proto", "triplet")
-MINING = ("semihard", "hard")
-AUGMENTS = ("none", "flip", "d4")
-
-
-@dataclass(frozen=True)
-class FewShotConfig:
-    """Every knob of a few-shot run; errors name the ``imgtriage train-fewshot`` flag.
-
-    Example:
-        >>> FewShotConfig(loss="triplet", mining="hard").n_way
-        5
-    """
-
-    loss: str = "proto"
-    mining: str = "semihard"
-    margin: float = 0.2
-    n_way: int = 5
-    k_shot: int = 5
-    n_query: int = 5
-    episodes: int = 100
-    epochs: int = 10
-    embed_dim: int = 128
-    widths: tuple[int, ...] = (32, 64, 128)
-    scale: float = 10.0
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    img_size: int = 64
-    in_chans: int | None = None
-    scaling: str = "dtype"
-    augment: str = "flip"
-    val_frac: float = 0.15
-    method: str = "prototype"
-    knn_k: int = 1
-    keep_rate: float = 0.95
-    seed: int = 0
-    num_threads: int | None = None
-    decode_workers: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        checks = [
-            (self.loss in LOSSES, f"loss must be one of {LOSSES} (--loss)"),
-            (self.mining in MINING, f"mining must be one of {MINING} (--mining)"),
-            (self.margin > 0, "margin must be positive (--margin)"),
-            (self.n_way >= 2, "an episode needs at least 2 classes (--n-way)"),
-            (self.k_shot >= 1, "k_shot must be >= 1 (--k-shot)"),
-            (self.n_query >= 1, "n_query must be >= 1 (--n-query)"),
-            (self.episodes >= 1, "episodes per epoch must be >= 1 (--episodes)"),
-            (self.epochs >= 1, "epochs must be >= 1 (--epochs)"),
-            (self.embed_dim >= 2, "embed_dim must be >= 2 (--embed-dim)"),
-            (self.scale > 0, "scale must be positive (--scale)"),
-            (self.lr > 0, "learning rate must be positive (--lr)"),
-            (self.weight_decay >= 0, "weight decay must be >= 0 (--weight-decay)"),
-            (self.img_size >= 8, "image size must be >= 8 pixels (--img-size)"),
-            (self.in_chans is None or self.in_chans >= 1, "in_chans must be >= 1 (--in-chans)"),
-            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS} (--augment)"),
-            (0 <= self.val_frac < 1, "val fraction must be in [0, 1) (--val-frac)"),
-            (self.knn_k >= 1, "k must be >= 1 (--knn-k)"),
-            (0 < self.keep_rate <= 1, "keep rate must be in (0, 1] (--keep-rate)"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-        from imgtriage.models.gallery import GalleryConfig
-
-        GalleryConfig(method=self.method, k=self.knn_k, scale=self.scale)  # validates --method
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def encoder_kwargs(self) -> dict[str, Any]:
-        return {"embed_dim": self.embed_dim, "widths": list(self.widths)}
-
+__all__ = ["AUGMENTS", "LOSSES", "MINING", "EpisodeSampler", "FewShotConfig", "FewShotResult",
+           "train_fewshot"]
 
 # -- balanced sampling ----------------------------------------------------------------------
 class EpisodeSampler:

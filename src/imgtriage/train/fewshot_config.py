@@ -1,0 +1,95 @@
+"""The few-shot training configuration: a frozen dataclass, one ``imgtriage train-fewshot``
+option per field (help text and flag in each field's metadata). No torch here: the command
+line builds its options from it at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from imgtriage.errors import ConfigError
+
+LOSSES = ("proto", "triplet")
+MINING = ("semihard", "hard")
+AUGMENTS = ("none", "flip", "d4")
+
+
+def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A field with its ``imgtriage train-fewshot`` option (``cli/_options.py``)."""
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """Every knob of a few-shot run; errors name the ``imgtriage train-fewshot`` flag.
+
+    Example:
+        >>> FewShotConfig(loss="triplet", mining="hard").n_way
+        5
+    """
+
+    loss: str = _f("proto", "proto (prototypical episodes) or triplet.")
+    mining: str = _f("semihard", "Triplet mining: semihard or hard.")
+    margin: float = _f(0.2, "Triplet margin (squared distance of unit vectors).")
+    n_way: int = _f(5, "Classes per episode / batch.")
+    k_shot: int = _f(5, "Support crops per class in an episode.")
+    n_query: int = _f(5, "Query crops per class in an episode.")
+    episodes: int = _f(100, "Episodes per epoch.")
+    epochs: int = _f(10, "Training epochs.")
+    embed_dim: int = _f(128, "Embedding size.")
+    widths: tuple[int, ...] = _f((32, 64, 128), "Encoder channel widths, comma-separated.")
+    scale: float = _f(10.0, "Logit scale applied to cosine similarities.")
+    lr: float = _f(2e-3, "Peak learning rate (warm-up then cosine).")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    img_size: int = _f(64, "Input size in pixels (square).")
+    in_chans: int | None = _f(None, "Input channels; default: from the data.")
+    scaling: str = _f("dtype", "Pixel scaling: dtype, minmax or percentile.")
+    augment: str = _f("flip", "none, flip, or d4 (flips + 90-degree turns).")
+    val_frac: float = _f(0.15, "Share of each class held out for validation.")
+    method: str = _f("prototype", "Gallery scoring: prototype or knn.")
+    knn_k: int = _f(1, "Neighbours per class for --method knn.")
+    keep_rate: float = _f(0.95, "Share of correct validation crops kept above the fitted "
+                                "similarity threshold.")
+    seed: int = _f(0, "Seed for splits, episodes and initialisation.")
+    num_threads: int | None = _f(None, "Compute threads (default: all cores).",
+                                 flag="--threads")
+    decode_workers: int | None = _f(None, "Threads decoding the images (default: up to 4).")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        checks = [
+            (self.loss in LOSSES, f"loss must be one of {LOSSES} (--loss)"),
+            (self.mining in MINING, f"mining must be one of {MINING} (--mining)"),
+            (self.margin > 0, "margin must be positive (--margin)"),
+            (self.n_way >= 2, "an episode needs at least 2 classes (--n-way)"),
+            (self.k_shot >= 1, "k_shot must be >= 1 (--k-shot)"),
+            (self.n_query >= 1, "n_query must be >= 1 (--n-query)"),
+            (self.episodes >= 1, "episodes per epoch must be >= 1 (--episodes)"),
+            (self.epochs >= 1, "epochs must be >= 1 (--epochs)"),
+            (self.embed_dim >= 2, "embed_dim must be >= 2 (--embed-dim)"),
+            (self.scale > 0, "scale must be positive (--scale)"),
+            (self.lr > 0, "learning rate must be positive (--lr)"),
+            (self.weight_decay >= 0, "weight decay must be >= 0 (--weight-decay)"),
+            (self.img_size >= 8, "image size must be >= 8 pixels (--img-size)"),
+            (self.in_chans is None or self.in_chans >= 1, "in_chans must be >= 1 (--in-chans)"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS} (--augment)"),
+            (0 <= self.val_frac < 1, "val fraction must be in [0, 1) (--val-frac)"),
+            (self.knn_k >= 1, "k must be >= 1 (--knn-k)"),
+            (0 < self.keep_rate <= 1, "keep rate must be in (0, 1] (--keep-rate)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        from imgtriage.models.gallery import GalleryConfig
+
+        GalleryConfig(method=self.method, k=self.knn_k, scale=self.scale)  # validates --method
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "widths": list(self.widths)}

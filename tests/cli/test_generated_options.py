@@ -1,0 +1,81 @@
+"""Commands whose options are generated from their config dataclass: every field is an option,
+the defaults are the library's, and the values given reach the config unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from imgtriage.cli.main import app
+from imgtriage.serve.config import ServeConfig
+from imgtriage.train.fewshot_config import FewShotConfig
+
+runner = CliRunner()
+
+
+def _command(name: str):
+    return get_command(app).commands[name]
+
+
+@pytest.mark.parametrize(("command", "cls", "own"), [
+    ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set())])
+def test_every_field_is_an_option_with_its_help(command, cls, own):
+    params = {p.name: p for p in _command(command).params}
+    for f in fields(cls):
+        if f.name in own:
+            continue
+        assert f.name in params, f"{cls.__name__}.{f.name} has no option on `{command}`"
+        assert params[f.name].help == f.metadata["help"]
+
+
+def _captured(monkeypatch, module: str, name: str) -> dict:
+    import importlib
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+        class R:
+            bundle_path = "x"
+        return R()
+
+    monkeypatch.setattr(importlib.import_module(module), name, capture)
+    return seen
+
+
+def test_serve_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
+    seen = _captured(monkeypatch, "imgtriage.serve.app", "serve")
+    res = runner.invoke(app, ["serve", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][0] == ServeConfig(bundle=str(tmp_path))
+    res = runner.invoke(app, ["serve", str(tmp_path), "--port", "9001", "--threads", "2",
+                              "--allowed-formats", "png, jpeg", "--cors-origin",
+                              "https://a.example", "--cors-origin", "https://b.example",
+                              "--request-timeout", "7", "--no-access-log",
+                              "--legacy-classify-route"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][0] == ServeConfig(
+        bundle=str(tmp_path), port=9001, threads=2, allowed_formats=("png", "jpeg"),
+        cors_origins=("https://a.example", "https://b.example"), request_timeout_s=7.0,
+        access_log=False, legacy_classify=True)
+
+
+def test_serve_refuses_a_bad_value_naming_the_flag(tmp_path):
+    res = runner.invoke(app, ["serve", str(tmp_path), "--max-wait-ms", "5000"])
+    assert res.exit_code != 0 and "--max-wait-ms" in str(res.exception or res.output)
+
+
+def test_train_fewshot_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
+    seen = _captured(monkeypatch, "imgtriage.train.fewshot", "train_fewshot")
+    res = runner.invoke(app, ["train-fewshot", str(tmp_path), "-q"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][2] == FewShotConfig() and seen["kwargs"] == {"quiet": True}
+    res = runner.invoke(app, ["train-fewshot", str(tmp_path), "--widths", "8,16",
+                              "--threads", "1", "--loss", "triplet", "--knn-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][2] == FewShotConfig(widths=(8, 16), num_threads=1, loss="triplet",
+                                            knn_k=3)
