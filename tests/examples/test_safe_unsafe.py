@@ -40,7 +40,8 @@ def recipe(tmp_path_factory):
     out = tmp / "out"
     summary = load_recipe().main(["--data", str(data), "--out", str(out), "--max-safe", "40",
                                   "--max-per-defect", "12", "--epochs", "2", "--img-size", "48",
-                                  "--threads", "1", "--pretrained", str(weights)])
+                                  "--threads", "1", "--pretrained", str(weights),
+                                  "--backbone", "resnet18"])
     return out, summary
 
 
@@ -116,14 +117,14 @@ def test_reports_show_the_rule_matrix_and_missed_defects(recipe):
 
 def test_without_weights_the_recipe_says_it_trains_from_scratch():
     mod = load_recipe()
-    flags, note = mod.model_args(mod.parse_args([]))
+    flags, note = mod.model_args(mod.parse_args(["--pretrained", "none"]))
     assert "--pretrained" not in flags and flags[flags.index("--model") + 1] == "crop_cnn"
-    assert note.startswith("NOTE: no --pretrained weights") and "from scratch" in note
+    assert note.startswith("NOTE: --pretrained none given") and "from scratch" in note
     assert json.loads(flags[flags.index("--model-kwargs") + 1]) == {"global_pool": "avg"}
-    flags, _ = mod.model_args(mod.parse_args(["--scratch-pool", "max"]))
+    flags, _ = mod.model_args(mod.parse_args(["--scratch-pool", "max", "--pretrained", "none"]))
     assert json.loads(flags[flags.index("--model-kwargs") + 1]) == {"global_pool": "max"}
     flags, note = mod.model_args(mod.parse_args(["--pretrained", "w.safetensors"]))
-    assert flags[:4] == ["--model", "resnet18", "--pretrained", "w.safetensors"]
+    assert flags[:4] == ["--model", "efficientnet_lite0", "--pretrained", "w.safetensors"]
 
 
 def test_freeze_backbone_trains_the_head_only_with_weights():
@@ -137,3 +138,19 @@ def test_freeze_backbone_trains_the_head_only_with_weights():
     names = [p.default.param_decls for p in train_command.__signature__.parameters.values()
              if hasattr(p.default, "param_decls")]
     assert any("--freeze-backbone" in str(n) for n in names)
+
+
+def test_by_default_the_recipe_uses_the_installed_weights_or_says_how_to_get_them(
+        monkeypatch):
+    from imgtriage.models import pretrained
+
+    mod = load_recipe()
+    flags, note = mod.model_args(mod.parse_args([]))
+    if pretrained.get_weights("efficientnet_lite0").path() is not None:
+        assert flags[:4] == ["--model", "efficientnet_lite0", "--pretrained", "auto"]
+        assert "--freeze-backbone" in flags and note.startswith("transfer learning")
+    monkeypatch.setattr(type(pretrained.get_weights("efficientnet_lite0")), "path",
+                        lambda self: None)
+    flags, note = mod.model_args(mod.parse_args([]))
+    assert flags[flags.index("--model") + 1] == "crop_cnn"
+    assert "pip install 'imgtriage[pretrained]'" in note

@@ -406,7 +406,10 @@ def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[
     ds, parts = split
     _write_defects(run, ds, head.defects)
     (run / "metrics.jsonl").write_text((run / "head_metrics.jsonl").read_text())
-    (run / "class_weights.json").write_text(json.dumps(head.loss.to_dict(), indent=2))
+    weights = head.loss.weights
+    (run / "class_weights.json").write_text(json.dumps(
+        {**head.loss.to_dict(), "by_class": dict(zip(ds.classes, weights, strict=True))
+         if weights else None}, indent=2))
     (run / "run.json").write_text(json.dumps(
         {"model_choice": reason, "loss": head.loss.to_dict(), "weights": plan.to_dict(),
          "cache": "embeddings", "world_size": 1, "resumed_from": None, "unlabeled": None},
