@@ -77,6 +77,7 @@ def test_page_classifies_an_uploaded_image(live_server, predictor, digit_pngs, t
         strict = cards_text(driver)[0]  # newest first
         assert strict["cls"] == "unknown" and "abstained" in strict["classes"]
         assert f"best guess {expected['class']}" in strict["note"]
+        assert "not sure enough to decide" in strict["note"]  # the row's reason, in words
 
         junk = tmp_path / "notes.txt"
         junk.write_text("not an image")

@@ -24,6 +24,11 @@ def evaluate_command(
                                               "evaluation directory or calibrated bundle."),
     drift_alpha: float = typer.Option(0.01, help="Significance level of the drift tests."),
     batch_size: int = typer.Option(64, help="Images per inference batch."),
+    ood: Path = typer.Option(None, "--ood", help="A folder of images of none of the bundle's "
+                                                 "classes: report how well the bundle's OOD "
+                                                 "score and max-softmax tell them from DATA "
+                                                 "(AUROC, FPR at 95% TPR) and how many the "
+                                                 "rule refuses."),
 ) -> None:
     """Metrics, calibration, abstain, conformal sets and a failure gallery (JSON + HTML)."""
     from imgtriage.predict.assess import drift_against, evaluate_bundle
@@ -38,17 +43,26 @@ def evaluate_command(
         raise typer.Exit(1 if res["shift"] else 0)
     out = out or Path(bundle).resolve().parent / "eval"
     rep = evaluate_bundle(bundle, data, out, split=split, tta=tta, profile=profile,
-                          batch_size=batch_size)
+                          batch_size=batch_size, ood=ood)
     m = rep["metrics"]
     typer.echo(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  "
                f"NLL {m['nll']:.4f}  ECE {m['ece']:.4f}  ({rep['meta']['n_samples']} images)")
-    d = rep.get("decision")
-    if d:
+    d, h = rep.get("decision"), rep.get("headline")
+    if d and h:
         recall = ", ".join(f"{p['class']} {p['recall']:.4f}" for p in d["per_class"]
                            if p["recall"] is not None)
-        typer.echo(f"under the decision rule: coverage {d['coverage']:.4f}, "
-                   f"{d['abstain_count']} abstained (review), {d['errors']} wrong; "
+        why = ", ".join(f"{n} {k}" for k, n in h["abstained_by_reason"].items() if n)
+        acc = h["accuracy_answered"]
+        typer.echo(f"under the decision rule: coverage {h['coverage']:.4f}, accuracy of "
+                   f"answered {acc if acc is None else format(acc, '.4f')}, "
+                   f"{h['abstained']} abstained ({why or 'none'}), {h['wrong_answers']} wrong; "
                    f"recall {recall}")
+    o = rep.get("ood")
+    if o:
+        scores = "; ".join(f"{k} AUROC {m['auroc']:.4f} FPR@95TPR {m['fpr_at_95tpr']:.4f}"
+                           for k, m in o["methods"].items())
+        typer.echo(f"OOD folder ({o['n']} images): {scores}; the rule refuses "
+                   f"{o['refused']:.1%}")
     typer.echo(f"report: {out / 'report.html'}")
 
 
@@ -76,6 +90,19 @@ def calibrate_command(
                                                    "raps."),
     alpha: float = typer.Option(0.1, help="Conformal miscoverage level (0.1 -> 90% sets)."),
     mondrian: bool = typer.Option(False, "--mondrian", help="Class-conditional coverage."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Let conformal sets be "
+                                     "empty (default: an empty set gets the top class)."),
+    set_abstain: bool = typer.Option(False, "--set-abstain", help="Abstain (reason "
+                                     "'ambiguous') when the conformal set is not one class."),
+    target_accuracy: float = typer.Option(None, help="Instead of a threshold strategy: one "
+                                          "confidence threshold for every class, the lowest "
+                                          "whose answered images reach this accuracy (the "
+                                          "rule train writes by default)."),
+    delta: float = typer.Option(None, help="With target_recall/target_precision: make the "
+                                "target hold on new data with probability 1 - delta (exact "
+                                "order-statistic / Clopper-Pearson bound), e.g. 0.05."),
+    ood: bool = typer.Option(True, "--ood/--no-ood", help="Keep the bundle's out-of-"
+                             "distribution rule (its threshold re-chosen on DATA)."),
     profile: str = typer.Option("default", help="Name of this decision rule; 'default' is "
                                                 "applied by predict/serve with no flags."),
     make_default: bool = typer.Option(None, "--make-default/--keep-default",
@@ -100,7 +127,9 @@ def calibrate_command(
                          threshold_strategy=threshold_strategy, target=target,
                          thresholds=thresholds, cost_fn=cost_fn, cost_fp=cost_fp,
                          positive_class=pos, abstain=abstain, conformal_method=conformal_method,
-                         alpha=alpha, mondrian=mondrian)
+                         alpha=alpha, mondrian=mondrian, allow_empty=allow_empty,
+                         set_abstain=set_abstain, target_accuracy=target_accuracy, delta=delta,
+                         ood=ood)
     _print_calibration(s)
     typer.echo(f"bundle updated: {out or bundle} (profile {profile!r})")
 
@@ -112,6 +141,11 @@ def _print_calibration(s: dict) -> None:
                    f"{t['nll_after']:.4f}, ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}")
     else:
         typer.echo(f"temperature {t['temperature']} (given)")
+    if t.get("note"):
+        typer.echo(f"  note: {t['note']}")
+    for a in (s.get("thresholds") or {}).get("achieved") or []:
+        if a.get("delta") is not None and a.get("note"):
+            typer.echo(f"  {a['note']}")
     if s.get("abstain"):
         a = s["abstain"]
         typer.echo(f"abstain: coverage {a['coverage']:.4f}, accuracy at coverage "

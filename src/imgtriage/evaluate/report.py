@@ -25,7 +25,7 @@ from imgtriage.evaluate._validation import as_labels, as_scores, check_class_nam
 from imgtriage.evaluate.abstain import abstain_summary
 from imgtriage.evaluate.calibration import TemperatureScaler
 from imgtriage.evaluate.conformal import coverage_summary, prediction_sets_from_dict
-from imgtriage.evaluate.decision import DecisionPolicy, softmax
+from imgtriage.evaluate.decision import REASONS, DecisionPolicy, softmax
 from imgtriage.evaluate.metrics import (
     classification_report,
     expected_calibration_error,
@@ -75,8 +75,14 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
                  decision: DecisionPolicy | dict[str, Any] | None = None,
                  title: str = "imgtriage evaluation report", extra: dict[str, Any] | None = None,
                  feature_importance: dict[str, float] | None = None,
-                 gallery_per_class: int = 5, n_confused_pairs: int = 10) -> dict[str, Any]:
+                 gallery_per_class: int = 5, n_confused_pairs: int = 10,
+                 ood_scores: Any = None, ood: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything ``report.json`` holds, computed from plain arrays (no files written).
+
+    ``ood_scores`` (one per row) let the policy's out-of-distribution rule refuse rows as
+    ``predict`` does; ``ood`` is a ready OOD-detection section (``evaluate --ood``).
+    ``report["headline"]`` holds the one set of numbers the summary shows under the rule:
+    they are the decision section's numbers, refusals counted by reason.
 
     Metrics use the policy's calibrated probabilities; without ``decision``, plain softmax.
     They score the top class; when the policy has thresholds, ``report["decision"]`` scores
@@ -107,11 +113,15 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
         "feature_importance": dict(feature_importance) if feature_importance else None,
         "decision": None, "extra": extra,
     }
-    if policy is not None and policy.thresholds is not None:
+    report["ood"] = ood
+    report["headline"] = None
+    if policy is not None and (policy.thresholds is not None or policy.ood is not None):
+        decided = policy.decide(z, ood_scores)
         report["decision"] = decision_outcomes(
-            policy.decide(z), y, names, path_list, unknown_label=policy.unknown_label,
+            decided, y, names, path_list, unknown_label=policy.unknown_label,
             rule=policy.to_dict(), gallery_per_class=gallery_per_class,
             n_confused_pairs=n_confused_pairs)
+        report["headline"] = _headline(report["decision"], decided.reason)
     if policy is not None and policy.thresholds is not None:
         report["abstain"] = {"enabled": policy.abstain,
                              **abstain_summary(probs, y, policy.thresholds, names,
@@ -121,6 +131,14 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
         report["conformal"] = {"settings": policy.conformal,
                                **coverage_summary(sets, y, n_classes=len(names))}
     return json_safe(report)
+
+
+def _headline(d: dict[str, Any], reasons: Sequence[str | None]) -> dict[str, Any]:
+    counts = {r: sum(1 for x in reasons if x == r) for r in REASONS}
+    return {"n": d["n_samples"] if "n_samples" in d else len(reasons),
+            "coverage": d["coverage"], "accuracy_answered": d["accuracy_at_coverage"],
+            "abstained": d["abstain_count"], "abstained_by_reason": counts,
+            "wrong_answers": d["errors"]}
 
 
 def _meta(title: str, n: int, names: list[str], policy: DecisionPolicy | None) -> dict[str, Any]:
@@ -139,7 +157,8 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
                  feature_importance: dict[str, float] | None = None,
                  gallery_per_class: int = 5, n_confused_pairs: int = 10,
                  image_reader: Reader | None = None, thumbnail_size: int = 96,
-                 max_thumbnails: int = 1000) -> dict[str, Any]:
+                 max_thumbnails: int = 1000, ood_scores: Any = None,
+                 ood: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``report.json``, a self-contained ``report.html`` and each figure as a PNG
     beside them (``confusion_matrix.png``, ``pr_curves.png``, ``reliability.png``,
     ``risk_coverage.png``, ``feature_importance.png`` when given; ``report["figures"]``
@@ -158,7 +177,8 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
     report = build_report(logits=logits, labels=labels, class_names=class_names, paths=paths,
                           decision=decision, title=title, extra=extra,
                           feature_importance=feature_importance,
-                          gallery_per_class=gallery_per_class, n_confused_pairs=n_confused_pairs)
+                          gallery_per_class=gallery_per_class, n_confused_pairs=n_confused_pairs,
+                          ood_scores=ood_scores, ood=ood)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = report_figures(report)
@@ -224,7 +244,15 @@ def _img(uri: str, alt: str) -> str:
 
 
 def _summary(r: dict[str, Any]) -> str:
-    m, c = r["metrics"], r["calibration"]
+    m, c, h = r["metrics"], r["calibration"], r.get("headline")
+    head = ""
+    if h:
+        why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in
+                        h["abstained_by_reason"].items() if n) or "none"
+        head = ("<p><b>Under the bundle's rule</b>: answers "
+                f"{_e(_fmt(h['coverage']))} of {h['n']} images at accuracy "
+                f"{_e(_fmt(h['accuracy_answered']))}; abstains on {h['abstained']} ({_e(why)})."
+                " The rows below score the top class of every image, answered or not.</p>")
     rows = [["samples", m["n_samples"]], ["classes", m["n_classes"]],
             ["accuracy", m["accuracy"]], ["balanced accuracy", m["balanced_accuracy"]]]
     rows += [[f"top-{k} accuracy", v] for k, v in m["top_k_accuracy"].items() if k != "1"]
@@ -233,7 +261,7 @@ def _summary(r: dict[str, Any]) -> str:
              ["NLL", m["nll"]], ["Brier", m["brier"]], ["ECE (15 bins)", m["ece"]],
              ["adaptive ECE", m["adaptive_ece"]], ["class-wise ECE", m["classwise_ece"]],
              ["AURC", m["risk_coverage"]["aurc"]], ["temperature", c["temperature"]]]
-    return "<h2>Summary</h2>" + _table(rows, ["metric", "value"])
+    return "<h2>Summary</h2>" + head + _table(rows, ["metric", "value"])
 
 
 def _per_class(m: dict[str, Any]) -> str:
@@ -273,6 +301,10 @@ def _selective_html(r: dict[str, Any], figs: dict[str, str]) -> str:
         out += _table([["coverage", cf["coverage"]], ["mean set size", cf["mean_set_size"]],
                        ["singleton rate", cf["singleton_rate"]], ["empty rate", cf["empty_rate"]]],
                       ["", "value"])
+        if cf.get("per_class_coverage"):
+            out += _table([[n, v] for n, v in zip(r["meta"]["classes"],
+                                                  cf["per_class_coverage"], strict=True)],
+                          ["class", "coverage (true class in its set)"])
     return out
 
 
@@ -289,7 +321,8 @@ def _card(it: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]]) 
             f'</b> ({it["score"]:.3f})</div><div class="muted">{_e(it["path"])}</div></div>')
 
 
-def _decision_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]]) -> str:
+def _decision_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]],
+                   shown: set[tuple[str, str, str]] | None = None) -> str:
     d = r.get("decision")
     if not d:
         return ""
@@ -315,33 +348,65 @@ def _decision_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | 
     out.append(_gallery_html({"failures": d["failures"]}, thumbs,
                              "Failure gallery under the rule",
                              "What the rule got wrong (abstentions excluded): card shows "
-                             "true → answered (score of the answered class), then the path."))
+                             "true → answered (score of the answered class), then the path.",
+                             shown))
     return "".join(out)
+
+
+def _cards(items: Sequence[dict[str, Any]], thumbs: dict[int, tuple[str | None, str | None]],
+           shown: set[tuple[str, str, str]]) -> str:
+    """Cards of the items not shown yet on the page (one mistake is one card, once): with two
+    classes every mistake is a confused pair, a false negative and a false positive."""
+    fresh = []
+    for it in items:
+        key = (str(it["path"]), str(it["true"]), str(it["predicted"]))
+        if key not in shown:
+            shown.add(key)
+            fresh.append(it)
+    return ("<div class='gallery'>" + "".join(_card(it, thumbs) for it in fresh) + "</div>"
+            if fresh else "")
 
 
 def _gallery_html(r: dict[str, Any], thumbs: dict[int, tuple[str | None, str | None]],
                   title: str = "Failure gallery",
                   note: str = "Highest-confidence mistakes: card shows true → predicted (score "
-                              "of the predicted class), then the path.") -> str:
+                              "of the predicted class), then the path.",
+                  shown: set[tuple[str, str, str]] | None = None) -> str:
     f = r["failures"]
-    out = [f"<h2>{_e(title)}</h2><p class='muted'>{_e(note)}</p>"]
+    shown = set() if shown is None else shown
+    out = [f"<h2>{_e(title)}</h2><p class='muted'>{_e(note)} Each mistake appears once: "
+           "under its confused pair, else under its class.</p>"]
     out.append("<h3>Most confused pairs</h3>")
     if not f["confused_pairs"]:
         out.append("<p>No mistakes.</p>")
     for pair in f["confused_pairs"]:
         out.append(f"<h4>{_e(pair['true'])} → {_e(pair['predicted'])}: {pair['count']}</h4>")
-        out.append('<div class="gallery">' + "".join(_card(it, thumbs) for it in pair["examples"])
-                   + "</div>")
+        out.append(_cards(pair["examples"], thumbs, shown))
     for c in f["per_class"]:
-        if not (c["false_negatives"] or c["false_positives"]):
-            continue
-        out.append(f"<h3>{_e(c['class'])}</h3>")
+        parts = []
         for key, label in (("false_negatives", "missed (false negatives)"),
                            ("false_positives", "wrongly predicted (false positives)")):
-            if c[key]:
-                out.append(f"<h4>{label}</h4><div class='gallery'>"
-                           + "".join(_card(it, thumbs) for it in c[key]) + "</div>")
+            cards = _cards(c[key], thumbs, shown)
+            if cards:
+                parts.append(f"<h4>{label}</h4>{cards}")
+        if parts:
+            out.append(f"<h3>{_e(c['class'])}</h3>" + "".join(parts))
     return "".join(out)
+
+
+def _ood_html(r: dict[str, Any]) -> str:
+    o = r.get("ood")
+    if not o:
+        return ""
+    rows = [[name, m["auroc"], m.get("fpr_at_95tpr"), m["n_id"], m["n_ood"]]
+            for name, m in o["methods"].items()]
+    why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in o["refused_by_reason"].items())
+    return (f"<h2>Out-of-distribution images ({_e(o['folder'])})</h2><p class='muted'>"
+            f"{_e(o['note'])}. knn: the bundle's OOD score; msp: max softmax probability "
+            "(baseline).</p>"
+            + _table(rows, ["score", "AUROC", "FPR at 95% TPR", "in-distribution", "OOD"])
+            + f"<p>The rule refuses {_e(_fmt(o['refused']))} of the {o['n']} images"
+            f"{f' ({_e(why)})' if why else ''}; {len(o['defects'])} unreadable.</p>")
 
 
 def render_html(report: dict[str, Any],
@@ -350,6 +415,7 @@ def render_html(report: dict[str, Any],
     """The self-contained HTML page for a :func:`build_report` dict (``figures`` from
     :func:`report_figures`, computed when not given)."""
     thumbs = thumbs or {}
+    shown: set[tuple[str, str, str]] = set()  # every mistake's card once on the page
     figs = figures if figures is not None else report_figures(report)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{_e(report['meta']['title'])}</title><style>{_CSS}</style></head><body>",
@@ -359,11 +425,11 @@ def render_html(report: dict[str, Any],
              "<h2>Confusion matrix</h2>" + _img(figs["confusion_matrix.png"], "confusion matrix"),
              "<h2>Precision–recall</h2>" + _img(figs["pr_curves.png"], "PR curves"),
              _calibration_html(report, figs), _selective_html(report, figs),
-             _decision_html(report, thumbs)]
+             _ood_html(report), _decision_html(report, thumbs, shown)]
     if report.get("feature_importance"):
         parts.append("<h2>Feature importance</h2>" + _img(figs["feature_importance.png"],
                                                           "feature importance"))
-    parts.append(_gallery_html(report, thumbs))
+    parts.append(_gallery_html(report, thumbs, shown=shown))
     if report.get("extra"):
         text = json.dumps(report["extra"], indent=2, default=str)
         parts.append(f"<h2>Extra</h2><pre>{_e(text)}</pre>")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class LabelledLogits:
     paths: list[str]
     defects: list[dict[str, str]]
     feature_importance: dict[str, float] | None = None  # fusion bundles: mean |grad x input|
+    ood_scores: np.ndarray | None = None  # with an OOD policy: one score per row (higher=odder)
 
 
 def labelled_samples(data: str | os.PathLike[str], classes: list[str],
@@ -65,10 +66,11 @@ def _logit_predictor(bundle: str | os.PathLike[str] | Bundle, backend: str) -> P
 
 def collect_logits(predictor: Predictor, samples: list[Sample], *, tta: bool = False,
                    batch_size: int = 64, workers: int | None = None,
-                   attribute: bool = False) -> LabelledLogits:
+                   attribute: bool = False, ood_policy: Any = None) -> LabelledLogits:
     """Raw logits for every usable sample, decoded with the bundle's own preprocessing
     (bad files become defects, never dropped silently). With ``attribute``, image + feature
-    bundles also get each feature's mean |gradient x input| (``feature_importance``)."""
+    bundles also get each feature's mean |gradient x input| (``feature_importance``); with
+    ``ood_policy`` (a policy holding an OOD rule), each row's OOD score too."""
     from concurrent.futures import ThreadPoolExecutor
 
     decoder = predictor.decoder
@@ -77,7 +79,8 @@ def collect_logits(predictor: Predictor, samples: list[Sample], *, tta: bool = F
         return decode_entry(decoder, s.path)
 
     index = {c: i for i, c in enumerate(predictor.classes)}
-    logits, labels, paths, defects = [], [], [], []
+    logits, labels, paths, defects, scores = [], [], [], [], []
+    with_ood = ood_policy is not None and ood_policy.ood is not None
     attribution = _attribution(predictor) if attribute else None
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(samples), batch_size):
@@ -93,15 +96,22 @@ def collect_logits(predictor: Predictor, samples: list[Sample], *, tta: bool = F
                     paths.append(s.path)
             if xs:
                 x, f = np.stack(xs), _features(predictor, metas, paths[len(paths) - len(xs):])
-                logits.append(predictor.logits(x, tta) if f is None
-                              else predictor.logits(x, tta, f))
+                if with_ood:
+                    lo, sc = predictor.forward(x, replace(ood_policy, abstain=True), tta, f,
+                                               metas)
+                    logits.append(lo)
+                    scores.append(sc)
+                else:
+                    logits.append(predictor.logits(x, tta) if f is None
+                                  else predictor.logits(x, tta, f))
                 if attribution is not None:
                     attribution.add(predictor.backend.model, x, f)
     if not logits:
         raise DataError("none of the files could be read; see the defects")
     return LabelledLogits(np.concatenate(logits).astype(np.float64), np.asarray(labels),
                           paths, defects,
-                          attribution.result() if attribution is not None else None)
+                          attribution.result() if attribution is not None else None,
+                          np.concatenate(scores) if scores else None)
 
 
 def _attribution(predictor: Predictor) -> Any:
@@ -127,9 +137,16 @@ def _features(predictor: Predictor, metas: list, names: list) -> np.ndarray | No
 def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
                     out_dir: str | os.PathLike[str], *, split: str | None = None,
                     tta: bool = False, profile: str | None = None, batch_size: int = 64,
-                    backend: str = "auto") -> dict[str, Any]:
+                    backend: str = "auto",
+                    ood: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Metrics, calibration, abstain, conformal sets and the failure gallery as
     ``out_dir/report.json`` + ``out_dir/report.html``; returns the report dict.
+
+    The rule's out-of-distribution part (when the bundle has one) applies to the labelled
+    data like in ``predict``. ``ood``: a folder of images that are *not* of the bundle's
+    classes; the report's ``ood`` section then scores how well the bundle's OOD score and the
+    max-softmax baseline separate them from the labelled data (AUROC, FPR at 95% TPR) and how
+    many of them the rule refuses.
 
     Example:
         >>> evaluate_bundle("runs/a/bundle", "data/test", "runs/a/eval")  # doctest: +SKIP
@@ -139,23 +156,31 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
 
     predictor = _logit_predictor(bundle, backend)
     samples = labelled_samples(data, predictor.classes, split)
-    got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True)
     policy = predictor.policy_for(PredictOptions(profile=profile))
+    got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True,
+                         ood_policy=policy)
+    ood_block = None
+    if ood is not None:
+        from imgtriage.predict.ood_eval import ood_section
+
+        ood_block = ood_section(predictor, policy, got, ood, tta=tta, batch_size=batch_size)
     report = write_report(out_dir, logits=got.logits, labels=got.labels,
                           class_names=predictor.classes, paths=got.paths, decision=policy,
+                          ood_scores=got.ood_scores, ood=ood_block,
                           feature_importance=got.feature_importance,
                           title=f"imgtriage evaluation: {Path(bundle).name} on {data}",
                           extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
                                  "data": str(data), "split": split, "tta": tta,
                                  "defects": got.defects})
-    _save_reference(Path(out_dir), got.logits, policy)
+    _save_reference(Path(out_dir), got.logits, policy, got.ood_scores)
     return report
 
 
-def _save_reference(out_dir: Path, logits: np.ndarray, policy: Any) -> None:
+def _save_reference(out_dir: Path, logits: np.ndarray, policy: Any,
+                    ood_scores: np.ndarray | None = None) -> None:
     from imgtriage.evaluate import reference_summary
 
-    d = policy.decide(logits)
+    d = policy.decide(logits, ood_scores)
     ref = reference_summary(d.probs, d.abstained)
     (out_dir / "reference.json").write_text(json.dumps(ref))
 
@@ -220,7 +245,11 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
     predictor = _logit_predictor(b, "onnx" if b.manifest["model"]["name"] == "onnx"
                                  else "torch")
     samples = labelled_samples(data, predictor.classes, split)
-    got = collect_logits(predictor, samples, batch_size=batch_size)
+    keep_ood = fit_kwargs.pop("ood", True) and predictor.policy.ood is not None
+    got = collect_logits(predictor, samples, batch_size=batch_size,
+                         ood_policy=predictor.policy if keep_ood else None)
+    if keep_ood:  # the bundle's OOD scorer stays; its threshold is re-chosen on this data
+        fit_kwargs["ood"] = _rethreshold(predictor.policy.ood, got, data)
     policy, summary = fit_decision_policy(got.logits, got.labels,
                                           class_names=predictor.classes, profile=profile,
                                           **fit_kwargs)
@@ -237,3 +266,12 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
         changes["drift_reference"] = summary["drift_reference"]
     update_bundle(bundle, changes, note=f"calibrate profile {profile!r} on {data}", out=out)
     return summary
+
+
+def _rethreshold(rule: dict[str, Any], got: LabelledLogits, data: Any) -> dict[str, Any]:
+    """The OOD rule with its threshold chosen on the calibration data (same acceptance)."""
+    from imgtriage.evaluate.ood import threshold_from_scores
+
+    finite = got.ood_scores[np.isfinite(got.ood_scores)]
+    return {**rule, "threshold": threshold_from_scores(finite, float(rule["accept"])),
+            "n_val": len(finite), "threshold_from": f"imgtriage calibrate on {data}"}

@@ -54,7 +54,8 @@ async def read_legacy_upload(request: Any, cfg: ServeConfig) -> Upload:
 
 def legacy_answer(entry: dict[str, Any]) -> dict[str, Any]:
     """A result row in the old flat shape (no path: the old clients sent none)."""
-    keys = ("class", "class_id", "score", "abstained", "best_class", "probs", "set", "flags")
+    keys = ("class", "class_id", "score", "abstained", "reason", "best_class", "probs", "set",
+            "flags")
     return {k: entry[k] for k in keys if k in entry}
 
 

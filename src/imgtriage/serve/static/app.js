@@ -99,6 +99,13 @@ function fillBars(list, probs, best) {
   }
 }
 
+// Why the model said "unknown" (the result's reason field), in words.
+const REASONS = {
+  out_of_distribution: "unlike anything the model was trained on",
+  low_confidence: "not sure enough to decide",
+  ambiguous: "more than one class is plausible",
+};
+
 function render(node, entry, classes) {
   const cls = node.querySelector(".cls");
   if (entry.issue) {
@@ -112,8 +119,9 @@ function render(node, entry, classes) {
   const best = entry.abstained ? entry.best_class : classes[entry.class_id];
   if (entry.abstained) {
     node.classList.add("abstained");
+    node.dataset.reason = entry.reason || "low_confidence";
     node.querySelector(".note").textContent =
-      `abstained: not sure enough to decide (best guess ${best})`;
+      `abstained: ${REASONS[entry.reason] || REASONS.low_confidence} (best guess ${best})`;
   }
   if (entry.set) {
     const set = entry.set.length ? `{${entry.set.join(", ")}}` : "empty (no class is plausible)";
