@@ -14,7 +14,7 @@ def test_legacy_route_answers_the_old_request_shape(make_client, predictor, digi
         (expected,) = predictor.predict_bytes([data], ["image"], include_probs=True)
         expected.pop("path")
         assert r.json() == expected
-        assert set(r.json()) == {"class", "class_id", "score", "abstained", "probs"}
+        assert set(r.json()) == {"class", "class_id", "score", "abstained", "reason", "probs"}
     url = "data:image/png;base64," + base64.b64encode(digit_pngs[0][1]).decode()
     assert client.post("/classify", json={"image": url}).status_code == 200
     metrics = client.get("/metrics").text

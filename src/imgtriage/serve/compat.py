@@ -5,10 +5,11 @@ object back. With ``--legacy-classify-route`` (``ServeConfig.legacy_classify``) 
 answers them through the same runtime, batcher, limits, key check and decision rule as
 ``POST /v1/classify``, so their answers are the bundle's answers::
 
-    {"class": "cat", "class_id": 0, "score": 0.93, "abstained": false,
+    {"class": "cat", "class_id": 0, "score": 0.93, "abstained": false, "reason": null,
      "probs": {"cat": 0.93, "dog": 0.07}}
 
-An abstained image answers ``class`` = the unknown label, ``class_id`` -1 and ``best_class``.
+An abstained image answers ``class`` = the unknown label, ``class_id`` -1, ``best_class`` and
+the ``reason`` it abstained.
 An image that cannot be classified answers 422 with the problem document of ``/v1`` plus
 ``error`` (the message, where the old backend put it). Other keys of the body are ignored,
 so old clients that send more than ``image`` keep working.
