@@ -61,6 +61,21 @@ def test_ray_parquet_dataset_holds_every_file_once(
     assert json.loads((out / META_FILE).read_text())["meta"]["num_files"] == 304
 
 
+def test_ray_parquet_dataset_of_a_cascade_counts_its_stages(
+        ray_cluster, tiny_bundle, digits_folder, mixed_inputs, tmp_path):
+    """Issue 19: every cascade report has its per-stage counts, the Parquet dataset's too."""
+    from imgtriage.predict.cascade import CascadeConfig, build_cascade
+
+    res = build_cascade(tiny_bundle, digits_folder, tmp_path / "cascade",
+                        CascadeConfig(route_share=0.5))
+    got = ray_predict(res.bundle_path, mixed_inputs, dataset_dir=tmp_path / "ds")
+    rows = pads.dataset(tmp_path / "ds", format="parquet").to_table().to_pylist()
+    stages = [json.loads(r["extra"])["stage"] for r in rows if r["kind"] == "result"]
+    c = got["meta"]["cascade"]
+    assert (c["stage1"], c["stage2"]) == (stages.count(1), stages.count(2)) and c["stage1"]
+    assert c["stage1"] + c["stage2"] == 300
+
+
 def _middle_gap(predictor, inputs) -> float:
     """A threshold that abstains on about half the files and sits far from every score, so
     float noise between engines cannot flip a decision."""

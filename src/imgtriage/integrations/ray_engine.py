@@ -302,6 +302,13 @@ def _write_dataset(ds: Any, uri: str, n_files: int, predictor: BasePredictor,
     report = predictor.make_report([], defects, time.perf_counter() - t0, cfg.batch_size, opts)
     report["meta"].update(num_files=n_results + len(defects), n_results=n_results,
                           coverage=round(1 - n_abstained / n_results, 6) if n_results else None)
+    if isinstance(report["meta"].get("cascade"), dict):  # rows hold "stage" in "extra" JSON
+        from imgtriage.predict.report import stage_counts
+
+        extra = data.to_table(columns=["extra"], filter=pc.field("kind") == "result")["extra"]
+        n1, n2 = (int(pc.sum(pc.fill_null(pc.match_substring(extra, f'"stage": {k}'),
+                                          False)).as_py() or 0) for k in (1, 2))
+        report["meta"]["cascade"] = {**report["meta"]["cascade"], **stage_counts(n1, n2)}
     return report
 
 
