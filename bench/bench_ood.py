@@ -1,5 +1,6 @@
 """Out-of-distribution detection of default bundles: k-NN on penultimate features (the
-bundle's OOD scorer) against max-softmax probability (MSP), in the same run, on the same images.
+bundle's OOD scorer) against max-softmax probability (MSP, the baseline) and the energy score
+(Liu et al. 2020), in the same run, on the same images.
 
 Tasks (each trained with ``imgtriage.train`` and its *default* calibration, per seed):
 
@@ -101,10 +102,14 @@ def _inputs(p: Any, paths: list[Path]) -> np.ndarray:
 
 
 def _scores(p: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    from scipy.special import logsumexp
+
     from imgtriage.evaluate.decision import softmax
 
     logits, knn = p.forward(x, p.policy)
-    return {"logits": logits, "knn": knn, "msp": -softmax(logits, p.policy.temperature).max(1)}
+    t = p.policy.temperature
+    return {"logits": logits, "knn": knn, "msp": -softmax(logits, t).max(1),
+            "energy": -t * logsumexp(logits / t, axis=1)}  # Liu et al. 2020; higher = odder
 
 
 def _throughput(p: Any, x: np.ndarray, rounds: int) -> dict[str, Any]:
@@ -186,7 +191,7 @@ def run_task(task: str, seed: int, out: Path, rounds: int) -> dict[str, Any]:
                            "rule_line": res.rule, "id": _id_metrics(p, s_id, y), "ood": {}}
     for name, files in ood_sets.items():
         s = _scores(p, _inputs(p, files))
-        row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in ("knn", "msp")}
+        row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in ("knn", "msp", "energy")}
         d = p.policy.decide(s["logits"], s["knn"])
         row["ood"][name]["refused_by_rule"] = float(d.abstained.mean())
     row["throughput"] = _throughput(p, x_id[:512], rounds)
@@ -210,7 +215,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {k}: coverage {_med([i[k]['coverage'] for i in ids])}, accuracy "
                          f"answered {_med([i[k]['accuracy_answered'] for i in ids])}")
         for name in rs[0]["ood"]:
-            for m in ("knn", "msp"):
+            for m in ("knn", "msp", "energy"):
                 a = [r["ood"][name][m]["auroc"] for r in rs]
                 f = [r["ood"][name][m]["fpr_at_95tpr"] for r in rs]
                 lines.append(f"  {name:13s} {m}: AUROC {_med(a)}  FPR@95TPR {_med(f)}")

@@ -130,6 +130,7 @@ def test_similarity_below_threshold_is_unknown(trained, gallery_copy):
         assert cut_rows[k]["abstained"] == low
         assert cut_rows[k]["class"] == ("unknown" if low else r["class"])
         assert cut_rows[k]["similarity"] == r["similarity"]
+        assert cut_rows[k]["reason"] == ("out_of_distribution" if low else None)
     assert 0 < sum(r["abstained"] for r in cut_rows.values()) < len(rows)
     report = Predictor.load(gallery_copy).predict_paths([query])
     assert report["meta"]["gallery"]["similarity_threshold"] == cut

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -166,8 +167,13 @@ class GalleryPredictor(Predictor):
         best = sims[np.arange(len(sims)), d.class_id]
         thr = self.config.similarity_threshold
         low = best < thr if thr is not None else np.zeros(len(best), bool)
+        # far from every gallery example (or a constant image): nothing like it was enrolled
+        far = low | np.array([bool(m.get("degenerate")) for m in metas or [{}] * len(best)])
+        reason = [("out_of_distribution" if f else r) for f, r in zip(far, d.reason,
+                                                                       strict=True)]
+        d = replace(d, abstained=d.abstained | far, reason=reason)
         return decision_rows(names, self.classes, d, policy, opts, metas,
-                             abstained=d.abstained | low,
+                             abstained=d.abstained,
                              extras=[{"similarity": round(float(b), 6)} for b in best],
                              topk_extra={"similarity": sims})
 
