@@ -178,6 +178,24 @@ def test_imported_bundle_calibrates_like_any_other(images, keras_onnx, tmp_path)
     assert all(r["class_id"] == -1 for r in rows if r["abstained"]) and len(rows) == 6
 
 
+def test_imported_graph_is_a_cascade_second_stage(keras_onnx, tmp_path):
+    from imgtriage.predict.cascade import CascadeConfig, build_cascade
+
+    classes = ("animal", "avatar", "human")
+    rng = np.random.default_rng(1)
+    for k, c in enumerate(classes):  # a colour per class: the statistics can tell them apart
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(5):
+            arr = np.clip(rng.normal(60 + 70 * k, 20, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "data" / c / f"{i}.png")
+    res = import_model(keras_onnx, tmp_path / "bundle", ImportConfig(classes=classes,
+                                                                     preprocess="keras-caffe"))
+    cas = build_cascade(res.bundle_path, tmp_path / "data", tmp_path / "cascade",
+                        CascadeConfig(route_share=0.5))
+    rows = Predictor.load(cas.bundle_path).predict_paths([tmp_path / "data"])["results"]
+    assert len(rows) == 15 and {r["stage"] for r in rows} <= {1, 2}
+
+
 def test_wrong_preprocessing_name_and_class_count_are_refused(keras_onnx, tmp_path):
     import torchvision
 

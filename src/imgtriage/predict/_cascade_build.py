@@ -291,7 +291,7 @@ def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
         >>> res.validation["accepted_share"], res.validation["cascade_accuracy"]  # doctest: +SKIP
         (0.41, 0.987)
     """
-    from imgtriage.predict.backends import make_backend
+    from imgtriage.predict.backends import make_backend, reference_backend
 
     t0 = time.perf_counter()
     b2 = load_bundle(stage2)
@@ -313,11 +313,11 @@ def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
                                                        info["seed"])
         info["defects"] = tr.defects + va.defects
     else:
-        logits1 = _logits(make_backend(b1, "torch"), va.x1)
+        logits1 = _logits(make_backend(b1, reference_backend(b1)), va.x1)
         info["defects"] = va.defects
     info["min_validation"] = _check_validation_size(cfg, len(va.y))
     temperature, choice, correct1, rule = _gate(cfg, logits1, va.y, classes)
-    correct2 = _logits(make_backend(b2, "torch"), va.x2).argmax(axis=1) == va.y
+    correct2 = _logits(make_backend(b2, reference_backend(b2)), va.x2).argmax(axis=1) == va.y
     probs1 = softmax(logits1, temperature)
     routed = routed_by_class(probs1, rule)
     accepted = (probs1.max(axis=1) >= choice.threshold) & ~routed \

@@ -173,6 +173,12 @@ def build_backend(bundle: Bundle, choice: RuntimeChoice, device: str = "cpu",
     return TorchBackend(bundle, device, num_threads)
 
 
+def reference_backend(bundle: Bundle) -> str:
+    """The backend that gives a bundle's exact fp32 answers for fitting rules on (a cascade's
+    gate, calibration): torch where the bundle has weights, ONNX for an imported graph."""
+    return "onnx" if bundle.info.model.name == "onnx" else "torch"
+
+
 def build_model(bundle: Bundle, *, with_features: bool = False):
     """Instantiate the bundle's architecture and load its verified weights (eval mode);
     ``with_features`` returns ``(logits, penultimate features)`` from one forward pass.
