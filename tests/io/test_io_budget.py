@@ -69,6 +69,23 @@ def test_fits_gz_cube_counts_the_whole_hdu(tmp_path):
     assert "HDU 0" in defect.message
 
 
+def test_fits_gz_cube_is_refused_without_inflating_it(tmp_path, monkeypatch):
+    import gzip
+
+    inflated = []
+    real_read = gzip.GzipFile.read
+
+    def counting_read(self, *args):
+        data = real_read(self, *args)
+        inflated.append(len(data))
+        return data
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counting_read)
+    data = fits_gz_cube(1000, 1000, 300)
+    assert try_read_image(data, name="cube.fits.gz").issue == "too_large"
+    assert sum(inflated) < 2**20, f"{sum(inflated)} bytes inflated to refuse it"
+
+
 def test_scaled_fits_cube_counts_the_whole_hdu(tmp_path):
     # BSCALE makes astropy scale the whole cube to float: 1.6 GB from a sparse plain file.
     path = sparse_fits_cube(tmp_path / "scaled.fits", 2000, 2000, 100, BSCALE=2.0)

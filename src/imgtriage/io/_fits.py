@@ -62,8 +62,50 @@ def _read(
     src: Source, compression: str | None, repaired: bytes | None, policy: ReadPolicy
 ) -> tuple[np.ndarray, dict[str, Any]]:
     meta: dict[str, Any] = {"format": "fits", "conversions": [], "compression": compression}
+    if compression is not None and repaired is None:
+        _check_compressed_primary(src, compression, policy)
     with _open_hdul(src, compression, repaired) as hdul:
         return _read_first_image(src, hdul, policy, meta), meta
+
+
+_MAX_HEADER_BLOCKS = 1000  # 2.8 MB of header cards
+
+
+def _check_compressed_primary(src: Source, compression: str, policy: ReadPolicy) -> None:
+    """The primary HDU's data size from its header, before astropy opens the stream.
+
+    astropy moves past an HDU's data to find the next header, which in a gzip/bzip2 stream
+    means decompressing all of it: a cube of gigabytes would be inflated just to be refused.
+    A primary HDU that holds more than the budget is refused from its cards alone.
+    """
+    cards: dict[str, str] = {}
+    with _stream(src, compression) as stream:
+        for _ in range(_MAX_HEADER_BLOCKS):
+            block = stream.read(2880)
+            if len(block) < 2880:
+                return  # truncated: astropy's reading reports it
+            for i in range(0, 2880, 80):
+                key = block[i:i + 8].decode("ascii", "replace").strip()
+                if key == "END":
+                    return _check_primary_cards(src, cards, policy)
+                if block[i + 8:i + 10] == b"= " and key not in cards:
+                    cards[key] = block[i + 10:i + 80].split(b"/")[0].decode(
+                        "ascii", "replace").strip()
+            check_time(src, policy, "reading the primary header")
+    check_pages(src, _MAX_HEADER_BLOCKS + 1, "header blocks", policy)
+
+
+def _check_primary_cards(src: Source, cards: dict[str, str], policy: ReadPolicy) -> None:
+    try:
+        naxis = int(cards.get("NAXIS", "0"))
+        dims = [int(cards.get(f"NAXIS{k}", "0")) for k in range(1, min(naxis, 999) + 1)]
+        itemsize = abs(int(cards.get("BITPIX", "8"))) // 8
+    except ValueError:
+        return  # malformed cards: astropy says what is wrong
+    if naxis and dims and all(d >= 0 for d in dims):
+        shape = "x".join(str(d) for d in dims)
+        check_bytes(src, f"HDU 0 (primary), {shape} values decompressed whole,", dims,
+                    max(itemsize, 1), policy)
 
 
 def _stream(src: Source, compression: str | None) -> BinaryIO:
