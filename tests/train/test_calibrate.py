@@ -128,3 +128,12 @@ def test_torch_and_onnx_backends_give_the_same_ood_scores_and_reasons(calibrated
     finite = np.isfinite(rows["torch_scores"])
     np.testing.assert_allclose(rows["onnx_scores"][finite], rows["torch_scores"][finite],
                                atol=1e-4)
+
+
+def test_inspect_says_what_the_default_rule_refuses(calibrated_run, tiny_run):
+    from imgtriage.cli.main import app
+
+    out = CliRunner().invoke(app, ["inspect", str(calibrated_run.bundle_path)]).output
+    assert "unknowns    out-of-distribution: knn k=10" in out and "answers " in out
+    raw = CliRunner().invoke(app, ["inspect", str(tiny_run.bundle_path)]).output
+    assert "no out-of-distribution rule; not calibrated: --no-calibrate" in raw

@@ -33,6 +33,7 @@ def inspect_command(
         f"classes     {', '.join(m['classes'])}",
         f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
         f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
+        f"unknowns    {_unknowns(m)}",
         f"profiles    {', '.join(m.get('profiles') or {}) or '-'}",
         f"runtime     {graph_summary(m.get('onnx'))}",
         f"metrics     {json.dumps(m.get('metrics', {}))}",
@@ -43,6 +44,30 @@ def inspect_command(
     typer.echo("verified: every file matches its sha256, the weights are safetensors and "
                "the manifest is within its schema bounds" if not no_verify
                else "not verified (--no-verify): file hashes and weights were not checked")
+
+
+def _unknowns(m: dict) -> str:
+    """What the default rule refuses, from the calibration record (one line)."""
+    dec = m["decision"]
+    ood = dec.get("ood")
+    cal = (m.get("calibration") or {}).get("default") or {}
+    parts = []
+    if ood:
+        parts.append(f"out-of-distribution: {ood['method']} k={ood['k']} threshold "
+                     f"{ood['threshold']:.4g} (accepts {ood['accept']:.0%} of validation)")
+    else:
+        parts.append("no out-of-distribution rule")
+    rule = cal.get("default_rule")
+    if rule:
+        acc = rule["accuracy_answered"]
+        parts.append(f"on validation (n={rule['n']}): answers {rule['coverage']:.0%}"
+                     + (f" at {acc:.1%} accuracy" if acc is not None else ""))
+    if cal.get("skipped"):
+        parts.append(f"not calibrated: {cal['skipped']}")
+    note = (cal.get("temperature") or {}).get("note")
+    if note:
+        parts.append(note)
+    return "; ".join(parts)
 
 
 def register(app: typer.Typer) -> None:
