@@ -92,6 +92,20 @@ def test_ema_teacher_labels_the_weak_views(labelled, inbox, tmp_path):
     assert all(r["unlabeled_img_per_s"] > 0 for r in log)
 
 
+def test_self_training_grows_a_class_balanced_pseudo_labelled_set(labelled, inbox, tmp_path):
+    cfg = _cfg(inbox, semi_method="self_training", epochs=5, ema_decay=0.9)
+    train(labelled, tmp_path / "st", cfg, quiet=True)
+    rates = [json.loads(x)["pseudo_label_rate"]
+             for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
+    assert rates[0] == 0 and rates[-1] > 0  # labels only in the first stage, then pseudo
+    state = json.loads((tmp_path / "st" / "checkpoint" / "state.json").read_text())["unlabeled"]
+    targets, selected = state["targets"], state["selected"]
+    assert len(targets) == len(selected) == round(rates[-1] * 30)
+    assert len(set(selected)) == len(selected) and set(selected) <= set(range(30))
+    # equal labelled classes: each predicted class gets at most a third of the pool
+    assert max(np.bincount(targets, minlength=3)) <= 10
+
+
 def test_corrupt_unlabelled_file_lands_in_the_defect_log(labelled, inbox, tmp_path):
     box = tmp_path / "box"
     shutil.copytree(inbox, box)
@@ -148,7 +162,7 @@ class _StopAt(Callback):
             raise _Interrupt
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "fixmatch_ema"])
+@pytest.mark.parametrize("method", ["fixmatch", "fixmatch_ema", "self_training"])
 def test_resume_equals_uninterrupted(labelled, inbox, tmp_path, monkeypatch, method):
     cfg = _cfg(inbox, epochs=4, checkpoint_every=2, pseudo_threshold=0.4, semi_method=method,
                ema_decay=0.9 if method == "fixmatch_ema" else 0.0)

@@ -38,7 +38,7 @@ LOSS_STRATEGIES = ("none", "class_weights", "focal")
 SELECT_METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
 TRI_STATE = ("auto", "on", "off")
-SEMI_METHODS = ("fixmatch", "fixmatch_ema", "pseudo_label")
+SEMI_METHODS = ("fixmatch", "fixmatch_ema", "self_training", "pseudo_label")
 
 
 def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -186,8 +186,11 @@ class TrainConfig:
                                       "a weak view teach a strongly augmented view), "
                                       "fixmatch_ema (the same, the weak view labelled by the "
                                       "--ema-decay weights in eval mode, without gradients: "
-                                      "cheaper per step) or pseudo_label (self-training on "
-                                      "the weak view only).")
+                                      "cheaper per step), self_training (5 stages: the teacher "
+                                      "labels the pool once per stage, the most confident "
+                                      "25, 50, 75, then 100 percent per class train like "
+                                      "labels) or "
+                                      "pseudo_label (online self-training, weak view only).")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
     pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
     unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")

@@ -160,7 +160,10 @@ def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
                            max_repeat=cfg.max_repeat, num_replicas=dist.world_size,
                            rank=dist.rank)
     opt = build_optimizer(model, cfg, scaled_lr(cfg, dist.world_size))
-    schedule = LRSchedule.from_config(opt, cfg, max(1, math.ceil(len(sampler) / cfg.batch_size)))
+    steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.batch_size))
+    schedule = LRSchedule.from_config(opt, cfg, steps_per_epoch)
+    if semi is not None:
+        semi.bind(steps_per_epoch * cfg.epochs)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main, semi=semi)
     autocast, scaler = _precision(cfg, device)

@@ -17,6 +17,13 @@ together. ``--semi-method fixmatch_ema`` labels the weak view with the weight av
 (``--ema-decay``; the current weights without it) in eval mode and without gradients, so only
 labelled and strong images are trained: about 1.4x cheaper per step, and the average's
 pseudo-labels are steadier (Mean Teacher, Tarvainen & Valpola 2017).
+``--semi-method self_training`` is the cheap offline variant (curriculum pseudo-labelling,
+Cascante-Bonilla et al. 2021): the run is cut into ``CURRICULUM_STAGES`` stages; the first
+trains on the labels only, and at the start of each later stage the teacher (the weight
+average, else the current weights, in eval mode) labels the whole unlabelled pool once and the
+most confident 25%, 50%, 75%, then 100% of it -- per predicted class, in the labelled class
+proportions (the class-balancing step) -- are trained on like labels (weak views), with no
+second view and no gradient through the teacher.
 ``--semi-method pseudo_label`` trains the weak view on its own pseudo-label
 (classic self-training, no strong view): the cheaper baseline FixMatch is measured against.
 
@@ -56,6 +63,7 @@ from imgtriage.io import Defect
 from imgtriage.train.config import MODALITIES, TrainConfig
 
 STRONG_STRENGTH, STRONG_OPS = 1.0, 3
+CURRICULUM_STAGES = 5
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -187,7 +195,14 @@ class SemiSupervised:
         self.prior = p / p.sum()
         self.running = self.prior.clone()  # running mean of the weak-view predictions
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rank, self.total_steps, self.steps, self.stage = rank, 0, 0, 0
+        self.selected = torch.zeros(0, dtype=torch.long)  # self_training: chosen pool rows
+        self.targets = torch.zeros(0, dtype=torch.long)  # ... and their pseudo-labels
         self._reset_stats()
+
+    def bind(self, total_steps: int) -> None:
+        """The loop tells the extension how many steps the run has (self_training stages)."""
+        self.total_steps = max(1, int(total_steps))
 
     def _reset_stats(self) -> None:
         self._seen, self._confident, self._loss_sum, self._t0 = 0, 0, 0.0, time.perf_counter()
@@ -203,6 +218,8 @@ class SemiSupervised:
         """The unlabelled inputs of one step (weak views, then strong views); for
         fixmatch_ema the weak views are labelled by ``teacher`` here and only the strong
         views are returned."""
+        if self.cfg.semi_method == "self_training":
+            return self._draw_curriculum(batch_size, g, teacher)
         idx = self.stream.take(self.cfg.unlabeled_ratio * batch_size)
         x = self.pool.x[idx]
         weak = self.weak(x, None, g)
@@ -215,6 +232,39 @@ class SemiSupervised:
             raise ConfigError("--semi-method fixmatch_ema needs the loop's model")
         self._pending = self._pseudo(_teacher_logits(teacher, weak))
         return strong
+
+    def _draw_curriculum(self, batch_size: int, g: torch.Generator,
+                         teacher: nn.Module | None) -> torch.Tensor:
+        stage = min(CURRICULUM_STAGES - 1, self.steps * CURRICULUM_STAGES // max(
+            self.total_steps, 1))
+        self.steps += 1
+        if stage != self.stage:
+            if teacher is None:
+                raise ConfigError("--semi-method self_training needs the loop's model")
+            self._relabel(stage, teacher)
+        if len(self.selected) == 0:
+            return self.pool.x[:0]
+        pick = self.stream.take(self.cfg.unlabeled_ratio * batch_size)
+        self._pending = (self.targets[pick], torch.ones(len(pick)))
+        return self.weak(self.pool.x[self.selected[pick]], None, g)
+
+    def _relabel(self, stage: int, teacher: nn.Module) -> None:
+        """Label the pool with ``teacher``; keep the most confident share of each predicted
+        class, in the labelled class proportions."""
+        logits = torch.cat([_teacher_logits(teacher, self.pool.x[i:i + 512]).float().cpu()
+                            for i in range(0, len(self.pool), 512)])
+        conf, pred = logits.softmax(1).max(1)
+        share = stage / (CURRICULUM_STAGES - 1)
+        keep = []
+        for c, p in enumerate(self.prior.tolist()):
+            rows = torch.nonzero(pred == c).flatten()
+            quota = min(len(rows), round(share * len(self.pool) * p))
+            keep.append(rows[conf[rows].argsort(descending=True)[:quota]])
+        self.selected = torch.cat(keep).sort().values
+        self.targets = pred[self.selected]
+        self.stage = stage
+        self.stream = UnlabeledStream(max(1, len(self.selected)), self.cfg.seed + 7 * stage,
+                                      self.rank)
 
     def _pseudo(self, logits_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = logits_w.detach().float().softmax(1)
@@ -243,16 +293,26 @@ class SemiSupervised:
     def epoch_metrics(self, labeled: int) -> dict[str, float]:
         """Throughput of both streams and the share of confident pseudo-labels; resets."""
         dt = max(time.perf_counter() - self._t0, 1e-9)
+        rate = (len(self.selected) / len(self.pool) if self.cfg.semi_method == "self_training"
+                else self._confident / max(self._seen, 1))
         out = {"unlabeled_loss": self._loss_sum / max(self._seen, 1),
-               "pseudo_label_rate": self._confident / max(self._seen, 1),
+               "pseudo_label_rate": rate,
                "labeled_img_per_s": labeled / dt, "unlabeled_img_per_s": self._seen / dt}
         self._reset_stats()
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict(), "running": self.running.tolist()}
+        return {"stream": self.stream.state_dict(), "running": self.running.tolist(),
+                "steps": self.steps, "stage": self.stage, "selected": self.selected.tolist(),
+                "targets": self.targets.tolist()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.steps, self.stage = int(d.get("steps", 0)), int(d.get("stage", 0))
+        self.selected = torch.tensor(d.get("selected", []), dtype=torch.long)
+        self.targets = torch.tensor(d.get("targets", []), dtype=torch.long)
+        if self.stage > 0:
+            self.stream = UnlabeledStream(max(1, len(self.selected)),
+                                          self.cfg.seed + 7 * self.stage, self.rank)
         self.stream.load_state_dict(d["stream"])
         self.running = torch.tensor(d["running"], dtype=torch.float32)
 
