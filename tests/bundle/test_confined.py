@@ -121,8 +121,10 @@ def test_every_number_of_the_manifest_is_bounded(bundle_copy, path, value):
     _refused_in_one_line(bundle_copy, "manifest")
 
 
-def test_absurd_nesting_in_the_manifest_is_a_schema_error(bundle_copy):
-    (bundle_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"schema": ' + "9" * 5000 + "}",
+                                  "\ud800", "{" * 50])
+def test_absurd_manifest_text_is_a_schema_error(bundle_copy, text):
+    (bundle_copy / "manifest.json").write_text(text, errors="surrogatepass")
     with pytest.raises(BundleSchemaError):
         load_bundle(bundle_copy)
 

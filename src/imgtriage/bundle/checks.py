@@ -183,8 +183,9 @@ def parse_manifest(raw: bytes, where: str) -> Any:
     except RecursionError:
         raise BundleSchemaError(f"{where}: manifest.json is nested too deeply to be a "
                                 "manifest") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleSchemaError(f"{where}: manifest.json is not valid JSON ({exc})") from None
+    except ValueError as exc:  # bad JSON or UTF-8, or a number of thousands of digits
+        raise BundleSchemaError(f"{where}: manifest.json is not valid JSON "
+                                f"({str(exc)[:200]})") from None
 
 
 def check_zip(zf: zipfile.ZipFile, where: str) -> None:
