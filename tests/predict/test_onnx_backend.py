@@ -57,14 +57,18 @@ def test_a_tampered_graph_is_refused(onnx_bundle, tmp_path):
         Predictor.load(bad)
 
 
-def test_the_onnx_predict_path_never_imports_torch(tiny_bundle, digits_folder, tmp_path):
-    """Start-up: `imgtriage predict` on an ONNX bundle loads no torch (python -X importtime)."""
+@pytest.mark.parametrize("which", ["tiny_bundle", "calibrated_run"])
+def test_the_onnx_predict_path_never_imports_torch(which, request, digits_folder, tmp_path):
+    """Start-up: `imgtriage predict` on an ONNX bundle loads no torch (python -X importtime),
+    also with the default rule's OOD scorer (the calibrated bundle)."""
     import subprocess
     import sys
 
+    bundle = request.getfixturevalue(which)
+    bundle = getattr(bundle, "bundle_path", bundle)
     png = sorted((digits_folder / "d4").glob("*.png"))[0]
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "imgtriage", "predict",
-                           str(tiny_bundle), str(png), "--output", str(tmp_path / "r.json"),
+                           str(bundle), str(png), "--output", str(tmp_path / "r.json"),
                            "--no-progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("predict: backend onnx, precision fp32")
