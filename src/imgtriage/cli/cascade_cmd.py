@@ -50,7 +50,7 @@ def cascade_command(
     if feature_channels is not None or feature_max_side != 64:
         from imgtriage.bundle import load_bundle
 
-        in_chans = load_bundle(stage2).manifest["model"]["in_chans"]
+        in_chans = load_bundle(stage2).info.model.in_chans
         features = FeatureSpec(channels=feature_channels or (3 if in_chans == 3 else 1),
                                max_side=feature_max_side)
     cfg = CascadeConfig(first_stage=first_stage, target_accuracy=target_accuracy,

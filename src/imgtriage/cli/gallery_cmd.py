@@ -53,7 +53,7 @@ def add_command(
     from imgtriage.predict.gallery_edit import enrol_images
 
     b = enrol_images(bundle, label, images, out=out)
-    typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, classes {b.classes}")
+    typer.echo(f"{b.path}: version {b.info.bundle_version}, classes {b.classes}")
 
 
 @gallery_app.command("remove")
@@ -71,7 +71,7 @@ def remove_command(
 
     chosen = [*(images or []), *(items or [])]
     b = remove_items(bundle, label, chosen or None, out=out)
-    typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, classes {b.classes}")
+    typer.echo(f"{b.path}: version {b.info.bundle_version}, classes {b.classes}")
 
 
 @gallery_app.command("list")
@@ -112,8 +112,8 @@ def rule_command(
 
     b = set_rule(bundle, similarity_threshold=similarity_threshold,
                  clear_threshold=no_threshold, method=method, k=knn_k, out=out)
-    rule = {k: b.manifest["gallery"][k] for k in ("method", "k", "similarity_threshold")}
-    typer.echo(f"{b.path}: version {b.manifest['bundle_version']}, rule {rule}")
+    rule = {k: b.info.block("gallery")[k] for k in ("method", "k", "similarity_threshold")}
+    typer.echo(f"{b.path}: version {b.info.bundle_version}, rule {rule}")
 
 
 @gallery_app.command("create")
@@ -141,8 +141,8 @@ def create_command(
     b = create_gallery(source, data, out, acceptance=acceptance, config=GalleryConfig(
         method=method, k=knn_k, similarity_threshold=similarity_threshold))
     typer.echo(f"{b.path}: classes {b.classes}")
-    if b.manifest.get("threshold_fit"):
-        _echo_fit(b.manifest["threshold_fit"])
+    if b.info.block("threshold_fit"):
+        _echo_fit(b.info.block("threshold_fit"))
 
 
 @gallery_app.command("fit-threshold")
@@ -158,7 +158,7 @@ def fit_threshold_command(
 
     b, fit = fit_threshold(bundle, acceptance, out=out)
     _echo_fit(fit)
-    typer.echo(f"bundle: {b.path} (version {b.manifest['bundle_version']})")
+    typer.echo(f"bundle: {b.path} (version {b.info.bundle_version})")
 
 
 def _echo_fit(fit: dict) -> None:

@@ -205,7 +205,7 @@ def _pipeline(ray: Any, files: list[str], bundle: str, predictor: BasePredictor,
     from imgtriage.integrations._ray_blocks import BatchClassifier, decode_batch
 
     per_block = cfg.files_per_block or 4 * cfg.batch_size
-    spec = predictor.bundle.manifest["preprocess"]
+    spec = dict(predictor.bundle.info.preprocess)
     # from_items builds the blocks on the driver (from_arrow would run a remote task per block)
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)],
                              override_num_blocks=-(-len(files) // per_block))

@@ -57,7 +57,7 @@ def _logit_predictor(bundle: str | os.PathLike[str] | Bundle, backend: str) -> P
     """A loaded bundle whose kind has logits to evaluate and calibrate (classifier, gallery)."""
     predictor = Predictor.load(bundle, backend=backend)
     if not isinstance(predictor, Predictor):
-        kind = predictor.bundle.manifest.get("kind")
+        kind = predictor.bundle.info.kind
         raise ConfigError(f"{predictor.bundle.path} is a {kind} bundle, which has no single "
                           "model's logits; evaluate or calibrate the bundle it was built from "
                           "(e.g. a cascade's stage 2)")
@@ -242,7 +242,7 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
 
     b = load_bundle(bundle)
     # fp32 torch where the bundle has weights; an imported ONNX graph (fp32) has only itself
-    predictor = _logit_predictor(b, "onnx" if b.manifest["model"]["name"] == "onnx"
+    predictor = _logit_predictor(b, "onnx" if b.info.model.name == "onnx"
                                  else "torch")
     samples = labelled_samples(data, predictor.classes, split)
     keep_ood = fit_kwargs.pop("ood", True) and predictor.policy.ood is not None

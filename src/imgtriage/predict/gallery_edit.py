@@ -8,7 +8,7 @@ says so.
 
 Example:
     >>> b = enrol_images("runs/fs/bundle", "T72", ["t72_a.png", "t72_b.png"])  # doctest: +SKIP
-    >>> b.manifest["bundle_version"], b.classes[-1]  # doctest: +SKIP
+    >>> b.info.bundle_version, b.classes[-1]  # doctest: +SKIP
     (2, 'T72')
 """
 
@@ -41,8 +41,8 @@ PathLike = str | os.PathLike[str]
 def open_gallery(path: PathLike | Bundle) -> tuple[Bundle, Gallery, GalleryConfig]:
     """Load a bundle and check that it is of kind ``gallery``."""
     bundle = path if isinstance(path, Bundle) else load_bundle(path)
-    if bundle.manifest.get("kind") != "gallery":
-        raise BundleSchemaError(f"{bundle.path} is a {bundle.manifest.get('kind', 'classifier')}"
+    if bundle.info.kind != "gallery":
+        raise BundleSchemaError(f"{bundle.path} is a {bundle.info.kind}"
                                 " bundle, not a gallery; create one with `imgtriage "
                                 "train-fewshot` or `imgtriage gallery create`")
     gallery, config = read_gallery(bundle)
@@ -57,7 +57,7 @@ def embed_files(bundle: Bundle, images: Sequence[PathLike], encoder: Any = None,
 
     if not images:
         raise DataError("no images given to enrol")
-    spec = PreprocessSpec.from_dict(bundle.manifest["preprocess"])
+    spec = PreprocessSpec.from_dict(dict(bundle.info.preprocess))
 
     def one(p: PathLike) -> np.ndarray | str:
         try:
@@ -165,7 +165,7 @@ def describe_gallery(path: PathLike, items: bool = False) -> dict[str, Any]:
     item's id with ``items``) -- what ``imgtriage gallery list`` prints."""
     bundle, gallery, config = open_gallery(path)
     out: dict[str, Any] = {"bundle": str(bundle.path),
-                           "bundle_version": bundle.manifest.get("bundle_version", 1),
+                           "bundle_version": bundle.info.bundle_version,
                            "rule": config.to_dict(), "embed_dim": gallery.dim,
                            "classes": gallery.counts()}
     if items:
@@ -176,11 +176,11 @@ def describe_gallery(path: PathLike, items: bool = False) -> dict[str, Any]:
 
 def encoder_state(bundle: Bundle) -> dict[str, Any]:
     """Encoder weights of a gallery bundle or of a classifier bundle of model ``siamese``."""
-    m = bundle.manifest
-    if m.get("kind") == "gallery":
+    info = bundle.info
+    if info.kind == "gallery":
         return bundle.state_dict()
-    if m["model"]["name"] != "siamese":
-        raise BundleSchemaError(f"{bundle.path}: model {m['model']['name']!r} has no siamese "
+    if info.model.name != "siamese":
+        raise BundleSchemaError(f"{bundle.path}: model {info.model.name!r} has no siamese "
                                 "encoder; train one with `imgtriage train-fewshot` or "
                                 "`imgtriage train --model siamese`")
     return {k[len("encoder."):]: v for k, v in bundle.state_dict().items()
@@ -203,9 +203,9 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
 
     src = load_bundle(source)
     state = encoder_state(src)
-    m = src.manifest["model"]
-    kwargs = encoder_kwargs(dict(m.get("kwargs") or {}))
-    encoder = build_encoder(int(m["in_chans"]), **kwargs)
+    m = src.info.model
+    kwargs = encoder_kwargs(dict(m.kwargs))
+    encoder = build_encoder(m.in_chans, **kwargs)
     encoder.load_state_dict(state, strict=True)
     encoder.eval()
     samples = samples_by_split(discover(data)).get("train", [])
@@ -218,8 +218,8 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
         threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
         config = replace(config, similarity_threshold=threshold)
     manifest = new_gallery_manifest(
-        encoder_kwargs=kwargs, in_chans=int(m["in_chans"]),
-        preprocess=src.manifest["preprocess"], gallery=gallery, config=config,
+        encoder_kwargs=kwargs, in_chans=m.in_chans,
+        preprocess=dict(src.info.preprocess), gallery=gallery, config=config,
         training={"kind": "gallery", "encoder_from": str(Path(source)),
                   "encoder_bundle_sha256": src.sha256, "data": str(data)})
     manifest["threshold_fit"] = fit

@@ -27,7 +27,7 @@ PRECISIONS = ("fp32", "int8")
 
 def onnx_file_for(bundle: Bundle, precision: str | None = None) -> tuple[str, str]:
     """``(file name, precision)`` of the graph to run: ``precision`` or the bundle's default."""
-    info = bundle.manifest.get("onnx") or {}
+    info = bundle.info.block("onnx") or {}
     precision = precision or info.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be fp32 or int8, got {precision!r} (--precision)")

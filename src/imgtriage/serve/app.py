@@ -104,7 +104,7 @@ def runtime_line(bundle: Any, config: ServeConfig) -> str:
         >>> runtime_line(load_bundle("b"), ServeConfig("b", threads=2))  # doctest: +SKIP
         "backend onnx, precision fp32, 2 threads (the bundle's verified graph)"
     """
-    kind = bundle.manifest.get("kind", "classifier")
+    kind = bundle.info.kind
     if kind != "classifier":
         return f"a {kind} bundle, {config.compute_threads} threads per worker"
     from imgtriage.predict.backends import choose_runtime
