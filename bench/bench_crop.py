@@ -80,10 +80,11 @@ def make_bundle(out: Path, widths: list[int], convs: int, int8: bool) -> Path:
     b = save_bundle(out, manifest, net.state_dict(), files)
     if int8:
         from imgtriage.bundle import update_bundle
-        from imgtriage.bundle.int8 import _quantize
+        from imgtriage.bundle.int8 import LabelledInputs, quantize_checked
 
         calib = np.random.default_rng(1).standard_normal((64, 1, 64, 64)).astype(np.float32)
-        q = _quantize(files["model.onnx"], "static", calib)
+        q, _ = quantize_checked(files["model.onnx"], "static", calib,
+                                LabelledInputs(calib[:8], None))  # speed only: no verdict
         info = dict(manifest["onnx"], int8={"file": "model.int8.onnx", "refused": "speed only"})
         update_bundle(b, {"onnx": info}, note="bench int8", extra_files={"model.int8.onnx": q})
     return b
