@@ -44,12 +44,15 @@ def test_settings_from_env():
         CelerySettings.from_env({"IMGTRIAGE_CELERY_TIME_LIMIT": "1h"})
 
 
-def test_predictor_cache_loads_once_and_reloads_a_replaced_bundle(tiny_bundle, tmp_path):
+def test_predictor_cache_loads_once_and_reloads_a_replaced_bundle(tiny_bundle, tmp_path,
+                                                                  caplog):
     from imgtriage.bundle.store import update_bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
-    first = celery_tasks.get_predictor(str(bundle))
+    with caplog.at_level("INFO", logger="imgtriage.celery"):
+        first = celery_tasks.get_predictor(str(bundle))
+    assert "backend onnx, precision fp32" in caplog.text  # the worker says what runs
     assert celery_tasks.get_predictor(bundle) is first  # str or Path, same key
     update_bundle(bundle, {"tta": ["vflip"]}, note="retuned in place")
     second = celery_tasks.get_predictor(bundle)

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections import Counter, OrderedDict
@@ -68,6 +69,9 @@ def get_predictor(bundle: str | os.PathLike[str] | None = None) -> BasePredictor
     threads = os.environ.get("IMGTRIAGE_THREADS")
     predictor = Predictor.load(resolved, backend=os.environ.get("IMGTRIAGE_BACKEND", "auto"),
                                num_threads=int(threads) if threads else None)
+    # what runs, in the worker's log (and in every report's meta)
+    logging.getLogger("imgtriage.celery").info("loaded %s: %s", resolved,
+                                                 predictor.runtime.line())
     for old in [k for k in _PREDICTORS if k[0] == resolved]:  # an older version of it
         del _PREDICTORS[old]
     _PREDICTORS[key] = predictor
