@@ -178,3 +178,39 @@ def test_a_file_given_twice_and_a_directory_copy_stay_distinct_files(tmp_path, p
     shutil.copytree(a, tmp_path / "b")
     run = _run(predictor, [a / "x.png", tmp_path / "b", a], output=tmp_path / "r.json")
     assert run.n_results == 2
+
+
+def test_a_file_stuck_in_its_decoder_is_a_timeout_and_the_run_goes_on(tmp_path, predictor,
+                                                                      good_png, monkeypatch):
+    """A decode that never reaches the io layer's own checks (stuck in C, say) is not waited
+    for past the budget: that file becomes decode_timeout, every other file is classified."""
+    import threading as th
+
+    import imgtriage.predict.batch as batch
+    from imgtriage.predict.limits import with_read_limits
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(5):
+        (inbox / f"{i}.png").write_bytes(good_png)
+    release = th.Event()
+    real = batch.decode_entry
+
+    def stuck_on_2(decoder, path, *args, **kwargs):
+        if path.endswith("2.png"):
+            release.wait(60)
+        return real(decoder, path, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "decode_entry", stuck_on_2)
+    quick = with_read_limits(predictor, decode_timeout_s=0.2)
+    try:
+        rows = dict(_pairs(batch.iter_predictions(quick, [inbox], batch_size=2, workers=2)))
+    finally:
+        release.set()
+    assert rows[str(inbox / "2.png")] == "decode_timeout"
+    assert [rows[str(inbox / f"{i}.png")] for i in (0, 1, 3, 4)] == ["result"] * 4
+
+
+def _pairs(items):
+    for kind, item in items:
+        yield item["path"], item.get("issue") if kind == "defect" else "result"

@@ -13,16 +13,21 @@ heavy loops, and the benchmark (bench/bench_predict.py) measures both.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from imgtriage.data.discovery import iter_image_files
 from imgtriage.errors import ConfigError
+from imgtriage.io import Defect
 from imgtriage.predict.base import (
     BasePredictor,
     Decoder,
@@ -72,36 +77,97 @@ def default_workers() -> int:
     return max(2, min(4, usable_cores()))
 
 
+GRACE_S = 1.0  # past the decode budget before a batch stops waiting for one file
+MAX_ABANDONED = 8  # stuck decodes left behind before the run stops adding fresh threads
+
+
 class _Decoder:
-    """Submit a batch of paths, get back a handle whose ``result()`` is the decoded batch."""
+    """Submit a batch of paths, get back a handle whose ``result()`` is the decoded batch.
+
+    Thread workers are watched: a file still decoding ``decode_timeout_s`` (the read policy's)
+    plus a grace second after it started becomes a ``decode_timeout`` defect, the run goes on
+    without it, and later batches get fresh threads; the stuck one finishes on its own (the
+    io layer stops most slow decodes itself at their next step).
+    """
 
     def __init__(self, decoder: Decoder, workers: int, executor: str) -> None:
         if executor not in EXECUTORS:
             raise ConfigError(f"executor must be thread or process, got {executor!r} "
                               "(--executor)")
         self.decoder, self.workers, self.kind = decoder, workers, executor
+        read = getattr(getattr(decoder, "spec", None), "read", None)
+        self.timeout_s = float(getattr(read, "decode_timeout_s", 30.0))
+        self._started: dict[int, float] = {}  # running decodes: submission key -> start
+        self._keys = itertools.count()
+        self._lock = threading.Lock()
+        self._old: list[Executor] = []  # pools left with a stuck thread
         self.pool: Executor
         if executor == "thread":
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+            self.pool = self._threads()
         else:
             from imgtriage.data.loaders import decoder_mp_context
 
             self.pool = ProcessPoolExecutor(workers, mp_context=decoder_mp_context())
 
+    def _threads(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+
+    def _watched(self, key: int, path: str) -> Entry:
+        with self._lock:
+            self._started[key] = time.monotonic()
+        try:
+            return decode_entry(self.decoder, path)
+        finally:
+            with self._lock:
+                self._started.pop(key, None)
+
     def submit(self, chunk: list[str]) -> list[Future]:
         if self.kind == "thread":
-            return [self.pool.submit(decode_entry, self.decoder, p) for p in chunk]
+            futures = []
+            for p in chunk:
+                key = next(self._keys)
+                f = self.pool.submit(self._watched, key, p)
+                f.imgtriage_watch = (key, p)  # type: ignore[attr-defined]
+                futures.append(f)
+            return futures
         step = -(-len(chunk) // self.workers)
         return [self.pool.submit(_decode_many, chunk[i:i + step], self.decoder)
                 for i in range(0, len(chunk), step)]
 
     def collect(self, futures: list[Future]) -> list[Entry]:
         if self.kind == "thread":
-            return [f.result() for f in futures]
+            return [self._wait(f) for f in futures]
         return [d for f in futures for d in f.result()]
 
+    def _wait(self, future: Future) -> Entry:
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except FutureTimeout:
+                pass
+            key, _ = future.imgtriage_watch  # type: ignore[attr-defined]
+            with self._lock:
+                started = self._started.get(key)
+            if started is not None and time.monotonic() - started > self.timeout_s + GRACE_S:
+                return self._abandon(future)
+
+    def _abandon(self, future: Future) -> Entry:
+        """Stop waiting for a stuck decode: a defect now, fresh threads for what follows."""
+        _, path = future.imgtriage_watch  # type: ignore[attr-defined]
+        if len(self._old) < MAX_ABANDONED:
+            self._old.append(self.pool)
+            self.pool = self._threads()
+        return Defect(path, "decode_timeout",
+                      f"'{path}' was still decoding {self.timeout_s + GRACE_S:g} s after it "
+                      f"started, over the limit of {self.timeout_s:g} s "
+                      "(ReadPolicy.decode_timeout_s); the file is unusually slow to decode: "
+                      "re-export it, or raise the limit (--decode-timeout)").to_dict()
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        stuck = bool(self._old)
+        self.pool.shutdown(wait=not stuck, cancel_futures=True)
+        for pool in self._old:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def iter_predictions(predictor: BasePredictor, paths: Iterable[str | os.PathLike[str]], *,
