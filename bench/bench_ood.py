@@ -1,6 +1,7 @@
 """Out-of-distribution detection of default bundles: k-NN on penultimate features (the
-bundle's OOD scorer) against max-softmax probability (MSP, the baseline) and the energy score
-(Liu et al. 2020), in the same run, on the same images.
+bundle's OOD scorer, k = 10) against max-softmax probability (MSP, the baseline), and, to pick
+the default by measurement, the energy score (Liu et al. 2020), k-NN with k = 1 and 50 and
+Mahalanobis on the same features, in the same run, on the same images.
 
 Tasks (each trained with ``imgtriage.train`` and its *default* calibration, per seed):
 
@@ -101,15 +102,48 @@ def _inputs(p: Any, paths: list[Path]) -> np.ndarray:
     return np.stack([load_input(str(f), p.spec)[0] for f in paths])
 
 
-def _scores(p: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+METHODS = ("knn", "msp", "energy", "knn_k1", "knn_k50", "mahalanobis")
+
+
+class _Extra:
+    """Other candidate scores on the same features, to pick the bundle's by measurement:
+    k-NN with k = 1 and 50 (same bank), and Mahalanobis (Lee et al. 2018: class means and a
+    shared covariance of the training images' penultimate features)."""
+
+    def __init__(self, p: Any, train_x: np.ndarray, train_y: np.ndarray) -> None:
+        from imgtriage.evaluate.ood import KnnOOD
+
+        rule = p.policy.ood
+        arrays = {"bank": p.ood_scorer(rule).bank_}
+        self.knn = {k: KnnOOD.from_rule({**rule, "k": k}, arrays) for k in (1, 50)}
+        feats = np.concatenate([p.backend.with_features(train_x[i:i + 256])[1]
+                                for i in range(0, len(train_x), 256)]).astype(np.float64)
+        self.means = np.stack([feats[train_y == c].mean(0) for c in np.unique(train_y)])
+        centred = feats - self.means[np.searchsorted(np.unique(train_y), train_y)]
+        cov = centred.T @ centred / len(feats) + 1e-6 * np.eye(feats.shape[1])
+        self.prec = np.linalg.inv(cov)
+
+    def __call__(self, feats: np.ndarray) -> dict[str, np.ndarray]:
+        f = feats.astype(np.float64)
+        d = [np.einsum("ij,jk,ik->i", f - m, self.prec, f - m) for m in self.means]
+        return {"knn_k1": self.knn[1].score(feats), "knn_k50": self.knn[50].score(feats),
+                "mahalanobis": np.min(d, axis=0)}
+
+
+def _scores(p: Any, x: np.ndarray, extra: _Extra | None = None) -> dict[str, np.ndarray]:
     from scipy.special import logsumexp
 
     from imgtriage.evaluate.decision import softmax
 
     logits, knn = p.forward(x, p.policy)
     t = p.policy.temperature
-    return {"logits": logits, "knn": knn, "msp": -softmax(logits, t).max(1),
-            "energy": -t * logsumexp(logits / t, axis=1)}  # Liu et al. 2020; higher = odder
+    out = {"logits": logits, "knn": knn, "msp": -softmax(logits, t).max(1),
+           "energy": -t * logsumexp(logits / t, axis=1)}  # Liu et al. 2020; higher = odder
+    if extra is not None:
+        feats = np.concatenate([p.backend.with_features(x[i:i + 256])[1]
+                                for i in range(0, len(x), 256)])
+        out.update(extra(feats))
+    return out
 
 
 def _throughput(p: Any, x: np.ndarray, rounds: int) -> dict[str, Any]:
@@ -186,12 +220,17 @@ def run_task(task: str, seed: int, out: Path, rounds: int) -> dict[str, Any]:
     p = Predictor.load(res.bundle_path, num_threads=2)
     y = np.array([p.classes.index(c) for _, c in test])
     x_id = _inputs(p, [f for f, _ in test])
-    s_id = _scores(p, x_id)
+    from imgtriage.data import discover
+
+    tr = [s for s in discover(work / "run" / "splits.csv").samples if s.split == "train"]
+    extra = _Extra(p, _inputs(p, [s.path for s in tr]),
+                   np.array([p.classes.index(s.label) for s in tr]))
+    s_id = _scores(p, x_id, extra)
     row: dict[str, Any] = {"task": task, "seed": seed, "train_seconds": round(train_s, 1),
                            "rule_line": res.rule, "id": _id_metrics(p, s_id, y), "ood": {}}
     for name, files in ood_sets.items():
-        s = _scores(p, _inputs(p, files))
-        row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in ("knn", "msp", "energy")}
+        s = _scores(p, _inputs(p, files), extra)
+        row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in METHODS}
         d = p.policy.decide(s["logits"], s["knn"])
         row["ood"][name]["refused_by_rule"] = float(d.abstained.mean())
     row["throughput"] = _throughput(p, x_id[:512], rounds)
@@ -215,7 +254,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {k}: coverage {_med([i[k]['coverage'] for i in ids])}, accuracy "
                          f"answered {_med([i[k]['accuracy_answered'] for i in ids])}")
         for name in rs[0]["ood"]:
-            for m in ("knn", "msp", "energy"):
+            for m in METHODS:
                 a = [r["ood"][name][m]["auroc"] for r in rs]
                 f = [r["ood"][name][m]["fpr_at_95tpr"] for r in rs]
                 lines.append(f"  {name:13s} {m}: AUROC {_med(a)}  FPR@95TPR {_med(f)}")
