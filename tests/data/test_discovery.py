@@ -175,3 +175,27 @@ def test_a_grouping_that_leaves_validation_empty_says_how_to_fix_it(tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(rows))
     with pytest.raises(DataError, match=r"val split came out empty.*group.*split=val"):
         split_dataset(discover(tmp_path / "m.csv"), val_frac=0.2, seed=0)
+
+
+def test_names_that_are_not_utf8_and_hidden_files_in_class_folders(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from imgtriage.data import discover, write_manifest
+
+    root = tmp_path / "data"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), i).save(root / label / f"{i}.png")
+    raw = os.fsencode(root / "a") + b"/caf\xe9.png"
+    with open(raw, "wb") as fh:
+        fh.write((root / "a" / "0.png").read_bytes())
+    (root / "b" / ".hidden.png").write_bytes((root / "b" / "0.png").read_bytes())
+    ds = discover(root)
+    assert os.fsdecode(raw) in [s.path for s in ds.samples]
+    assert [p for p, why in ds.ignored if "hidden" in why] == [str(root / "b" / ".hidden.png")]
+    back = discover(write_manifest(tmp_path / "m.csv", [s.path for s in ds.samples],
+                                   [s.label for s in ds.samples]))
+    assert sorted(s.path for s in back.samples) == sorted(s.path for s in ds.samples)

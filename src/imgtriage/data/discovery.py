@@ -121,7 +121,8 @@ def _manifest_rows(path: Path) -> Iterable[dict[str, str]]:
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
     else:
-        with path.open(newline="") as fh:
+        # surrogateescape: file names that are not UTF-8 read back exactly as written
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
             yield from csv.DictReader(fh)
 
 
@@ -144,8 +145,8 @@ def write_manifest(path: str | os.PathLike[str], paths: Sequence[str],
         raise DataError(f"{len(paths)} paths but {len(labels)} labels: one label per path")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        w = csv.writer(fh)
+    with out.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        w = csv.writer(fh)  # names that are not UTF-8 are written as their own bytes
         w.writerow(["path", "label"])
         w.writerows((manifest_path(p), lab) for p, lab in zip(paths, labels, strict=True))
     return out

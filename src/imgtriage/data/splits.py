@@ -121,8 +121,8 @@ def write_split_manifest(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     are absolute, so ``discover(path)`` finds the same files from any working directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        w = csv.writer(fh)  # names that are not UTF-8 are written as their own bytes
         w.writerow(["path", "label", "group", "split"])
         for s in ds.samples:
             w.writerow([manifest_path(s.path), s.label, s.group or "", s.split or ""])

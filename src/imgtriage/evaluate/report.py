@@ -192,7 +192,8 @@ def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: 
     if report.get("decision"):
         thumbs.update(attach_thumbnails(report["decision"]["failures"], reader, thumbnail_size,
                                         max_thumbnails, known=thumbs))
-    (out / "report.html").write_text(render_html(report, thumbs, figures), encoding="utf-8")
+    (out / "report.html").write_text(render_html(report, thumbs, figures), encoding="utf-8",
+                                     errors="backslashreplace")  # names that are not UTF-8
     return report
 
 
