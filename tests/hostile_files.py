@@ -100,9 +100,16 @@ def cube_cards(width: int, height: int, planes: int, bitpix: int = -32,
             "NAXIS3": planes, **extra}
 
 
-def fits_gz_cube(width: int, height: int, planes: int) -> bytes:
-    """A gzip FITS cube of zeros: ``width*height*planes*4`` bytes decoded, tiny on disk."""
+def fits_gz_cube(width: int, height: int, planes: int, *, in_extension: bool = False) -> bytes:
+    """A gzip FITS cube of zeros: ``width*height*planes*4`` bytes decoded, tiny on disk;
+    ``in_extension`` puts it in an IMAGE extension after an empty primary HDU."""
     header = fits_header(cube_cards(width, height, planes))
+    if in_extension:
+        ext = {"XTENSION": "'IMAGE   '", **cube_cards(width, height, planes), "PCOUNT": 0,
+               "GCOUNT": 1}
+        del ext["SIMPLE"]
+        header = fits_header({"SIMPLE": True, "BITPIX": 8, "NAXIS": 0, "EXTEND": True}) + \
+            fits_header(ext)
     nbytes = width * height * planes * 4
     nbytes += -nbytes % 2880
     head = zlib.compressobj(9, zlib.DEFLATED, -15)

@@ -81,9 +81,14 @@ def test_fits_gz_cube_is_refused_without_inflating_it(tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(gzip.GzipFile, "read", counting_read)
-    data = fits_gz_cube(1000, 1000, 300)
-    assert try_read_image(data, name="cube.fits.gz").issue == "too_large"
-    assert sum(inflated) < 2**20, f"{sum(inflated)} bytes inflated to refuse it"
+    for in_extension in (False, True):
+        inflated.clear()
+        data = fits_gz_cube(1000, 1000, 300, in_extension=in_extension)
+        defect = try_read_image(data, name="cube.fits.gz")
+        assert defect.issue == "too_large" and f"HDU {int(in_extension)}" in defect.message
+        assert sum(inflated) < 2**20, f"{sum(inflated)} bytes inflated to refuse it"
+    small = try_read_image(fits_gz_cube(30, 20, 2, in_extension=True), name="ok.fits.gz")
+    assert small.array.shape == (20, 30) and small.meta["hdu"] == 1
 
 
 def test_scaled_fits_cube_counts_the_whole_hdu(tmp_path):

@@ -72,40 +72,75 @@ _MAX_HEADER_BLOCKS = 1000  # 2.8 MB of header cards
 
 
 def _check_compressed_primary(src: Source, compression: str, policy: ReadPolicy) -> None:
-    """The primary HDU's data size from its header, before astropy opens the stream.
+    """Walk the HDU headers of a gzip/bzip2 stream before astropy opens it.
 
-    astropy moves past an HDU's data to find the next header, which in a gzip/bzip2 stream
-    means decompressing all of it: a cube of gigabytes would be inflated just to be refused.
-    A primary HDU that holds more than the budget is refused from its cards alone.
+    astropy moves past each HDU's data to find the next header, which in a compressed
+    stream means inflating all of it: a cube of gigabytes would be inflated just to be
+    refused. Here each header's cards give its data size; an HDU over the budget is refused
+    before a byte of its data is inflated, and the walk stops at the first image HDU.
     """
-    cards: dict[str, str] = {}
+    inflated = 0
     with _stream(src, compression) as stream:
-        for _ in range(_MAX_HEADER_BLOCKS):
-            block = stream.read(2880)
-            if len(block) < 2880:
-                return  # truncated: astropy's reading reports it
-            for i in range(0, 2880, 80):
-                key = block[i:i + 8].decode("ascii", "replace").strip()
-                if key == "END":
-                    return _check_primary_cards(src, cards, policy)
-                if block[i + 8:i + 10] == b"= " and key not in cards:
-                    cards[key] = block[i + 10:i + 80].split(b"/")[0].decode(
-                        "ascii", "replace").strip()
-            check_time(src, policy, "reading the primary header")
-    check_pages(src, _MAX_HEADER_BLOCKS + 1, "header blocks", policy)
+        for index in range(policy.max_pages):
+            cards = _header_cards(src, stream, policy)
+            if cards is None:
+                return  # truncated or malformed: astropy's reading says what is wrong
+            dims, size = _hdu_size(cards)
+            if dims is None:
+                return
+            shape = "x".join(str(d) for d in dims) or "no"
+            what = f"HDU {index}, {shape} values decompressed whole,"
+            check_bytes(src, what, (size,), 1, policy)
+            inflated += size
+            check_bytes(src, f"{index + 1} HDUs decompressed to reach the image", (inflated,),
+                        1, policy)
+            if len(dims) >= 2 and all(d > 0 for d in dims):
+                return  # the first image: astropy reads it, within the budget
+            _skip(stream, size + (-size % 2880))
+            check_time(src, policy, f"walking to HDU {index + 1}")
+    check_pages(src, policy.max_pages + 1, "HDUs (headers) to be walked to find the image",
+                policy)
 
 
-def _check_primary_cards(src: Source, cards: dict[str, str], policy: ReadPolicy) -> None:
+def _header_cards(src: Source, stream: BinaryIO, policy: ReadPolicy) -> dict[str, str] | None:
+    """The ``KEY = value`` cards of the next header (first occurrence), None at a bad end."""
+    cards: dict[str, str] = {}
+    for _ in range(_MAX_HEADER_BLOCKS):
+        block = stream.read(2880)
+        if len(block) < 2880:
+            return None
+        for i in range(0, 2880, 80):
+            key = block[i:i + 8].decode("ascii", "replace").strip()
+            if key == "END":
+                return cards
+            if block[i + 8:i + 10] == b"= " and key not in cards:
+                cards[key] = block[i + 10:i + 80].split(b"/")[0].decode(
+                    "ascii", "replace").strip()
+    check_pages(src, _MAX_HEADER_BLOCKS + 1, "header blocks in one header", policy)
+    return None
+
+
+def _hdu_size(cards: dict[str, str]) -> tuple[list[int] | None, int]:
+    """(NAXISn, data bytes) from a header's cards: |BITPIX|/8 x GCOUNT x (PCOUNT + prod)."""
     try:
         naxis = int(cards.get("NAXIS", "0"))
         dims = [int(cards.get(f"NAXIS{k}", "0")) for k in range(1, min(naxis, 999) + 1)]
         itemsize = abs(int(cards.get("BITPIX", "8"))) // 8
+        pcount, gcount = int(cards.get("PCOUNT", "0")), int(cards.get("GCOUNT", "1"))
     except ValueError:
-        return  # malformed cards: astropy says what is wrong
-    if naxis and dims and all(d >= 0 for d in dims):
-        shape = "x".join(str(d) for d in dims)
-        check_bytes(src, f"HDU 0 (primary), {shape} values decompressed whole,", dims,
-                    max(itemsize, 1), policy)
+        return None, 0
+    if any(d < 0 for d in dims) or pcount < 0 or gcount < 0:
+        return None, 0
+    elements = math.prod(dims[1:] if dims and dims[0] == 0 else dims) if dims else 0
+    return dims, max(itemsize, 1) * gcount * (pcount + elements) if dims or pcount else 0
+
+
+def _skip(stream: BinaryIO, nbytes: int) -> None:
+    while nbytes > 0:
+        chunk = stream.read(min(nbytes, 2**20))
+        if not chunk:
+            return
+        nbytes -= len(chunk)
 
 
 def _stream(src: Source, compression: str | None) -> BinaryIO:
