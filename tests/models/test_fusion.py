@@ -150,6 +150,22 @@ def test_streamed_fusion_training_equals_training_from_memory(frames, tmp_path):
     assert diff <= 1e-4
 
 
+def test_fusion_graph_takes_both_inputs_and_answers_like_torch(frames, fusion_run):
+    """Issue 19: the fusion model is exported with its two inputs (pixels and scaled
+    features), so it predicts on ONNX Runtime by default, as torch does."""
+    m = load_bundle(fusion_run / "bundle").manifest
+    assert m["onnx"]["inputs"] == ["input", "header_features"]
+    assert m["onnx"]["parity_max_abs_dprob"] <= 1e-4
+    got = {}
+    for backend in ("auto", "torch"):
+        p = Predictor.load(fusion_run / "bundle", backend=backend)
+        rows = p.predict_paths([frames["test"]], include_probs=True)["results"]
+        got[p.backend.name] = {r["path"]: r["probs"] for r in rows}
+    assert set(got) == {"onnx", "torch"} and got["onnx"].keys() == got["torch"].keys()
+    assert max(abs(got["onnx"][k][c] - got["torch"][k][c]) for k in got["onnx"]
+               for c in got["onnx"][k]) <= 1e-4
+
+
 def test_bundle_records_the_feature_spec_and_scaler(fusion_run):
     m = load_bundle(fusion_run / "bundle").manifest
     assert m["model"]["name"] == "fusion:crop_cnn"
@@ -225,8 +241,7 @@ def test_bundle_round_trip_gives_identical_probabilities(frames, fusion_run, tmp
     a = Predictor.load(original).predict_paths(files, include_probs=True)
     b = Predictor.load(zipped).predict_paths(files, include_probs=True)
     assert [r["probs"] for r in a["results"]] == [r["probs"] for r in b["results"]]
-    with pytest.raises(ConfigError, match="torch"):
-        Predictor.load(original, backend="onnx")
+    assert Predictor.load(original, backend="onnx").backend.name == "onnx"  # two-input graph
 
 
 def test_bytes_and_paths_agree(frames, fusion_run):

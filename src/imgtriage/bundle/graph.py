@@ -38,6 +38,9 @@ from imgtriage.errors import BundleError, ConfigError, require
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAME = "input"
+# The second input of an image + feature (fusion) model's graph: the standardised feature rows
+# (not "features": that name is the penultimate-features *output* of OOD graphs).
+FEATURES_INPUT = "header_features"
 PARITY_TOLERANCE = 1e-4
 DEFAULT_OPSET = 17
 
@@ -53,8 +56,15 @@ def graph_outputs(manifest: dict[str, Any]) -> tuple[str, ...]:
     return ("logits", "features") if (manifest.get("decision") or {}).get("ood") else ("logits",)
 
 
-def _pick(model: Any, x: Any, outputs: tuple[str, ...]) -> tuple[Any, ...]:
-    out = model(x)
+def num_features(manifest: dict[str, Any]) -> int | None:
+    """Feature columns of an image + feature model's second input (None: image only)."""
+    if not (manifest.get("preprocess") or {}).get("features"):
+        return None
+    return int(((manifest.get("model") or {}).get("kwargs") or {})["num_features"])
+
+
+def _pick(model: Any, x: Any, outputs: tuple[str, ...], f: Any = None) -> tuple[Any, ...]:
+    out = model(x) if f is None else model(x, f)
     out = out if isinstance(out, tuple) else (out,)
     if max(GRAPH_OUTPUTS[n] for n in outputs) >= len(out):
         raise ConfigError(f"graph outputs {list(outputs)} need a model returning (logits, "
@@ -93,15 +103,22 @@ def session_options(threads: int, *, spinning: bool = False) -> Any:
     return so
 
 
-def run_graph(graph: bytes, x: np.ndarray, batch: int = 16, output: str = "logits"
-              ) -> np.ndarray:
-    """One named output of an ONNX graph on ``x`` (a plain session; for checks, not speed)."""
+def run_graph(graph: bytes, x: np.ndarray, batch: int = 16, output: str = "logits",
+              features: np.ndarray | None = None) -> np.ndarray:
+    """One named output of an ONNX graph on ``x`` (and ``features`` for a two-input fusion
+    graph); a plain session, for checks, not speed."""
     ort = require("onnxruntime", "onnx")
     sess = ort.InferenceSession(graph, session_options(usable_cores()),
                                 providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run([output], {name: np.ascontiguousarray(x[i:i + batch])})[0]
-                           for i in range(0, len(x), batch)])
+
+    def feed(i: int) -> dict[str, np.ndarray]:
+        d = {name: np.ascontiguousarray(x[i:i + batch])}
+        if features is not None:
+            d[FEATURES_INPUT] = np.ascontiguousarray(features[i:i + batch], dtype=np.float32)
+        return d
+
+    return np.concatenate([sess.run([output], feed(i))[0] for i in range(0, len(x), batch)])
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -135,16 +152,21 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
         shape = (int(pre["in_chans"]), *(int(s) for s in pre["size"]))
         x_check = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
     x_check = np.ascontiguousarray(x_check, dtype=np.float32)
+    nf = num_features(manifest)  # fusion: standardised rows are ~N(0, 1); random ones check
+    f_check = None if nf is None else np.random.default_rng(1).standard_normal(
+        (len(x_check), nf)).astype(np.float32)
     model = model.eval()
-    graph = _with_metadata(_torch_to_onnx(model, torch.from_numpy(x_check[:2]), opset,
-                                          tuple(outputs)), manifest)
-    parity = _parity(model, graph, x_check, tuple(outputs))
+    graph = _with_metadata(_torch_to_onnx(
+        model, torch.from_numpy(x_check[:2]), opset, tuple(outputs),
+        None if f_check is None else torch.from_numpy(f_check[:2])), manifest)
+    parity = _parity(model, graph, x_check, tuple(outputs), f_check)
     if not parity <= PARITY_TOLERANCE:
         raise BundleError(f"ONNX Runtime's probabilities differ from PyTorch's by {parity:.2e} "
                           f"(> {PARITY_TOLERANCE}) on {len(x_check)} check images; this "
                           "architecture does not export faithfully: keep using --backend torch")
     info = {"file": ONNX_FILE, "sha256": sha256_bytes(graph), "opset": opset,
             "input": INPUT_NAME, "output": "logits", "outputs": list(outputs),
+            "inputs": [INPUT_NAME] + ([FEATURES_INPUT] if nf is not None else []),
             "dynamic_batch": True,
             "input_is": "normalised output of imgtriage.data.preprocess.to_input",
             "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
@@ -161,9 +183,6 @@ def training_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | N
     Never raises for an architecture that will not export: the bundle then runs on torch and
     the block says why (``{"file": None, "reason": ...}``), which ``predict`` prints.
     """
-    if manifest.get("preprocess", {}).get("features"):
-        return {}, not_exported("image + feature (fusion) models take two inputs; ONNX export "
-                                "of two-input models is not supported yet")
     try:
         g = export_graph(model, manifest, x_check, outputs=outputs)
     except Exception as exc:  # any exporter or runtime failure keeps torch, with the reason
@@ -193,7 +212,8 @@ def graph_summary(info: dict[str, Any] | None) -> str:
     return text
 
 
-def _torch_to_onnx(model: Any, sample: Any, opset: int, outputs: tuple[str, ...]) -> bytes:
+def _torch_to_onnx(model: Any, sample: Any, opset: int, outputs: tuple[str, ...],
+                   f_sample: Any = None) -> bytes:
     import torch
 
     class _Outputs(torch.nn.Module):
@@ -201,31 +221,35 @@ def _torch_to_onnx(model: Any, sample: Any, opset: int, outputs: tuple[str, ...]
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: Any) -> Any:
-            outs = _pick(self.inner, x, outputs)
+        def forward(self, x: Any, f: Any = None) -> Any:
+            outs = _pick(self.inner, x, outputs, f)
             return outs[0] if len(outs) == 1 else outs
 
     buf = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
+    inputs = [INPUT_NAME] + ([FEATURES_INPUT] if f_sample is not None else [])
+    args = (sample,) if f_sample is None else (sample, f_sample)
+    axes = {name: {0: "batch"} for name in (*inputs, *outputs)}
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(_Outputs(model).eval(), (sample,), buf, dynamo=False,
-                          input_names=[INPUT_NAME], output_names=list(outputs),
+        torch.onnx.export(_Outputs(model).eval(), args, buf, dynamo=False,
+                          input_names=inputs, output_names=list(outputs),
                           opset_version=opset, dynamic_axes=axes, do_constant_folding=True)
     return buf.getvalue()
 
 
-def _parity(model: Any, graph: bytes, x: np.ndarray, outputs: tuple[str, ...]) -> float:
+def _parity(model: Any, graph: bytes, x: np.ndarray, outputs: tuple[str, ...],
+            f: np.ndarray | None = None) -> float:
     """Max |Δprobability| on the logits; every extra output must match to 1e-3 relative."""
     import torch
 
     with torch.inference_mode():
-        xt = torch.from_numpy(x)
+        xt, ft = torch.from_numpy(x), None if f is None else torch.from_numpy(f)
         refs = {name: v.float().numpy()
-                for name, v in zip(outputs, _pick(model, xt, outputs), strict=True)}
-    parity = float(np.abs(softmax(refs["logits"]) - softmax(run_graph(graph, x))).max())
+                for name, v in zip(outputs, _pick(model, xt, outputs, ft), strict=True)}
+    parity = float(np.abs(softmax(refs["logits"]) - softmax(run_graph(graph, x, features=f)))
+                   .max())
     for name in outputs[1:]:
-        got = run_graph(graph, x, output=name)
+        got = run_graph(graph, x, output=name, features=f)
         scale = max(1.0, float(np.abs(refs[name]).max()))
         if float(np.abs(got - refs[name]).max()) > 1e-3 * scale:
             raise BundleError(f"ONNX output {name!r} differs from PyTorch's")

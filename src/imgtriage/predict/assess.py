@@ -155,6 +155,8 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
     from imgtriage.predict.predictor import PredictOptions
 
     predictor = _logit_predictor(bundle, backend)
+    if backend == "auto" and predictor.features is not None and predictor.backend.name != "torch":
+        predictor = _logit_predictor(bundle, "torch")  # feature importance needs gradients
     samples = labelled_samples(data, predictor.classes, split)
     policy = predictor.policy_for(PredictOptions(profile=profile))
     got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle
-from imgtriage.bundle.graph import ONNX_FILE, usable_cores
+from imgtriage.bundle.graph import FEATURES_INPUT, ONNX_FILE, usable_cores
 from imgtriage.errors import BundleError, ConfigError
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -66,9 +66,10 @@ def choose_runtime(bundle: Bundle, backend: str = "auto", device: str = "cpu", *
             raise ConfigError(f"{bundle.path} holds an imported ONNX graph and no PyTorch "
                               "weights; use --backend onnx (or auto)")
         backend = "onnx"
-    if backend == "onnx" and bundle.info.preprocess.get("features"):
-        raise ConfigError(f"{bundle.path} is an image + feature model, which runs on the torch "
-                          "backend only; use --backend torch (or auto)")
+    fusion_graph = FEATURES_INPUT in (info.get("inputs") or [])
+    if backend == "onnx" and bundle.info.preprocess.get("features") and not fusion_graph:
+        raise ConfigError(f"{bundle.path} is an image + feature model whose graph predates "
+                          "two-input export; use --backend torch (or auto), or retrain")
     if backend == "onnx" or (backend == "auto" and has_onnx and device == "cpu"):
         if not has_onnx:
             raise ConfigError(f"{bundle.path} has no model.onnx; run `imgtriage export "

@@ -79,9 +79,10 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
     if b.manifest.get("kind", "classifier") != "classifier":
         raise ConfigError(f"{b.path} is a {b.manifest.get('kind')!r} bundle; export the "
                           "classifier bundles it contains instead")
-    if b.manifest["preprocess"].get("features"):
-        raise ConfigError(f"{b.path} is an image + feature (fusion) model; ONNX export of "
-                          "two-input models is not supported yet: predict with --backend torch")
+    if b.manifest["preprocess"].get("features") and quantize:
+        raise ConfigError(f"{b.path} is an image + feature (fusion) model: its graph takes two "
+                          "inputs, and int8 calibration feeds images only; export fp32 "
+                          "(drop --quantize)")
     sets = _calib_and_check(b, calib, check, calib_images, check_images, say) if calib else None
     try:
         ood = bool((b.manifest.get("decision") or {}).get("ood"))

@@ -17,8 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgtriage.bundle import Bundle
-from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, session_options, usable_cores
-from imgtriage.errors import BundleError, ConfigError, require
+from imgtriage.bundle.graph import (
+    FEATURES_INPUT,
+    INT8_FILE,
+    ONNX_FILE,
+    session_options,
+    usable_cores,
+)
+from imgtriage.errors import BundleError, ConfigError, PredictionError, require
 
 # Graphs with fewer weight bytes than this count as "small" (overhead-bound) for sessions="auto".
 SMALL_GRAPH_BYTES = 8_000_000
@@ -80,6 +86,9 @@ class OnnxBackend:
                               f"{str(exc).splitlines()[0]}; re-export it with `imgtriage "
                               f"export {bundle.path} --onnx`") from exc
         self._input = self._sessions[0].get_inputs()[0].name
+        # an image + feature (fusion) graph takes the standardised feature rows as well
+        self._feature_input = next((i.name for i in self._sessions[0].get_inputs()
+                                    if i.name == FEATURES_INPUT), None)
         names = [o.name for o in self._sessions[0].get_outputs()]
         self._names = names
         self._outputs = ["logits" if "logits" in names else names[0]]
@@ -105,32 +114,46 @@ class OnnxBackend:
         """Whether the graph also emits the penultimate features (the OOD scorer's input)."""
         return "features" in self._names
 
-    def _run(self, i: int, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _run(self, i: int, x: np.ndarray, names: list[str], f: np.ndarray | None = None
+             ) -> list[np.ndarray]:
         # by name: graphs may carry more outputs (e.g. features) that this call does not need
-        return self._sessions[i].run(names, {self._input: x})
+        feed = {self._input: x}
+        if self._feature_input is not None:
+            feed[self._feature_input] = f
+        return self._sessions[i].run(names, feed)
 
-    def _all(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _all(self, x: np.ndarray, names: list[str], f: np.ndarray | None = None
+             ) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self._feature_input is not None:
+            if f is None:
+                raise PredictionError(f"{self.file} is an image + feature model's graph: pass "
+                                      "the scaled features of the inputs too")
+            f = np.ascontiguousarray(f, dtype=np.float32)
         n = len(self._sessions)
         if self._pool is None or len(x) < 2 * n:
-            return [np.asarray(o, dtype=np.float32) for o in self._run(0, x, names)]
+            return [np.asarray(o, dtype=np.float32) for o in self._run(0, x, names, f)]
         parts = np.array_split(x, n)
-        futures = [self._pool.submit(self._run, i, np.ascontiguousarray(p), names)
-                   for i, p in enumerate(parts)]
+        fparts = np.array_split(f, n) if f is not None else [None] * n
+        futures = [self._pool.submit(self._run, i, np.ascontiguousarray(p), names,
+                                     None if fp is None else np.ascontiguousarray(fp))
+                   for i, (p, fp) in enumerate(zip(parts, fparts, strict=True))]
         outs = [f.result() for f in futures]
         return [np.concatenate([o[j] for o in outs]).astype(np.float32, copy=False)
                 for j in range(len(names))]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._all(x, self._outputs)[0]
+    def __call__(self, x: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """Logits; ``features`` (N, F) go to an image + feature (fusion) graph."""
+        return self._all(x, self._outputs, features)[0]
 
-    def with_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def with_features(self, x: np.ndarray, features: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and penultimate features from the same graph run (for OOD scores)."""
         if not self.has_features:
             raise BundleError(f"{self.file} has no 'features' output, which this bundle's OOD "
                               "rule needs; re-export it (imgtriage export BUNDLE --onnx) or "
                               "use --backend torch")
-        logits, feats = self._all(x, [self._outputs[0], "features"])
+        logits, feats = self._all(x, [self._outputs[0], "features"], features)
         return logits, feats
 
     def close(self) -> None:

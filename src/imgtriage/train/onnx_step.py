@@ -100,6 +100,10 @@ def attach_graph(manifest: dict[str, Any], state_dict: dict[str, Any], inputs: G
     manifest["onnx"] = info
     if quantize == "none" or not files:
         return files
+    if manifest["preprocess"].get("features"):
+        info["int8"] = {"refused": "an image + feature (fusion) graph takes two inputs; int8 "
+                                   "calibration feeds images only"}
+        return files
     if inputs.calib is None or inputs.check is None:
         info["int8"] = {"refused": "no training/validation images to calibrate and judge on"}
         return files
