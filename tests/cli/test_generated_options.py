@@ -10,6 +10,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from imgtriage.cli.main import app
+from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.serve.config import ServeConfig
 from imgtriage.train.fewshot_config import FewShotConfig
 
@@ -21,7 +22,8 @@ def _command(name: str):
 
 
 @pytest.mark.parametrize(("command", "cls", "own"), [
-    ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set())])
+    ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
+    ("cascade", CascadeConfig, {"features"})])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -79,3 +81,21 @@ def test_train_fewshot_defaults_and_values_reach_the_config(monkeypatch, tmp_pat
     assert res.exit_code == 0, res.output
     assert seen["args"][2] == FewShotConfig(widths=(8, 16), num_threads=1, loss="triplet",
                                             knn_k=3)
+
+
+def test_cascade_values_reach_the_config(monkeypatch, tmp_path):
+    import imgtriage.predict.cascade as cascade
+
+    seen = {}
+
+    def capture(stage2, data, out, cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cascade, "build_cascade", capture)
+    res = runner.invoke(app, ["cascade", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "c"),
+                              "--first-stage", "gbt", "--route-share", "0.4",
+                              "--always-second-stage", "sar,ir", "--gbt-depth", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"] == CascadeConfig(first_stage="gbt", route_share=0.4,
+                                        always_second_stage=("sar", "ir"), gbt_depth=2)

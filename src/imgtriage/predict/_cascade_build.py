@@ -13,7 +13,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,13 @@ from imgtriage.predict._first_stage import (
 )
 
 FEATURE_STAGES = ("logreg", "gbt")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with its ``imgtriage cascade`` option (``cli/_options.py``)."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -68,20 +75,28 @@ class CascadeConfig:
         'gbt'
     """
 
-    first_stage: str = "logreg"
-    target_accuracy: float = 0.99
-    route_share: float | None = None
-    gate_confidence: float = 0.95
-    always_second_stage: tuple[str, ...] = ()
+    first_stage: str = _f("logreg", "logreg or gbt on image-statistics and header features, "
+                                    "or a small classifier bundle's path.")
+    target_accuracy: float = _f(0.99, "Accuracy the first stage must reach on the validation "
+                                      "images it answers.")
+    route_share: float | None = _f(None, "Instead of a target accuracy: send this share of "
+                                         "validation images to stage 2.")
+    gate_confidence: float = _f(0.95, "Confidence (one-sided Clopper-Pearson) that the first "
+                                      "stage's answers reach --target-accuracy; too small a "
+                                      "validation set is refused. 0 trusts the observed "
+                                      "accuracy.")
+    always_second_stage: tuple[str, ...] = _f((), "Comma-separated classes the first stage "
+                                                  "never answers (e.g. sar): images it thinks "
+                                                  "may be one go to stage 2.")
     features: FeatureSpec | None = None
-    val_frac: float | None = None
-    test_frac: float | None = None
-    seed: int | None = None
-    c: float = 1.0
-    gbt_estimators: int = 100
-    gbt_depth: int = 3
-    gbt_learning_rate: float = 0.1
-    workers: int | None = None
+    val_frac: float | None = _f(None, "Validation share (default: stage 2's).")
+    test_frac: float | None = _f(None, "Test share (default: stage 2's).")
+    seed: int | None = _f(None, "Split seed (default: stage 2's).")
+    c: float = _f(1.0, "Inverse L2 strength of the logistic regression.")
+    gbt_estimators: int = _f(100, "Boosted trees: number of trees.")
+    gbt_depth: int = _f(3, "Boosted trees: depth of each tree.")
+    gbt_learning_rate: float = _f(0.1, "Boosted trees: learning rate.")
+    workers: int | None = _f(None, "Decoding threads.")
 
     def __post_init__(self) -> None:
         if self.first_stage not in FEATURE_STAGES and not Path(self.first_stage).exists():
