@@ -26,6 +26,7 @@ def test_train_inspect_predict(digits_folder, tmp_path):
     res = runner.invoke(app, ["train", str(digits_folder), "--out", str(run), "--img-size",
                               "32", "--epochs", "2", "--quiet", "--threads", "1"])
     assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-1].startswith("answers ")  # the rule, even with --quiet
     assert (run / "bundle" / "manifest.json").is_file()
     for f in ("config.json", "splits.csv", "metrics.jsonl", "defects.json"):
         assert (run / f).is_file()

@@ -100,8 +100,10 @@ def train_command(**options: Any) -> None:
     data, out = options.pop("data"), options.pop("out")
     quiet, resume = options.pop("quiet"), options.pop("resume")
     res = train(data, out, _to_config(options), quiet=quiet, resume=resume)
-    if os.environ.get("RANK", "0") == "0":  # one line, from process 0 only under torchrun
+    if os.environ.get("RANK", "0") == "0":  # from process 0 only under torchrun
         typer.echo(f"bundle: {res.bundle_path}")
+        if quiet and res.rule:  # what the bundle will do is a result, not progress
+            typer.echo(res.rule)
 
 
 train_command.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
