@@ -201,3 +201,17 @@ def test_secrets_never_reach_the_log(logged_server, digit_pngs):
 def test_threads_are_not_left_behind(client):
     names = [t.name for t in threading.enumerate()]
     assert sum(n.startswith("imgtriage-decode") for n in names) <= 4
+
+
+@pytest.mark.parametrize("a,b", [("::ffff:10.0.0.1", "10.0.0.1"),
+                                 ("2001:db8:0:0:0:0:0:1", "2001:db8::1")])
+def test_one_address_spelled_two_ways_is_one_client(a, b):
+    from types import SimpleNamespace
+
+    from imgtriage.serve.limits import ClientLimiter
+
+    def req(host):
+        return SimpleNamespace(headers={}, client=SimpleNamespace(host=host))
+
+    assert ClientLimiter.client_id(req(a), keyed=False) == \
+        ClientLimiter.client_id(req(b), keyed=False)

@@ -108,14 +108,25 @@ class Bundle:
 
     def state_dict(self) -> dict[str, Any]:
         """The model weights (verified) as a dict of tensors."""
-        from safetensors.torch import load
+        return self.tensors(WEIGHTS_NAME)
 
-        data = self.verified_bytes(WEIGHTS_NAME)
-        check_safetensors(data, WEIGHTS_NAME, str(self.path))
+    def tensors(self, name: str, framework: str = "torch") -> dict[str, Any]:
+        """A verified safetensors file of the bundle as torch tensors or NumPy arrays.
+
+        Anything that is not a valid safetensors file (a pickle, ``torch.save`` output, a
+        header pointing outside the file) is a one-line :class:`BundleIntegrityError`.
+        """
+        if framework == "numpy":
+            from safetensors.numpy import load
+        else:
+            from safetensors.torch import load
+
+        data = self.verified_bytes(name)
+        check_safetensors(data, name, str(self.path))
         try:
             return load(data)
         except Exception as exc:  # SafetensorError and friends: one line, no traceback
-            raise BundleIntegrityError(f"{self.path}: {WEIGHTS_NAME} cannot be read as "
+            raise BundleIntegrityError(f"{self.path}: {name} cannot be read as "
                                        f"safetensors ({type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0] if str(exc) else ''}); "
                                        "restore it from the original bundle") from None

@@ -47,13 +47,11 @@ def gallery_files(gallery: Gallery) -> dict[str, bytes]:
 
 def read_gallery(bundle: Bundle) -> tuple[Gallery, GalleryConfig]:
     """The verified gallery and its scoring rule from a loaded gallery bundle."""
-    from safetensors.torch import load
-
     block = bundle.info.block("gallery")
     if not isinstance(block, dict) or "labels" not in block:
         raise BundleSchemaError(f"{bundle.path}: a gallery bundle needs a 'gallery' block "
                                 "with labels and ids in its manifest")
-    tensors = load(bundle.verified_bytes(GALLERY_FILE))
+    tensors = bundle.tensors(GALLERY_FILE)
     emb = tensors["embeddings"].numpy().astype(np.float32)
     gallery = Gallery(emb, tuple(block["labels"]), tuple(block["ids"]),
                       bundle.info.classes)

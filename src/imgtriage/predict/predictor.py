@@ -166,9 +166,7 @@ class Predictor(BasePredictor):
         """The bundle's fitted OOD scorer for a policy's rule (its arrays read once)."""
         name = rule.get("file", OOD_FILE)
         if name not in self._ood:
-            from safetensors.numpy import load
-
-            self._ood[name] = KnnOOD.from_rule(rule, load(self.bundle.verified_bytes(name)))
+            self._ood[name] = KnnOOD.from_rule(rule, self.bundle.tensors(name, "numpy"))
         return self._ood[name]
 
     def forward(self, x: np.ndarray, policy: DecisionPolicy, tta: bool = False,

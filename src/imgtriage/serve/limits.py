@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -135,6 +136,16 @@ def bearer_token(authorization: str | None) -> str | None:
     return token or None
 
 
+def normal_address(host: str) -> str:
+    """One spelling per address: ``::ffff:10.0.0.1`` is ``10.0.0.1``, IPv6 compressed."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
 class ClientLimiter:
     """At most ``limit`` classify requests open per client; the next one gets 429.
 
@@ -155,7 +166,7 @@ class ClientLimiter:
         token = bearer_token(request.headers.get("authorization")) if keyed else None
         if token:  # the credential itself, not how the header spelled it
             return "key:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
-        return "addr:" + (request.client.host if request.client else "unknown")
+        return "addr:" + normal_address(request.client.host if request.client else "unknown")
 
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
