@@ -203,6 +203,13 @@ def test_auto_explains_labels_and_unlabelled_images():
     assert "2700" in choice.reason
 
 
+def test_auto_run_records_what_it_does_with_the_unlabelled_images(labelled, inbox, tmp_path):
+    train(labelled, tmp_path / "auto", _cfg(inbox, model="auto", epochs=1, model_kwargs={}),
+          quiet=True)
+    why = json.loads((tmp_path / "auto" / "run.json").read_text())["model_choice"]
+    assert why.startswith("18 labels and 30 unlabelled images") and "48 labels" in why
+
+
 def test_settings_are_checked_and_named(labelled, tmp_path):
     with pytest.raises(ConfigError, match="--unlabeled-ratio"):
         TrainConfig(unlabeled="x", unlabeled_ratio=0)
