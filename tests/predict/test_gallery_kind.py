@@ -246,6 +246,13 @@ def test_threshold_fitted_on_enrolled_examples(trained, gallery_copy, tmp_path):
     assert t is not None and t == fit["threshold"] and "held-out accuracy" in res.output
     rows = _rows(gallery_copy, root / "query")
     assert all(r["abstained"] == (r["similarity"] < t) for r in rows.values())
+    sevens = sorted(str(p) for p in (root / "new" / "d7").glob("*.png"))
+    grown = enrol_images(gallery_copy, "d7", sevens)  # a fitted threshold is fitted again
+    assert grown.manifest["threshold_fit"]["n_items"] == enrolled + len(sevens)
+    assert grown.manifest["gallery"]["similarity_threshold"] == \
+        grown.manifest["threshold_fit"]["threshold"]
+    by_hand = set_rule(gallery_copy, similarity_threshold=0.5)
+    assert by_hand.manifest["threshold_fit"] is None
     created = create_gallery(gallery_copy, root / "query", tmp_path / "g", acceptance=0.9)
     made = created.manifest
     assert made["gallery"]["similarity_threshold"] == made["threshold_fit"]["threshold"]

@@ -109,8 +109,21 @@ def enrol_images(path: PathLike, label: str, images: Sequence[PathLike], *,
     emb = embed_files(bundle, images, workers=workers)
     new = gallery.add(label, emb, [str(p) for p in images])
     verb = "added class" if label not in gallery.classes else "enrolled into"
+    config, extra, why = _refit(bundle, new, config)
     return write_version(bundle, new, config, f"gallery: {verb} {label!r} "
-                                              f"({len(images)} images)", out)
+                                              f"({len(images)} images){why}", out, extra)
+
+
+def _refit(bundle: Bundle, gallery: Gallery, config: GalleryConfig
+           ) -> tuple[GalleryConfig, dict[str, Any] | None, str]:
+    """A threshold fitted on the enrolled items is fitted again on the edited gallery, at
+    the same acceptance (a threshold set by hand stays as it is)."""
+    fit = bundle.manifest.get("threshold_fit")
+    if not fit:
+        return config, None, ""
+    threshold, new_fit = fit_similarity_threshold(gallery, config, float(fit["acceptance"]))
+    return (replace(config, similarity_threshold=threshold), {"threshold_fit": new_fit},
+            f"; threshold refitted: {threshold}")
 
 
 def remove_items(path: PathLike, label: str, images: Sequence[str] | None = None, *,
@@ -120,7 +133,8 @@ def remove_items(path: PathLike, label: str, images: Sequence[str] | None = None
     bundle, gallery, config = open_gallery(path)
     new = gallery.remove(label, list(images) if images else None)
     what = f"{len(gallery) - len(new)} items of {label!r}" if images else f"class {label!r}"
-    return write_version(bundle, new, config, f"gallery: removed {what}", out)
+    config, extra, why = _refit(bundle, new, config)
+    return write_version(bundle, new, config, f"gallery: removed {what}{why}", out, extra)
 
 
 def set_rule(path: PathLike, *, similarity_threshold: float | None = None,
@@ -135,8 +149,10 @@ def set_rule(path: PathLike, *, similarity_threshold: float | None = None,
     if clear_threshold:
         changes["similarity_threshold"] = None
     new = replace(config, **changes)
+    hand = "similarity_threshold" in changes  # set by hand: no longer the fitted one
     return write_version(bundle, gallery, new, f"gallery: rule {config.to_dict()} -> "
-                                               f"{new.to_dict()}", out)
+                                               f"{new.to_dict()}", out,
+                         {"threshold_fit": None} if hand else None)
 
 
 def fit_threshold(path: PathLike, acceptance: float = 0.95, *,
