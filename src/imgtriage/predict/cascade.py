@@ -157,10 +157,10 @@ class _FeatureStage:
 class _CascadeBackend:
     """Stands where Predictor has ``backend``: a name for reports and ``describe``."""
 
-    def __init__(self, first: str, stage2: Any) -> None:
-        self.name = f"cascade({first}+{stage2.name})"
-        self.precision = getattr(stage2, "precision", "fp32")
-        self.batch_size = getattr(stage2, "batch_size", 32)
+    def __init__(self, first: str, stage2: Predictor) -> None:
+        self.name = f"cascade({first}+{stage2.runtime.backend})"
+        self.precision = stage2.runtime.precision
+        self.batch_size = stage2.batch_size
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class CascadePredictor(BasePredictor):
         self.classes: list[str] = list(bundle.classes)
         self.spec: PreprocessSpec = stage2.spec
         self.policy: DecisionPolicy = stage2.policy
-        self.backend = _CascadeBackend(first.kind, stage2.backend)
+        self.backend = _CascadeBackend(first.kind, stage2)
         self.runtime = dataclasses.replace(stage2.runtime, backend=self.backend.name)
 
     @classmethod

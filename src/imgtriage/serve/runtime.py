@@ -42,17 +42,16 @@ def limit_pixels(predictor: BasePredictor, max_pixels: int) -> tuple[BasePredict
     return limited, limited.spec.read.max_pixels
 
 
-def limit_reading(predictor: Any, cfg: ServeConfig) -> tuple[Any, dict[str, Any]]:
+def limit_reading(predictor: BasePredictor, cfg: ServeConfig
+                  ) -> tuple[BasePredictor, dict[str, Any]]:
     """The predictor under the service's decode budget (a bundle's lower values kept), and
     the budget in force (reported on /v1/model)."""
     p, max_pixels = limit_pixels(predictor, cfg.max_pixels)
     p = with_read_limits(p, tighten_only=True, max_decoded_bytes=cfg.max_decoded_bytes,
                          max_pages=cfg.max_pages, decode_timeout_s=cfg.decode_timeout_s)
-    read = getattr(getattr(p, "spec", None), "read", None)
-    budget = {"max_pixels": max_pixels}
-    for key in ("max_decoded_bytes", "max_pages", "decode_timeout_s"):
-        budget[key] = getattr(read, key, None)
-    return p, budget
+    read = p.spec.read
+    return p, {"max_pixels": max_pixels, "max_decoded_bytes": read.max_decoded_bytes,
+               "max_pages": read.max_pages, "decode_timeout_s": read.decode_timeout_s}
 
 
 def warm_up(predictor: BasePredictor, max_batch: int) -> None:
