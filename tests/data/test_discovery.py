@@ -199,3 +199,19 @@ def test_names_that_are_not_utf8_and_hidden_files_in_class_folders(tmp_path):
     back = discover(write_manifest(tmp_path / "m.csv", [s.path for s in ds.samples],
                                    [s.label for s in ds.samples]))
     assert sorted(s.path for s in back.samples) == sorted(s.path for s in ds.samples)
+
+
+def test_links_to_folders_inside_class_folders_are_listed_as_ignored(tmp_path):
+    from PIL import Image
+
+    from imgtriage.data import discover
+
+    root = tmp_path / "data"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(root / label / "0.png")
+    (tmp_path / "more").mkdir()
+    (root / "a" / "more").symlink_to(tmp_path / "more", target_is_directory=True)
+    ds = discover(root)
+    assert [(p, "link to a folder" in why) for p, why in ds.ignored] == [
+        (str(root / "a" / "more"), True)]

@@ -214,3 +214,30 @@ def test_a_file_stuck_in_its_decoder_is_a_timeout_and_the_run_goes_on(tmp_path, 
 def _pairs(items):
     for kind, item in items:
         yield item["path"], item.get("issue") if kind == "defect" else "result"
+
+
+def test_deep_folders_and_links_to_folders_are_never_lost(tmp_path, predictor, good_png):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fd = os.open(inbox, os.O_RDONLY)
+    try:  # 1,200 nested folders, built one level at a time (no recursion anywhere)
+        for _ in range(1200):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        out = os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, good_png)
+        os.close(out)
+    finally:
+        os.close(fd)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes(good_png)
+    (inbox / "linked").symlink_to(elsewhere, target_is_directory=True)
+    _run(predictor, [inbox], output=tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [Path(r["path"]).name for r in data["results"]] == ["deep.png"]
+    assert [(Path(d["path"]).name, d["issue"]) for d in data["defects"]] == [
+        ("linked", "not_found")]
+    assert "link to a folder" in data["defects"][0]["message"]

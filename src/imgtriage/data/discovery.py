@@ -49,28 +49,61 @@ class Dataset:
 
 
 def iter_image_files(root: str | os.PathLike[str], *, include_hidden: bool = False,
-                     on_hidden: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """Every file below ``root`` in a stable (sorted) order, as a stream.
+                     on_hidden: Callable[[Path], None] | None = None,
+                     on_folder: Callable[[Path, str], None] | None = None,
+                     yield_folders: bool = False) -> Iterator[Path]:
+    """Every file below ``root`` in a stable (sorted, depth-first) order, as a stream.
 
     Hidden entries (names starting with ".") are yielded with ``include_hidden``; otherwise
     they are skipped and each one (a file, or a hidden folder as a whole) is passed to
-    ``on_hidden``, so a caller can say what it left out. Symlinked folders are not followed.
+    ``on_hidden``, so a caller can say what it left out. Links to folders are not followed
+    and folders that cannot be listed are not entered: each is passed to ``on_folder`` with
+    the reason, or, with ``yield_folders``, yielded itself (it then becomes a defect), so
+    no file vanishes without a word. The walk is iterative: any depth of nesting works.
     """
     root = Path(root)
     if root.is_file():
         yield root
         return
-    for dirpath, dirnames, filenames in os.walk(root):
-        kept = sorted(d for d in dirnames if include_hidden or not d.startswith("."))
-        if on_hidden is not None:
-            for d in sorted(set(dirnames) - set(kept)):
-                on_hidden(Path(dirpath) / d)
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            if include_hidden or not name.startswith("."):
-                yield Path(dirpath) / name
-            elif on_hidden is not None:
-                on_hidden(Path(dirpath) / name)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            yield from _skipped_folder(folder, f"cannot be listed ({exc.strerror})",
+                                       on_folder, yield_folders and folder != root)
+            continue
+        subdirs = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(".") and not include_hidden:
+                if on_hidden is not None:
+                    on_hidden(path)
+            elif _is_folder(entry, follow=False):
+                subdirs.append(path)
+            elif entry.is_symlink() and _is_folder(entry, follow=True):
+                yield from _skipped_folder(path, "is a link to a folder (links are not "
+                                           "followed)", on_folder, yield_folders)
+            else:
+                yield path
+        stack.extend(reversed(subdirs))
+
+
+def _is_folder(entry: os.DirEntry, *, follow: bool) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow)
+    except OSError:
+        return False
+
+
+def _skipped_folder(path: Path, why: str, on_folder: Callable[[Path, str], None] | None,
+                    yield_it: bool) -> Iterator[Path]:
+    if on_folder is not None:
+        on_folder(path, why)
+    if yield_it:
+        yield path
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -84,8 +117,11 @@ def _scan_class_folders(root: Path, split: str | None,
     def hidden(path: Path) -> None:
         ignored.append((str(path), "hidden (its name starts with '.'); rename it to train on it"))
 
+    def folder(path: Path, why: str) -> None:
+        ignored.append((str(path), f"a folder that {why}; its files were not used"))
+
     for cdir in _class_dirs(root):
-        for f in iter_image_files(cdir, on_hidden=hidden):
+        for f in iter_image_files(cdir, on_hidden=hidden, on_folder=folder):
             if is_supported_path(f):
                 samples.append(Sample(str(f), cdir.name, None, split))
             else:

@@ -127,13 +127,25 @@ def open_regular(path: Path, display: str) -> BinaryIO:
     return fh
 
 
+def _folder_failure(path: Path, display: str) -> ReadFailure:
+    """A folder where a file was expected: a link to one, one that cannot be listed, or one."""
+    if path.is_symlink():
+        return ReadFailure("not_found", f"'{display}' is a link to a folder, not an image "
+                                        "file; links to folders are not followed: pass the "
+                                        "folder itself to read its files")
+    if not os.access(path, os.R_OK | os.X_OK):
+        return ReadFailure("permission_denied", f"'{display}' is a folder that cannot be "
+                                                "listed (permission denied), so its files "
+                                                "were not read; give the reading user access")
+    return ReadFailure("not_found", f"'{display}' is a directory, not an image file; pass a "
+                                    "file path")
+
+
 def _stat_and_head(path: Path, display: str) -> tuple[int, bytes]:
     """Open the file once: its size and first bytes, with OS errors mapped to issues."""
     try:
         if path.is_dir():
-            raise ReadFailure(
-                "not_found", f"'{display}' is a directory, not an image file; pass a file path"
-            )
+            raise _folder_failure(path, display)
         with open_regular(path, display) as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_BYTES)

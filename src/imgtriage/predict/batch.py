@@ -49,12 +49,13 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
     kept, so a missing path becomes a ``not_found`` defect rather than vanishing. Names that
     are not valid UTF-8 come through losslessly (``os.fsdecode``: surrogate escapes). A
     result store keys each file by its absolute path, so ``dir``, ``/abs/dir`` and ``.``
-    are one row per file there.
+    are one row per file there. Links to folders and folders that cannot be listed are
+    yielded themselves, so they become defects rather than vanish.
     """
     for p in paths:
         path = Path(os.path.normpath(os.fsdecode(p)))
         if path.is_dir():
-            for f in iter_image_files(path, include_hidden=True):
+            for f in iter_image_files(path, include_hidden=True, yield_folders=True):
                 yield str(f)
         else:
             yield str(path)
