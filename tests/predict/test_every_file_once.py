@@ -216,9 +216,34 @@ def _pairs(items):
         yield item["path"], item.get("issue") if kind == "defect" else "result"
 
 
-def test_deep_folders_and_links_to_folders_are_never_lost(tmp_path, predictor, good_png):
+def _remove_deep(top: Path) -> None:
+    """Remove a tree of any depth without recursion (pytest's own clean-up uses
+    shutil.rmtree, which recurses and would fail on the next run, here and elsewhere)."""
+    folders, stack = [], [str(top)]
+    while stack:
+        folder = stack.pop()
+        folders.append(folder)
+        with os.scandir(folder) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for folder in reversed(folders):
+        os.rmdir(folder)
+
+
+@pytest.fixture
+def deep_inbox(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
+    yield inbox
+    _remove_deep(inbox)
+
+
+def test_deep_folders_and_links_to_folders_are_never_lost(tmp_path, predictor, good_png,
+                                                          deep_inbox):
+    inbox = deep_inbox
     fd = os.open(inbox, os.O_RDONLY)
     try:  # 1,200 nested folders, built one level at a time (no recursion anywhere)
         for _ in range(1200):
