@@ -142,6 +142,8 @@ def test_gallery_bundle_through_the_predictor_api(trained, gallery_copy, tmp_pat
     p = Predictor.load(gallery_copy)
     assert isinstance(p, GalleryPredictor)
     assert p.describe()["gallery"]["counts"]["d0"] == 21
+    # what runs, and why it is not ONNX (gallery encoders are not exported yet)
+    assert p.runtime.backend == "torch-gallery" and "not exported" in p.runtime.note
     files = sorted((root / "query" / "d1").glob("*.png"))[:3]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")

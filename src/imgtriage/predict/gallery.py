@@ -21,6 +21,7 @@ from imgtriage.bundle import Bundle, new_manifest, save_bundle
 from imgtriage.errors import BundleError, BundleSchemaError, ConfigError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed
+from imgtriage.predict.backends import RuntimeChoice
 from imgtriage.predict.base import PredictOptions, decision_rows
 from imgtriage.predict.predictor import TTA_TRANSFORMS, Predictor
 
@@ -106,6 +107,7 @@ class GalleryBackend:
         import torch
 
         self.device = torch.device(device)
+        self.threads = torch.get_num_threads()
         self.encoder = load_encoder(bundle).to(self.device)
         self.gallery, self.config = read_gallery(bundle)
 
@@ -137,7 +139,9 @@ class GalleryPredictor(Predictor):
     """
 
     def __init__(self, bundle: Bundle, backend: GalleryBackend) -> None:
-        super().__init__(bundle, backend)
+        super().__init__(bundle, backend, RuntimeChoice(
+            backend.name, "fp32", backend.threads,
+            "gallery encoders run on torch: they are not exported to ONNX yet"))
         self.gallery: Gallery = backend.gallery
         self.config: GalleryConfig = backend.config
 
