@@ -195,3 +195,19 @@ def test_a_pinned_bundle_refuses_any_other(tiny_bundle, bundle_copy, tmp_path):
     assert isinstance(res.exception, BundleIntegrityError)
     assert "not the pinned bundle" in str(res.exception)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_verifying_a_large_file_streams_it(bundle_copy):
+    from hostile_files import peak_rss_delta
+
+    size = 600 * 2**20
+    with (bundle_copy / "extra.bin").open("wb") as fh:
+        fh.truncate(size)  # sparse: no disk, no time
+    h = hashlib.sha256()
+    block = bytes(2**20)
+    for _ in range(size // len(block)):
+        h.update(block)
+    _edit(bundle_copy, lambda m: m["files"].__setitem__("extra.bin", h.hexdigest()))
+    bundle, delta = peak_rss_delta(lambda: load_bundle(bundle_copy))
+    assert "extra.bin" in bundle.manifest["files"]
+    assert delta < 200 * 2**20, f"verifying took {delta / 2**20:.0f} MiB"

@@ -8,13 +8,14 @@ with a one-line message saying what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import struct
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from imgtriage.errors import BundleIntegrityError, BundleSchemaError
 
@@ -28,9 +29,10 @@ MAX_SIDE = 8_192
 MAX_INPUT_ELEMENTS = 2**26  # channels x height x width of one model input (256 MiB float32)
 MAX_TEMPERATURE = 1e4
 # Zips: total size once extracted, and how much bigger than stored a member may be.
-MAX_UNZIPPED_BYTES = 8 * 2**30
-MAX_RATIO = 200
-RATIO_FLOOR_BYTES = 16 * 2**20  # members smaller than this may compress as well as they like
+MAX_UNZIPPED_BYTES = 4 * 2**30
+MAX_ZIP_BYTES = 2 * 2**30  # a zipped bundle is read into memory; larger ones: unzip them
+MAX_RATIO = 20  # weights barely compress; bundles are zipped stored (ratio 1)
+RATIO_FLOOR_BYTES = 2**20  # members smaller than this may compress as well as they like
 MAX_SAFETENSORS_HEADER = 100 * 2**20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -213,14 +215,20 @@ def check_safetensors(data: bytes, name: str, where: str) -> None:
 
     Pickles, ``torch.save`` zips and absurd header lengths are refused in one line.
     """
+    check_safetensors_file(io.BytesIO(data), len(data), name, where)
+
+
+def check_safetensors_file(fh: BinaryIO, size: int, name: str, where: str) -> None:
+    """:func:`check_safetensors` reading only the header from ``fh`` (``size`` bytes long)."""
+    head = fh.read(9)
     # a safetensors header is JSON right after its 8-byte length; that length's low byte may
     # be anything (0x80 for a 128-byte header), so look for the JSON before calling it a pickle
-    looks_safetensors = data[8:9] == b"{"
+    looks_safetensors = head[8:9] == b"{"
     if looks_safetensors:
         kind = None
-    elif data[:2] in _PICKLE_STARTS or data[:1] == b"\x80":
+    elif head[:2] in _PICKLE_STARTS or head[:1] == b"\x80":
         kind = "a Python pickle"
-    elif data[:4] == b"PK\x03\x04":
+    elif head[:4] == b"PK\x03\x04":
         kind = "a zip (torch.save output)"
     else:
         kind = None
@@ -228,22 +236,22 @@ def check_safetensors(data: bytes, name: str, where: str) -> None:
         raise BundleIntegrityError(
             f"{where}: {name} is {kind}, not safetensors; pickles can run code and are never "
             "loaded: convert the weights with safetensors.torch.save_file, or retrain")
-    if len(data) < 8:
-        raise BundleIntegrityError(f"{where}: {name} is {len(data)} bytes, too short to be "
+    if size < 8:
+        raise BundleIntegrityError(f"{where}: {name} is {size} bytes, too short to be "
                                    "a safetensors file; restore it from the original bundle")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, MAX_SAFETENSORS_HEADER):
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
         raise BundleIntegrityError(
-            f"{where}: {name} declares a {header_len}-byte header in a {len(data)}-byte file; "
+            f"{where}: {name} declares a {header_len}-byte header in a {size}-byte file; "
             "it is not a valid safetensors file: restore it from the original bundle")
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(head[8:] + fh.read(header_len - 1) if header_len else b"")
     except (ValueError, RecursionError):
         header = None
     if not isinstance(header, dict):
         raise BundleIntegrityError(f"{where}: {name} has no valid safetensors header (JSON "
                                    "object); restore it from the original bundle")
-    body = len(data) - 8 - header_len
+    body = size - 8 - header_len
     for key, entry in header.items():
         if key == "__metadata__":
             continue

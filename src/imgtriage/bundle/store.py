@@ -14,15 +14,19 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from imgtriage.bundle.checks import (
     MAX_MANIFEST_BYTES,
+    MAX_ZIP_BYTES,
     check_file_name,
     check_safetensors,
+    check_safetensors_file,
     check_zip,
     inside,
     parse_manifest,
@@ -93,6 +97,45 @@ class Bundle:
     def has_file(self, name: str) -> bool:
         return name in self.manifest.get("files", {})
 
+    @contextmanager
+    def open_file(self, name: str) -> Iterator[tuple[BinaryIO, int]]:
+        """``(binary file, size)`` of one of the bundle's files, streamed, never loaded whole."""
+        if self._zip is not None:
+            check_file_name(name, str(self.path))
+            with zipfile.ZipFile(io.BytesIO(self._zip)) as zf:
+                try:
+                    info = zf.getinfo(name)
+                except KeyError as exc:
+                    raise BundleMissingFileError(f"{self.path}: missing {name}") from exc
+                with zf.open(info) as fh:
+                    yield fh, info.file_size
+            return
+        f = inside(self.path, name, str(self.path))
+        if not f.is_file():
+            raise BundleMissingFileError(f"{self.path}: the manifest lists {name} but the file "
+                                         "is missing; copy the whole bundle directory")
+        with f.open("rb") as fh:
+            yield fh, os.fstat(fh.fileno()).st_size
+
+    def verify_file(self, name: str) -> None:
+        """Check one file against the manifest's sha256 (streamed: memory stays flat) and,
+        for ``.safetensors``, that it is one."""
+        expected = self.manifest["files"].get(name)
+        if expected is None:
+            raise BundleMissingFileError(f"{self.path}: manifest does not list {name}")
+        h = hashlib.sha256()
+        with self.open_file(name) as (fh, _):
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != expected:
+            raise BundleIntegrityError(f"{self.path}: {name} has sha256 {h.hexdigest()[:12]}… "
+                                       f"but the manifest says {expected[:12]}…; the file was "
+                                       "modified or corrupted: restore it from the original "
+                                       "bundle")
+        if name.endswith(".safetensors"):
+            with self.open_file(name) as (fh, size):
+                check_safetensors_file(fh, size, name, str(self.path))
+
     def verified_bytes(self, name: str) -> bytes:
         """File contents, checked against the manifest's sha256."""
         expected = self.manifest["files"].get(name)
@@ -141,6 +184,10 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], bytes | None]:
             parse_manifest(b" " * (MAX_MANIFEST_BYTES + 1), str(path))  # says it is too big
         raw, zdata = mf.read_bytes(), None
     elif path.is_file() and zipfile.is_zipfile(path):
+        if path.stat().st_size > MAX_ZIP_BYTES:
+            raise BundleSchemaError(f"{path} is a {path.stat().st_size}-byte zip; zipped "
+                                    f"bundles are read into memory and may have at most "
+                                    f"{MAX_ZIP_BYTES} bytes: unzip it and pass the directory")
         zdata = path.read_bytes()
         with zipfile.ZipFile(io.BytesIO(zdata)) as zf:
             check_zip(zf, str(path))  # sizes from the directory, before anything is unpacked
@@ -177,9 +224,7 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True,
         check_pinned(bundle, expect_sha256)
     if verify:
         for name in manifest["files"]:
-            data = bundle.verified_bytes(name)
-            if name.endswith(".safetensors"):
-                check_safetensors(data, name, str(path))
+            bundle.verify_file(name)
     return bundle
 
 
