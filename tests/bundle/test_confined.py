@@ -107,6 +107,8 @@ def test_a_new_version_never_replaces_something_that_is_not_a_bundle(tmp_path, t
     (("decision", "temperature"), float("nan")), (("decision", "thresholds"), [5.0] * 10),
     (("decision", "positive_class"), 99), (("preprocess", "read", "max_pixels"), 10**15),
     (("preprocess", "mean"), [float("inf")]),
+    (("bundle_version",), "../../x"), (("tta",), ["hflip", "os.system"]),
+    (("preprocess", "read", "max_decoded_bytes"), 2**50),
 ])
 def test_every_number_of_the_manifest_is_bounded(bundle_copy, path, value):
     def change(m):
@@ -211,3 +213,10 @@ def test_verifying_a_large_file_streams_it(bundle_copy):
     bundle, delta = peak_rss_delta(lambda: load_bundle(bundle_copy))
     assert "extra.bin" in bundle.manifest["files"]
     assert delta < 200 * 2**20, f"verifying took {delta / 2**20:.0f} MiB"
+
+
+def test_the_schema_knows_every_tta_view_predict_runs():
+    from imgtriage.bundle.checks import TTA_NAMES
+    from imgtriage.predict.predictor import TTA_TRANSFORMS
+
+    assert set(TTA_TRANSFORMS) == TTA_NAMES

@@ -34,6 +34,7 @@ MAX_ZIP_BYTES = 2 * 2**30  # a zipped bundle is read into memory; larger ones: u
 MAX_RATIO = 20  # weights barely compress; bundles are zipped stored (ratio 1)
 RATIO_FLOOR_BYTES = 2**20  # members smaller than this may compress as well as they like
 MAX_SAFETENSORS_HEADER = 100 * 2**20
+TTA_NAMES = frozenset({"hflip", "vflip", "rot90", "rot180", "rot270"})  # predict's views
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -126,6 +127,12 @@ def check_bounds(m: dict[str, Any], where: str) -> None:
     for section in ("model", "preprocess", "decision", "profiles", "features", "onnx"):
         _finite(m.get(section), section, where)
     _check_decision(m.get("decision"), "decision", len(classes), where)
+    _int_in(m.get("bundle_version", 1), 1, 1_000_000, "bundle_version", where)
+    tta = m.get("tta")
+    if tta is not None and (not isinstance(tta, list) or len(tta) > len(TTA_NAMES) or not all(
+            t in TTA_NAMES for t in tta)):
+        raise BundleSchemaError(f"{where}: manifest 'tta' must list views among "
+                                f"{sorted(TTA_NAMES)}, got {tta!r}")
     for name, profile in (m.get("profiles") or {}).items():
         _check_decision(profile, f"profiles.{name}", len(classes), where)
 

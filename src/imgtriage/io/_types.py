@@ -71,7 +71,7 @@ DEFAULT_MAX_PAGES = 256
 DEFAULT_DECODE_TIMEOUT_S = 30.0
 # Schema bounds: a policy (from a bundle manifest, say) outside them is refused, not obeyed.
 _MAX_PIXELS_BOUND = 10**10
-_MAX_BYTES_BOUND = 2**40
+_MAX_BYTES_BOUND = 2**34  # 16 GiB
 _MAX_PAGES_BOUND = 100_000
 _MAX_TIMEOUT_BOUND = 3600.0
 
