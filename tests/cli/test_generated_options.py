@@ -10,6 +10,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from imgtriage.cli.main import app
+from imgtriage.predict import PredictOptions
 from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.serve.config import ServeConfig
 from imgtriage.train.fewshot_config import FewShotConfig
@@ -23,7 +24,7 @@ def _command(name: str):
 
 @pytest.mark.parametrize(("command", "cls", "own"), [
     ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
-    ("cascade", CascadeConfig, {"features"})])
+    ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"})])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):

@@ -3,9 +3,17 @@ imgtriage report STORE --output results.json"""
 
 from __future__ import annotations
 
+import inspect
+import typing
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import typer
+
+from imgtriage.cli._options import config_parameters
+from imgtriage.predict.base import PredictOptions
 
 
 def parse_thresholds(text: str | None, n_classes: int) -> tuple[float, ...] | None:
@@ -31,7 +39,7 @@ def parse_thresholds(text: str | None, n_classes: int) -> tuple[float, ...] | No
     return values
 
 
-def predict_command(
+def _run_options(
     bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
     paths: list[Path] = typer.Argument(..., help="Files and/or folders (walked recursively)."),
     output: Path = typer.Option(Path("results.json"), "--output", "-o",
@@ -45,18 +53,8 @@ def predict_command(
                                     "to this .json (or .jsonl) file."),
     batch_size: int = typer.Option(None, help="Images per inference batch (default: what "
                                               "the backend runs best: 16 ONNX, 32 torch)."),
-    include_probs: bool = typer.Option(False, "--include-probs",
-                                       help="Add every class probability to each result."),
-    topk: int = typer.Option(None, help="Add the top-k classes with scores to each result."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation with the bundle's "
-                                                  "flip/rotation policy."),
-    profile: str = typer.Option(None, help="A decision profile saved in the bundle "
-                                           "(e.g. precision, recall)."),
-    temperature: float = typer.Option(None, help="Override the bundle's temperature."),
     thresholds: str = typer.Option(None, help="Override the per-class thresholds: one value "
                                               "for all, or comma-separated in class order."),
-    abstain: bool = typer.Option(None, "--abstain/--no-abstain",
-                                 help="Override whether low scores are answered 'unknown'."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has a "
                                              "graph), torch or onnx."),
     precision: str = typer.Option(None, help="fp32 or int8 ONNX graph (default: the "
@@ -89,38 +87,52 @@ def predict_command(
                                           "with path and those columns for the files (files "
                                           "not listed get them imputed and flagged)."),
 ) -> None:
+    """The options of ``imgtriage predict`` that are not per-call decision options."""
+
+
+def predict_command(**kw: Any) -> None:
     """Classify files into a report: every file once, in results or in defects."""
     from imgtriage.errors import ConfigError
     from imgtriage.predict import Predictor
 
-    options = dict(include_probs=include_probs, topk=topk, tta=tta, profile=profile,
-                   temperature=temperature, abstain=abstain)
-    if engine == "ray":
-        _predict_on_ray(bundle, paths, output, address, batch_size, thresholds, options,
-                        expect_sha256)
+    options = {f.name: kw.pop(f.name) for f in fields(PredictOptions) if "help" in f.metadata}
+    o = SimpleNamespace(**kw)  # the run's own options, by name
+    if o.engine == "ray":
+        _predict_on_ray(o.bundle, o.paths, o.output, o.address, o.batch_size, o.thresholds,
+                        options, o.expect_sha256)
         return
-    if engine != "local":
-        raise ConfigError(f"engine must be local or ray, got {engine!r} (--engine)")
+    if o.engine != "local":
+        raise ConfigError(f"engine must be local or ray, got {o.engine!r} (--engine)")
     from imgtriage.predict.limits import with_read_limits
     from imgtriage.predict.runner import run_batch
 
-    predictor = Predictor.load(bundle, backend=backend, device=device, num_threads=threads,
-                               precision=precision, expect_sha256=expect_sha256)
-    predictor = with_read_limits(predictor, max_pixels=max_pixels,
-                                 max_decoded_bytes=max_decoded_bytes, max_pages=max_pages,
-                                 decode_timeout_s=decode_timeout)
+    predictor = Predictor.load(o.bundle, backend=o.backend, device=o.device,
+                               num_threads=o.threads, precision=o.precision,
+                               expect_sha256=o.expect_sha256)
+    predictor = with_read_limits(predictor, max_pixels=o.max_pixels,
+                                 max_decoded_bytes=o.max_decoded_bytes, max_pages=o.max_pages,
+                                 decode_timeout_s=o.decode_timeout)
     runtime = predictor.runtime.line()
     typer.echo(f"predict: {runtime}")
-    options["thresholds"] = parse_thresholds(thresholds, len(predictor.classes))
-    if feature_manifest is not None:
-        predictor.use_feature_manifest(feature_manifest)
-    run = run_batch(predictor, paths, output=output, store=store, new_only=new_only,
-                    defect_log=defect_log, batch_size=batch_size, workers=workers,
-                    progress=progress, executor=executor, **options)
+    options["thresholds"] = parse_thresholds(o.thresholds, len(predictor.classes))
+    if o.feature_manifest is not None:
+        predictor.use_feature_manifest(o.feature_manifest)
+    run = run_batch(predictor, o.paths, output=o.output, store=o.store, new_only=o.new_only,
+                    defect_log=o.defect_log, batch_size=o.batch_size, workers=o.workers,
+                    progress=o.progress, executor=o.executor, **options)
     done = f", {run.n_skipped} already in the store" if run.n_skipped else ""
     typer.echo(f"{run.n_results} results, {run.n_defects} defects ({run.n_new} processed now"
-               f"{done}; {run.files_per_sec:.1f} files/s), coverage {run.coverage} -> {output}"
-               + (f"; defects -> {defect_log}" if defect_log else "") + f" | {runtime}")
+               f"{done}; {run.files_per_sec:.1f} files/s), coverage {run.coverage} -> {o.output}"
+               + (f"; defects -> {o.defect_log}" if o.defect_log else "") + f" | {runtime}")
+
+
+# The run's own options, then one option per PredictOptions field (help with each field;
+# thresholds stay text, parsed against the bundle's class count).
+_HINTS = typing.get_type_hints(_run_options)
+predict_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    *(p.replace(annotation=_HINTS[p.name])
+      for p in inspect.signature(_run_options).parameters.values()),
+    *config_parameters(PredictOptions, panels={"include_probs": "Decision (per call)"})])
 
 
 def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str | None,

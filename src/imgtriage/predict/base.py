@@ -31,7 +31,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,17 +50,24 @@ if TYPE_CHECKING:
 Source = str | os.PathLike[str] | bytes
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A per-call option with its ``imgtriage predict`` help (``cli/_options.py``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class PredictOptions:
-    """Per-call options; None means "what the bundle says"."""
+    """Per-call options; None means "what the bundle says". ``imgtriage predict`` has one
+    option per field (``thresholds`` is parsed there against the class count)."""
 
-    include_probs: bool = False
-    topk: int | None = None
-    tta: bool = False
-    temperature: float | None = None
+    include_probs: bool = _opt(False, "Add every class probability to each result.")
+    topk: int | None = _opt(None, "Add the top-k classes with scores to each result.")
+    tta: bool = _opt(False, "Test-time augmentation with the bundle's flip/rotation policy.")
+    temperature: float | None = _opt(None, "Override the bundle's temperature.")
     thresholds: tuple[float, ...] | None = None
-    abstain: bool | None = None
-    profile: str | None = None
+    abstain: bool | None = _opt(None, "Override whether low scores are answered 'unknown'.")
+    profile: str | None = _opt(None, "A decision profile saved in the bundle (e.g. precision, "
+                                     "recall).")
 
 
 @dataclass(frozen=True)
