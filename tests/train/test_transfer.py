@@ -133,3 +133,14 @@ def test_embedder_matches_pytorch_whichever_backend_runs():
     assert emb.backend in ("onnxruntime", "torch")
     np.testing.assert_allclose(first, ref, atol=1e-4)
     np.testing.assert_allclose(again, ref[::-1], atol=1e-4)
+
+
+def test_backbone_id_changes_with_weights_channels_and_model_arguments():
+    from imgtriage.models.pretrained import WeightsPlan
+    from imgtriage.train.transfer import backbone_id
+
+    plan = WeightsPlan("package", "tf_efficientnet_lite0", sha256="a" * 64)
+    ids = {backbone_id(plan, 3), backbone_id(plan, 1),
+           backbone_id(WeightsPlan("package", "tf_efficientnet_lite0", sha256="b" * 64), 3),
+           backbone_id(plan, 3, {"global_pool": "max"})}
+    assert len(ids) == 4 and backbone_id(plan, 3, {}) == backbone_id(plan, 3)

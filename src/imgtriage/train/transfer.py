@@ -115,16 +115,20 @@ def fit_head(head: nn.Linear, tr: Embedded, va: Embedded | None, cfg: TrainConfi
     return FitResult(best_state, best_epoch, history, lplan.to_dict())
 
 
-def backbone_id(plan: WeightsPlan, in_chans: int) -> str:
-    """What identifies the frozen backbone in the cache key: arch, weights hash, channels."""
-    return f"{plan.arch}|{plan.sha256 or plan.kind}|{in_chans}"
+def backbone_id(plan: WeightsPlan, in_chans: int, model_kwargs: dict[str, Any] | None = None
+                ) -> str:
+    """What identifies the frozen backbone in the cache key: arch, weights hash, channels and
+    the model arguments (e.g. ``global_pool`` changes the embeddings)."""
+    kwargs = json.dumps(model_kwargs or {}, sort_keys=True, default=str)
+    return f"{plan.arch}|{plan.sha256 or plan.kind}|{in_chans}|{kwargs}"
 
 
 def embed_splits(model: nn.Module, parts: dict[str, list], classes: Sequence[str],
                  spec: PreprocessSpec, cfg: TrainConfig, plan: WeightsPlan, *,
                  say: Callable[[str], None], progress: bool) -> tuple[Embedded, Embedded]:
     """Train and validation embeddings through the (frozen) backbone, from the cache."""
-    store = EmbeddingStore(cache_root(cfg.embed_cache), backbone_id(plan, spec.in_chans), spec)
+    store = EmbeddingStore(cache_root(cfg.embed_cache),
+                           backbone_id(plan, spec.in_chans, cfg.model_kwargs), spec)
     t0 = time.perf_counter()
     workers = cfg.decode_workers or 2
     embedder = Embedder(model)
