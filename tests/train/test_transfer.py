@@ -144,3 +144,25 @@ def test_backbone_id_changes_with_weights_channels_and_model_arguments():
            backbone_id(WeightsPlan("package", "tf_efficientnet_lite0", sha256="b" * 64), 3),
            backbone_id(plan, 3, {"global_pool": "max"})}
     assert len(ids) == 4 and backbone_id(plan, 3, {}) == backbone_id(plan, 3)
+
+
+def test_head_on_badly_scaled_embeddings_is_one_plain_linear_layer():
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.embed_cache import Embedded
+    from imgtriage.train.losses import plan_loss
+    from imgtriage.train.transfer import fit_head
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    x[:, 3] += 3.0 * y  # the signal sits in one feature ...
+    x *= np.float32(100.0)  # ... and every feature is on a large scale
+    x[:, 5] += np.float32(1e4)
+    cfg = TrainConfig(head_epochs=30)
+    head = torch.nn.Linear(16, 2)
+    res = fit_head(head, Embedded(x[:300], y[:300]), Embedded(x[300:], y[300:]), cfg,
+                   plan_loss(cfg, y[:300], 2))
+    with torch.no_grad():
+        acc = (head(torch.from_numpy(x[300:])).argmax(1).numpy() == y[300:]).mean()
+    assert acc == pytest.approx(res.best_metrics["val_accuracy"])  # folded == as trained
+    assert acc > 0.85  # Bayes accuracy here is ~0.93

@@ -165,7 +165,8 @@ class TrainConfig:
                               "epochs of the head on cached embeddings (each image goes "
                               "through the frozen backbone once; an epoch takes a fraction "
                               "of a second).")
-    head_lr: float = _f(3e-3, "Peak learning rate of the head on cached embeddings.")
+    head_lr: float = _f(1e-3, "Peak learning rate of the head on cached embeddings "
+                              "(standardised while training, folded into the weights).")
     embed_cache: str = _f("auto", "Where embeddings of the frozen backbone are cached (keyed "
                                   "by file content, backbone and preprocessing): auto "
                                   "($IMGTRIAGE_CACHE or ~/.cache/imgtriage), off, or a folder.")
