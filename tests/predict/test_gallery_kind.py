@@ -142,8 +142,10 @@ def test_gallery_bundle_through_the_predictor_api(trained, gallery_copy, tmp_pat
     p = Predictor.load(gallery_copy)
     assert isinstance(p, GalleryPredictor)
     assert p.describe()["gallery"]["counts"]["d0"] == 21
-    # what runs, and why it is not ONNX (gallery encoders are not exported yet)
-    assert p.runtime.backend == "torch-gallery" and "not exported" in p.runtime.note
+    # the encoder runs on ONNX Runtime by default, like a classifier's graph
+    assert p.runtime.backend == "onnx-gallery" and "verified graph" in p.runtime.note
+    info = load_bundle(gallery_copy).manifest["onnx"]
+    assert info["output"] == "embedding" and info["parity_max_abs_dprob"] <= 1e-4
     files = sorted((root / "query" / "d1").glob("*.png"))[:3]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
@@ -158,8 +160,14 @@ def test_gallery_bundle_through_the_predictor_api(trained, gallery_copy, tmp_pat
     by_bytes = p.predict_bytes([f.read_bytes() for f in files], names=[str(f) for f in files])
     assert [r["class"] for r in by_array] == [r["class"] for r in report["results"]]
     assert by_bytes == by_array
-    with pytest.raises(ConfigError, match="torch"):
-        Predictor.load(gallery_copy, backend="onnx")
+    t = Predictor.load(gallery_copy, backend="torch")
+    assert t.runtime.backend == "torch-gallery"
+    x = np.random.default_rng(0).standard_normal((5, 1, SIZE, SIZE)).astype(np.float32)
+    np.testing.assert_allclose(p.backend.embed(x), t.backend.embed(x), atol=1e-5)
+    ref = t.predict_paths([*files, bad], topk=2)
+    assert [r["class"] for r in ref["results"]] == [r["class"] for r in report["results"]]
+    with pytest.raises(ConfigError, match="--backend"):
+        Predictor.load(gallery_copy, backend="tensorrt")
 
 
 def test_cli_add_list_remove_rule(trained, gallery_copy):

@@ -47,7 +47,9 @@ DEFAULT_OPSET = 17
 # Output name -> its position in what the torch model returns: a plain classifier returns the
 # logits; imgtriage.models.WithFeatures(model) returns (logits, penultimate features), both from
 # one forward pass (what an OOD rule needs). The first entry is the one every runtime uses.
-GRAPH_OUTPUTS: dict[str, int] = {"logits": 0, "features": 1}
+GRAPH_OUTPUTS: dict[str, int] = {"logits": 0, "features": 1, "embedding": 0}
+# What a graph's first output may be: a classifier's logits, or a gallery encoder's embedding.
+FIRST_OUTPUTS = ("logits", "embedding")
 
 
 def graph_outputs(manifest: dict[str, Any]) -> tuple[str, ...]:
@@ -144,9 +146,9 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
 
     t0 = time.perf_counter()
     unknown = [o for o in outputs if o not in GRAPH_OUTPUTS]
-    if not outputs or outputs[0] != "logits" or unknown:
-        raise ConfigError(f"graph outputs must start with 'logits' and be among "
-                          f"{sorted(GRAPH_OUTPUTS)}, got {list(outputs)}")
+    if not outputs or outputs[0] not in FIRST_OUTPUTS or unknown:
+        raise ConfigError(f"graph outputs must start with 'logits' (or 'embedding') and be "
+                          f"among {sorted(GRAPH_OUTPUTS)}, got {list(outputs)}")
     pre = manifest["preprocess"]
     if x_check is None or len(x_check) == 0:
         shape = (int(pre["in_chans"]), *(int(s) for s in pre["size"]))
@@ -165,7 +167,7 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
                           f"(> {PARITY_TOLERANCE}) on {len(x_check)} check images; this "
                           "architecture does not export faithfully: keep using --backend torch")
     info = {"file": ONNX_FILE, "sha256": sha256_bytes(graph), "opset": opset,
-            "input": INPUT_NAME, "output": "logits", "outputs": list(outputs),
+            "input": INPUT_NAME, "output": outputs[0], "outputs": list(outputs),
             "inputs": [INPUT_NAME] + ([FEATURES_INPUT] if nf is not None else []),
             "dynamic_batch": True,
             "input_is": "normalised output of imgtriage.data.preprocess.to_input",
@@ -246,8 +248,11 @@ def _parity(model: Any, graph: bytes, x: np.ndarray, outputs: tuple[str, ...],
         xt, ft = torch.from_numpy(x), None if f is None else torch.from_numpy(f)
         refs = {name: v.float().numpy()
                 for name, v in zip(outputs, _pick(model, xt, outputs, ft), strict=True)}
-    parity = float(np.abs(softmax(refs["logits"]) - softmax(run_graph(graph, x, features=f)))
-                   .max())
+    first = outputs[0]
+    got0 = run_graph(graph, x, output=first, features=f)
+    # logits: compare probabilities; an embedding (unit length): compare the values
+    parity = float(np.abs(softmax(refs[first]) - softmax(got0)).max() if first == "logits"
+                   else np.abs(refs[first] - got0).max())
     for name in outputs[1:]:
         got = run_graph(graph, x, output=name, features=f)
         scale = max(1.0, float(np.abs(refs[name]).max()))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, new_manifest, save_bundle
-from imgtriage.errors import BundleError, BundleSchemaError, ConfigError
+from imgtriage.errors import BundleError, BundleSchemaError, ConfigError, require
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed
 from imgtriage.predict.backends import RuntimeChoice
@@ -88,10 +88,20 @@ def new_gallery_manifest(*, encoder_kwargs: dict[str, Any], in_chans: int,
 
 
 def save_gallery_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
-                        encoder_state: dict[str, Any], gallery: Gallery) -> Any:
-    """Write a gallery bundle (encoder weights + gallery tensors + manifest)."""
+                        encoder_state: dict[str, Any], gallery: Gallery,
+                        x_check: np.ndarray | None = None) -> Any:
+    """Write a gallery bundle (encoder weights + gallery tensors + manifest) with the
+    encoder's verified ONNX graph (output ``embedding``, checked against torch on ``x_check``
+    or random inputs); an encoder that does not export keeps torch, the manifest says why."""
+    from imgtriage.bundle.graph import training_graph
+    from imgtriage.models.siamese import build_encoder
 
-    return save_bundle(path, manifest, encoder_state, gallery_files(gallery))
+    m = manifest["model"]
+    encoder = build_encoder(int(m["in_chans"]), **dict(m.get("kwargs") or {}))
+    encoder.load_state_dict({k: v.detach().cpu() for k, v in encoder_state.items()})
+    files, manifest["onnx"] = training_graph(encoder.eval(), manifest, x_check,
+                                             outputs=("embedding",))
+    return save_bundle(path, manifest, encoder_state, {**gallery_files(gallery), **files})
 
 
 # -- prediction -------------------------------------------------------------------------------
@@ -103,15 +113,35 @@ class GalleryBackend:
 
     name = "torch-gallery"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", backend: str = "auto") -> None:
+        self.gallery, self.config = read_gallery(bundle)
+        info = bundle.info.block("onnx") or {}
+        self._session = None
+        if backend != "torch" and device == "cpu" and info.get("output") == "embedding" \
+                and bundle.has_file(info.get("file") or ""):
+            from imgtriage.bundle.graph import session_options, usable_cores
+
+            ort = require("onnxruntime", "onnx")
+            self.threads = usable_cores()
+            self._session = ort.InferenceSession(bundle.verified_bytes(info["file"]),
+                                                 session_options(self.threads),
+                                                 providers=["CPUExecutionProvider"])
+            self.name = "onnx-gallery"
+            return
+        if backend == "onnx":
+            raise ConfigError(f"{bundle.path} has no ONNX graph of its encoder "
+                              f"({info.get('reason') or 'saved before encoders were exported'})"
+                              "; use --backend torch (or auto)")
         import torch
 
         self.device = torch.device(device)
         self.threads = torch.get_num_threads()
         self.encoder = load_encoder(bundle).to(self.device)
-        self.gallery, self.config = read_gallery(bundle)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
+        if self._session is not None:
+            return self._session.run(["embedding"], {"input": np.ascontiguousarray(
+                x, dtype=np.float32)})[0]
         import torch
 
         with torch.inference_mode():
@@ -139,9 +169,12 @@ class GalleryPredictor(Predictor):
     """
 
     def __init__(self, bundle: Bundle, backend: GalleryBackend) -> None:
-        super().__init__(bundle, backend, RuntimeChoice(
-            backend.name, "fp32", backend.threads,
-            "gallery encoders run on torch: they are not exported to ONNX yet"))
+        note = "the encoder's verified graph" if backend.name.startswith("onnx") else (
+            "no ONNX graph of the encoder: "
+            + ((bundle.info.block("onnx") or {}).get("reason") or "saved before encoders were "
+               "exported"))
+        super().__init__(bundle, backend, RuntimeChoice(backend.name, "fp32", backend.threads,
+                                                        note))
         self.gallery: Gallery = backend.gallery
         self.config: GalleryConfig = backend.config
 
@@ -196,7 +229,6 @@ class GalleryPredictor(Predictor):
 def load_gallery_predictor(bundle: Bundle, backend: str = "auto", device: str = "cpu",
                            **_: Any) -> GalleryPredictor:
     """Loader for ``kind: "gallery"`` bundles (``Predictor.load`` calls it)."""
-    if backend not in ("auto", "torch"):
-        raise ConfigError(f"gallery bundles run on the torch backend; got {backend!r} "
-                          "(--backend auto|torch)")
-    return GalleryPredictor(bundle, GalleryBackend(bundle, device))
+    if backend not in ("auto", "torch", "onnx"):
+        raise ConfigError(f"backend must be auto, torch or onnx, got {backend!r} (--backend)")
+    return GalleryPredictor(bundle, GalleryBackend(bundle, device, backend))

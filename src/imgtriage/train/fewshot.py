@@ -342,7 +342,9 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         gallery=gallery, config=gcfg, metrics=metrics,
         training={"config": cfg.to_dict(), "counts": ds.counts(), "data": str(data),
                   "kind": "fewshot", "threshold_rule": rule})
-    bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery)
+    check = np.asarray((va.x if len(va.y) else tr.x)[:16], dtype=np.float32)
+    bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery,
+                                 x_check=check)  # the encoder's graph, checked on val crops
     seconds = time.perf_counter() - t0
     if not quiet:
         from rich.console import Console
