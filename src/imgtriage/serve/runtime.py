@@ -204,6 +204,19 @@ class ModelRuntime:
                           "unusually slow to decode: re-export it").to_dict()
         return out
 
+    async def _decode_all(self, uploads: list[Upload]) -> list[Any]:
+        """Decode a request's uploads, at most ``threads - 1`` at a time (at least one), so a
+        request of many slow files cannot queue the pool full: the uploads of the requests
+        behind it get a decode thread between its files."""
+        assert self._decoder is not None
+        gate = asyncio.Semaphore(max(1, self._decoder.threads - 1))
+
+        async def one(upload: Upload) -> Any:
+            async with gate:
+                return await self._decode(upload)
+
+        return list(await asyncio.gather(*(one(u) for u in uploads)))
+
     async def classify(self, uploads: list[Upload], opts: PredictOptions
                        ) -> list[dict[str, Any]]:
         """One entry per upload, in order: a result row or a defect dict.
@@ -220,7 +233,7 @@ class ModelRuntime:
         try:
             self.batcher.check_room(len(todo))
             with self.batcher.receiving():
-                decoded = await asyncio.gather(*(self._decode(uploads[i]) for i in todo))
+                decoded = await self._decode_all([uploads[i] for i in todo])
             ready: list[tuple[int, Decoded]] = []
             for i, d in zip(todo, decoded, strict=True):
                 if isinstance(d, Decoded):
