@@ -202,7 +202,7 @@ def test_a_pinned_bundle_refuses_any_other(tiny_bundle, bundle_copy, tmp_path):
 def test_verifying_a_large_file_streams_it(bundle_copy):
     from hostile_files import peak_rss_delta
 
-    size = 600 * 2**20
+    size = 400 * 2**20
     with (bundle_copy / "extra.bin").open("wb") as fh:
         fh.truncate(size)  # sparse: no disk, no time
     h = hashlib.sha256()
