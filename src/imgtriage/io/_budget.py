@@ -20,22 +20,28 @@ def _mib(n: int) -> str:
 
 
 def check_bytes(src: Source, what: str, dims: Iterable[int], itemsize: int,
-                policy: ReadPolicy) -> int:
+                policy: ReadPolicy, *, plane_pixels: int = 0) -> int:
     """Refuse when ``prod(dims) * itemsize`` decoded bytes exceed ``policy.max_decoded_bytes``.
 
-    ``what`` describes the data for the message (e.g. "a 10000x10000 RGBA page").
-    Returns the byte count.
+    ``plane_pixels`` (height x width of the image) counts the float32 plane preprocessing
+    works in as well: the larger of the two is checked, so an 8-bit image, which grows four
+    times once it is floats, is held to the same memory as a float one. ``what`` describes
+    the data for the message (e.g. "a 10000x10000 RGBA page"). Returns the byte count.
     """
-    nbytes = math.prod(int(d) for d in dims) * int(itemsize)
+    decoded = math.prod(int(d) for d in dims) * int(itemsize)
+    working = int(plane_pixels) * 4
+    nbytes = max(decoded, working)
     if nbytes > policy.max_decoded_bytes:
+        counted = " (one float32 plane of it, as preprocessing works)" if working > decoded \
+            else ""
         raise ReadFailure(
             "too_large",
-            f"'{src.display}' holds {what} that would take {_mib(nbytes)} once decoded, over "
-            f"the decode budget of {_mib(policy.max_decoded_bytes)} "
+            f"'{src.display}' holds {what} that would take {_mib(nbytes)} once decoded"
+            f"{counted}, over the decode budget of {_mib(policy.max_decoded_bytes)} "
             "(ReadPolicy.max_decoded_bytes); downscale or crop the file, or raise the budget "
             "(--max-decoded-bytes)",
         )
-    return nbytes
+    return decoded
 
 
 def check_pages(src: Source, count: int, what: str, policy: ReadPolicy) -> None:

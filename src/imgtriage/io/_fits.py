@@ -246,10 +246,12 @@ def _check_budget(src: Source, hdu: Any, index: int, policy: ReadPolicy) -> None
     whole = scaled or isinstance(hdu, fits.CompImageHDU) or src.path is None or _compressed(src)
     shape = "x".join(str(d) for d in dims)
     if whole:
-        check_bytes(src, f"HDU {index}, a {shape} array read whole", dims, itemsize, policy)
+        check_bytes(src, f"HDU {index}, a {shape} array read whole", dims, itemsize, policy,
+                    plane_pixels=dims[0] * dims[1])
     else:
         check_bytes(src, f"HDU {index}: {kept} plane(s) of {dims[0]}x{dims[1]}",
-                    (dims[0], dims[1], kept), itemsize, policy)
+                    (dims[0], dims[1], kept), itemsize, policy,
+                    plane_pixels=dims[0] * dims[1])
 
 
 def _compressed(src: Source) -> bool:

@@ -79,7 +79,7 @@ def _check_budget(src: Source, img: Image.Image, policy: ReadPolicy) -> None:
     width, height = img.size
     per_pixel = _MODE_BYTES.get(img.mode, 4)
     check_bytes(src, f"a {width}x{height} {img.mode} image", (width, height), per_pixel,
-                policy)
+                policy, plane_pixels=width * height)
 
 
 def _check_pixels(src: Source, size: tuple[int, int], policy: ReadPolicy) -> None:

@@ -144,7 +144,7 @@ def _check_page(src: Source, page: Any, policy: ReadPolicy) -> int:
     if int(page.photometric) == _PALETTE:
         samples, itemsize = 3, 2  # the palette expands each index to 16-bit RGB
     nbytes = check_bytes(src, f"a {width}x{height}x{samples} page", (width, height, samples),
-                       max(1, itemsize), policy)
+                         max(1, itemsize), policy, plane_pixels=width * height)
     ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
     if ends and max(ends) > src.size:
         raise ReadFailure(

@@ -90,7 +90,8 @@ class ReadPolicy:
         max_pixels: refuse images with more pixels (height*width) than this (decompression bombs).
         max_decoded_bytes: refuse files whose decoded data would take more bytes than this
             (pixels x channels x bytes per sample x pages/planes kept; for FITS the whole
-            HDU when it must be read whole: compressed, scaled or streamed).
+            HDU when it must be read whole: compressed, scaled or streamed), and at least one
+            float32 plane of the image (height x width x 4, what preprocessing works in).
         max_pages: refuse files needing more pages, planes, frames or HDUs than this.
         decode_timeout_s: wall-clock seconds one file may take to decode; checked between the
             decoder's steps (a file over it becomes ``decode_timeout``).
