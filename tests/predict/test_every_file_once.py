@@ -202,7 +202,7 @@ def test_a_file_stuck_in_its_decoder_is_a_timeout_and_the_run_goes_on(tmp_path, 
         return real(decoder, path, *args, **kwargs)
 
     monkeypatch.setattr(batch, "decode_entry", stuck_on_2)
-    quick = with_read_limits(predictor, decode_timeout_s=0.2)
+    quick = with_read_limits(predictor, decode_timeout_s=1.0)
     try:
         rows = dict(_pairs(batch.iter_predictions(quick, [inbox], batch_size=2, workers=2)))
     finally:

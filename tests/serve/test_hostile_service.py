@@ -145,7 +145,7 @@ def logged_server(profiled_bundle, tmp_path_factory):
     keys = tmp / "keys.txt"
     keys.write_text(KEY + "\n")
     with start_service(profiled_bundle, log=tmp / "serve.log", timeout=90, args=[
-            "--threads", "1", "--body-timeout", "1", "--body-deadline", "2",
+            "--threads", "1", "--body-timeout", "5", "--body-deadline", "2",
             "--api-key-file", str(keys)]) as server:
         yield server
 
