@@ -49,3 +49,16 @@ def test_bad_values_fail_with_the_flag_named(imbalanced_folder, tmp_path):
     res = runner.invoke(app, ["train", str(imbalanced_folder), "--out", str(tmp_path),
                               "--model-kwargs", "{bad"])
     assert res.exit_code != 0 and "--model-kwargs" in str(res.exception)
+
+
+def test_the_decode_budget_is_a_training_option_kept_in_the_bundle_spec():
+    import pytest
+
+    from imgtriage.errors import ConfigError
+    from imgtriage.train.run import resolve_spec
+
+    spec = resolve_spec(TrainConfig(model="crop_cnn", max_decoded_bytes=256 * 2**20), 1)
+    assert spec.read.max_decoded_bytes == 256 * 2**20
+    assert spec.to_dict()["read"]["max_decoded_bytes"] == 256 * 2**20
+    with pytest.raises(ConfigError, match="--max-decoded-bytes"):
+        resolve_spec(TrainConfig(model="crop_cnn", max_decoded_bytes=0), 1)

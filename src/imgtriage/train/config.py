@@ -78,6 +78,10 @@ class TrainConfig:
     resize: str = _f("squash", "squash, shorter_crop (centre crop by --crop-pct) or pad.")
     crop_pct: float = _f(0.875, "Share of the shorter side kept by --resize shorter_crop "
                                 "(0.6875 = 88 of 128 px).")
+    max_decoded_bytes: int = _f(64 * 2**20, "Decode budget: bytes one image may take once "
+                                            "decoded (larger ones are too_large defects); "
+                                            "kept in the bundle, so prediction and serving "
+                                            "read with it too.")
     drop_rate: float | None = _f(None, "Dropout before the classification head; default: "
                                        "the model's own.")
     feature_cards: str = _f("default", "Image + feature models (--model fusion:<backbone>): "

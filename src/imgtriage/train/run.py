@@ -42,6 +42,7 @@ from imgtriage.data.features import FeatureStandardizer
 from imgtriage.data.loaders import decode_samples
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.evaluate.decision import DecisionPolicy
+from imgtriage.io import ReadPolicy
 from imgtriage.models import create_model, get_entry
 from imgtriage.models.fusion import default_size as fusion_size
 from imgtriage.models.fusion import is_fusion
@@ -113,6 +114,7 @@ def resolve_spec(cfg: TrainConfig, in_chans: int, plan: WeightsPlan | None = Non
     return PreprocessSpec.default_for(in_chans, tuple(size), scaling=cfg.scaling,
                                       stretch=cfg.stretch, resize=cfg.resize,
                                       crop_pct=cfg.crop_pct, features=features,
+                                      read=ReadPolicy(max_decoded_bytes=cfg.max_decoded_bytes),
                                       **_norm(plan, in_chans))
 
 
