@@ -266,3 +266,14 @@ def test_deep_folders_and_links_to_folders_are_never_lost(tmp_path, predictor, g
     assert [(Path(d["path"]).name, d["issue"]) for d in data["defects"]] == [
         ("linked", "not_found")]
     assert "link to a folder" in data["defects"][0]["message"]
+
+
+def test_outputs_that_are_folders_or_the_store_are_refused_before_the_run(tmp_path, predictor,
+                                                                         good_png):
+    (tmp_path / "a.png").write_bytes(good_png)
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(ConfigError, match="--output"):
+        run_batch(predictor, [tmp_path / "a.png"], output=tmp_path / "out.json")
+    with pytest.raises(ConfigError, match="same file"):
+        run_batch(predictor, [tmp_path / "a.png"], output=tmp_path / "r.parquet",
+                  store=tmp_path / "r.parquet")

@@ -66,6 +66,13 @@ def _check_paths(output: Path | None, defect_log: Path | None, store: Path | Non
                           "(--defect-log)")
     if new_only and store is None:
         raise ConfigError("--new-only compares against a result store: give --store FILE")
+    for path, flag in ((output, "--output"), (defect_log, "--defect-log")):
+        if path is not None and (path.is_dir() or (path.exists() and not path.is_file())):
+            raise ConfigError(f"{path} exists and is not a regular file; give {flag} a file "
+                              "path (the report replaces a file, never a folder or a pipe)")
+    if store is not None and output is not None and output.resolve() == store.resolve():
+        raise ConfigError(f"--output and --store are the same file ({output}); give each "
+                          "its own path")
 
 
 def identity_of(meta: dict[str, Any], opts: PredictOptions) -> dict[str, Any]:
