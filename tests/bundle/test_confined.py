@@ -220,3 +220,20 @@ def test_the_schema_knows_every_tta_view_predict_runs():
     from imgtriage.predict.predictor import TTA_TRANSFORMS
 
     assert set(TTA_TRANSFORMS) == TTA_NAMES
+
+
+def test_a_manifest_asking_for_a_giant_network_is_refused_without_building_it(bundle_copy):
+    from hostile_files import peak_rss_delta
+
+    _edit(bundle_copy, lambda m: m["model"].__setitem__(
+        "kwargs", {**(m["model"].get("kwargs") or {}), "widths": [4096, 8192, 16384, 32768]}))
+    b = load_bundle(bundle_copy)
+
+    def build():
+        from imgtriage.predict.backends import build_model
+
+        with pytest.raises(BundleError, match="does not fit the weights"):
+            build_model(b)
+
+    _, delta = peak_rss_delta(build)
+    assert delta < 2**30 / 4, f"{delta / 2**20:.0f} MiB"

@@ -180,6 +180,29 @@ def reference_backend(bundle: Bundle) -> str:
     return "onnx" if bundle.info.model.name == "onnx" else "torch"
 
 
+def _check_shapes(bundle: Bundle, state: dict[str, Any], make: Any) -> None:
+    """The architecture the manifest describes, built on the meta device (no memory), must
+    hold exactly the tensors of the weights file, before a real one is allocated: a manifest
+    asking for widths of 10**6 is refused here instead of exhausting memory."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = make()
+    except Exception:  # an architecture that cannot be built on meta: the real build checks
+        return
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want == have:
+        return
+    diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+    key = diff[0]
+    raise BundleError(f"{bundle.path}: the manifest's architecture {bundle.info.model.name!r} "
+                      f"does not fit the weights ({len(diff)} tensors differ, e.g. {key!r}: "
+                      f"architecture {want.get(key)}, weights {have.get(key)}); the manifest "
+                      "or the weights were altered: use the original bundle")
+
+
 def build_model(bundle: Bundle, *, with_features: bool = False):
     """Instantiate the bundle's architecture and load its verified weights (eval mode);
     ``with_features`` returns ``(logits, penultimate features)`` from one forward pass.
@@ -193,9 +216,12 @@ def build_model(bundle: Bundle, *, with_features: bool = False):
         raise BundleError(f"{bundle.path} holds an imported ONNX graph (model.onnx) and no "
                           "PyTorch weights: run it with the ONNX backend; torch-only tools "
                           "(export, attribution) do not apply to it")
+    state = bundle.state_dict()
+    _check_shapes(bundle, state, lambda: create_model(m.name, m.num_classes, m.in_chans,
+                                                      **dict(m.kwargs)))
     model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
     try:
-        model.load_state_dict(bundle.state_dict(), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"{bundle.path}: weights do not fit architecture {m.name!r}: "
                           f"{str(exc).splitlines()[0]}") from exc
