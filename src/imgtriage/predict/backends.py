@@ -180,7 +180,7 @@ def reference_backend(bundle: Bundle) -> str:
     return "onnx" if bundle.info.model.name == "onnx" else "torch"
 
 
-def _check_shapes(bundle: Bundle, state: dict[str, Any], make: Any) -> None:
+def check_shapes(bundle: Bundle, state: dict[str, Any], make: Any) -> None:
     """The architecture the manifest describes, built on the meta device (no memory), must
     hold exactly the tensors of the weights file, before a real one is allocated: a manifest
     asking for widths of 10**6 is refused here instead of exhausting memory."""
@@ -217,7 +217,7 @@ def build_model(bundle: Bundle, *, with_features: bool = False):
                           "PyTorch weights: run it with the ONNX backend; torch-only tools "
                           "(export, attribution) do not apply to it")
     state = bundle.state_dict()
-    _check_shapes(bundle, state, lambda: create_model(m.name, m.num_classes, m.in_chans,
+    check_shapes(bundle, state, lambda: create_model(m.name, m.num_classes, m.in_chans,
                                                       **dict(m.kwargs)))
     model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
     try:

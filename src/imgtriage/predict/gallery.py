@@ -62,11 +62,14 @@ def read_gallery(bundle: Bundle) -> tuple[Gallery, GalleryConfig]:
 def load_encoder(bundle: Bundle):
     """The bundle's embedding net with its verified weights, in eval mode."""
     from imgtriage.models.siamese import build_encoder
+    from imgtriage.predict.backends import check_shapes
 
     m = bundle.info.model
+    state = bundle.state_dict()
+    check_shapes(bundle, state, lambda: build_encoder(m.in_chans, **dict(m.kwargs)))
     encoder = build_encoder(m.in_chans, **dict(m.kwargs))
     try:
-        encoder.load_state_dict(bundle.state_dict(), strict=True)
+        encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"{bundle.path}: weights do not fit the siamese encoder: "
                           f"{str(exc).splitlines()[0]}") from exc
