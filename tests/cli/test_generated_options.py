@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from imgtriage.cli.main import app
 from imgtriage.predict import PredictOptions
 from imgtriage.predict.cascade import CascadeConfig
+from imgtriage.predict.export_config import ExportConfig
 from imgtriage.serve.config import ServeConfig
 from imgtriage.train.fewshot_config import FewShotConfig
 
@@ -24,7 +25,8 @@ def _command(name: str):
 
 @pytest.mark.parametrize(("command", "cls", "own"), [
     ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
-    ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"})])
+    ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"}),
+    ("export", ExportConfig, set())])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -43,7 +45,7 @@ def _captured(monkeypatch, module: str, name: str) -> dict:
         seen["args"], seen["kwargs"] = args, kwargs
 
         class R:
-            bundle_path = "x"
+            bundle_path, precision, seconds = "x", "fp32", 0.0
         return R()
 
     monkeypatch.setattr(importlib.import_module(module), name, capture)
@@ -100,3 +102,23 @@ def test_cascade_values_reach_the_config(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert seen["cfg"] == CascadeConfig(first_stage="gbt", route_share=0.4,
                                         always_second_stage=("sar", "ir"), gbt_depth=2)
+
+
+def test_export_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
+    seen = _captured(monkeypatch, "imgtriage.predict.export", "export_onnx")
+    res = runner.invoke(app, ["export", str(tmp_path), "--onnx"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"] == (tmp_path, ExportConfig())
+    res = runner.invoke(app, ["export", str(tmp_path), "--onnx", "--quantize", "dynamic",
+                              "--calib", str(tmp_path / "c"), "--check", str(tmp_path / "k"),
+                              "--calib-images", "8", "--check-images", "9", "--opset", "13",
+                              "--out", str(tmp_path / "o.zip")])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][1] == ExportConfig(quantize="dynamic", calib=tmp_path / "c",
+                                           check=tmp_path / "k", calib_images=8,
+                                           check_images=9, opset=13, out=tmp_path / "o.zip")
+
+
+def test_export_refuses_a_bad_value_naming_the_flag(tmp_path):
+    res = runner.invoke(app, ["export", str(tmp_path), "--onnx", "--check-images", "0"])
+    assert res.exit_code != 0 and "--check-images" in str(res.exception or res.output)

@@ -36,12 +36,13 @@ from imgtriage.bundle.graph import (
     session_options,
     usable_cores,
 )
-from imgtriage.bundle.int8 import QUANT_MODES, LabelledInputs, QuantCheck, quantize_checked
+from imgtriage.bundle.int8 import LabelledInputs, QuantCheck, quantize_checked
 from imgtriage.errors import BundleError, ConfigError
 from imgtriage.predict.backends import build_model
+from imgtriage.predict.export_config import ExportConfig
 
-__all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportResult", "QuantCheck",
-           "export_onnx", "run_graph", "session_options", "usable_cores"]
+__all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportConfig", "ExportResult",
+           "QuantCheck", "export_onnx", "run_graph", "session_options", "usable_cores"]
 
 DYNAMIC_CNN_WARNING = ("dynamic int8 quantises only MatMul/Gemm: for a CNN it is usually SLOWER "
                        "than fp32 on CPU; prefer --quantize static with --calib")
@@ -58,23 +59,26 @@ class ExportResult:
     warnings: tuple[str, ...] = ()
 
 
-def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
-                calib: str | os.PathLike[str] | None = None,
-                check: str | os.PathLike[str] | None = None, calib_images: int = 64,
-                check_images: int = 500, opset: int = 17,
-                out: str | os.PathLike[str] | None = None,
-                log: Callable[[str], None] | None = None) -> ExportResult:
+def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = None, *,
+                log: Callable[[str], None] | None = None, **options: Any) -> ExportResult:
     """Write ``model.onnx`` (and ``model.int8.onnx`` with ``quantize``) into a new bundle version.
 
+    ``config`` holds the settings (``ExportConfig``, what ``imgtriage export`` builds from its
+    options); or pass its fields as keywords instead.
+
     Example:
-        >>> r = export_onnx("runs/a/bundle", quantize="static",
-        ...                 calib="runs/a/splits.csv")  # doctest: +SKIP
+        >>> cfg = ExportConfig(quantize="static", calib="runs/a/splits.csv")
+        >>> r = export_onnx("runs/a/bundle", cfg)  # doctest: +SKIP
         >>> r.precision, r.quant.reason  # doctest: +SKIP
         ('int8', 'agreement 99.6% >= 99%, accuracy 91.2% -> 91.0% (-0.20 points) on 500 ...')
     """
+    if config is not None and options:
+        raise ConfigError("export_onnx takes an ExportConfig or its fields as keywords, not "
+                          f"both (got config and {sorted(options)})")
+    cfg = config if config is not None else ExportConfig(**options)
+    quantize, calib, opset = cfg.quantize, cfg.calib, cfg.opset
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
-    _check_args(quantize, calib, calib_images, check_images)
     b = load_bundle(bundle)
     if b.manifest.get("kind", "classifier") != "classifier":
         raise ConfigError(f"{b.path} is a {b.manifest.get('kind')!r} bundle; export the "
@@ -83,7 +87,8 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
         raise ConfigError(f"{b.path} is an image + feature (fusion) model: its graph takes two "
                           "inputs, and int8 calibration feeds images only; export fp32 "
                           "(drop --quantize)")
-    sets = _calib_and_check(b, calib, check, calib_images, check_images, say) if calib else None
+    sets = (_calib_and_check(b, calib, cfg.check, cfg.calib_images, cfg.check_images, say)
+            if calib else None)
     try:
         ood = bool((b.manifest.get("decision") or {}).get("ood"))
         g = export_graph(build_model(b, with_features=ood), b.manifest,
@@ -111,22 +116,9 @@ def export_onnx(bundle: str | os.PathLike[str], *, quantize: str | None = None,
         if old_int8 and b.has_file(old_int8.get("file", INT8_FILE)):
             info["int8"] = old_int8  # same weights: the earlier int8 graph stays valid
     note = f"onnx export (opset {opset}" + (f", int8 {quantize})" if quantize else ")")
-    new = update_bundle(b.path, {"onnx": info}, note=note, extra_files=files, out=out)
+    new = update_bundle(b.path, {"onnx": info}, note=note, extra_files=files, out=cfg.out)
     return ExportResult(new.path, parity, info["precision"], result,
                         time.perf_counter() - t0, tuple(notes))
-
-
-def _check_args(quantize: str | None, calib: Any, calib_images: int, check_images: int) -> None:
-    if quantize is not None and quantize not in QUANT_MODES:
-        raise ConfigError(f"quantize must be static or dynamic, got {quantize!r} (--quantize)")
-    if quantize and calib is None:
-        raise ConfigError("int8 quantisation needs real images to calibrate on and held-out "
-                          "labelled images to check it against fp32: pass --calib "
-                          "RUN/splits.csv (train rows calibrate, val rows check) or --calib DIR")
-    if calib_images < 1:
-        raise ConfigError("calib_images must be >= 1 (--calib-images)")
-    if check_images < 1:
-        raise ConfigError("check_images must be >= 1 (--check-images)")
 
 
 # -- images for calibration and checks ------------------------------------------------------
