@@ -277,3 +277,11 @@ def test_outputs_that_are_folders_or_the_store_are_refused_before_the_run(tmp_pa
     with pytest.raises(ConfigError, match="same file"):
         run_batch(predictor, [tmp_path / "a.png"], output=tmp_path / "r.parquet",
                   store=tmp_path / "r.parquet")
+
+
+def test_the_python_api_reports_a_file_named_twice_once(tmp_path, predictor, good_png,
+                                                        monkeypatch):
+    (tmp_path / "a.png").write_bytes(good_png)
+    monkeypatch.chdir(tmp_path)
+    report = predictor.predict_paths([".", str(tmp_path), "a.png", "./a.png"])
+    assert len(report["results"]) + len(report["defects"]) == 1

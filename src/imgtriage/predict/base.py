@@ -297,8 +297,17 @@ class BasePredictor(ABC):
         batch_size = batch_size or self.batch_size
         t0 = time.perf_counter()
         results, defects = [], []
+        seen: set[str] = set()
+
+        def again(path: str) -> bool:  # one file named twice (dir and /abs/dir): once
+            key = os.path.abspath(path)
+            if key in seen:
+                return True
+            seen.add(key)
+            return False
+
         for kind, item in iter_predictions(self, paths, batch_size=batch_size, opts=opts,
-                                           workers=workers, progress=progress):
+                                           workers=workers, progress=progress, skip=again):
             (results if kind == "result" else defects).append(item)
         return self.make_report(results, defects, time.perf_counter() - t0, batch_size, opts)
 
