@@ -50,7 +50,7 @@ class Costs:
     train: float
 
 
-def measure_costs(cfg: TrainConfig, num_classes: int, batch: int = 8, reps: int = 2) -> Costs:
+def measure_costs(cfg: TrainConfig, num_classes: int, batch: int = 4, reps: int = 2) -> Costs:
     """Time the chosen model (random weights: the cost is the same) on random inputs."""
     from imgtriage.models import create_model
 
