@@ -119,6 +119,18 @@ def ray_predict(bundle: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     return predict_with_ray(bundle, paths, cfg, options, dataset_dir=dataset_dir)
 
 
+def _once(files: Iterable[str]) -> list[str]:
+    """One entry per file (``dir`` and ``/abs/dir`` name the same ones), first name kept."""
+    seen: set[str] = set()
+    out = []
+    for f in files:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
 def predict_with_ray(bundle: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]],
                      cfg: RayConfig, options: dict[str, Any], *,
                      dataset_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -131,7 +143,7 @@ def predict_with_ray(bundle: str | os.PathLike[str], paths: Iterable[str | os.Pa
     predictor = Predictor.load(bundle, backend=cfg.backend)  # verifies the bundle up front
     opts = predictor.options(**options)
     predictor.policy_for(opts)  # an unknown --profile fails before the cluster starts
-    files = list(iter_files(paths))
+    files = _once(iter_files(paths))
     uri = _check_dataset_dir(dataset_dir) if dataset_dir is not None else None
     if not files:
         report = predictor.make_report([], [], 0.0, cfg.batch_size, opts)
