@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from imgtriage.cli.main import app
 from imgtriage.predict import PredictOptions
+from imgtriage.predict.assess_config import EvaluateConfig
 from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.predict.export_config import ExportConfig
 from imgtriage.serve.config import ServeConfig
@@ -26,7 +27,7 @@ def _command(name: str):
 @pytest.mark.parametrize(("command", "cls", "own"), [
     ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
     ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"}),
-    ("export", ExportConfig, set())])
+    ("export", ExportConfig, set()), ("evaluate", EvaluateConfig, set())])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -122,3 +123,35 @@ def test_export_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
 def test_export_refuses_a_bad_value_naming_the_flag(tmp_path):
     res = runner.invoke(app, ["export", str(tmp_path), "--onnx", "--check-images", "0"])
     assert res.exit_code != 0 and "--check-images" in str(res.exception or res.output)
+
+
+def test_evaluate_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
+    import imgtriage.predict.assess as assess
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise SystemExit(0)
+
+    monkeypatch.setattr(assess, "evaluate_bundle", capture)
+    monkeypatch.setattr(assess, "drift_against", capture)
+    res = runner.invoke(app, ["evaluate", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    assert seen["args"] == (tmp_path, tmp_path, tmp_path / "e", EvaluateConfig())
+    res = runner.invoke(app, ["evaluate", str(tmp_path), str(tmp_path), "--split", "test",
+                              "--tta", "--profile", "strict", "--batch-size", "8",
+                              "--ood", str(tmp_path / "ood")])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][3] == EvaluateConfig(split="test", tta=True, profile="strict",
+                                             batch_size=8, ood=tmp_path / "ood")
+    res = runner.invoke(app, ["evaluate", str(tmp_path), str(tmp_path), "--reference",
+                              str(tmp_path / "ref"), "--drift-alpha", "0.05"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"] == (tmp_path, [tmp_path], tmp_path / "ref")
+    assert seen["kwargs"] == {"alpha": 0.05, "batch_size": 64}
+
+
+def test_evaluate_refuses_a_bad_value_naming_the_flag(tmp_path):
+    res = runner.invoke(app, ["evaluate", str(tmp_path), str(tmp_path), "--drift-alpha", "2"])
+    assert res.exit_code != 0 and "--drift-alpha" in str(res.exception or res.output)

@@ -5,7 +5,8 @@ flag is not ``--field-name``, its flag in ``metadata["flag"]``), so a command bu
 option per field, with the library's defaults, and the two cannot drift apart.
 ``imgtriage train`` (``cli/train_cmd.py``) works the same way over ``TrainConfig``.
 
-Field types map to options: ``bool`` -> ``--x/--no-x``; ``tuple[str, ...]`` ->
+Field types map to options: ``bool`` -> ``--x/--no-x`` (a plain ``--x`` switch where
+``metadata["switch"]`` is true; a flag such as ``--on/--off`` as written); ``tuple[str, ...]`` ->
 comma-separated text, or a repeatable option where ``metadata["repeat"]`` is true;
 ``tuple[int, ...]`` -> comma-separated integers; ``X | None`` -> an option that may be left
 out (None).
@@ -73,7 +74,8 @@ def config_parameters(cls: type, *, skip: Iterable[str] = (),
         default = _default(f)
         if hint is bool:
             flag = _flag(f)
-            names = [f"{flag}/--no-{flag[2:]}"]
+            switch = f.metadata.get("switch") or "/" in flag
+            names = [flag if switch else f"{flag}/--no-{flag[2:]}"]
             annotation: Any = bool
         elif _is_tuple(hint) and f.metadata.get("repeat"):
             names, annotation = [_flag(f)], list[str] | None

@@ -1,49 +1,35 @@
-"""imgtriage evaluate / calibrate"""
+"""imgtriage evaluate / calibrate: evaluate's options are generated from EvaluateConfig (one
+per field, its help text with the field)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from imgtriage.cli._options import config_from_options, config_parameters
+from imgtriage.predict.assess_config import EvaluateConfig
 
-def evaluate_command(
-    bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
-    data: Path = typer.Argument(..., help="Labelled folder or manifest (e.g. RUN/splits.csv); "
-                                          "with --reference, any files or folders."),
-    out: Path = typer.Option(None, "--out", "-o", help="Where report.json, report.html and "
-                                                       "the figures (confusion_matrix.png, "
-                                                       "...) go (default: BUNDLE/../eval)."),
-    split: str = typer.Option(None, help="Only this split of a manifest (train/val/test/"
-                                         "calib)."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (bundle policy)."),
-    profile: str = typer.Option(None, help="Evaluate under a saved decision profile."),
-    reference: Path = typer.Option(None, help="Drift check instead: compare DATA's score, "
-                                              "class and abstain distributions with an "
-                                              "evaluation directory or calibrated bundle."),
-    drift_alpha: float = typer.Option(0.01, help="Significance level of the drift tests."),
-    batch_size: int = typer.Option(64, help="Images per inference batch."),
-    ood: Path = typer.Option(None, "--ood", help="A folder of images of none of the bundle's "
-                                                 "classes: report how well the bundle's OOD "
-                                                 "score and max-softmax tell them from DATA "
-                                                 "(AUROC, FPR at 95% TPR) and how many the "
-                                                 "rule refuses."),
-) -> None:
+
+def evaluate_command(**options: Any) -> None:
     """Metrics, calibration, abstain, conformal sets and a failure gallery (JSON + HTML)."""
     from imgtriage.predict.assess import drift_against, evaluate_bundle
 
-    if reference is not None:
-        res = drift_against(bundle, [data], reference, alpha=drift_alpha,
-                            batch_size=batch_size)
+    bundle, data, out = options.pop("bundle"), options.pop("data"), options.pop("out")
+    cfg = config_from_options(EvaluateConfig, options)
+    if cfg.reference is not None:
+        res = drift_against(bundle, [data], cfg.reference, alpha=cfg.drift_alpha,
+                            batch_size=cfg.batch_size)
         target = out or Path("drift.json")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(res, indent=2))
         typer.echo(f"shift: {res['shift']} -> {target}")
         raise typer.Exit(1 if res["shift"] else 0)
     out = out or Path(bundle).resolve().parent / "eval"
-    rep = evaluate_bundle(bundle, data, out, split=split, tta=tta, profile=profile,
-                          batch_size=batch_size, ood=ood)
+    rep = evaluate_bundle(bundle, data, out, cfg)
     m = rep["metrics"]
     typer.echo(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  "
                f"NLL {m['nll']:.4f}  ECE {m['ece']:.4f}  ({rep['meta']['n_samples']} images)")
@@ -64,6 +50,22 @@ def evaluate_command(
         typer.echo(f"OOD folder ({o['n']} images): {scores}; the rule refuses "
                    f"{o['refused']:.1%}")
     typer.echo(f"report: {out / 'report.html'}")
+
+
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+# The bundle, the data and where the report goes, then one option per EvaluateConfig field.
+evaluate_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("bundle", _POS, annotation=Path,
+                      default=typer.Argument(..., help="Bundle directory or .zip.")),
+    inspect.Parameter("data", _POS, annotation=Path, default=typer.Argument(
+        ..., help="Labelled folder or manifest (e.g. RUN/splits.csv); with --reference, any "
+                  "files or folders.")),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                      default=typer.Option(None, "--out", "-o", help="Where report.json, "
+                                           "report.html and the figures "
+                                           "(confusion_matrix.png, ...) go (default: "
+                                           "BUNDLE/../eval).")),
+    *config_parameters(EvaluateConfig)])
 
 
 def calibrate_command(

@@ -21,6 +21,7 @@ from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.data import discover
 from imgtriage.data.discovery import Sample
 from imgtriage.errors import ConfigError, DataError
+from imgtriage.predict.assess_config import EvaluateConfig
 from imgtriage.predict.base import Decoded, decode_entry
 from imgtriage.predict.predictor import Predictor
 
@@ -135,25 +136,29 @@ def _features(predictor: Predictor, metas: list, names: list) -> np.ndarray | No
 
 
 def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
-                    out_dir: str | os.PathLike[str], *, split: str | None = None,
-                    tta: bool = False, profile: str | None = None, batch_size: int = 64,
-                    backend: str = "auto",
-                    ood: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                    out_dir: str | os.PathLike[str], config: EvaluateConfig | None = None, *,
+                    backend: str = "auto") -> dict[str, Any]:
     """Metrics, calibration, abstain, conformal sets and the failure gallery as
     ``out_dir/report.json`` + ``out_dir/report.html``; returns the report dict.
 
-    The rule's out-of-distribution part (when the bundle has one) applies to the labelled
-    data like in ``predict``. ``ood``: a folder of images that are *not* of the bundle's
-    classes; the report's ``ood`` section then scores how well the bundle's OOD score and the
-    max-softmax baseline separate them from the labelled data (AUROC, FPR at 95% TPR) and how
-    many of them the rule refuses.
+    ``config`` (``EvaluateConfig``, what ``imgtriage evaluate`` builds from its options): the
+    split, TTA, decision profile and batch size. The rule's out-of-distribution part (when the
+    bundle has one) applies to the labelled data like in ``predict``. ``config.ood``: a folder
+    of images that are *not* of the bundle's classes; the report's ``ood`` section then scores
+    how well the bundle's OOD score and the max-softmax baseline separate them from the
+    labelled data (AUROC, FPR at 95% TPR) and how many of them the rule refuses.
+    (``config.reference`` is for :func:`drift_against`; it is not used here.)
 
     Example:
-        >>> evaluate_bundle("runs/a/bundle", "data/test", "runs/a/eval")  # doctest: +SKIP
+        >>> evaluate_bundle("runs/a/bundle", "data/test", "runs/a/eval",
+        ...                 EvaluateConfig(split="test"))  # doctest: +SKIP
     """
     from imgtriage.evaluate import write_report
     from imgtriage.predict.predictor import PredictOptions
 
+    cfg = config or EvaluateConfig()
+    split, tta, profile, batch_size, ood = (cfg.split, cfg.tta, cfg.profile, cfg.batch_size,
+                                            cfg.ood)
     predictor = _logit_predictor(bundle, backend)
     if backend == "auto" and predictor.features is not None and predictor.backend.name != "torch":
         predictor = _logit_predictor(bundle, "torch")  # feature importance needs gradients
