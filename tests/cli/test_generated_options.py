@@ -10,8 +10,9 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from imgtriage.cli.main import app
+from imgtriage.errors import ConfigError
 from imgtriage.predict import PredictOptions
-from imgtriage.predict.assess_config import EvaluateConfig
+from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.predict.export_config import ExportConfig
 from imgtriage.serve.config import ServeConfig
@@ -27,7 +28,8 @@ def _command(name: str):
 @pytest.mark.parametrize(("command", "cls", "own"), [
     ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
     ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"}),
-    ("export", ExportConfig, set()), ("evaluate", EvaluateConfig, set())])
+    ("export", ExportConfig, set()), ("evaluate", EvaluateConfig, set()),
+    ("calibrate", CalibrateConfig, set())])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -155,3 +157,48 @@ def test_evaluate_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
 def test_evaluate_refuses_a_bad_value_naming_the_flag(tmp_path):
     res = runner.invoke(app, ["evaluate", str(tmp_path), str(tmp_path), "--drift-alpha", "2"])
     assert res.exit_code != 0 and "--drift-alpha" in str(res.exception or res.output)
+
+
+def test_calibrate_defaults_and_values_reach_the_config(monkeypatch, tmp_path):
+    import imgtriage.predict.assess as assess
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise SystemExit(0)
+
+    monkeypatch.setattr(assess, "calibrate_bundle", capture)
+    res = runner.invoke(app, ["calibrate", str(tmp_path), str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["args"] == (tmp_path, tmp_path, CalibrateConfig())
+    assert seen["kwargs"] == {"out": None}
+    res = runner.invoke(app, ["calibrate", str(tmp_path), str(tmp_path), "--split", "val",
+                              "--threshold-strategy", "target_recall", "--target", "0.9",
+                              "--delta", "0.05", "--abstain", "--conformal-method", "aps",
+                              "--alpha", "0.2", "--mondrian", "--allow-empty", "--set-abstain",
+                              "--positive-class", "unsafe", "--no-ood", "--profile", "recall",
+                              "--make-default", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][2] == CalibrateConfig(
+        split="val", threshold_strategy="target_recall", target=0.9, delta=0.05, abstain=True,
+        conformal_method="aps", alpha=0.2, mondrian=True, allow_empty=True, set_abstain=True,
+        positive_class="unsafe", ood=False, profile="recall", make_default=True)
+    assert seen["kwargs"] == {"out": tmp_path / "o"}
+    res = runner.invoke(app, ["calibrate", str(tmp_path), str(tmp_path), "--keep-default"])
+    assert seen["args"][2] == CalibrateConfig(make_default=False)
+
+
+def test_calibrate_refuses_a_bad_value_naming_the_flag(tmp_path):
+    res = runner.invoke(app, ["calibrate", str(tmp_path), str(tmp_path),
+                              "--conformal-method", "xyz"])
+    assert res.exit_code != 0 and "--conformal-method" in str(res.exception or res.output)
+
+
+def test_calibrate_config_names_the_positive_class():
+    cfg = CalibrateConfig(positive_class="unsafe", threshold_strategy="cost", cost_fn=5.0)
+    fit = cfg.fit_options(["safe", "unsafe"])
+    assert fit["positive_class"] == 1 and fit["cost_fn"] == 5.0
+    assert fit["threshold_strategy"] == "cost" and fit["profile"] == "default"
+    with pytest.raises(ConfigError, match="--positive-class"):
+        cfg.fit_options(["cat", "dog"])

@@ -1,5 +1,5 @@
-"""imgtriage evaluate / calibrate: evaluate's options are generated from EvaluateConfig (one
-per field, its help text with the field)."""
+"""imgtriage evaluate / calibrate: their options are generated from EvaluateConfig and
+CalibrateConfig (one per field, its help text with the field)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from imgtriage.cli._options import config_from_options, config_parameters
-from imgtriage.predict.assess_config import EvaluateConfig
+from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 
 
 def evaluate_command(**options: Any) -> None:
@@ -68,72 +68,28 @@ evaluate_command.__signature__ = inspect.Signature([  # type: ignore[attr-define
     *config_parameters(EvaluateConfig)])
 
 
-def calibrate_command(
-    bundle: Path = typer.Argument(..., help="Bundle directory or .zip (updated in place "
-                                            "unless --out)."),
-    data: Path = typer.Argument(..., help="Calibration data: a labelled folder or a manifest "
-                                          "(e.g. RUN/splits.csv with --split val). Never the "
-                                          "training images or the test set."),
-    split: str = typer.Option(None, help="Only this split of a manifest."),
-    temperature: float = typer.Option(None, help="Use this temperature instead of fitting "
-                                                 "one by NLL."),
-    threshold_strategy: str = typer.Option(None, help="max_f1, target_precision, "
-                                                      "target_recall or cost (binary)."),
-    target: float = typer.Option(None, help="Precision or recall target for the strategy."),
-    thresholds: str = typer.Option(None, help="Explicit thresholds: a number, a list, JSON "
-                                              "(list or {class: t}) or a JSON file."),
-    cost_fn: float = typer.Option(1.0, help="Cost of a miss (cost strategy)."),
-    cost_fp: float = typer.Option(1.0, help="Cost of a false alarm (cost strategy)."),
-    positive_class: str = typer.Option(None, help="Class name that counts as positive "
-                                                  "(e.g. unsafe)."),
-    abstain: bool = typer.Option(False, "--abstain", help="Answer 'unknown' when no class "
-                                                          "passes its threshold."),
-    conformal_method: str = typer.Option(None, help="Conformal prediction sets: lac, aps or "
-                                                   "raps."),
-    alpha: float = typer.Option(0.1, help="Conformal miscoverage level (0.1 -> 90% sets)."),
-    mondrian: bool = typer.Option(False, "--mondrian", help="Class-conditional coverage."),
-    allow_empty: bool = typer.Option(False, "--allow-empty", help="Let conformal sets be "
-                                     "empty (default: an empty set gets the top class)."),
-    set_abstain: bool = typer.Option(False, "--set-abstain", help="Abstain (reason "
-                                     "'ambiguous') when the conformal set is not one class."),
-    target_accuracy: float = typer.Option(None, help="Instead of a threshold strategy: one "
-                                          "confidence threshold for every class, the lowest "
-                                          "whose answered images reach this accuracy (the "
-                                          "rule train writes by default)."),
-    delta: float = typer.Option(None, help="With target_recall/target_precision: make the "
-                                "target hold on new data with probability 1 - delta (exact "
-                                "order-statistic / Clopper-Pearson bound), e.g. 0.05."),
-    ood: bool = typer.Option(True, "--ood/--no-ood", help="Keep the bundle's out-of-"
-                             "distribution rule (its threshold re-chosen on DATA)."),
-    profile: str = typer.Option("default", help="Name of this decision rule; 'default' is "
-                                                "applied by predict/serve with no flags."),
-    make_default: bool = typer.Option(None, "--make-default/--keep-default",
-                                      help="Make this profile the bundle's default rule."),
-    out: Path = typer.Option(None, "--out", "-o", help="Write the new bundle version here "
-                                                       "instead of in place."),
-) -> None:
+def calibrate_command(**options: Any) -> None:
     """Fit temperature, thresholds, abstain and conformal sets; write them into the bundle."""
-    from imgtriage.bundle import load_bundle
     from imgtriage.predict.assess import calibrate_bundle
 
-    pos = None
-    if positive_class is not None:
-        classes = load_bundle(bundle, verify=False).classes
-        if positive_class not in classes:
-            from imgtriage.errors import ConfigError
-
-            raise ConfigError(f"--positive-class {positive_class!r} is not one of {classes}")
-        pos = classes.index(positive_class)
-    s = calibrate_bundle(bundle, data, split=split, profile=profile, make_default=make_default,
-                         out=out, temperature=temperature,
-                         threshold_strategy=threshold_strategy, target=target,
-                         thresholds=thresholds, cost_fn=cost_fn, cost_fp=cost_fp,
-                         positive_class=pos, abstain=abstain, conformal_method=conformal_method,
-                         alpha=alpha, mondrian=mondrian, allow_empty=allow_empty,
-                         set_abstain=set_abstain, target_accuracy=target_accuracy, delta=delta,
-                         ood=ood)
+    bundle, data, out = options.pop("bundle"), options.pop("data"), options.pop("out")
+    cfg = config_from_options(CalibrateConfig, options)
+    s = calibrate_bundle(bundle, data, cfg, out=out)
     _print_calibration(s)
-    typer.echo(f"bundle updated: {out or bundle} (profile {profile!r})")
+    typer.echo(f"bundle updated: {out or bundle} (profile {cfg.profile!r})")
+
+
+# The bundle and the data, then one option per CalibrateConfig field, then where it goes.
+calibrate_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("bundle", _POS, annotation=Path, default=typer.Argument(
+        ..., help="Bundle directory or .zip (updated in place unless --out).")),
+    inspect.Parameter("data", _POS, annotation=Path, default=typer.Argument(
+        ..., help="Calibration data: a labelled folder or a manifest (e.g. RUN/splits.csv "
+                  "with --split val). Never the training images or the test set.")),
+    *config_parameters(CalibrateConfig),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                      default=typer.Option(None, "--out", "-o", help="Write the new bundle "
+                                           "version here instead of in place."))])
 
 
 def _print_calibration(s: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.data import discover
 from imgtriage.data.discovery import Sample
 from imgtriage.errors import ConfigError, DataError
-from imgtriage.predict.assess_config import EvaluateConfig
+from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 from imgtriage.predict.base import Decoded, decode_entry
 from imgtriage.predict.predictor import Predictor
 
@@ -227,30 +227,40 @@ def drift_against(bundle: str | os.PathLike[str], paths: list[str | os.PathLike[
     return out
 
 
-def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str], *,
-                     split: str | None = None, profile: str = "default",
-                     make_default: bool | None = None, out: str | os.PathLike[str] | None = None,
-                     batch_size: int = 64, **fit_kwargs: Any) -> dict[str, Any]:
+def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
+                     config: CalibrateConfig | None = None, *,
+                     out: str | os.PathLike[str] | None = None, batch_size: int = 64,
+                     **options: Any) -> dict[str, Any]:
     """Fit temperature / thresholds / abstain / conformal sets on a calibration split and write
     them into a new version of the bundle (the old manifest stays in its history).
 
-    ``profile`` names the rule (e.g. "precision", "recall"); profiles are kept side by side
-    and picked with ``--profile``. The "default" profile (or ``make_default=True``) becomes
-    the rule ``predict`` and the service apply with no flags. ``fit_kwargs`` go to
-    :func:`imgtriage.evaluate.fit_decision_policy`. Returns the summary, with NLL and ECE
-    before and after temperature scaling.
+    ``config`` (``CalibrateConfig``, what ``imgtriage calibrate`` builds from its options)
+    holds the rule to fit, or pass its fields as keywords; other keywords (``seed``,
+    ``k_reg``, ...) go to :func:`imgtriage.evaluate.fit_decision_policy` as they are.
+    ``config.profile`` names the rule (e.g. "precision", "recall"); profiles are kept side by
+    side and picked with ``--profile``. The "default" profile (or ``make_default=True``)
+    becomes the rule ``predict`` and the service apply with no flags. Returns the summary,
+    with NLL and ECE before and after temperature scaling.
 
     Example:
-        >>> calibrate_bundle("runs/a/bundle", "runs/a/splits.csv", split="val",
-        ...                  threshold_strategy="target_precision", target=0.95,
-        ...                  abstain=True, conformal_method="aps", alpha=0.1)  # doctest: +SKIP
+        >>> cfg = CalibrateConfig(split="val", threshold_strategy="target_precision",
+        ...                       target=0.95, abstain=True, conformal_method="aps")
+        >>> calibrate_bundle("runs/a/bundle", "runs/a/splits.csv", cfg)  # doctest: +SKIP
     """
     from imgtriage.evaluate import fit_decision_policy
 
+    names = {f.name for f in fields(CalibrateConfig)}
+    if config is not None and names & set(options):
+        raise ConfigError("calibrate_bundle takes a CalibrateConfig or its fields as keywords, "
+                          f"not both (got config and {sorted(names & set(options))})")
+    cfg = config or CalibrateConfig(**{k: v for k, v in options.items() if k in names})
+    extra = {k: v for k, v in options.items() if k not in names}
+    split, profile, make_default = cfg.split, cfg.profile, cfg.make_default
     b = load_bundle(bundle)
     # fp32 torch where the bundle has weights; an imported ONNX graph (fp32) has only itself
     predictor = _logit_predictor(b, "onnx" if b.info.model.name == "onnx"
                                  else "torch")
+    fit_kwargs = {**cfg.fit_options(predictor.classes), **extra}
     samples = labelled_samples(data, predictor.classes, split)
     keep_ood = fit_kwargs.pop("ood", True) and predictor.policy.ood is not None
     got = collect_logits(predictor, samples, batch_size=batch_size,
@@ -258,8 +268,7 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
     if keep_ood:  # the bundle's OOD scorer stays; its threshold is re-chosen on this data
         fit_kwargs["ood"] = _rethreshold(predictor.policy.ood, got, data)
     policy, summary = fit_decision_policy(got.logits, got.labels,
-                                          class_names=predictor.classes, profile=profile,
-                                          **fit_kwargs)
+                                          class_names=predictor.classes, **fit_kwargs)
     manifest = predictor.bundle.manifest
     profiles = dict(manifest.get("profiles") or {})
     profiles[profile] = policy.to_dict()

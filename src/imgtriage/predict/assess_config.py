@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +56,82 @@ class EvaluateConfig:
         if not 0 < self.drift_alpha < 1:
             raise ConfigError(f"drift_alpha must be between 0 and 1, got {self.drift_alpha} "
                               "(--drift-alpha)")
+
+
+STRATEGIES = ("max_f1", "target_precision", "target_recall", "cost")
+CONFORMAL_METHODS = ("lac", "aps", "raps")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """A calibration's settings (``imgtriage calibrate``): the split to fit on, the decision
+    rule to fit (temperature, thresholds, abstain, conformal sets, the OOD rule) and the
+    profile it is stored under. ``positive_class`` is a class *name* of the bundle."""
+
+    split: str | None = _f(None, "Only this split of a manifest.")
+    temperature: float | None = _f(None, "Use this temperature instead of fitting one by NLL.")
+    threshold_strategy: str | None = _f(None, "max_f1, target_precision, target_recall or "
+                                              "cost (binary).")
+    target: float | None = _f(None, "Precision or recall target for the strategy.")
+    thresholds: str | None = _f(None, "Explicit thresholds: a number, a list, JSON (list or "
+                                      "{class: t}) or a JSON file.")
+    cost_fn: float = _f(1.0, "Cost of a miss (cost strategy).")
+    cost_fp: float = _f(1.0, "Cost of a false alarm (cost strategy).")
+    positive_class: str | None = _f(None, "Class name that counts as positive (e.g. unsafe).")
+    abstain: bool = _f(False, "Answer 'unknown' when no class passes its threshold.",
+                       switch=True)
+    conformal_method: str | None = _f(None, "Conformal prediction sets: lac, aps or raps.")
+    alpha: float = _f(0.1, "Conformal miscoverage level (0.1 -> 90% sets).")
+    mondrian: bool = _f(False, "Class-conditional coverage.", switch=True)
+    allow_empty: bool = _f(False, "Let conformal sets be empty (default: an empty set gets "
+                                  "the top class).", switch=True)
+    set_abstain: bool = _f(False, "Abstain (reason 'ambiguous') when the conformal set is not "
+                                  "one class.", switch=True)
+    target_accuracy: float | None = _f(None, "Instead of a threshold strategy: one confidence "
+                                             "threshold for every class, the lowest whose "
+                                             "answered images reach this accuracy (the rule "
+                                             "train writes by default).")
+    delta: float | None = _f(None, "With target_recall/target_precision: make the target hold "
+                                   "on new data with probability 1 - delta (exact "
+                                   "order-statistic / Clopper-Pearson bound), e.g. 0.05.")
+    ood: bool = _f(True, "Keep the bundle's out-of-distribution rule (its threshold re-chosen "
+                         "on DATA).")
+    profile: str = _f("default", "Name of this decision rule; 'default' is applied by "
+                                 "predict/serve with no flags.")
+    make_default: bool | None = _f(None, "Make this profile the bundle's default rule.",
+                                   flag="--make-default/--keep-default")
+
+    def __post_init__(self) -> None:
+        if self.threshold_strategy not in (None, *STRATEGIES):
+            raise ConfigError(f"threshold_strategy must be one of {', '.join(STRATEGIES)}, got "
+                              f"{self.threshold_strategy!r} (--threshold-strategy)")
+        if self.conformal_method not in (None, *CONFORMAL_METHODS):
+            raise ConfigError(f"conformal_method must be lac, aps or raps, got "
+                              f"{self.conformal_method!r} (--conformal-method)")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha must be between 0 and 1, got {self.alpha} (--alpha)")
+        for name in ("target", "target_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {value} "
+                                  f"(--{name.replace('_', '-')})")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be between 0 and 1, got {self.delta} (--delta)")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature} "
+                              "(--temperature)")
+        if not self.profile:
+            raise ConfigError("profile needs a name (--profile)")
+
+    def fit_options(self, classes: list[str]) -> dict[str, Any]:
+        """The keywords of ``imgtriage.evaluate.fit_decision_policy`` (the positive class as
+        its index in ``classes``)."""
+        pos = None
+        if self.positive_class is not None:
+            if self.positive_class not in classes:
+                raise ConfigError(f"--positive-class {self.positive_class!r} is not one of "
+                                  f"{classes}")
+            pos = classes.index(self.positive_class)
+        skip = ("split", "profile", "make_default", "positive_class")
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
+                "positive_class": pos, "profile": self.profile}
