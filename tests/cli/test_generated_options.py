@@ -4,6 +4,7 @@ the defaults are the library's, and the values given reach the config unchanged.
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from typer.main import get_command
@@ -15,6 +16,7 @@ from imgtriage.predict import PredictOptions
 from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.predict.export_config import ExportConfig
+from imgtriage.predict.run_config import PredictRunConfig
 from imgtriage.serve.config import ServeConfig
 from imgtriage.train.fewshot_config import FewShotConfig
 
@@ -29,7 +31,7 @@ def _command(name: str):
     ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
     ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"}),
     ("export", ExportConfig, set()), ("evaluate", EvaluateConfig, set()),
-    ("calibrate", CalibrateConfig, set())])
+    ("calibrate", CalibrateConfig, set()), ("predict", PredictRunConfig, set())])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -202,3 +204,37 @@ def test_calibrate_config_names_the_positive_class():
     assert fit["threshold_strategy"] == "cost" and fit["profile"] == "default"
     with pytest.raises(ConfigError, match="--positive-class"):
         cfg.fit_options(["cat", "dog"])
+
+
+def test_predict_run_settings_reach_the_config(monkeypatch, tmp_path):
+    import imgtriage.predict.runner as runner_mod
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner_mod, "predict_files", capture)
+    res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    bundle, paths, run, options = seen["args"]
+    assert (bundle, paths, run) == (tmp_path, [tmp_path], PredictRunConfig())
+    assert PredictOptions(**options) == PredictOptions()
+    res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), "-o", "r.csv",
+                              "--store", "s.sqlite", "--new-only", "--batch-size", "4",
+                              "--thresholds", "0.5,0.6", "--backend", "torch",
+                              "--workers", "2", "--executor", "process", "--no-progress",
+                              "--max-pages", "3", "--decode-timeout", "1.5", "--topk", "2"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][2] == PredictRunConfig(
+        output=Path("r.csv"), store=Path("s.sqlite"), new_only=True, batch_size=4,
+        thresholds="0.5,0.6", backend="torch", workers=2, executor="process", progress=False,
+        max_pages=3, decode_timeout=1.5)
+    assert seen["args"][3]["topk"] == 2
+
+
+def test_predict_refuses_a_bad_run_setting_naming_the_flag(tmp_path):
+    for args, flag in ((["--engine", "spark"], "--engine"), (["--workers", "0"], "--workers")):
+        res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), *args])
+        assert res.exit_code != 0 and flag in str(res.exception or res.output)

@@ -8,7 +8,8 @@ option per field, with the library's defaults, and the two cannot drift apart.
 Field types map to options: ``bool`` -> ``--x/--no-x`` (a plain ``--x`` switch where
 ``metadata["switch"]`` is true; a flag such as ``--on/--off`` as written); ``tuple[str, ...]`` ->
 comma-separated text, or a repeatable option where ``metadata["repeat"]`` is true;
-``tuple[int, ...]`` -> comma-separated integers; ``X | None`` -> an option that may be left
+``tuple[int, ...]`` -> comma-separated integers (``metadata["short"]`` adds a short flag such
+as ``-o``); ``X | None`` -> an option that may be left
 out (None).
 
 Example:
@@ -85,6 +86,8 @@ def config_parameters(cls: type, *, skip: Iterable[str] = (),
             default = ",".join(str(v) for v in default) if default else None
         else:
             names, annotation = [_flag(f)], hint | None if default is None else hint
+        if f.metadata.get("short"):
+            names.append(f.metadata["short"])
         out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                      annotation=annotation,
                                      default=typer.Option(default, *names,

@@ -4,134 +4,48 @@ imgtriage report STORE --output results.json"""
 from __future__ import annotations
 
 import inspect
-import typing
 from dataclasses import fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import typer
 
-from imgtriage.cli._options import config_parameters
+from imgtriage.cli._options import config_from_options, config_parameters
 from imgtriage.predict.base import PredictOptions
+from imgtriage.predict.run_config import PredictRunConfig, parse_thresholds
 
-
-def parse_thresholds(text: str | None, n_classes: int) -> tuple[float, ...] | None:
-    """``"0.6"`` (every class) or ``"0.5,0.7,0.6"`` (one per class, in the bundle's order).
-
-    Example:
-        >>> parse_thresholds("0.6", 3)
-        (0.6, 0.6, 0.6)
-    """
-    from imgtriage.errors import ConfigError
-
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--thresholds takes numbers separated by commas, got {text!r}") from None
-    if len(values) == 1:
-        return values * n_classes
-    if len(values) != n_classes:
-        raise ConfigError(f"--thresholds has {len(values)} values for {n_classes} classes; give "
-                          "one value for all classes or one per class")
-    return values
-
-
-def _run_options(
-    bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
-    paths: list[Path] = typer.Argument(..., help="Files and/or folders (walked recursively)."),
-    output: Path = typer.Option(Path("results.json"), "--output", "-o",
-                                help="Report file: .json, .jsonl, .csv or .parquet."),
-    store: Path = typer.Option(None, "--store", help="SQLite result store: every row is kept "
-                               "as it is produced; run again with the same store to resume "
-                               "(files with the same path, size and mtime are skipped)."),
-    new_only: bool = typer.Option(False, "--new-only", help="Classify only files the store "
-                                  "has never seen, and report only those (needs --store)."),
-    defect_log: Path = typer.Option(None, "--defect-log", help="Also write the defects alone "
-                                    "to this .json (or .jsonl) file."),
-    batch_size: int = typer.Option(None, help="Images per inference batch (default: what "
-                                              "the backend runs best: 16 ONNX, 32 torch)."),
-    thresholds: str = typer.Option(None, help="Override the per-class thresholds: one value "
-                                              "for all, or comma-separated in class order."),
-    backend: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has a "
-                                             "graph), torch or onnx."),
-    precision: str = typer.Option(None, help="fp32 or int8 ONNX graph (default: the "
-                                             "bundle's: int8 only where its check accepted "
-                                             "it)."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0."),
-    workers: int = typer.Option(None, help="Decoding workers (default: one per core, >= 2)."),
-    executor: str = typer.Option("thread", help="Decoding workers are threads or processes."),
-    threads: int = typer.Option(None, help="Compute threads for the model (default: cores)."),
-    progress: bool = typer.Option(True, help="Show a live progress line."),
-    engine: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; "
-                                             "needs imgtriage[ray])."),
-    address: str = typer.Option(None, help="Ray cluster address for --engine ray "
-                                           "(default: start a local one)."),
-    expect_sha256: str = typer.Option(None, "--expect-sha256", help="Refuse any bundle but "
-                                      "the one with this sha256 (imgtriage inspect prints "
-                                      "it): pins a deployment to a bundle."),
-    max_pixels: int = typer.Option(None, "--max-pixels", help="Decode budget: pixels per "
-                                   "image (default: the bundle's, 100M)."),
-    max_decoded_bytes: int = typer.Option(None, "--max-decoded-bytes", help="Decode budget: "
-                                          "bytes one file may take once decoded (default: "
-                                          "the bundle's, 64 MiB)."),
-    max_pages: int = typer.Option(None, "--max-pages", help="Decode budget: pages, planes "
-                                  "or HDUs one file may need (default: the bundle's, 256)."),
-    decode_timeout: float = typer.Option(None, "--decode-timeout", help="Decode budget: "
-                                         "seconds one file may take to decode (default: "
-                                         "the bundle's, 30)."),
-    feature_manifest: Path = typer.Option(None, "--feature-manifest", help="Image + feature "
-                                          "bundles trained with --feature-columns: a CSV/JSONL "
-                                          "with path and those columns for the files (files "
-                                          "not listed get them imputed and flagged)."),
-) -> None:
-    """The options of ``imgtriage predict`` that are not per-call decision options."""
+__all__ = ["parse_thresholds", "predict_command", "register", "report_command"]
 
 
 def predict_command(**kw: Any) -> None:
     """Classify files into a report: every file once, in results or in defects."""
-    from imgtriage.errors import ConfigError
-    from imgtriage.predict import Predictor
-
+    bundle, paths = kw.pop("bundle"), kw.pop("paths")
     options = {f.name: kw.pop(f.name) for f in fields(PredictOptions) if "help" in f.metadata}
-    o = SimpleNamespace(**kw)  # the run's own options, by name
-    if o.engine == "ray":
-        _predict_on_ray(o.bundle, o.paths, o.output, o.address, o.batch_size, o.thresholds,
-                        options, o.expect_sha256)
+    run = config_from_options(PredictRunConfig, kw)
+    if run.engine == "ray":
+        _predict_on_ray(bundle, paths, run.output, run.address, run.batch_size, run.thresholds,
+                        options, run.expect_sha256)
         return
-    if o.engine != "local":
-        raise ConfigError(f"engine must be local or ray, got {o.engine!r} (--engine)")
-    from imgtriage.predict.limits import with_read_limits
-    from imgtriage.predict.runner import run_batch
+    from imgtriage.predict.runner import predict_files
 
-    predictor = Predictor.load(o.bundle, backend=o.backend, device=o.device,
-                               num_threads=o.threads, precision=o.precision,
-                               expect_sha256=o.expect_sha256)
-    predictor = with_read_limits(predictor, max_pixels=o.max_pixels,
-                                 max_decoded_bytes=o.max_decoded_bytes, max_pages=o.max_pages,
-                                 decode_timeout_s=o.decode_timeout)
-    runtime = predictor.runtime.line()
-    typer.echo(f"predict: {runtime}")
-    options["thresholds"] = parse_thresholds(o.thresholds, len(predictor.classes))
-    if o.feature_manifest is not None:
-        predictor.use_feature_manifest(o.feature_manifest)
-    run = run_batch(predictor, o.paths, output=o.output, store=o.store, new_only=o.new_only,
-                    defect_log=o.defect_log, batch_size=o.batch_size, workers=o.workers,
-                    progress=o.progress, executor=o.executor, **options)
-    done = f", {run.n_skipped} already in the store" if run.n_skipped else ""
-    typer.echo(f"{run.n_results} results, {run.n_defects} defects ({run.n_new} processed now"
-               f"{done}; {run.files_per_sec:.1f} files/s), coverage {run.coverage} -> {o.output}"
-               + (f"; defects -> {o.defect_log}" if o.defect_log else "") + f" | {runtime}")
+    done = predict_files(bundle, paths, run, options, log=typer.echo)
+    skipped = f", {done.n_skipped} already in the store" if done.n_skipped else ""
+    typer.echo(f"{done.n_results} results, {done.n_defects} defects ({done.n_new} processed "
+               f"now{skipped}; {done.files_per_sec:.1f} files/s), coverage {done.coverage} -> "
+               f"{run.output}" + (f"; defects -> {run.defect_log}" if run.defect_log else "")
+               + f" | {done.runtime}")
 
 
-# The run's own options, then one option per PredictOptions field (help with each field;
-# thresholds stay text, parsed against the bundle's class count).
-_HINTS = typing.get_type_hints(_run_options)
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+# The bundle and the paths, one option per PredictRunConfig field (the run's settings), then
+# one per PredictOptions field (thresholds stay text in the run's settings, parsed against the
+# bundle's class count).
 predict_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    *(p.replace(annotation=_HINTS[p.name])
-      for p in inspect.signature(_run_options).parameters.values()),
+    inspect.Parameter("bundle", _POS, annotation=Path,
+                      default=typer.Argument(..., help="Bundle directory or .zip.")),
+    inspect.Parameter("paths", _POS, annotation=list[Path], default=typer.Argument(
+        ..., help="Files and/or folders (walked recursively).")),
+    *config_parameters(PredictRunConfig),
     *config_parameters(PredictOptions, panels={"include_probs": "Decision (per call)"})])
 
 

@@ -18,8 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from imgtriage.predict.base import BasePredictor, PredictOptions
 from imgtriage.predict.batch import iter_predictions
 from imgtriage.predict.progress import RunProgress
 from imgtriage.predict.report import stage_counts
+from imgtriage.predict.run_config import PredictRunConfig, parse_thresholds
 from imgtriage.predict.sinks import FORMATS, write_defect_log, write_stream
 from imgtriage.predict.store import ResultStore
 
@@ -49,6 +50,7 @@ class BatchRun:
     n_skipped: int  # files the store already held
     coverage: float | None
     seconds: float
+    runtime: str = ""  # the model's runtime line (backend, precision, threads), when known
 
     @property
     def files_per_sec(self) -> float:
@@ -127,6 +129,48 @@ def run_batch(predictor: BasePredictor, paths: Iterable[str | os.PathLike[str]],
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def predict_files(bundle: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]],
+                  run: PredictRunConfig | None = None,
+                  opts: PredictOptions | dict[str, Any] | None = None, *,
+                  log: Callable[[str], None] | None = None) -> BatchRun:
+    """What ``imgtriage predict`` does on this machine: load ``bundle`` as ``run`` says
+    (backend, precision, threads, decode budget, feature manifest), classify ``paths`` into
+    its report/store/defect log, with the decision options ``opts`` (the kind's own options
+type is built from them). ``log`` gets the
+    runtime line before the run. (``engine="ray"`` runs through
+    ``imgtriage.integrations.ray_engine.ray_predict`` instead.)
+
+    Example:
+        >>> cfg = PredictRunConfig(output="out.csv", store="run.sqlite")
+        >>> predict_files("runs/a/bundle", ["photos/"], cfg).n_results  # doctest: +SKIP
+        40
+    """
+    from imgtriage.predict.limits import with_read_limits
+    from imgtriage.predict.predictor import Predictor
+
+    cfg = run or PredictRunConfig()
+    if cfg.engine != "local":
+        raise ConfigError(f"predict_files runs on this machine; engine {cfg.engine!r} runs "
+                          "through imgtriage.integrations (imgtriage predict --engine ray)")
+    predictor = Predictor.load(bundle, backend=cfg.backend, device=cfg.device,
+                               num_threads=cfg.threads, precision=cfg.precision,
+                               expect_sha256=cfg.expect_sha256)
+    predictor = with_read_limits(predictor, **cfg.read_limits())
+    runtime = predictor.runtime.line()
+    (log or (lambda _m: None))(f"predict: {runtime}")
+    given = dict(opts or {}) if not is_dataclass(opts) else \
+        {f.name: getattr(opts, f.name) for f in fields(opts)}
+    if cfg.thresholds is not None:
+        given["thresholds"] = parse_thresholds(cfg.thresholds, len(predictor.classes))
+    if cfg.feature_manifest is not None:
+        predictor.use_feature_manifest(cfg.feature_manifest)
+    done = run_batch(predictor, paths, output=cfg.output, store=cfg.store,
+                     new_only=cfg.new_only, defect_log=cfg.defect_log,
+                     batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress,
+                     executor=cfg.executor, opts=predictor.options(None, **given))
+    return replace(done, runtime=runtime)
 
 
 def store_meta(store: ResultStore, run_id: int | None = None) -> dict[str, Any]:
