@@ -16,6 +16,7 @@ from imgtriage.predict import PredictOptions
 from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.predict.export_config import ExportConfig
+from imgtriage.predict.gallery_edit_config import GalleryRuleChange
 from imgtriage.predict.run_config import PredictRunConfig
 from imgtriage.serve.config import ServeConfig
 from imgtriage.train.fewshot_config import FewShotConfig
@@ -24,14 +25,18 @@ runner = CliRunner()
 
 
 def _command(name: str):
-    return get_command(app).commands[name]
+    cmd = get_command(app)
+    for part in name.split():  # "gallery rule": a command of a group
+        cmd = cmd.commands[part]
+    return cmd
 
 
 @pytest.mark.parametrize(("command", "cls", "own"), [
     ("serve", ServeConfig, {"bundle"}), ("train-fewshot", FewShotConfig, set()),
     ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"}),
     ("export", ExportConfig, set()), ("evaluate", EvaluateConfig, set()),
-    ("calibrate", CalibrateConfig, set()), ("predict", PredictRunConfig, set())])
+    ("calibrate", CalibrateConfig, set()), ("predict", PredictRunConfig, set()),
+    ("gallery rule", GalleryRuleChange, set())])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -238,3 +243,26 @@ def test_predict_refuses_a_bad_run_setting_naming_the_flag(tmp_path):
     for args, flag in ((["--engine", "spark"], "--engine"), (["--workers", "0"], "--workers")):
         res = runner.invoke(app, ["predict", str(tmp_path), str(tmp_path), *args])
         assert res.exit_code != 0 and flag in str(res.exception or res.output)
+
+
+def test_gallery_rule_values_reach_the_config(monkeypatch, tmp_path):
+    import imgtriage.predict.gallery_edit as gallery_edit
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gallery_edit, "set_rule", capture)
+    res = runner.invoke(app, ["gallery", "rule", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["args"] == (tmp_path, GalleryRuleChange()) and seen["kwargs"] == {"out": None}
+    res = runner.invoke(app, ["gallery", "rule", str(tmp_path), "--method", "knn", "--knn-k",
+                              "3", "--no-threshold", "-o", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    assert seen["args"][1] == GalleryRuleChange(method="knn", knn_k=3, clear_threshold=True)
+    assert seen["args"][1].changes() == {"method": "knn", "k": 3, "similarity_threshold": None}
+    assert seen["kwargs"] == {"out": tmp_path / "g"}
+    res = runner.invoke(app, ["gallery", "rule", str(tmp_path), "--method", "mean"])
+    assert res.exit_code != 0 and "--method" in str(res.exception or res.output)

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from imgtriage.cli._options import config_from_options, config_parameters
+from imgtriage.predict.gallery_edit_config import GalleryRuleChange
 from imgtriage.train.fewshot_config import FewShotConfig
 
 gallery_app = typer.Typer(no_args_is_help=True, help="Few-shot galleries: enrol and drop "
@@ -97,23 +98,24 @@ def list_command(
             typer.echo(f"      {item}")
 
 
-@gallery_app.command("rule")
-def rule_command(
-    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
-    similarity_threshold: float = typer.Option(None, help="Best-class cosine similarity "
-                                                          "below which the answer is unknown."),
-    no_threshold: bool = typer.Option(False, "--no-threshold", help="Never abstain."),
-    method: str = typer.Option(None, help="prototype or knn."),
-    knn_k: int = typer.Option(None, help="Neighbours per class for knn."),
-    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
-) -> None:
+def rule_command(**options: Any) -> None:
     """Change the similarity threshold or scoring method."""
     from imgtriage.predict.gallery_edit import set_rule
 
-    b = set_rule(bundle, similarity_threshold=similarity_threshold,
-                 clear_threshold=no_threshold, method=method, k=knn_k, out=out)
+    bundle, out = options.pop("bundle"), options.pop("out")
+    b = set_rule(bundle, config_from_options(GalleryRuleChange, options), out=out)
     rule = {k: b.info.block("gallery")[k] for k in ("method", "k", "similarity_threshold")}
     typer.echo(f"{b.path}: version {b.info.bundle_version}, rule {rule}")
+
+
+# The bundle, one option per GalleryRuleChange field, then where the new version goes.
+rule_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("bundle", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., help="Gallery bundle directory or .zip.")),
+    *config_parameters(GalleryRuleChange),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                      default=typer.Option(None, "--out", "-o", help=_OUT_HELP))])
+gallery_app.command("rule")(rule_command)
 
 
 @gallery_app.command("create")

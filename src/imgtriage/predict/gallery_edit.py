@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle, update_bundle
-from imgtriage.errors import BundleSchemaError, DataError, ImageReadError
+from imgtriage.errors import BundleSchemaError, ConfigError, DataError, ImageReadError
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
 from imgtriage.predict.gallery import (
     gallery_block,
@@ -34,6 +34,7 @@ from imgtriage.predict.gallery import (
     read_gallery,
     save_gallery_bundle,
 )
+from imgtriage.predict.gallery_edit_config import GalleryRuleChange
 
 PathLike = str | os.PathLike[str]
 
@@ -137,17 +138,23 @@ def remove_items(path: PathLike, label: str, images: Sequence[str] | None = None
     return write_version(bundle, new, config, f"gallery: removed {what}{why}", out, extra)
 
 
-def set_rule(path: PathLike, *, similarity_threshold: float | None = None,
-             clear_threshold: bool = False, method: str | None = None, k: int | None = None,
-             out: PathLike | None = None) -> Bundle:
-    """Change the scoring rule (threshold, method, k); a new bundle version."""
+def set_rule(path: PathLike, change: GalleryRuleChange | None = None, *,
+             out: PathLike | None = None, **fields: Any) -> Bundle:
+    """Change the scoring rule (threshold, method, k); a new bundle version.
+
+    ``change`` (``GalleryRuleChange``, what ``imgtriage gallery rule`` builds from its
+    options), or its fields as keywords (``k`` is accepted for ``knn_k``).
+
+    Example:
+        >>> set_rule("targets.gallery", GalleryRuleChange(method="knn", knn_k=3))  # doctest: +SKIP
+    """
+    if "k" in fields:
+        fields["knn_k"] = fields.pop("k")
+    if change is not None and fields:
+        raise ConfigError("set_rule takes a GalleryRuleChange or its fields as keywords, not "
+                          f"both (got change and {sorted(fields)})")
     bundle, gallery, config = open_gallery(path)
-    changes: dict[str, Any] = {k_: v for k_, v in (("similarity_threshold",
-                                                    similarity_threshold),
-                                                   ("method", method), ("k", k))
-                               if v is not None}
-    if clear_threshold:
-        changes["similarity_threshold"] = None
+    changes = (change or GalleryRuleChange(**fields)).changes()
     new = replace(config, **changes)
     hand = "similarity_threshold" in changes  # set by hand: no longer the fitted one
     return write_version(bundle, gallery, new, f"gallery: rule {config.to_dict()} -> "

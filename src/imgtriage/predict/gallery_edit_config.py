@@ -1,0 +1,54 @@
+"""What ``imgtriage gallery rule`` / ``set_rule`` can be told, as one frozen record.
+
+Each field carries its ``--help`` text in ``metadata["help"]`` (``cli/_options.py`` builds the
+command's options from them); errors name the CLI flag that sets the value. No heavy imports
+here: the CLI imports this module at start-up.
+
+Example:
+    >>> GalleryRuleChange(method="knn", knn_k=3).changes()
+    {'method': 'knn', 'k': 3}
+    >>> GalleryRuleChange(clear_threshold=True).changes()
+    {'similarity_threshold': None}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgtriage.errors import ConfigError
+
+METHODS = ("prototype", "knn")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class GalleryRuleChange:
+    """A change to a gallery's scoring rule; None leaves that part as it is
+    (``clear_threshold`` wins over ``similarity_threshold``)."""
+
+    similarity_threshold: float | None = _f(None, "Best-class cosine similarity below which "
+                                                  "the answer is unknown.")
+    clear_threshold: bool = _f(False, "Never abstain.", flag="--no-threshold", switch=True)
+    method: str | None = _f(None, "prototype or knn.")
+    knn_k: int | None = _f(None, "Neighbours per class for knn.")
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, *METHODS):
+            raise ConfigError(f"method must be prototype or knn, got {self.method!r} "
+                              "(--method)")
+        if self.knn_k is not None and self.knn_k < 1:
+            raise ConfigError(f"knn_k must be >= 1, got {self.knn_k} (--knn-k)")
+
+    def changes(self) -> dict[str, Any]:
+        """The ``GalleryConfig`` fields this change sets."""
+        out: dict[str, Any] = {k: v for k, v in (("similarity_threshold",
+                                                   self.similarity_threshold),
+                                                  ("method", self.method), ("k", self.knn_k))
+                               if v is not None}
+        if self.clear_threshold:
+            out["similarity_threshold"] = None
+        return out
