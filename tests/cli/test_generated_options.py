@@ -16,7 +16,7 @@ from imgtriage.predict import PredictOptions
 from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 from imgtriage.predict.cascade import CascadeConfig
 from imgtriage.predict.export_config import ExportConfig
-from imgtriage.predict.gallery_edit_config import GalleryRuleChange
+from imgtriage.predict.gallery_edit_config import GalleryCreateConfig, GalleryRuleChange
 from imgtriage.predict.run_config import PredictRunConfig
 from imgtriage.serve.config import ServeConfig
 from imgtriage.train.fewshot_config import FewShotConfig
@@ -36,7 +36,8 @@ def _command(name: str):
     ("cascade", CascadeConfig, {"features"}), ("predict", PredictOptions, {"thresholds"}),
     ("export", ExportConfig, set()), ("evaluate", EvaluateConfig, set()),
     ("calibrate", CalibrateConfig, set()), ("predict", PredictRunConfig, set()),
-    ("gallery rule", GalleryRuleChange, set())])
+    ("gallery rule", GalleryRuleChange, set()),
+    ("gallery create", GalleryCreateConfig, set())])
 def test_every_field_is_an_option_with_its_help(command, cls, own):
     params = {p.name: p for p in _command(command).params}
     for f in fields(cls):
@@ -266,3 +267,28 @@ def test_gallery_rule_values_reach_the_config(monkeypatch, tmp_path):
     assert seen["kwargs"] == {"out": tmp_path / "g"}
     res = runner.invoke(app, ["gallery", "rule", str(tmp_path), "--method", "mean"])
     assert res.exit_code != 0 and "--method" in str(res.exception or res.output)
+
+
+def test_gallery_create_values_reach_the_config(monkeypatch, tmp_path):
+    import imgtriage.predict.gallery_edit as gallery_edit
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gallery_edit, "create_gallery", capture)
+    res = runner.invoke(app, ["gallery", "create", str(tmp_path), str(tmp_path), "-o", "g"])
+    assert res.exit_code == 0, res.output
+    assert seen["args"] == (tmp_path, tmp_path, Path("g"))
+    assert seen["kwargs"] == {"config": GalleryCreateConfig()}
+    res = runner.invoke(app, ["gallery", "create", str(tmp_path), str(tmp_path), "-o", "g",
+                              "--method", "knn", "--knn-k", "2", "--acceptance", "0.9"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["kwargs"]["config"]
+    assert cfg == GalleryCreateConfig(method="knn", knn_k=2, acceptance=0.9)
+    assert (cfg.gallery().method, cfg.gallery().k) == ("knn", 2)
+    res = runner.invoke(app, ["gallery", "create", str(tmp_path), str(tmp_path), "-o", "g",
+                              "--similarity-threshold", "0.5", "--acceptance", "0.9"])
+    assert res.exit_code != 0 and "--acceptance" in str(res.exception or res.output)

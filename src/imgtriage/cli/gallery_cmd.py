@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from imgtriage.cli._options import config_from_options, config_parameters
-from imgtriage.predict.gallery_edit_config import GalleryRuleChange
+from imgtriage.predict.gallery_edit_config import GalleryCreateConfig, GalleryRuleChange
 from imgtriage.train.fewshot_config import FewShotConfig
 
 gallery_app = typer.Typer(no_args_is_help=True, help="Few-shot galleries: enrol and drop "
@@ -118,33 +118,30 @@ rule_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
 gallery_app.command("rule")(rule_command)
 
 
-@gallery_app.command("create")
-def create_command(
-    source: Path = typer.Argument(..., help="A gallery bundle, or a classifier bundle of model "
-                                            "siamese, whose encoder to use."),
-    data: Path = typer.Argument(..., help="Class folders to enrol."),
-    out: Path = typer.Option(..., "--out", "-o", help="The new gallery bundle."),
-    method: str = typer.Option("prototype", help="prototype or knn."),
-    knn_k: int = typer.Option(1, help="Neighbours per class for knn."),
-    similarity_threshold: float = typer.Option(None, help="Abstain below this similarity."),
-    acceptance: float = typer.Option(None, help="Instead: fit the threshold on the enrolled "
-                                                "images, each held out in turn, keeping this "
-                                                "share of those answered correctly (e.g. "
-                                                "0.95)."),
-) -> None:
+def create_command(**options: Any) -> None:
     """A new gallery from an existing encoder and a folder of labelled images."""
-    from imgtriage.models.gallery import GalleryConfig
     from imgtriage.predict.gallery_edit import create_gallery
 
-    if acceptance is not None and similarity_threshold is not None:
-        from imgtriage.errors import ConfigError
-
-        raise ConfigError("give --similarity-threshold or --acceptance, not both")
-    b = create_gallery(source, data, out, acceptance=acceptance, config=GalleryConfig(
-        method=method, k=knn_k, similarity_threshold=similarity_threshold))
+    source, data, out = options.pop("source"), options.pop("data"), options.pop("out")
+    b = create_gallery(source, data, out,
+                       config=config_from_options(GalleryCreateConfig, options))
     typer.echo(f"{b.path}: classes {b.classes}")
     if b.info.block("threshold_fit"):
         _echo_fit(b.info.block("threshold_fit"))
+
+
+# The encoder's bundle, the data and the new bundle, then one option per GalleryCreateConfig
+# field.
+create_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., help="A gallery bundle, or a classifier "
+                                             "bundle of model siamese, whose encoder to use.")),
+    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., help="Class folders to enrol.")),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                      default=typer.Option(..., "--out", "-o", help="The new gallery bundle.")),
+    *config_parameters(GalleryCreateConfig)])
+gallery_app.command("create")(create_command)
 
 
 @gallery_app.command("fit-threshold")

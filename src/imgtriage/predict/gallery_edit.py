@@ -34,7 +34,7 @@ from imgtriage.predict.gallery import (
     read_gallery,
     save_gallery_bundle,
 )
-from imgtriage.predict.gallery_edit_config import GalleryRuleChange
+from imgtriage.predict.gallery_edit_config import GalleryCreateConfig, GalleryRuleChange
 
 PathLike = str | os.PathLike[str]
 
@@ -211,12 +211,14 @@ def encoder_state(bundle: Bundle) -> dict[str, Any]:
 
 
 def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
-                   config: GalleryConfig = GalleryConfig(), workers: int | None = None,
-                   acceptance: float | None = None) -> Bundle:
+                   config: GalleryConfig | GalleryCreateConfig = GalleryConfig(),
+                   workers: int | None = None, acceptance: float | None = None) -> Bundle:
     """A new gallery bundle at ``out`` from the encoder of ``source`` (a gallery bundle or a
     ``siamese`` classifier bundle) with every image of the class folders under ``data``
     enrolled (a train/val/test layout enrols its train split only). With ``acceptance``
     the similarity threshold is fitted on the enrolled images (see :func:`fit_threshold`).
+    ``config``: the rule, or a ``GalleryCreateConfig`` (the rule and the acceptance, what
+    ``imgtriage gallery create`` builds from its options).
 
     Example:
         >>> create_gallery("runs/fs/bundle", "new_targets/", "targets.gallery")  # doctest: +SKIP
@@ -224,6 +226,10 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
     from imgtriage.data import discover, samples_by_split
     from imgtriage.models.siamese import build_encoder, encoder_kwargs
 
+    if isinstance(config, GalleryCreateConfig):
+        if acceptance is not None:
+            raise ConfigError("give the acceptance in the GalleryCreateConfig, not both")
+        config, acceptance = config.gallery(), config.acceptance
     src = load_bundle(source)
     state = encoder_state(src)
     m = src.info.model

@@ -1,4 +1,5 @@
-"""What ``imgtriage gallery rule`` / ``set_rule`` can be told, as one frozen record.
+"""What ``imgtriage gallery rule`` / ``set_rule`` and ``imgtriage gallery create`` /
+``create_gallery`` can be told, each as one frozen record.
 
 Each field carries its ``--help`` text in ``metadata["help"]`` (``cli/_options.py`` builds the
 command's options from them); errors name the CLI flag that sets the value. No heavy imports
@@ -52,3 +53,38 @@ class GalleryRuleChange:
         if self.clear_threshold:
             out["similarity_threshold"] = None
         return out
+
+
+@dataclass(frozen=True)
+class GalleryCreateConfig:
+    """How ``imgtriage gallery create`` / ``create_gallery`` scores the new gallery: its rule,
+    and optionally a similarity threshold fitted on the enrolled images (``acceptance``)
+    instead of one given.
+
+    Example:
+        >>> GalleryCreateConfig(method="knn", knn_k=3).gallery()
+        GalleryConfig(method='knn', k=3, scale=10.0, similarity_threshold=None)
+    """
+
+    method: str = _f("prototype", "prototype or knn.")
+    knn_k: int = _f(1, "Neighbours per class for knn.")
+    similarity_threshold: float | None = _f(None, "Abstain below this similarity.")
+    acceptance: float | None = _f(None, "Instead: fit the threshold on the enrolled images, "
+                                        "each held out in turn, keeping this share of those "
+                                        "answered correctly (e.g. 0.95).")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be prototype or knn, got {self.method!r} "
+                              "(--method)")
+        if self.knn_k < 1:
+            raise ConfigError(f"knn_k must be >= 1, got {self.knn_k} (--knn-k)")
+        if self.acceptance is not None and self.similarity_threshold is not None:
+            raise ConfigError("give --similarity-threshold or --acceptance, not both")
+
+    def gallery(self) -> Any:
+        """The rule as ``imgtriage.models.gallery.GalleryConfig`` (the threshold as given)."""
+        from imgtriage.models.gallery import GalleryConfig
+
+        return GalleryConfig(method=self.method, k=self.knn_k,
+                             similarity_threshold=self.similarity_threshold)
