@@ -8,9 +8,8 @@ option per field, with the library's defaults, and the two cannot drift apart.
 Field types map to options: ``bool`` -> ``--x/--no-x`` (a plain ``--x`` switch where
 ``metadata["switch"]`` is true; a flag such as ``--on/--off`` as written); ``tuple[str, ...]`` ->
 comma-separated text, or a repeatable option where ``metadata["repeat"]`` is true;
-``tuple[int, ...]`` -> comma-separated integers (``metadata["short"]`` adds a short flag such
-as ``-o``); ``X | None`` -> an option that may be left
-out (None).
+``tuple[int, ...]`` -> comma-separated integers; ``X | None`` -> an option that may be left
+out (None). ``metadata["short"]`` adds a short flag to a non-bool option (e.g. ``-o``).
 
 Example:
     >>> from dataclasses import dataclass, field
