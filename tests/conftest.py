@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("IMGTRIAGE_OFFLINE", "1")  # never touch the network from tests
+if "IMGTRIAGE_CACHE" not in os.environ:  # embedding caches stay out of the user's home
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["IMGTRIAGE_CACHE"] = tempfile.mkdtemp(prefix="imgtriage-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["IMGTRIAGE_CACHE"], ignore_errors=True)
 
 from shared_helpers import write_digits_folder
 
