@@ -245,7 +245,7 @@ def main() -> None:
     print(f"loadavg {res['loadavg_start']:.2f} -> {res['loadavg_end']:.2f}")
     print("goals: " + json.dumps(res["goals"]))
     if args.out:
-        args.out.write_text(json.dumps(res, indent=2))
+        args.out.write_text(json.dumps(res, indent=2, default=str))
     sys.exit(0 if res["goals"]["passed"] else 1)
 
 
