@@ -285,3 +285,22 @@ def test_the_python_api_reports_a_file_named_twice_once(tmp_path, predictor, goo
     monkeypatch.chdir(tmp_path)
     report = predictor.predict_paths([".", str(tmp_path), "a.png", "./a.png"])
     assert len(report["results"]) + len(report["defects"]) == 1
+
+
+def test_a_store_keyed_by_relative_paths_resumes_without_a_second_row(tmp_path, predictor,
+                                                                      good_png, monkeypatch):
+    (tmp_path / "a.png").write_bytes(good_png)
+    (tmp_path / "b.png").write_bytes(good_png)
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "s.sqlite"
+    _run(predictor, ["a.png", "b.png"], store=store)
+    con = sqlite3.connect(store)  # as a store of the earlier release: keys as given
+    con.execute("UPDATE items SET path = ? WHERE path = ?", ("a.png", str(tmp_path / "a.png")))
+    con.execute("UPDATE items SET path = ? WHERE path = ?", ("b.png", str(tmp_path / "b.png")))
+    con.commit()
+    con.close()
+    (tmp_path / "b.png").write_bytes(good_png + b"")  # unchanged content, new mtime
+    os.utime(tmp_path / "b.png", ns=(1, 1))
+    again = _run(predictor, ["a.png", "b.png"], store=store, output=tmp_path / "r.json")
+    assert again.n_skipped == 1 and again.n_new == 1
+    assert sorted(_report_paths(tmp_path / "r.json")) == ["a.png", "b.png"]

@@ -60,6 +60,13 @@ def path_key(path: str) -> str | bytes:
         return path.encode("utf-8", "surrogateescape")
 
 
+def _keys_of(path: str) -> list[str | bytes]:
+    """The key of ``path``, then the one stores written before keys were absolute used (the
+    path as given), when it differs: such a store resumes without a second row per file."""
+    key = path_key(path)
+    return [key] if key == path or isinstance(key, bytes) else [key, path]
+
+
 def file_key(path: str) -> tuple[int, int]:
     """``(size, mtime_ns)`` of a path; ``(-1, -1)`` when it cannot be stat'ed (a defect)."""
     try:
@@ -190,16 +197,18 @@ class ResultStore:
     def skip_done(self, path: str) -> bool:
         """True when ``path`` is stored with its current size and mtime (resume)."""
         key = file_key(path)
-        row = self.db.execute("SELECT size, mtime_ns FROM items WHERE path = ?",
-                              (path_key(path),)).fetchone()
-        if row is not None and tuple(row) == key:
-            return True
+        for name in _keys_of(path):
+            row = self.db.execute("SELECT size, mtime_ns FROM items WHERE path = ?",
+                                  (name,)).fetchone()
+            if row is not None and tuple(row) == key:
+                return True
         self._keys[path] = key
         return False
 
     def skip_seen(self, path: str) -> bool:
         """True when ``path`` is stored at all, changed or not (``--new-only``)."""
-        if self.db.execute("SELECT 1 FROM items WHERE path = ?", (path_key(path),)).fetchone():
+        if any(self.db.execute("SELECT 1 FROM items WHERE path = ?", (name,)).fetchone()
+               for name in _keys_of(path)):
             return True
         self._keys[path] = file_key(path)
         return False
@@ -216,6 +225,8 @@ class ResultStore:
         self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (path_key(path), size, mtime, kind, json.dumps(item), self.run_id,
                          self._seq))
+        for old in _keys_of(path)[1:]:  # a row a store of an earlier release keyed as given
+            self.db.execute("DELETE FROM items WHERE path = ?", (old,))
         self._pending += 1
         if (self._pending >= self.commit_rows
                 or time.monotonic() - self._last_commit >= self.commit_seconds):
