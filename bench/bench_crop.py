@@ -80,7 +80,7 @@ def make_bundle(out: Path, widths: list[int], convs: int, int8: bool) -> Path:
     b = save_bundle(out, manifest, net.state_dict(), files)
     if int8:
         from imgtriage.bundle import update_bundle
-        from imgtriage.bundle.int8 import LabelledInputs, quantize_checked
+        from imgtriage.predict.int8 import LabelledInputs, quantize_checked
 
         calib = np.random.default_rng(1).standard_normal((64, 1, 64, 64)).astype(np.float32)
         q, _ = quantize_checked(files["model.onnx"], "static", calib,
@@ -107,8 +107,8 @@ def rows(bundle: Path, x: np.ndarray, pngs: list[bytes], threads: int, int8: boo
     import onnxruntime as ort
 
     from imgtriage.bundle import load_bundle
-    from imgtriage.bundle.graph import session_options
     from imgtriage.predict import Predictor
+    from imgtriage.predict.ort_session import session_options
     from imgtriage.predict.predictor import PredictOptions
 
     b = load_bundle(bundle)

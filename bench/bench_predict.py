@@ -134,8 +134,8 @@ def ceiling(bundle: Path, files: list[Path], precision: str = "fp32", batch: int
     import onnxruntime as ort
 
     from imgtriage.bundle import load_bundle
-    from imgtriage.bundle.graph import session_options, usable_cores
     from imgtriage.data.preprocess import PreprocessSpec, load_input
+    from imgtriage.predict.ort_session import session_options, usable_cores
 
     b = load_bundle(bundle)
     spec = PreprocessSpec.from_dict(b.manifest["preprocess"])

@@ -6,7 +6,9 @@ and predict use each other's public names). ``errors`` and ``_version`` sit belo
 Every ``import`` statement counts, lazy ones inside functions included: an import moved into a
 function is still a dependency. Imports under ``if TYPE_CHECKING:`` are annotations only; they
 are exempt from the direction rule (not from the private rule). ``bundle`` stores and loads data:
-it must not build models either (``BUNDLE_MUST_NOT_IMPORT``).
+it must not build models either (``BUNDLE_MUST_NOT_IMPORT``), nor export or run them: no import
+of ONNX, ONNX Runtime or torch's exporter/networks, lazy or through ``require``
+(``BUNDLE_MUST_NOT_RUN``; ``torch`` itself stays allowed for its version and safetensors' tensors).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SAME_LAYER_OK = {"train", "evaluate", "predict", "serve", "integrations", "cli",
                  "__main__", "__init__"}
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 BUNDLE_MUST_NOT_IMPORT = {"models"}
+BUNDLE_MUST_NOT_RUN = ("onnx", "onnxruntime", "torch.onnx", "torch.nn")
 
 
 def _package(module: str) -> str:
@@ -159,3 +162,43 @@ def test_bundle_must_not_build_models(tmp_path, monkeypatch):
     (fake / "bundle" / "b.py").write_text("def f():\n    from imgtriage.models import x\n")
     monkeypatch.setattr(f"{__name__}.SRC", fake)
     assert list(violations()) == [("imgtriage/bundle/b.py", "imgtriage.models")]
+
+
+def runtime_imports(package: str = "bundle") -> list[str]:
+    """``file:line module`` for every import (lazy, annotation-only or via ``require("...")``)
+    of a model runtime or exporter (``BUNDLE_MUST_NOT_RUN``) in ``package``."""
+    found = []
+    for path in sorted((SRC / package).rglob("*.py")):
+        rel = path.relative_to(SRC.parent).as_posix()
+        tree = ast.parse(path.read_text(), str(path))
+        mods = [(line, mod) for line, mod, _, _ in _imports(path)]
+        mods += [(n.lineno, n.args[0].value) for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("require")
+                 and n.args and isinstance(n.args[0], ast.Constant)
+                 and isinstance(n.args[0].value, str)]
+        found += [f"{rel}:{line} {mod}" for line, mod in mods
+                  if any(mod == r or mod.startswith(r + ".") for r in BUNDLE_MUST_NOT_RUN)]
+    return found
+
+
+def test_bundle_exports_and_runs_no_models():
+    """Export, parity checks, quantisation and ORT sessions live in predict/, not bundle/."""
+    found = runtime_imports()
+    assert not found, "\n".join(["bundle imports a model runtime (move it to predict/):",
+                                  *found])
+
+
+@pytest.mark.parametrize(("source", "bad"), [
+    ("def f():\n    import onnxruntime as ort\n", True),
+    ("def f():\n    return require('onnxruntime', 'onnx')\n", True),
+    ("from onnxruntime.quantization import quantize_static\n", True),
+    ("import torch.onnx\n", True),
+    ("import onnxscript\n", False),
+    ("def f():\n    from safetensors.torch import load\n", False),
+])
+def test_the_runtime_check_itself(tmp_path, monkeypatch, source, bad):
+    fake = tmp_path / "imgtriage"
+    (fake / "bundle").mkdir(parents=True)
+    (fake / "bundle" / "b.py").write_text(source)
+    monkeypatch.setattr(f"{__name__}.SRC", fake)
+    assert bool(runtime_imports()) is bad

@@ -88,9 +88,9 @@ def test_static_int8_is_judged_on_held_out_images(exported, digits_folder):
 
 def _graph_of(model_or_none, bundle):
     """fp32 graph bytes of a bundle's own model, or of a differently initialised one."""
-    from imgtriage.bundle.graph import export_graph
     from imgtriage.models import create_model
     from imgtriage.predict.backends import build_model
+    from imgtriage.predict.graph import export_graph
 
     b = load_bundle(bundle)
     if model_or_none == "own":
@@ -106,7 +106,7 @@ def _graph_of(model_or_none, bundle):
 @pytest.mark.parametrize("quantised_as", ["disagreeing", "identical"])
 def test_int8_becomes_the_default_only_when_proven(tiny_run, tmp_path, monkeypatch,
                                                    quantised_as):
-    from imgtriage.bundle import int8
+    from imgtriage.predict import int8
 
     dest = shutil.copytree(tiny_run.bundle_path, tmp_path / "b")
     # the "int8" graph: another model (disagrees) or fp32 itself (cannot disagree)
@@ -131,7 +131,7 @@ def test_int8_becomes_the_default_only_when_proven(tiny_run, tmp_path, monkeypat
 
 
 def test_the_rule_needs_labels_enough_images_and_both_bounds():
-    from imgtriage.bundle.int8 import judge
+    from imgtriage.predict.int8 import judge
 
     ok, why = judge(1.0, 0.9, 0.9, 29)  # too few held-out images to prove anything
     assert not ok and "30" in why

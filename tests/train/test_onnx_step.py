@@ -33,7 +33,7 @@ def test_a_bundle_from_train_predicts_with_onnx_by_default(tiny_bundle, digits_f
 @pytest.mark.parametrize("failure", ["exporter", "parity"])
 def test_a_model_that_does_not_export_keeps_torch_and_says_why(failure, tmp_path, monkeypatch,
                                                                capsys):
-    from imgtriage.bundle import graph
+    from imgtriage.predict import graph
     from imgtriage.train.config import TrainConfig
     from imgtriage.train.run import train
     from shared_helpers import write_digits_folder
@@ -61,7 +61,7 @@ def test_a_model_that_does_not_export_keeps_torch_and_says_why(failure, tmp_path
 
 def test_train_quantize_static_calibrates_on_train_and_judges_on_val(digits_folder, tmp_path,
                                                                      monkeypatch, capsys):
-    from imgtriage.bundle import int8
+    from imgtriage.predict import int8
     from imgtriage.train.config import TrainConfig
     from imgtriage.train.run import train
 

@@ -179,7 +179,7 @@ def wrap_graph(graph: bytes, info: GraphInfo) -> bytes:
 
 def run_foreign(graph: bytes, x_nchw: np.ndarray, info: GraphInfo) -> np.ndarray:
     """The original graph's output on ``x_nchw`` (transposed for an NHWC graph)."""
-    from imgtriage.bundle.graph import run_graph
+    from imgtriage.predict.ort_session import run_graph
 
     x = x_nchw.transpose(0, 2, 3, 1) if info.layout == "nhwc" else x_nchw
     return run_graph(graph, np.ascontiguousarray(x, dtype=np.float32),
@@ -190,8 +190,8 @@ def check_wrapped(original: bytes, wrapped: bytes, info: GraphInfo, num_classes:
                   shape: tuple[int, int, int]) -> float:
     """Run both graphs on the same random batch of 2 (which also proves the batch dimension
     is free) and return max |Δprobability|; refuse a class-count mismatch."""
-    from imgtriage.bundle.graph import run_graph
     from imgtriage.evaluate.decision import softmax
+    from imgtriage.predict.ort_session import run_graph
 
     x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
     try:

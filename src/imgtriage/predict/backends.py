@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle
-from imgtriage.bundle.graph import FEATURES_INPUT, ONNX_FILE, usable_cores
+from imgtriage.bundle.graph import FEATURES_INPUT, ONNX_FILE
 from imgtriage.errors import BundleError, ConfigError
+from imgtriage.predict.ort_session import usable_cores
 
 BACKENDS = ("auto", "torch", "onnx")
 

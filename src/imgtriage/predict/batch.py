@@ -73,7 +73,7 @@ def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
 
 def default_workers() -> int:
     """Decoding workers: one per core, at least 2 so decoding overlaps inference."""
-    from imgtriage.bundle.graph import usable_cores
+    from imgtriage.predict.ort_session import usable_cores
 
     return max(2, min(4, usable_cores()))
 

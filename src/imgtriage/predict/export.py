@@ -1,11 +1,11 @@
 """Export a bundle's model to ONNX (``model.onnx``) in a new bundle version, optionally with int8.
 
-Bundles from ``imgtriage train`` already carry a verified fp32 graph (see ``bundle.graph``);
+Bundles from ``imgtriage train`` already carry a verified fp32 graph (see ``predict.graph``);
 this re-exports one (another opset, an older bundle) and adds int8 graphs. The export writes a
 new bundle version (the old manifest stays in ``history/``) after checking that ONNX Runtime
 reproduces the PyTorch probabilities within 1e-4.
 
-int8 follows the rule in ``bundle.int8``: calibrate on training images, judge on held-out
+int8 follows the rule in ``predict.int8``: calibrate on training images, judge on held-out
 labelled images, and make int8 the default only when it is proven (accuracy drop <= 0.5
 points and agreement >= 99%); otherwise fp32 stays the default and the manifest says why.
 ``--calib`` is a folder or a splits CSV (``RUN/splits.csv``: calibrate on its train rows, check
@@ -26,20 +26,13 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle, update_bundle
-from imgtriage.bundle.graph import (
-    INT8_FILE,
-    ONNX_FILE,
-    PARITY_TOLERANCE,
-    export_graph,
-    graph_outputs,
-    run_graph,
-    session_options,
-    usable_cores,
-)
-from imgtriage.bundle.int8 import LabelledInputs, QuantCheck, quantize_checked
+from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, PARITY_TOLERANCE, graph_outputs
 from imgtriage.errors import BundleError, ConfigError
 from imgtriage.predict.backends import build_model
 from imgtriage.predict.export_config import ExportConfig
+from imgtriage.predict.graph import export_graph
+from imgtriage.predict.int8 import LabelledInputs, QuantCheck, quantize_checked
+from imgtriage.predict.ort_session import run_graph, session_options, usable_cores
 
 __all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportConfig", "ExportResult",
            "QuantCheck", "export_onnx", "run_graph", "session_options", "usable_cores"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgtriage.bundle.int8 import QUANT_MODES
 from imgtriage.errors import ConfigError
+from imgtriage.predict.int8 import QUANT_MODES
 
 
 def _f(default: Any, help: str) -> Any:

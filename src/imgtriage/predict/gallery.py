@@ -96,8 +96,8 @@ def save_gallery_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
     """Write a gallery bundle (encoder weights + gallery tensors + manifest) with the
     encoder's verified ONNX graph (output ``embedding``, checked against torch on ``x_check``
     or random inputs); an encoder that does not export keeps torch, the manifest says why."""
-    from imgtriage.bundle.graph import training_graph
     from imgtriage.models.siamese import build_encoder
+    from imgtriage.predict.graph import training_graph
 
     m = manifest["model"]
     encoder = build_encoder(int(m["in_chans"]), **dict(m.get("kwargs") or {}))
@@ -122,7 +122,7 @@ class GalleryBackend:
         self._session = None
         if backend != "torch" and device == "cpu" and info.get("output") == "embedding" \
                 and bundle.has_file(info.get("file") or ""):
-            from imgtriage.bundle.graph import session_options, usable_cores
+            from imgtriage.predict.ort_session import session_options, usable_cores
 
             ort = require("onnxruntime", "onnx")
             self.threads = usable_cores()

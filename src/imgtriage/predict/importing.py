@@ -220,7 +220,7 @@ def _from_state_dict(src: Path, cfg: ImportConfig
     if cfg.layout != "auto" or cfg.outputs not in ("auto", "logits"):
         raise ConfigError("--layout and --outputs are for ONNX files; a torch model takes NCHW "
                           "and answers logits")
-    from imgtriage.bundle.graph import training_graph
+    from imgtriage.predict.graph import training_graph
 
     side = cfg.size or 224
     spec = spec_for(cfg, (side, side), cfg.in_chans)

@@ -17,14 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgtriage.bundle import Bundle
-from imgtriage.bundle.graph import (
-    FEATURES_INPUT,
-    INT8_FILE,
-    ONNX_FILE,
-    session_options,
-    usable_cores,
-)
+from imgtriage.bundle.graph import FEATURES_INPUT, INT8_FILE, ONNX_FILE
 from imgtriage.errors import BundleError, ConfigError, PredictionError, require
+from imgtriage.predict.ort_session import session_options, usable_cores
 
 # Graphs with fewer weight bytes than this count as "small" (overhead-bound) for sessions="auto".
 SMALL_GRAPH_BYTES = 8_000_000

@@ -139,7 +139,7 @@ class Embedder:
         try:
             import onnxruntime as ort
 
-            from imgtriage.bundle.graph import session_options
+            from imgtriage.predict.ort_session import session_options
 
             buf = io.BytesIO()
             with warnings.catch_warnings(), torch.inference_mode():

@@ -7,7 +7,7 @@ and checked against torch on validation images (training images when there is no
 split). An architecture that does not export keeps torch, and the manifest says why.
 
 With ``--quantize static`` an int8 graph is calibrated on training images and judged on the
-validation images (``bundle.int8``): it becomes the default only when proven.
+validation images (``predict.int8``): it becomes the default only when proven.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, graph_outputs, training_graph
-from imgtriage.bundle.int8 import LabelledInputs, quantize_checked
+from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, graph_outputs
 from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
 from imgtriage.models import WithFeatures, create_model
+from imgtriage.predict.graph import training_graph
+from imgtriage.predict.int8 import LabelledInputs, quantize_checked
 
 PARITY_IMAGES = 16
 CALIB_IMAGES = 64

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from imgtriage.bundle import load_bundle, save_bundle
-from imgtriage.bundle.graph import export_graph, run_graph
 from imgtriage.errors import ConfigError
 from imgtriage.predict import Predictor
 from imgtriage.predict.backends import build_model
+from imgtriage.predict.graph import export_graph
+from imgtriage.predict.ort_session import run_graph
 
 pytest.importorskip("onnxruntime")
 

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle.graph import INT8_FILE, run_graph, softmax
+from imgtriage.bundle.graph import INT8_FILE
 from imgtriage.bundle.store import sha256_bytes
 from imgtriage.errors import require
+from imgtriage.predict.ort_session import run_graph, softmax
 
 MAX_ACCURACY_DROP = 0.005  # 0.5 points of top-1 accuracy
 MIN_AGREEMENT = 0.99
