@@ -6,7 +6,7 @@
 2. For each label budget (``--budgets``, default 25,100,500) draw that many labelled train
    crops of the nine known classes (spread evenly, nested: the 25 are among the 100, the 100
    among the 500) and train with ``--model auto``, every label training (``--val-frac 0``):
-   auto picks the Siamese/prototype encoder under 100 labels, the shallow crop_cnn under 500,
+   auto picks the Siamese/prototype encoder under 300 labels, the shallow crop_cnn under 500,
    the deeper deep_cnn from 500 on, and says why.
 3. Score every model on the MSTAR test crops of the nine known classes: accuracy, per-class
    recall, coverage, files/second.

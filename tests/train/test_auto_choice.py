@@ -17,8 +17,9 @@ def _spread(total: int, classes: int = 9) -> dict[str, int]:
     return {f"c{i}": total // classes + (i < total % classes) for i in range(classes)}
 
 
-@pytest.mark.parametrize(("total", "model"), [(25, "siamese"), (99, "siamese"),
-                                              (100, "crop_cnn"), (499, "crop_cnn"),
+@pytest.mark.parametrize(("total", "model"), [(25, "siamese"), (100, "siamese"),
+                                              (200, "siamese"), (299, "siamese"),
+                                              (300, "crop_cnn"), (499, "crop_cnn"),
                                               (500, "deep_cnn"), (2000, "deep_cnn")])
 def test_label_budget_picks_the_model(total, model):
     choice = choose_model(_spread(total), PROBE)
@@ -26,8 +27,21 @@ def test_label_budget_picks_the_model(total, model):
     assert f"{total} training labels" in choice.reason
 
 
+def test_few_shot_reason_cites_the_measurement():
+    # issue 19: the Siamese model beat crop_cnn at 100 and 200 labels (bench_auto_switch.py)
+    why = choose_model(_spread(200), PROBE).reason
+    assert "fewer than 300 labels or 30 per class" in why
+    assert "bench/bench_auto_switch.py" in why and "100 and 200 labels" in why
+
+
+def test_few_per_class_keeps_the_siamese_model_above_300_labels():
+    counts = {**_spread(280, 4), **{f"r{i}": 20 for i in range(5)}}  # median 20 per class
+    assert sum(counts.values()) == 380
+    assert choose_model(counts, PROBE).model == "siamese"
+
+
 def test_few_per_class_stays_shallow_even_with_500_labels():
-    counts = {**_spread(400, 4), **{f"r{i}": 20 for i in range(5)}}  # median 20 per class
+    counts = {**_spread(300, 4), **{f"r{i}": 40 for i in range(5)}}  # median 40 per class
     assert sum(counts.values()) == 500
     assert choose_model(counts, PROBE).model == "crop_cnn"
 

@@ -146,7 +146,7 @@ def test_auto_model_says_why(imbalanced_folder, tmp_path):
     info = json.loads((tmp_path / "run.json").read_text())
     chosen = json.loads((tmp_path / "config.json").read_text())["model"]
     assert chosen in ("siamese", "crop_cnn") and chosen != "auto"
-    assert "fewer than 100 labels" in info["model_choice"]
+    assert "fewer than 300 labels" in info["model_choice"]
 
 
 def test_conservative_classes_must_exist(imbalanced_folder, tmp_path):

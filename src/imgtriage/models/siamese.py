@@ -127,7 +127,7 @@ def build_encoder(in_chans: int, **kwargs: Any) -> EmbeddingNet:
 
 @register_model("siamese", family="siamese", default_size=(64, 64),
                 description="embedding CNN (L2-normalised) + cosine head; few-shot galleries "
-                            "via `imgtriage train-fewshot`; 64x64 crops, < 100 labels")
+                            "via `imgtriage train-fewshot`; 64x64 crops, < 300 labels")
 def siamese(num_classes: int, in_chans: int = 1, embed_dim: int = 128,
             widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 1,
             scale: float = 10.0, **kw: Any) -> SiameseNet:
