@@ -8,9 +8,9 @@ from imgtriage.bundle.store import (
     check_pinned,
     load_bundle,
     save_bundle,
-    sha256_file,
     update_bundle,
 )
+from imgtriage.io import sha256_file  # the one file-hash helper, public here as before
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -13,6 +13,7 @@ Example:
     ('fits', 30.0)
 """
 
+from imgtriage.io._digest import sha256_file
 from imgtriage.io._reader import read_array, read_image, try_read_image
 from imgtriage.io._sniff import SUPPORTED_EXTENSIONS, is_supported_path, sniff_format
 from imgtriage.io._types import DEFECT_ISSUES, Defect, DefectIssue, ImageRecord, ReadPolicy
@@ -27,6 +28,7 @@ __all__ = [
     "is_supported_path",
     "read_array",
     "read_image",
+    "sha256_file",
     "sniff_format",
     "try_read_image",
 ]

