@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,21 @@ from PIL import Image
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "boot")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``imgtriage demo`` / :func:`run_demo` can be told (the same defaults)."""
+
+    out: Path = field(default=Path("demo-output"), metadata={
+        "help": "Where the demo writes its data, run, bundle and report.", "short": "-o"})
+    dataset: str = field(default="auto", metadata={
+        "help": "auto (Fashion-MNIST from Debian's dataset-fashion-mnist when installed, else "
+                "scikit-learn digits), digits or fashion-mnist."})
+    per_class: int = field(default=400, metadata={"help": "Training images per class."})
+    epochs: int = field(default=6, metadata={"help": "Training epochs."})
+    quiet: bool = field(default=False, metadata={"help": "No progress output.", "switch": True,
+                                                 "short": "-q"})
 
 
 @dataclass(frozen=True)

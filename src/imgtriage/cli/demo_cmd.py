@@ -1,27 +1,23 @@
-"""imgtriage demo"""
+"""imgtriage demo: one option per DemoConfig field (``cli/_options.py``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import typer
 
+from imgtriage.cli._options import command, config_from_options
+from imgtriage.demo import DemoConfig
 
-def demo_command(
-    out: Path = typer.Option(Path("demo-output"), "--out", "-o",
-                             help="Where the demo writes its data, run, bundle and report."),
-    dataset: str = typer.Option("auto", help="auto (Fashion-MNIST from Debian's "
-                                             "dataset-fashion-mnist when installed, else "
-                                             "scikit-learn digits), digits or fashion-mnist."),
-    per_class: int = typer.Option(400, help="Training images per class."),
-    epochs: int = typer.Option(6, help="Training epochs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-) -> None:
+
+def demo_command(**options: Any) -> None:
     """Build a labelled folder, train a calibrated bundle, classify an inbox with broken
     files, junk images and a class never trained on; count what it refuses and why."""
     from imgtriage.demo import run_demo
 
-    r = run_demo(out, dataset=dataset, per_class=per_class, epochs=epochs, quiet=quiet)
+    cfg = config_from_options(DemoConfig, options)
+    r = run_demo(cfg.out, dataset=cfg.dataset, per_class=cfg.per_class, epochs=cfg.epochs,
+                 quiet=cfg.quiet)
     s = r.summary
     why = ", ".join(f"{n} {k}" for k, n in sorted(s["refused_by_reason"].items())) or "none"
     acc = (f"{s['accuracy_on_answered']:.1%} accuracy" if s["accuracy_on_answered"] is not None
@@ -35,6 +31,10 @@ def demo_command(
                f"{s['refused']['junk']}; why: {why}\n"
                f"defects: {r.n_defects} unreadable files, each with its reason\n"
                f"time:    {r.seconds:.0f}s\nnext:    imgtriage inspect {r.bundle_path}")
+
+
+command(demo_command, configs=[DemoConfig])
+
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo_command)

@@ -3,22 +3,27 @@ CalibrateConfig (one per field, its help text with the field)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from imgtriage.cli._options import config_from_options, config_parameters
-from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
+from imgtriage.cli._options import argument, command, config_from_options
+from imgtriage.predict.assess_config import (
+    CalibrateConfig,
+    CalibrateOutput,
+    EvaluateConfig,
+    EvaluateOutput,
+)
 
 
 def evaluate_command(**options: Any) -> None:
     """Metrics, calibration, abstain, conformal sets and a failure gallery (JSON + HTML)."""
     from imgtriage.predict.assess import drift_against, evaluate_bundle
 
-    bundle, data, out = options.pop("bundle"), options.pop("data"), options.pop("out")
+    bundle, data = options["bundle"], options["data"]
+    out = config_from_options(EvaluateOutput, options).out
     cfg = config_from_options(EvaluateConfig, options)
     if cfg.reference is not None:
         res = drift_against(bundle, [data], cfg.reference, alpha=cfg.drift_alpha,
@@ -52,27 +57,19 @@ def evaluate_command(**options: Any) -> None:
     typer.echo(f"report: {out / 'report.html'}")
 
 
-_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+BUNDLE = argument("bundle", "Bundle directory or .zip.", Path)
 # The bundle, the data and where the report goes, then one option per EvaluateConfig field.
-evaluate_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("bundle", _POS, annotation=Path,
-                      default=typer.Argument(..., help="Bundle directory or .zip.")),
-    inspect.Parameter("data", _POS, annotation=Path, default=typer.Argument(
-        ..., help="Labelled folder or manifest (e.g. RUN/splits.csv); with --reference, any "
-                  "files or folders.")),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-                      default=typer.Option(None, "--out", "-o", help="Where report.json, "
-                                           "report.html and the figures "
-                                           "(confusion_matrix.png, ...) go (default: "
-                                           "BUNDLE/../eval).")),
-    *config_parameters(EvaluateConfig)])
+command(evaluate_command, arguments=[BUNDLE, argument(
+    "data", "Labelled folder or manifest (e.g. RUN/splits.csv); with --reference, any files "
+            "or folders.", Path)], configs=[EvaluateOutput, EvaluateConfig])
 
 
 def calibrate_command(**options: Any) -> None:
     """Fit temperature, thresholds, abstain and conformal sets; write them into the bundle."""
     from imgtriage.predict.assess import calibrate_bundle
 
-    bundle, data, out = options.pop("bundle"), options.pop("data"), options.pop("out")
+    bundle, data = options["bundle"], options["data"]
+    out = config_from_options(CalibrateOutput, options).out
     cfg = config_from_options(CalibrateConfig, options)
     s = calibrate_bundle(bundle, data, cfg, out=out)
     _print_calibration(s)
@@ -80,16 +77,11 @@ def calibrate_command(**options: Any) -> None:
 
 
 # The bundle and the data, then one option per CalibrateConfig field, then where it goes.
-calibrate_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("bundle", _POS, annotation=Path, default=typer.Argument(
-        ..., help="Bundle directory or .zip (updated in place unless --out).")),
-    inspect.Parameter("data", _POS, annotation=Path, default=typer.Argument(
-        ..., help="Calibration data: a labelled folder or a manifest (e.g. RUN/splits.csv "
-                  "with --split val). Never the training images or the test set.")),
-    *config_parameters(CalibrateConfig),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-                      default=typer.Option(None, "--out", "-o", help="Write the new bundle "
-                                           "version here instead of in place."))])
+command(calibrate_command, arguments=[
+    argument("bundle", "Bundle directory or .zip (updated in place unless --out).", Path),
+    argument("data", "Calibration data: a labelled folder or a manifest (e.g. RUN/splits.csv "
+                     "with --split val). Never the training images or the test set.", Path)],
+    configs=[CalibrateConfig, CalibrateOutput])
 
 
 def _print_calibration(s: dict) -> None:

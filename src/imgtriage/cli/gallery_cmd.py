@@ -1,91 +1,91 @@
-"""imgtriage train-fewshot DATA --out RUN; imgtriage gallery add|remove|list|rule|create."""
+"""imgtriage train-fewshot DATA --out RUN; imgtriage gallery add|remove|list|rule|create|
+fit-threshold: every option generated (``cli/_options.py``) from a field of FewShotRunOptions,
+FewShotConfig or one of the records in ``predict/gallery_edit_config.py``."""
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from imgtriage.cli._options import config_from_options, config_parameters
-from imgtriage.predict.gallery_edit_config import GalleryCreateConfig, GalleryRuleChange
+from imgtriage.cli._options import argument, command, config_from_options
+from imgtriage.predict.gallery_edit_config import (
+    GalleryAdd,
+    GalleryCreateConfig,
+    GalleryListing,
+    GalleryOutput,
+    GalleryRemoval,
+    GalleryRuleChange,
+    GalleryThresholdFit,
+    NewGalleryOutput,
+)
 from imgtriage.train.fewshot_config import FewShotConfig
+from imgtriage.train.run_options import FewShotRunOptions
 
 gallery_app = typer.Typer(no_args_is_help=True, help="Few-shot galleries: enrol and drop "
                                                      "classes and examples without retraining; "
                                                      "every edit writes a new bundle version.")
-_OUT_HELP = "Write the new version here instead of replacing BUNDLE (history is kept either way)."
+BUNDLE = argument("bundle", "Gallery bundle directory or .zip.", Path)
 
 
 def train_fewshot_command(**options: Any) -> None:
     """Train a Siamese / prototype encoder episodically and save a gallery bundle."""
     from imgtriage.train.fewshot import train_fewshot
 
-    data, out, quiet = options.pop("data"), options.pop("out"), options.pop("quiet")
-    res = train_fewshot(data, out, config_from_options(FewShotConfig, options), quiet=quiet)
+    run = config_from_options(FewShotRunOptions, options)
+    res = train_fewshot(options["data"], run.out, config_from_options(FewShotConfig, options),
+                        quiet=run.quiet)
     typer.echo(f"bundle: {res.bundle_path}")
 
 
-# One option per FewShotConfig field (its help text and flag live with the field).
-train_fewshot_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., help="Folder of class folders (optionally "
-                                             "under train/val/test) or a CSV/JSONL manifest.")),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-                      default=typer.Option(Path("runs/fewshot"), "--out", "-o",
-                                           help="Run directory: config, splits, metrics log, "
-                                                "bundle/.")),
-    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--quiet", "-q", help="No progress output.")),
-    *config_parameters(FewShotConfig)])
+command(train_fewshot_command, arguments=[argument(
+    "data", "Folder of class folders (optionally under train/val/test) or a CSV/JSONL "
+            "manifest.", Path)], configs=[FewShotRunOptions, FewShotConfig])
 
 
-@gallery_app.command("add")
-def add_command(
-    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
-    images: list[Path] = typer.Argument(..., help="Image files to enrol."),
-    label: str = typer.Option(..., "--label", "-l", help="Class to enrol them into (a new "
-                                                         "class when absent)."),
-    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
-) -> None:
+def _echo_version(b: Any) -> None:
+    typer.echo(f"{b.path}: version {b.info.bundle_version}, classes {b.classes}")
+
+
+def add_command(**options: Any) -> None:
     """Enrol IMAGES into class --label."""
     from imgtriage.predict.gallery_edit import enrol_images
 
-    b = enrol_images(bundle, label, images, out=out)
-    typer.echo(f"{b.path}: version {b.info.bundle_version}, classes {b.classes}")
+    add = config_from_options(GalleryAdd, options)
+    _echo_version(enrol_images(options["bundle"], add.label, options["images"],
+                               out=config_from_options(GalleryOutput, options).out))
 
 
-@gallery_app.command("remove")
-def remove_command(
-    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
-    items: list[str] = typer.Argument(None, help="Items to drop (same as --images)."),
-    label: str = typer.Option(..., "--label", "-l", help="Class to remove (or to remove "
-                                                         "items from)."),
-    images: list[str] = typer.Option(None, "--images", help="Only these items (enrolled path "
-                                                            "or file name); repeatable."),
-    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
-) -> None:
+command(add_command, arguments=[BUNDLE, argument("images", "Image files to enrol.", list[Path])],
+        configs=[GalleryAdd, GalleryOutput])
+gallery_app.command("add")(add_command)
+
+
+def remove_command(**options: Any) -> None:
     """Remove class --label, or only some of its items."""
     from imgtriage.predict.gallery_edit import remove_items
 
-    chosen = [*(images or []), *(items or [])]
-    b = remove_items(bundle, label, chosen or None, out=out)
-    typer.echo(f"{b.path}: version {b.info.bundle_version}, classes {b.classes}")
+    removal = config_from_options(GalleryRemoval, options)
+    chosen = [*removal.images, *(options["items"] or [])]
+    _echo_version(remove_items(options["bundle"], removal.label, chosen or None,
+                               out=config_from_options(GalleryOutput, options).out))
 
 
-@gallery_app.command("list")
-def list_command(
-    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
-    items: bool = typer.Option(False, "--items", help="Also list every enrolled item."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
+command(remove_command, arguments=[
+    BUNDLE, argument("items", "Items to drop (same as --images).", list[str], None)],
+    configs=[GalleryRemoval, GalleryOutput])
+gallery_app.command("remove")(remove_command)
+
+
+def list_command(**options: Any) -> None:
     """Classes, item counts and the scoring rule of a gallery."""
     from imgtriage.predict.gallery_edit import describe_gallery
 
-    info = describe_gallery(bundle, items=items)
-    if as_json:
+    listing = config_from_options(GalleryListing, options)
+    info = describe_gallery(options["bundle"], items=listing.items)
+    if listing.as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     rule = info["rule"]
@@ -98,23 +98,22 @@ def list_command(
             typer.echo(f"      {item}")
 
 
+command(list_command, arguments=[BUNDLE], configs=[GalleryListing])
+gallery_app.command("list")(list_command)
+
+
 def rule_command(**options: Any) -> None:
     """Change the similarity threshold or scoring method."""
     from imgtriage.predict.gallery_edit import set_rule
 
-    bundle, out = options.pop("bundle"), options.pop("out")
-    b = set_rule(bundle, config_from_options(GalleryRuleChange, options), out=out)
+    b = set_rule(options["bundle"], config_from_options(GalleryRuleChange, options),
+                 out=config_from_options(GalleryOutput, options).out)
     rule = {k: b.info.block("gallery")[k] for k in ("method", "k", "similarity_threshold")}
     typer.echo(f"{b.path}: version {b.info.bundle_version}, rule {rule}")
 
 
 # The bundle, one option per GalleryRuleChange field, then where the new version goes.
-rule_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("bundle", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., help="Gallery bundle directory or .zip.")),
-    *config_parameters(GalleryRuleChange),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-                      default=typer.Option(None, "--out", "-o", help=_OUT_HELP))])
+command(rule_command, arguments=[BUNDLE], configs=[GalleryRuleChange, GalleryOutput])
 gallery_app.command("rule")(rule_command)
 
 
@@ -122,8 +121,8 @@ def create_command(**options: Any) -> None:
     """A new gallery from an existing encoder and a folder of labelled images."""
     from imgtriage.predict.gallery_edit import create_gallery
 
-    source, data, out = options.pop("source"), options.pop("data"), options.pop("out")
-    b = create_gallery(source, data, out,
+    out = config_from_options(NewGalleryOutput, options).out
+    b = create_gallery(options["source"], options["data"], out,
                        config=config_from_options(GalleryCreateConfig, options))
     typer.echo(f"{b.path}: classes {b.classes}")
     if b.info.block("threshold_fit"):
@@ -132,32 +131,28 @@ def create_command(**options: Any) -> None:
 
 # The encoder's bundle, the data and the new bundle, then one option per GalleryCreateConfig
 # field.
-create_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., help="A gallery bundle, or a classifier "
-                                             "bundle of model siamese, whose encoder to use.")),
-    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., help="Class folders to enrol.")),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-                      default=typer.Option(..., "--out", "-o", help="The new gallery bundle.")),
-    *config_parameters(GalleryCreateConfig)])
+command(create_command, arguments=[
+    argument("source", "A gallery bundle, or a classifier bundle of model siamese, whose "
+                       "encoder to use.", Path),
+    argument("data", "Class folders to enrol.", Path)],
+    configs=[NewGalleryOutput, GalleryCreateConfig])
 gallery_app.command("create")(create_command)
 
 
-@gallery_app.command("fit-threshold")
-def fit_threshold_command(
-    bundle: Path = typer.Argument(..., help="Gallery bundle directory or .zip."),
-    acceptance: float = typer.Option(0.95, help="Share of the held-out enrolled items answered "
-                                                "correctly that the threshold keeps."),
-    out: Path = typer.Option(None, "--out", "-o", help=_OUT_HELP),
-) -> None:
+def fit_threshold_command(**options: Any) -> None:
     """Fit the similarity threshold on the enrolled items (leave-one-out); below it the
     gallery answers unknown."""
     from imgtriage.predict.gallery_edit import fit_threshold
 
-    b, fit = fit_threshold(bundle, acceptance, out=out)
+    fit_cfg = config_from_options(GalleryThresholdFit, options)
+    b, fit = fit_threshold(options["bundle"], fit_cfg.acceptance,
+                           out=config_from_options(GalleryOutput, options).out)
     _echo_fit(fit)
     typer.echo(f"bundle: {b.path} (version {b.info.bundle_version})")
+
+
+command(fit_threshold_command, arguments=[BUNDLE], configs=[GalleryThresholdFit, GalleryOutput])
+gallery_app.command("fit-threshold")(fit_threshold_command)
 
 
 def _echo_fit(fit: dict) -> None:

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from imgtriage.bundle.inspect_config import InspectConfig
+from imgtriage.cli._options import argument, command, config_from_options
 
-def inspect_command(
-    bundle: Path = typer.Argument(..., help="Bundle directory or .zip."),
-    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 checks."),
-) -> None:
+
+def inspect_command(**options: Any) -> None:
     """Verify a bundle and print what it holds: model, input, classes, decision rule."""
     from imgtriage.bundle import load_bundle
     from imgtriage.bundle.graph import graph_summary
 
-    b = load_bundle(bundle, verify=not no_verify)
+    cfg = config_from_options(InspectConfig, options)
+    b = load_bundle(options["bundle"], verify=cfg.verify)
     m = b.manifest
-    if as_json:
+    if cfg.as_json:
         typer.echo(json.dumps(m, indent=2))
         return
     pre, dec = m["preprocess"], m["decision"]
@@ -42,8 +43,12 @@ def inspect_command(
     ]
     typer.echo("\n".join(lines))
     typer.echo("verified: every file matches its sha256, the weights are safetensors and "
-               "the manifest is within its schema bounds" if not no_verify
+               "the manifest is within its schema bounds" if cfg.verify
                else "not verified (--no-verify): file hashes and weights were not checked")
+
+
+command(inspect_command, arguments=[argument("bundle", "Bundle directory or .zip.", Path)],
+        configs=[InspectConfig])
 
 
 def _unknowns(m: dict) -> str:

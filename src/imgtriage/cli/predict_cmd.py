@@ -3,16 +3,15 @@ imgtriage report STORE --output results.json"""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from imgtriage.cli._options import config_from_options, config_parameters
+from imgtriage.cli._options import argument, command, config_from_options
 from imgtriage.predict.base import PredictOptions
-from imgtriage.predict.run_config import PredictRunConfig, parse_thresholds
+from imgtriage.predict.run_config import PredictRunConfig, ReportConfig, parse_thresholds
 
 __all__ = ["parse_thresholds", "predict_command", "register", "report_command"]
 
@@ -36,17 +35,13 @@ def predict_command(**kw: Any) -> None:
                + f" | {done.runtime}")
 
 
-_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
 # The bundle and the paths, one option per PredictRunConfig field (the run's settings), then
 # one per PredictOptions field (thresholds stay text in the run's settings, parsed against the
 # bundle's class count).
-predict_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("bundle", _POS, annotation=Path,
-                      default=typer.Argument(..., help="Bundle directory or .zip.")),
-    inspect.Parameter("paths", _POS, annotation=list[Path], default=typer.Argument(
-        ..., help="Files and/or folders (walked recursively).")),
-    *config_parameters(PredictRunConfig),
-    *config_parameters(PredictOptions, panels={"include_probs": "Decision (per call)"})])
+command(predict_command, arguments=[
+    argument("bundle", "Bundle directory or .zip.", Path),
+    argument("paths", "Files and/or folders (walked recursively).", list[Path])],
+    configs=[PredictRunConfig, PredictOptions], panels={"include_probs": "Decision (per call)"})
 
 
 def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str | None,
@@ -74,18 +69,18 @@ def _predict_on_ray(bundle: Path, paths: list[Path], output: Path, address: str 
                f"-> {output} | {runtime}")
 
 
-def report_command(
-    store: Path = typer.Argument(..., help="A result store written by predict --store."),
-    output: Path = typer.Option(..., "--output", "-o",
-                                help="Report file: .json, .jsonl, .csv or .parquet."),
-    defect_log: Path = typer.Option(None, "--defect-log",
-                                    help="Also write the defects alone (.json or .jsonl)."),
-) -> None:
+def report_command(**options: Any) -> None:
     """Rebuild the report of everything a result store holds (no bundle needed)."""
     from imgtriage.predict.runner import report_from_store
 
-    meta = report_from_store(store, output, defect_log=defect_log)
-    typer.echo(f"{meta['num_files']} files (coverage {meta['coverage']}) -> {output}")
+    cfg = config_from_options(ReportConfig, options)
+    meta = report_from_store(options["store"], cfg.output, defect_log=cfg.defect_log)
+    typer.echo(f"{meta['num_files']} files (coverage {meta['coverage']}) -> {cfg.output}")
+
+
+command(report_command, arguments=[
+    argument("store", "A result store written by predict --store.", Path)],
+    configs=[ReportConfig])
 
 
 def register(app: typer.Typer) -> None:

@@ -6,13 +6,12 @@ The options are generated from the fields of :class:`~imgtriage.serve.config.Ser
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from imgtriage.cli._options import config_from_options, config_parameters
+from imgtriage.cli._options import argument, command, config_from_options
 from imgtriage.serve.config import ServeConfig
 
 PANELS = {"host": "Where and how many", "max_batch_size": "Batching and limits",
@@ -28,10 +27,9 @@ def serve_command(**options: Any) -> None:
     serve(config_from_options(ServeConfig, options, bundle=str(bundle)))
 
 
-serve_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("bundle", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., help="Bundle directory or .zip to serve.")),
-    *config_parameters(ServeConfig, skip=("bundle",), panels=PANELS)])
+command(serve_command,
+        arguments=[argument("bundle", "Bundle directory or .zip to serve.", Path)],
+        configs=[ServeConfig], skip=("bundle",), panels=PANELS)
 
 
 def register(app: typer.Typer) -> None:

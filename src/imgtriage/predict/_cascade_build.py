@@ -125,6 +125,29 @@ class CascadeConfig:
 
 
 @dataclass(frozen=True)
+class CascadeRunOptions:
+    """What ``imgtriage cascade`` takes besides the :class:`CascadeConfig`: where the bundle
+    goes, the first stage's statistics (made into the config's ``features``) and the compute
+    threads."""
+
+    out: Path = field(metadata={"help": "Cascade bundle to write (a directory, or a .zip).",
+                                "short": "-o"})
+    feature_channels: int | None = _f(None, "Channels of the per-channel statistics (default 3 "
+                                            "for an RGB stage 2, else 1).")
+    feature_max_side: int = _f(64, "Statistics use every s-th pixel so no side exceeds this.")
+    threads: int | None = _f(None, "Compute threads.")
+
+    def feature_spec(self, stage2: str | os.PathLike[str]) -> FeatureSpec | None:
+        """The config's ``features`` for the ``stage2`` bundle (None: the default
+        statistics; the bundle is read only when its channel count decides)."""
+        if self.feature_channels is None and self.feature_max_side == 64:
+            return None
+        channels = self.feature_channels or (
+            3 if load_bundle(stage2).info.model.in_chans == 3 else 1)
+        return FeatureSpec(channels=channels, max_side=self.feature_max_side)
+
+
+@dataclass(frozen=True)
 class CascadeResult:
     bundle_path: Path
     validation: dict[str, Any]
@@ -377,4 +400,4 @@ def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
     return save_bundle(out, manifest, None, files)
 
 
-__all__ = ["CascadeConfig", "CascadeResult", "build_cascade"]
+__all__ = ["CascadeConfig", "CascadeResult", "CascadeRunOptions", "build_cascade"]

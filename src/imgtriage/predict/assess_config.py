@@ -135,3 +135,21 @@ class CalibrateConfig:
         skip = ("split", "profile", "make_default", "positive_class")
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
                 "positive_class": pos, "profile": self.profile}
+
+
+@dataclass(frozen=True)
+class EvaluateOutput:
+    """Where ``imgtriage evaluate`` writes (``evaluate_bundle``'s ``out``; None: the default
+    the command names, ``drift.json`` for a drift check)."""
+
+    out: Path | None = field(default=None, metadata={
+        "help": "Where report.json, report.html and the figures (confusion_matrix.png, ...) "
+                "go (default: BUNDLE/../eval).", "short": "-o"})
+
+
+@dataclass(frozen=True)
+class CalibrateOutput:
+    """Where ``calibrate_bundle`` writes the new bundle version (None: in place)."""
+
+    out: Path | None = field(default=None, metadata={
+        "help": "Write the new bundle version here instead of in place.", "short": "-o"})

@@ -48,6 +48,7 @@ from imgtriage.io import ImageRecord
 from imgtriage.predict._cascade_build import (
     CascadeConfig,
     CascadeResult,
+    CascadeRunOptions,
     build_cascade,
     routed_by_class,
 )
@@ -341,4 +342,4 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
 
 
 __all__ = ["CascadeConfig", "CascadeDecoder", "CascadeOptions", "CascadePredictor",
-           "CascadeResult", "build_cascade", "load_cascade", "sub_bundle"]
+           "CascadeResult", "CascadeRunOptions", "build_cascade", "load_cascade", "sub_bundle"]

@@ -69,3 +69,13 @@ class ExportConfig:
             raise ConfigError("calib_images must be >= 1 (--calib-images)")
         if self.check_images < 1:
             raise ConfigError("check_images must be >= 1 (--check-images)")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """Which formats ``imgtriage export`` writes (ONNX is the only one so far; none chosen is
+    an error the command reports)."""
+
+    onnx: bool = field(default=False, metadata={
+        "help": "Write model.onnx (dynamic batch axis) into a new version of the bundle.",
+        "switch": True})

@@ -1,5 +1,7 @@
-"""What ``imgtriage gallery rule`` / ``set_rule`` and ``imgtriage gallery create`` /
-``create_gallery`` can be told, each as one frozen record.
+"""What each ``imgtriage gallery`` edit can be told, each as one frozen record: ``rule`` /
+``set_rule``, ``create`` / ``create_gallery``, ``add`` / ``enrol_images``, ``remove`` /
+``remove_items``, ``list`` / ``describe_gallery``, ``fit-threshold`` / ``fit_threshold``, and
+where the new version goes.
 
 Each field carries its ``--help`` text in ``metadata["help"]`` (``cli/_options.py`` builds the
 command's options from them); errors name the CLI flag that sets the value. No heavy imports
@@ -15,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from imgtriage.errors import ConfigError
@@ -88,3 +91,56 @@ class GalleryCreateConfig:
 
         return GalleryConfig(method=self.method, k=self.knn_k,
                              similarity_threshold=self.similarity_threshold)
+
+
+def _required(help: str, **meta: Any) -> Any:
+    return field(metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class GalleryOutput:
+    """Where an edit writes the new version (None: it replaces the bundle; the history is
+    kept either way)."""
+
+    out: Path | None = field(default=None, metadata={
+        "help": "Write the new version here instead of replacing BUNDLE (history is kept "
+                "either way).", "short": "-o"})
+
+
+@dataclass(frozen=True)
+class NewGalleryOutput:
+    """Where ``create_gallery`` writes the new gallery bundle."""
+
+    out: Path = field(metadata={"help": "The new gallery bundle.", "short": "-o"})
+
+
+@dataclass(frozen=True)
+class GalleryAdd:
+    """Which class ``enrol_images`` enrols the images into."""
+
+    label: str = _required("Class to enrol them into (a new class when absent).", short="-l")
+
+
+@dataclass(frozen=True)
+class GalleryRemoval:
+    """What ``remove_items`` drops: a whole class, or only some of its items."""
+
+    label: str = _required("Class to remove (or to remove items from).", short="-l")
+    images: tuple[str, ...] = _f((), "Only these items (enrolled path or file name); "
+                                     "repeatable.", repeat=True)
+
+
+@dataclass(frozen=True)
+class GalleryListing:
+    """What ``imgtriage gallery list`` prints besides the classes and the rule."""
+
+    items: bool = _f(False, "Also list every enrolled item.", switch=True)
+    as_json: bool = _f(False, "Print JSON.", flag="--json", switch=True)
+
+
+@dataclass(frozen=True)
+class GalleryThresholdFit:
+    """How ``fit_threshold`` fits the similarity threshold on the enrolled items."""
+
+    acceptance: float = _f(0.95, "Share of the held-out enrolled items answered correctly "
+                                 "that the threshold keeps.")

@@ -50,8 +50,21 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 ONNX_MODEL = "onnx"  # manifest model name of an imported graph (no torch architecture)
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def classes_from_text(text: str) -> tuple[str, ...]:
+    """Class names given as text: comma-separated, or the path of a file with one per line.
+
+    Example:
+        >>> classes_from_text("cat, dog")
+        ('cat', 'dog')
+    """
+    if Path(text).is_file():
+        return tuple(line.strip() for line in Path(text).read_text().splitlines()
+                     if line.strip())
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,8 @@ class ImportConfig:
     """How to read a foreign model. Errors name the CLI flag that sets the value."""
 
     classes: tuple[str, ...] = _f((), "Class names in the model's output order: comma-"
-                                      "separated, or a text file with one name per line.")
+                                      "separated, or a text file with one name per line.",
+                                  parse=classes_from_text)
     preprocess: str = _f("torch-imagenet", "keras-caffe (RGB->BGR, ImageNet mean subtracted "
                                            "on 0..255), keras-tf (x/127.5-1), torch-imagenet, "
                                            "or custom (give --mean/--std).")
@@ -111,6 +125,13 @@ class ImportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImportOutput:
+    """Where ``import_model`` writes the bundle (``imgtriage import --out``)."""
+
+    out: Path = field(metadata={"help": "Bundle directory to write (or .zip).", "short": "-o"})
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,17 @@ class PredictRunConfig:
                 "max_pages": self.max_pages, "decode_timeout_s": self.decode_timeout}
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """What ``imgtriage report`` / ``runner.report_from_store`` writes from a result store:
+    the report file and, optionally, the defects alone."""
+
+    output: Path = field(metadata={"help": "Report file: .json, .jsonl, .csv or .parquet.",
+                                   "short": "-o"})
+    defect_log: Path | None = field(default=None, metadata={"help": (
+        "Also write the defects alone (.json or .jsonl).")})
+
+
 def parse_thresholds(text: str | None, n_classes: int) -> tuple[float, ...] | None:
     """``"0.6"`` (every class) or ``"0.5,0.7,0.6"`` (one per class, in the bundle's order).
 
