@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from imgtriage.data._geometry import PIL_INTERP, geometry, place, resize_plane
 from imgtriage.data.features import FeatureSpec, raw_features
 from imgtriage.errors import ConfigError, ImageReadError
 from imgtriage.io import Defect, ImageRecord, ReadPolicy, read_image
@@ -42,12 +43,6 @@ PREPROCESS_PRESETS: dict[str, dict[str, Any]] = {
                        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
 
-_PIL_INTERP = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "area": Image.Resampling.BOX,
-}
 MAX_SIDE = 8_192  # a model input side; larger ones cost gigabytes per image
 MAX_CHANNELS = 1_024
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -130,7 +125,7 @@ class PreprocessSpec:
             raise ConfigError("stretch must be linear|asinh|log (--stretch)")
         if self.resize not in ("squash", "shorter_crop", "pad"):
             raise ConfigError("resize must be squash|shorter_crop|pad (--resize)")
-        if self.interpolation not in _PIL_INTERP:
+        if self.interpolation not in PIL_INTERP:
             raise ConfigError("interpolation must be nearest|bilinear|bicubic|area")
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
@@ -245,38 +240,6 @@ def _scale_channel(ch: np.ndarray, spec: PreprocessSpec, span: tuple[Any, Any] |
     return out.astype(np.float32, copy=False)
 
 
-def _resize_channel(ch: np.ndarray, size_wh: tuple[int, int], interp: str) -> np.ndarray:
-    img = Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32), mode="F")
-    return np.asarray(img.resize(size_wh, _PIL_INTERP[interp]), dtype=np.float32)
-
-
-def _geometry(ch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """(H, W) float -> (h, w) by spec.resize, in float precision."""
-    th, tw = spec.size
-    h, w = ch.shape[:2]
-    if spec.resize == "squash":
-        target, crop = (tw, th), None
-    elif spec.resize == "shorter_crop":
-        scale = max(th, tw) / spec.crop_pct / min(h, w)
-        rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-        top, left = (rh - th) // 2, (rw - tw) // 2
-        target, crop = (rw, rh), (top, left)
-    else:  # pad
-        scale = min(th / h, tw / w)
-        target, crop = (max(1, round(w * scale)), max(1, round(h * scale))), None
-    out = ch if (w, h) == target else _resize_channel(ch, target, spec.interpolation)
-    if crop is not None:
-        top, left = crop
-        out = out[top:top + th, left:left + tw]
-    elif spec.resize == "pad":
-        canvas = np.zeros((th, tw), np.float32)
-        oh, ow = out.shape[:2]
-        top, left = (th - oh) // 2, (tw - ow) // 2
-        canvas[top:top + oh, left:left + ow] = out
-        out = canvas
-    return out
-
-
 def _channel_plan(c: int, in_chans: int, path: str) -> tuple[bool, str]:
     """How c channels become in_chans: (composite alpha?, then "same"|"repeat"|"luma").
 
@@ -315,22 +278,74 @@ def _model_planes(array: np.ndarray, spec: PreprocessSpec, path: str) -> list[np
 
     if rule == "luma":
         grey = (np.stack([colour(k) for k in range(3)], axis=2) @ _LUMA)
-        return [_geometry(grey, spec)]
-    planes = [_geometry(colour(k), spec) for k in range(colours)]
+        return [geometry(grey, spec)]
+    planes = [geometry(colour(k), spec) for k in range(colours)]
     return planes * spec.in_chans if rule == "repeat" else planes
+
+
+def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
+    """The model input of an 8-bit grey or RGB image, or None where this path does not apply.
+
+    Pillow splits the channels and turns each into floats of its raw levels in C, resamples
+    only the window the model keeps, and the scaling and mean/std run once on the small
+    result: no float copy of the full-size image, one pass per output channel. Linear scaling
+    commutes with resampling (the filter weights sum to one), so the values equal
+    :func:`float_input`'s up to float rounding (~1e-6); percentile scaling and non-linear
+    stretches (which do not commute with resizing), alpha and luma conversions keep the
+    float planes.
+    """
+    if array.dtype != np.uint8 or spec.stretch != "linear" or spec.scaling == "percentile":
+        return None
+    grey = array.ndim == 2 or array.shape[2] == 1
+    if not grey and not (array.shape[2] == 3 and spec.in_chans == 3):
+        return None
+    span = _range(array, spec)
+    lo, hi = (0.0, 255.0) if span is None else (float(span[0]), float(span[1]))
+    image = Image.fromarray(array.reshape(array.shape[:2]) if grey else array)
+    sources = [image] if grey else list(image.split())
+    if spec.channel_order == "bgr":
+        sources = sources[::-1]
+    planes = []
+    for src in sources:
+        levels = resize_plane(src.convert("F"), spec)  # Pillow's array: read-only
+        if hi > lo:  # (minmax clips nothing: lo and hi are the image's own min and max)
+            plane = (levels - np.float32(lo)) / np.float32(hi - lo)
+        else:  # a constant image under minmax scaling: zeros, as float_input gives
+            plane = np.zeros_like(levels)
+        planes.append(place(plane, spec, None))
+    out = np.empty((spec.in_chans, *spec.size), np.float32)
+    scale = np.float32(spec.value_range)
+    for k in range(spec.in_chans):
+        np.multiply(planes[0 if grey else k], scale, out=out[k])
+        out[k] -= np.float32(spec.mean[k])
+        out[k] /= np.float32(spec.std[k])
+    return out
 
 
 def to_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>") -> np.ndarray:
     """A decoded image (any dtype, (H, W) or (H, W, C)) -> float32 (in_chans, h, w), normalised.
 
-    Works one channel at a time, so a large image costs one channel of floats, not the
-    whole image four times over. Raises ImageReadError(Defect(..., "bad_shape")) when the
+    8-bit grey and RGB images resample each channel's levels as floats in Pillow and scale
+    the small result (:func:`_fast_8bit`); every other image works one float channel at a time
+    (:func:`float_input`), so a large image costs one channel of floats, not the whole image
+    four times over. Raises ImageReadError(Defect(..., "bad_shape")) when the
     channels cannot be matched.
     """
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise ImageReadError(Defect(path, "bad_shape",
                                     f"expected a 2-D image or (H, W, C), got shape "
                                     f"{tuple(array.shape)}"))
+    fast = _fast_8bit(array, spec)
+    return fast if fast is not None else float_input(array, spec, path=path)
+
+
+def float_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>"
+                ) -> np.ndarray:
+    """:func:`to_input` through float32 planes, for every image: scale, stretch, composite
+    and resize each channel in float precision. 16-bit, float, multi-band and alpha images
+    always take this path; 8-bit grey and RGB images take it only where :func:`_fast_8bit`
+    does not apply (tests hold the two equal up to float rounding).
+    """
     planes = _model_planes(array, spec, path)
     if spec.channel_order == "bgr":
         planes = planes[::-1]
