@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 
 import pytest
 
@@ -88,16 +89,82 @@ def test_time_budget_decides_fine_tuning(budget, finetune):
     from imgtriage.train.auto_recipe import Costs, plan_recipe
     from imgtriage.train.config import TrainConfig
 
-    cfg = TrainConfig(model="efficientnet_lite0", time_budget=budget)
-    # 5,000 images: embedding ~25 s, a fine-tuning epoch ~110 s
+    cfg = TrainConfig(model="efficientnet_lite0", img_size=224, time_budget=budget)
+    # 5,000 images: embedding ~28 s, a fine-tuning epoch ~110 s at every side (side None)
     got, why = plan_recipe(cfg, {"a": 2500, "b": 2500}, 500, pretrained=True,
                            rgb_photos=True, costs=Costs(0.005, 0.02))
-    assert "estimate: embedding 5500 images once ~28s" in why
+    assert "embedding 5500 images once ~28s" in why
     if finetune:
-        assert got.freeze_epochs == 1 and 2 <= got.epochs <= 9 and got.augment == "light"
-        assert got.modality == "photo" and got.lr < cfg.lr and not got.freeze_backbone
+        assert got.freeze_epochs == 1 and 2 <= got.epochs <= 13 and got.augment == "light"
+        assert got.modality == "photo" and not got.freeze_backbone
+        assert got.schedule == "cosine" and got.label_smoothing > 0 and got.layer_decay < 1
     else:
         assert got.freeze_backbone and got.epochs == cfg.epochs and "head on cached" in why
+        assert got.img_size == 224
+
+
+def test_finetune_sides_follow_the_source_images():
+    from imgtriage.train.auto_recipe import SOURCE_UPSCALE, finetune_sides
+
+    for native in (224, 240, 260):
+        for source in (8, 32, 48, 64, 300, None):
+            sides = finetune_sides(native, source)
+            assert sides and sides == sorted(sides) and max(sides) <= native
+            if source and SOURCE_UPSCALE * source >= min(sides):
+                assert max(sides) <= SOURCE_UPSCALE * source
+    assert max(finetune_sides(224, 32)) < 224 <= max(finetune_sides(224, 300))
+
+
+def test_plan_finetune_uses_more_time_for_more_pixels_or_epochs():
+    from imgtriage.train.auto_recipe import (
+        MAX_FINETUNE_EPOCHS,
+        MIN_FINETUNE_EPOCHS,
+        Costs,
+        plan_finetune,
+    )
+
+    costs = Costs(1 / 250, 1 / 46, 160)  # EfficientNet-Lite0 at 160 px on 2 quiet cores
+    sides = [96, 128, 160, 192, 224]
+    plans = [plan_finetune(4250, 750, costs, m * 60, sides) for m in (3, 8, 15, 30, 120)]
+    for small, big in itertools.pairwise(plans):
+        assert (big.side, big.epochs) >= (small.side, small.epochs)
+    for m, p in zip((3, 8, 15, 30, 120), plans, strict=True):
+        assert 0 <= p.epochs <= MAX_FINETUNE_EPOCHS
+        if p.epochs:
+            assert p.total_s <= m * 60
+        if p.side > min(sides):
+            assert p.epochs >= MIN_FINETUNE_EPOCHS
+    assert plans[-1].side == 224 and plans[2].side < 224  # 15 min: not 224 px for CIFAR
+    scaled = costs.at(80)
+    assert scaled.train * 4 == pytest.approx(costs.train) and scaled.side == 80
+
+
+def test_small_photos_train_below_the_weights_size_unless_given():
+    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig
+
+    counts = {f"c{i}": 425 for i in range(10)}
+    costs = Costs(1 / 250, 1 / 46, 160)
+    cfg = TrainConfig(model="efficientnet_lite0", img_size=224)
+    got, why = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=costs,
+                           source_side=32)
+    assert got.img_size <= 128 and got.epochs >= 2 and "median side 32" in why
+    big, _ = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=costs,
+                         source_side=400)
+    assert big.img_size > got.img_size
+    kept, _ = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=costs,
+                          source_side=32, size_given=True)
+    assert kept.img_size == 224
+
+
+def test_measure_costs_times_a_real_model():
+    from imgtriage.train.auto_recipe import measure_costs
+    from imgtriage.train.config import TrainConfig
+
+    cfg = TrainConfig(model="crop_cnn", img_size=16, in_chans=1, batch_size=8)
+    c = measure_costs(cfg, 3, reps=1)
+    assert c.side == 16 and c.infer > 0 and c.train > 0
+    assert measure_costs(cfg, 3, side=32, reps=1).side == 32
 
 
 def test_time_budget_caps_cnn_epochs_only_when_left_at_default():

@@ -116,7 +116,7 @@ def test_auto_picks_the_pretrained_recipe_for_rgb_and_says_why(rgb_folder, tmp_p
     why = json.loads((tmp_path / "run" / "run.json").read_text())["model_choice"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"] == "efficientnet_lite0" and saved["freeze_backbone"], why
-    assert "pretrained weights installed" in why and "estimate: embedding" in why
+    assert "pretrained weights installed" in why and "estimate at 32 px: embedding" in why
     assert "head on cached embeddings only" in why
 
 

@@ -6,18 +6,27 @@ fills in what the user left at its default, each with the sentence that explains
 - **classes imbalanced** (largest / smallest training class >= 1.5): inverse-frequency class
   weights and selection of the best epoch by balanced accuracy;
 - **pretrained backbone**: the head is trained on cached embeddings first; then, when
-  ``--time-budget`` leaves room, the whole network is fine-tuned for as many epochs as fit
-  (at a fine-tuning learning rate, earlier stages slower by ``--layer-decay``, with the
-  modality's augmentation: flips + one light random op per image for photos);
+  ``--time-budget`` leaves room, the whole network is fine-tuned (AdamW, warmup + cosine,
+  earlier stages slower by ``--layer-decay``, label smoothing, the modality's flips + one
+  light random op per image) at a training resolution chosen by :func:`plan_finetune`: the
+  largest side up to the weights' own that the source images justify (at most
+  ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 128, not 224) at which
+  at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
+  ``MAX_FINETUNE_EPOCHS``);
 - **small CNNs**: as many of the default ``--epochs`` as fit in the budget (epochs given
   on the command line are kept).
 
-The per-image costs come from timing the chosen model on this machine (a few batches,
-seconds) and are printed before training starts, per epoch.
+The per-image costs come from timing the chosen model on this machine (a few batches of
+``PROBE_BATCH`` in channels_last, as training runs, seconds) and are printed before training
+starts, per epoch. A cost measured at one side is scaled to others by the pixel count.
 
 Example:
     >>> imbalance({"ok": 900, "bad": 300})
     3.0
+    >>> finetune_sides(224, 32)
+    [96, 128]
+    >>> finetune_sides(224, 300)
+    [96, 128, 160, 192, 224]
 """
 
 from __future__ import annotations
@@ -31,9 +40,15 @@ import torch
 from imgtriage.train.config import TrainConfig, field_default
 
 IMBALANCE_RATIO = 1.5
-FINETUNE_LR = 5e-4
-FINETUNE_LAYER_DECAY = 0.7
-MAX_FINETUNE_EPOCHS = 8
+FINETUNE = {"lr": 1e-3, "layer_decay": 0.85, "schedule": "cosine", "warmup_epochs": 0.5,
+            "label_smoothing": 0.1, "weight_decay": 0.02, "head_epochs": 10}
+FINETUNE_SIDES = (96, 128, 160, 192, 224, 256)
+SOURCE_UPSCALE = 4      # a pretrained net sees objects at ImageNet scale; beyond 4x, pixels
+MIN_FINETUNE_EPOCHS = 6  # of a small photo are only interpolated
+MAX_FINETUNE_EPOCHS = 12
+BUDGET_SHARE = 0.9       # of --time-budget planned; the rest is slack for the estimate
+FIXED_S = 30.0           # start-up, decoding, bundle writing (seconds, measured: ~20-30)
+PROBE_BATCH, PROBE_MAX_SIDE = 32, 160
 
 
 def imbalance(counts: dict[str, int]) -> float:
@@ -44,20 +59,35 @@ def imbalance(counts: dict[str, int]) -> float:
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds per image on this machine: inference (embedding) and a training step."""
+    """Seconds per image on this machine: inference (embedding) and a training step,
+    measured at ``side`` pixels (None: at the run's own size, never rescaled)."""
 
     infer: float
     train: float
+    side: int | None = None
+
+    def at(self, side: int) -> Costs:
+        """The costs at another side, scaled by the pixel count (measured on
+        EfficientNet-Lite0, 2 threads: within ~15% between 96 and 224 px)."""
+        if self.side is None or side == self.side:
+            return self
+        f = (side / self.side) ** 2
+        return Costs(self.infer * f, self.train * f, side)
 
 
-def measure_costs(cfg: TrainConfig, num_classes: int, batch: int = 4, reps: int = 2) -> Costs:
-    """Time the chosen model (random weights: the cost is the same) on random inputs."""
+def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
+                  batch: int = PROBE_BATCH, reps: int = 2) -> Costs:
+    """Time the chosen model (random weights: the cost is the same) on random inputs, as
+    training runs it: batches of ``batch`` (at most ``--batch-size``), channels_last unless
+    ``--channels-last off``; ``side`` defaults to the run's input size."""
     from imgtriage.models import create_model
 
-    size = cfg.img_size or 224
+    side = side or cfg.img_size or 224
+    batch = max(2, min(batch, cfg.batch_size))
+    fmt = torch.preserve_format if cfg.channels_last == "off" else torch.channels_last
     model = create_model(cfg.model, num_classes, cfg.in_chans or 3,
-                         **dict(cfg.model_kwargs))
-    x = torch.randn(batch, cfg.in_chans or 3, size, size)
+                         **dict(cfg.model_kwargs)).to(memory_format=fmt)
+    x = torch.randn(batch, cfg.in_chans or 3, side, side).to(memory_format=fmt)
     y = torch.zeros(batch, dtype=torch.long)
 
     def timed(step) -> float:
@@ -78,7 +108,51 @@ def measure_costs(cfg: TrainConfig, num_classes: int, batch: int = 4, reps: int 
     model.eval()
     t_infer = timed(infer)
     model.train()
-    return Costs(t_infer, timed(train_step))
+    return Costs(t_infer, timed(train_step), side)
+
+
+def finetune_sides(native: int, source_side: int | None) -> list[int]:
+    """Training sides worth trying, smallest first: up to the weights' own side and at
+    most ``SOURCE_UPSCALE`` times the images' median side (never fewer than one)."""
+    cap = native if not source_side else min(native, SOURCE_UPSCALE * source_side)
+    sides = [s for s in FINETUNE_SIDES if s <= cap]
+    return sides or [FINETUNE_SIDES[0]]
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """A training side, the epochs that fit, and the estimates (seconds) behind them."""
+
+    side: int
+    epochs: int
+    embed_s: float
+    epoch_s: float
+
+    @property
+    def total_s(self) -> float:
+        return FIXED_S + 2 * self.embed_s + self.epochs * self.epoch_s
+
+
+def plan_finetune(n_train: int, n_val: int, costs: Costs, budget_s: float,
+                  sides: list[int]) -> FinetunePlan:
+    """The largest side at which ``MIN_FINETUNE_EPOCHS`` fit in ``budget_s`` (else the side
+    with the most epochs), and as many epochs there as fit (capped). Time is: start-up, the
+    embedding pass, the epochs (training + validation), and one more pass over train + val
+    at the end (calibration, OOD features, the ONNX check). ``epochs`` may be 0."""
+    usable = budget_s * BUDGET_SHARE - FIXED_S
+    best: FinetunePlan | None = None
+    for side in sorted(sides, reverse=True):
+        c = costs.at(side)
+        embed_s = (n_train + n_val) * c.infer
+        epoch_s = n_train * c.train + n_val * c.infer
+        fit = max(0, int((usable - 2 * embed_s) // max(epoch_s, 1e-9)))
+        plan = FinetunePlan(side, min(fit, MAX_FINETUNE_EPOCHS), embed_s, epoch_s)
+        if fit >= MIN_FINETUNE_EPOCHS:
+            return plan
+        if best is None or plan.epochs > best.epochs:
+            best = plan
+    assert best is not None  # sides is never empty
+    return best
 
 
 def _default(cfg: TrainConfig, name: str) -> bool:
@@ -100,33 +174,48 @@ def _imbalance_rule(cfg: TrainConfig, counts: dict[str, int]) -> tuple[TrainConf
         f"classes imbalanced {ratio:.1f}:1 -> class weights, best epoch by balanced accuracy"]
 
 
+def _finetune_changes(cfg: TrainConfig, plan: FinetunePlan, size_given: bool,
+                      rgb_photos: bool) -> dict[str, object]:
+    changes: dict[str, object] = {"freeze_epochs": 1, "epochs": 1 + plan.epochs}
+    if not size_given:
+        changes["img_size"] = plan.side
+    changes.update({k: v for k, v in FINETUNE.items() if _default(cfg, k)})
+    if _default(cfg, "augment") and _default(cfg, "modality"):
+        changes.update(augment="light", modality="photo" if rgb_photos else "generic")
+    return changes
+
+
 def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs: Costs,
-                     rgb_photos: bool) -> tuple[TrainConfig, list[str]]:
+                     rgb_photos: bool, source_side: int | None, size_given: bool
+                     ) -> tuple[TrainConfig, list[str]]:
     n_train = sum(counts.values())
-    budget = cfg.time_budget * 60
-    embed_s = (n_train + n_val) * costs.infer
-    epoch_s = n_train * costs.train + n_val * costs.infer
-    left = budget * 0.9 - embed_s
-    epochs = min(MAX_FINETUNE_EPOCHS, max(0, int(left // epoch_s)))
-    lines = [f"estimate: embedding {n_train + n_val} images once ~{embed_s:.0f}s "
-             f"({1 / costs.infer:.0f} img/s), each fine-tuning epoch ~{epoch_s:.0f}s "
-             f"({1 / costs.train:.0f} img/s); --time-budget {cfg.time_budget:g} min"]
+    native = cfg.img_size or 224
+    sides = [native] if size_given else finetune_sides(native, source_side)
+    plan = plan_finetune(n_train, n_val, costs, cfg.time_budget * 60, sides)
+    head_embed = (n_train + n_val) * costs.at(native).infer
+    c = costs.at(plan.side)
+    lines = [f"estimate at {plan.side} px: embedding {n_train + n_val} images once "
+             f"~{plan.embed_s:.0f}s ({1 / c.infer:.0f} img/s), each fine-tuning epoch "
+             f"~{plan.epoch_s:.0f}s ({1 / c.train:.0f} img/s, channels_last, batch "
+             f"{min(PROBE_BATCH, cfg.batch_size)}); --time-budget {cfg.time_budget:g} min"]
+    if not size_given and plan.side < native:
+        why = (f"the images' median side {source_side} px x {SOURCE_UPSCALE}"
+               if source_side and SOURCE_UPSCALE * source_side < native
+               else "the budget")
+        lines.append(f"training side {plan.side} px (not the weights' {native}: {why})")
     if not (_default(cfg, "freeze_backbone") and _default(cfg, "freeze_epochs")
             and _default(cfg, "epochs")):
         return cfg, [*lines, "freezing/epochs given: kept as set"]
-    if epochs < 1:
-        lines.append("-> the head on cached embeddings only (no fine-tuning epoch fits)")
+    if plan.epochs < 1:
+        lines.append(f"-> the head on cached embeddings only at {native} px (~{head_embed:.0f}s "
+                     "to embed; no fine-tuning epoch fits)")
         return replace(cfg, freeze_backbone=True), lines
-    changes: dict[str, object] = {"freeze_epochs": 1, "epochs": 1 + epochs}
-    if _default(cfg, "lr"):
-        changes["lr"] = FINETUNE_LR
-    if _default(cfg, "layer_decay"):
-        changes["layer_decay"] = FINETUNE_LAYER_DECAY
-    if _default(cfg, "augment") and _default(cfg, "modality"):
-        changes.update(augment="light", modality="photo" if rgb_photos else "generic")
-    lines.append(f"-> the head on cached embeddings, then {epochs} fine-tuning epoch(s) "
-                 f"(~{embed_s + epochs * epoch_s:.0f}s in all), augment "
-                 f"{changes.get('augment', cfg.augment)}")
+    changes = _finetune_changes(cfg, plan, size_given, rgb_photos)
+    lines.append(f"-> the head on cached embeddings, then {plan.epochs} fine-tuning epoch(s) "
+                 f"(~{plan.total_s:.0f}s in all; lr {changes.get('lr', cfg.lr):g}, warmup + "
+                 f"cosine, layer decay {changes.get('layer_decay', cfg.layer_decay):g}, label "
+                 f"smoothing {changes.get('label_smoothing', cfg.label_smoothing):g}, augment "
+                 f"{changes.get('augment', cfg.augment)})")
     return replace(cfg, **changes), lines
 
 
@@ -146,15 +235,22 @@ def _cnn_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs: Costs
 
 
 def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrained: bool,
-                rgb_photos: bool, costs: Costs | None = None) -> tuple[TrainConfig, str]:
+                rgb_photos: bool, costs: Costs | None = None, source_side: int | None = None,
+                size_given: bool = False) -> tuple[TrainConfig, str]:
     """The rest of the recipe for an auto-chosen model (see the module docstring).
 
-    ``costs`` None measures them here; returns the config and one line per decision.
+    ``costs`` None measures them here; ``source_side`` is the training images' median
+    (shorter) side, ``size_given`` whether ``--img-size`` was set (then it is kept).
+    Returns the config and one line per decision.
     """
     cfg, lines = _imbalance_rule(cfg, counts)
-    costs = costs or measure_costs(cfg, len(counts))
     if pretrained:
-        cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos)
+        native = cfg.img_size or 224
+        probe = min(native, PROBE_MAX_SIDE, max(finetune_sides(native, source_side)))
+        costs = costs or measure_costs(cfg, len(counts), side=native if size_given else probe)
+        cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos, source_side,
+                                     size_given)
     else:
+        costs = costs or measure_costs(cfg, len(counts))
         cfg, more = _cnn_rule(cfg, counts, n_val, costs)
     return cfg, "; ".join(lines + more)

@@ -145,7 +145,7 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
              distributed: bool = False) -> tuple[TrainConfig, str]:
     """Fill in in_chans and, for --model auto, the model, input size and the rest of the
     recipe (train/auto_recipe.py; not under torchrun, where every process must agree)."""
-    chans_given = cfg.in_chans is not None
+    chans_given, size_given = cfg.in_chans is not None, cfg.img_size is not None
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
         return cfg, f"--model {cfg.model} given"
@@ -160,7 +160,8 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
     if distributed or cfg.unlabeled:
         return cfg, choice.reason
     cfg, recipe = plan_recipe(cfg, counts, n_val, pretrained=choice.pretrained,
-                              rgb_photos=probe.in_chans == 3)
+                              rgb_photos=probe.in_chans == 3, source_side=min(probe.median_hw),
+                              size_given=size_given)
     return cfg, f"{choice.reason}; {recipe}"
 
 
