@@ -96,6 +96,7 @@ def run_imgtriage(arm: str, data: Path, task: str, out: Path, threads: int) -> d
     res = {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
            "train_s": t_train, "wall_s": wall, "model": cfg["model"],
            "epochs": cfg["epochs"], "freeze_backbone": cfg["freeze_backbone"],
+           "img_size": cfg["img_size"],
            "choice": json.loads((run / "run.json").read_text())["model_choice"]}
     if task == "tiles":
         res["roc_auc_unsafe"] = next(p["roc_auc"] for p in rep["per_class"]
