@@ -118,3 +118,27 @@ def test_ema_tracks_weights_and_copies_buffers():
     assert torch.allclose(ema.module[0].weight, d * before + (1 - d) * net[0].weight)
     assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_freeze_stages_stops_backward_before_them_and_survives_unfreezing():
+    import timm
+
+    from imgtriage.train.callbacks import FreezeBackbone, FreezeEarlyStages, LoopState
+    from imgtriage.train.optim import early_names, set_early_frozen
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=3)
+    early = early_names(model, 2)
+    assert {n.split(".")[0] for n in early} == {"conv_stem", "bn1", "blocks"}
+    assert {n.split(".")[1] for n in early if n.startswith("blocks")} == {"0", "1"}
+    assert not early & head_names(model) and early < early_names(model, 3)
+    assert set_early_frozen(model, 2) == len(early)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name in early), name
+    # a freeze-epochs run unfreezes the backbone at epoch 2: the early stages stay frozen
+    state = LoopState.__new__(LoopState)
+    state.model, state.net, state.epoch = model, None, 2
+    for cb in (FreezeBackbone(1), FreezeEarlyStages(2)):
+        cb.on_epoch_start(state)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == early

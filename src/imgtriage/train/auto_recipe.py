@@ -6,9 +6,11 @@ fills in what the user left at its default, each with the sentence that explains
 - **classes imbalanced** (largest / smallest training class >= 1.5): inverse-frequency class
   weights and selection of the best epoch by balanced accuracy;
 - **pretrained backbone**: the head is trained on cached embeddings first; then, when
-  ``--time-budget`` leaves room, the whole network is fine-tuned (AdamW, warmup + cosine,
-  earlier stages slower by ``--layer-decay``, label smoothing, the modality's flips + one
-  light random op per image) at a training resolution chosen by :func:`plan_finetune`: the
+  ``--time-budget`` leaves room, the network is fine-tuned (AdamW, warmup + cosine,
+  earlier stages slower by ``--layer-decay``, the stem and first 2 stages frozen
+  (``--freeze-stages``: they would move little under layer decay, and no backward through
+  them makes a step ~1.4x cheaper), label smoothing, the modality's flips + one light random
+  op per image) at a training resolution chosen by :func:`plan_finetune`: the
   largest side up to the weights' own that the source images justify (at most
   ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 128, not 224) at which
   at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
@@ -41,7 +43,8 @@ from imgtriage.train.config import TrainConfig, field_default
 
 IMBALANCE_RATIO = 1.5
 FINETUNE = {"lr": 1e-3, "layer_decay": 0.85, "schedule": "cosine", "warmup_epochs": 0.5,
-            "label_smoothing": 0.1, "weight_decay": 0.02, "head_epochs": 10}
+            "label_smoothing": 0.1, "weight_decay": 0.02, "head_epochs": 10,
+            "freeze_stages": 2}
 FINETUNE_SIDES = (96, 128, 160, 192, 224, 256)
 SOURCE_UPSCALE = 4      # a pretrained net sees objects at ImageNet scale; beyond 4x, pixels
 MIN_FINETUNE_EPOCHS = 6  # of a small photo are only interpolated
@@ -76,17 +79,21 @@ class Costs:
 
 
 def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
-                  batch: int = PROBE_BATCH, reps: int = 2) -> Costs:
+                  batch: int = PROBE_BATCH, reps: int = 2, freeze_stages: int | None = None
+                  ) -> Costs:
     """Time the chosen model (random weights: the cost is the same) on random inputs, as
     training runs it: batches of ``batch`` (at most ``--batch-size``), channels_last unless
-    ``--channels-last off``; ``side`` defaults to the run's input size."""
+    ``--channels-last off``, the stem and first ``freeze_stages`` stages frozen (default
+    ``--freeze-stages``); ``side`` defaults to the run's input size."""
     from imgtriage.models import create_model
+    from imgtriage.train.optim import set_early_frozen
 
     side = side or cfg.img_size or 224
     batch = max(2, min(batch, cfg.batch_size))
     fmt = torch.preserve_format if cfg.channels_last == "off" else torch.channels_last
     model = create_model(cfg.model, num_classes, cfg.in_chans or 3,
                          **dict(cfg.model_kwargs)).to(memory_format=fmt)
+    set_early_frozen(model, cfg.freeze_stages if freeze_stages is None else freeze_stages)
     x = torch.randn(batch, cfg.in_chans or 3, side, side).to(memory_format=fmt)
     y = torch.zeros(batch, dtype=torch.long)
 
@@ -214,8 +221,9 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
     lines.append(f"-> the head on cached embeddings, then {plan.epochs} fine-tuning epoch(s) "
                  f"(~{plan.total_s:.0f}s in all; lr {changes.get('lr', cfg.lr):g}, warmup + "
                  f"cosine, layer decay {changes.get('layer_decay', cfg.layer_decay):g}, label "
-                 f"smoothing {changes.get('label_smoothing', cfg.label_smoothing):g}, augment "
-                 f"{changes.get('augment', cfg.augment)})")
+                 f"smoothing {changes.get('label_smoothing', cfg.label_smoothing):g}, stem + "
+                 f"first {changes.get('freeze_stages', cfg.freeze_stages)} stages frozen, "
+                 f"augment {changes.get('augment', cfg.augment)})")
     return replace(cfg, **changes), lines
 
 
@@ -247,7 +255,9 @@ def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrai
     if pretrained:
         native = cfg.img_size or 224
         probe = min(native, PROBE_MAX_SIDE, max(finetune_sides(native, source_side)))
-        costs = costs or measure_costs(cfg, len(counts), side=native if size_given else probe)
+        frozen = FINETUNE["freeze_stages"] if _default(cfg, "freeze_stages") else None
+        costs = costs or measure_costs(cfg, len(counts), side=native if size_given else probe,
+                                       freeze_stages=frozen)
         cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos, source_side,
                                      size_given)
     else:

@@ -140,6 +140,22 @@ class FreezeBackbone(Callback):
             self.frozen = frozen
 
 
+class FreezeEarlyStages(Callback):
+    """``--freeze-stages N``: the stem and the first N stages stay frozen for the whole run
+    (after :class:`FreezeBackbone` unfreezes the rest); their batch norm keeps training."""
+
+    def __init__(self, stages: int) -> None:
+        self.stages = stages
+
+    def on_epoch_start(self, state: LoopState) -> None:
+        from imgtriage.train.optim import early_names, set_early_frozen
+
+        names = early_names(state.model, self.stages)
+        if any(p.requires_grad for n, p in state.model.named_parameters() if n in names):
+            set_early_frozen(state.model, self.stages)
+            state.net = None  # the DDP wrapper must see the new set of trainable parameters
+
+
 class Checkpointer(Callback):
     """Save a resumable checkpoint every ``every`` epochs, at the last epoch and on stop."""
 

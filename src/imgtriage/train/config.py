@@ -165,6 +165,9 @@ class TrainConfig:
     freeze_backbone: bool = _f(False, "Train only the head for every epoch: the backbone "
                                       "(weights and normalisation statistics) stays as "
                                       "initialised, e.g. a pretrained feature extractor.")
+    freeze_stages: int = _f(0, "Keep the stem and the first N stages of the backbone frozen "
+                               "for the whole run (no backward through them: cheaper "
+                               "fine-tuning; 0 = train every layer).")
     head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
                               "epochs of the head on cached embeddings (each image goes "
                               "through the frozen backbone once; an epoch takes a fraction "
@@ -331,6 +334,7 @@ def _check_ranges(c: TrainConfig) -> None:
     _need(not (c.freeze_backbone and c.freeze_epochs), "freeze_backbone",
           "--freeze-backbone freezes the backbone for every epoch; drop --freeze-epochs")
     _need(c.time_budget > 0, "time_budget", "time budget must be positive (minutes)")
+    _need(c.freeze_stages >= 0, "freeze_stages", "freeze stages must be >= 0")
     _need(c.head_epochs >= 1, "head_epochs", "head epochs must be >= 1")
     _need(c.head_lr > 0, "head_lr", "head learning rate must be positive")
     _need(0 < c.layer_decay <= 1, "layer_decay", "layer decay must be in (0, 1]")

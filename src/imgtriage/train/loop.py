@@ -31,6 +31,7 @@ from imgtriage.train.callbacks import (
     EpochCallback,
     EpochFunction,
     FreezeBackbone,
+    FreezeEarlyStages,
     LoopState,
     MetricsLog,
     restore,
@@ -309,6 +310,8 @@ def _callbacks(cfg: TrainConfig, log_path: str | Path | None, checkpoint_dir: st
     cbs: list[Callback] = []
     if cfg.freeze_epochs or cfg.freeze_backbone:
         cbs.append(FreezeBackbone(cfg.freeze_epochs, permanent=cfg.freeze_backbone))
+    if cfg.freeze_stages and not cfg.freeze_backbone:
+        cbs.append(FreezeEarlyStages(cfg.freeze_stages))
     cbs += [MetricsLog(log_path)] if log_path else []
     cbs += [EarlyStopping(cfg.patience)] if cfg.patience else []
     cbs += [c if isinstance(c, Callback) else EpochFunction(c) for c in extra]
