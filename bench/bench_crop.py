@@ -76,7 +76,7 @@ def make_bundle(out: Path, widths: list[int], convs: int, int8: bool) -> Path:
     manifest = new_manifest(model_name="crop_cnn", model_kwargs=kwargs, in_chans=1,
                             preprocess=spec.to_dict(), classes=[f"c{i}" for i in range(10)],
                             decision=DecisionPolicy().to_dict())
-    files = attach_graph(manifest, net.state_dict(), GraphInputs(None))
+    manifest, files = attach_graph(manifest, net.state_dict(), GraphInputs(None))
     b = save_bundle(out, manifest, net.state_dict(), files)
     if int8:
         from imgtriage.bundle import update_bundle
@@ -85,7 +85,8 @@ def make_bundle(out: Path, widths: list[int], convs: int, int8: bool) -> Path:
         calib = np.random.default_rng(1).standard_normal((64, 1, 64, 64)).astype(np.float32)
         q, _ = quantize_checked(files["model.onnx"], "static", calib,
                                 LabelledInputs(calib[:8], None))  # speed only: no verdict
-        info = dict(manifest["onnx"], int8={"file": "model.int8.onnx", "refused": "speed only"})
+        info = dict(manifest.block("onnx"), int8={"file": "model.int8.onnx",
+                                                  "refused": "speed only"})
         update_bundle(b, {"onnx": info}, note="bench int8", extra_files={"model.int8.onnx": q})
     return b
 

@@ -160,8 +160,8 @@ def trained_bundle(model: str, out: Path, classes: list[str]) -> Path:
 
     plain = make_bundle(model, out.with_name(out.name + "-plain"), classes)
     b = load_bundle(plain)
-    manifest, state = dict(b.manifest), b.state_dict()
-    files = attach_graph(manifest, state, GraphInputs(None))
+    state = b.state_dict()
+    manifest, files = attach_graph(b.info, state, GraphInputs(None))
     return save_bundle(out, manifest, state, files)
 
 

@@ -231,8 +231,8 @@ def test_create_gallery_from_a_siamese_classifier_bundle(trained, tmp_path):
     ref = model.encoder(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(p.backend.embed(x), ref, atol=1e-6)
     cnn = create_model("crop_cnn", num_classes=3, in_chans=1)
-    other = save_bundle(tmp_path / "cnn", {**manifest, "model": {
-        "name": "crop_cnn", "kwargs": {}, "in_chans": 1, "num_classes": 3}}, cnn.state_dict())
+    other = save_bundle(tmp_path / "cnn", manifest.with_changes(model={
+        "name": "crop_cnn", "kwargs": {}, "in_chans": 1, "num_classes": 3}), cnn.state_dict())
     with pytest.raises(BundleSchemaError, match="no siamese encoder"):
         create_gallery(other, root / "query", tmp_path / "g2")
     with pytest.raises(BundleSchemaError, match="not a gallery"):

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imgtriage.bundle.checks import check_bounds
+from imgtriage.bundle.record import SCHEMA, Manifest, ModelRecord
 from imgtriage.errors import BundleSchemaError
 
-SCHEMA = "imgtriage.bundle"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
@@ -40,31 +40,20 @@ def new_manifest(*, model_name: str, model_kwargs: dict[str, Any], in_chans: int
                  preprocess: dict[str, Any], classes: list[str], decision: dict[str, Any],
                  training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                  features: dict[str, Any] | None = None,
-                 kind: str = "classifier") -> dict[str, Any]:
-    """A fresh manifest (bundle_version 1); ``files`` is filled in by save_bundle.
+                 kind: str = "classifier") -> Manifest:
+    """A fresh typed manifest (bundle_version 1); ``files`` is filled in by save_bundle, other
+    fields and blocks with :meth:`~imgtriage.bundle.record.Manifest.with_changes`.
 
     ``decision`` is the decision record (``DecisionPolicy.to_dict()``; the default rule is
     ``DecisionPolicy().to_dict()``): the bundle stores it as data and never interprets it.
     """
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "kind": kind,
-        "bundle_version": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {"name": model_name, "kwargs": model_kwargs, "in_chans": in_chans,
-                  "num_classes": len(classes)},
-        "preprocess": preprocess,
-        "classes": list(classes),
-        "features": features,
-        "decision": dict(decision),
-        "profiles": {},
-        "training": training or {},
-        "metrics": metrics or {},
-        "versions": library_versions(),
-        "files": {},
-        "history": [],
-    }
+    return Manifest(
+        schema_version=SCHEMA_VERSION, kind=kind, bundle_version=1,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=ModelRecord(model_name, dict(model_kwargs), int(in_chans), len(classes)),
+        preprocess=preprocess, classes=tuple(classes), features=features,
+        decision=dict(decision), profiles={}, training=training or {}, metrics=metrics or {},
+        versions=library_versions(), files={}, history=())
 
 
 def validate_manifest(m: Any, where: str) -> dict[str, Any]:
@@ -86,4 +75,5 @@ def validate_manifest(m: Any, where: str) -> dict[str, Any]:
     if len(m["classes"]) != m["model"].get("num_classes"):
         raise BundleSchemaError(f"{where}: {len(m['classes'])} class names for a model with "
                                 f"{m['model'].get('num_classes')} outputs")
+    Manifest.from_dict(m, where)  # unknown keys and malformed typed blocks, said here
     return m

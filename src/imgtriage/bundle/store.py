@@ -6,7 +6,6 @@ cannot run code.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -14,9 +13,9 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -230,45 +229,35 @@ def check_pinned(bundle: Bundle, expect_sha256: str) -> None:
             "update the pin (imgtriage inspect prints a bundle's sha256)")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
-    os.replace(tmp, path)
+def as_record(manifest: Manifest | Mapping[str, Any], where: str) -> Manifest:
+    """The typed manifest of what a writer hands over: a :class:`Manifest` as it is, a dict
+    (one read from a bundle, say) checked and typed (its ``files`` are set on saving)."""
+    if isinstance(manifest, Manifest):
+        return manifest
+    return Manifest.from_dict(validate_manifest({**manifest, "files": {}}, where), where)
 
 
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def save_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
+def save_bundle(path: str | os.PathLike[str], manifest: Manifest | Mapping[str, Any],
                 state_dict: dict[str, Any] | None = None,
                 extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``manifest.json`` + ``weights.safetensors`` (+ extra files) with their sha256.
 
-    ``path`` ending in ``.zip`` writes a single zipped bundle. Writing goes to a temporary
-    directory first, so a crash never leaves a half-written bundle at ``path``.
+    ``manifest`` is the typed record (``new_manifest(...)``, ``bundle.info.with_changes``);
+    it becomes JSON here and nowhere else (:meth:`Manifest.to_dict`). ``path`` ending in
+    ``.zip`` writes a single zipped bundle. Writing goes to a temporary directory first, so a
+    crash never leaves a half-written bundle at ``path``.
     """
     from safetensors.torch import save
 
     path = Path(path)
-    manifest = copy.deepcopy(manifest)
+    record = as_record(manifest, str(path))
     files: dict[str, bytes] = dict(extra_files or {})
     if state_dict is not None:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
         files[WEIGHTS_NAME] = save(tensors)
-    manifest["files"] = {name: sha256_bytes(data) for name, data in sorted(files.items())}
-    validate_manifest(manifest, str(path))
-    body = json.dumps(manifest, indent=2, default=_json_default).encode()
+    record = replace(record, files={name: sha256_bytes(data)
+                                    for name, data in sorted(files.items())})
+    body = json.dumps(validate_manifest(record.to_dict(), str(path)), indent=2).encode()
     _check_replaceable(path)
     if path.suffix == ".zip":
         return _write_zip(path, body, files)
@@ -309,24 +298,23 @@ def bundle_files(bundle: Bundle) -> dict[str, bytes]:
     return {name: bundle.verified_bytes(name) for name in bundle.manifest["files"]}
 
 
-def update_bundle(path: str | os.PathLike[str], changes: dict[str, Any], *,
+def update_bundle(path: str | os.PathLike[str], changes: Mapping[str, Any], *,
                   note: str, extra_files: dict[str, bytes] | None = None,
                   out: str | os.PathLike[str] | None = None) -> Bundle:
-    """Write a new version of a bundle with some manifest keys replaced.
+    """Write a new version of a bundle with some manifest fields or blocks replaced
+    (:meth:`Manifest.with_changes`; an unknown name is refused before anything is written).
 
     The previous manifest is kept inside the bundle as ``history/manifest.v<N>.json`` and
     listed in ``history``, so every earlier decision rule can be recovered.
     """
     bundle = load_bundle(path)
-    old = bundle.manifest
+    old = bundle.info
+    version = old.bundle_version
+    new = old.with_changes(**changes).with_changes(bundle_version=version + 1, history=[
+        *(h.to_dict() for h in old.history), {"version": version, "note": note}])
     files = bundle_files(bundle)
     files.update(extra_files or {})
-    version = int(old.get("bundle_version", 1))
-    files[f"history/manifest.v{version}.json"] = json.dumps(old, indent=2).encode()
-    new = copy.deepcopy(old)
-    new.update(changes)
-    new["bundle_version"] = version + 1
-    new["history"] = [*old.get("history", []), {"version": version, "note": note}]
+    files[f"history/manifest.v{version}.json"] = json.dumps(bundle.manifest, indent=2).encode()
     target = Path(out) if out is not None else bundle.path
     if bundle._zip is not None and target.suffix != ".zip":
         raise BundleError(f"{path} is zipped; write the new version to a .zip path")

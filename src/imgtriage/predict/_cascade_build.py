@@ -382,21 +382,20 @@ def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
     else:
         files[FIRST_STAGE_FILE] = json.dumps(params).encode()
         first = {"type": cfg.first_stage, "file": FIRST_STAGE_FILE}
-    m2 = b2.manifest
+    info2 = b2.info
     manifest = new_manifest(
         model_name="cascade", model_kwargs={"first_stage": first["type"]},
-        in_chans=int(m2["model"]["in_chans"]), preprocess=m2["preprocess"], classes=b2.classes,
-        decision=m2["decision"], features=features, kind="cascade", metrics=validation,
+        in_chans=info2.model.in_chans, preprocess=dict(info2.preprocess), classes=b2.classes,
+        decision=dict(info2.decision), features=features, kind="cascade", metrics=validation,
         training={"config": cfg.to_dict(), "split": {k: v for k, v in info.items()
                                                      if k != "defects"},
                   "defects": info["defects"], "data": info["data"]})
-    manifest["profiles"] = m2.get("profiles", {})
-    manifest["cascade"] = {
+    manifest = manifest.with_changes(profiles=info2.profiles, cascade={
         "first_stage": first, "temperature": temperature, "gate": choice.threshold,
         "gate_rule": {"target_accuracy": cfg.target_accuracy, "route_share": cfg.route_share,
                       "confidence": cfg.gate_confidence},
         "always_second_stage": rule,
-        "stage2": {"dir": "stage2", "sha256": b2.sha256}, "validation": validation}
+        "stage2": {"dir": "stage2", "sha256": b2.sha256}, "validation": validation})
     return save_bundle(out, manifest, None, files)
 
 

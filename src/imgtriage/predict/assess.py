@@ -200,10 +200,10 @@ def load_reference(ref: str | os.PathLike[str]) -> dict[str, Any]:
     for c in candidates:
         if c.is_file() and c.suffix == ".json":
             return json.loads(c.read_text())
-    if (path / "manifest.json").is_file():
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("drift_reference"):
-            return manifest["drift_reference"]
+    if (path / "manifest.json").is_file():  # a calibrated bundle: its typed manifest's block
+        stored = load_bundle(path, verify=False).info.block("drift_reference")
+        if stored:
+            return dict(stored)
     raise ConfigError(f"no drift reference at {ref}: pass an evaluation directory (with "
                       "reference.json) or a calibrated bundle (--reference)")
 
@@ -269,10 +269,10 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
         fit_kwargs["ood"] = _rethreshold(predictor.policy.ood, got, data)
     policy, summary = fit_decision_policy(got.logits, got.labels,
                                           class_names=predictor.classes, **fit_kwargs)
-    manifest = predictor.bundle.manifest
-    profiles = dict(manifest.get("profiles") or {})
+    info = predictor.bundle.info
+    profiles = dict(info.profiles)
     profiles[profile] = policy.to_dict()
-    calibration = dict(manifest.get("calibration") or {})
+    calibration = dict(info.block("calibration") or {})
     summary.update(data=str(data), split=split, n_samples=len(got.labels),
                    defects=got.defects)
     calibration[profile] = {k: v for k, v in summary.items() if k != "drift_reference"}

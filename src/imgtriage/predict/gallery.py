@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle import Bundle, new_manifest, save_bundle
+from imgtriage.bundle import Bundle, Manifest, new_manifest, save_bundle
 from imgtriage.errors import BundleError, BundleSchemaError, ConfigError, require
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed
@@ -79,18 +79,17 @@ def load_encoder(bundle: Bundle):
 def new_gallery_manifest(*, encoder_kwargs: dict[str, Any], in_chans: int,
                          preprocess: dict[str, Any], gallery: Gallery, config: GalleryConfig,
                          training: dict[str, Any] | None = None,
-                         metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                         metrics: dict[str, Any] | None = None) -> Manifest:
     """A version-1 manifest of kind ``gallery`` for an encoder and its gallery."""
 
     manifest = new_manifest(model_name="siamese", model_kwargs=encoder_kwargs,
                             in_chans=in_chans, preprocess=preprocess,
                             classes=list(gallery.classes), training=training, metrics=metrics,
                             decision=DecisionPolicy().to_dict(), kind="gallery")
-    manifest["gallery"] = gallery_block(gallery, config)
-    return manifest
+    return manifest.with_changes(gallery=gallery_block(gallery, config))
 
 
-def save_gallery_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
+def save_gallery_bundle(path: str | os.PathLike[str], manifest: Manifest,
                         encoder_state: dict[str, Any], gallery: Gallery,
                         x_check: np.ndarray | None = None) -> Any:
     """Write a gallery bundle (encoder weights + gallery tensors + manifest) with the
@@ -99,12 +98,12 @@ def save_gallery_bundle(path: str | os.PathLike[str], manifest: dict[str, Any],
     from imgtriage.models.siamese import build_encoder
     from imgtriage.predict.graph import training_graph
 
-    m = manifest["model"]
-    encoder = build_encoder(int(m["in_chans"]), **dict(m.get("kwargs") or {}))
+    encoder = build_encoder(manifest.model.in_chans, **dict(manifest.model.kwargs))
     encoder.load_state_dict({k: v.detach().cpu() for k, v in encoder_state.items()})
-    files, manifest["onnx"] = training_graph(encoder.eval(), manifest, x_check,
-                                             outputs=("embedding",))
-    return save_bundle(path, manifest, encoder_state, {**gallery_files(gallery), **files})
+    files, onnx = training_graph(encoder.eval(), manifest.to_dict(), x_check,
+                                 outputs=("embedding",))
+    return save_bundle(path, manifest.with_changes(onnx=onnx), encoder_state,
+                       {**gallery_files(gallery), **files})
 
 
 # -- prediction -------------------------------------------------------------------------------

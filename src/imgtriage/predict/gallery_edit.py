@@ -81,13 +81,14 @@ def write_version(bundle: Bundle, gallery: Gallery, config: GalleryConfig, note:
     ``extra`` manifest keys are set too."""
     from imgtriage.evaluate.decision import DecisionPolicy
 
-    m = bundle.manifest
+    m = bundle.info
     changes: dict[str, Any] = {"classes": list(gallery.classes),
-                               "model": {**m["model"], "num_classes": len(gallery.classes)},
+                               "model": replace(m.model,
+                                                num_classes=len(gallery.classes)).to_dict(),
                                "gallery": gallery_block(gallery, config), **(extra or {})}
-    if list(gallery.classes) != list(m["classes"]):
-        policy = DecisionPolicy.from_dict(m.get("decision"))
-        if policy.thresholds is not None or policy.conformal is not None or m.get("profiles"):
+    if tuple(gallery.classes) != m.classes:
+        policy = DecisionPolicy.from_dict(dict(m.decision))
+        if policy.thresholds is not None or policy.conformal is not None or m.profiles:
             changes["decision"] = replace(policy, thresholds=None, conformal=None).to_dict()
             changes["profiles"] = {}
             note += " (classes changed: per-class thresholds, conformal sets and profiles "
@@ -251,6 +252,5 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
         preprocess=dict(src.info.preprocess), gallery=gallery, config=config,
         training={"kind": "gallery", "encoder_from": str(Path(source)),
                   "encoder_bundle_sha256": src.sha256, "data": str(data)})
-    manifest["threshold_fit"] = fit
-    save_gallery_bundle(out, manifest, state, gallery)
+    save_gallery_bundle(out, manifest.with_changes(threshold_fit=fit), state, gallery)
     return load_bundle(out)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from imgtriage.bundle import new_manifest, save_bundle, sha256_file
+from imgtriage.bundle import Manifest, new_manifest, save_bundle, sha256_file
 from imgtriage.data.preprocess import PREPROCESS_PRESETS, PreprocessSpec
 from imgtriage.errors import ConfigError, DataError, ImportParityError, WeightsMismatchError
 from imgtriage.predict._onnx_import import (
@@ -176,12 +176,11 @@ def import_model(source: str | os.PathLike[str], out: str | os.PathLike[str],
         raise ConfigError(f"{src}: import takes an .onnx file or a state_dict/checkpoint "
                           f"({', '.join(TORCH_SUFFIXES)}); a Keras .keras/.h5 model converts to "
                           "ONNX with tf2onnx first (docs/import.md)")
-    manifest["imported"] = {"source": src.name, "sha256": sha256_file(src),
-                            "format": "onnx" if suffix == ".onnx" else "state_dict",
-                            "config": cfg.to_dict(), "graph_parity": graph_parity,
-                            "parity": None}
+    imported = {"source": src.name, "sha256": sha256_file(src),
+                "format": "onnx" if suffix == ".onnx" else "state_dict",
+                "config": cfg.to_dict(), "graph_parity": graph_parity, "parity": None}
     out = Path(out)
-    save_bundle(out, manifest, weights, files)
+    save_bundle(out, manifest.with_changes(imported=imported), weights, files)
     parity = None
     if cfg.check_images is not None:
         try:
@@ -189,14 +188,14 @@ def import_model(source: str | os.PathLike[str], out: str | os.PathLike[str],
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
-        manifest["imported"]["parity"] = parity
-        save_bundle(out, manifest, weights, files)
-    return ImportResult(out, manifest["imported"]["format"], manifest["preprocess"],
-                        graph_parity, parity)
+        save_bundle(out, manifest.with_changes(imported={**imported, "parity": parity}),
+                    weights, files)
+    return ImportResult(out, imported["format"], dict(manifest.preprocess), graph_parity,
+                        parity)
 
 
 def _manifest(model_name: str, kwargs: dict[str, Any], spec: PreprocessSpec,
-              cfg: ImportConfig) -> dict[str, Any]:
+              cfg: ImportConfig) -> Manifest:
     from imgtriage.evaluate.decision import DecisionPolicy
 
     return new_manifest(model_name=model_name, model_kwargs=kwargs, in_chans=spec.in_chans,
@@ -204,7 +203,8 @@ def _manifest(model_name: str, kwargs: dict[str, Any], spec: PreprocessSpec,
                         decision=DecisionPolicy().to_dict())
 
 
-def _from_onnx(src: Path, cfg: ImportConfig) -> tuple[dict, None, dict[str, bytes], float]:
+def _from_onnx(src: Path, cfg: ImportConfig
+               ) -> tuple[Manifest, None, dict[str, bytes], float]:
     from imgtriage.bundle.graph import ONNX_FILE
     from imgtriage.bundle.store import sha256_bytes
 
@@ -222,19 +222,18 @@ def _from_onnx(src: Path, cfg: ImportConfig) -> tuple[dict, None, dict[str, byte
     wrapped = wrap_graph(graph, info)
     graph_parity = check_wrapped(graph, wrapped, info, len(cfg.classes),
                                  (info.in_chans, *size))
-    manifest = _manifest(ONNX_MODEL, {}, spec, cfg)
-    manifest["onnx"] = {"file": ONNX_FILE, "sha256": sha256_bytes(wrapped),
-                        "opset": info.opset, "input": "input", "output": "logits",
-                        "outputs": ["logits"], "dynamic_batch": True,
-                        "input_is": "normalised output of imgtriage.data.preprocess.to_input",
-                        "exporter": "imgtriage import (wrapped foreign graph)",
-                        "parity_max_abs_dprob": graph_parity, "precision": "fp32",
-                        "int8": None, "foreign": info.to_dict()}
+    onnx = {"file": ONNX_FILE, "sha256": sha256_bytes(wrapped), "opset": info.opset,
+            "input": "input", "output": "logits", "outputs": ["logits"], "dynamic_batch": True,
+            "input_is": "normalised output of imgtriage.data.preprocess.to_input",
+            "exporter": "imgtriage import (wrapped foreign graph)",
+            "parity_max_abs_dprob": graph_parity, "precision": "fp32", "int8": None,
+            "foreign": info.to_dict()}
+    manifest = _manifest(ONNX_MODEL, {}, spec, cfg).with_changes(onnx=onnx)
     return manifest, None, {ONNX_FILE: wrapped}, graph_parity
 
 
 def _from_state_dict(src: Path, cfg: ImportConfig
-                     ) -> tuple[dict, dict[str, Any], dict[str, bytes], float | None]:
+                     ) -> tuple[Manifest, dict[str, Any], dict[str, bytes], float | None]:
     if cfg.arch is None:
         raise ConfigError("a state_dict has no architecture in it; name it with --arch "
                           "(torchvision:resnet50, timm:<name> or a registered name)")
@@ -248,8 +247,9 @@ def _from_state_dict(src: Path, cfg: ImportConfig
     manifest = _manifest(cfg.arch, {}, spec, cfg)
     model = _checked_model(src, cfg)
     # like a trained bundle: a verified ONNX graph (or the reason there is none)
-    files, manifest["onnx"] = training_graph(model, manifest, _check_inputs(cfg, spec))
-    return manifest, model.state_dict(), files, manifest["onnx"].get("parity_max_abs_dprob")
+    files, onnx = training_graph(model, manifest.to_dict(), _check_inputs(cfg, spec))
+    return (manifest.with_changes(onnx=onnx), model.state_dict(), files,
+            onnx.get("parity_max_abs_dprob"))
 
 
 def _check_inputs(cfg: ImportConfig, spec: PreprocessSpec) -> np.ndarray | None:

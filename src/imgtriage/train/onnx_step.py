@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from imgtriage.bundle import Manifest
 from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, graph_outputs
 from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
@@ -83,25 +84,33 @@ def graph_inputs(train: tuple[Any, Sequence[Sample]], val: tuple[Any, Sequence[S
     return GraphInputs(check, calib.x if calib is not None else None)
 
 
-def attach_graph(manifest: dict[str, Any], state_dict: dict[str, Any], inputs: GraphInputs,
+def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphInputs,
                  quantize: str = "none", say: Callable[[str], None] | None = None
-                 ) -> dict[str, bytes]:
+                 ) -> tuple[Manifest, dict[str, bytes]]:
     """Export the bundle's model to ``model.onnx`` (and judge an int8 copy with
-    ``quantize="static"``); sets ``manifest["onnx"]`` (the graphs' block, or why there is
-    none) and returns the files to save beside the weights."""
-    m = manifest["model"]
-    model = create_model(m["name"], int(m["num_classes"]), int(m["in_chans"]),
-                         **dict(m.get("kwargs") or {}))
+    ``quantize="static"``): the manifest with its ``onnx`` block (the graphs, or why there is
+    none) and the files to save beside the weights."""
+    m = manifest.model
+    model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
     model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
     x_check = inputs.check.x[:PARITY_IMAGES] if inputs.check is not None else None
-    outputs = graph_outputs(manifest)
+    raw = manifest.to_dict()
+    outputs = graph_outputs(raw)
     if "features" in outputs:  # the OOD rule reads the penultimate features of the same pass
         model = WithFeatures(model)
-    files, info = training_graph(model.eval(), manifest, x_check, outputs)
-    manifest["onnx"] = info
+    files, info = training_graph(model.eval(), raw, x_check, outputs)
+    files = _int8(files, info, manifest, inputs, quantize, say)
+    return manifest.with_changes(onnx=info), files
+
+
+def _int8(files: dict[str, bytes], info: dict[str, Any], manifest: Manifest,
+          inputs: GraphInputs, quantize: str, say: Callable[[str], None] | None
+          ) -> dict[str, bytes]:
+    """The int8 graph beside the fp32 one when asked for and accepted; ``info["int8"]`` says
+    what happened."""
     if quantize == "none" or not files:
         return files
-    if manifest["preprocess"].get("features"):
+    if manifest.preprocess.get("features"):
         info["int8"] = {"refused": "an image + feature (fusion) graph takes two inputs; int8 "
                                    "calibration feeds images only"}
         return files

@@ -287,21 +287,22 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                                       "pretrained": info["weights"].to_dict()},
                             metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
-    manifest["tta"] = tta_views(cfg)
     cal = info.get("calibration") or Calibration(summary={
         "skipped": "the frozen-backbone head phase is not calibrated yet; run imgtriage "
                    "calibrate BUNDLE RUN/splits.csv --split val"})
-    manifest.update(cal.manifest_changes())  # before the graph: an OOD rule adds its output
     if cal.summary and cal.summary.get("temperature"):
         t = cal.summary["temperature"]
         metrics.update(temperature=t["temperature"], val_nll_calibrated=t["nll_after"],
                        val_ece=t["ece_before"], val_ece_calibrated=t["ece_after"],
                        val_coverage=cal.summary["default_rule"]["coverage"],
                        val_accuracy_answered=cal.summary["default_rule"]["accuracy_answered"])
+    # the calibration before the graph: an OOD rule adds its output
+    manifest = manifest.with_changes(tta=tta_views(cfg), metrics=metrics,
+                                     **cal.manifest_changes())
     state = model.state_dict()
-    files = {**attach_graph(manifest, state, info["graph_inputs"], cfg.quantize, info["say"]),
-             **cal.files}
-    return save_bundle(run / "bundle", manifest, state, files), metrics
+    manifest, graph = attach_graph(manifest, state, info["graph_inputs"], cfg.quantize,
+                                   info["say"])
+    return save_bundle(run / "bundle", manifest, state, {**graph, **cal.files}), metrics
 
 
 def _graph_inputs(src: _Sources | None, parts: dict[str, list], spec: PreprocessSpec,
