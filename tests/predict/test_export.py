@@ -100,7 +100,7 @@ def _graph_of(model_or_none, bundle):
 
         torch.manual_seed(123)
         model = create_model("crop_cnn", 10, 1)
-    return export_graph(model.eval(), b.manifest, None).data
+    return export_graph(model.eval(), b.info, None).data
 
 
 @pytest.mark.parametrize("quantised_as", ["disagreeing", "identical"])

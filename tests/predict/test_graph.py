@@ -20,7 +20,7 @@ def test_a_second_output_rides_along_and_logits_stay_first(tiny_bundle, monkeypa
     model = build_model(b)
     tapped = build_model(b, with_features=True)  # (logits, penultimate features)
     x = np.random.default_rng(1).standard_normal((5, 1, 32, 32)).astype(np.float32)
-    g = export_graph(tapped, b.manifest, x, outputs=("logits", "features"))
+    g = export_graph(tapped, b.info, x, outputs=("logits", "features"))
     assert g.info["outputs"] == ["logits", "features"] and g.info["parity_images"] == 5
     import torch
 
@@ -41,4 +41,4 @@ def test_outputs_must_start_with_logits_and_be_known(tiny_bundle):
     b = load_bundle(tiny_bundle)
     for outputs in (("features",), ("logits", "nope"), ()):
         with pytest.raises(ConfigError, match="logits"):
-            export_graph(build_model(b), b.manifest, None, outputs=outputs)
+            export_graph(build_model(b), b.info, None, outputs=outputs)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgtriage.bundle.record import Manifest
+
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAME = "input"
@@ -35,17 +37,17 @@ GRAPH_OUTPUTS: dict[str, int] = {"logits": 0, "features": 1, "embedding": 0}
 FIRST_OUTPUTS = ("logits", "embedding")
 
 
-def graph_outputs(manifest: dict[str, Any]) -> tuple[str, ...]:
+def graph_outputs(manifest: Manifest) -> tuple[str, ...]:
     """The outputs a bundle's graph needs: the logits, and the features when its decision rule
     refuses out-of-distribution inputs (export then takes ``WithFeatures(model)``)."""
-    return ("logits", "features") if (manifest.get("decision") or {}).get("ood") else ("logits",)
+    return ("logits", "features") if manifest.decision.get("ood") else ("logits",)
 
 
-def num_features(manifest: dict[str, Any]) -> int | None:
+def num_features(manifest: Manifest) -> int | None:
     """Feature columns of an image + feature model's second input (None: image only)."""
-    if not (manifest.get("preprocess") or {}).get("features"):
+    if not manifest.preprocess.get("features"):
         return None
-    return int(((manifest.get("model") or {}).get("kwargs") or {})["num_features"])
+    return int(manifest.model.kwargs["num_features"])
 
 
 def not_exported(reason: str) -> dict[str, Any]:

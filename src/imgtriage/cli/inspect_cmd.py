@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from imgtriage.bundle import Manifest
 from imgtriage.bundle.inspect_config import InspectConfig
 from imgtriage.cli._options import argument, command, config_from_options
 
@@ -19,27 +20,27 @@ def inspect_command(**options: Any) -> None:
 
     cfg = config_from_options(InspectConfig, options)
     b = load_bundle(options["bundle"], verify=cfg.verify)
-    m = b.manifest
     if cfg.as_json:
-        typer.echo(json.dumps(m, indent=2))
+        typer.echo(json.dumps(b.manifest, indent=2))
         return
-    pre, dec = m["preprocess"], m["decision"]
+    m = b.info
+    pre, dec = m.preprocess, m.decision
     lines = [
-        f"bundle      {b.path}  (schema v{m['schema_version']}, bundle v"
-        f"{m.get('bundle_version', 1)}, {m.get('kind', 'classifier')})",
+        f"bundle      {b.path}  (schema v{m.schema_version}, bundle v{m.bundle_version}, "
+        f"{m.kind})",
         f"sha256      {b.sha256}",
-        f"model       {m['model']['name']} {m['model'].get('kwargs') or ''}",
+        f"model       {m.model.name} {m.model.kwargs or ''}",
         f"input       {pre['in_chans']} ch, {pre['size'][0]}x{pre['size'][1]}, scaling "
         f"{pre['scaling']}, stretch {pre['stretch']}, resize {pre['resize']}",
-        f"classes     {', '.join(m['classes'])}",
+        f"classes     {', '.join(m.classes)}",
         f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
         f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
         f"unknowns    {_unknowns(m)}",
-        f"profiles    {', '.join(m.get('profiles') or {}) or '-'}",
-        f"runtime     {graph_summary(m.get('onnx'))}",
-        f"metrics     {json.dumps(m.get('metrics', {}))}",
-        "files       " + ", ".join(f"{k} ({v[:12]}…)" for k, v in m["files"].items()),
-        f"versions    {json.dumps(m.get('versions', {}))}",
+        f"profiles    {', '.join(m.profiles) or '-'}",
+        f"runtime     {graph_summary(m.block('onnx'))}",
+        f"metrics     {json.dumps(m.metrics)}",
+        "files       " + ", ".join(f"{k} ({v[:12]}…)" for k, v in m.files.items()),
+        f"versions    {json.dumps(m.versions)}",
     ]
     typer.echo("\n".join(lines))
     typer.echo("verified: every file matches its sha256, the weights are safetensors and "
@@ -51,11 +52,11 @@ command(inspect_command, arguments=[argument("bundle", "Bundle directory or .zip
         configs=[InspectConfig])
 
 
-def _unknowns(m: dict) -> str:
+def _unknowns(m: Manifest) -> str:
     """What the default rule refuses, from the calibration record (one line)."""
-    dec = m["decision"]
+    dec = m.decision
     ood = dec.get("ood")
-    cal = (m.get("calibration") or {}).get("default") or {}
+    cal = (m.block("calibration") or {}).get("default") or {}
     parts = []
     if ood:
         parts.append(f"out-of-distribution: {ood['method']} k={ood['k']} threshold "

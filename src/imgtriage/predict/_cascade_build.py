@@ -169,7 +169,7 @@ class _Split:
 def _splits(b2: Bundle, data: str | os.PathLike[str], cfg: CascadeConfig
             ) -> tuple[list, list, dict[str, Any]]:
     """Train and validation samples split as the stage-2 run split them."""
-    tcfg = (b2.manifest.get("training") or {}).get("config") or {}
+    tcfg = b2.info.training.get("config") or {}
     seed = cfg.seed if cfg.seed is not None else int(tcfg.get("seed", 0))
     val_frac = cfg.val_frac if cfg.val_frac is not None else float(tcfg.get("val_frac", 0.15))
     test_frac = cfg.test_frac if cfg.test_frac is not None else float(tcfg.get("test_frac", 0))
@@ -241,7 +241,7 @@ def _fit_feature_stage(cfg: CascadeConfig, tr: _Split, va: _Split, n_classes: in
 
 def _check_stage1_bundle(path: str, classes: list[str]) -> Bundle:
     b1 = load_bundle(path)
-    if b1.manifest.get("kind", "classifier") != "classifier":
+    if b1.info.kind != "classifier":
         raise ConfigError(f"{path}: a first-stage bundle must be a plain classifier "
                           "(--first-stage)")
     if b1.classes != classes:
@@ -333,14 +333,14 @@ def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
 
     t0 = time.perf_counter()
     b2 = load_bundle(stage2)
-    if b2.manifest.get("kind", "classifier") != "classifier":
+    if b2.info.kind != "classifier":
         raise ConfigError(f"{stage2}: the second stage must be a plain classifier bundle")
-    classes, spec2 = b2.classes, PreprocessSpec.from_dict(b2.manifest["preprocess"])
+    classes, spec2 = b2.classes, PreprocessSpec.from_dict(dict(b2.info.preprocess))
     train, val, info = _splits(b2, data, cfg)
     b1 = None if cfg.first_stage in FEATURE_STAGES else _check_stage1_bundle(cfg.first_stage,
                                                                              classes)
     fspec = cfg.features or FeatureSpec(channels=3 if spec2.in_chans == 3 else 1)
-    spec1 = PreprocessSpec.from_dict(b1.manifest["preprocess"]) if b1 is not None else None
+    spec1 = PreprocessSpec.from_dict(dict(b1.info.preprocess)) if b1 is not None else None
     va = _decode(val, classes, spec2, fspec if b1 is None else None, spec1, True, cfg.workers)
     if len(va.y) == 0:
         raise DataError("every validation image was unreadable; see the defects")

@@ -73,7 +73,7 @@ def sub_bundle(bundle: Bundle, name: str, expected_sha256: str | None = None) ->
     else:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
-            for fname in bundle.manifest["files"]:
+            for fname in bundle.info.files:
                 if fname.startswith(prefix):
                     zf.writestr(fname[len(prefix):], bundle.verified_bytes(fname))
         inner_manifest = validate_manifest(parse_manifest(

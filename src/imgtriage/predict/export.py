@@ -73,20 +73,20 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     b = load_bundle(bundle)
-    if b.manifest.get("kind", "classifier") != "classifier":
-        raise ConfigError(f"{b.path} is a {b.manifest.get('kind')!r} bundle; export the "
+    if b.info.kind != "classifier":
+        raise ConfigError(f"{b.path} is a {b.info.kind!r} bundle; export the "
                           "classifier bundles it contains instead")
-    if b.manifest["preprocess"].get("features") and quantize:
+    if b.info.preprocess.get("features") and quantize:
         raise ConfigError(f"{b.path} is an image + feature (fusion) model: its graph takes two "
                           "inputs, and int8 calibration feeds images only; export fp32 "
                           "(drop --quantize)")
     sets = (_calib_and_check(b, calib, cfg.check, cfg.calib_images, cfg.check_images, say)
             if calib else None)
     try:
-        ood = bool((b.manifest.get("decision") or {}).get("ood"))
-        g = export_graph(build_model(b, with_features=ood), b.manifest,
+        ood = bool(b.info.decision.get("ood"))
+        g = export_graph(build_model(b, with_features=ood), b.info,
                          sets[1].x[:16] if sets else None, opset=opset,
-                         outputs=graph_outputs(b.manifest))
+                         outputs=graph_outputs(b.info))
     except BundleError as exc:
         raise BundleError(f"{b.path}: {exc}") from exc
     graph, info, parity = g.data, dict(g.info), float(g.info["parity_max_abs_dprob"])
@@ -105,7 +105,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
         info["int8"] = result.manifest_block(q)
         info["precision"] = "int8" if result.accepted else "fp32"
     else:
-        old_int8 = (b.manifest.get("onnx") or {}).get("int8")
+        old_int8 = (b.info.block("onnx") or {}).get("int8")
         if old_int8 and b.has_file(old_int8.get("file", INT8_FILE)):
             info["int8"] = old_int8  # same weights: the earlier int8 graph stays valid
     note = f"onnx export (opset {opset}" + (f", int8 {quantize})" if quantize else ")")
@@ -175,7 +175,7 @@ def _load(b: Bundle, items: list[tuple[str, str]], flag: str, where: Any) -> Lab
     from imgtriage.data.preprocess import PreprocessSpec, load_input
     from imgtriage.errors import ImageReadError
 
-    spec = PreprocessSpec.from_dict(b.manifest["preprocess"])
+    spec = PreprocessSpec.from_dict(dict(b.info.preprocess))
     index = {c: i for i, c in enumerate(b.classes)}
     xs, labels = [], []
     for path, label in items:

@@ -100,7 +100,7 @@ def save_gallery_bundle(path: str | os.PathLike[str], manifest: Manifest,
 
     encoder = build_encoder(manifest.model.in_chans, **dict(manifest.model.kwargs))
     encoder.load_state_dict({k: v.detach().cpu() for k, v in encoder_state.items()})
-    files, onnx = training_graph(encoder.eval(), manifest.to_dict(), x_check,
+    files, onnx = training_graph(encoder.eval(), manifest, x_check,
                                  outputs=("embedding",))
     return save_bundle(path, manifest.with_changes(onnx=onnx), encoder_state,
                        {**gallery_files(gallery), **files})

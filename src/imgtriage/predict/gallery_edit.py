@@ -120,7 +120,7 @@ def _refit(bundle: Bundle, gallery: Gallery, config: GalleryConfig
            ) -> tuple[GalleryConfig, dict[str, Any] | None, str]:
     """A threshold fitted on the enrolled items is fitted again on the edited gallery, at
     the same acceptance (a threshold set by hand stays as it is)."""
-    fit = bundle.manifest.get("threshold_fit")
+    fit = bundle.info.block("threshold_fit")
     if not fit:
         return config, None, ""
     threshold, new_fit = fit_similarity_threshold(gallery, config, float(fit["acceptance"]))

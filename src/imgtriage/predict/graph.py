@@ -38,6 +38,7 @@ from imgtriage.bundle.graph import (
     not_exported,
     num_features,
 )
+from imgtriage.bundle.record import Manifest
 from imgtriage.bundle.store import sha256_bytes
 from imgtriage.errors import BundleError, ConfigError, require
 from imgtriage.predict.ort_session import run_graph, softmax
@@ -61,7 +62,7 @@ class Graph:
     seconds: float
 
 
-def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | None, *,
+def export_graph(model: Any, manifest: Manifest, x_check: np.ndarray | None, *,
                  opset: int = DEFAULT_OPSET, outputs: Sequence[str] = ("logits",)) -> Graph:
     """Export ``model`` (eval mode, CPU) to ONNX and check ONNX Runtime against torch.
 
@@ -70,7 +71,7 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
     than ``PARITY_TOLERANCE``.
 
     Example:
-        >>> g = export_graph(model, manifest, x_val[:16])  # doctest: +SKIP
+        >>> g = export_graph(model, bundle.info, x_val[:16])  # doctest: +SKIP
         >>> g.info["parity_max_abs_dprob"] <= 1e-4  # doctest: +SKIP
         True
     """
@@ -81,7 +82,7 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
     if not outputs or outputs[0] not in FIRST_OUTPUTS or unknown:
         raise ConfigError(f"graph outputs must start with 'logits' (or 'embedding') and be "
                           f"among {sorted(GRAPH_OUTPUTS)}, got {list(outputs)}")
-    pre = manifest["preprocess"]
+    pre = manifest.preprocess
     if x_check is None or len(x_check) == 0:
         shape = (int(pre["in_chans"]), *(int(s) for s in pre["size"]))
         x_check = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
@@ -109,7 +110,7 @@ def export_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | Non
     return Graph(graph, info, time.perf_counter() - t0)
 
 
-def training_graph(model: Any, manifest: dict[str, Any], x_check: np.ndarray | None,
+def training_graph(model: Any, manifest: Manifest, x_check: np.ndarray | None,
                    outputs: Sequence[str] = ("logits",)
                    ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """``(extra files, onnx block)`` for a bundle being written by a training entry point.
@@ -171,12 +172,12 @@ def _parity(model: Any, graph: bytes, x: np.ndarray, outputs: tuple[str, ...],
     return parity
 
 
-def _with_metadata(graph: bytes, manifest: dict[str, Any]) -> bytes:
+def _with_metadata(graph: bytes, manifest: Manifest) -> bytes:
     """Record preprocessing and classes in the graph, for consumers outside imgtriage."""
     onnx = require("onnx", "onnx")
     proto = onnx.load_from_string(graph)
-    meta = {"imgtriage.preprocess": json.dumps(manifest["preprocess"]),
-            "imgtriage.classes": json.dumps(list(manifest["classes"])),
+    meta = {"imgtriage.preprocess": json.dumps(dict(manifest.preprocess)),
+            "imgtriage.classes": json.dumps(list(manifest.classes)),
             "imgtriage.input": "normalised (x - mean) / std, (N, C, h, w) float32; see "
                                "imgtriage.preprocess"}
     for key, value in meta.items():

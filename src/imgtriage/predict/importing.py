@@ -247,7 +247,7 @@ def _from_state_dict(src: Path, cfg: ImportConfig
     manifest = _manifest(cfg.arch, {}, spec, cfg)
     model = _checked_model(src, cfg)
     # like a trained bundle: a verified ONNX graph (or the reason there is none)
-    files, onnx = training_graph(model, manifest.to_dict(), _check_inputs(cfg, spec))
+    files, onnx = training_graph(model, manifest, _check_inputs(cfg, spec))
     return (manifest.with_changes(onnx=onnx), model.state_dict(), files,
             onnx.get("parity_max_abs_dprob"))
 

@@ -94,11 +94,10 @@ def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphIn
     model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
     model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
     x_check = inputs.check.x[:PARITY_IMAGES] if inputs.check is not None else None
-    raw = manifest.to_dict()
-    outputs = graph_outputs(raw)
+    outputs = graph_outputs(manifest)
     if "features" in outputs:  # the OOD rule reads the penultimate features of the same pass
         model = WithFeatures(model)
-    files, info = training_graph(model.eval(), raw, x_check, outputs)
+    files, info = training_graph(model.eval(), manifest, x_check, outputs)
     files = _int8(files, info, manifest, inputs, quantize, say)
     return manifest.with_changes(onnx=info), files
 

@@ -495,7 +495,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     seconds = time.perf_counter() - t0
     say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
     if info.is_main:
-        say(graph_summary(load_bundle(bundle, verify=False).manifest.get("onnx")))
+        say(graph_summary(load_bundle(bundle, verify=False).info.block("onnx")))
     if cal is not None:
         say(cal.line)
     return TrainResult(run, bundle, metrics, seconds, cal.line if cal is not None else "")
