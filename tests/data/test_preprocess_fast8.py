@@ -106,3 +106,17 @@ def test_the_training_loader_and_load_input_read_a_photo_to_the_same_tensor(tmp_
     loaded = decode_samples([Sample(str(path), "a")], ["a"], spec, workers=1)
     assert np.array_equal(loaded.x[0], x)
     assert np.array_equal(load_input(path.read_bytes(), spec, name="a.jpg")[0], x)
+
+
+def test_a_large_rgb_photo_costs_a_few_float_planes_on_the_fast_path():
+    from hostile_files import peak_rss_delta
+
+    array = np.full((3000, 3000, 3), 120, np.uint8)
+    array[::7] = 30  # not constant
+    plane = 3000 * 3000 * 4  # one channel as float32
+    spec = PreprocessSpec.default_for(3, (224, 224), resize="shorter_crop")
+    assert _fast_8bit(array, spec) is not None
+    x, delta = peak_rss_delta(lambda: to_input(array, spec))
+    assert x.shape == (3, 224, 224)
+    # Pillow's RGB copy (4 bytes a pixel), its three 8-bit planes, one float plane at a time
+    assert delta < 3 * plane, f"to_input took {delta / plane:.1f} float planes"

@@ -303,6 +303,7 @@ def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
     lo, hi = (0.0, 255.0) if span is None else (float(span[0]), float(span[1]))
     image = Image.fromarray(array.reshape(array.shape[:2]) if grey else array)
     sources = [image] if grey else list(image.split())
+    del image  # (Pillow holds RGB as 4 bytes a pixel: free it before the float planes)
     if spec.channel_order == "bgr":
         sources = sources[::-1]
     planes = []
