@@ -14,7 +14,7 @@ from safetensors.numpy import load
 from typer.testing import CliRunner
 
 from imgtriage.bundle import load_bundle
-from imgtriage.evaluate.ood import KnnOOD, threshold_from_scores
+from imgtriage.evaluate.ood import KnnRmdOOD, scorer_from_rule, threshold_from_scores
 from imgtriage.evaluate.policy import fit_decision_policy
 from imgtriage.predict import Predictor
 
@@ -37,7 +37,7 @@ def test_default_bundle_is_calibrated_on_validation_with_an_abstain_rule(calibra
     assert cal["temperature"]["nll_after"] < cal["temperature"]["nll_before"]
     assert d["abstain"] is True and len(set(d["thresholds"])) == 1
     assert cal["thresholds"]["strategy"] == "target_accuracy"
-    assert d["ood"]["method"] == "knn" and "ood.safetensors" in m["files"]
+    assert d["ood"]["method"] == "knn+rmd" and "ood.safetensors" in m["files"]
     assert m["profiles"]["default"] == d
     r = cal["default_rule"]
     assert calibrated_run.rule == (
@@ -69,9 +69,12 @@ def test_ood_threshold_is_reproducible_from_the_stored_statistics(calibrated_run
     assert len(arrays["val_scores"]) == rule["n_val"] == calibrated_run.metrics["val_count"]
     assert threshold_from_scores(arrays["val_scores"], rule["accept"]) == rule["threshold"]
     assert np.mean(arrays["val_scores"] <= rule["threshold"]) >= rule["accept"]
+    # rebuilt from the stored arrays, it gives the validation scores the threshold rests on
+    ood = scorer_from_rule(rule, arrays)
+    assert isinstance(ood, KnnRmdOOD) and ood.threshold_ == rule["threshold"]
     # the stored bank scores a training image (its own neighbour) near zero
-    ood = KnnOOD.from_rule({**rule, "k": 1}, arrays)
-    assert ood.score(arrays["bank"][:3]).max() < 1e-3
+    near = KnnRmdOOD.from_rule({**rule, "k": 1}, arrays).components(arrays["bank"][:3])
+    assert near["knn"].max() < 1e-3
 
 
 def test_cli_api_and_http_give_the_same_reason_for_the_same_bytes(calibrated_run, tmp_path):
@@ -134,6 +137,6 @@ def test_inspect_says_what_the_default_rule_refuses(calibrated_run, tiny_run):
     from imgtriage.cli.main import app
 
     out = CliRunner().invoke(app, ["inspect", str(calibrated_run.bundle_path)]).output
-    assert "unknowns    out-of-distribution: knn k=10" in out and "answers " in out
+    assert "unknowns    out-of-distribution: knn+rmd k=10" in out and "answers " in out
     raw = CliRunner().invoke(app, ["inspect", str(tiny_run.bundle_path)]).output
     assert "no out-of-distribution rule; not calibrated: --no-calibrate" in raw

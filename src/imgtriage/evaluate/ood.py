@@ -5,6 +5,8 @@ they never saw. :class:`KnnOOD` (Sun et al., "Out-of-distribution detection with
 neighbors", ICML 2022) keeps the L2-normalised penultimate features of (a sample of) the
 training images; an input's score is the distance from its normalised feature to the k-th
 nearest of them. No assumption about the feature distribution, no extra training.
+:class:`KnnRmdOOD` (the default for new bundles) fuses it with the relative Mahalanobis
+distance (Ren et al. 2021), which is stronger on near OOD (unseen classes of the same kind).
 
 The threshold is chosen on validation images (never trained on) as a conformal quantile at
 the stated in-distribution acceptance: with ``accept=0.95`` a new in-distribution image is
@@ -14,6 +16,7 @@ arrays (``arrays()``, saved as safetensors) and a JSON rule (``rule()``): no pic
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ from imgtriage.evaluate.conformal import conformal_quantile
 
 OOD_FILE = "ood.safetensors"
 METHOD = "knn"
+METHOD_FUSED = "knn+rmd"
 
 
 def _normalise(feats: Any) -> np.ndarray:
@@ -41,7 +45,8 @@ class KnnOOD:
         k: which neighbour's distance is the score.
         accept: share of in-distribution (validation) images the threshold accepts.
         max_bank: at most this many training features are kept (a seeded sample; Sun et al.
-            find a 1% sample of ImageNet loses little).
+            find a 1% sample of ImageNet loses little; with the fused score a bank of 2,048
+            instead of 5,400 changed AUROC by <= 0.005 on our sets and costs 2.6x less).
         seed: the sample's seed.
 
     Fitted attributes: ``bank_`` (M, D) float32, ``val_scores_``, ``threshold_``.
@@ -53,7 +58,7 @@ class KnnOOD:
         True
     """
 
-    def __init__(self, k: int = 10, accept: float = 0.95, max_bank: int = 10000,
+    def __init__(self, k: int = 10, accept: float = 0.95, max_bank: int = 2048,
                  seed: int = 0) -> None:
         self.k = k
         self.accept = accept
@@ -67,48 +72,48 @@ class KnnOOD:
             raise ConfigError(f"OOD acceptance must be in (0, 1), got {self.accept} "
                               "(--ood-accept)")
 
-    def fit(self, train_feats: Any, val_feats: Any) -> KnnOOD:
-        """Keep the training features; choose the threshold on validation features."""
+    method = METHOD
+
+    def fit(self, train_feats: Any, val_feats: Any, train_labels: Any = None) -> KnnOOD:
+        """Keep the training features; choose the threshold on validation features
+        (``train_labels`` is not used by plain k-NN)."""
         self._check_params()
-        bank = _normalise(train_feats)
+        self._fit_bank(_normalise(train_feats))
+        self.val_scores_ = self.score(val_feats)
+        self.threshold_ = threshold_from_scores(self.val_scores_, float(self.accept))
+        return self
+
+    def _fit_bank(self, bank: np.ndarray) -> None:
         if len(bank) > int(self.max_bank):
             keep = np.random.default_rng(self.seed).choice(len(bank), int(self.max_bank),
                                                            replace=False)
             bank = bank[np.sort(keep)]
         if len(bank) < 1:
             raise ConfigError("no training features to fit the OOD scorer on")
-        self.bank_ = np.ascontiguousarray(bank)
-        self.val_scores_ = self.score(val_feats)
-        self.threshold_ = threshold_from_scores(self.val_scores_, float(self.accept))
-        return self
+        self.bank_ = np.ascontiguousarray(bank, dtype=np.float32)
 
-    def score(self, feats: Any) -> np.ndarray:
-        """Distance to the k-th nearest training feature (in [0, 2]), one per row."""
+    def _checked(self, feats: Any) -> np.ndarray:
         if not hasattr(self, "bank_"):
             raise not_fitted(self)
         f = _normalise(feats)
         if f.shape[1] != self.bank_.shape[1]:
             raise ConfigError(f"features have {f.shape[1]} dimensions but the OOD scorer was "
                               f"fitted on {self.bank_.shape[1]}; retrain the bundle")
-        k = min(int(self.k), len(self.bank_))
-        m = len(self.bank_)
-        out = np.empty(len(f), dtype=np.float64)
-        with _one_blas_thread():
-            for i in range(0, len(f), 1024):  # bounded memory for big batches
-                sims = f[i:i + 1024] @ self.bank_.T
-                kth = np.partition(sims, m - k, axis=1)[:, m - k]  # k-th largest similarity
-                out[i:i + 1024] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * kth.astype(np.float64)))
-        return out
+        return f
+
+    def score(self, feats: Any) -> np.ndarray:
+        """Distance to the k-th nearest training feature (in [0, 2]), one per row."""
+        return knn_distance(self._checked(feats), self.bank_, int(self.k))
 
     def rule(self) -> dict[str, Any]:
         """The JSON part the bundle's decision policy carries (arrays go to ``OOD_FILE``)."""
         if not hasattr(self, "bank_"):
             raise not_fitted(self)
-        return json_safe({"method": METHOD, "k": int(self.k), "accept": float(self.accept),
-                          "threshold": float(self.threshold_), "file": OOD_FILE,
-                          "n_bank": len(self.bank_), "n_val": len(self.val_scores_),
-                          "dim": int(self.bank_.shape[1]), "max_bank": int(self.max_bank),
-                          "seed": int(self.seed)})
+        return json_safe({"method": self.method, "k": int(self.k),
+                          "accept": float(self.accept), "threshold": float(self.threshold_),
+                          "file": OOD_FILE, "n_bank": len(self.bank_),
+                          "n_val": len(self.val_scores_), "dim": int(self.bank_.shape[1]),
+                          "max_bank": int(self.max_bank), "seed": int(self.seed)})
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"bank": self.bank_, "val_scores": self.val_scores_.astype(np.float64)}
@@ -116,23 +121,202 @@ class KnnOOD:
     @classmethod
     def from_rule(cls, rule: dict[str, Any], arrays: dict[str, np.ndarray]) -> KnnOOD:
         """Rebuild a fitted scorer from :meth:`rule` and :meth:`arrays` (as stored)."""
-        if rule.get("method") != METHOD or "bank" not in arrays:
-            raise ConfigError(f"unknown OOD rule {rule.get('method')!r} or missing 'bank'; "
-                              "retrain the bundle")
+        if rule.get("method") != cls.method or "bank" not in arrays:
+            raise ConfigError(f"OOD rule {rule.get('method')!r} is not {cls.method!r} or its "
+                              "'bank' is missing; retrain the bundle")
         ood = cls(k=int(rule["k"]), accept=float(rule["accept"]),
                   max_bank=int(rule.get("max_bank", 10000)), seed=int(rule.get("seed", 0)))
         ood._check_params()
         ood.bank_ = np.ascontiguousarray(arrays["bank"], dtype=np.float32)
         ood.val_scores_ = np.asarray(arrays.get("val_scores", np.zeros(0)), dtype=np.float64)
         ood.threshold_ = float(rule["threshold"])
+        ood._restore(rule, arrays)
         return ood
+
+    def _restore(self, rule: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Subclasses read their extra fitted statistics here."""
+
+
+class KnnRmdOOD(KnnOOD):
+    """The k-NN distance and the relative Mahalanobis distance, fused: the default scorer.
+
+    Both are computed on the same L2-normalised penultimate features. The relative
+    Mahalanobis distance (Ren et al., "A simple fix to Mahalanobis distance for improving
+    near-OOD detection", 2021) is the distance to the nearest class mean (shared covariance)
+    minus the distance to the mean of all training features (their own covariance), both
+    covariances Ledoit-Wolf shrunk, so they invert at any feature width. Each score is
+    standardised by its median and 95th percentile on training images (k-NN: leave-one-out)
+    and the fused score is the larger: an input is strange when either says so. Measured on
+    near OOD (unseen classes of the same sensor) it beats plain k-NN by 0.05-0.07 AUROC, at
+    a small cost on far OOD (``docs/benchmarks.md``). The standardisation uses training
+    images only, so the threshold stays a conformal quantile of validation scores.
+
+    Fitted attributes (beyond :class:`KnnOOD`'s): ``means_`` (C, D), ``prec_`` (D, D),
+    ``mean0_`` (D,), ``prec0_`` (D, D), ``scale_`` {"knn": [median, p95], "rmd": [...]}.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(300, 8)) + 4, np.arange(300) % 3
+        >>> ood = KnnRmdOOD(k=3).fit(x, rng.normal(size=(60, 8)) + 4, train_labels=y)
+        >>> bool(ood.score(rng.normal(size=(1, 8)) - 4)[0] > ood.threshold_)
+        True
+    """
+
+    method = METHOD_FUSED
+
+    def fit(self, train_feats: Any, val_feats: Any, train_labels: Any = None) -> KnnRmdOOD:
+        """Bank and class statistics from the training features; threshold on validation."""
+        if train_labels is None:
+            raise ConfigError("the knn+rmd OOD scorer needs the training labels")
+        self._check_params()
+        f = _normalise(train_feats)
+        y = np.asarray(train_labels).reshape(-1)
+        if len(y) != len(f) or len(f) < 2:
+            raise ConfigError(f"{len(f)} training features for {len(y)} labels; need the same "
+                              "number, at least 2")
+        self._fit_rmd(f.astype(np.float64), y)
+        self._fit_bank(f)
+        # reference scores of bank images, leave-one-out: an image's own match is not its kNN
+        ref = self.bank_[np.random.default_rng(self.seed).choice(
+            len(self.bank_), min(len(self.bank_), 2000), replace=False)]
+        k_loo = min(int(self.k) + 1, len(self.bank_))
+        self.scale_ = {"knn": _median_p95(knn_distance(ref, self.bank_, k_loo)),
+                       "rmd": _median_p95(self._rmd(ref))}
+        self.val_scores_ = self.score(val_feats)
+        self.threshold_ = threshold_from_scores(self.val_scores_, float(self.accept))
+        return self
+
+    def _fit_rmd(self, f: np.ndarray, y: np.ndarray) -> None:
+        from sklearn.covariance import ledoit_wolf
+
+        classes, idx = np.unique(y, return_inverse=True)
+        self.means_ = np.stack([f[idx == c].mean(0) for c in range(len(classes))])
+        self.mean0_ = f.mean(0)
+        self.prec_ = np.linalg.pinv(ledoit_wolf(f - self.means_[idx], assume_centered=True)[0])
+        self.prec0_ = np.linalg.pinv(ledoit_wolf(f - self.mean0_, assume_centered=True)[0])
+
+    def _rmd(self, f: np.ndarray) -> np.ndarray:
+        g = np.asarray(f, dtype=np.float64)
+        a = g @ self.prec_
+        mu_p = self.means_ @ self.prec_
+        d = (a * g).sum(1)[:, None] - 2.0 * a @ self.means_.T + (mu_p * self.means_).sum(1)
+        c0 = g - self.mean0_
+        return d.min(1) - ((c0 @ self.prec0_) * c0).sum(1)
+
+    def components(self, feats: Any) -> dict[str, np.ndarray]:
+        """The two raw scores (k-NN distance, relative Mahalanobis), for reports/benches."""
+        f = self._checked(feats)
+        with _one_blas_thread():  # one switch for both: toggling BLAS threads costs more
+            return {"knn": knn_distance(f, self.bank_, int(self.k)), "rmd": self._rmd(f)}
+
+    def score(self, feats: Any) -> np.ndarray:
+        """max(standardised k-NN distance, standardised relative Mahalanobis distance)."""
+        c = self.components(feats)
+        z = [(c[n] - self.scale_[n][0]) / self.scale_[n][1] for n in ("knn", "rmd")]
+        return np.maximum(z[0], z[1])
+
+    def rule(self) -> dict[str, Any]:
+        return {**super().rule(), "scale": {n: [float(v) for v in self.scale_[n]]
+                                            for n in ("knn", "rmd")},
+                "n_classes": len(self.means_)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**super().arrays(), "means": self.means_, "prec": self.prec_,
+                "mean0": self.mean0_, "prec0": self.prec0_}
+
+    def _restore(self, rule: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        missing = {"means", "prec", "mean0", "prec0"} - set(arrays)
+        if missing or "scale" not in rule:
+            raise ConfigError(f"the knn+rmd OOD scorer misses {sorted(missing) or 'scale'}; "
+                              "retrain the bundle")
+        for name in ("means", "prec", "mean0", "prec0"):
+            setattr(self, name + "_", np.asarray(arrays[name], dtype=np.float64))
+        self.scale_ = {n: [float(v) for v in rule["scale"][n]] for n in ("knn", "rmd")}
+        d = self.bank_.shape[1]
+        if self.prec_.shape != (d, d) or self.prec0_.shape != (d, d) or \
+                self.means_.shape[1:] != (d,) or self.mean0_.shape != (d,):
+            raise ConfigError("the OOD scorer's statistics do not match its feature width; "
+                              "retrain the bundle")
+
+
+def _median_p95(s: np.ndarray) -> list[float]:
+    """[median, spread] with spread = p95 - median (1 when the scores do not spread)."""
+    med, p95 = np.percentile(np.asarray(s, dtype=np.float64), [50, 95])
+    spread = float(p95 - med)
+    return [float(med), spread if spread > 1e-12 else 1.0]
+
+
+SCORERS = {METHOD: KnnOOD, METHOD_FUSED: KnnRmdOOD}
+
+
+def scorer_from_rule(rule: dict[str, Any], arrays: dict[str, np.ndarray]) -> KnnOOD:
+    """The fitted scorer a bundle's OOD rule names (``knn`` or ``knn+rmd``), from its stored
+    arrays."""
+    cls = SCORERS.get(str(rule.get("method")))
+    if cls is None:
+        raise ConfigError(f"unknown OOD rule {rule.get('method')!r} (this version knows "
+                          f"{sorted(SCORERS)}); upgrade imgtriage or retrain the bundle")
+    return cls.from_rule(rule, arrays)
 
 
 _BLAS: list[Any] = []
+_POOLS: dict[int, Any] = {}
+
+
+def knn_distance(f: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each (normalised) row of ``f`` to its ``k``-th nearest row of ``bank``.
+
+    One matrix product per chunk of rows and a partial sort (``np.partition``, linear time)
+    for the k-th largest similarity; no full sort. A batch of >= 64 rows is split over the
+    usable cores (at most 4), each chunk on one BLAS thread: the model's runtime is idle
+    while its outputs are scored, and both steps release the GIL.
+
+    Example:
+        >>> bank = np.eye(3, dtype=np.float32)
+        >>> knn_distance(np.eye(3, dtype=np.float32)[:1], bank, 1).round(3).tolist()
+        [0.0]
+    """
+    k = min(int(k), len(bank))
+    n_threads = min(4, _usable_cores(), max(1, len(f) // 32))
+    out = np.empty(len(f), dtype=np.float64)
+
+    def part(lo: int, hi: int) -> None:
+        for i in range(lo, hi, 1024):  # bounded memory for big batches
+            j = min(hi, i + 1024)
+            sims = f[i:j] @ bank.T
+            kth = np.partition(sims, len(bank) - k, axis=1)[:, len(bank) - k]
+            out[i:j] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * kth.astype(np.float64)))
+
+    with _one_blas_thread():
+        if n_threads < 2:
+            part(0, len(f))
+        else:
+            cuts = np.linspace(0, len(f), n_threads + 1).astype(int).tolist()
+            pool = _pool(n_threads)
+            for fut in [pool.submit(part, a, b) for a, b in pairwise(cuts)]:
+                fut.result()
+    return out
+
+
+def _usable_cores() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(n: int) -> Any:
+    if n not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="imgtriage-ood")
+    return _POOLS[n]
 
 
 def _one_blas_thread() -> Any:
-    """One BLAS thread for the scorer's matrix product: the model's runtime already uses the
+    """One BLAS thread for the scorer's matrix products: the model's runtime already uses the
     cores, and a multi-threaded product of a batch by the bank competing with it was 3-25x
     slower on 2 shared cores (64 rows x 2,500-10,000 x 128: 17-42 ms vs 0.7-6.6 ms)."""
     try:

@@ -403,8 +403,8 @@ def _ood_html(r: dict[str, Any]) -> str:
             for name, m in o["methods"].items()]
     why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in o["refused_by_reason"].items())
     return (f"<h2>Out-of-distribution images ({_e(o['folder'])})</h2><p class='muted'>"
-            f"{_e(o['note'])}. knn: the bundle's OOD score; msp: max softmax probability "
-            "(baseline).</p>"
+            f"{_e(o['note'])}. {_e(', '.join(k for k in o['methods'] if k != 'msp'))}: the "
+            "bundle's OOD score; msp: max softmax probability (baseline).</p>"
             + _table(rows, ["score", "AUROC", "FPR at 95% TPR", "in-distribution", "OOD"])
             + f"<p>The rule refuses {_e(_fmt(o['refused']))} of the {o['n']} images"
             f"{f' ({_e(why)})' if why else ''}; {len(o['defects'])} unreadable.</p>")

@@ -58,7 +58,9 @@ def ood_section(predictor: Predictor, policy: DecisionPolicy, id_data: Any, fold
     t = policy.temperature
     methods = {"msp": auroc_fpr(-softmax(id_data.logits, t).max(1), -softmax(logits, t).max(1))}
     if scores is not None and id_data.ood_scores is not None:
-        methods = {"knn": auroc_fpr(id_data.ood_scores, scores), **methods}
+        # keyed by the bundle's OOD method (knn+rmd, knn), the score its rule thresholds
+        methods = {str(policy.ood.get("method", "knn")): auroc_fpr(id_data.ood_scores, scores),
+                   **methods}
     d = policy.decide(logits, scores)
     reasons: dict[str, int] = {}
     for r in d.reason:

@@ -26,7 +26,7 @@ from imgtriage.data.features import (
 from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, record_input
 from imgtriage.errors import BundleSchemaError, ConfigError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy
-from imgtriage.evaluate.ood import OOD_FILE, KnnOOD
+from imgtriage.evaluate.ood import OOD_FILE, KnnOOD, scorer_from_rule
 from imgtriage.io import ImageRecord
 from imgtriage.predict.backends import RuntimeChoice
 from imgtriage.predict.base import (
@@ -166,7 +166,7 @@ class Predictor(BasePredictor):
         """The bundle's fitted OOD scorer for a policy's rule (its arrays read once)."""
         name = rule.get("file", OOD_FILE)
         if name not in self._ood:
-            self._ood[name] = KnnOOD.from_rule(rule, self.bundle.tensors(name, "numpy"))
+            self._ood[name] = scorer_from_rule(rule, self.bundle.tensors(name, "numpy"))
         return self._ood[name]
 
     def forward(self, x: np.ndarray, policy: DecisionPolicy, tta: bool = False,

@@ -3,9 +3,10 @@
 ``train()`` calls :func:`calibrate_run` after the best epoch is restored. On the validation
 split (never trained on) it fits the temperature (kept only when it lowers NLL), a confidence
 threshold at which answered images reach ``--target-accuracy``, and, from the model's own
-penultimate features of the training images, a k-NN out-of-distribution scorer whose
-threshold accepts ``--ood-accept`` of validation images. The result is the bundle's default
-decision rule, so ``predict`` and the service say "unknown" out of the box.
+penultimate features of the training images, an out-of-distribution scorer (k-NN distance
+fused with the relative Mahalanobis distance, ``--ood-method``) whose threshold accepts
+``--ood-accept`` of validation images. The result is the bundle's default decision rule, so
+``predict`` and the service say "unknown" out of the box.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from imgtriage.errors import ModelError
 from imgtriage.evaluate import fit_decision_policy
-from imgtriage.evaluate.ood import OOD_FILE, KnnOOD
+from imgtriage.evaluate.ood import OOD_FILE, SCORERS, KnnOOD
 from imgtriage.models.penultimate import WithFeatures
 from imgtriage.train.config import TrainConfig
 
@@ -69,6 +70,9 @@ def embed(model: nn.Module, source: Any, order: list[int] | None = None,
             np.concatenate(feats) if feats else None, np.concatenate(labels))
 
 
+STATS_SAMPLE = 10000
+
+
 def _ood(model: nn.Module, train: Any, val_feats: np.ndarray | None, cfg: TrainConfig
          ) -> tuple[KnnOOD | None, str | None]:
     if not cfg.ood:
@@ -77,14 +81,16 @@ def _ood(model: nn.Module, train: Any, val_feats: np.ndarray | None, cfg: TrainC
         return None, "the model has no classification head to read penultimate features from"
     n = len(train)
     order = list(range(n))
-    if n > cfg.ood_bank:  # embed only the sample the scorer keeps
-        order = sorted(np.random.default_rng(cfg.seed).choice(n, cfg.ood_bank,
-                                                               replace=False).tolist())
-    _, train_feats, _ = embed(model, train, order)
+    # the k-NN bank keeps --ood-bank of them; the class statistics of knn+rmd use up to
+    # STATS_SAMPLE (embedding costs one inference pass, far less than an epoch)
+    want = max(cfg.ood_bank, STATS_SAMPLE) if cfg.ood_method == "knn+rmd" else cfg.ood_bank
+    if n > want:  # embed only the sample the scorer uses
+        order = sorted(np.random.default_rng(cfg.seed).choice(n, want, replace=False).tolist())
+    _, train_feats, train_y = embed(model, train, order)
     if train_feats is None or not len(train_feats):
         return None, "no training features"
-    return KnnOOD(k=cfg.ood_k, accept=cfg.ood_accept, max_bank=cfg.ood_bank,
-                  seed=cfg.seed).fit(train_feats, val_feats), None
+    return SCORERS[cfg.ood_method](k=cfg.ood_k, accept=cfg.ood_accept, max_bank=cfg.ood_bank,
+                                   seed=cfg.seed).fit(train_feats, val_feats, train_y), None
 
 
 def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],

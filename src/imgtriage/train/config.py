@@ -227,14 +227,19 @@ class TrainConfig:
     target_accuracy: float = _f(0.95, "Default rule: answer an image only when its calibrated "
                                       "confidence reaches the lowest threshold at which "
                                       "answered validation images are this accurate.")
-    ood: bool = _f(True, "Fit a k-NN out-of-distribution scorer on the model's penultimate "
-                         "features of the training images (Sun et al. 2022); inputs beyond "
-                         "its threshold are refused as out_of_distribution.")
+    ood: bool = _f(True, "Fit an out-of-distribution scorer on the model's penultimate "
+                         "features of the training images; inputs beyond its threshold are "
+                         "refused as out_of_distribution.")
+    ood_method: str = _f("knn+rmd", "OOD score: knn+rmd (the larger of the standardised k-NN "
+                                    "distance and relative Mahalanobis distance; stronger on "
+                                    "unseen classes) or knn (k-NN distance alone, Sun et al. "
+                                    "2022).")
     ood_accept: float = _f(0.95, "Share of in-distribution (validation) images the OOD "
                                  "threshold accepts (a conformal quantile).")
     ood_k: int = _f(10, "Which nearest training neighbour's distance is the OOD score.")
-    ood_bank: int = _f(10000, "At most this many training images' features are kept for the "
-                              "OOD scorer (a seeded sample).")
+    ood_bank: int = _f(2048, "At most this many training images' features are kept for the "
+                             "k-NN part of the OOD score (a seeded sample; the relative "
+                             "Mahalanobis part uses the statistics of up to 10,000).")
 
     def __post_init__(self) -> None:
         if isinstance(self.conservative_classes, str):
@@ -293,7 +298,8 @@ def _check_choices(c: TrainConfig) -> None:
                "optimizer": ("adamw", "sgd"), "schedule": SCHEDULES,
                "lr_scaling": ("linear", "sqrt"), "amp": TRI_STATE,
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
-               "quantize": ("none", "static")}
+               "quantize": ("none", "static"),
+               "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)
         _need(value in allowed, name, f"{name.replace('_', ' ')} must be one of "
