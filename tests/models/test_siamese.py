@@ -13,7 +13,6 @@ from imgtriage.models.siamese import SiameseNet, build_encoder, encoder_kwargs
 from imgtriage.train.fewshot import (
     EpisodeSampler,
     FewShotConfig,
-    augment_episode,
     fit_encoder,
     prototypical_loss,
     similarity_threshold,
@@ -106,13 +105,33 @@ def test_episode_sampler_is_balanced():
         EpisodeSampler(np.zeros(5, int), 2, 2)
 
 
-def test_augment_keeps_content_and_shape():
-    g = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
-    for policy in ("none", "flip", "d4"):
-        out = augment_episode(x, policy, g)
-        assert out.shape == x.shape
-        assert torch.equal(out.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+def test_episode_sampler_epochs_are_reproducible_and_resumable():
+    labels = np.repeat(np.arange(5), 6)
+    s = EpisodeSampler(labels, n_way=3, per_class=4, seed=1, episodes=5)
+    assert len(s) == 5 * 3 * 4 == len(list(s))
+    s.set_epoch(2)
+    second = list(s)
+    assert list(s) == second  # an epoch is drawn from (seed, epoch) alone
+    s.set_epoch(3)
+    assert list(s) != second
+    for ep in np.array(second).reshape(5, 3, 4):  # class by class, 3 distinct classes
+        assert len({int(labels[i]) for i in ep.ravel()}) == 3
+        assert all(len(set(labels[row].tolist())) == 1 for row in ep)
+    again = EpisodeSampler(labels, n_way=3, per_class=4, seed=1, episodes=5)
+    again.load_state_dict({**s.state_dict(), "epoch": 2})
+    assert list(again) == second
+    with pytest.raises(ConfigError, match="per_class"):
+        EpisodeSampler(labels, 3, 5, seed=1, episodes=5).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("augment, policy", [("none", "none"), ("flip", "flip"),
+                                             ("d4", "flip_rot90")])
+def test_augment_is_the_common_loops_policy(augment, policy):
+    from imgtriage.data.augment import FIXED_FLIPS
+
+    tc = FewShotConfig(augment=augment).train_config()
+    assert tc.augment == policy
+    assert FIXED_FLIPS[policy] == {"none": "none", "flip": "hflip", "d4": "d4"}[augment]
 
 
 def test_fit_encoder_separates_a_toy_problem():
@@ -145,7 +164,13 @@ def test_similarity_threshold_keeps_the_asked_share():
                                       ({"n_way": 1}, "--n-way"),
                                       ({"keep_rate": 0.0}, "--keep-rate"),
                                       ({"augment": "randaug"}, "--augment"),
-                                      ({"method": "svm"}, "--method")])
+                                      ({"method": "svm"}, "--method"),
+                                      ({"lr": 0.0}, "--lr"),
+                                      ({"epochs": 0}, "--epochs"),
+                                      ({"img_size": 4}, "--img-size"),
+                                      ({"val_frac": 1.0}, "--val-frac"),
+                                      ({"patience": -1}, "--patience"),
+                                      ({"checkpoint_every": -1}, "--checkpoint-every")])
 def test_config_errors_name_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         FewShotConfig(**kw)

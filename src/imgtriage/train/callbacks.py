@@ -56,6 +56,7 @@ class LoopState:
     frozen_norm: bool = False  # keep the backbone's batch-norm layers in eval mode
     extras: dict[str, Any] = field(default_factory=dict)
     semi: Any = None  # the semi-supervised extension (train/semisup.py), saved with the state
+    objective: Any = None  # what is trained when not classification (train/objective.py)
 
     def eval_model(self) -> nn.Module:
         """The weights that are validated and saved: the EMA when there is one."""
@@ -185,7 +186,9 @@ def save(directory: str | Path, state: LoopState) -> Path:
             "sampler": state.sampler.state_dict(),
             "ema_updates": state.ema.updates if state.ema is not None else 0,
             "config": state.cfg.to_dict(),
-            "unlabeled": state.semi.state_dict() if state.semi is not None else None}
+            "unlabeled": state.semi.state_dict() if state.semi is not None else None,
+            "objective": (state.objective.settings() if state.objective is not None
+                          else None)}
     return save_checkpoint(directory, weights=weights, optimizer=state.optimizer, state=meta)
 
 
@@ -203,6 +206,13 @@ def restore(state: LoopState, path: str | Path) -> None:
     # a setting added after the checkpoint was made matches when it is at its default
     diff = sorted(k for k in now if k not in ignore
                   and saved.get(k, json.loads(json.dumps(field_default(k)))) != now[k])
+    mine = (json.loads(json.dumps(state.objective.settings()))
+            if state.objective is not None else None)
+    theirs = meta.get("objective")
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        diff += sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    elif mine != theirs:
+        diff.append("objective")
     if diff:
         raise ConfigError(f"the checkpoint was made with different settings for {diff}; "
                           "resume with the same settings (see its state.json) (--resume)")

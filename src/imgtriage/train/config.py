@@ -287,6 +287,9 @@ def _check_basic(c: TrainConfig) -> None:
     _need(c.img_size is None or c.img_size >= 8, "img_size", "image size must be >= 8 pixels")
     _need(c.in_chans is None or c.in_chans >= 1, "in_chans", "in_chans must be >= 1")
     _need(0 < c.crop_pct <= 1, "crop_pct", "crop_pct must be in (0, 1]")
+    _need(0 <= c.val_frac < 1, "val_frac", "val fraction must be in [0, 1)")
+    _need(0 <= c.test_frac < 1 and c.val_frac + c.test_frac < 1, "test_frac",
+          "test fraction must be >= 0 and leave training data beside --val-frac")
     _need(c.drop_rate is None or 0 <= c.drop_rate < 1, "drop_rate",
           "drop rate must be in [0, 1)")
     _need(isinstance(c.model_kwargs, dict), "model_kwargs", "model kwargs must be a JSON object")

@@ -9,9 +9,18 @@ Two objectives, both on L2-normalised embeddings:
   ``semihard`` negative (the closest one still farther than the positive; FaceNet) or with the
   ``hard`` batch extremes (hardest positive and negative per anchor), margin loss.
 
+Training is the common loop's (:func:`imgtriage.train.loop.fit`): the episode sampler
+and the metric loss are the only few-shot parts, plugged in as an
+:class:`~imgtriage.train.objective.Objective` (:class:`EpisodicObjective`), so the optimiser,
+the schedule, progress lines, the metrics log, early stopping (``--patience``), checkpoints
+and exact resume are those of ``imgtriage train``, and :class:`FewShotConfig` shares
+:class:`~imgtriage.train.config.TrainConfig`'s checks (``FewShotConfig.train_config``).
+
 The run directory mirrors ``imgtriage train`` (config.json, splits.csv, metrics.jsonl,
-defects.json, bundle/); the bundle is of kind ``gallery`` with every training crop enrolled
-and a similarity threshold fitted on the validation split (see :mod:`imgtriage.predict.gallery`).
+curves.png, defects.json, checkpoint/, bundle/); the bundle is of kind ``gallery`` with every
+training crop enrolled and a similarity threshold fitted on the validation split (see
+:mod:`imgtriage.predict.gallery`). The result is the :class:`~imgtriage.train.run.TrainResult`
+of ``imgtriage train``.
 
 Example:
     >>> from imgtriage.train.fewshot import FewShotConfig, train_fewshot
@@ -22,12 +31,11 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +43,48 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from imgtriage.errors import DataError
+from imgtriage.errors import ConfigError, DataError
+from imgtriage.train.distributed import DistInfo
 from imgtriage.train.fewshot_config import AUGMENTS, LOSSES, MINING, FewShotConfig
+from imgtriage.train.loop import FitResult
+from imgtriage.train.run import TrainResult
 
-__all__ = ["AUGMENTS", "LOSSES", "MINING", "EpisodeSampler", "FewShotConfig", "FewShotResult",
-           "train_fewshot"]
+__all__ = ["AUGMENTS", "LOSSES", "MINING", "EpisodeSampler", "EpisodicObjective",
+           "FewShotConfig", "FewShotResult", "train_fewshot"]
 
-# -- balanced sampling ----------------------------------------------------------------------
+FewShotResult = TrainResult  # the result of every training run (kept for older imports)
+
+# -- balanced episodes: the sampler of the common loop ---------------------------------------
 class EpisodeSampler:
     """Balanced episodes: ``n_way`` classes (cycling through a shuffled class order, so every
     class appears equally often), ``per_class`` items each (without replacement where the
-    class has enough, with replacement otherwise).
+    class has enough, with replacement otherwise), laid out class by class.
+
+    As the common loop's sampler (:class:`~imgtriage.train.objective.EpochSampler`) it yields
+    the indices of ``episodes`` episodes per epoch, drawn from the seed, the epoch and the
+    rank alone, so its checkpointed state is the epoch number and resuming is exact.
+    :meth:`sample` draws the next episode of the current stream.
 
     Example:
         >>> s = EpisodeSampler(np.array([0, 0, 0, 1, 1, 2]), n_way=2, per_class=2, seed=0)
         >>> idx, y = s.sample()
-        >>> len(idx), y.tolist()
-        (4, [0, 0, 1, 1])
+        >>> len(idx), y.tolist(), len(s)
+        (4, [0, 0, 1, 1], 4)
     """
 
-    def __init__(self, labels: np.ndarray, n_way: int, per_class: int, seed: int = 0) -> None:
+    def __init__(self, labels: np.ndarray, n_way: int, per_class: int, seed: int = 0,
+                 episodes: int = 1, rank: int = 0) -> None:
+        labels = np.asarray(labels)
         self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
         if len(self.by_class) < 2:
             raise DataError("few-shot training needs at least 2 classes with training images")
         self.n_way = min(n_way, len(self.by_class))
-        self.per_class = per_class
-        self.rng = np.random.default_rng(seed)
+        self.per_class, self.episodes = per_class, episodes
+        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self.rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0xE915])
         self._queue: list[int] = []
 
     def _next_classes(self) -> list[int]:
@@ -74,6 +98,7 @@ class EpisodeSampler:
         return chosen
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next episode: (indices, episode class 0..n_way-1 of each)."""
         idx, ys = [], []
         for j, c in enumerate(self._next_classes()):
             pool = self.by_class[c]
@@ -81,6 +106,30 @@ class EpisodeSampler:
             idx.append(self.rng.choice(pool, self.per_class, replace=replace_))
             ys.append(np.full(self.per_class, j))
         return np.concatenate(idx), np.concatenate(ys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._restart()
+
+    def __iter__(self) -> Iterator[int]:
+        self._restart()
+        for _ in range(self.episodes):
+            yield from self.sample()[0].tolist()
+
+    def __len__(self) -> int:
+        return self.episodes * self.n_way * self.per_class
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seed": self.seed, "n_way": self.n_way,
+                "per_class": self.per_class, "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "n_way", "per_class", "episodes"):
+            if state.get(key) != getattr(self, key):
+                raise ConfigError(f"the checkpoint's episodes have {key}={state.get(key)!r}, "
+                                  f"this run {getattr(self, key)!r}; resume with the same "
+                                  "settings (--resume)")
+        self.set_epoch(int(state["epoch"]))
 
 
 # -- losses -----------------------------------------------------------------------------------
@@ -131,39 +180,67 @@ def triplet_loss(emb: torch.Tensor, y: torch.Tensor, margin: float, mining: str 
     return losses.mean(), float((losses > 0).float().mean())
 
 
-# -- augmentation (geometric only: safe for SAR, astronomy and microscopy crops) --------------
-def augment_episode(x: torch.Tensor, policy: str, g: torch.Generator) -> torch.Tensor:
-    """``flip``: random horizontal flips; ``d4``: flips and 90-degree turns (square inputs)."""
-    if policy == "none":
-        return x
-    out = x.clone()
-    flip = torch.rand(len(x), generator=g) < 0.5
-    out[flip] = out[flip].flip(-1)
-    if policy == "d4" and x.shape[-1] == x.shape[-2]:
-        k = torch.randint(0, 4, (len(x),), generator=g)
-        for r in (1, 2, 3):
-            sel = k == r
-            out[sel] = torch.rot90(out[sel], r, dims=(-2, -1))
-    return out
+# -- what the common loop trains for ------------------------------------------------------------
+@dataclass(frozen=True)
+class EpisodicObjective:
+    """The few-shot :class:`~imgtriage.train.objective.Objective` of the common loop:
+    balanced episodes in, a metric loss on the embeddings, gallery accuracy to validate.
 
+    ``proto``: ``n_way`` x (``k_shot`` support + ``n_query`` queries) per episode, queries
+    against the support means; ``triplet``: the same balanced batches, margin loss mined in
+    the batch. Validation enrols every training crop and answers the validation crops
+    (``method``/``knn_k``: how the gallery scores), the ``val_accuracy`` the loop keeps the
+    best epoch by.
 
-# -- the loop ---------------------------------------------------------------------------------
-@dataclass
-class EncoderFit:
-    """Best encoder weights (by validation gallery accuracy), their epoch, every epoch's log."""
+    Example:
+        >>> obj = EpisodicObjective("proto", n_way=2, k_shot=1, n_query=1, episodes=2)
+        >>> emb = torch.nn.functional.normalize(torch.eye(2)[[0, 0, 1, 1]], dim=1)
+        >>> loss, acc = obj.loss(emb, torch.tensor([3, 3, 5, 5]))
+        >>> acc
+        1.0
+    """
 
-    best_state: dict[str, torch.Tensor]
-    best_epoch: int
-    history: list[dict[str, float]]
+    kind: str = "proto"  # --loss
+    n_way: int = 5
+    k_shot: int = 5
+    n_query: int = 5
+    episodes: int = 100
+    mining: str = "semihard"
+    margin: float = 0.2
+    scale: float = 10.0
+    method: str = "prototype"
+    knn_k: int = 1
 
+    @classmethod
+    def from_config(cls, cfg: FewShotConfig, num_classes: int) -> EpisodicObjective:
+        """The objective of ``cfg`` for ``num_classes`` training classes (``n_way`` at most
+        that many)."""
+        return cls(cfg.loss, n_way=min(cfg.n_way, num_classes), k_shot=cfg.k_shot,
+                   n_query=cfg.n_query, episodes=cfg.episodes, mining=cfg.mining,
+                   margin=cfg.margin, scale=cfg.scale, method=cfg.method, knn_k=cfg.knn_k)
 
-def _episode_loss(encoder: torch.nn.Module, x: torch.Tensor, idx: np.ndarray, y: np.ndarray,
-                  cfg: FewShotConfig, n_way: int, g: torch.Generator
-                  ) -> tuple[torch.Tensor, float]:
-    emb = encoder(augment_episode(x[torch.from_numpy(idx)], cfg.augment, g))
-    if cfg.loss == "proto":
-        return prototypical_loss(emb, n_way, cfg.k_shot, cfg.scale)
-    return triplet_loss(emb, torch.from_numpy(y), cfg.margin, cfg.mining)
+    @property
+    def stat(self) -> str:
+        return "train_episode_accuracy" if self.kind == "proto" else "train_active_triplets"
+
+    def sampler(self, labels: np.ndarray, seed: int, dist: DistInfo) -> EpisodeSampler:
+        return EpisodeSampler(labels, self.n_way, self.k_shot + self.n_query, seed,
+                              episodes=self.episodes, rank=dist.rank)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.kind == "proto":
+            return prototypical_loss(out, self.n_way, self.k_shot, self.scale)
+        return triplet_loss(out, y, self.margin, self.mining)
+
+    def validate(self, model: torch.nn.Module, train: Any, val: Any) -> dict[str, float]:
+        acc = gallery_accuracy(model, (train.x.numpy(), train.labels),
+                               (val.x.numpy(), val.labels), self.method, self.knn_k)[0]
+        return {"val_accuracy": acc}
+
+    def settings(self) -> dict[str, Any]:
+        """Named as the ``imgtriage train-fewshot`` options that set them."""
+        d = asdict(self)
+        return {"loss": d.pop("kind"), **d}
 
 
 def gallery_accuracy(encoder: torch.nn.Module, support: tuple[np.ndarray, np.ndarray],
@@ -185,59 +262,23 @@ def gallery_accuracy(encoder: torch.nn.Module, support: tuple[np.ndarray, np.nda
 
 def fit_encoder(encoder: torch.nn.Module, train_xy: tuple[np.ndarray, np.ndarray],
                 val_xy: tuple[np.ndarray, np.ndarray] | None, cfg: FewShotConfig, *,
-                log_path: str | Path | None = None, quiet: bool = True) -> EncoderFit:
-    """Episodic training of ``encoder``; the best epoch by validation gallery accuracy (the
-    gallery is the training crops) wins, or the last epoch without validation data."""
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    x, y = torch.as_tensor(train_xy[0]), np.asarray(train_xy[1])
-    per_class = cfg.k_shot + cfg.n_query
-    sampler = EpisodeSampler(y, cfg.n_way, per_class, cfg.seed)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * cfg.episodes
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20))
-        * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    fit = EncoderFit({}, 0, [])
-    best = -1.0
-    for epoch in range(1, cfg.epochs + 1):
-        t0, losses, accs = time.perf_counter(), [], []
-        encoder.train()
-        for _ in range(cfg.episodes):
-            idx, ey = sampler.sample()
-            loss, acc = _episode_loss(encoder, x, idx, ey, cfg, sampler.n_way, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            accs.append(acc)
-        stat = "train_episode_accuracy" if cfg.loss == "proto" else "train_active_triplets"
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), stat: float(np.mean(accs)),
-               "lr": opt.param_groups[0]["lr"]}
-        if val_xy is not None and len(val_xy[1]):
-            row["val_accuracy"] = gallery_accuracy(encoder, train_xy, val_xy, cfg.method,
-                                                   cfg.knn_k)[0]
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        fit.history.append(row)
-        score = row.get("val_accuracy", float(epoch))
-        if score > best:
-            best, fit.best_epoch = score, epoch
-            fit.best_state = copy.deepcopy(encoder.state_dict())
-        _log(row, log_path, quiet)
-    encoder.load_state_dict(fit.best_state)
-    return fit
+                log_path: str | Path | None = None, quiet: bool = True,
+                checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
+                callbacks: Sequence[Any] = ()) -> FitResult:
+    """Episodic training of ``encoder`` in the common loop (:func:`imgtriage.train.loop.fit`
+    with :class:`EpisodicObjective`); the best epoch by validation gallery accuracy (the
+    gallery is the training crops) wins, or the last epoch without validation data.
+    ``checkpoint_dir``/``resume_from``/``callbacks`` are the loop's."""
+    from imgtriage.train.loop import fit
 
-
-def _log(row: dict[str, Any], log_path: str | Path | None, quiet: bool) -> None:
-    if log_path:
-        with Path(log_path).open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-    if not quiet:
-        from rich.console import Console
-
-        Console(stderr=True).print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                                            f"{k}={v}" for k, v in row.items()))
+    y = np.asarray(train_xy[1])
+    n_classes = len(np.unique(y))
+    if n_classes < 2:
+        raise DataError("few-shot training needs at least 2 classes with training images")
+    val = val_xy if val_xy is not None and len(val_xy[1]) else None
+    return fit(encoder, (train_xy[0], y), val, cfg.train_config(n_classes), log_path=log_path,
+               show_progress=not quiet, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
+               resume_from=resume_from, objective=EpisodicObjective.from_config(cfg, n_classes))
 
 
 def similarity_threshold(best_sims: np.ndarray, correct: np.ndarray, keep_rate: float
@@ -256,14 +297,6 @@ def similarity_threshold(best_sims: np.ndarray, correct: np.ndarray, keep_rate: 
 
 
 # -- from a folder to a gallery bundle ---------------------------------------------------------
-@dataclass(frozen=True)
-class FewShotResult:
-    run_dir: Path
-    bundle_path: Path
-    metrics: dict[str, Any]
-    seconds: float
-
-
 def _load_splits(data: str | os.PathLike[str], run: Path, cfg: FewShotConfig) -> tuple:
     from imgtriage.data import (
         PreprocessSpec,
@@ -292,51 +325,69 @@ def _load_splits(data: str | os.PathLike[str], run: Path, cfg: FewShotConfig) ->
     return ds, spec, tr, va
 
 
+def _threshold(encoder: torch.nn.Module, classes: Sequence[str], tr: Any, va: Any,
+               cfg: FewShotConfig) -> tuple[Any, Any, dict[str, Any], str]:
+    """The gallery of every training crop, its config with the fitted similarity threshold,
+    the validation metrics and the rule the threshold was fitted by."""
+    from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
+
+    present = {classes[i] for i in tr.y}
+    gallery = Gallery.build(embed(encoder, tr.x), [classes[i] for i in tr.y],
+                            [s.path for s in tr.samples], [c for c in classes if c in present])
+    gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.scale)
+    if not len(va.y):  # no held-out split: hold out each enrolled crop in turn
+        threshold, fitted = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
+        return (gallery, replace(gcfg, similarity_threshold=threshold),
+                {"threshold_fit": fitted},
+                f"keep {cfg.keep_rate:.0%} of the enrolled crops answered correctly left-one-out")
+    acc, best, correct = gallery_accuracy(encoder, (tr.x, tr.y), (va.x, va.y), cfg.method,
+                                          cfg.knn_k)
+    threshold = similarity_threshold(best, correct, cfg.keep_rate)
+    metrics = {"val_accuracy": acc, "val_count": len(va.y),
+               "val_coverage": (float(np.mean(best >= threshold)) if threshold is not None
+                                else 1.0)}
+    return (gallery, replace(gcfg, similarity_threshold=threshold), metrics,
+            f"keep {cfg.keep_rate:.0%} of correct validation crops")
+
+
 def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                  cfg: FewShotConfig = FewShotConfig(), *, quiet: bool = False) -> FewShotResult:
-    """Discover, split, decode, train the encoder episodically, enrol every training crop and
-    fit the similarity threshold on the validation split; save ``OUT/bundle`` (kind gallery).
+                  cfg: FewShotConfig = FewShotConfig(), *, quiet: bool = False,
+                  resume: bool = False) -> TrainResult:
+    """Discover, split, decode, train the encoder episodically in the common loop, enrol
+    every training crop and fit the similarity threshold on the validation split; save
+    ``OUT/bundle`` (kind gallery). ``resume=True`` continues ``OUT/checkpoint`` exactly
+    (same settings required), as ``imgtriage train --resume`` does.
 
     Example:
         >>> res = train_fewshot("data/crops", "runs/fs")  # doctest: +SKIP
         >>> res.bundle_path  # doctest: +SKIP
         PosixPath('runs/fs/bundle')
     """
-    from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
     from imgtriage.models.siamese import build_encoder
     from imgtriage.predict.gallery import new_gallery_manifest, save_gallery_bundle
+    from imgtriage.train.checkpoint import find_checkpoint
+    from imgtriage.train.plots import plot_curves
+    from imgtriage.train.run import set_threads
 
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    set_threads(cfg.num_threads)
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
+    ckpt = find_checkpoint(run) if resume else None
     ds, spec, tr, va = _load_splits(data, run, cfg)
     cfg = replace(cfg, in_chans=spec.in_chans)
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (run / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(spec.in_chans, **cfg.encoder_kwargs())
-    val = (va.x, va.y) if len(va.y) else None
-    fit = fit_encoder(encoder, (tr.x, tr.y), val, cfg, log_path=run / "metrics.jsonl",
-                      quiet=quiet)
-    threshold, metrics = None, {"best_epoch": fit.best_epoch, "train_count": len(tr.y)}
-    if val is not None:
-        acc, best, correct = gallery_accuracy(encoder, (tr.x, tr.y), val, cfg.method, cfg.knn_k)
-        threshold = similarity_threshold(best, correct, cfg.keep_rate)
-        metrics.update(val_accuracy=acc, val_count=len(va.y),
-                       val_coverage=(float(np.mean(best >= threshold))
-                                     if threshold is not None else 1.0))
-    present = {ds.classes[i] for i in tr.y}
-    gallery = Gallery.build(embed(encoder, tr.x), [ds.classes[i] for i in tr.y],
-                            [s.path for s in tr.samples], [c for c in ds.classes if c in present])
-    gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.scale,
-                         similarity_threshold=threshold)
-    rule = f"keep {cfg.keep_rate:.0%} of correct validation crops"
-    if val is None:  # no held-out split: hold out each enrolled crop in turn
-        threshold, fit = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
-        gcfg = replace(gcfg, similarity_threshold=threshold)
-        metrics["threshold_fit"] = fit
-        rule = f"keep {cfg.keep_rate:.0%} of the enrolled crops answered correctly left-one-out"
+    result = fit_encoder(encoder, (tr.x, tr.y), (va.x, va.y), cfg,
+                         log_path=run / "metrics.jsonl", quiet=quiet,
+                         checkpoint_dir=run / "checkpoint", resume_from=ckpt)
+    if result.history:
+        plot_curves(result.history, run / "curves.png", result.best_epoch)
+    gallery, gcfg, val_metrics, rule = _threshold(encoder, ds.classes, tr, va, cfg)
+    metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "train_count": len(tr.y),
+                               "epochs_run": len(result.history),
+                               "stopped_early": result.stopped_early, **val_metrics}
     manifest = new_gallery_manifest(
         encoder_kwargs=cfg.encoder_kwargs(), in_chans=spec.in_chans, preprocess=spec.to_dict(),
         gallery=gallery, config=gcfg, metrics=metrics,
@@ -346,9 +397,10 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery,
                                  x_check=check)  # the encoder's graph, checked on val crops
     seconds = time.perf_counter() - t0
+    line = f"similarity threshold {gcfg.similarity_threshold} ({rule})"
     if not quiet:
         from rich.console import Console
 
-        Console(stderr=True).print(f"best epoch {fit.best_epoch}: {metrics} | similarity "
-                                   f"threshold {threshold} | bundle: {bundle} | {seconds:.1f}s")
-    return FewShotResult(run, bundle, metrics, seconds)
+        Console(stderr=True).print(f"best epoch {result.best_epoch}: {metrics} | {line} | "
+                                   f"bundle: {bundle} | {seconds:.1f}s")
+    return TrainResult(run, bundle, metrics, seconds, line)

@@ -1,6 +1,12 @@
 """The few-shot training configuration: a frozen dataclass, one ``imgtriage train-fewshot``
 option per field (help text and flag in each field's metadata). No torch here: the command
 line builds its options from it at start-up.
+
+Few-shot training runs in the common loop (:func:`imgtriage.train.loop.fit`), so the knobs it
+shares with ``imgtriage train`` (epochs, learning rate, weight decay, input, split, seed,
+early stopping, checkpoints) are checked by :class:`~imgtriage.train.config.TrainConfig`:
+:meth:`FewShotConfig.train_config` is the loop's configuration of a run, and building it is
+part of validating this one. Only the few-shot knobs are checked here.
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from imgtriage.errors import ConfigError
+from imgtriage.train.config import TrainConfig
 
 LOSSES = ("proto", "triplet")
 MINING = ("semihard", "hard")
 AUGMENTS = ("none", "flip", "d4")
+# --augment -> the common loop's policy of the same effect (d4: flips and 90-degree turns)
+_AUGMENT_POLICY = {"none": "none", "flip": "flip", "d4": "flip_rot90"}
 
 
 def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -58,6 +67,11 @@ class FewShotConfig:
     num_threads: int | None = _f(None, "Compute threads (default: all cores).",
                                  flag="--threads")
     decode_workers: int | None = _f(None, "Threads decoding the images (default: up to 4).")
+    patience: int = _f(0, "Early stopping: epochs without a better validation accuracy "
+                          "(0 = off).")
+    checkpoint_every: int = _f(1, "Save a resumable checkpoint in OUT/checkpoint every N "
+                                  "epochs (0 = never); train_fewshot(..., resume=True) "
+                                  "continues it exactly.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -69,21 +83,16 @@ class FewShotConfig:
             (self.k_shot >= 1, "k_shot must be >= 1 (--k-shot)"),
             (self.n_query >= 1, "n_query must be >= 1 (--n-query)"),
             (self.episodes >= 1, "episodes per epoch must be >= 1 (--episodes)"),
-            (self.epochs >= 1, "epochs must be >= 1 (--epochs)"),
             (self.embed_dim >= 2, "embed_dim must be >= 2 (--embed-dim)"),
             (self.scale > 0, "scale must be positive (--scale)"),
-            (self.lr > 0, "learning rate must be positive (--lr)"),
-            (self.weight_decay >= 0, "weight decay must be >= 0 (--weight-decay)"),
-            (self.img_size >= 8, "image size must be >= 8 pixels (--img-size)"),
-            (self.in_chans is None or self.in_chans >= 1, "in_chans must be >= 1 (--in-chans)"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS} (--augment)"),
-            (0 <= self.val_frac < 1, "val fraction must be in [0, 1) (--val-frac)"),
             (self.knn_k >= 1, "k must be >= 1 (--knn-k)"),
             (0 < self.keep_rate <= 1, "keep rate must be in (0, 1] (--keep-rate)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        self.train_config()  # the knobs shared with `imgtriage train`, checked there
         from imgtriage.models.gallery import GalleryConfig
 
         GalleryConfig(method=self.method, k=self.knn_k, scale=self.scale)  # validates --method
@@ -93,3 +102,34 @@ class FewShotConfig:
 
     def encoder_kwargs(self) -> dict[str, Any]:
         return {"embed_dim": self.embed_dim, "widths": list(self.widths)}
+
+    def episode_size(self, num_classes: int | None = None) -> int:
+        """Crops per episode: ``n_way`` classes (at most ``num_classes``) x (support + query).
+
+        Example:
+            >>> FewShotConfig(n_way=5, k_shot=2, n_query=3).episode_size(num_classes=4)
+            20
+        """
+        n_way = min(self.n_way, num_classes) if num_classes else self.n_way
+        return n_way * (self.k_shot + self.n_query)
+
+    def train_config(self, num_classes: int | None = None) -> TrainConfig:
+        """The common loop's configuration of this run: one episode per optimisation step
+        (``episodes`` steps an epoch), AdamW, warm-up over the first 5% of the steps then
+        cosine to zero, the best epoch by validation (gallery) accuracy.
+
+        Example:
+            >>> tc = FewShotConfig(epochs=4, n_way=5, k_shot=1, n_query=1).train_config()
+            >>> tc.batch_size, tc.schedule, tc.augment
+            (10, 'cosine', 'flip')
+        """
+        return TrainConfig(
+            model="siamese", model_kwargs=self.encoder_kwargs(), img_size=self.img_size,
+            in_chans=self.in_chans, scaling=self.scaling, epochs=self.epochs,
+            batch_size=self.episode_size(num_classes), lr=self.lr,
+            weight_decay=self.weight_decay, val_frac=self.val_frac, test_frac=0.0,
+            select_metric="val_accuracy", augment=_AUGMENT_POLICY.get(self.augment, "none"),
+            seed=self.seed, num_threads=self.num_threads, decode_workers=self.decode_workers,
+            optimizer="adamw", schedule="cosine", warmup_epochs=self.epochs / 20,
+            patience=self.patience, checkpoint_every=self.checkpoint_every,
+            pretrained="none", calibrate=False, ood=False)

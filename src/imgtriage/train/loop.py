@@ -4,6 +4,9 @@ Setup (device, DDP, data sources, sampler, loss, optimiser, schedule, EMA) happe
 :func:`_setup`; :func:`fit` then runs epochs and fires callbacks at named events
 (``on_fit_start``, ``on_epoch_start``, ``on_epoch_end``, ``on_fit_end``, see
 :mod:`imgtriage.train.callbacks`). Extensions never rewrite the batch behind the loop's back.
+A recipe that does not train logits against labels (few-shot episodes and a metric loss)
+plugs in an :class:`~imgtriage.train.objective.Objective`: its sampler, loss and validation
+replace the classification ones, and everything else is this loop.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from imgtriage.train.distributed import DistInfo, all_reduce_sum, current_dist
 from imgtriage.train.ema import ModelEma
 from imgtriage.train.losses import TrainLoss, plan_loss
 from imgtriage.train.mix import Mixer
+from imgtriage.train.objective import Objective
 from imgtriage.train.optim import build_optimizer, scaled_lr, set_backbone_norm_eval
 from imgtriage.train.pipeline import ArraySource
 from imgtriage.train.schedules import LRSchedule
@@ -106,15 +110,16 @@ class _Run:
     train: Any
     val: Any
     val_order: list[int]
-    criterion: TrainLoss
+    criterion: TrainLoss | None  # None: the objective's loss
     augment: AugmentPolicy
     mixer: Mixer
     autocast: Callable[[], Any]
     scaler: Any
     channels_last: bool
     num_classes: int
-    loss_plan: dict[str, Any]
+    loss_plan: dict[str, Any] | None
     semi: SemiSupervised | None = None
+    objective: Objective | None = None  # None: classification
 
 
 def _source(data: Any) -> Any:
@@ -145,7 +150,8 @@ def _policies(cfg: TrainConfig, conservative: Sequence[int]) -> tuple[AugmentPol
 
 def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
            num_classes: int | None, conservative: Sequence[int],
-           semi: SemiSupervised | None = None) -> tuple[LoopState, _Run]:
+           semi: SemiSupervised | None = None, objective: Objective | None = None
+           ) -> tuple[LoopState, _Run]:
     dist = current_dist(cfg.device)
     device = torch.device(dist.device)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -156,23 +162,26 @@ def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
     last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
                                          and device.type in ("cuda", "cpu"))
     model.to(device, memory_format=torch.channels_last if last else torch.preserve_format)
-    plan = plan_loss(cfg, train.labels, k)
-    sampler = TrainSampler(train.labels, seed=cfg.seed, balanced=cfg.balanced_sampling,
-                           max_repeat=cfg.max_repeat, num_replicas=dist.world_size,
-                           rank=dist.rank)
+    plan = plan_loss(cfg, train.labels, k) if objective is None else None
+    sampler = (objective.sampler(train.labels, cfg.seed, dist) if objective is not None else
+               TrainSampler(train.labels, seed=cfg.seed, balanced=cfg.balanced_sampling,
+                            max_repeat=cfg.max_repeat, num_replicas=dist.world_size,
+                            rank=dist.rank))
     opt = build_optimizer(model, cfg, scaled_lr(cfg, dist.world_size))
     steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.batch_size))
     schedule = LRSchedule.from_config(opt, cfg, steps_per_epoch)
     if semi is not None:
         semi.bind(steps_per_epoch * cfg.epochs)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main, semi=semi)
+    state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main, semi=semi,
+                      objective=objective)
     autocast, scaler = _precision(cfg, device)
     aug, mixer = _policies(cfg, conservative)
     n_val = len(val) if val else 0
     run = _Run(dist, device, train, val, list(range(dist.rank, n_val, dist.world_size)),
-               TrainLoss.from_plan(plan, k).to(device), aug, mixer, autocast, scaler, last, k,
-               plan.to_dict(), semi)
+               None if plan is None else TrainLoss.from_plan(plan, k).to(device), aug, mixer,
+               autocast, scaler, last, k, None if plan is None else plan.to_dict(), semi,
+               objective)
     return state, run
 
 
@@ -191,18 +200,24 @@ def _net(state: LoopState, run: _Run) -> nn.Module:
 def _step(state: LoopState, run: _Run, net: nn.Module, xb: torch.Tensor, ya: torch.Tensor,
           yb: torch.Tensor, lam: float, fb: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, clip, optimiser and schedule step on one batch: (logits, loss).
+    """Forward, backward, clip, optimiser and schedule step on one batch: (loss, hits), hits
+    being the correct answers (classification) or the objective's ``stat`` x batch size.
 
     Rows of ``xb`` beyond the labels are the semi-supervised extension's unlabelled views:
     they share the forward pass (and batch norm) and add its loss."""
     with run.autocast():
         out = _forward(net, xb, fb)
-        logits = out[:len(ya)]
-        loss = run.criterion(logits, ya)
-        if lam < 1.0:
-            loss = lam * loss + (1 - lam) * run.criterion(logits, yb)
-        if run.semi is not None and len(out) > len(ya):
-            loss = loss + run.semi.loss(out[len(ya):])
+        if run.objective is not None:
+            loss, stat = run.objective.loss(out, ya)
+            hits = torch.tensor(stat * len(ya))
+        else:
+            logits = out[:len(ya)]
+            loss = run.criterion(logits, ya)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * run.criterion(logits, yb)
+            if run.semi is not None and len(out) > len(ya):
+                loss = loss + run.semi.loss(out[len(ya):])
+            hits = (logits.detach().argmax(1) == ya).sum()
     state.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if state.cfg.grad_clip > 0:
@@ -213,7 +228,7 @@ def _step(state: LoopState, run: _Run, net: nn.Module, xb: torch.Tensor, ya: tor
     state.schedule.step_batch()
     if state.ema is not None:
         state.ema.update(state.model)
-    return logits.detach(), loss.detach()
+    return loss.detach(), hits
 
 
 def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
@@ -242,14 +257,14 @@ def _train_epoch(state: LoopState, run: _Run, advance: Callable[[int], None]
                    torch.preserve_format)
         ya, yb2 = ya.to(run.device, non_blocking=True), yb2.to(run.device, non_blocking=True)
         fb = None if fb is None else fb.to(run.device, non_blocking=True)
-        logits, loss = _step(state, run, net, xb, ya, yb2, lam, fb)
+        loss, hits = _step(state, run, net, xb, ya, yb2, lam, fb)
         n = len(ya)
-        correct = (logits.argmax(1) == ya).sum()
-        sums += torch.stack([loss.double().cpu() * n, correct.double().cpu(),
+        sums += torch.stack([loss.double().cpu() * n, hits.double().cpu(),
                              torch.tensor(float(n), dtype=torch.float64)])
         advance(n)
-    loss_sum, correct, total = all_reduce_sum(sums, run.dist).tolist()
-    out = {"train_loss": loss_sum / max(total, 1), "train_accuracy": correct / max(total, 1)}
+    loss_sum, hits, total = all_reduce_sum(sums, run.dist).tolist()
+    stat = run.objective.stat if run.objective is not None else "train_accuracy"
+    out = {"train_loss": loss_sum / max(total, 1), stat: hits / max(total, 1)}
     if run.semi is not None:
         out.update(run.semi.epoch_metrics(int(total)))
     return out
@@ -275,6 +290,8 @@ def _validate(state: LoopState, run: _Run) -> dict[str, float]:
     """Loss, accuracy, balanced accuracy and macro F1 on the validation split (all ranks)."""
     if run.val is None:
         return {}
+    if run.objective is not None:
+        return run.objective.validate(state.eval_model(), run.train, run.val)
     model, k = state.eval_model(), run.num_classes
     model.eval()
     conf = torch.zeros(k * k, dtype=torch.float64)
@@ -388,7 +405,8 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray] | Any,
         callbacks: Sequence[Callback | EpochCallback] = (),
         checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
         num_classes: int | None = None, conservative: Sequence[int] = (),
-        unlabeled: SemiSupervised | None = None) -> FitResult:
+        unlabeled: SemiSupervised | None = None, objective: Objective | None = None
+        ) -> FitResult:
     """Train ``model`` per ``cfg``; keep the best epoch by ``cfg.select_metric``.
 
     ``train_xy``/``val_xy`` are ``(x, y)`` arrays or a source from
@@ -396,14 +414,17 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray] | Any,
     with a validation pass and one JSON line in ``log_path``; ``checkpoint_dir`` receives
     resumable checkpoints and ``resume_from`` continues one exactly. ``conservative`` are
     class ids that only get geometric augmentation. ``unlabeled`` adds a semi-supervised
-    loss on unlabelled images to every step (:mod:`imgtriage.train.semisup`). Under
-    torchrun the model is wrapped in DDP and every process must call fit.
+    loss on unlabelled images to every step (:mod:`imgtriage.train.semisup`).
+    ``objective`` replaces classification's sampler, loss and validation (few-shot episodes
+    and a metric loss, :mod:`imgtriage.train.objective`). Under torchrun the model is
+    wrapped in DDP and every process must call fit.
 
     Example:
         >>> res = fit(model, (x_tr, y_tr), (x_va, y_va), TrainConfig(epochs=3))  # doctest: +SKIP
         >>> res.best_epoch, res.best_metrics["val_accuracy"]  # doctest: +SKIP
     """
-    state, run = _setup(model, train_xy, val_xy, cfg, num_classes, conservative, unlabeled)
+    state, run = _setup(model, train_xy, val_xy, cfg, num_classes, conservative, unlabeled,
+                        objective)
     cbs = _callbacks(cfg, log_path, checkpoint_dir, callbacks)
     if resume_from is not None:
         restore(state, resume_from)
