@@ -167,12 +167,15 @@ def test_train_fewshot_defaults_and_values_reach_the_config(monkeypatch, tmp_pat
     seen = _captured(monkeypatch, "imgtriage.train.fewshot", "train_fewshot")
     res = runner.invoke(app, ["train-fewshot", str(tmp_path), "-q"])
     assert res.exit_code == 0, res.output
-    assert seen["args"][2] == FewShotConfig() and seen["kwargs"] == {"quiet": True}
+    assert seen["args"][2] == FewShotConfig()
+    assert seen["kwargs"] == {"quiet": True, "resume": False}
     res = runner.invoke(app, ["train-fewshot", str(tmp_path), "--widths", "8,16",
-                              "--threads", "1", "--loss", "triplet", "--knn-k", "3"])
+                              "--threads", "1", "--loss", "triplet", "--knn-k", "3",
+                              "--patience", "2", "--resume"])
     assert res.exit_code == 0, res.output
     assert seen["args"][2] == FewShotConfig(widths=(8, 16), num_threads=1, loss="triplet",
-                                            knn_k=3)
+                                            knn_k=3, patience=2)
+    assert seen["kwargs"] == {"quiet": False, "resume": True}
 
 
 def test_cascade_values_reach_the_config(monkeypatch, tmp_path):

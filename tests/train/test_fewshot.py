@@ -127,3 +127,15 @@ def test_early_stopping_is_the_loops(monkeypatch):
     cfg = replace(CFG, epochs=5, episodes=2, img_size=8, patience=1)
     fit = fit_encoder(build_encoder(1, **cfg.encoder_kwargs()), (x, y), (x[::4], y[::4]), cfg)
     assert fit.stopped_early and len(fit.history) == 2 and fit.best_epoch == 1
+
+
+def test_an_objective_refuses_what_only_classification_trains():
+    from imgtriage.models.siamese import build_encoder
+
+    y = np.repeat(np.arange(3), 4)
+    x = np.zeros((len(y), 1, 8, 8), np.float32)
+    tc = replace(CFG, img_size=8).train_config(3)
+    with pytest.raises(ConfigError, match="mixup"):
+        loop.fit(build_encoder(1, **CFG.encoder_kwargs()), (x, y), None,
+                 replace(tc, mixup_alpha=0.2), show_progress=False,
+                 objective=EpisodicObjective.from_config(CFG, 3))

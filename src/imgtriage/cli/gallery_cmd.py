@@ -36,7 +36,7 @@ def train_fewshot_command(**options: Any) -> None:
 
     run = config_from_options(FewShotRunOptions, options)
     res = train_fewshot(options["data"], run.out, config_from_options(FewShotConfig, options),
-                        quiet=run.quiet)
+                        quiet=run.quiet, resume=run.resume)
     typer.echo(f"bundle: {res.bundle_path}")
 
 

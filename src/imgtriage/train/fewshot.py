@@ -331,6 +331,7 @@ def _threshold(encoder: torch.nn.Module, classes: Sequence[str], tr: Any, va: An
     the validation metrics and the rule the threshold was fitted by."""
     from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
 
+    encoder.eval()  # enrol with the running batch-norm statistics, as prediction will
     present = {classes[i] for i in tr.y}
     gallery = Gallery.build(embed(encoder, tr.x), [classes[i] for i in tr.y],
                             [s.path for s in tr.samples], [c for c in classes if c in present])

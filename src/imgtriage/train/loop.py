@@ -26,6 +26,7 @@ from torch import nn
 
 from imgtriage.data.augment import AugmentPolicy
 from imgtriage.data.samplers import TrainSampler
+from imgtriage.errors import ConfigError
 from imgtriage.io import Defect
 from imgtriage.train.callbacks import (
     Callback,
@@ -425,6 +426,9 @@ def fit(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray] | Any,
     """
     state, run = _setup(model, train_xy, val_xy, cfg, num_classes, conservative, unlabeled,
                         objective)
+    if objective is not None and (unlabeled is not None or run.mixer.enabled):
+        raise ConfigError("mixing (--mixup-alpha/--cutmix-alpha) and --unlabeled train "
+                          "logits against labels; drop them for a few-shot/metric objective")
     cbs = _callbacks(cfg, log_path, checkpoint_dir, callbacks)
     if resume_from is not None:
         restore(state, resume_from)

@@ -1,5 +1,6 @@
 """Where a training run writes and how it talks, as frozen records: what ``train(data, out,
-config, quiet=..., resume=...)`` and ``train_fewshot(data, out, config, quiet=...)`` take
+config, quiet=..., resume=...)`` and ``train_fewshot(data, out, config, quiet=...,
+resume=...)`` take
 besides their config (``imgtriage train`` / ``train-fewshot`` build these options from them).
 
 They are kept apart from :class:`~imgtriage.train.config.TrainConfig`, which is saved in the
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 _QUIET = "No progress output."
+_RESUME = ("Continue OUT/checkpoint exactly (optimizer, schedule, sampler and RNG state); "
+           "the other options must match the checkpoint's.")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -30,16 +33,17 @@ class TrainRunOptions:
     out: Path = field(default=Path("runs/latest"), metadata={
         "help": "Run directory: config, splits, metrics log, curves, checkpoint/, bundle/.",
         "short": "-o"})
-    resume: bool = _f(False, "Continue OUT/checkpoint exactly (optimizer, schedule, sampler "
-                             "and RNG state); the other options must match the checkpoint's.",
-                      switch=True)
+    resume: bool = _f(False, _RESUME, switch=True)
     quiet: bool = _f(False, _QUIET, switch=True, short="-q")
 
 
 @dataclass(frozen=True)
 class FewShotRunOptions:
-    """The run directory of ``train_fewshot`` and whether to print progress."""
+    """The run directory of ``train_fewshot``, whether to resume it (few-shot training runs
+    in the same loop, with the same checkpoints) and whether to print progress."""
 
     out: Path = field(default=Path("runs/fewshot"), metadata={
-        "help": "Run directory: config, splits, metrics log, bundle/.", "short": "-o"})
+        "help": "Run directory: config, splits, metrics log, curves, checkpoint/, bundle/.",
+        "short": "-o"})
+    resume: bool = _f(False, _RESUME, switch=True)
     quiet: bool = _f(False, _QUIET, switch=True, short="-q")
