@@ -119,3 +119,19 @@ def test_relative_data_path_splits_csv_is_reused_by_calibrate(digits_folder, tmp
                               "--split", "val"])
     assert res.exit_code == 0, res.output
     assert "temperature" in res.output
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_makes_openmp_threads_sleep_unless_told(given, expected):
+    """Spinning OpenMP waits slowed training 4-6x on a shared CPU: the command sets them
+    passive before torch loads, and keeps a value the user set."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import sys, os, imgtriage.cli.main; "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [expected, "False"]

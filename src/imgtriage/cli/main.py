@@ -4,11 +4,19 @@ function; errors from the library print as one clear line (exit code 2), not a t
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
 
 from imgtriage.errors import ImgTriageError
+
+# OpenMP threads that wait for work by spinning keep whole cores busy: on a CPU shared with
+# other jobs (load above the core count) PyTorch's 2-thread training step then ran 4-6x
+# slower than with sleeping waits, and burnt 4-5x the CPU time doing it (EfficientNet-Lite0
+# at 128 px, load average 6-12; docs/benchmarks.md). Set before torch loads its OpenMP
+# runtime (no command module imports torch at import time); a value you set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(name="imgtriage", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
