@@ -2,7 +2,9 @@
 ONNX Runtime, torch, and the FLOP ceiling of this machine measured in the same rounds.
 
 Every round runs each row once, in a rotating order, so all rows see the same load; a row's
-figure is the median (min-max) over ``--rounds`` rounds (default 50). The FLOP ceiling of a
+figure is the median (min-max) over ``--rounds`` rounds (default 50). Each row's CPU time
+(every thread of this process) is printed too: a batch cannot take less wall time on T cores
+than its CPU time / T, whatever else runs on the machine. The FLOP ceiling of a
 round is the model's FLOPs per batch divided by the GFLOP/s a 2-thread fp32 matrix product
 reached in that round (numpy/OpenBLAS): the time the model would take at that round's peak.
 
@@ -179,15 +181,12 @@ def main() -> None:
         for fn in fns.values():  # warm up
             fn()
             fn()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        keys = list(fns)
-        for r in range(a.rounds):
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                t0 = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved(fns, a.rounds, time.perf_counter)
+        cpu = cpu_pass(fns, A, min(a.rounds, 20))
     ceiling = [gflop / (peak_gflop / t) for t in times.pop("matmul (FLOP ceiling probe)")]
+    cpu_ceiling = [gflop / (peak_gflop / t) for t in cpu.pop("matmul, 1 thread")]
     report = summarise(times, ceiling, gflop, peak_gflop)
+    report["cpu"] = summarise_cpu(cpu, cpu_ceiling, a.threads)
     report.update(load_before=load0, load_after=os.getloadavg()[0], macs_per_crop=macs)
     print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     if a.json:
@@ -196,6 +195,54 @@ def main() -> None:
 
 def _mmm(v: list[float]) -> str:
     return f"{statistics.median(v):7.2f} ({min(v):.2f}-{max(v):.2f})"
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, clock: Callable[[], float]
+                ) -> dict[str, list[float]]:
+    """Seconds of ``clock`` per call of each row, rows in a rotating order every round."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = clock()
+            fns[k]()
+            out[k].append(clock() - t0)
+    return out
+
+
+def cpu_pass(fns: dict[str, Callable[[], Any]], A: np.ndarray, rounds: int
+             ) -> dict[str, list[float]]:
+    """CPU seconds (every thread of this process) of the ONNX Runtime rows, whose threads do
+    not spin, and of a one-thread matmul (the per-core FLOP rate): a separate pass, after
+    torch's and OpenBLAS's spinning threads have gone idle, so their spin is not counted."""
+    from threadpoolctl import threadpool_limits
+
+    rows = {k: f for k, f in fns.items() if not k.startswith(("torch", "matmul"))}
+    time.sleep(1.0)
+    with threadpool_limits(1):
+        rows["matmul, 1 thread"] = lambda: A @ A
+        return interleaved(rows, rounds, time.process_time)
+
+
+def summarise_cpu(cpu: dict[str, list[float]], ceiling: list[float], threads: int
+                  ) -> dict[str, Any]:
+    """CPU milliseconds per batch (every thread of this process): the work, which other jobs
+    on a shared machine change far less than wall time. On ``threads`` cores a batch cannot
+    take less wall time than its CPU time / threads; the matmul's CPU time gives the FLOP
+    ceiling in the same unit."""
+    ms_ceiling = [c * 1e3 for c in ceiling]
+    print(f"  CPU time per batch, all threads (a batch takes at least CPU time / {threads} "
+          f"of wall time on {threads} cores):")
+    print(f"  {'FLOP ceiling in CPU ms (1-thread matmul rate)':52s} {_mmm(ms_ceiling)} ms")
+    out: dict[str, Any] = {"ceiling_cpu_ms": statistics.median(ms_ceiling), "rows": {}}
+    for k, v in cpu.items():
+        ms = [t * 1e3 for t in v]
+        x_ceiling = [t / c for t, c in zip(v, ceiling, strict=True)]
+        print(f"  {k:52s} {_mmm(ms)} CPU ms  x ceiling {_mmm(x_ceiling)}  "
+              f"-> >= {statistics.median(ms) / threads:.1f} ms wall on {threads} cores")
+        out["rows"][k] = {"cpu_ms_median": statistics.median(ms),
+                          "x_ceiling_median": statistics.median(x_ceiling)}
+    return out
 
 
 def summarise(times: dict[str, list[float]], ceiling: list[float], gflop: float,
