@@ -245,3 +245,46 @@ def test_cli_and_gallery_over_a_semi_supervised_encoder(labelled, inbox, tmp_pat
     pred = Predictor.load(tmp_path / "gallery")
     rows = pred.predict_paths(sorted(str(p) for p in labelled.rglob("*.png"))[:4])
     assert len(rows["results"]) == 4
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3),
+                               torch.nn.BatchNorm1d(3))
+
+
+def test_strong_views_never_reach_the_batch_norm_running_statistics():
+    from imgtriage.train.semisup import clean_bn_stats
+
+    clean = torch.randn(6, 1, 8, 8)
+    strong = 5 + 3 * torch.randn(10, 1, 8, 8)  # far off the clean statistics
+    guarded, alone = _bn_net(), _bn_net()
+    alone(clean[:2])  # materialise the lazy layer, then start both alike
+    guarded.load_state_dict(alone.state_dict())
+    with clean_bn_stats(guarded, len(clean)):
+        out = guarded(torch.cat([clean, strong]))
+    after_clean = {k: v.clone() for k, v in alone.state_dict().items()}
+    ref_clean = alone(clean)
+    for name, value in guarded.state_dict().items():  # learnt from the clean rows, as if alone
+        assert torch.allclose(value.float(), alone.state_dict()[name].float(), atol=1e-5), name
+    assert torch.allclose(out[:6], ref_clean, atol=1e-5)
+    alone.load_state_dict(after_clean)
+    assert torch.allclose(out[6:], alone(strong), atol=1e-4)  # strong rows: their own stats
+    out.sum().backward()  # gradients flow through both parts
+    assert guarded[0].weight.grad is not None and guarded[0].weight.grad.abs().sum() > 0
+    assert all(m.momentum == 0.1 for m in guarded.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_clean_rows_cover_labels_and_weak_views_only():
+    from imgtriage.train.semisup import SemiSupervised, UnlabeledPool
+
+    pool = UnlabeledPool(torch.zeros(4, 1, 8, 8), ("a", "b", "c", "d"), (), ())
+    rows = {m: SemiSupervised(pool, tiny_cfg(semi_method=m, unlabeled="x", batch_size=4,
+                                             unlabeled_ratio=2), [1, 1]).clean_rows(4)
+            for m in ("fixmatch", "fixmatch_ema", "pseudo_label", "self_training")}
+    assert rows == {"fixmatch": 4 + 8, "fixmatch_ema": 4, "pseudo_label": None,
+                    "self_training": None}
+    all_rows = SemiSupervised(pool, tiny_cfg(unlabeled="x", semi_bn_stats="all"), [1, 1])
+    assert all_rows.clean_rows(4) is None

@@ -205,6 +205,10 @@ class TrainConfig:
     distribution_alignment: bool = _f(True, "Align pseudo-label probabilities to the labelled "
                                             "class distribution (keeps one class from taking "
                                             "over the pseudo-labels).")
+    semi_bn_stats: str = _f("clean", "With --unlabeled fixmatch/fixmatch_ema: which rows of a "
+                                     "training batch batch norm's running statistics (used at "
+                                     "test time and by the teacher) learn from: clean (labels "
+                                     "and weak views only) or all (strong views too).")
     # --- data pipeline and checkpoints
     cache: str = _f("auto", "memory: decode everything once into RAM; stream: decode in "
                             "worker processes every epoch; auto: memory when it fits "
@@ -360,6 +364,8 @@ def _check_ranges(c: TrainConfig) -> None:
 def _check_semi(c: TrainConfig) -> None:
     _need(c.semi_method in SEMI_METHODS, "semi_method",
           f"semi method must be one of {', '.join(SEMI_METHODS)}, got {c.semi_method!r}")
+    _need(c.semi_bn_stats in ("clean", "all"), "semi_bn_stats",
+          f"semi BN statistics must be clean or all, got {c.semi_bn_stats!r}")
     _need(c.unlabeled_ratio >= 1, "unlabeled_ratio", "unlabeled ratio must be >= 1")
     _need(0 <= c.pseudo_threshold <= 1, "pseudo_threshold",
           "pseudo-label threshold must be in [0, 1]")

@@ -206,7 +206,9 @@ def _step(state: LoopState, run: _Run, net: nn.Module, xb: torch.Tensor, ya: tor
 
     Rows of ``xb`` beyond the labels are the semi-supervised extension's unlabelled views:
     they share the forward pass (and batch norm) and add its loss."""
-    with run.autocast():
+    guard = (run.semi.bn_guard(state.model, len(ya)) if run.semi is not None
+             else contextlib.nullcontext())
+    with run.autocast(), guard:
         out = _forward(net, xb, fb)
         if run.objective is not None:
             loss, stat = run.objective.loss(out, ya)

@@ -42,9 +42,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,20 @@ class SemiSupervised:
     def _reset_stats(self) -> None:
         self._seen, self._confident, self._loss_sum, self._t0 = 0, 0, 0.0, time.perf_counter()
 
+    def clean_rows(self, n_labelled: int) -> int | None:
+        """How many leading rows of a training batch are clean (labels, then weak views): the
+        rows batch norm's running statistics may learn from; None = every row is clean."""
+        if self.cfg.semi_bn_stats == "all" or self.cfg.semi_method not in (
+                "fixmatch", "fixmatch_ema"):
+            return None
+        weak = self.cfg.unlabeled_ratio * self.cfg.batch_size
+        return n_labelled + (weak if self.cfg.semi_method == "fixmatch" else 0)
+
+    def bn_guard(self, model: nn.Module, n_labelled: int) -> contextlib.AbstractContextManager:
+        """Context for the training forward pass: see :func:`clean_bn_stats`."""
+        rows = self.clean_rows(n_labelled)
+        return contextlib.nullcontext() if rows is None else clean_bn_stats(model, rows)
+
     @property
     def views(self) -> int:
         """Unlabelled views per image in the trained forward pass: weak + strong (fixmatch),
@@ -306,6 +321,49 @@ class SemiSupervised:
                                           self.cfg.seed + 7 * self.stage, self.rank)
         self.stream.load_state_dict(d["stream"])
         self.running = torch.tensor(d["running"], dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def clean_bn_stats(model: nn.Module, rows: int) -> Iterator[None]:
+    """During one training forward pass, every batch-norm layer normalises the first ``rows``
+    rows (labels and weak views) with their own batch statistics and the rest (strongly
+    augmented views) with theirs, and only the first rows update the running statistics (what
+    eval mode, the weight average and the teacher use). So the clean rows go through the
+    network exactly as they would alone, and the strong views' intensity statistics, which
+    clean test images do not share, never reach the evaluated model.
+
+    Example:
+        >>> with clean_bn_stats(model, len(y)):  # doctest: +SKIP
+        ...     out = model(torch.cat([x_labelled, x_strong]))
+    """
+    saved: dict[nn.Module, float | None] = {}
+
+    def split(m: nn.modules.batchnorm._BatchNorm, args: tuple[torch.Tensor, ...],
+              out: torch.Tensor) -> torch.Tensor | None:
+        x = args[0]
+        if rows < 2 or len(x) - rows < 2:
+            return None  # too few rows to split: whole-batch output, running stats unchanged
+        mom = saved[m]
+        f = 1.0 / float(m.num_batches_tracked) if mom is None else mom  # type: ignore[arg-type]
+        clean = F.batch_norm(x[:rows], m.running_mean, m.running_var, m.weight, m.bias,
+                             True, f, m.eps)
+        strong = F.batch_norm(x[rows:], None, None, m.weight, m.bias, True, 0.0, m.eps)
+        return torch.cat([clean, strong])
+
+    hooks = []
+    for m in model.modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                and m.track_running_stats and m.running_mean is not None):
+            saved[m] = m.momentum
+            m.momentum = 0.0  # the layer's own whole-batch pass leaves the running stats alone
+            hooks.append(m.register_forward_hook(split))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mom in saved.items():
+            m.momentum = mom  # type: ignore[assignment]
 
 
 @torch.no_grad()
