@@ -80,6 +80,7 @@ def _config(args, seed: int, unlabeled: str, n_labels: int):
         num_threads=args.threads, checkpoint_every=0, unlabeled=unlabeled,
         semi_method=args.method, unlabeled_ratio=args.ratio,
         pseudo_threshold=args.threshold, unlabeled_weight=args.weight,
+        pseudo_threshold_mode=args.threshold_mode, semi_bn_stats=args.bn_stats,
         drop_rate=args.drop_rate, ema_decay=args.ema, label_smoothing=0.0)
 
 
@@ -166,6 +167,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=int, default=3, help="unlabelled images per labelled one")
     ap.add_argument("--method", default="fixmatch")
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--threshold-mode", default="fixed", help="fixed or flex (FlexMatch)")
+    ap.add_argument("--bn-stats", default="clean", help="clean or all (--semi-bn-stats)")
     ap.add_argument("--weight", type=float, default=1.0)
     ap.add_argument("--unlabeled-limit", type=int, default=0, help="0 = every other chip")
     ap.add_argument("--test-limit", type=int, default=0, help="test chips per class; 0 = all")

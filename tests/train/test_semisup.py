@@ -162,10 +162,13 @@ class _StopAt(Callback):
             raise _Interrupt
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "fixmatch_ema", "self_training"])
+@pytest.mark.parametrize("method", ["fixmatch", "fixmatch_ema", "fixmatch_ema:flex",
+                                    "self_training", "noisy_student"])
 def test_resume_equals_uninterrupted(labelled, inbox, tmp_path, monkeypatch, method):
+    method, _, mode = method.partition(":")
     cfg = _cfg(inbox, epochs=4, checkpoint_every=2, pseudo_threshold=0.4, semi_method=method,
-               ema_decay=0.9 if method == "fixmatch_ema" else 0.0)
+               ema_decay=0.9 if method == "fixmatch_ema" else 0.0,
+               pseudo_threshold_mode=mode or "fixed")
     train(labelled, tmp_path / "full", cfg, quiet=True)
     real_fit = run_mod.fit
     monkeypatch.setattr(run_mod, "fit",
@@ -273,6 +276,13 @@ def test_strong_views_never_reach_the_batch_norm_running_statistics():
     assert torch.allclose(out[6:], alone(strong), atol=1e-4)  # strong rows: their own stats
     out.sum().backward()  # gradients flow through both parts
     assert guarded[0].weight.grad is not None and guarded[0].weight.grad.abs().sum() > 0
+    before = guarded[1].running_mean.clone()
+    alone.load_state_dict(guarded.state_dict())
+    with clean_bn_stats(guarded, len(clean)):  # a batch of clean rows only: an ordinary step
+        guarded(clean)
+    alone(clean)
+    assert not torch.equal(before, guarded[1].running_mean)
+    assert torch.allclose(guarded[1].running_mean, alone[1].running_mean, atol=1e-5)
     assert all(m.momentum == 0.1 for m in guarded.modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
@@ -283,8 +293,39 @@ def test_clean_rows_cover_labels_and_weak_views_only():
     pool = UnlabeledPool(torch.zeros(4, 1, 8, 8), ("a", "b", "c", "d"), (), ())
     rows = {m: SemiSupervised(pool, tiny_cfg(semi_method=m, unlabeled="x", batch_size=4,
                                              unlabeled_ratio=2), [1, 1]).clean_rows(4)
-            for m in ("fixmatch", "fixmatch_ema", "pseudo_label", "self_training")}
+            for m in ("fixmatch", "fixmatch_ema", "pseudo_label", "self_training",
+                      "noisy_student")}
     assert rows == {"fixmatch": 4 + 8, "fixmatch_ema": 4, "pseudo_label": None,
-                    "self_training": None}
+                    "self_training": None, "noisy_student": 4}
     all_rows = SemiSupervised(pool, tiny_cfg(unlabeled="x", semi_bn_stats="all"), [1, 1])
     assert all_rows.clean_rows(4) is None
+
+
+def test_flex_thresholds_start_low_and_rise_as_classes_are_learnt():
+    from imgtriage.train.semisup import SemiSupervised, UnlabeledPool
+
+    pool = UnlabeledPool(torch.zeros(8, 1, 8, 8), tuple("abcdefgh"), (), ())
+    semi = SemiSupervised(pool, tiny_cfg(unlabeled="x", pseudo_threshold_mode="flex",
+                                         pseudo_threshold=0.9, distribution_alignment=False,
+                                         batch_size=2, unlabeled_ratio=2), [1, 1])
+    unsure = torch.tensor([[0.6, 0.4]] * 4).log()  # 60% sure of class 0: below 0.9
+    semi._idx = torch.arange(4)
+    _, mask = semi._pseudo(unsure)
+    assert mask.tolist() == [1.0] * 4  # nothing learnt yet: the warm-up accepts them
+    sure = torch.tensor([[0.99, 0.01], [0.99, 0.01], [0.02, 0.98], [0.99, 0.01]]).log()
+    for rows in (torch.arange(4), torch.arange(4, 8)):
+        semi._idx = rows
+        semi._pseudo(sure)
+    assert semi.learned.tolist() == [0, 0, 1, 0] * 2
+    factors = semi.class_thresholds()
+    assert factors[0] == 1.0 and 0 < factors[1] < factors[0]  # the lagging class: lower bar
+    semi._idx = torch.arange(4)
+    _, mask = semi._pseudo(unsure)
+    assert mask.tolist() == [0.0] * 4  # class 0 is learnt: 0.6 no longer passes
+    fixed = SemiSupervised(pool, tiny_cfg(unlabeled="x", pseudo_threshold=0.9,
+                                          distribution_alignment=False), [1, 1])
+    fixed._idx = torch.arange(4)
+    assert fixed._pseudo(unsure)[1].sum() == 0 and (fixed.learned < 0).all()
+    restored = SemiSupervised(pool, semi.cfg, [1, 1])
+    restored.load_state_dict(semi.state_dict())  # resumes with what was learnt
+    assert torch.equal(restored.learned, semi.learned)

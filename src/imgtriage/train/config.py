@@ -38,7 +38,7 @@ LOSS_STRATEGIES = ("none", "class_weights", "focal")
 SELECT_METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
 TRI_STATE = ("auto", "on", "off")
-SEMI_METHODS = ("fixmatch", "fixmatch_ema", "self_training", "pseudo_label")
+SEMI_METHODS = ("fixmatch", "fixmatch_ema", "self_training", "noisy_student", "pseudo_label")
 
 
 def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -197,11 +197,16 @@ class TrainConfig:
                                       "cheaper per step), self_training (5 stages: the teacher "
                                       "labels the pool once per stage, the most confident "
                                       "25, 50, 75, then 100 percent per class train like "
-                                      "labels) or "
+                                      "labels), noisy_student (the same, the pseudo-labelled "
+                                      "images trained as strong views) or "
                                       "pseudo_label (online self-training, weak view only).")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
     pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
     unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")
+    pseudo_threshold_mode: str = _f("fixed", "fixed: every pseudo-label needs "
+                                             "--pseudo-threshold; flex: per-class thresholds "
+                                             "(FlexMatch), lower for classes few unlabelled "
+                                             "images are confidently predicted as yet.")
     distribution_alignment: bool = _f(True, "Align pseudo-label probabilities to the labelled "
                                             "class distribution (keeps one class from taking "
                                             "over the pseudo-labels).")
@@ -364,6 +369,8 @@ def _check_ranges(c: TrainConfig) -> None:
 def _check_semi(c: TrainConfig) -> None:
     _need(c.semi_method in SEMI_METHODS, "semi_method",
           f"semi method must be one of {', '.join(SEMI_METHODS)}, got {c.semi_method!r}")
+    _need(c.pseudo_threshold_mode in ("fixed", "flex"), "pseudo_threshold_mode",
+          f"pseudo threshold mode must be fixed or flex, got {c.pseudo_threshold_mode!r}")
     _need(c.semi_bn_stats in ("clean", "all"), "semi_bn_stats",
           f"semi BN statistics must be clean or all, got {c.semi_bn_stats!r}")
     _need(c.unlabeled_ratio >= 1, "unlabeled_ratio", "unlabeled ratio must be >= 1")

@@ -24,6 +24,9 @@ average, else the current weights, in eval mode) labels the whole unlabelled poo
 most confident 25%, 50%, 75%, then 100% of it -- per predicted class, in the labelled class
 proportions (the class-balancing step) -- are trained on like labels (weak views), with no
 second view and no gradient through the teacher.
+``--semi-method noisy_student`` is the same with the student noised (Xie et al. 2020): the
+pseudo-labelled images are trained as *strong* views (and through dropout), so the student
+has to learn more than it is told instead of copying its teacher.
 ``--semi-method pseudo_label`` trains the weak view on its own pseudo-label
 (classic self-training, no strong view): the cheaper baseline FixMatch is measured against.
 
@@ -64,6 +67,8 @@ from imgtriage.train.config import MODALITIES, TrainConfig
 
 STRONG_STRENGTH, STRONG_OPS = 1.0, 3
 CURRICULUM_STAGES = 5
+OFFLINE_METHODS = ("self_training", "noisy_student")  # the teacher labels the pool per stage
+STRONG_METHODS = ("fixmatch", "fixmatch_ema", "noisy_student")  # train strong views
 
 
 def content_hashes(paths: Iterable[str], workers: int = 2) -> dict[str, str]:
@@ -190,6 +195,9 @@ class SemiSupervised:
         self.rank, self.total_steps, self.steps, self.stage = rank, 0, 0, 0
         self.selected = torch.zeros(0, dtype=torch.long)  # self_training: chosen pool rows
         self.targets = torch.zeros(0, dtype=torch.long)  # ... and their pseudo-labels
+        # flex thresholds: per pool image, the class it was last confidently predicted as
+        self.learned = torch.full((len(pool),), -1, dtype=torch.long)
+        self._idx = torch.zeros(0, dtype=torch.long)  # pool rows of the current step
         self._reset_stats()
 
     def bind(self, total_steps: int) -> None:
@@ -202,8 +210,7 @@ class SemiSupervised:
     def clean_rows(self, n_labelled: int) -> int | None:
         """How many leading rows of a training batch are clean (labels, then weak views): the
         rows batch norm's running statistics may learn from; None = every row is clean."""
-        if self.cfg.semi_bn_stats == "all" or self.cfg.semi_method not in (
-                "fixmatch", "fixmatch_ema"):
+        if self.cfg.semi_bn_stats == "all" or self.cfg.semi_method not in STRONG_METHODS:
             return None
         weak = self.cfg.unlabeled_ratio * self.cfg.batch_size
         return n_labelled + (weak if self.cfg.semi_method == "fixmatch" else 0)
@@ -224,10 +231,10 @@ class SemiSupervised:
         """The unlabelled inputs of one step (weak views, then strong views); for
         fixmatch_ema the weak views are labelled by ``teacher`` here and only the strong
         views are returned."""
-        if self.cfg.semi_method == "self_training":
+        if self.cfg.semi_method in OFFLINE_METHODS:
             return self._draw_curriculum(batch_size, g, teacher)
         idx = self.stream.take(self.cfg.unlabeled_ratio * batch_size)
-        x = self.pool.x[idx]
+        self._idx, x = idx, self.pool.x[idx]
         weak = self.weak(x, None, g)
         if self.cfg.semi_method == "pseudo_label":
             return weak
@@ -246,13 +253,14 @@ class SemiSupervised:
         self.steps += 1
         if stage != self.stage:
             if teacher is None:
-                raise ConfigError("--semi-method self_training needs the loop's model")
+                raise ConfigError(f"--semi-method {self.cfg.semi_method} needs the loop's model")
             self._relabel(stage, teacher)
         if len(self.selected) == 0:
             return self.pool.x[:0]
         pick = self.stream.take(self.cfg.unlabeled_ratio * batch_size)
         self._pending = (self.targets[pick], torch.ones(len(pick)))
-        return self.weak(self.pool.x[self.selected[pick]], None, g)
+        view = self.strong if self.cfg.semi_method == "noisy_student" else self.weak
+        return view(self.pool.x[self.selected[pick]], None, g)
 
     def _relabel(self, stage: int, teacher: nn.Module) -> None:
         """Label the pool with ``teacher``; keep the most confident share of each predicted
@@ -279,16 +287,34 @@ class SemiSupervised:
             probs = probs * (self.prior / self.running.clamp_min(1e-6)).to(probs.device)
             probs = probs / probs.sum(1, keepdim=True)
         conf, target = probs.max(1)
-        return target, (conf >= self.cfg.pseudo_threshold).float()
+        conf, target = conf.cpu(), target.cpu()
+        tau = torch.full((len(conf),), self.cfg.pseudo_threshold)
+        if self.cfg.pseudo_threshold_mode == "flex" and len(self._idx) == len(conf):
+            tau = tau * self.class_thresholds()[target]
+            sure = conf >= self.cfg.pseudo_threshold
+            self.learned[self._idx[sure]] = target[sure]
+        return target, (conf >= tau).float()
+
+    def class_thresholds(self) -> torch.Tensor:
+        """FlexMatch (Zhang et al. 2021) per-class threshold factors in [0, 1]: a class's
+        learning status is how many pool images were last predicted as it with confidence
+        >= --pseudo-threshold, over the most of any class (or of the images not yet learnt,
+        while that is more: the warm-up); the factor maps it convexly (x / (2 - x)), so
+        classes the model is still unsure of accept less confident pseudo-labels."""
+        k = len(self.prior)
+        counts = torch.bincount(self.learned[self.learned >= 0], minlength=k)[:k].float()
+        unused = float((self.learned < 0).sum())
+        beta = counts / max(float(counts.max()), unused, 1.0)
+        return beta / (2 - beta)
 
     def loss(self, logits_u: torch.Tensor) -> torch.Tensor:
         """Weighted consistency loss from the unlabelled logits (weak[, strong])."""
         parts = logits_u.chunk(self.views)
         if self._pending is not None:
             (target, mask), self._pending = self._pending, None
-            target, mask = target.to(logits_u.device), mask.to(logits_u.device)
         else:
             target, mask = self._pseudo(parts[0])
+        target, mask = target.to(logits_u.device), mask.to(logits_u.device)
         per = F.cross_entropy(parts[-1].float(), target, reduction="none")
         loss = (per * mask).mean()
         self._seen += len(target)
@@ -299,7 +325,7 @@ class SemiSupervised:
     def epoch_metrics(self, labeled: int) -> dict[str, float]:
         """Throughput of both streams and the share of confident pseudo-labels; resets."""
         dt = max(time.perf_counter() - self._t0, 1e-9)
-        rate = (len(self.selected) / len(self.pool) if self.cfg.semi_method == "self_training"
+        rate = (len(self.selected) / len(self.pool) if self.cfg.semi_method in OFFLINE_METHODS
                 else self._confident / max(self._seen, 1))
         out = {"unlabeled_loss": self._loss_sum / max(self._seen, 1),
                "pseudo_label_rate": rate,
@@ -310,7 +336,7 @@ class SemiSupervised:
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "running": self.running.tolist(),
                 "steps": self.steps, "stage": self.stage, "selected": self.selected.tolist(),
-                "targets": self.targets.tolist()}
+                "targets": self.targets.tolist(), "learned": self.learned.tolist()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.steps, self.stage = int(d.get("steps", 0)), int(d.get("stage", 0))
@@ -321,6 +347,8 @@ class SemiSupervised:
                                           self.cfg.seed + 7 * self.stage, self.rank)
         self.stream.load_state_dict(d["stream"])
         self.running = torch.tensor(d["running"], dtype=torch.float32)
+        if "learned" in d:
+            self.learned = torch.tensor(d["learned"], dtype=torch.long)
 
 
 @contextlib.contextmanager
@@ -340,11 +368,13 @@ def clean_bn_stats(model: nn.Module, rows: int) -> Iterator[None]:
 
     def split(m: nn.modules.batchnorm._BatchNorm, args: tuple[torch.Tensor, ...],
               out: torch.Tensor) -> torch.Tensor | None:
-        x = args[0]
+        x, mom = args[0], saved[m]
+        f = 1.0 / float(m.num_batches_tracked) if mom is None else mom  # type: ignore[arg-type]
+        if len(x) <= rows:  # no strong views in this batch: an ordinary batch-norm step
+            return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True, f,
+                                m.eps)
         if rows < 2 or len(x) - rows < 2:
             return None  # too few rows to split: whole-batch output, running stats unchanged
-        mom = saved[m]
-        f = 1.0 / float(m.num_batches_tracked) if mom is None else mom  # type: ignore[arg-type]
         clean = F.batch_norm(x[:rows], m.running_mean, m.running_var, m.weight, m.bias,
                              True, f, m.eps)
         strong = F.batch_norm(x[rows:], None, None, m.weight, m.bias, True, 0.0, m.eps)
