@@ -78,6 +78,15 @@ def test_a_centre_crop_window_matches_resizing_the_whole_image_and_cropping():
     assert _levels(to_input(array, spec), ref, array, spec) <= TOL_LEVELS
 
 
+@pytest.mark.parametrize("w", [225, 232, 239, 1999])
+def test_a_crop_as_wide_as_the_resized_image_stays_inside_it(w):
+    """(left + width) * (w / resized width) can exceed w by one ulp: the window is clamped."""
+    array = np.sort(np.random.default_rng(w).integers(0, 256, (w + 40, w, 3), np.uint8), 0)
+    spec = PreprocessSpec.default_for(3, (224, 224), resize="shorter_crop", crop_pct=1.0)
+    ref = float_input(array, spec)
+    assert _levels(to_input(array, spec), ref, array, spec) <= TOL_LEVELS
+
+
 @pytest.mark.parametrize("array,kw", [
     (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40), {}),  # 16-bit stays float
     (np.full((30, 40, 4), 200, np.uint8), {}),  # alpha is composited in float

@@ -82,7 +82,8 @@ def resize_plane(plane: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         return _crop(np.asarray(out, dtype=np.float32), spec, crop)
     (top, left), (th, tw) = crop, spec.size
     sx, sy = w / target[0], h / target[1]
-    box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+    # (a crop as wide as the resized image ends at w * (1 + 1 ulp): clamp to the image)
+    box = (left * sx, top * sy, min(w, (left + tw) * sx), min(h, (top + th) * sy))
     return np.asarray(plane.resize((tw, th), interp, box=box), dtype=np.float32)
 
 
