@@ -87,6 +87,23 @@ def test_a_crop_as_wide_as_the_resized_image_stays_inside_it(w):
     assert _levels(to_input(array, spec), ref, array, spec) <= TOL_LEVELS
 
 
+@pytest.mark.parametrize("bands,in_chans,fast", [(4, 3, True), (2, 1, True), (2, 3, True),
+                                                (4, 1, False), (2, 2, False), (4, 4, False)])
+@pytest.mark.parametrize("scaling", ["dtype", "minmax"])
+def test_an_opaque_alpha_takes_the_fast_path_and_changes_nothing(bands, in_chans, fast,
+                                                                  scaling):
+    rng = np.random.default_rng(bands * 10 + in_chans)
+    array = rng.integers(0, 200, (37, 53, bands), dtype=np.uint8)
+    array[..., -1] = 255  # opaque: LA/RGBA as many PNGs store photos
+    spec = PreprocessSpec.default_for(in_chans, (24, 30), scaling=scaling)
+    assert (_fast_8bit(array, spec) is not None) == fast  # 2/4-band models keep their bands
+    ref = float_input(array, spec)
+    assert _levels(to_input(array, spec), ref, array, spec) <= TOL_LEVELS
+    array[3, 4, -1] = 254  # one pixel not opaque: the exact float planes
+    assert _fast_8bit(array, spec) is None
+    assert np.array_equal(to_input(array, spec), float_input(array, spec))
+
+
 @pytest.mark.parametrize("array,kw", [
     (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40), {}),  # 16-bit stays float
     (np.full((30, 40, 4), 200, np.uint8), {}),  # alpha is composited in float

@@ -283,6 +283,16 @@ def _model_planes(array: np.ndarray, spec: PreprocessSpec, path: str) -> list[np
     return planes * spec.in_chans if rule == "repeat" else planes
 
 
+def _opaque_colours(array: np.ndarray, in_chans: int) -> np.ndarray | None:
+    """The colour channels of an (H, W, C) 8-bit image: all of them, or, for LA/RGBA going to
+    a 1- or 3-channel model (which composites alpha) whose alpha is 255 everywhere
+    (compositing then multiplies by exactly 1 and adds exactly 0), the colours without it;
+    None for an alpha that is not opaque."""
+    if array.shape[2] not in (2, 4) or in_chans not in (1, 3):
+        return array
+    return array[..., :-1] if bool((array[..., -1] == 255).all()) else None
+
+
 def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
     """The model input of an 8-bit grey or RGB image, or None where this path does not apply.
 
@@ -290,18 +300,22 @@ def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
     only the window the model keeps, and the scaling and mean/std run once on the small
     result: no float copy of the full-size image, one pass per output channel. Linear scaling
     commutes with resampling (the filter weights sum to one), so the values equal
-    :func:`float_input`'s up to float rounding (~1e-6); percentile scaling and non-linear
-    stretches (which do not commute with resizing), alpha and luma conversions keep the
-    float planes.
+    :func:`float_input`'s up to float rounding (~1e-6). LA/RGBA images with an opaque alpha
+    take it too (compositing onto the background changes nothing there); percentile scaling
+    and non-linear stretches (which do not commute with resizing), a real alpha and luma
+    conversions keep the float planes.
     """
     if array.dtype != np.uint8 or spec.stretch != "linear" or spec.scaling == "percentile":
         return None
-    grey = array.ndim == 2 or array.shape[2] == 1
-    if not grey and not (array.shape[2] == 3 and spec.in_chans == 3):
+    span = _range(array, spec)  # over every channel, alpha included, as float_input takes it
+    colours = array if array.ndim == 2 else _opaque_colours(array, spec.in_chans)
+    if colours is None:
         return None
-    span = _range(array, spec)
+    grey = colours.ndim == 2 or colours.shape[2] == 1
+    if not grey and not (colours.shape[2] == 3 and spec.in_chans == 3):
+        return None
     lo, hi = (0.0, 255.0) if span is None else (float(span[0]), float(span[1]))
-    image = Image.fromarray(array.reshape(array.shape[:2]) if grey else array)
+    image = Image.fromarray(colours.reshape(colours.shape[:2]) if grey else colours)
     sources = [image] if grey else list(image.split())
     del image  # (Pillow holds RGB as 4 bytes a pixel: free it before the float planes)
     if spec.channel_order == "bgr":
