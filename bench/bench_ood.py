@@ -24,10 +24,14 @@ accuracy and coverage of ID test images under the default rule with and without 
 and prediction throughput with the OOD scorer vs without (``rounds``
 interleaved rounds, median of within-round ratios). Medians (min-max) over seeds.
 
-Usage (the machine is shared: take the lock, one seed per run):
+Usage (the machine is shared: take the lock for the timed part, one seed per run):
     for s in 0 1 2; do flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_ood.py \\
         --seeds $s --out /tmp/oodbench-s$s; done
     .venv/bin/python bench/bench_ood.py --merge /tmp/oodbench-s*/rows.json
+or train and score without the lock (``--rounds 0``: nothing timed) and time afterwards:
+    .venv/bin/python bench/bench_ood.py --seeds 0 --rounds 0 --out /tmp/oodbench-s0
+    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_ood.py --throughput-only \\
+        --out /tmp/oodbench-s0
 """
 
 from __future__ import annotations
@@ -243,8 +247,27 @@ def run_task(task: str, seed: int, out: Path, rounds: int) -> dict[str, Any]:
         row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in METHODS if m in s}
         d = p.policy.decide(s["logits"], s["bundle"])
         row["ood"][name]["refused_by_rule"] = float(d.abstained.mean())
-    row["throughput"] = _throughput(p, x_id[:512], rounds)
+    row["throughput"] = _throughput(p, x_id[:512], rounds) if rounds > 0 else None
     return row
+
+
+def throughput_only(out: Path, rounds: int) -> None:
+    """Measure throughput on the bundles a ``--rounds 0`` run left in ``out`` (its rows.json
+    updated): the AUROC/ECE part needs no lock, this timed part does, and it is short."""
+    from imgtriage.predict import Predictor
+
+    rows = json.loads((out / "rows.json").read_text())
+    for row in rows:
+        run = out / f"{row['task']}-s{row['seed']}" / "run"
+        p = Predictor.load(run / "bundle", num_threads=2)
+        if row["task"] == "fashion":
+            test = [f for f, _ in _fashion(out / "fashion-data", 600)[1][:512]]
+        else:
+            test = [f for c in p.classes for f in _files(MSTAR / "test")[c]]
+            test = [test[i] for i in np.random.default_rng(0).permutation(len(test))[:512]]
+        row["throughput"] = _throughput(p, _inputs(p, test), rounds)
+        print(row["task"], row["seed"], row["throughput"], flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
 
 
 def _med(vals: list[float]) -> str:
@@ -275,6 +298,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"  {name:13s} {m}: AUROC {_med(a)}  FPR@95TPR {_med(f)}")
             lines.append(f"  {name:13s} refused by the default rule: "
                          f"{_med([r['ood'][name]['refused_by_rule'] for r in rs])}")
+        if any(r["throughput"] is None for r in rs):
+            continue
         lines.append(f"  throughput with/without OOD scorer: "
                      f"{_med([r['throughput']['ratio_median'] for r in rs])} "
                      f"({rs[0]['throughput']['backend']}, "
@@ -289,12 +314,17 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("/tmp/oodbench"))
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="time the bundles a --rounds 0 run left in --out (under the lock)")
     ap.add_argument("--merge", nargs="*", type=Path, default=None,
                     help="only print the summary of these rows.json files (one run per seed, "
                          "so no run holds the bench lock for long)")
     args = ap.parse_args()
     if args.merge:
         print("\n".join(summarise([r for f in args.merge for r in json.loads(f.read_text())])))
+        return
+    if args.throughput_only:
+        throughput_only(args.out, args.rounds)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
