@@ -166,3 +166,40 @@ def test_head_on_badly_scaled_embeddings_is_one_plain_linear_layer():
         acc = (head(torch.from_numpy(x[300:])).argmax(1).numpy() == y[300:]).mean()
     assert acc == pytest.approx(res.best_metrics["val_accuracy"])  # folded == as trained
     assert acc > 0.85  # Bayes accuracy here is ~0.93
+
+
+def test_a_nearly_constant_feature_gets_no_huge_folded_weight():
+    """Grey tiles have pooled features that barely vary: folded by their tiny std, the head
+    blew fine-tuning up (loss ~30 in its first epoch). Their weight stays on the scale of
+    the others."""
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.embed_cache import Embedded
+    from imgtriage.train.losses import plan_loss
+    from imgtriage.train.transfer import fit_head
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[:, 0] += 2.0 * y
+    x[:, 1] = np.float32(1e-4) * (y + rng.normal(size=300))  # informative, but ~constant
+    cfg = TrainConfig(head_epochs=20)
+    head = torch.nn.Linear(8, 2)
+    fit_head(head, Embedded(x, y), Embedded(x, y), cfg, plan_loss(cfg, y, 2))
+    w = head.weight.detach().abs().max(0).values
+    assert float(w[1]) <= 20 * float(w[0]) + 1e-6
+
+
+def test_combine_keeps_the_head_when_fine_tuning_lost():
+    from imgtriage.train.loop import FitResult
+    from imgtriage.train.transfer import combine
+
+    head = FitResult({"w": torch.zeros(1)}, 2, [{"epoch": 1, "val_accuracy": 0.80},
+                                                {"epoch": 2, "val_accuracy": 0.93}])
+    worse = FitResult({"w": torch.ones(1)}, 1, [{"epoch": 1, "val_accuracy": 0.52}])
+    better = FitResult({"w": torch.ones(1)}, 1, [{"epoch": 1, "val_accuracy": 0.95}])
+    kept = combine(head, worse)
+    assert kept.best_epoch == 2 and float(kept.best_state["w"]) == 0.0
+    assert kept.best_metrics["val_accuracy"] == 0.93 and len(kept.history) == 3
+    tuned = combine(head, better)
+    assert tuned.best_epoch == 3 and float(tuned.best_state["w"]) == 1.0
+    assert tuned.history[2]["phase"] == "finetune"

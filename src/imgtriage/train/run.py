@@ -472,7 +472,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                  show_progress=not quiet, checkpoint_dir=run / "checkpoint", resume_from=ckpt,
                  num_classes=len(ds.classes), conservative=conservative, unlabeled=semi)
     if head is not None:
-        result = combine(head.result, result)
+        result = combine(head.result, result, cfg.select_metric)
+        model.load_state_dict(result.best_state)  # the head's, when fine-tuning lost
         defects = [*head.defects, *defects]
     bundle, metrics, cal = run / "bundle", {}, None
     if info.is_main:

@@ -99,7 +99,11 @@ def fit_head(head: nn.Linear, tr: Embedded, va: Embedded | None, cfg: TrainConfi
     k = head.out_features
     g = torch.Generator().manual_seed(cfg.seed)
     x, y = torch.from_numpy(tr.x), torch.from_numpy(tr.y)
-    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+    sigma = x.std(0)
+    # floor at a tenth of the median scale: a nearly constant feature (grey tiles have some)
+    # would otherwise get a weight / sigma in the thousands once folded, and the first
+    # fine-tuning steps, which move that feature a little, blew the loss up to ~30
+    mu, sigma = x.mean(0), sigma.clamp_min(max(1e-6, 0.1 * float(sigma.median())))
     x = (x - mu) / sigma
     use_val = va is not None and len(va.y) > 0
     xv = (torch.from_numpy(va.x) - mu) / sigma if use_val else None  # type: ignore[union-attr]
@@ -190,11 +194,17 @@ def train_head(model: nn.Module, tr: Embedded, va: Embedded, cfg: TrainConfig,
                      res.loss_plan)
 
 
-def combine(head: FitResult, tuned: FitResult) -> FitResult:
-    """One history for a head phase followed by fine-tuning (epochs numbered on)."""
+def combine(head: FitResult, tuned: FitResult, select_metric: str = "val_accuracy"
+            ) -> FitResult:
+    """One history for a head phase followed by fine-tuning (epochs numbered on); the best
+    epoch of both by ``select_metric`` (the head's when no fine-tuning epoch beats it)."""
     n = len(head.history)
     rows = [*head.history, *({**r, "epoch": r["epoch"] + n, "phase": "finetune"}
                              for r in tuned.history)]
+    h, t = head.best_metrics.get(select_metric), tuned.best_metrics.get(select_metric)
+    if h is not None and t is not None and _better(h, t, select_metric) and h != t:
+        return FitResult(head.best_state, head.best_epoch, rows, tuned.loss_plan,
+                         tuned.stopped_early, tuned.defects)
     return FitResult(tuned.best_state, tuned.best_epoch + n, rows, tuned.loss_plan,
                      tuned.stopped_early, tuned.defects)
 
