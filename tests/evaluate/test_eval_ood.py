@@ -73,7 +73,7 @@ def test_fused_score_is_at_least_each_standardised_component(fitted):
 
 def test_scores_do_not_depend_on_the_batch_they_come_in(fitted):
     ood, rng = fitted
-    x, _ = _clusters(rng, 257, range(6))  # big enough to be split over threads
+    x, _ = _clusters(rng, 600, range(6))  # big enough to be split over threads
     one_by_one = np.concatenate([ood.score(x[i:i + 1]) for i in range(len(x))])
     # float32 products summed in another order (matrix vs vector kernels): 1e-4 at most
     np.testing.assert_allclose(ood.score(x), one_by_one, rtol=1e-4, atol=1e-3)

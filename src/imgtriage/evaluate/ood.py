@@ -267,9 +267,9 @@ def knn_distance(f: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
     """Distance from each (normalised) row of ``f`` to its ``k``-th nearest row of ``bank``.
 
     One matrix product per chunk of rows and a partial sort (``np.partition``, linear time)
-    for the k-th largest similarity; no full sort. A batch of >= 64 rows is split over the
-    usable cores (at most 4), each chunk on one BLAS thread: the model's runtime is idle
-    while its outputs are scored, and both steps release the GIL.
+    for the k-th largest similarity; no full sort. A batch of >= 512 rows is split over the
+    usable cores (at most 4), each chunk on one BLAS thread (both steps release the GIL); a
+    prediction batch (64 rows x 2,048) is faster on one thread: 0.8 ms vs 1.25 ms split.
 
     Example:
         >>> bank = np.eye(3, dtype=np.float32)
@@ -277,7 +277,7 @@ def knn_distance(f: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
         [0.0]
     """
     k = min(int(k), len(bank))
-    n_threads = min(4, _usable_cores(), max(1, len(f) // 32))
+    n_threads = min(4, _usable_cores(), max(1, len(f) // 256))
     out = np.empty(len(f), dtype=np.float64)
 
     def part(lo: int, hi: int) -> None:
