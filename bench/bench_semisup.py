@@ -9,7 +9,8 @@ share everything (model, preprocessing, augmentation, steps, seed) except the un
 folder:
 
 * ``labels``: ``imgtriage train labels.csv`` (the K x 10 labels only);
-* ``semi``: the same plus ``--unlabeled FOLDER`` (``--semi-method``, default fixmatch).
+* ``semi``: the same plus ``--unlabeled FOLDER`` (``--semi-method``, default fixmatch_ema,
+  batch norm's running statistics from labels and weak views only: ``--bn-stats clean``).
 
 Both train with ``--val-frac 0`` (every label trains; the last epoch is kept, the test set is
 never looked at during training) for ``--steps`` optimiser steps, and are scored on the 15 deg
@@ -17,9 +18,10 @@ test chips (all 2,425, or ``--test-limit`` per class). The two arms run back to 
 seed (interleaved), so machine load hits both alike. The summary gives, per K and arm, the
 median (min-max) test accuracy over seeds and the median within-seed gain of ``semi``.
 
-Usage (the CPU is shared: take the lock; one full-size run per K and seed is ~10-30 min):
+Usage (the CPU is shared: take the lock; at the default 1,200 steps one ``semi`` run took
+11-25 min on one thread of the shared 2 cores, a ``labels`` run 2-5 min):
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_semisup.py \\
-        --per-class 10,25 --seeds 0,1,2 --out /tmp/semibench
+        --per-class 10,25 --seeds 0,1,2 --threads 1 --out /tmp/semibench
 """
 
 from __future__ import annotations
@@ -162,11 +164,11 @@ def main() -> None:
     ap.add_argument("--per-class", default="10,25", help="labels per class (comma-separated)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arms", default="labels,semi")
-    ap.add_argument("--steps", type=int, default=1500, help="optimiser steps per run")
+    ap.add_argument("--steps", type=int, default=1200, help="optimiser steps per run")
     ap.add_argument("--batch-size", type=int, default=32, help="labelled images per step")
     ap.add_argument("--ratio", type=int, default=3, help="unlabelled images per labelled one")
-    ap.add_argument("--method", default="fixmatch")
-    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--method", default="fixmatch_ema")
+    ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--threshold-mode", default="fixed", help="fixed or flex (FlexMatch)")
     ap.add_argument("--bn-stats", default="clean", help="clean or all (--semi-bn-stats)")
     ap.add_argument("--weight", type=float, default=1.0)

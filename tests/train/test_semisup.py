@@ -63,8 +63,9 @@ def _log(run: Path) -> list[dict]:
 
 
 def test_unlabelled_images_change_the_model_and_are_counted(labelled, inbox, tmp_path):
-    plain = train(labelled, tmp_path / "plain", _cfg(), quiet=True)
-    semi = train(labelled, tmp_path / "semi", _cfg(inbox), quiet=True)
+    plain = train(labelled, tmp_path / "plain", _cfg(ema_decay=0.9), quiet=True)
+    semi = train(labelled, tmp_path / "semi", _cfg(inbox, ema_decay=0.9, pseudo_threshold=0.4),
+                 quiet=True)  # the default method, fixmatch_ema
     assert not _same(tmp_path / "plain", tmp_path / "semi")
     log = [json.loads(x) for x in
            (tmp_path / "semi" / "metrics.jsonl").read_text().splitlines()]
@@ -78,7 +79,8 @@ def test_unlabelled_images_change_the_model_and_are_counted(labelled, inbox, tmp
     assert semi.bundle_path.is_dir() and plain.metrics["train_count"] == 18
     # the unlabelled loss is what changes the model, not just the extra rows in batch norm:
     # with weight 0 the run differs from weight 1
-    train(labelled, tmp_path / "w0", _cfg(inbox, unlabeled_weight=0.0), quiet=True)
+    train(labelled, tmp_path / "w0", _cfg(inbox, ema_decay=0.9, pseudo_threshold=0.4,
+                                          unlabeled_weight=0.0), quiet=True)
     assert not _same(tmp_path / "w0", tmp_path / "semi")
 
 

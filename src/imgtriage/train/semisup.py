@@ -12,11 +12,14 @@ unlabelled images and a consistency loss on it (FixMatch, Sohn et al. 2020):
    pseudo-label when its confidence is at least ``--pseudo-threshold``;
 3. the strong view is trained towards that pseudo-label with weight ``--unlabeled-weight``.
 
-Labelled, weak and strong images go through one forward pass, so batch norm sees them
-together. ``--semi-method fixmatch_ema`` labels the weak view with the weight average
-(``--ema-decay``; the current weights without it) in eval mode and without gradients, so only
-labelled and strong images are trained: about 1.4x cheaper per step, and the average's
-pseudo-labels are steadier (Mean Teacher, Tarvainen & Valpola 2017).
+``--semi-method fixmatch`` labels the weak view in the training forward pass itself; the
+default, ``fixmatch_ema``, labels it with the weight average (``--ema-decay``; the current
+weights without it) in eval mode and without gradients, so only labelled and strong images are
+trained: about 1.4x cheaper per step, and the average's pseudo-labels are steadier (Mean
+Teacher, Tarvainen & Valpola 2017). The rows share one forward pass, but batch norm
+normalises the strong views apart and keeps them out of its running statistics
+(:func:`clean_bn_stats`, ``--semi-bn-stats clean``): those statistics are what the teacher
+and the evaluated model use on clean images.
 ``--semi-method self_training`` is the cheap offline variant (curriculum pseudo-labelling,
 Cascante-Bonilla et al. 2021): the run is cut into ``CURRICULUM_STAGES`` stages; the first
 trains on the labels only, and at the start of each later stage the teacher (the weight
