@@ -190,18 +190,16 @@ class TrainConfig:
     unlabeled: str = _f("", "Folder of unlabelled images of the same domain to learn from as "
                             "well (semi-supervised; unreadable files go to defects.json, files "
                             "with the content of a validation/test file are left out).")
-    semi_method: str = _f("fixmatch_ema", "With --unlabeled: fixmatch_ema (the default: "
-                                          "confident pseudo-labels of a weak view, from the "
-                                          "--ema-decay weights in eval mode, teach a strongly "
-                                          "augmented view; the measured winner, "
-                                          "docs/semi-supervised.md), fixmatch (the same, the "
-                                          "weak view labelled by the current weights in the "
-                                          "training pass: costlier), self_training (5 stages: the teacher "
-                                      "labels the pool once per stage, the most confident "
-                                      "25, 50, 75, then 100 percent per class train like "
-                                      "labels), noisy_student (the same, the pseudo-labelled "
-                                      "images trained as strong views) or "
-                                      "pseudo_label (online self-training, weak view only).")
+    semi_method: str = _f(
+        "fixmatch_ema",
+        "With --unlabeled: fixmatch_ema (the default: confident pseudo-labels of a weak view, "
+        "from the --ema-decay weights in eval mode, teach a strongly augmented view; the "
+        "measured winner, docs/semi-supervised.md), fixmatch (the same, the weak view "
+        "labelled by the current weights in the training pass: costlier), self_training (5 "
+        "stages: the teacher labels the pool once per stage, the most confident 25, 50, 75, "
+        "then 100 percent per class train like labels), noisy_student (the same, the "
+        "pseudo-labelled images trained as strong views) or pseudo_label (online "
+        "self-training, weak view only).")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
     pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
     unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")
