@@ -121,17 +121,22 @@ def test_relative_data_path_splits_csv_is_reused_by_calibrate(digits_folder, tmp
     assert "temperature" in res.output
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_command_makes_openmp_threads_sleep_unless_told(given, expected):
-    """Spinning OpenMP waits slowed training 4-6x on a shared CPU: the command sets them
-    passive before torch loads, and keeps a value the user set."""
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, ["-", "10000"]),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ["ACTIVE", "-"]),
+    ({"GOMP_SPINCOUNT": "INFINITY"}, ["-", "INFINITY"]),
+])
+def test_the_command_bounds_openmp_spinning_unless_told(given, expected):
+    """Unbounded OpenMP spinning slowed training 2-6x on a shared CPU: the command bounds the
+    spin before torch loads, and keeps any wait setting the user made."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
     code = ("import sys, os, imgtriage.cli.main; "
-            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+            "print(os.environ.get('OMP_WAIT_POLICY', '-'), "
+            "os.environ.get('GOMP_SPINCOUNT', '-'), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == [expected, "False"]
+    assert out == [*expected, "False"]

@@ -11,12 +11,15 @@ import typer
 
 from imgtriage.errors import ImgTriageError
 
-# OpenMP threads that wait for work by spinning keep whole cores busy: on a CPU shared with
-# other jobs (load above the core count) PyTorch's 2-thread training step then ran 4-6x
-# slower than with sleeping waits, and burnt 4-5x the CPU time doing it (EfficientNet-Lite0
-# at 128 px, load average 6-12; docs/benchmarks.md). Set before torch loads its OpenMP
-# runtime (no command module imports torch at import time); a value you set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that spin while waiting for work keep whole cores busy: on a CPU shared
+# with other jobs PyTorch's 2-thread training step ran 2-6x slower than with sleeping waits.
+# Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs ~16% on idle cores, a short bounded spin
+# (GNU OpenMP's GOMP_SPINCOUNT, PyTorch's runtime on Linux) ~4%, and keeps 0.9x of passive's
+# gain under load (bench/bench_omp_wait.py, docs/benchmarks.md). Set before torch loads its
+# OpenMP runtime (no command module imports torch at import time); a setting of yours wins.
+OPENMP_SPINCOUNT = "10000"
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
 
 app = typer.Typer(name="imgtriage", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
