@@ -55,23 +55,31 @@ def _fallback_groups(model: nn.Module) -> list[list[str]]:
     return groups + ([rest] if rest else [])
 
 
+def _body_groups(model: nn.Module, coarse: bool) -> tuple[list[list[str]], set[str]]:
+    """Non-empty parameter-name groups from the input on, without the head, and the head's
+    names. Groups come from timm's ``group_matcher`` (``coarse``: whole stages rather than
+    blocks) when the model has one, else from its children in order."""
+    groups: list[list[str]] = []
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        grouped = group_parameters(model, model.group_matcher(coarse=coarse))
+        groups = [list(v) for _, v in sorted(grouped.items())]
+    if not groups:
+        groups = _fallback_groups(model)
+    head = head_names(model)
+    body = [[n for n in g if n not in head] for g in groups]
+    return [g for g in body if g], head
+
+
 def layer_groups(model: nn.Module) -> list[list[str]]:
     """Parameter names grouped from the input (first) to the head (last, alone).
 
     Uses timm's ``group_matcher`` when the model has one (blocks of a ResNet, stages of an
     EfficientNet), else the model's children in order.
     """
-    groups: list[list[str]] = []
-    if hasattr(model, "group_matcher"):
-        from timm.models import group_parameters
-
-        grouped = group_parameters(model, model.group_matcher(coarse=False))
-        groups = [list(v) for _, v in sorted(grouped.items())]
-    if not groups:
-        groups = _fallback_groups(model)
-    head = head_names(model)
-    body = [[n for n in g if n not in head] for g in groups]
-    return [g for g in body if g] + ([sorted(head)] if head else [])
+    body, head = _body_groups(model, coarse=False)
+    return body + ([sorted(head)] if head else [])
 
 
 def _no_decay(model: nn.Module) -> set[str]:
@@ -139,16 +147,7 @@ def early_names(model: nn.Module, stages: int) -> set[str]:
         ...                                  nn.Linear(2, 1)), 0))
         ['0.bias', '0.weight']
     """
-    groups: list[list[str]] = []
-    if hasattr(model, "group_matcher"):
-        from timm.models import group_parameters
-
-        grouped = group_parameters(model, model.group_matcher(coarse=True))
-        groups = [list(v) for _, v in sorted(grouped.items())]
-    if not groups:
-        groups = _fallback_groups(model)
-    head = head_names(model)
-    body = [g for g in ([n for n in g if n not in head] for g in groups) if g]
+    body, _ = _body_groups(model, coarse=True)
     return {n for g in body[:1 + stages] for n in g}
 
 
