@@ -194,12 +194,16 @@ class KnnRmdOOD(KnnOOD):
         self.mean0_ = f.mean(0)
         self.prec_ = np.linalg.pinv(ledoit_wolf(f - self.means_[idx], assume_centered=True)[0])
         self.prec0_ = np.linalg.pinv(ledoit_wolf(f - self.mean0_, assume_centered=True)[0])
+        self._derive_rmd()
+
+    def _derive_rmd(self) -> None:
+        """Each class mean's own quadratic term, once per model (not per scored batch)."""
+        self._mean_sq = ((self.means_ @ self.prec_) * self.means_).sum(1)
 
     def _rmd(self, f: np.ndarray) -> np.ndarray:
         g = np.asarray(f, dtype=np.float64)
         a = g @ self.prec_
-        mu_p = self.means_ @ self.prec_
-        d = (a * g).sum(1)[:, None] - 2.0 * a @ self.means_.T + (mu_p * self.means_).sum(1)
+        d = (a * g).sum(1)[:, None] - 2.0 * a @ self.means_.T + self._mean_sq
         c0 = g - self.mean0_
         return d.min(1) - ((c0 @ self.prec0_) * c0).sum(1)
 
@@ -237,6 +241,7 @@ class KnnRmdOOD(KnnOOD):
                 self.means_.shape[1:] != (d,) or self.mean0_.shape != (d,):
             raise ConfigError("the OOD scorer's statistics do not match its feature width; "
                               "retrain the bundle")
+        self._derive_rmd()
 
 
 def _median_p95(s: np.ndarray) -> list[float]:
