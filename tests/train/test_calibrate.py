@@ -118,7 +118,7 @@ def test_temperature_that_does_not_lower_nll_is_not_kept():
 def test_torch_and_onnx_backends_give_the_same_ood_scores_and_reasons(calibrated_run,
                                                                        digits_folder):
     m = load_bundle(calibrated_run.bundle_path).manifest
-    assert m["onnx"]["outputs"] == ["logits", "features"]
+    assert m["onnx"]["outputs"] == ["logits", "features", "ood_score"]
     data = [_png(a) for a in JUNK.values()]
     data += [p.read_bytes() for p in sorted(digits_folder.glob("*/*.png"))[::25]]
     rows = {}

@@ -35,12 +35,45 @@ DEFAULT_OPSET = 17
 GRAPH_OUTPUTS: dict[str, int] = {"logits": 0, "features": 1, "embedding": 0}
 # What a graph's first output may be: a classifier's logits, or a gallery encoder's embedding.
 FIRST_OUTPUTS = ("logits", "embedding")
+# The OOD score computed inside the graph from its "features" output (predict/ood_graph.py):
+# one session run gives logits and score. Not a torch output: appended after export.
+OOD_SCORE_OUTPUT = "ood_score"
+# The fields of an OOD rule that change the score (the threshold is applied outside the graph).
+OOD_SCORE_KEYS = ("method", "k", "scale", "file")
 
 
 def graph_outputs(manifest: Manifest) -> tuple[str, ...]:
     """The outputs a bundle's graph needs: the logits, and the features when its decision rule
     refuses out-of-distribution inputs (export then takes ``WithFeatures(model)``)."""
     return ("logits", "features") if manifest.decision.get("ood") else ("logits",)
+
+
+def ood_score_record(rule: dict[str, Any], file_sha256: str) -> dict[str, Any]:
+    """What the ``onnx`` block says about a graph's ``ood_score`` output: the rule fields and
+    the hash of the OOD file it was built from (so a changed scorer is never scored stale)."""
+    return {**{k: rule.get(k) for k in OOD_SCORE_KEYS}, "sha256": file_sha256}
+
+
+def graph_scores_rule(info: dict[str, Any] | None, files: dict[str, str],
+                      rule: dict[str, Any] | None) -> bool:
+    """Whether the bundle's graphs compute exactly ``rule``'s OOD score: their head was built
+    from the same method, k, scale and OOD file (by hash) as the rule asks for. A rule from
+    an edited profile or a bundle written before in-graph scores reads False: the caller
+    scores the ``features`` output itself.
+
+    Example:
+        >>> rule = {"method": "knn", "k": 10, "scale": None, "file": "ood.safetensors"}
+        >>> info = {"ood_score": ood_score_record(rule, "ab12")}
+        >>> graph_scores_rule(info, {"ood.safetensors": "ab12"}, rule)
+        True
+        >>> graph_scores_rule(info, {"ood.safetensors": "ab12"}, {**rule, "k": 5})
+        False
+    """
+    rec = (info or {}).get("ood_score")
+    if not isinstance(rec, dict) or not rule or rec.get("sha256") is None:
+        return False
+    return (files.get(str(rule.get("file"))) == rec["sha256"]
+            and all(rec.get(k) == rule.get(k) for k in OOD_SCORE_KEYS))
 
 
 def num_features(manifest: Manifest) -> int | None:

@@ -32,6 +32,7 @@ from imgtriage.predict.backends import build_model
 from imgtriage.predict.export_config import ExportConfig
 from imgtriage.predict.graph import export_graph
 from imgtriage.predict.int8 import LabelledInputs, QuantCheck, quantize_checked
+from imgtriage.predict.ood_graph import attach_ood_score
 from imgtriage.predict.ort_session import run_graph, session_options, usable_cores
 
 __all__ = ["INT8_FILE", "ONNX_FILE", "PARITY_TOLERANCE", "ExportConfig", "ExportResult",
@@ -108,6 +109,12 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
         old_int8 = (b.info.block("onnx") or {}).get("int8")
         if old_int8 and b.has_file(old_int8.get("file", INT8_FILE)):
             info["int8"] = old_int8  # same weights: the earlier int8 graph stays valid
+    rule = b.info.decision.get("ood") or {}
+    if rule.get("file") and b.has_file(rule["file"]):  # the OOD score joins the new graphs
+        scored, files = attach_ood_score(b.info.with_changes(onnx=info), {
+            **files, rule["file"]: b.verified_bytes(rule["file"])},
+            sets[1].x[:16] if sets else None, say)
+        info = dict(scored.block("onnx"))
     note = f"onnx export (opset {opset}" + (f", int8 {quantize})" if quantize else ")")
     new = update_bundle(b.path, {"onnx": info}, note=note, extra_files=files, out=cfg.out)
     return ExportResult(new.path, parity, info["precision"], result,

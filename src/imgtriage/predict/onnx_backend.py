@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgtriage.bundle import Bundle
-from imgtriage.bundle.graph import FEATURES_INPUT, INT8_FILE, ONNX_FILE
+from imgtriage.bundle.graph import FEATURES_INPUT, INT8_FILE, ONNX_FILE, OOD_SCORE_OUTPUT
 from imgtriage.errors import BundleError, ConfigError, PredictionError, require
 from imgtriage.predict.ort_session import session_options, usable_cores
 
@@ -150,6 +150,21 @@ class OnnxBackend:
                               "use --backend torch")
         logits, feats = self._all(x, [self._outputs[0], "features"], features)
         return logits, feats
+
+    @property
+    def has_ood_score(self) -> bool:
+        """Whether the graph also computes the OOD score (``predict.ood_graph``)."""
+        return OOD_SCORE_OUTPUT in self._names
+
+    def with_ood_score(self, x: np.ndarray, features: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the in-graph OOD score from one run (split over the sessions like the
+        model): the scorer costs a few operators instead of a NumPy pass after the run."""
+        if not self.has_ood_score:
+            raise BundleError(f"{self.file} has no {OOD_SCORE_OUTPUT!r} output; score its "
+                              "'features' output instead (with_features)")
+        logits, scores = self._all(x, [self._outputs[0], OOD_SCORE_OUTPUT], features)
+        return logits, scores.astype(np.float64)
 
     def close(self) -> None:
         if self._pool is not None:

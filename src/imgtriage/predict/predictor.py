@@ -9,6 +9,7 @@ this module adds what a classifier does differently: its backend, TTA and fusion
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, check_pinned, load_bundle
+from imgtriage.bundle.graph import graph_scores_rule
 from imgtriage.data.features import (
     FeatureStandardizer,
     read_extra_columns,
@@ -80,6 +82,7 @@ class Predictor(BasePredictor):
         self.features = _standardizer(bundle, self.spec)
         self.extras: dict[str, dict[str, Any]] = {}
         self._ood: dict[str, KnnOOD] = {}
+        self._graph_scores: dict[str, bool] = {}
         if self.policy.ood is not None:  # a missing or altered scorer fails at load
             self.ood_scorer(self.policy.ood)
 
@@ -169,6 +172,17 @@ class Predictor(BasePredictor):
             self._ood[name] = scorer_from_rule(rule, self.bundle.tensors(name, "numpy"))
         return self._ood[name]
 
+    def graph_scores(self, rule: dict[str, Any]) -> bool:
+        """Whether the backend's graph computes ``rule``'s OOD score itself (bundles from
+        training since the in-graph score, for the rule it was built from); else the
+        ``features`` output is scored in NumPy (the torch backend, older bundles)."""
+        key = json.dumps(rule, sort_keys=True, default=str)
+        if key not in self._graph_scores:
+            self._graph_scores[key] = bool(getattr(self.backend, "has_ood_score", False)) and \
+                graph_scores_rule(self.bundle.info.block("onnx"), self.bundle.manifest["files"],
+                                  rule)
+        return self._graph_scores[key]
+
     def forward(self, x: np.ndarray, policy: DecisionPolicy, tta: bool = False,
                 features: np.ndarray | None = None,
                 metas: Sequence[dict[str, Any]] | None = None
@@ -177,17 +191,21 @@ class Predictor(BasePredictor):
         un-augmented view; a constant, degenerate image scores +inf)."""
         if policy.ood is None or not policy.abstain:
             return self.logits(x, tta, features), None
-        with_features = getattr(self.backend, "with_features", None)
-        if with_features is None:
-            raise PredictionError(f"backend {self.backend.name!r} cannot return the features "
-                                  "this bundle's OOD rule needs; use --backend torch")
         args = () if self.features is None else (features,)
-        logits, feats = with_features(x, *args)
+        if self.graph_scores(policy.ood):  # one graph run: logits and score
+            logits, scores = self.backend.with_ood_score(x, *args)
+        else:
+            with_features = getattr(self.backend, "with_features", None)
+            if with_features is None:
+                raise PredictionError(f"backend {self.backend.name!r} cannot return the "
+                                      "features this bundle's OOD rule needs; use --backend "
+                                      "torch")
+            logits, feats = with_features(x, *args)
+            scores = self.ood_scorer(policy.ood).score(feats)
         if tta:
             views = [self.backend(np.ascontiguousarray(TTA_TRANSFORMS[t](x)), *args)
                      for t in self.tta_transforms]
             logits = np.mean([logits, *views], axis=0)
-        scores = self.ood_scorer(policy.ood).score(feats)
         if metas:
             scores[[bool(m.get("degenerate")) for m in metas]] = np.inf
         return logits, scores

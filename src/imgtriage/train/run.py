@@ -47,6 +47,7 @@ from imgtriage.models import create_model, get_entry
 from imgtriage.models.fusion import default_size as fusion_size
 from imgtriage.models.fusion import is_fusion
 from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resolve_weights
+from imgtriage.predict.ood_graph import attach_ood_score
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 from imgtriage.train.auto_recipe import plan_recipe
 from imgtriage.train.calibrate import Calibration, calibrate_run
@@ -61,7 +62,7 @@ from imgtriage.train.fusion import (
 )
 from imgtriage.train.loop import FitResult, fit
 from imgtriage.train.losses import plan_loss
-from imgtriage.train.onnx_step import GraphInputs, attach_graph, graph_inputs
+from imgtriage.train.onnx_step import PARITY_IMAGES, GraphInputs, attach_graph, graph_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
 from imgtriage.train.semisup import SemiSupervised, build_semi, count_files
@@ -302,7 +303,12 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
     state = model.state_dict()
     manifest, graph = attach_graph(manifest, state, info["graph_inputs"], cfg.quantize,
                                    info["say"])
-    return save_bundle(run / "bundle", manifest, state, {**graph, **cal.files}), metrics
+    # the OOD score joins every graph (fp32 and int8) last: one run gives logits and score
+    check = info["graph_inputs"].check
+    manifest, files = attach_ood_score(manifest, {**graph, **cal.files},
+                                       check.x[:PARITY_IMAGES] if check is not None else None,
+                                       info["say"])
+    return save_bundle(run / "bundle", manifest, state, files), metrics
 
 
 def _graph_inputs(src: _Sources | None, parts: dict[str, list], spec: PreprocessSpec,

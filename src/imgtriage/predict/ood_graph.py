@@ -1,0 +1,242 @@
+"""The OOD score inside the ONNX graph: one session run gives the logits and the score.
+
+Scoring the ``features`` output in NumPy after each run cost ~1.2 ms per batch of 64 on one
+thread, while ONNX Runtime's sessions ran the model on both cores: a 28 px model whose batch
+takes ~7 ms lost 16% of its throughput (``docs/benchmarks.md``). Appended to the graph, the
+score is a few more operators run by ONNX Runtime's own threads, split with the batch like
+the model itself.
+
+The head reads the graph's ``features`` output and writes ``ood_score`` (N,) float32, the
+same number :meth:`imgtriage.evaluate.ood.KnnOOD.score` gives (float32 here, float64 there;
+checked at export to ``SCORE_TOLERANCE``):
+
+* k-NN: the features L2-normalised, ``MatMul`` with the normalised bank (a constant),
+  ``TopK`` for the k-th largest similarity, ``sqrt(max(0, 2 - 2 s))``.
+* relative Mahalanobis (``knn+rmd``): each precision matrix factored as ``P = W W^T``
+  (eigendecomposition, float64), so a quadratic form is a squared norm of ``(f - mu0) W``;
+  the class term by expansion on features centred on the training mean first (no
+  cancellation: error ~2e-5 on scores of order 1, 10x smaller than uncentred), its minimum
+  over classes by ``TopK(largest=0)``; memory stays (N, C), never (N, C, D).
+* the two standardised by the stored median and spread, and the larger kept.
+
+The head goes onto the graphs *after* export and int8 quantisation, so its constants are never
+quantised and an int8 graph's score comes from that graph's own features. Only a few opset-11
+operators are used, no ``axes`` attributes or inputs (whose form changed in opset 18), so it
+fits any opset >= 11. ``onnx`` is needed to build the head (training, export), not to run it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from imgtriage.bundle.graph import OOD_SCORE_OUTPUT, num_features, ood_score_record
+from imgtriage.bundle.record import Manifest
+from imgtriage.bundle.store import sha256_bytes
+from imgtriage.errors import BundleError, require
+from imgtriage.evaluate.ood import KnnOOD, KnnRmdOOD
+
+FEATURES_OUTPUT = "features"
+PREFIX = "imgtriage_ood/"
+MIN_OPSET = 11
+# max |in-graph score - NumPy score| on the check images; the standardised scores and their
+# thresholds are of order 1, and measured differences are 1e-5 - 3e-5
+SCORE_TOLERANCE = 1e-3
+
+
+def _factor(prec: np.ndarray) -> np.ndarray:
+    """``W`` with ``W @ W.T == prec`` for a symmetric positive semi-definite ``prec``."""
+    p = np.asarray(prec, dtype=np.float64)
+    w, v = np.linalg.eigh((p + p.T) / 2.0)
+    return v * np.sqrt(np.clip(w, 0.0, None))
+
+
+class _Head:
+    """Nodes and constants appended to a graph, every name under :data:`PREFIX`."""
+
+    def __init__(self, dim: int) -> None:
+        self.nodes: list[Any] = []
+        self.consts: dict[str, np.ndarray] = {}
+        self.ones = self.const("ones", np.ones((dim, 1), np.float32))
+
+    def const(self, name: str, value: Any) -> str:
+        arr = np.asarray(value)
+        self.consts[PREFIX + name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+        return PREFIX + name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        helper = require("onnx", "onnx").helper
+        out = name if name == OOD_SCORE_OUTPUT else PREFIX + name
+        self.nodes.append(helper.make_node(op_type, inputs, [out, *(
+            [out + "_idx"] if op_type == "TopK" else [])], name=out, **attrs))
+        return out
+
+    def sq_norm(self, x: str, name: str) -> str:
+        """Row-wise squared norm of (N, D) ``x`` as (N, 1): a MatMul with ones, no axes."""
+        return self.op("MatMul", [self.op("Mul", [x, x], name + "_sq"), self.ones], name)
+
+    def affine(self, x: str, scale: float, shift: float, name: str) -> str:
+        y = self.op("Mul", [x, self.const(name + "_a", scale)], name + "_mul")
+        return self.op("Add", [y, self.const(name + "_b", shift)], name)
+
+
+def _knn(h: _Head, f: str, scorer: KnnOOD) -> str:
+    k = min(int(scorer.k), len(scorer.bank_))
+    sims = h.op("MatMul", [f, h.const("bank_t", scorer.bank_.T)], "sims")
+    top = h.op("TopK", [sims, h.const("k", np.array([k], np.int64))], "topk", axis=-1,
+               largest=1, sorted=1)
+    kth = h.op("Gather", [top, h.const("k_index", np.array(k - 1, np.int64))], "kth", axis=1)
+    two = h.const("two", np.float32(2.0))
+    d2 = h.op("Sub", [two, h.op("Mul", [kth, two], "kth2")], "d2")
+    return h.op("Sqrt", [h.op("Max", [d2, h.const("zero", np.float32(0.0))], "d2_pos")], "knn")
+
+
+def _rmd(h: _Head, f: str, scorer: KnnRmdOOD) -> str:
+    """min_c |(f - mu_c) W|^2 - |(f - mu0) W0|^2, on f centred on mu0 first."""
+    w, w0 = _factor(scorer.prec_), _factor(scorer.prec0_)
+    mu0 = np.asarray(scorer.mean0_, dtype=np.float64)
+    mu_w = (np.asarray(scorer.means_, dtype=np.float64) - mu0) @ w  # (C, D)
+    fc = h.op("Sub", [f, h.const("mean0", mu0)], "centred")
+    p = h.op("MatMul", [fc, h.const("w", w)], "proj")
+    cross = h.op("MatMul", [p, h.const("means_w_t", -2.0 * mu_w.T)], "cross")
+    d = h.op("Add", [h.op("Add", [cross, h.sq_norm(p, "proj_norm")], "class_part"),
+                     h.const("means_w_sq", (mu_w ** 2).sum(1))], "class_dist")
+    nearest = h.op("TopK", [d, h.const("one", np.array([1], np.int64))], "nearest_class",
+                   axis=-1, largest=0, sorted=1)
+    p0 = h.op("MatMul", [fc, h.const("w0", w0)], "proj0")
+    return h.op("Sub", [nearest, h.sq_norm(p0, "global_dist")], "rmd")
+
+
+def add_ood_score(graph: bytes, scorer: KnnOOD) -> bytes:
+    """``graph`` with an ``ood_score`` output computed from its ``features`` output.
+
+    Example:
+        >>> scored = add_ood_score(bundle.verified_bytes("model.onnx"), scorer)  # doctest: +SKIP
+        >>> session.run(["logits", "ood_score"], {"input": x})  # doctest: +SKIP
+    """
+    onnx = require("onnx", "onnx")
+    if not hasattr(scorer, "bank_"):
+        raise BundleError("the OOD scorer is not fitted; nothing to put in the graph")
+    proto = onnx.load_from_string(graph)
+    g = proto.graph
+    outputs = [o.name for o in g.output]
+    if FEATURES_OUTPUT not in outputs:
+        raise BundleError(f"the graph has no {FEATURES_OUTPUT!r} output to score")
+    if OOD_SCORE_OUTPUT in outputs:
+        raise BundleError(f"the graph already has an {OOD_SCORE_OUTPUT!r} output")
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    if opset < MIN_OPSET:
+        raise BundleError(f"opset {opset} < {MIN_OPSET}: no in-graph OOD score")
+    h = _Head(int(scorer.bank_.shape[1]))
+    norm = h.op("Sqrt", [h.sq_norm(FEATURES_OUTPUT, "norm_sq")], "norm")
+    norm = h.op("Max", [norm, h.const("eps", np.float32(1e-12))], "norm_pos")
+    f = h.op("Div", [FEATURES_OUTPUT, norm], "unit")
+    if isinstance(scorer, KnnRmdOOD):
+        flat = h.const("flat", np.array([-1], np.int64))
+        (m1, s1), (m2, s2) = scorer.scale_["knn"], scorer.scale_["rmd"]
+        z1 = h.affine(h.op("Reshape", [_knn(h, f, scorer), flat], "knn_flat"), 1.0 / s1,
+                      -m1 / s1, "knn_z")
+        z2 = h.affine(h.op("Reshape", [_rmd(h, f, scorer), flat], "rmd_flat"), 1.0 / s2,
+                      -m2 / s2, "rmd_z")
+        h.op("Max", [z1, z2], OOD_SCORE_OUTPUT)
+    else:
+        h.op("Identity", [_knn(h, f, scorer)], OOD_SCORE_OUTPUT)
+    taken = {n for node in g.node for n in (*node.input, *node.output)} | {
+        i.name for i in g.initializer}
+    clash = sorted(taken & {*h.consts, *(o for n in h.nodes for o in n.output)})
+    if clash:
+        raise BundleError(f"the graph already uses the names {clash[:3]}")
+    g.node.extend(h.nodes)
+    g.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in h.consts.items())
+    g.output.append(onnx.helper.make_tensor_value_info(OOD_SCORE_OUTPUT,
+                                                       onnx.TensorProto.FLOAT, ["batch"]))
+    return proto.SerializeToString()
+
+
+def score_parity(graph: bytes, scorer: KnnOOD, x: np.ndarray,
+                 features: np.ndarray | None = None) -> float:
+    """max |in-graph score - the scorer's NumPy score of the same graph's features| on ``x``
+    (and ``features`` for a fusion graph's second input)."""
+    from imgtriage.predict.ort_session import run_graph
+
+    feats = run_graph(graph, x, features=features, output=FEATURES_OUTPUT)
+    got = run_graph(graph, x, features=features, output=OOD_SCORE_OUTPUT)
+    return float(np.abs(got.astype(np.float64) - scorer.score(feats)).max())
+
+
+def attach_ood_score(manifest: Manifest, files: dict[str, bytes], x_check: np.ndarray | None,
+                     say: Callable[[str], None] | None = None
+                     ) -> tuple[Manifest, dict[str, bytes]]:
+    """The bundle being written, with the OOD head on each of its graphs (fp32, int8) when its
+    decision rule has an OOD scorer whose file is in ``files``; its ``onnx`` block records the
+    head (``ood_score``) or why there is none (NumPy scoring of the features then, as for
+    bundles written before in-graph scores). The graphs' hashes in the block are updated.
+
+    Example:
+        >>> manifest, files = attach_ood_score(manifest, {**graphs, **cal.files},
+        ...                                    x_val[:16])  # doctest: +SKIP
+    """
+    info = dict(manifest.block("onnx") or {})
+    rule = manifest.decision.get("ood")
+    if not rule or not info.get("file") or FEATURES_OUTPUT not in (info.get("outputs") or []):
+        return manifest, files
+    ood_file = files.get(str(rule.get("file", "")))
+    if ood_file is None:
+        return manifest, files
+    int8 = dict(info.get("int8") or {})
+    names = [n for n in (info["file"], int8.get("file")) if n and n in files]
+    if x_check is None or not len(x_check):  # random inputs, like the graph's own check
+        pre = manifest.preprocess
+        x_check = np.random.default_rng(0).standard_normal(
+            (4, int(pre["in_chans"]), *(int(v) for v in pre["size"]))).astype(np.float32)
+    out, record = scored_graphs(files, names, rule, ood_file, x_check,
+                                num_features(manifest), say)
+    info["ood_score"] = record
+    if "skipped" not in record:
+        info["outputs"] = [*info["outputs"], OOD_SCORE_OUTPUT]
+        info["sha256"] = sha256_bytes(out[info["file"]])
+        if int8.get("file") in names:
+            info["int8"] = {**int8, "sha256": sha256_bytes(out[int8["file"]])}
+    return manifest.with_changes(onnx=info), out
+
+
+def scored_graphs(files: dict[str, bytes], names: list[str], rule: dict[str, Any],
+                  ood_file: bytes, x_check: np.ndarray, n_features: int | None = None,
+                  say: Callable[[str], None] | None = None
+                  ) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """``files`` with the OOD head appended to each graph in ``names``, and the ``onnx``
+    block's ``ood_score`` record (or why there is none: the bundle then scores the features
+    in NumPy, as bundles written before in-graph scores do).
+
+    ``x_check``: model inputs to check each head against the NumPy scorer on; a fusion graph
+    (``n_features`` columns in its second input) gets standard-normal rows there, like the
+    graph's own parity check.
+    """
+    from safetensors.numpy import load
+
+    from imgtriage.evaluate.ood import scorer_from_rule
+
+    scorer = scorer_from_rule(rule, load(ood_file))
+    x_check = np.ascontiguousarray(x_check, dtype=np.float32)
+    f_check = None if n_features is None else np.random.default_rng(1).standard_normal(
+        (len(x_check), n_features)).astype(np.float32)
+    out, parity = dict(files), 0.0
+    try:
+        for name in names:
+            scored = add_ood_score(files[name], scorer)
+            err = score_parity(scored, scorer, x_check, f_check)
+            if not err <= SCORE_TOLERANCE:
+                raise BundleError(f"{name}: in-graph OOD score differs from NumPy's by "
+                                  f"{err:.1e} (> {SCORE_TOLERANCE})")
+            out[name], parity = scored, max(parity, err)
+    except Exception as exc:  # any failure keeps the features output and NumPy scoring
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        if say is not None:
+            say(f"OOD score stays outside the graph: {reason}")
+        return files, {"skipped": reason}
+    record = {**ood_score_record(rule, sha256_bytes(ood_file)), "graphs": list(names),
+              "parity_max_abs": parity, "parity_images": len(x_check)}
+    return out, record
