@@ -31,7 +31,9 @@ BUNDLE = argument("bundle", "Gallery bundle directory or .zip.", Path)
 
 
 def train_fewshot_command(**options: Any) -> None:
-    """Train a Siamese / prototype encoder episodically and save a gallery bundle."""
+    """A few-shot gallery bundle from class folders: colour photos enrolled through the
+    pretrained encoder (no training), or a Siamese / prototype encoder trained episodically
+    (--encoder)."""
     from imgtriage.train.fewshot import train_fewshot
 
     run = config_from_options(FewShotRunOptions, options)
@@ -91,7 +93,8 @@ def list_command(**options: Any) -> None:
     rule = info["rule"]
     typer.echo(f"{info['bundle']} (version {info['bundle_version']}): {rule['method']}"
                f"{' k=' + str(rule['k']) if rule['method'] == 'knn' else ''}, similarity "
-               f"threshold {rule['similarity_threshold']}, {info['embed_dim']}-d embeddings")
+               f"threshold {rule['similarity_threshold']}, {info['embed_dim']}-d embeddings "
+               f"({info['encoder']} encoder)")
     for name, n in info["classes"].items():
         typer.echo(f"  {name:24s} {n:6d}")
         for item in info.get("items", {}).get(name, []):

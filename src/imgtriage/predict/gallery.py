@@ -1,7 +1,9 @@
 """The gallery kind: a few-shot gallery stored in a bundle, and its predictor.
 
 A gallery bundle (manifest ``kind: "gallery"``) holds an embedding net
-(``weights.safetensors``, see :mod:`imgtriage.models.siamese`), the enrolled embeddings
+(``weights.safetensors``: a trained Siamese encoder, or a pretrained backbone's pooled
+features; the manifest's ``model`` block names which, see
+:mod:`imgtriage.models.gallery_encoder`), the enrolled embeddings
 (``gallery.safetensors``, tensor ``embeddings`` (M, D)) and, in the manifest's ``gallery``
 block, one label and one id per row plus the scoring rule (:class:`GalleryConfig`). The math
 lives in :mod:`imgtriage.models.gallery`; classes and examples are enrolled or removed without
@@ -26,8 +28,9 @@ from imgtriage.predict.base import PredictOptions, decision_rows
 from imgtriage.predict.predictor import TTA_TRANSFORMS, Predictor
 
 __all__ = ["GALLERY_FILE", "Gallery", "GalleryBackend", "GalleryConfig", "GalleryPredictor",
-           "embed", "gallery_block", "gallery_files", "load_encoder", "load_gallery_predictor",
-           "new_gallery_manifest", "read_gallery", "save_gallery_bundle"]
+           "embed", "encoder_graph", "gallery_block", "gallery_files", "load_encoder",
+           "load_gallery_predictor", "new_gallery_manifest", "read_gallery",
+           "save_gallery_bundle"]
 
 GALLERY_FILE = "gallery.safetensors"
 
@@ -60,18 +63,23 @@ def read_gallery(bundle: Bundle) -> tuple[Gallery, GalleryConfig]:
 
 
 def load_encoder(bundle: Bundle):
-    """The bundle's embedding net with its verified weights, in eval mode."""
-    from imgtriage.models.siamese import build_encoder
+    """The bundle's embedding net (the encoder its ``model`` block names) with its verified
+    weights, in eval mode."""
+    from imgtriage.models.gallery_encoder import build_gallery_encoder
     from imgtriage.predict.backends import check_shapes
 
     m = bundle.info.model
     state = bundle.state_dict()
-    check_shapes(bundle, state, lambda: build_encoder(m.in_chans, **dict(m.kwargs)))
-    encoder = build_encoder(m.in_chans, **dict(m.kwargs))
+
+    def build() -> Any:
+        return build_gallery_encoder(m.name, m.in_chans, dict(m.kwargs))
+
+    check_shapes(bundle, state, build)
+    encoder = build()
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BundleError(f"{bundle.path}: weights do not fit the siamese encoder: "
+        raise BundleError(f"{bundle.path}: weights do not fit the {m.name} encoder: "
                           f"{str(exc).splitlines()[0]}") from exc
     return encoder.eval()
 
@@ -79,10 +87,12 @@ def load_encoder(bundle: Bundle):
 def new_gallery_manifest(*, encoder_kwargs: dict[str, Any], in_chans: int,
                          preprocess: dict[str, Any], gallery: Gallery, config: GalleryConfig,
                          training: dict[str, Any] | None = None,
-                         metrics: dict[str, Any] | None = None) -> Manifest:
-    """A version-1 manifest of kind ``gallery`` for an encoder and its gallery."""
+                         metrics: dict[str, Any] | None = None,
+                         encoder: str = "siamese") -> Manifest:
+    """A version-1 manifest of kind ``gallery`` for an encoder (``siamese`` or a pretrained
+    backbone's name) and its gallery."""
 
-    manifest = new_manifest(model_name="siamese", model_kwargs=encoder_kwargs,
+    manifest = new_manifest(model_name=encoder, model_kwargs=encoder_kwargs,
                             in_chans=in_chans, preprocess=preprocess,
                             classes=list(gallery.classes), training=training, metrics=metrics,
                             decision=DecisionPolicy().to_dict(), kind="gallery")
@@ -91,19 +101,32 @@ def new_gallery_manifest(*, encoder_kwargs: dict[str, Any], in_chans: int,
 
 def save_gallery_bundle(path: str | os.PathLike[str], manifest: Manifest,
                         encoder_state: dict[str, Any], gallery: Gallery,
-                        x_check: np.ndarray | None = None) -> Any:
+                        x_check: np.ndarray | None = None,
+                        graph: tuple[dict[str, bytes], dict[str, Any]] | None = None) -> Any:
     """Write a gallery bundle (encoder weights + gallery tensors + manifest) with the
     encoder's verified ONNX graph (output ``embedding``, checked against torch on ``x_check``
-    or random inputs); an encoder that does not export keeps torch, the manifest says why."""
-    from imgtriage.models.siamese import build_encoder
-    from imgtriage.predict.graph import training_graph
+    or random inputs); an encoder that does not export keeps torch, the manifest says why.
+    ``graph``: ``(files, onnx block)`` of :func:`encoder_graph` already made for this
+    encoder and manifest (not exported again)."""
+    if graph is None:
+        from imgtriage.models.gallery_encoder import build_gallery_encoder
 
-    encoder = build_encoder(manifest.model.in_chans, **dict(manifest.model.kwargs))
-    encoder.load_state_dict({k: v.detach().cpu() for k, v in encoder_state.items()})
-    files, onnx = training_graph(encoder.eval(), manifest, x_check,
-                                 outputs=("embedding",))
+        m = manifest.model
+        encoder = build_gallery_encoder(m.name, m.in_chans, dict(m.kwargs))
+        encoder.load_state_dict({k: v.detach().cpu() for k, v in encoder_state.items()})
+        graph = encoder_graph(encoder, manifest, x_check)
+    files, onnx = graph
     return save_bundle(path, manifest.with_changes(onnx=onnx), encoder_state,
                        {**gallery_files(gallery), **files})
+
+
+def encoder_graph(encoder: Any, manifest: Manifest, x_check: np.ndarray | None = None
+                  ) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """``(files, onnx block)``: the encoder's verified ONNX graph (output ``embedding``) for a
+    gallery bundle with ``manifest``'s preprocessing, or no file and the reason."""
+    from imgtriage.predict.graph import training_graph
+
+    return training_graph(encoder.eval(), manifest, x_check, outputs=("embedding",))
 
 
 # -- prediction -------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle, update_bundle
-from imgtriage.errors import BundleSchemaError, ConfigError, DataError, ImageReadError
-from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
+from imgtriage.errors import BundleSchemaError, ConfigError, DataError
+from imgtriage.models.gallery import Gallery, GalleryConfig, fit_similarity_threshold
 from imgtriage.predict.gallery import (
+    GalleryBackend,
     gallery_block,
     gallery_files,
-    load_encoder,
     new_gallery_manifest,
     read_gallery,
     save_gallery_bundle,
@@ -52,27 +51,23 @@ def open_gallery(path: PathLike | Bundle) -> tuple[Bundle, Gallery, GalleryConfi
 
 def embed_files(bundle: Bundle, images: Sequence[PathLike], encoder: Any = None,
                 workers: int | None = None) -> np.ndarray:
-    """Decode files with the bundle's preprocessing and embed them. Any unreadable file is a
-    DataError naming every such file (nothing is enrolled from a partly unreadable list)."""
-    from imgtriage.data.preprocess import PreprocessSpec, load_input
+    """Decode files with the bundle's preprocessing and embed them a batch at a time, as
+    prediction does (the encoder's ONNX graph when the bundle has one; ``encoder``: a torch
+    encoder to use instead). Any unreadable file is a DataError naming every such file
+    (nothing is enrolled from a partly unreadable list)."""
+    from imgtriage.data.preprocess import PreprocessSpec
+    from imgtriage.predict.gallery_embed import embed_paths, encoder_runner
 
     if not images:
         raise DataError("no images given to enrol")
     spec = PreprocessSpec.from_dict(dict(bundle.info.preprocess))
-
-    def one(p: PathLike) -> np.ndarray | str:
-        try:
-            return load_input(p, spec)[0]
-        except ImageReadError as exc:
-            return f"{exc.defect.path}: {exc.defect.issue}: {exc.defect.message}"
-
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        out = list(pool.map(one, images))
-    bad = [o for o in out if isinstance(o, str)]
-    if bad:
+    run = encoder_runner(encoder) if encoder is not None else GalleryBackend(bundle).embed
+    emb, _, defects = embed_paths(run, list(images), spec, workers=workers)
+    if defects:
+        bad = [f"{d.path}: {d.issue}: {d.message}" for d in defects]
         raise DataError(f"{len(bad)} of {len(images)} images cannot be used; fix or leave them "
                         f"out: {'; '.join(bad[:5])}")
-    return embed(encoder if encoder is not None else load_encoder(bundle), np.stack(out))
+    return emb
 
 
 def write_version(bundle: Bundle, gallery: Gallery, config: GalleryConfig, note: str,
@@ -191,7 +186,7 @@ def describe_gallery(path: PathLike, items: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"bundle": str(bundle.path),
                            "bundle_version": bundle.info.bundle_version,
                            "rule": config.to_dict(), "embed_dim": gallery.dim,
-                           "classes": gallery.counts()}
+                           "encoder": bundle.info.model.name, "classes": gallery.counts()}
     if items:
         out["items"] = {c: [i for i, lab in zip(gallery.ids, gallery.labels, strict=True)
                             if lab == c] for c in gallery.classes}
@@ -214,10 +209,11 @@ def encoder_state(bundle: Bundle) -> dict[str, Any]:
 def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
                    config: GalleryConfig | GalleryCreateConfig = GalleryConfig(),
                    workers: int | None = None, acceptance: float | None = None) -> Bundle:
-    """A new gallery bundle at ``out`` from the encoder of ``source`` (a gallery bundle or a
-    ``siamese`` classifier bundle) with every image of the class folders under ``data``
-    enrolled (a train/val/test layout enrols its train split only). With ``acceptance``
-    the similarity threshold is fitted on the enrolled images (see :func:`fit_threshold`).
+    """A new gallery bundle at ``out`` from the encoder of ``source`` (a gallery bundle, on
+    either encoder, or a ``siamese`` classifier bundle) with every image of the class folders
+    under ``data`` enrolled (a train/val/test layout enrols its train split only). With
+    ``acceptance`` the similarity threshold is fitted on the enrolled images (see
+    :func:`fit_threshold`).
     ``config``: the rule, or a ``GalleryCreateConfig`` (the rule and the acceptance, what
     ``imgtriage gallery create`` builds from its options).
 
@@ -225,7 +221,8 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
         >>> create_gallery("runs/fs/bundle", "new_targets/", "targets.gallery")  # doctest: +SKIP
     """
     from imgtriage.data import discover, samples_by_split
-    from imgtriage.models.siamese import build_encoder, encoder_kwargs
+    from imgtriage.models.gallery_encoder import build_gallery_encoder
+    from imgtriage.models.siamese import encoder_kwargs
 
     if isinstance(config, GalleryCreateConfig):
         if acceptance is not None:
@@ -234,10 +231,13 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
     src = load_bundle(source)
     state = encoder_state(src)
     m = src.info.model
-    kwargs = encoder_kwargs(dict(m.kwargs))
-    encoder = build_encoder(m.in_chans, **kwargs)
-    encoder.load_state_dict(state, strict=True)
-    encoder.eval()
+    encoder = None  # a gallery's encoder embeds as that gallery predicts (its graph)
+    name, kwargs = m.name, dict(m.kwargs)
+    if src.info.kind != "gallery":  # the encoder inside a siamese classifier
+        name, kwargs = "siamese", encoder_kwargs(kwargs)
+        encoder = build_gallery_encoder(name, m.in_chans, kwargs)
+        encoder.load_state_dict(state, strict=True)
+        encoder.eval()
     samples = samples_by_split(discover(data)).get("train", [])
     if not samples:
         raise DataError(f"{data} holds no training images to enrol")
@@ -248,7 +248,7 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
         threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
         config = replace(config, similarity_threshold=threshold)
     manifest = new_gallery_manifest(
-        encoder_kwargs=kwargs, in_chans=m.in_chans,
+        encoder=name, encoder_kwargs=kwargs, in_chans=m.in_chans,
         preprocess=dict(src.info.preprocess), gallery=gallery, config=config,
         training={"kind": "gallery", "encoder_from": str(Path(source)),
                   "encoder_bundle_sha256": src.sha256, "data": str(data)})

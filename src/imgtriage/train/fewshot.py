@@ -45,7 +45,13 @@ from torch.nn import functional as F
 
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.train.distributed import DistInfo
-from imgtriage.train.fewshot_config import AUGMENTS, LOSSES, MINING, FewShotConfig
+from imgtriage.train.fewshot_config import (
+    AUGMENTS,
+    EPISODIC_SIZE,
+    LOSSES,
+    MINING,
+    FewShotConfig,
+)
 from imgtriage.train.loop import FitResult
 from imgtriage.train.run import TrainResult
 
@@ -297,22 +303,32 @@ def similarity_threshold(best_sims: np.ndarray, correct: np.ndarray, keep_rate: 
 
 
 # -- from a folder to a gallery bundle ---------------------------------------------------------
-def _load_splits(data: str | os.PathLike[str], run: Path, cfg: FewShotConfig) -> tuple:
-    from imgtriage.data import (
-        PreprocessSpec,
-        discover,
-        samples_by_split,
-        split_dataset,
-        write_split_manifest,
-    )
-    from imgtriage.data.loaders import decode_samples, detect_in_chans
+def _split(data: str | os.PathLike[str], run: Path, cfg: FewShotConfig
+           ) -> tuple[Any, int, str | None, str]:
+    """The split dataset (written to ``splits.csv``), its input channels and the encoder:
+    ``(dataset, in_chans, pretrained backbone or None for episodic, why)``. A pretrained
+    encoder picks no epoch, so it holds nothing out: every image is enrolled."""
+    from imgtriage.data import discover, split_dataset, write_split_manifest
+    from imgtriage.data.loaders import detect_in_chans
+    from imgtriage.train.fewshot_pretrained import choose_encoder
 
-    ds = split_dataset(discover(data), val_frac=cfg.val_frac, test_frac=0.0, seed=cfg.seed)
+    found = discover(data)
+    in_chans = cfg.in_chans or detect_in_chans([s for s in found.samples
+                                                if s.split in (None, "train")])
+    backbone, why = choose_encoder(cfg, in_chans)
+    ds = split_dataset(found, val_frac=0.0 if backbone else cfg.val_frac, test_frac=0.0,
+                       seed=cfg.seed)
     write_split_manifest(ds, run / "splits.csv")
+    return ds, in_chans, backbone, why
+
+
+def _load_splits(ds: Any, in_chans: int, run: Path, cfg: FewShotConfig) -> tuple:
+    from imgtriage.data import PreprocessSpec, samples_by_split
+    from imgtriage.data.loaders import decode_samples
+
     parts = samples_by_split(ds)
-    in_chans = cfg.in_chans or detect_in_chans(parts["train"])
-    spec = PreprocessSpec.default_for(in_chans, (cfg.img_size, cfg.img_size),
-                                      scaling=cfg.scaling)
+    side = cfg.img_size or EPISODIC_SIZE
+    spec = PreprocessSpec.default_for(in_chans, (side, side), scaling=cfg.scaling)
     tr = decode_samples(parts["train"], ds.classes, spec, workers=cfg.decode_workers)
     va = decode_samples(parts.get("val", []), ds.classes, spec, workers=cfg.decode_workers)
     defects = [d.to_dict() for d in (*tr.defects, *va.defects)]
@@ -322,7 +338,7 @@ def _load_splits(data: str | os.PathLike[str], run: Path, cfg: FewShotConfig) ->
     if len(np.unique(tr.y)) < 2:
         raise DataError("few-shot training needs usable training images of at least 2 "
                         "classes; see defects.json")
-    return ds, spec, tr, va
+    return spec, tr, va
 
 
 def _threshold(encoder: torch.nn.Module, classes: Sequence[str], tr: Any, va: Any,
@@ -359,6 +375,10 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     ``OUT/bundle`` (kind gallery). ``resume=True`` continues ``OUT/checkpoint`` exactly
     (same settings required), as ``imgtriage train --resume`` does.
 
+    With a pretrained encoder (``cfg.encoder``; ``auto`` picks it for colour photos when the
+    weights are installed) nothing is trained: every image is enrolled through the backbone
+    (:mod:`imgtriage.train.fewshot_pretrained`).
+
     Example:
         >>> res = train_fewshot("data/crops", "runs/fs")  # doctest: +SKIP
         >>> res.bundle_path  # doctest: +SKIP
@@ -374,9 +394,18 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     set_threads(cfg.num_threads)
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
+    ds, in_chans, backbone, why = _split(data, run, cfg)
+    if backbone is not None:  # nothing to train: enrol every image through the backbone
+        from imgtriage.train.fewshot_pretrained import enrol_pretrained
+
+        return enrol_pretrained(data, run, cfg, ds, backbone, why, quiet=quiet, t0=t0)
+    if not quiet and cfg.encoder == "auto":
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"encoder: {why}", highlight=False)
     ckpt = find_checkpoint(run) if resume else None
-    ds, spec, tr, va = _load_splits(data, run, cfg)
-    cfg = replace(cfg, in_chans=spec.in_chans)
+    spec, tr, va = _load_splits(ds, in_chans, run, cfg)
+    cfg = replace(cfg, in_chans=spec.in_chans, encoder="episodic", img_size=spec.size[0])
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(spec.in_chans, **cfg.encoder_kwargs())

@@ -17,6 +17,10 @@ from typing import Any
 from imgtriage.errors import ConfigError
 from imgtriage.train.config import TrainConfig
 
+ENCODERS = ("auto", "episodic", "pretrained")
+# --encoder pretrained: the backbone whose registered ImageNet weights it uses
+PRETRAINED_BACKBONE = "efficientnet_lite0"
+EPISODIC_SIZE = 64  # --img-size of the episodic encoder when not given
 LOSSES = ("proto", "triplet")
 MINING = ("semihard", "hard")
 AUGMENTS = ("none", "flip", "d4")
@@ -41,6 +45,12 @@ class FewShotConfig:
         5
     """
 
+    encoder: str = _f("auto", "auto: the pretrained backbone for colour photos when its "
+                              "weights are installed (no training), else episodic; episodic: "
+                              "train a Siamese encoder on these images; pretrained (= "
+                              "efficientnet_lite0) or efficientnet_lite0/1/2: enrol every "
+                              "image through that ImageNet backbone, no training (the "
+                              "episode and optimiser options then do not apply).")
     loss: str = _f("proto", "proto (prototypical episodes) or triplet.")
     mining: str = _f("semihard", "Triplet mining: semihard or hard.")
     margin: float = _f(0.2, "Triplet margin (squared distance of unit vectors).")
@@ -54,7 +64,9 @@ class FewShotConfig:
     scale: float = _f(10.0, "Logit scale applied to cosine similarities.")
     lr: float = _f(2e-3, "Peak learning rate (warm-up then cosine).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
-    img_size: int = _f(64, "Input size in pixels (square).")
+    img_size: int | None = _f(None, "Input size in pixels (square); default: 64 for the "
+                                    "episodic encoder, the weights' own (224) for a "
+                                    "pretrained one.")
     in_chans: int | None = _f(None, "Input channels; default: from the data.")
     scaling: str = _f("dtype", "Pixel scaling: dtype, minmax or percentile.")
     augment: str = _f("flip", "none, flip, or d4 (flips + 90-degree turns).")
@@ -88,10 +100,19 @@ class FewShotConfig:
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS} (--augment)"),
             (self.knn_k >= 1, "k must be >= 1 (--knn-k)"),
             (0 < self.keep_rate <= 1, "keep rate must be in (0, 1] (--keep-rate)"),
+            (self.img_size is None or self.img_size >= 8, "image size must be >= 8 pixels "
+                                                          "(--img-size)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if self.encoder not in ENCODERS:
+            from imgtriage.models.pretrained import get_weights
+
+            if get_weights(self.encoder) is None:
+                raise ConfigError(f"encoder must be one of {ENCODERS} or a backbone with "
+                                  "registered pretrained weights (efficientnet_lite0/1/2), "
+                                  f"got {self.encoder!r} (--encoder)")
         self.train_config()  # the knobs shared with `imgtriage train`, checked there
         from imgtriage.models.gallery import GalleryConfig
 
@@ -99,6 +120,17 @@ class FewShotConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def backbone(self) -> str | None:
+        """The pretrained backbone ``encoder`` names (None: episodic, or auto's choice).
+
+        Example:
+            >>> FewShotConfig(encoder="pretrained").backbone()
+            'efficientnet_lite0'
+        """
+        if self.encoder in ("auto", "episodic"):
+            return None
+        return PRETRAINED_BACKBONE if self.encoder == "pretrained" else self.encoder
 
     def encoder_kwargs(self) -> dict[str, Any]:
         return {"embed_dim": self.embed_dim, "widths": list(self.widths)}
@@ -124,7 +156,8 @@ class FewShotConfig:
             (10, 'cosine', 'flip')
         """
         return TrainConfig(
-            model="siamese", model_kwargs=self.encoder_kwargs(), img_size=self.img_size,
+            model="siamese", model_kwargs=self.encoder_kwargs(),
+            img_size=self.img_size or EPISODIC_SIZE,
             in_chans=self.in_chans, scaling=self.scaling, epochs=self.epochs,
             batch_size=self.episode_size(num_classes), lr=self.lr,
             weight_decay=self.weight_decay, val_frac=self.val_frac, test_frac=0.0,
