@@ -151,6 +151,8 @@ def _throughput(p: Any, x: np.ndarray, rounds: int) -> dict[str, Any]:
     from dataclasses import replace
 
     plain = replace(p.policy, ood=None)
+    for pol in (plain, p.policy):  # warm up: first runs (and the head-free sessions) open
+        pol.decide(*p.forward(x[:64], pol))
     ratios, rates = [], {"with": [], "without": []}
     for _ in range(rounds):
         got = {}
@@ -163,7 +165,8 @@ def _throughput(p: Any, x: np.ndarray, rounds: int) -> dict[str, Any]:
         ratios.append(got["with"] / got["without"])
     return {"ratio_median": statistics.median(ratios), "ratios": ratios,
             "img_s_with": statistics.median(rates["with"]),
-            "img_s_without": statistics.median(rates["without"]), "backend": p.backend.name}
+            "img_s_without": statistics.median(rates["without"]), "backend": p.backend.name,
+            "score_in_graph": p.graph_scores(p.policy.ood)}
 
 
 def _id_metrics(p: Any, s: dict[str, np.ndarray], y: np.ndarray) -> dict[str, Any]:
@@ -302,7 +305,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
             continue
         lines.append(f"  throughput with/without OOD scorer: "
                      f"{_med([r['throughput']['ratio_median'] for r in rs])} "
-                     f"({rs[0]['throughput']['backend']}, "
+                     f"({rs[0]['throughput']['backend']}, score in graph: "
+                     f"{rs[0]['throughput'].get('score_in_graph')}, "
                      f"{statistics.median([r['throughput']['img_s_without'] for r in rs]):.0f}"
                      " img/s without)")
     return lines

@@ -13,7 +13,7 @@ from imgtriage.bundle.graph import ONNX_FILE
 from imgtriage.errors import BundleError
 from imgtriage.evaluate.ood import KnnOOD, KnnRmdOOD
 from imgtriage.predict import Predictor
-from imgtriage.predict.ood_graph import add_ood_score
+from imgtriage.predict.ood_graph import add_ood_score, without_ood_score
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -58,6 +58,8 @@ def test_in_graph_score_equals_the_numpy_scorer(cls, opset):
     out = _run(scored, x)
     np.testing.assert_allclose(out["ood_score"], scorer.score(out["features"]), atol=1e-4)
     np.testing.assert_array_equal(out["logits"], _run(graph, x)["logits"])  # model untouched
+    stripped = without_ood_score(scored)  # what a run without the score uses
+    assert onnx.load_from_string(stripped).graph == onnx.load_from_string(graph).graph
 
 
 def test_a_graph_without_features_or_already_scored_is_refused():
@@ -96,7 +98,10 @@ def test_a_trained_bundle_scores_inside_its_graph(calibrated_run, inputs):
     assert rec["parity_max_abs"] < 1e-3 and rec["graphs"] == [ONNX_FILE]
     assert rec["sha256"] == b.manifest["files"]["ood.safetensors"]
     p, graph = _scores(b.path, inputs)
-    assert p.graph_scores(p.policy.ood)
+    assert p.graph_scores(p.policy.ood) and p.backend._plain is None
+    logits = p.backend(inputs)  # a logits-only run: the same graph less its head
+    assert p.backend._plain is not None
+    np.testing.assert_array_equal(logits, p.backend.with_ood_score(inputs)[0])
     _, feats = p.backend.with_features(inputs)
     np.testing.assert_allclose(graph, p.ood_scorer(p.policy.ood).score(feats), rtol=1e-5,
                                atol=1e-4)
@@ -123,7 +128,7 @@ def test_older_bundles_and_changed_rules_score_the_features_in_numpy(calibrated_
                          note="graph without the OOD head", extra_files={ONNX_FILE: old.data})
     p, numpy_scores = _scores(dest.path, inputs)
     assert not p.backend.has_ood_score and not p.graph_scores(p.policy.ood)
-    np.testing.assert_allclose(numpy_scores, in_graph, atol=1e-4)
+    np.testing.assert_allclose(numpy_scores, in_graph, rtol=1e-5, atol=1e-4)
     # the rule's scale edited after training: the graph's head no longer matches it
     rule = dict(src.manifest["decision"]["ood"])
     rule["scale"] = {"knn": [0.0, 1.0], "rmd": [0.0, 1.0]}

@@ -12,7 +12,9 @@ beats one two-thread session on small CNNs.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -63,23 +65,21 @@ class OnnxBackend:
     def __init__(self, bundle: Bundle, *, num_threads: int | None = None,
                  precision: str | None = None, sessions: int | str = "auto",
                  spinning: bool = False) -> None:
-        ort = require("onnxruntime", "onnx")
+        require("onnxruntime", "onnx")
         self.file, self.precision = onnx_file_for(bundle, precision)
         graph = bundle.verified_bytes(self.file)
         threads = int(num_threads or usable_cores())
         if threads < 1:
             raise ConfigError("num_threads must be >= 1 (--threads)")
-        n = self._session_count(sessions, threads, len(graph))
-        per_session = max(1, threads // n)
-        try:
-            self._sessions = [ort.InferenceSession(graph, session_options(per_session,
-                                                                          spinning=spinning),
-                                                   providers=["CPUExecutionProvider"])
-                              for _ in range(n)]
-        except Exception as exc:  # ORT raises its own exception types for invalid graphs
-            raise BundleError(f"{bundle.path}: ONNX Runtime cannot load {self.file}: "
-                              f"{str(exc).splitlines()[0]}; re-export it with `imgtriage "
-                              f"export {bundle.path} --onnx`") from exc
+        # the model's own size decides (not the in-graph OOD head's constants)
+        head = int(((bundle.info.block("onnx") or {}).get("ood_score") or {}).get(
+            "added_bytes", 0))
+        model_bytes = len(graph) - head
+        n = self._session_count(sessions, threads, model_bytes)
+        self._open = (bundle, n, session_options(max(1, threads // n), spinning=spinning))
+        self._sessions = self._open_sessions(graph)
+        self._plain: list[Any] | None = None  # without the OOD head, opened when first needed
+        self._lock = threading.Lock()
         self._input = self._sessions[0].get_inputs()[0].name
         # an image + feature (fusion) graph takes the standardised feature rows as well
         self._feature_input = next((i.name for i in self._sessions[0].get_inputs()
@@ -90,7 +90,33 @@ class OnnxBackend:
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="ort") if n > 1 else None
         self.threads = threads
         # ORT CNNs gain little past ~16 images per call; small graphs like bigger batches.
-        self.batch_size = 64 if len(graph) < SMALL_GRAPH_BYTES else 16
+        self.batch_size = 64 if model_bytes < SMALL_GRAPH_BYTES else 16
+
+    def _open_sessions(self, graph: bytes) -> list[Any]:
+        ort = require("onnxruntime", "onnx")
+        bundle, n, options = self._open
+        path = bundle.path
+        try:
+            return [ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+                    for _ in range(n)]
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs
+            raise BundleError(f"{path}: ONNX Runtime cannot load {self.file}: "
+                              f"{str(exc).splitlines()[0]}; re-export it with `imgtriage "
+                              f"export {path} --onnx`") from exc
+
+    def _sessions_for(self, names: list[str]) -> list[Any]:
+        """The sessions that compute ``names`` and nothing more: ONNX Runtime runs every node
+        of a graph whatever outputs are asked for, so runs without the OOD score (TTA views,
+        rules without an OOD part) use the same graph less its OOD head."""
+        if OOD_SCORE_OUTPUT in names or not self.has_ood_score:
+            return self._sessions
+        with self._lock:
+            if self._plain is None:
+                from imgtriage.predict.ood_graph import without_ood_score
+
+                graph = self._open[0].verified_bytes(self.file)
+                self._plain = self._open_sessions(without_ood_score(graph))
+        return self._plain
 
     @staticmethod
     def _session_count(sessions: int | str, threads: int, graph_bytes: int) -> int:
@@ -109,13 +135,16 @@ class OnnxBackend:
         """Whether the graph also emits the penultimate features (the OOD scorer's input)."""
         return "features" in self._names
 
-    def _run(self, i: int, x: np.ndarray, names: list[str], f: np.ndarray | None = None
-             ) -> list[np.ndarray]:
+    @staticmethod
+    def _run(session: Any, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         # by name: graphs may carry more outputs (e.g. features) that this call does not need
-        feed = {self._input: x}
-        if self._feature_input is not None:
-            feed[self._feature_input] = f
-        return self._sessions[i].run(names, feed)
+        return session.run(names, feed)
+
+    def _feed(self, x: np.ndarray, f: np.ndarray | None) -> dict[str, np.ndarray]:
+        feed = {self._input: np.ascontiguousarray(x)}
+        if self._feature_input is not None and f is not None:
+            feed[self._feature_input] = np.ascontiguousarray(f)
+        return feed
 
     def _all(self, x: np.ndarray, names: list[str], f: np.ndarray | None = None
              ) -> list[np.ndarray]:
@@ -125,14 +154,15 @@ class OnnxBackend:
                 raise PredictionError(f"{self.file} is an image + feature model's graph: pass "
                                       "the scaled features of the inputs too")
             f = np.ascontiguousarray(f, dtype=np.float32)
-        n = len(self._sessions)
+        sessions = self._sessions_for(names)
+        n = len(sessions)
         if self._pool is None or len(x) < 2 * n:
-            return [np.asarray(o, dtype=np.float32) for o in self._run(0, x, names, f)]
+            return [np.asarray(o, dtype=np.float32)
+                    for o in self._run(sessions[0], self._feed(x, f), names)]
         parts = np.array_split(x, n)
         fparts = np.array_split(f, n) if f is not None else [None] * n
-        futures = [self._pool.submit(self._run, i, np.ascontiguousarray(p), names,
-                                     None if fp is None else np.ascontiguousarray(fp))
-                   for i, (p, fp) in enumerate(zip(parts, fparts, strict=True))]
+        futures = [self._pool.submit(self._run, s, self._feed(p, fp), names)
+                   for s, p, fp in zip(sessions, parts, fparts, strict=True)]
         outs = [f.result() for f in futures]
         return [np.concatenate([o[j] for o in outs]).astype(np.float32, copy=False)
                 for j in range(len(names))]

@@ -54,12 +54,11 @@ def _factor(prec: np.ndarray) -> np.ndarray:
 
 
 class _Head:
-    """Nodes and constants appended to a graph, every name under :data:`PREFIX`."""
+    """Nodes and constants of the head, every name under :data:`PREFIX`."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self) -> None:
         self.nodes: list[Any] = []
         self.consts: dict[str, np.ndarray] = {}
-        self.ones = self.const("ones", np.ones((dim, 1), np.float32))
 
     def const(self, name: str, value: Any) -> str:
         arr = np.asarray(value)
@@ -68,49 +67,69 @@ class _Head:
 
     def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
         helper = require("onnx", "onnx").helper
-        out = name if name == OOD_SCORE_OUTPUT else PREFIX + name
+        out = PREFIX + name
         self.nodes.append(helper.make_node(op_type, inputs, [out, *(
             [out + "_idx"] if op_type == "TopK" else [])], name=out, **attrs))
         return out
 
-    def sq_norm(self, x: str, name: str) -> str:
-        """Row-wise squared norm of (N, D) ``x`` as (N, 1): a MatMul with ones, no axes."""
-        return self.op("MatMul", [self.op("Mul", [x, x], name + "_sq"), self.ones], name)
+    def smallest(self, x: str, k: int, name: str) -> str:
+        """The k-th smallest value of each row of (N, M) ``x``, as (N, 1)."""
+        top = self.op("TopK", [x, self.const(name + "_k", np.array([k], np.int64))],
+                      name + "_top", axis=-1, largest=0, sorted=1)
+        return self.op("Gather", [top, self.const(name + "_i", np.array([k - 1], np.int64))],
+                       name, axis=1)
 
-    def affine(self, x: str, scale: float, shift: float, name: str) -> str:
-        y = self.op("Mul", [x, self.const(name + "_a", scale)], name + "_mul")
-        return self.op("Add", [y, self.const(name + "_b", shift)], name)
 
-
-def _knn(h: _Head, f: str, scorer: KnnOOD) -> str:
+def _knn(h: _Head, f: str, scorer: KnnOOD, med: float, spread: float) -> str:
+    """(k-th smallest distance to the bank - med) / spread, as (N, 1). The bank is stored as
+    -2 b / s^2, so one MatMul gives the squared distances less 2 / s^2 (added after the k-th
+    is picked, to N values instead of N x M), and sqrt(d^2 / s^2) = d / s."""
     k = min(int(scorer.k), len(scorer.bank_))
-    sims = h.op("MatMul", [f, h.const("bank_t", scorer.bank_.T)], "sims")
-    top = h.op("TopK", [sims, h.const("k", np.array([k], np.int64))], "topk", axis=-1,
-               largest=1, sorted=1)
-    kth = h.op("Gather", [top, h.const("k_index", np.array(k - 1, np.int64))], "kth", axis=1)
-    two = h.const("two", np.float32(2.0))
-    d2 = h.op("Sub", [two, h.op("Mul", [kth, two], "kth2")], "d2")
-    return h.op("Sqrt", [h.op("Max", [d2, h.const("zero", np.float32(0.0))], "d2_pos")], "knn")
+    a = 1.0 / spread ** 2
+    sims = h.op("MatMul", [f, h.const("bank_t", -2.0 * a * scorer.bank_.T)], "sims")
+    d2 = h.op("Add", [h.smallest(sims, k, "kth"), h.const("two", np.float32(2.0 * a))], "d2")
+    d = h.op("Sqrt", [h.op("Max", [d2, h.const("zero", np.float32(0.0))], "d2_pos")], "knn")
+    return d if med == 0.0 else h.op("Sub", [d, h.const("knn_med", med / spread)], "knn_z")
 
 
 def _rmd(h: _Head, f: str, scorer: KnnRmdOOD) -> str:
-    """min_c |(f - mu_c) W|^2 - |(f - mu0) W0|^2, on f centred on mu0 first."""
-    w, w0 = _factor(scorer.prec_), _factor(scorer.prec0_)
+    """(min_c |(f - mu_c) W|^2 - |(f - mu0) W0|^2 - med) / spread as (N, 1), with P = W W^T
+    (and W0) scaled by 1/sqrt(spread). On f centred on mu0, with p = fc W, p0 = fc W0:
+    |p - mu_c W|^2 - |p0|^2 = -2 p.(mu_c W) + |mu_c W|^2 + |p|^2 - |p0|^2, every term for
+    every class from one MatMul of [p, p0, p^2, p0^2] (N, 4D) with a (4D, C) constant."""
+    med, spread = scorer.scale_["rmd"]
+    w = np.concatenate([_factor(scorer.prec_), _factor(scorer.prec0_)], 1) / np.sqrt(spread)
+    d = w.shape[0]
     mu0 = np.asarray(scorer.mean0_, dtype=np.float64)
-    mu_w = (np.asarray(scorer.means_, dtype=np.float64) - mu0) @ w  # (C, D)
-    fc = h.op("Sub", [f, h.const("mean0", mu0)], "centred")
-    p = h.op("MatMul", [fc, h.const("w", w)], "proj")
-    cross = h.op("MatMul", [p, h.const("means_w_t", -2.0 * mu_w.T)], "cross")
-    d = h.op("Add", [h.op("Add", [cross, h.sq_norm(p, "proj_norm")], "class_part"),
-                     h.const("means_w_sq", (mu_w ** 2).sum(1))], "class_dist")
-    nearest = h.op("TopK", [d, h.const("one", np.array([1], np.int64))], "nearest_class",
-                   axis=-1, largest=0, sorted=1)
-    p0 = h.op("MatMul", [fc, h.const("w0", w0)], "proj0")
-    return h.op("Sub", [nearest, h.sq_norm(p0, "global_dist")], "rmd")
+    mu_w = (np.asarray(scorer.means_, dtype=np.float64) - mu0) @ w[:, :d]  # (C, D)
+    n_classes = len(mu_w)
+    m = np.zeros((4 * d, n_classes))
+    m[:d] = -2.0 * mu_w.T
+    m[2 * d:3 * d], m[3 * d:] = 1.0, -1.0
+    p = h.op("MatMul", [h.op("Sub", [f, h.const("mean0", mu0)], "centred"), h.const("w", w)],
+             "proj")
+    both = h.op("Concat", [p, h.op("Mul", [p, p], "proj_sq")], "proj_both", axis=1)
+    dist = h.op("Add", [h.op("MatMul", [both, h.const("m", m)], "class_terms"),
+                        h.const("bias", (mu_w ** 2).sum(1) - med / spread)], "rmd_classes")
+    return h.smallest(dist, 1, "rmd_z")
+
+
+def _head(scorer: KnnOOD, features: str) -> tuple[_Head, str]:
+    """The head's nodes from ``features`` to the score (N, 1)."""
+    h = _Head()
+    sq = h.op("Mul", [features, features], "feat_sq")
+    norm = h.op("Sqrt", [h.op("MatMul", [sq, h.const("ones", np.ones((
+        scorer.bank_.shape[1], 1)))], "norm_sq")], "norm")
+    f = h.op("Div", [features, h.op("Max", [norm, h.const("eps", np.float32(1e-12))],
+                                    "norm_pos")], "unit")
+    if isinstance(scorer, KnnRmdOOD):
+        (med, spread) = scorer.scale_["knn"]
+        return h, h.op("Max", [_knn(h, f, scorer, med, spread), _rmd(h, f, scorer)], "fused")
+    return h, _knn(h, f, scorer, 0.0, 1.0)
 
 
 def add_ood_score(graph: bytes, scorer: KnnOOD) -> bytes:
-    """``graph`` with an ``ood_score`` output computed from its ``features`` output.
+    """``graph`` with an ``ood_score`` (N,) output computed from its ``features`` output.
 
     Example:
         >>> scored = add_ood_score(bundle.verified_bytes("model.onnx"), scorer)  # doctest: +SKIP
@@ -130,20 +149,9 @@ def add_ood_score(graph: bytes, scorer: KnnOOD) -> bytes:
                 default=0)
     if opset < MIN_OPSET:
         raise BundleError(f"opset {opset} < {MIN_OPSET}: no in-graph OOD score")
-    h = _Head(int(scorer.bank_.shape[1]))
-    norm = h.op("Sqrt", [h.sq_norm(FEATURES_OUTPUT, "norm_sq")], "norm")
-    norm = h.op("Max", [norm, h.const("eps", np.float32(1e-12))], "norm_pos")
-    f = h.op("Div", [FEATURES_OUTPUT, norm], "unit")
-    if isinstance(scorer, KnnRmdOOD):
-        flat = h.const("flat", np.array([-1], np.int64))
-        (m1, s1), (m2, s2) = scorer.scale_["knn"], scorer.scale_["rmd"]
-        z1 = h.affine(h.op("Reshape", [_knn(h, f, scorer), flat], "knn_flat"), 1.0 / s1,
-                      -m1 / s1, "knn_z")
-        z2 = h.affine(h.op("Reshape", [_rmd(h, f, scorer), flat], "rmd_flat"), 1.0 / s2,
-                      -m2 / s2, "rmd_z")
-        h.op("Max", [z1, z2], OOD_SCORE_OUTPUT)
-    else:
-        h.op("Identity", [_knn(h, f, scorer)], OOD_SCORE_OUTPUT)
+    h, fused = _head(scorer, FEATURES_OUTPUT)
+    h.nodes.append(onnx.helper.make_node("Reshape", [fused, h.const("flat", np.array(
+        [-1], np.int64))], [OOD_SCORE_OUTPUT], name=PREFIX + "score"))
     taken = {n for node in g.node for n in (*node.input, *node.output)} | {
         i.name for i in g.initializer}
     clash = sorted(taken & {*h.consts, *(o for n in h.nodes for o in n.output)})
@@ -153,6 +161,24 @@ def add_ood_score(graph: bytes, scorer: KnnOOD) -> bytes:
     g.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in h.consts.items())
     g.output.append(onnx.helper.make_tensor_value_info(OOD_SCORE_OUTPUT,
                                                        onnx.TensorProto.FLOAT, ["batch"]))
+    return proto.SerializeToString()
+
+
+def without_ood_score(graph: bytes) -> bytes:
+    """``graph`` less the head :func:`add_ood_score` appended (every name under
+    :data:`PREFIX`, and the ``ood_score`` output): the model exactly as exported. ONNX
+    Runtime runs every node of a graph whatever outputs a run asks for, so a backend runs
+    this for calls that do not need the score (TTA views, rules without an OOD part).
+    """
+    onnx = require("onnx", "onnx")
+    proto = onnx.load_from_string(graph)
+    g = proto.graph
+    keep = [n for n in g.node if not n.name.startswith(PREFIX)]
+    inits = [i for i in g.initializer if not i.name.startswith(PREFIX)]
+    outs = [o for o in g.output if o.name != OOD_SCORE_OUTPUT]
+    for field, items in ((g.node, keep), (g.initializer, inits), (g.output, outs)):
+        del field[:]
+        field.extend(items)
     return proto.SerializeToString()
 
 
@@ -237,6 +263,7 @@ def scored_graphs(files: dict[str, bytes], names: list[str], rule: dict[str, Any
         if say is not None:
             say(f"OOD score stays outside the graph: {reason}")
         return files, {"skipped": reason}
+    added = max((len(out[n]) - len(files[n]) for n in names), default=0)
     record = {**ood_score_record(rule, sha256_bytes(ood_file)), "graphs": list(names),
-              "parity_max_abs": parity, "parity_images": len(x_check)}
+              "parity_max_abs": parity, "parity_images": len(x_check), "added_bytes": added}
     return out, record
