@@ -289,6 +289,28 @@ def test_strong_views_never_reach_the_batch_norm_running_statistics():
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
+def test_clean_statistics_keep_the_activation_of_fused_batch_norm_layers():
+    # timm's BatchNormAct2d applies its activation inside the layer (EfficientNet-Lite):
+    # under clean_bn_stats the clean rows still go through the network as they would alone
+    from timm.layers import BatchNormAct2d
+
+    from imgtriage.train.semisup import clean_bn_stats
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), BatchNormAct2d(4),
+                                   torch.nn.Conv2d(4, 2, 3))
+
+    clean, strong = torch.randn(6, 1, 8, 8), 5 + 3 * torch.randn(10, 1, 8, 8)
+    guarded, alone = net(), net()
+    with clean_bn_stats(guarded, len(clean)):
+        out = guarded(torch.cat([clean, strong]))
+        only_clean = guarded(clean)  # the no-strong-rows path as well
+    assert torch.allclose(out[:6], alone(clean), atol=1e-5)
+    assert torch.allclose(only_clean, alone(clean), atol=1e-5)
+    assert torch.allclose(guarded[1].running_mean, alone[1].running_mean, atol=1e-5)
+
+
 def test_clean_rows_cover_labels_and_weak_views_only():
     from imgtriage.train.semisup import SemiSupervised, UnlabeledPool
 

@@ -374,14 +374,14 @@ def clean_bn_stats(model: nn.Module, rows: int) -> Iterator[None]:
         x, mom = args[0], saved[m]
         f = 1.0 / float(m.num_batches_tracked) if mom is None else mom  # type: ignore[arg-type]
         if len(x) <= rows:  # no strong views in this batch: an ordinary batch-norm step
-            return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True, f,
-                                m.eps)
+            return _after_norm(m, F.batch_norm(x, m.running_mean, m.running_var, m.weight,
+                                               m.bias, True, f, m.eps))
         if rows < 2 or len(x) - rows < 2:
             return None  # too few rows to split: whole-batch output, running stats unchanged
         clean = F.batch_norm(x[:rows], m.running_mean, m.running_var, m.weight, m.bias,
                              True, f, m.eps)
         strong = F.batch_norm(x[rows:], None, None, m.weight, m.bias, True, 0.0, m.eps)
-        return torch.cat([clean, strong])
+        return _after_norm(m, torch.cat([clean, strong]))
 
     hooks = []
     for m in model.modules():
@@ -397,6 +397,17 @@ def clean_bn_stats(model: nn.Module, rows: int) -> Iterator[None]:
             h.remove()
         for m, mom in saved.items():
             m.momentum = mom  # type: ignore[assignment]
+
+
+def _after_norm(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """What a batch-norm layer does after normalising: nothing for torch's, dropout then the
+    activation for timm's fused ``BatchNormAct2d`` (EfficientNet, ...), whose output the hook
+    replaces as a whole."""
+    for name in ("drop", "act"):
+        op = getattr(m, name, None)
+        if isinstance(op, nn.Module):
+            y = op(y)
+    return y
 
 
 @torch.no_grad()
