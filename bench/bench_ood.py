@@ -146,27 +146,38 @@ def _scores(p: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _throughput(p: Any, x: np.ndarray, rounds: int) -> dict[str, Any]:
-    """img/s of the default rule with the OOD scorer vs the same rule without it."""
+def _throughput(p: Any, x: np.ndarray, rounds: int, numpy_p: Any = None) -> dict[str, Any]:
+    """img/s of the default rule with the OOD scorer vs the same rule without it; with
+    ``numpy_p`` (the same model's bundle from before in-graph scores) also the rule scored
+    in NumPy, interleaved in the same rounds."""
     from dataclasses import replace
 
     plain = replace(p.policy, ood=None)
-    for pol in (plain, p.policy):  # warm up: first runs (and the head-free sessions) open
-        pol.decide(*p.forward(x[:64], pol))
-    ratios, rates = [], {"with": [], "without": []}
-    for _ in range(rounds):
+    runs = [("without", p, plain), ("with", p, p.policy)]
+    if numpy_p is not None:
+        runs.append(("with_numpy", numpy_p, numpy_p.policy))
+    for _, q, pol in runs:  # warm up: first runs (and the head-free sessions) open
+        pol.decide(*q.forward(x[:64], pol))
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in runs[1:]}
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for r in range(rounds):
         got = {}
-        for name, pol in (("without", plain), ("with", p.policy)):
+        for name, q, pol in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotating order
             t0 = time.perf_counter()
             for i in range(0, len(x), 64):
-                pol.decide(*p.forward(x[i:i + 64], pol))
+                pol.decide(*q.forward(x[i:i + 64], pol))
             got[name] = len(x) / (time.perf_counter() - t0)
             rates[name].append(got[name])
-        ratios.append(got["with"] / got["without"])
-    return {"ratio_median": statistics.median(ratios), "ratios": ratios,
-            "img_s_with": statistics.median(rates["with"]),
-            "img_s_without": statistics.median(rates["without"]), "backend": p.backend.name,
-            "score_in_graph": p.graph_scores(p.policy.ood)}
+        for name in ratios:
+            ratios[name].append(got[name] / got["without"])
+    out = {"ratio_median": statistics.median(ratios["with"]), "ratios": ratios["with"],
+           **{f"img_s_{k}": statistics.median(v) for k, v in rates.items()},
+           "backend": p.backend.name, "score_in_graph": p.graph_scores(p.policy.ood)}
+    if numpy_p is not None:
+        out.update(numpy_ratio_median=statistics.median(ratios["with_numpy"]),
+                   numpy_ratios=ratios["with_numpy"],
+                   numpy_score_in_graph=numpy_p.graph_scores(numpy_p.policy.ood))
+    return out
 
 
 def _id_metrics(p: Any, s: dict[str, np.ndarray], y: np.ndarray) -> dict[str, Any]:
@@ -254,21 +265,26 @@ def run_task(task: str, seed: int, out: Path, rounds: int) -> dict[str, Any]:
     return row
 
 
-def throughput_only(out: Path, rounds: int) -> None:
+def throughput_only(out: Path, rounds: int, numpy_dirs: list[Path] | None = None) -> None:
     """Measure throughput on the bundles a ``--rounds 0`` run left in ``out`` (its rows.json
-    updated): the AUROC/ECE part needs no lock, this timed part does, and it is short."""
+    updated): the AUROC/ECE part needs no lock, this timed part does, and it is short.
+    ``numpy_dirs``: earlier runs' folders holding the same models' bundles from before
+    in-graph scores, timed in the same rounds (``--numpy-from``)."""
     from imgtriage.predict import Predictor
 
     rows = json.loads((out / "rows.json").read_text())
     for row in rows:
-        run = out / f"{row['task']}-s{row['seed']}" / "run"
-        p = Predictor.load(run / "bundle", num_threads=2)
+        name = f"{row['task']}-s{row['seed']}"
+        p = Predictor.load(out / name / "run" / "bundle", num_threads=2)
+        old = next((d / name / "run" / "bundle" for d in numpy_dirs or []
+                    if (d / name / "run" / "bundle").is_dir()), None)
+        numpy_p = Predictor.load(old, num_threads=2) if old is not None else None
         if row["task"] == "fashion":
             test = [f for f, _ in _fashion(out / "fashion-data", 600)[1][:512]]
         else:
             test = [f for c in p.classes for f in _files(MSTAR / "test")[c]]
             test = [test[i] for i in np.random.default_rng(0).permutation(len(test))[:512]]
-        row["throughput"] = _throughput(p, _inputs(p, test), rounds)
+        row["throughput"] = _throughput(p, _inputs(p, test), rounds, numpy_p)
         print(row["task"], row["seed"], row["throughput"], flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
 
@@ -309,6 +325,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
                      f"{rs[0]['throughput'].get('score_in_graph')}, "
                      f"{statistics.median([r['throughput']['img_s_without'] for r in rs]):.0f}"
                      " img/s without)")
+        if all("numpy_ratio_median" in r["throughput"] for r in rs):
+            lines.append("  the same rule scored in NumPy (bundles from before in-graph "
+                         f"scores): {_med([r['throughput']['numpy_ratio_median'] for r in rs])}")
     return lines
 
 
@@ -320,6 +339,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/oodbench"))
     ap.add_argument("--throughput-only", action="store_true",
                     help="time the bundles a --rounds 0 run left in --out (under the lock)")
+    ap.add_argument("--numpy-from", nargs="*", type=Path, default=None,
+                    help="with --throughput-only: folders of earlier runs whose bundles (the "
+                         "same models, from before in-graph OOD scores) are timed beside")
     ap.add_argument("--merge", nargs="*", type=Path, default=None,
                     help="only print the summary of these rows.json files (one run per seed, "
                          "so no run holds the bench lock for long)")
@@ -328,7 +350,7 @@ def main() -> None:
         print("\n".join(summarise([r for f in args.merge for r in json.loads(f.read_text())])))
         return
     if args.throughput_only:
-        throughput_only(args.out, args.rounds)
+        throughput_only(args.out, args.rounds, args.numpy_from)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
