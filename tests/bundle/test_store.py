@@ -37,7 +37,9 @@ def test_manifest_describes_everything_that_decides_an_answer(tiny_bundle):
     assert set(m["decision"]) >= {"temperature", "thresholds", "abstain", "unknown_label"}
     assert {"imgtriage", "torch", "numpy", "python"} <= set(m["versions"])
     assert m["training"]["config"]["epochs"] == 3
-    assert list(m["files"]) == ["model.onnx", "weights.safetensors"]  # the graph from the start
+    # the graphs from the start: fp32, and int8 (the default: its held-out check accepted it)
+    assert list(m["files"]) == ["model.int8.onnx", "model.onnx", "weights.safetensors"]
+    assert m["onnx"]["precision"] == "int8" and m["onnx"]["int8"]["accepted"]
     assert len(m["files"]["weights.safetensors"]) == 64
     assert 0 <= m["metrics"]["val_accuracy"] <= 1
 
@@ -45,7 +47,7 @@ def test_manifest_describes_everything_that_decides_an_answer(tiny_bundle):
 def test_saved_and_reloaded_bundle_gives_identical_probabilities(bundle_copy, digits_folder,
                                                                  tmp_path):
     b = load_bundle(bundle_copy)
-    graph = {"model.onnx": b.verified_bytes("model.onnx")}
+    graph = {n: b.verified_bytes(n) for n in ("model.onnx", "model.int8.onnx")}
     again = save_bundle(tmp_path / "again", b.manifest, b.state_dict(), graph)
     zipped = save_bundle(tmp_path / "again.zip", b.manifest, b.state_dict(), graph)
     folder = digits_folder / "d3"

@@ -33,7 +33,10 @@ def test_train_inspect_predict(digits_folder, tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     res = runner.invoke(app, ["inspect", str(run / "bundle")])
     assert res.exit_code == 0 and "crop_cnn" in res.output and "verified" in res.output
-    assert "predicts with ONNX Runtime fp32" in res.output  # no export step needed
+    onnx = json.loads((run / "bundle" / "manifest.json").read_text())["onnx"]
+    precision = onnx["precision"]  # int8 where its held-out check accepted it, else fp32
+    assert precision == ("int8" if onnx["int8"].get("accepted") else "fp32")
+    assert f"predicts with ONNX Runtime {precision}" in res.output  # no export step needed
     inbox = tmp_path / "inbox"
     (inbox / "sub").mkdir(parents=True)
     for i, p in enumerate(sorted((digits_folder / "d7").glob("*.png"))[:4]):
@@ -45,10 +48,12 @@ def test_train_inspect_predict(digits_folder, tmp_path):
                               "--output", str(out), "--include-probs", "--topk", "3",
                               "--no-progress"])
     assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"predict: backend onnx, precision {precision}")
+    assert f"| backend onnx, precision {precision}" in res.output.splitlines()[-1]
     report = json.loads(out.read_text())
     paths = [r["path"] for r in report["results"]] + [d["path"] for d in report["defects"]]
     assert len(paths) == len(set(paths)) == 6 == report["meta"]["num_files"]
-    assert (report["meta"]["backend"], report["meta"]["precision"]) == ("onnx", "fp32")
+    assert (report["meta"]["backend"], report["meta"]["precision"]) == ("onnx", precision)
     issues = {d["path"].rsplit("/", 1)[-1]: d["issue"] for d in report["defects"]}
     assert issues == {"zero.png": "empty_file", "gone.png": "not_found"}
     r0 = report["results"][0]

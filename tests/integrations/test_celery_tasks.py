@@ -52,7 +52,8 @@ def test_predictor_cache_loads_once_and_reloads_a_replaced_bundle(tiny_bundle, t
     shutil.copytree(tiny_bundle, bundle)
     with caplog.at_level("INFO", logger="imgtriage.celery"):
         first = celery_tasks.get_predictor(str(bundle))
-    assert "backend onnx, precision fp32" in caplog.text  # the worker says what runs
+    # the worker says what runs: the int8 graph that passed the tiny bundle's held-out check
+    assert "backend onnx, precision int8" in caplog.text
     assert celery_tasks.get_predictor(bundle) is first  # str or Path, same key
     update_bundle(bundle, {"tta": ["vflip"]}, note="retuned in place")
     second = celery_tasks.get_predictor(bundle)

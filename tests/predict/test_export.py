@@ -141,6 +141,19 @@ def test_the_rule_needs_labels_enough_images_and_both_bounds():
     assert not judge(0.995, 0.900, 0.894, 500)[0]  # 0.6 points
 
 
+def test_the_disagreement_bound_says_how_strong_the_evidence_was():
+    from imgtriage.predict.int8 import disagreement_upper
+
+    rng = np.random.default_rng(0)  # the bound covers the true rate >= 95% of the time
+    rate, n = 0.02, 200
+    seen = rng.binomial(n, rate, size=2000)
+    covered = np.mean([disagreement_upper(int(k), n) >= rate for k in seen])
+    assert 0.95 <= covered < 0.995
+    assert 0.09 < disagreement_upper(0, 30) < 0.1  # ~ the rule of three, 3 / n
+    assert disagreement_upper(0, 1000) < disagreement_upper(0, 100) < disagreement_upper(0, 30)
+    assert disagreement_upper(5, 1000) > 5 / 1000 and disagreement_upper(3, 3) == 1.0
+
+
 def test_dynamic_int8_warns_that_it_is_slower_for_cnns(tiny_bundle, tmp_path, digits_folder):
     dest = shutil.copytree(tiny_bundle, tmp_path / "b")
     with pytest.warns(UserWarning, match="SLOWER"):
@@ -165,12 +178,13 @@ def test_export_errors_say_what_to_pass(tiny_bundle, tmp_path):
         Predictor.load(tiny_bundle, backend="torch", precision="int8")
 
 
-def test_fp32_re_export_keeps_the_int8_graph(exported, tmp_path):
+def test_fp32_re_export_keeps_the_int8_graph_and_its_verdict(exported, tmp_path):
     dest, _, _ = exported
+    assert load_bundle(dest).manifest["onnx"]["int8"]["accepted"]
     copy = shutil.copytree(dest, tmp_path / "again")
-    res = export_onnx(copy)
+    res = export_onnx(copy)  # same weights: the accepted int8 graph stays the default
     m = load_bundle(copy).manifest
-    assert m["bundle_version"] == 3 and res.precision == "fp32" and res.quant is None
-    assert m["onnx"]["int8"]["file"] == "model.int8.onnx"
-    assert Predictor.load(copy, precision="int8").backend.precision == "int8"
-    assert Predictor.load(copy).backend.precision == "fp32"
+    assert m["bundle_version"] == 3 and res.precision == "int8" and res.quant is None
+    assert m["onnx"]["int8"]["file"] == "model.int8.onnx" and m["onnx"]["precision"] == "int8"
+    assert Predictor.load(copy).backend.precision == "int8"
+    assert Predictor.load(copy, precision="fp32").backend.precision == "fp32"

@@ -11,13 +11,15 @@ from imgtriage.bundle import load_bundle
 from imgtriage.errors import BundleIntegrityError, ConfigError
 from imgtriage.predict import Predictor
 from imgtriage.predict.export import export_onnx
+from shared_helpers import without_graph
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def onnx_bundle(tiny_bundle, tmp_path_factory):
-    dest = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("onnx") / "b")
+    """The tiny bundle with only an fp32 graph, written by `imgtriage export` (no int8)."""
+    dest = without_graph(tiny_bundle, tmp_path_factory.mktemp("onnx") / "b")
     export_onnx(dest)
     return dest
 
@@ -71,7 +73,8 @@ def test_the_onnx_predict_path_never_imports_torch(which, request, digits_folder
                            str(bundle), str(png), "--output", str(tmp_path / "r.json"),
                            "--no-progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("predict: backend onnx, precision fp32")
+    precision = load_bundle(bundle).manifest["onnx"]["precision"]  # int8 where accepted
+    assert proc.stdout.startswith(f"predict: backend onnx, precision {precision}")
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "imgtriage.predict.onnx_backend" in imported

@@ -96,7 +96,8 @@ def test_cli_export_then_predict_uses_onnx_and_report_rebuilds(tiny_bundle, inbo
     b = shutil.copytree(tiny_bundle, tmp_path / "b")
     res = runner.invoke(app, ["export", str(b), "--onnx"])
     assert res.exit_code == 0, res.output
-    assert "max |Δprob| vs torch" in res.output and "precision fp32" in res.output
+    # a re-export of the same weights keeps the int8 graph that passed the held-out check
+    assert "max |Δprob| vs torch" in res.output and "default precision int8" in res.output
     db, out = tmp_path / "s.sqlite", tmp_path / "r.json"
     res = runner.invoke(app, ["predict", str(b), str(inbox), "--store", str(db), "--output",
                               str(out), "--thresholds", "1.0", "--abstain", "--no-progress"])
@@ -117,12 +118,13 @@ def test_cli_predict_names_backend_precision_and_threads(tiny_bundle, inbox, tmp
                               "--backend", backend, "--threads", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
-    name = "onnx" if backend == "auto" else "torch"
-    said = f"backend {name}, precision fp32, 1 thread"
+    # auto: the bundle's int8 graph (accepted by its held-out check); torch runs fp32
+    name, precision = ("onnx", "int8") if backend == "auto" else ("torch", "fp32")
+    said = f"backend {name}, precision {precision}, 1 thread"
     assert lines[0].startswith(f"predict: {said}")  # before any file is read
     assert "8 files" not in lines[0] and said in lines[-1] and "6 results" in lines[-1]
     meta = json.loads(out.read_text())["meta"]
-    assert (meta["backend"], meta["precision"], meta["threads"]) == (name, "fp32", 1)
+    assert (meta["backend"], meta["precision"], meta["threads"]) == (name, precision, 1)
 
 
 def test_cli_refuses_bad_outputs_before_running(tiny_bundle, inbox, tmp_path):

@@ -1,5 +1,6 @@
 """Photos that need resizing (the 8-bit fast path of to_input) get the same answer through the
-Python API, the `imgtriage predict` command and the HTTP service."""
+Python API, the `imgtriage predict` command and the HTTP service, and all three name the same
+backend and precision (the bundle's default: its int8 graph, accepted by its held-out check)."""
 
 from __future__ import annotations
 
@@ -35,16 +36,23 @@ def test_resized_photos_answer_the_same_via_api_cli_and_http(tmp_path, predictor
     for p in paths:  # the fast path's values: the float planes' up to rounding
         x = load_input(p, spec)[0]
         np.testing.assert_allclose(x, float_input(np.asarray(Image.open(p)), spec), atol=1e-4)
-    api = predictor.predict_paths([str(p) for p in paths], include_probs=True)["results"]
+    api_report = predictor.predict_paths([str(p) for p in paths], include_probs=True)
+    api = api_report["results"]
     out = tmp_path / "cli.json"
     res = CliRunner().invoke(app, ["predict", str(profiled_bundle), *map(str, paths),
                                    "--output", str(out), "--include-probs", "--threads", "1",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
-    cli = json.loads(out.read_text())["results"]
+    cli_report = json.loads(out.read_text())
+    cli = cli_report["results"]
     files = [("files", (str(p), p.read_bytes(), "application/octet-stream")) for p in paths]
     http = client.post("/v1/classify?include_probs=true", files=files)
     assert http.status_code == 200, http.text
+    runs = {"api": api_report["meta"], "cli": cli_report["meta"], "http": http.json()["model"]}
+    for name, meta in runs.items():
+        assert (meta["backend"], meta["precision"]) == ("onnx", "int8"), name
+    assert res.output.startswith("predict: backend onnx, precision int8, 1 thread (int8 "
+                                 "accepted: agreement")
     rows = {"api": api, "cli": cli, "http": http.json()["results"]}
     for name, got in rows.items():
         # the service keeps an upload's file name, not the client's folders

@@ -122,8 +122,9 @@ def test_torch_and_onnx_backends_give_the_same_ood_scores_and_reasons(calibrated
     data = [_png(a) for a in JUNK.values()]
     data += [p.read_bytes() for p in sorted(digits_folder.glob("*/*.png"))[::25]]
     rows = {}
-    for backend in ("torch", "onnx"):
-        p = Predictor.load(calibrated_run.bundle_path, backend=backend, num_threads=1)
+    for backend in ("torch", "onnx"):  # the fp32 graph, asked for (int8 may be the default)
+        p = Predictor.load(calibrated_run.bundle_path, backend=backend, num_threads=1,
+                           precision="fp32")
         rows[backend] = p.predict_bytes(data)
         x = np.stack([p.decode_bytes([b])[0].x for b in data])
         rows[backend + "_scores"] = p.forward(x, p.policy)[1]

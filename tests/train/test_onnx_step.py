@@ -1,7 +1,10 @@
-"""The end of training: a bundle carries a verified fp32 ONNX graph and predicts with it by
-default; an architecture that does not export keeps torch and says why."""
+"""The end of training: a bundle carries a verified fp32 ONNX graph and, where its held-out
+check accepts it, an int8 graph that is its default; an architecture that does not export keeps
+torch and says why."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,22 +15,103 @@ from imgtriage.predict import Predictor
 pytest.importorskip("onnxruntime")
 
 
-def test_a_bundle_from_train_predicts_with_onnx_by_default(tiny_bundle, digits_folder):
-    b = load_bundle(tiny_bundle)
+def test_a_bundle_from_train_predicts_with_int8_by_default_when_accepted(tiny_bundle,
+                                                                        digits_folder):
+    b = load_bundle(tiny_bundle)  # TrainConfig's defaults: --quantize auto
     info = b.manifest["onnx"]
-    assert b.manifest["bundle_version"] == 1 and "model.onnx" in b.manifest["files"]
-    assert info["file"] == "model.onnx" and info["precision"] == "fp32"
-    assert info["outputs"] == ["logits"] and info["parity_max_abs_dprob"] <= 1e-4
+    assert b.manifest["bundle_version"] == 1
+    assert {"model.onnx", "model.int8.onnx"} <= set(b.manifest["files"])
+    assert info["file"] == "model.onnx" and info["outputs"] == ["logits"]
+    assert info["parity_max_abs_dprob"] <= 1e-4  # the fp32 graph, against torch
     assert info["parity_images"] == 16  # real validation images, not random tensors
+    q = info["int8"]  # judged on all 40 validation images, calibrated on 64 training images
+    assert (q["mode"], q["n_calib"], q["n_images"]) == ("static", 64, 40)
+    assert q["agreement"] >= 0.99 and q["accuracy_fp32"] - q["accuracy_int8"] <= 0.005
+    assert q["accepted"] == q["reason"] and info["precision"] == "int8"
+    assert q["disagreement_upper95"] > 0.07  # 40 images are weak evidence, and it says so
     p = Predictor.load(tiny_bundle)
-    assert (p.runtime.backend, p.runtime.precision) == ("onnx", "fp32")
+    assert (p.runtime.backend, p.runtime.precision) == ("onnx", "int8")
+    assert "int8 accepted: agreement" in p.runtime.note
     paths = sorted(str(f) for f in digits_folder.rglob("*.png"))[::7]
     got = p.predict_paths(paths, include_probs=True)
+    assert (got["meta"]["backend"], got["meta"]["precision"]) == ("onnx", "int8")
+    asked = Predictor.load(tiny_bundle, precision="int8").predict_paths(paths,
+                                                                        include_probs=True)
+    fp32 = Predictor.load(tiny_bundle, precision="fp32").predict_paths(paths,
+                                                                       include_probs=True)
+    pd, pi, pf = (np.array([list(r["probs"].values()) for r in rep["results"]])
+                  for rep in (got, asked, fp32))
+    assert np.array_equal(pd, pi)  # the default is the int8 graph ...
+    assert 0 < np.abs(pd - pf).max() < 0.05  # ... really quantised, and close to fp32
+
+
+def test_the_fp32_graph_matches_torch_within_1e4(tiny_bundle, digits_folder):
+    """Parity of the fp32 graph (asked for explicitly: the bundle's default is int8)."""
+    paths = sorted(str(f) for f in digits_folder.rglob("*.png"))[::7]
+    got = Predictor.load(tiny_bundle, precision="fp32").predict_paths(paths, include_probs=True)
     ref = Predictor.load(tiny_bundle, backend="torch").predict_paths(paths, include_probs=True)
-    assert got["meta"]["backend"] == "onnx" and ref["meta"]["backend"] == "torch"
+    assert (got["meta"]["backend"], got["meta"]["precision"]) == ("onnx", "fp32")
+    assert ref["meta"]["backend"] == "torch"
     po = np.array([list(r["probs"].values()) for r in got["results"]])
     pt = np.array([list(r["probs"].values()) for r in ref["results"]])
     assert po.shape == (len(paths), 10) and np.abs(po - pt).max() <= 1e-4
+
+
+def test_int8_that_disagrees_is_refused_and_fp32_kept(digits_folder, tmp_path, monkeypatch,
+                                                      capsys):
+    """A real static int8 graph, calibrated on images 100x too faint: its activation ranges
+    are far too narrow, so real images saturate them and it disagrees with fp32."""
+    from imgtriage.predict import int8
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    quantize = int8._quantize
+    monkeypatch.setattr(int8, "_quantize", lambda g, mode, calib: quantize(g, mode, calib / 100))
+    cfg = TrainConfig(model="crop_cnn", img_size=32, epochs=3, batch_size=32, lr=3e-3,
+                      num_threads=1, calibrate=False)
+    res = train(digits_folder, tmp_path / "run", cfg)
+    m = load_bundle(res.bundle_path).manifest
+    info, q = m["onnx"], m["onnx"]["int8"]
+    assert m["training"]["config"]["quantize"] == "auto"
+    assert not q["accepted"] and q["agreement"] < 0.99 and q["n_images"] == 40
+    assert q["refused"] == q["reason"] and "agreement" in q["reason"]
+    assert info["precision"] == "fp32" and "model.int8.onnx" in m["files"]
+    err = capsys.readouterr().err
+    assert "-> fp32 kept: agreement" in err and "int8 refused, fp32 kept: agreement" in err
+    p = Predictor.load(res.bundle_path)
+    assert (p.runtime.backend, p.runtime.precision) == ("onnx", "fp32")
+    assert p.runtime.note == f"int8 refused: {q['reason']}"
+    assert Predictor.load(res.bundle_path, precision="int8").runtime.precision == "int8"
+
+
+def test_without_enough_held_out_images_auto_keeps_fp32_and_static_refuses_up_front(
+        tmp_path, monkeypatch):
+    from imgtriage.errors import ConfigError
+    from imgtriage.predict import int8
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+    from shared_helpers import write_digits_folder
+
+    def never(*_a):
+        raise AssertionError("int8 must not be tried without enough held-out images")
+
+    monkeypatch.setattr(int8, "_quantize", never)
+    data = write_digits_folder(tmp_path / "data", per_class=8, size=16, classes=(0, 1, 2))
+    base = TrainConfig(model="crop_cnn", img_size=16, epochs=1, batch_size=8, num_threads=1)
+    why = {0.0: "no validation images: int8 is judged only on held-out images",
+           0.25: "only 6 readable validation images to judge int8 on (need 30)"}
+    for val_frac, reason in why.items():
+        res = train(data, tmp_path / f"run{val_frac}", replace(base, val_frac=val_frac),
+                    quiet=True)
+        m = load_bundle(res.bundle_path).manifest
+        assert m["onnx"]["precision"] == "fp32" and "model.int8.onnx" not in m["files"]
+        assert m["onnx"]["int8"]["refused"].startswith(reason)
+        assert Predictor.load(res.bundle_path).runtime.note.startswith(f"int8 refused: {reason}")
+    with pytest.raises(ConfigError, match="--quantize static judges int8 on held-out"):
+        train(data, tmp_path / "static", replace(base, val_frac=0.0, quantize="static"),
+              quiet=True)
+    with pytest.raises(ConfigError, match="--quantize"):
+        TrainConfig(model="fusion", quantize="static")
 
 
 @pytest.mark.parametrize("failure", ["exporter", "parity"])

@@ -108,7 +108,8 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
     else:
         old_int8 = (b.info.block("onnx") or {}).get("int8")
         if old_int8 and b.has_file(old_int8.get("file", INT8_FILE)):
-            info["int8"] = old_int8  # same weights: the earlier int8 graph stays valid
+            info["int8"] = old_int8  # same weights: the earlier int8 graph and verdict stay
+            info["precision"] = "int8" if old_int8.get("accepted") else "fp32"
     rule = b.info.decision.get("ood") or {}
     if rule.get("file") and b.has_file(rule["file"]):  # the OOD score joins the new graphs
         scored, files = attach_ood_score(b.info.with_changes(onnx=info), {

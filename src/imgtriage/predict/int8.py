@@ -1,11 +1,23 @@
 """int8 graphs only when proven: quantise on training images, judge on held-out ones.
 
+``train`` does this by default (``--quantize auto``), ``export --quantize static`` on demand.
+
 The rule (:func:`judge`): an int8 graph becomes a bundle's default only when, on held-out
-labelled validation images (never the calibration images), its top-1 accuracy is at most
-``MAX_ACCURACY_DROP`` (0.5 points) below fp32's AND it agrees with fp32 on at least
-``MIN_AGREEMENT`` (99%) of them, over at least ``MIN_CHECK_IMAGES``. Otherwise the bundle keeps
-fp32 and its manifest (``onnx.int8.refused``) says why; ``predict``/``serve`` print it. A
-refused graph stays in the bundle so ``--precision int8`` can still ask for it explicitly.
+labelled validation images (never the calibration images, which come from the training split),
+its top-1 class agrees with fp32's on at least ``MIN_AGREEMENT`` (99%) of them AND its top-1
+accuracy is at most ``MAX_ACCURACY_DROP`` (0.5 points) below fp32's, over at least
+``MIN_CHECK_IMAGES`` (30) images. Otherwise the bundle keeps fp32 and its manifest
+(``onnx.int8.refused``) says why; ``predict``/``serve`` print it. A refused graph stays in the
+bundle so ``--precision int8`` can still ask for it explicitly.
+
+What the rule can see depends on ``n``, the number of check images: below 100 images, 99%
+agreement means no disagreement at all, and 0 disagreements in 30 images still allow a true
+disagreement rate of up to 9.5% (one-sided 95%). So every verdict also records
+``disagreement_upper95``, the Clopper-Pearson upper bound on the disagreement rate, for a
+reader to judge how strong the evidence was; it is reported, not part of the rule (whose
+bounds are the ones the issue set). The check covers the top-1 class; probabilities move by up
+to ``max_abs_dprob`` (recorded), which can move an image across a confidence or OOD threshold
+fitted on fp32 outputs.
 
 Quantisation modes:
 
@@ -57,10 +69,12 @@ class QuantCheck:
     accuracy_int8: float | None
     accepted: bool
     reason: str
+    disagreement_upper95: float = 1.0
 
     def summary(self) -> str:
         text = (f"int8 {self.mode} (calibrated on {self.n_calib} training images) vs fp32 on "
-                f"{self.n_images} held-out images: top-1 agreement {self.agreement:.1%}, max "
+                f"{self.n_images} held-out images: top-1 agreement {self.agreement:.1%} "
+                f"(disagreement <= {self.disagreement_upper95:.1%} at 95% confidence), max "
                 f"|Δprob| {self.max_abs_dprob:.4f}")
         if self.accuracy_fp32 is not None:
             text += (f", accuracy fp32 {self.accuracy_fp32:.1%} / int8 "
@@ -122,7 +136,24 @@ def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: Labelled
     agreement = float((top32 == top8).mean())
     accepted, reason = judge(agreement, acc32, acc8, len(check.x))
     return q, QuantCheck(mode, len(calib), len(check.x), agreement,
-                         float(np.abs(p32 - p8).max()), acc32, acc8, accepted, reason)
+                         float(np.abs(p32 - p8).max()), acc32, acc8, accepted, reason,
+                         disagreement_upper(int((top32 != top8).sum()), len(check.x)))
+
+
+def disagreement_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen ``k`` times in ``n`` trials.
+
+    Example:
+        >>> round(disagreement_upper(0, 30), 3)  # no disagreement in 30 images
+        0.095
+        >>> round(disagreement_upper(5, 1000), 4)
+        0.0105
+    """
+    if n <= 0 or k >= n:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, k + 1, n - k))
 
 
 class _Reader:

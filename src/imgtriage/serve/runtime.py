@@ -119,6 +119,7 @@ class ModelRuntime:
         self.metrics.model_info.info({"bundle_sha256": str(d.get("bundle_sha256")),
                                       "bundle_version": str(d.get("bundle_version")),
                                       "backend": str(d.get("backend")),
+                                      "precision": str(d.get("precision")),
                                       "classes": str(len(d.get("classes", [])))})
         self.state = "ready"
         self.metrics.ready.set(1)
@@ -167,9 +168,10 @@ class ModelRuntime:
                       headers={"Retry-After": "2"})
 
     def identity(self) -> dict[str, Any]:
+        """What answered a request: the bundle, and the backend and precision it ran with."""
         d = self.description
         return {k: d.get(k) for k in ("bundle_sha256", "bundle_version", "schema_version",
-                                      "backend")}
+                                      "backend", "precision")}
 
     def options(self, **given: Any) -> PredictOptions:
         """Validated PredictOptions for a request (422 for an unknown profile or topk)."""

@@ -38,6 +38,9 @@ LOSS_STRATEGIES = ("none", "class_weights", "focal")
 SELECT_METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1")
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
 TRI_STATE = ("auto", "on", "off")
+# int8 of the bundle's graph: auto (the default: int8 where its held-out check accepts it),
+# static (the same, but an error where it cannot be judged) or none (fp32 only)
+QUANTIZE_MODES = ("auto", "static", "none")
 SEMI_METHODS = ("fixmatch", "fixmatch_ema", "self_training", "noisy_student", "pseudo_label")
 
 
@@ -222,11 +225,15 @@ class TrainConfig:
     workers: int | None = _f(None, "Decoding processes of the streaming loader (default: "
                                    "cores - 1).")
     checkpoint_every: int = _f(1, "Save a resumable checkpoint every N epochs (0 = never).")
-    quantize: str = _f("none", "int8 for the bundle: static = calibrate on 64 training images, "
-                               "judge on up to 1000 validation images; int8 becomes the "
-                               "default only when accuracy drops <= 0.5 points and agreement "
-                               "is >= 99%, else fp32 stays and the reason is recorded. none: "
-                               "the fp32 graph only (always exported and checked).")
+    quantize: str = _f("auto", "int8 for the bundle. auto: calibrate a static int8 graph on "
+                               "64 training images and judge it against fp32 on up to 1000 "
+                               "held-out validation images; int8 becomes the bundle's default "
+                               "only when top-1 agreement with fp32 is >= 99% and accuracy "
+                               "drops <= 0.5 points (on >= 30 images), else fp32 stays and the "
+                               "reason is recorded (fusion models, or no validation split: "
+                               "fp32). static: the same, but an error up front where int8 "
+                               "cannot be judged. none: the fp32 graph only (always exported "
+                               "and checked).")
     # --- calibration and unknowns (the bundle's default decision rule)
     calibrate: bool = _f(True, "End by fitting the temperature on the validation split (kept "
                                "only if it lowers NLL) and writing the default rule: abstain "
@@ -310,7 +317,7 @@ def _check_choices(c: TrainConfig) -> None:
                "optimizer": ("adamw", "sgd"), "schedule": SCHEDULES,
                "lr_scaling": ("linear", "sqrt"), "amp": TRI_STATE,
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
-               "quantize": ("none", "static"),
+               "quantize": QUANTIZE_MODES,
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)
@@ -318,6 +325,10 @@ def _check_choices(c: TrainConfig) -> None:
                                       f"{', '.join(allowed)}, got {value!r}")
     _need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
           f"device must be cpu, cuda, cuda:N or auto, got {c.device!r}")
+    fusion = c.model == "fusion" or c.model.startswith("fusion:")
+    _need(not (fusion and c.quantize == "static"), "quantize",
+          "int8 calibration feeds images only, so an image + feature (fusion) model cannot be "
+          "quantised; use --quantize auto (keeps fp32 for it) or none")
 
 
 def _check_ranges(c: TrainConfig) -> None:

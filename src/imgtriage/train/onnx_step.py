@@ -6,8 +6,12 @@ is exported from a fresh CPU copy of the model holding exactly the weights the b
 and checked against torch on validation images (training images when there is no validation
 split). An architecture that does not export keeps torch, and the manifest says why.
 
-With ``--quantize static`` an int8 graph is calibrated on training images and judged on the
-validation images (``predict.int8``): it becomes the default only when proven.
+By default (``--quantize auto``) an int8 graph is calibrated on training images and judged
+against fp32 on held-out validation images (``predict.int8``): it becomes the bundle's default
+only when proven. Where it cannot be judged (no validation split, fewer than
+``MIN_CHECK_IMAGES`` validation images, an image + feature graph) ``auto`` does not quantise
+at all and the manifest's ``onnx.int8.refused`` says why; ``--quantize static`` asks for it
+explicitly (the training run refuses up front where it cannot be judged).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
 from imgtriage.models import WithFeatures, create_model
 from imgtriage.predict.graph import training_graph
-from imgtriage.predict.int8 import LabelledInputs, quantize_checked
+from imgtriage.predict.int8 import MIN_CHECK_IMAGES, LabelledInputs, quantize_checked
 
 PARITY_IMAGES = 16
 CALIB_IMAGES = 64
@@ -33,11 +37,13 @@ JUDGE_IMAGES = 1000
 
 @dataclass(frozen=True)
 class GraphInputs:
-    """Held-out images for the parity check and the int8 verdict, training images to
-    calibrate int8 on (None without ``--quantize``)."""
+    """Images for the parity check and the int8 verdict, training images to calibrate int8 on
+    (None when int8 is not tried). ``held_out``: ``check`` comes from the validation split;
+    int8 is judged only then (training images would overlap its calibration images)."""
 
     check: LabelledInputs | None
     calib: np.ndarray | None = None
+    held_out: bool = True
 
 
 def sample_inputs(source: Any, samples: Sequence[Sample], spec: PreprocessSpec, n: int,
@@ -73,22 +79,23 @@ def _spread(total: int, n: int) -> np.ndarray:
 
 def graph_inputs(train: tuple[Any, Sequence[Sample]], val: tuple[Any, Sequence[Sample]],
                  spec: PreprocessSpec, classes: Sequence[str], quantize: str) -> GraphInputs:
-    """Validation images (training ones without a validation split) and, for int8, training
-    images to calibrate on."""
-    n = JUDGE_IMAGES if quantize != "none" else PARITY_IMAGES
-    held = val if val[0] is not None and len(val[0]) else train
-    check = sample_inputs(*held, spec, n, classes)
-    if quantize == "none":
-        return GraphInputs(check)
+    """Validation images (training ones without a validation split, for the parity check
+    only) and, when int8 can be judged, training images to calibrate it on."""
+    held_out = val[0] is not None and len(val[0]) > 0
+    n = JUDGE_IMAGES if quantize != "none" and held_out else PARITY_IMAGES
+    check = sample_inputs(*(val if held_out else train), spec, n, classes)
+    if quantize == "none" or not held_out or check is None or (
+            quantize == "auto" and len(check.x) < MIN_CHECK_IMAGES):
+        return GraphInputs(check, None, held_out)
     calib = sample_inputs(*train, spec, CALIB_IMAGES, classes)
-    return GraphInputs(check, calib.x if calib is not None else None)
+    return GraphInputs(check, calib.x if calib is not None else None, held_out)
 
 
 def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphInputs,
                  quantize: str = "none", say: Callable[[str], None] | None = None
                  ) -> tuple[Manifest, dict[str, bytes]]:
-    """Export the bundle's model to ``model.onnx`` (and judge an int8 copy with
-    ``quantize="static"``): the manifest with its ``onnx`` block (the graphs, or why there is
+    """Export the bundle's model to ``model.onnx`` (and judge an int8 copy unless
+    ``quantize="none"``): the manifest with its ``onnx`` block (the graphs, or why there is
     none) and the files to save beside the weights."""
     m = manifest.model
     model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
@@ -105,19 +112,16 @@ def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphIn
 def _int8(files: dict[str, bytes], info: dict[str, Any], manifest: Manifest,
           inputs: GraphInputs, quantize: str, say: Callable[[str], None] | None
           ) -> dict[str, bytes]:
-    """The int8 graph beside the fp32 one when asked for and accepted; ``info["int8"]`` says
-    what happened."""
+    """The int8 graph beside the fp32 one when asked for (its verdict decides the default);
+    ``info["int8"]`` says what happened, ``{"refused": why}`` when it was not even tried."""
     if quantize == "none" or not files:
         return files
-    if manifest.preprocess.get("features"):
-        info["int8"] = {"refused": "an image + feature (fusion) graph takes two inputs; int8 "
-                                   "calibration feeds images only"}
-        return files
-    if inputs.calib is None or inputs.check is None:
-        info["int8"] = {"refused": "no training/validation images to calibrate and judge on"}
+    why, calib, check = _cannot_judge(manifest, inputs, quantize), inputs.calib, inputs.check
+    if why is not None or calib is None or check is None:
+        info["int8"] = {"refused": why or "no images to calibrate and judge int8 on"}
         return files
     try:
-        q, verdict = quantize_checked(files[ONNX_FILE], quantize, inputs.calib, inputs.check)
+        q, verdict = quantize_checked(files[ONNX_FILE], "static", calib, check)
     except Exception as exc:  # a quantiser failure keeps fp32, with the reason
         info["int8"] = {"refused": f"quantisation failed: {type(exc).__name__}: {exc}"[:300]}
         return files
@@ -126,3 +130,20 @@ def _int8(files: dict[str, bytes], info: dict[str, Any], manifest: Manifest,
     info["int8"] = verdict.manifest_block(q)
     info["precision"] = "int8" if verdict.accepted else "fp32"
     return {**files, INT8_FILE: q}
+
+
+def _cannot_judge(manifest: Manifest, inputs: GraphInputs, quantize: str) -> str | None:
+    """Why int8 is not even tried (fp32 kept), or None."""
+    if manifest.preprocess.get("features"):
+        return ("an image + feature (fusion) graph takes two inputs; int8 calibration feeds "
+                "images only")
+    if not inputs.held_out:
+        return ("no validation images: int8 is judged only on held-out images (give "
+                "--val-frac > 0 or a val split)")
+    n = 0 if inputs.check is None else len(inputs.check.x)
+    if quantize == "auto" and n < MIN_CHECK_IMAGES:
+        return (f"only {n} readable validation images to judge int8 on (need "
+                f"{MIN_CHECK_IMAGES}); not quantised")
+    if inputs.calib is None or inputs.check is None:
+        return "no readable training/validation images to calibrate and judge int8 on"
+    return None

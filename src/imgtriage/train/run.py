@@ -350,6 +350,10 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
     parts = samples_by_split(ds)
     if "train" not in parts:
         raise DataError("no training samples; lower --val-frac/--test-frac")
+    if cfg.quantize == "static" and not parts.get("val"):
+        raise ConfigError("--quantize static judges int8 on held-out validation images and "
+                          "this run has none: give --val-frac > 0 (or a val split), or use "
+                          "--quantize auto (fp32 then) or none")
     counts = {c: 0 for c in ds.classes}
     for s in parts["train"]:
         counts[s.label] += 1
