@@ -95,9 +95,10 @@ def test_a_trained_bundle_scores_inside_its_graph(calibrated_run, inputs):
     info = b.manifest["onnx"]
     assert info["outputs"] == ["logits", "features", "ood_score"]
     rec = info["ood_score"]
-    assert rec["parity_max_abs"] < 1e-3 and rec["graphs"] == [ONNX_FILE]
+    # both graphs a trained bundle carries: fp32 and its int8 default (accepted when trained)
+    assert rec["parity_max_abs"] < 1e-3 and rec["graphs"] == [ONNX_FILE, "model.int8.onnx"]
     assert rec["sha256"] == b.manifest["files"]["ood.safetensors"]
-    p, graph = _scores(b.path, inputs)
+    p, graph = _scores(b.path, inputs, precision="fp32")  # parity with torch: fp32, asked for
     assert p.graph_scores(p.policy.ood) and p.backend._plain is None
     logits = p.backend(inputs)  # a logits-only run: the same graph less its head
     assert p.backend._plain is not None
@@ -120,7 +121,7 @@ def test_older_bundles_and_changed_rules_score_the_features_in_numpy(calibrated_
     from imgtriage.predict.graph import export_graph
 
     src = load_bundle(calibrated_run.bundle_path)
-    _, in_graph = _scores(src.path, inputs)
+    _, in_graph = _scores(src.path, inputs, precision="fp32")  # the same graph in each case
     # a bundle written before in-graph scores: logits + features only, no record
     old = export_graph(build_model(src, with_features=True), src.info, inputs[:4],
                        outputs=("logits", "features"))
@@ -134,7 +135,7 @@ def test_older_bundles_and_changed_rules_score_the_features_in_numpy(calibrated_
     rule["scale"] = {"knn": [0.0, 1.0], "rmd": [0.0, 1.0]}
     edited = update_bundle(shutil.copytree(src.path, tmp_path / "edited"), {"decision": {
         **src.manifest["decision"], "ood": rule}}, note="scale edited")
-    p, scores = _scores(edited.path, inputs)
+    p, scores = _scores(edited.path, inputs, precision="fp32")
     assert p.backend.has_ood_score and not p.graph_scores(p.policy.ood)
     assert not np.allclose(scores, in_graph, atol=1e-2)
     _, feats = p.backend.with_features(inputs)
