@@ -80,7 +80,7 @@ def _config(args, seed: int, unlabeled: str, n_labels: int):
         scaling=args.scaling, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
         augment=args.augment, modality="generic", val_frac=0.0, seed=seed,
         num_threads=args.threads, checkpoint_every=0, unlabeled=unlabeled,
-        semi_method=args.method, unlabeled_ratio=args.ratio,
+        semi_method=args.method, semi_steps=0, unlabeled_ratio=args.ratio,
         pseudo_threshold=args.threshold, unlabeled_weight=args.weight,
         pseudo_threshold_mode=args.threshold_mode, semi_bn_stats=args.bn_stats,
         drop_rate=args.drop_rate, ema_decay=args.ema, label_smoothing=0.0)

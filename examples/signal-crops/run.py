@@ -182,7 +182,7 @@ def train_pair(manifest: Path, box: Path, out: Path, n: int, args: argparse.Name
         cfg = TrainConfig(**SEMI_MODEL, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                           val_frac=0.0, scaling=args.scaling, seed=args.seed,
                           num_threads=args.threads, checkpoint_every=0, unlabeled=folder,
-                          semi_method=args.semi_method, pseudo_threshold=0.9)
+                          semi_method=args.semi_method, semi_steps=0, pseudo_threshold=0.9)
         res = train(manifest, out / f"run-{n}-{arm}", cfg, quiet=True)
         pair[arm] = {"bundle": str(res.bundle_path), "train_seconds": round(res.seconds, 1),
                      "epochs": epochs}

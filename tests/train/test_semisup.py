@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ from imgtriage.errors import ConfigError
 from imgtriage.train import run as run_mod
 from imgtriage.train.auto import ImageProbe, choose_model
 from imgtriage.train.callbacks import Callback
-from imgtriage.train.config import TrainConfig
+from imgtriage.train.config import TrainConfig, field_default
 from imgtriage.train.run import train
-from imgtriage.train.semisup import UnlabeledStream
+from imgtriage.train.semisup import UnlabeledStream, semi_budget
 
 from .conftest import tiny_cfg, write_imbalanced_folder
 
@@ -215,9 +216,32 @@ def test_auto_run_records_what_it_does_with_the_unlabelled_images(labelled, inbo
     assert why.startswith("18 labels and 30 unlabelled images") and "48 labels" in why
 
 
+def test_default_epochs_become_the_semi_supervised_step_budget(labelled, inbox, tmp_path):
+    # --epochs left at its default: the run is sized in optimiser steps, per labelled epoch
+    assert semi_budget(TrainConfig(unlabeled="x", batch_size=32), 100)[0].epochs == 600
+    assert semi_budget(TrainConfig(unlabeled="x", batch_size=32), 250)[0].epochs == 300
+    assert semi_budget(TrainConfig(unlabeled="x", batch_size=32), 250, world_size=2
+                       )[0].epochs == 600  # 125 images per process: 4 steps an epoch
+    assert semi_budget(TrainConfig(unlabeled="x", batch_size=32, semi_steps=1), 100
+                       )[0].epochs == 1
+    # kept as given: --epochs set, --semi-steps 0, or no --unlabeled
+    for cfg in (TrainConfig(unlabeled="x", epochs=12), TrainConfig(unlabeled="x", semi_steps=0),
+                TrainConfig()):
+        assert semi_budget(cfg, 100) == (cfg, "")
+    # end to end: 18 labels in batches of 8 are 3 steps an epoch; 7 steps -> 3 epochs
+    cfg = replace(_cfg(inbox), epochs=field_default("epochs"), semi_steps=7)
+    train(labelled, tmp_path / "r", cfg, quiet=True)
+    assert len(_log(tmp_path / "r")) == 3
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 3
+    why = json.loads((tmp_path / "r" / "run.json").read_text())["model_choice"]
+    assert "3 epochs of 3 step(s), 9 optimiser steps (--semi-steps 7" in why
+
+
 def test_settings_are_checked_and_named(labelled, tmp_path):
     with pytest.raises(ConfigError, match="--unlabeled-ratio"):
         TrainConfig(unlabeled="x", unlabeled_ratio=0)
+    with pytest.raises(ConfigError, match="--semi-steps"):
+        TrainConfig(unlabeled="x", semi_steps=-1)
     with pytest.raises(ConfigError, match="--semi-method"):
         TrainConfig(semi_method="mixmatch")
     with pytest.raises(ConfigError, match="--unlabeled"):

@@ -203,6 +203,10 @@ class TrainConfig:
         "then 100 percent per class train like labels), noisy_student (the same, the "
         "pseudo-labelled images trained as strong views) or pseudo_label (online "
         "self-training, weak view only).")
+    semi_steps: int = _f(2400, "With --unlabeled and --epochs left at its default: the "
+                               "epochs are set so the run makes this many optimiser steps "
+                               "(the gain needs them: docs/semi-supervised.md); 0 = keep "
+                               "--epochs. A given --epochs always wins.")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
     pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
     unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")
@@ -385,6 +389,7 @@ def _check_semi(c: TrainConfig) -> None:
     _need(c.semi_bn_stats in ("clean", "all"), "semi_bn_stats",
           f"semi BN statistics must be clean or all, got {c.semi_bn_stats!r}")
     _need(c.unlabeled_ratio >= 1, "unlabeled_ratio", "unlabeled ratio must be >= 1")
+    _need(c.semi_steps >= 0, "semi_steps", "semi-supervised steps must be >= 0")
     _need(0 <= c.pseudo_threshold <= 1, "pseudo_threshold",
           "pseudo-label threshold must be in [0, 1]")
     _need(c.unlabeled_weight >= 0, "unlabeled_weight", "unlabeled weight must be >= 0")

@@ -65,7 +65,7 @@ from imgtriage.train.losses import plan_loss
 from imgtriage.train.onnx_step import PARITY_IMAGES, GraphInputs, attach_graph, graph_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
-from imgtriage.train.semisup import SemiSupervised, build_semi, count_files
+from imgtriage.train.semisup import SemiSupervised, build_semi, count_files, semi_budget
 from imgtriage.train.transfer import cached_head_applies, combine, embed_splits, train_head
 
 
@@ -359,6 +359,8 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
         counts[s.label] += 1
     cfg, reason = _resolve(cfg, counts, probe_images(parts["train"]), len(parts.get("val", [])),
                            info.distributed)
+    cfg, budget = semi_budget(cfg, len(parts["train"]), info.world_size)
+    reason = f"{reason}; {budget}" if budget else reason
     if info.is_main:
         write_split_manifest(ds, run / "splits.csv")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -49,11 +49,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ from imgtriage.data import PreprocessSpec, iter_image_files, load_input
 from imgtriage.data.augment import AugmentPolicy
 from imgtriage.errors import ConfigError, DataError, ImageReadError
 from imgtriage.io import Defect, sha256_file
-from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.config import MODALITIES, TrainConfig, field_default
 
 STRONG_STRENGTH, STRONG_OPS = 1.0, 3
 CURRICULUM_STAGES = 5
@@ -443,6 +444,29 @@ def build_semi(cfg: TrainConfig, spec: PreprocessSpec, holdout: Sequence[str],
                           workers=cfg.decode_workers)
     prior = np.bincount(np.asarray(labels, np.int64), minlength=num_classes) + 1.0
     return SemiSupervised(pool, cfg, prior.tolist(), rank)
+
+
+def semi_budget(cfg: TrainConfig, n_train: int, world_size: int = 1
+                ) -> tuple[TrainConfig, str]:
+    """With ``--unlabeled`` and ``--epochs`` at its default: the epochs that make
+    ``--semi-steps`` optimiser steps (an epoch is one pass over this process's share of the
+    labelled training images), and a line saying so; else ``cfg`` unchanged and "".
+
+    Example:
+        >>> from imgtriage.train.config import TrainConfig
+        >>> semi_budget(TrainConfig(unlabeled="inbox/", batch_size=32), 100)[0].epochs
+        600
+        >>> semi_budget(TrainConfig(unlabeled="inbox/", epochs=50), 100)[0].epochs
+        50
+    """
+    if not cfg.unlabeled or cfg.semi_steps == 0 or cfg.epochs != field_default("epochs"):
+        return cfg, ""
+    per_epoch = max(1, math.ceil(math.ceil(n_train / max(1, world_size)) / cfg.batch_size))
+    epochs = max(1, math.ceil(cfg.semi_steps / per_epoch))
+    return replace(cfg, epochs=epochs), (
+        f"--unlabeled: {epochs} epochs of {per_epoch} step(s), {epochs * per_epoch} "
+        f"optimiser steps (--semi-steps {cfg.semi_steps}; the unlabelled images only help "
+        f"with enough steps; --epochs overrides)")
 
 
 def count_files(folder: str | os.PathLike[str]) -> int:
