@@ -73,13 +73,16 @@ def _config(args, seed: int, unlabeled: str, n_labels: int):
 
     steps_per_epoch = math.ceil(n_labels / args.batch_size)
     epochs = max(1, math.ceil(args.steps / steps_per_epoch))
+    kwargs = ({"widths": [int(w) for w in args.widths.split(",")],
+               "convs_per_block": args.convs} if args.model == "crop_cnn" else {})
     return TrainConfig(
-        model="crop_cnn", model_kwargs={"widths": [int(w) for w in args.widths.split(",")],
-                                        "convs_per_block": args.convs},
+        model=args.model, model_kwargs=kwargs, pretrained=args.pretrained,
+        freeze_stages=args.freeze_stages,
         img_size=args.img_size, resize="shorter_crop", crop_pct=args.crop_pct,
         scaling=args.scaling, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-        augment=args.augment, modality="generic", val_frac=0.0, seed=seed,
+        augment=args.augment, val_frac=0.0, seed=seed,
         num_threads=args.threads, checkpoint_every=0, unlabeled=unlabeled,
+        modality=args.modality,
         semi_method=args.method, semi_steps=0, unlabeled_ratio=args.ratio,
         pseudo_threshold=args.threshold, unlabeled_weight=args.weight,
         pseudo_threshold_mode=args.threshold_mode, semi_bn_stats=args.bn_stats,
@@ -176,10 +179,16 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=0, help="test chips per class; 0 = all")
     ap.add_argument("--img-size", type=int, default=48)
     ap.add_argument("--crop-pct", type=float, default=0.6875, help="88 of 128 px")
+    ap.add_argument("--model", default="crop_cnn",
+                    help="crop_cnn (with --widths/--convs) or e.g. timm:tf_efficientnet_lite0")
+    ap.add_argument("--pretrained", default="none", help="none, auto (installed weights), a path")
+    ap.add_argument("--freeze-stages", type=int, default=0,
+                    help="stem + first N backbone stages frozen (timm models)")
     ap.add_argument("--widths", default="16,32,64,128")
     ap.add_argument("--convs", type=int, default=1)
     ap.add_argument("--scaling", default="percentile")
     ap.add_argument("--augment", default="weak")
+    ap.add_argument("--modality", default="generic", help="label-preserving flips (--modality)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the head")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA of the weights (0 = off)")
