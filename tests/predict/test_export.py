@@ -139,6 +139,10 @@ def test_the_rule_needs_labels_enough_images_and_both_bounds():
     assert judge(0.99, 0.900, 0.895, 500)[0]  # exactly at both bounds
     assert not judge(0.989, 0.90, 0.90, 500)[0]
     assert not judge(0.995, 0.900, 0.894, 500)[0]  # 0.6 points
+    ok, why = judge(1.0, 0.90, 0.90, 500, decisions=0.984)  # same classes, other abstentions
+    assert not ok and "default rule decides differently" in why and "1.6%" in why
+    ok, why = judge(1.0, 0.90, 0.90, 500, decisions=0.992)
+    assert ok and "same default decision on 99.2%" in why
 
 
 def test_the_disagreement_bound_says_how_strong_the_evidence_was():

@@ -114,6 +114,32 @@ def test_without_enough_held_out_images_auto_keeps_fp32_and_static_refuses_up_fr
         TrainConfig(model="fusion", quantize="static")
 
 
+def test_int8_is_judged_on_the_default_rules_decisions_too(calibrated_run):
+    """The calibrated bundle abstains (confidence and OOD thresholds fitted on fp32): its
+    verdict records how often int8's decisions equal fp32's on the held-out images, which is
+    what predict gives on those files."""
+    import csv
+
+    m = load_bundle(calibrated_run.bundle_path).manifest
+    q = m["onnx"]["int8"]
+    assert m["decision"]["abstain"] and m["decision"]["ood"]["method"] == "knn+rmd"
+    with (calibrated_run.run_dir / "splits.csv").open() as fh:
+        val = [r["path"] for r in csv.DictReader(fh) if r["split"] == "val"]
+    assert len(val) == q["n_images"] == 40
+
+    def outcomes(precision):
+        p = Predictor.load(calibrated_run.bundle_path, precision=precision, num_threads=1)
+        return [-1 if r["abstained"] else r["class_id"]
+                for r in p.predict_paths(val)["results"]]
+
+    same = np.mean(np.array(outcomes("fp32")) == np.array(outcomes("int8")))
+    assert q["decision_agreement"] == pytest.approx(same)
+    drop = q["accuracy_fp32"] - q["accuracy_int8"]
+    proven = q["agreement"] >= 0.99 and same >= 0.99 and drop <= 0.005
+    assert bool(q["accepted"]) == proven and m["onnx"]["precision"] == ("int8" if proven
+                                                                        else "fp32")
+
+
 @pytest.mark.parametrize("failure", ["exporter", "parity"])
 def test_a_model_that_does_not_export_keeps_torch_and_says_why(failure, tmp_path, monkeypatch,
                                                                capsys):

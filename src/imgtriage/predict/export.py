@@ -31,7 +31,7 @@ from imgtriage.errors import BundleError, ConfigError
 from imgtriage.predict.backends import build_model
 from imgtriage.predict.export_config import ExportConfig
 from imgtriage.predict.graph import export_graph
-from imgtriage.predict.int8 import LabelledInputs, QuantCheck, quantize_checked
+from imgtriage.predict.int8 import DecisionRule, LabelledInputs, QuantCheck, quantize_checked
 from imgtriage.predict.ood_graph import attach_ood_score
 from imgtriage.predict.ort_session import run_graph, session_options, usable_cores
 
@@ -100,7 +100,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
             warnings.warn(DYNAMIC_CNN_WARNING, stacklevel=2)
             notes.append(DYNAMIC_CNN_WARNING)
             say(f"warning: {DYNAMIC_CNN_WARNING}")
-        q, result = quantize_checked(graph, quantize, sets[0].x, sets[1])
+        q, result = quantize_checked(graph, quantize, sets[0].x, sets[1], _rule(b))
         say(result.summary())
         files[INT8_FILE] = q
         info["int8"] = result.manifest_block(q)
@@ -120,6 +120,16 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
     new = update_bundle(b.path, {"onnx": info}, note=note, extra_files=files, out=cfg.out)
     return ExportResult(new.path, parity, info["precision"], result,
                         time.perf_counter() - t0, tuple(notes))
+
+
+def _rule(b: Bundle) -> DecisionRule:
+    """The bundle's default decision rule (and its OOD scorer's arrays): int8 must decide the
+    same as fp32 under it."""
+    decision = dict(b.info.decision or {})
+    name = (decision.get("ood") or {}).get("file")
+    if name and b.has_file(name):
+        return DecisionRule(decision, b.tensors(name, "numpy"))
+    return DecisionRule(decision)
 
 
 # -- images for calibration and checks ------------------------------------------------------

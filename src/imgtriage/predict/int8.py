@@ -15,9 +15,13 @@ agreement means no disagreement at all, and 0 disagreements in 30 images still a
 disagreement rate of up to 9.5% (one-sided 95%). So every verdict also records
 ``disagreement_upper95``, the Clopper-Pearson upper bound on the disagreement rate, for a
 reader to judge how strong the evidence was; it is reported, not part of the rule (whose
-bounds are the ones the issue set). The check covers the top-1 class; probabilities move by up
-to ``max_abs_dprob`` (recorded), which can move an image across a confidence or OOD threshold
-fitted on fp32 outputs.
+bounds are the ones the issue set). Top-1 agreement alone is not what a user sees:
+probabilities move by up to ``max_abs_dprob`` (recorded) and the OOD features move too, which
+can carry an image across a confidence or OOD threshold fitted on fp32 outputs. So the check
+also runs the bundle's default decision rule (temperature, confidence thresholds, the OOD
+scorer: :class:`DecisionRule`) on both graphs' outputs, and int8 must also give the same
+decision (the same class answered, or an abstention) on at least ``MIN_AGREEMENT`` of the
+images (``decision_agreement``).
 
 Quantisation modes:
 
@@ -70,12 +74,15 @@ class QuantCheck:
     accepted: bool
     reason: str
     disagreement_upper95: float = 1.0
+    decision_agreement: float | None = None
 
     def summary(self) -> str:
         text = (f"int8 {self.mode} (calibrated on {self.n_calib} training images) vs fp32 on "
                 f"{self.n_images} held-out images: top-1 agreement {self.agreement:.1%} "
                 f"(disagreement <= {self.disagreement_upper95:.1%} at 95% confidence), max "
                 f"|Δprob| {self.max_abs_dprob:.4f}")
+        if self.decision_agreement is not None:
+            text += f", same default decision {self.decision_agreement:.1%}"
         if self.accuracy_fp32 is not None:
             text += (f", accuracy fp32 {self.accuracy_fp32:.1%} / int8 "
                      f"{self.accuracy_int8:.1%}")
@@ -89,9 +96,33 @@ class QuantCheck:
         return block
 
 
+@dataclass(frozen=True)
+class DecisionRule:
+    """A bundle's default decision rule (its manifest's ``decision``) and, when the rule
+    refuses out-of-distribution inputs, the fitted scorer's arrays (``ood.safetensors``)."""
+
+    decision: dict[str, Any]
+    ood_arrays: dict[str, np.ndarray] | None = None
+
+    def outcomes(self, graph: bytes, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Each image's decision under the rule: the class answered, or -1 for an abstention.
+        The OOD score comes from ``graph``'s own ``features`` output (what predict uses)."""
+        from imgtriage.evaluate import DecisionPolicy
+        from imgtriage.evaluate.ood import scorer_from_rule
+
+        policy = DecisionPolicy.from_dict(self.decision)
+        scores = None
+        if policy.ood is not None and policy.abstain and self.ood_arrays is not None:
+            feats = run_graph(graph, x, output="features")
+            scores = scorer_from_rule(policy.ood, self.ood_arrays).score(feats)
+        d = policy.decide(logits.astype(np.float64), scores)
+        return np.where(d.abstained, -1, d.class_id)
+
+
 def judge(agreement: float, acc_fp32: float | None, acc_int8: float | None,
-          n_images: int) -> tuple[bool, str]:
-    """The acceptance rule: ``(accepted, why)``.
+          n_images: int, decisions: float | None = None) -> tuple[bool, str]:
+    """The acceptance rule: ``(accepted, why)``; ``decisions`` is the share of images on which
+    the bundle's default rule decides the same (None: not measured).
 
     Example:
         >>> judge(0.995, 0.90, 0.898, 400)[0]
@@ -112,14 +143,20 @@ def judge(agreement: float, acc_fp32: float | None, acc_int8: float | None,
     if drop > MAX_ACCURACY_DROP * 100 + 1e-9:
         return False, (f"accuracy drops {drop:.2f} points (> {MAX_ACCURACY_DROP * 100:.1f}) on "
                        f"{n_images} held-out images")
+    if decisions is not None and decisions < MIN_AGREEMENT:
+        return False, (f"the default rule decides differently (class or abstention) on "
+                       f"{1 - decisions:.1%} > {1 - MIN_AGREEMENT:.0%} of {n_images} held-out "
+                       "images")
+    same = f", same default decision on {decisions:.1%}" if decisions is not None else ""
     return True, (f"agreement {agreement:.1%} >= {MIN_AGREEMENT:.0%}, accuracy "
-                  f"{acc_fp32:.1%} -> {acc_int8:.1%} ({-drop:+.2f} points) on {n_images} "
-                  "held-out images")
+                  f"{acc_fp32:.1%} -> {acc_int8:.1%} ({-drop:+.2f} points){same} on "
+                  f"{n_images} held-out images")
 
 
-def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: LabelledInputs
-                     ) -> tuple[bytes, QuantCheck]:
-    """Quantise ``graph`` (calibrating on ``calib``), then judge it on ``check``.
+def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: LabelledInputs,
+                     rule: DecisionRule | None = None) -> tuple[bytes, QuantCheck]:
+    """Quantise ``graph`` (calibrating on ``calib``), then judge it on ``check`` (with the
+    bundle's default ``rule``, its decisions too).
 
     Example:
         >>> q, c = quantize_checked(fp32, "static", x_train[:64], held_out)  # doctest: +SKIP
@@ -127,17 +164,21 @@ def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: Labelled
         (True, 'agreement 99.6% >= 99%, accuracy 91.2% -> 91.0% (-0.20 points) on 500 ...')
     """
     q = _quantize(graph, mode, calib)
-    p32, p8 = softmax(run_graph(graph, check.x)), softmax(run_graph(q, check.x))
+    z32, z8 = run_graph(graph, check.x), run_graph(q, check.x)
+    p32, p8 = softmax(z32), softmax(z8)
     top32, top8 = p32.argmax(1), p8.argmax(1)
     acc32 = acc8 = None
     if check.labels is not None:
         acc32 = float((top32 == check.labels).mean())
         acc8 = float((top8 == check.labels).mean())
     agreement = float((top32 == top8).mean())
-    accepted, reason = judge(agreement, acc32, acc8, len(check.x))
+    decisions = None if rule is None else float(
+        (rule.outcomes(graph, check.x, z32) == rule.outcomes(q, check.x, z8)).mean())
+    accepted, reason = judge(agreement, acc32, acc8, len(check.x), decisions)
     return q, QuantCheck(mode, len(calib), len(check.x), agreement,
                          float(np.abs(p32 - p8).max()), acc32, acc8, accepted, reason,
-                         disagreement_upper(int((top32 != top8).sum()), len(check.x)))
+                         disagreement_upper(int((top32 != top8).sum()), len(check.x)),
+                         decisions)
 
 
 def disagreement_upper(k: int, n: int, confidence: float = 0.95) -> float:

@@ -26,9 +26,15 @@ from imgtriage.bundle import Manifest
 from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, graph_outputs
 from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
+from imgtriage.evaluate.ood import OOD_FILE
 from imgtriage.models import WithFeatures, create_model
 from imgtriage.predict.graph import training_graph
-from imgtriage.predict.int8 import MIN_CHECK_IMAGES, LabelledInputs, quantize_checked
+from imgtriage.predict.int8 import (
+    MIN_CHECK_IMAGES,
+    DecisionRule,
+    LabelledInputs,
+    quantize_checked,
+)
 
 PARITY_IMAGES = 16
 CALIB_IMAGES = 64
@@ -92,11 +98,13 @@ def graph_inputs(train: tuple[Any, Sequence[Sample]], val: tuple[Any, Sequence[S
 
 
 def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphInputs,
-                 quantize: str = "none", say: Callable[[str], None] | None = None
+                 quantize: str = "none", say: Callable[[str], None] | None = None,
+                 rule_files: dict[str, bytes] | None = None
                  ) -> tuple[Manifest, dict[str, bytes]]:
     """Export the bundle's model to ``model.onnx`` (and judge an int8 copy unless
     ``quantize="none"``): the manifest with its ``onnx`` block (the graphs, or why there is
-    none) and the files to save beside the weights."""
+    none) and the files to save beside the weights. ``rule_files``: the files of the
+    manifest's decision rule (its OOD scorer), so int8 is judged on the decisions too."""
     m = manifest.model
     model = create_model(m.name, m.num_classes, m.in_chans, **dict(m.kwargs))
     model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
@@ -105,13 +113,13 @@ def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphIn
     if "features" in outputs:  # the OOD rule reads the penultimate features of the same pass
         model = WithFeatures(model)
     files, info = training_graph(model.eval(), manifest, x_check, outputs)
-    files = _int8(files, info, manifest, inputs, quantize, say)
+    files = _int8(files, info, manifest, inputs, quantize, say, rule_files or {})
     return manifest.with_changes(onnx=info), files
 
 
 def _int8(files: dict[str, bytes], info: dict[str, Any], manifest: Manifest,
-          inputs: GraphInputs, quantize: str, say: Callable[[str], None] | None
-          ) -> dict[str, bytes]:
+          inputs: GraphInputs, quantize: str, say: Callable[[str], None] | None,
+          rule_files: dict[str, bytes]) -> dict[str, bytes]:
     """The int8 graph beside the fp32 one when asked for (its verdict decides the default);
     ``info["int8"]`` says what happened, ``{"refused": why}`` when it was not even tried."""
     if quantize == "none" or not files:
@@ -121,7 +129,8 @@ def _int8(files: dict[str, bytes], info: dict[str, Any], manifest: Manifest,
         info["int8"] = {"refused": why or "no images to calibrate and judge int8 on"}
         return files
     try:
-        q, verdict = quantize_checked(files[ONNX_FILE], "static", calib, check)
+        q, verdict = quantize_checked(files[ONNX_FILE], "static", calib, check,
+                                      decision_rule(manifest, rule_files))
     except Exception as exc:  # a quantiser failure keeps fp32, with the reason
         info["int8"] = {"refused": f"quantisation failed: {type(exc).__name__}: {exc}"[:300]}
         return files
@@ -147,3 +156,14 @@ def _cannot_judge(manifest: Manifest, inputs: GraphInputs, quantize: str) -> str
     if inputs.calib is None or inputs.check is None:
         return "no readable training/validation images to calibrate and judge int8 on"
     return None
+
+
+def decision_rule(manifest: Manifest, files: dict[str, bytes]) -> DecisionRule:
+    """The manifest's default rule, with its OOD scorer's arrays when the rule has one."""
+    decision = dict(manifest.decision or {})
+    name = (decision.get("ood") or {}).get("file", OOD_FILE)
+    if not decision.get("ood") or name not in files:
+        return DecisionRule(decision)
+    from safetensors.numpy import load
+
+    return DecisionRule(decision, load(files[name]))

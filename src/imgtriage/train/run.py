@@ -302,7 +302,7 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                                      **cal.manifest_changes())
     state = model.state_dict()
     manifest, graph = attach_graph(manifest, state, info["graph_inputs"], cfg.quantize,
-                                   info["say"])
+                                   info["say"], cal.files)
     # the OOD score joins every graph (fp32 and int8) last: one run gives logits and score
     check = info["graph_inputs"].check
     manifest, files = attach_ood_score(manifest, {**graph, **cal.files},
