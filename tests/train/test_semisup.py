@@ -222,19 +222,19 @@ def test_default_epochs_become_the_semi_supervised_step_budget(labelled, inbox, 
     assert semi_budget(TrainConfig(unlabeled="x", batch_size=32), 250)[0].epochs == 300
     assert semi_budget(TrainConfig(unlabeled="x", batch_size=32), 250, world_size=2
                        )[0].epochs == 600  # 125 images per process: 4 steps an epoch
-    assert semi_budget(TrainConfig(unlabeled="x", batch_size=32, semi_steps=1), 100
-                       )[0].epochs == 1
+    # never fewer epochs than the default: a large labelled set does not train less
+    assert semi_budget(TrainConfig(unlabeled="x", batch_size=32), 50_000)[0].epochs == 10
     # kept as given: --epochs set, --semi-steps 0, or no --unlabeled
     for cfg in (TrainConfig(unlabeled="x", epochs=12), TrainConfig(unlabeled="x", semi_steps=0),
-                TrainConfig()):
+                TrainConfig(unlabeled="x", semi_steps=1), TrainConfig()):
         assert semi_budget(cfg, 100) == (cfg, "")
-    # end to end: 18 labels in batches of 8 are 3 steps an epoch; 7 steps -> 3 epochs
-    cfg = replace(_cfg(inbox), epochs=field_default("epochs"), semi_steps=7)
+    # end to end: 18 labels in batches of 8 are 3 steps an epoch; 31 steps -> 11 epochs
+    cfg = replace(_cfg(inbox), epochs=field_default("epochs"), semi_steps=31)
     train(labelled, tmp_path / "r", cfg, quiet=True)
-    assert len(_log(tmp_path / "r")) == 3
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 3
+    assert len(_log(tmp_path / "r")) == 11
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 11
     why = json.loads((tmp_path / "r" / "run.json").read_text())["model_choice"]
-    assert "3 epochs of 3 step(s), 9 optimiser steps (--semi-steps 7" in why
+    assert "11 epochs of 3 step(s), 33 optimiser steps (--semi-steps 31" in why
 
 
 def test_settings_are_checked_and_named(labelled, tmp_path):

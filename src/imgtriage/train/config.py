@@ -204,8 +204,8 @@ class TrainConfig:
         "pseudo-labelled images trained as strong views) or pseudo_label (online "
         "self-training, weak view only).")
     semi_steps: int = _f(2400, "With --unlabeled and --epochs left at its default: the "
-                               "epochs are set so the run makes this many optimiser steps "
-                               "(the gain needs them: docs/semi-supervised.md); 0 = keep "
+                               "epochs are raised so the run makes at least this many optimiser "
+                               "steps (the gain needs them: docs/semi-supervised.md); 0 = keep "
                                "--epochs. A given --epochs always wins.")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
     pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")

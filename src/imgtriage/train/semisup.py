@@ -448,9 +448,11 @@ def build_semi(cfg: TrainConfig, spec: PreprocessSpec, holdout: Sequence[str],
 
 def semi_budget(cfg: TrainConfig, n_train: int, world_size: int = 1
                 ) -> tuple[TrainConfig, str]:
-    """With ``--unlabeled`` and ``--epochs`` at its default: the epochs that make
+    """With ``--unlabeled`` and ``--epochs`` at its default: the epochs that make at least
     ``--semi-steps`` optimiser steps (an epoch is one pass over this process's share of the
-    labelled training images), and a line saying so; else ``cfg`` unchanged and "".
+    labelled training images; never fewer epochs than the default, so a large labelled set
+    does not train less for having unlabelled images too), and a line saying so; else
+    ``cfg`` unchanged and "".
 
     Example:
         >>> from imgtriage.train.config import TrainConfig
@@ -458,11 +460,15 @@ def semi_budget(cfg: TrainConfig, n_train: int, world_size: int = 1
         600
         >>> semi_budget(TrainConfig(unlabeled="inbox/", epochs=50), 100)[0].epochs
         50
+        >>> semi_budget(TrainConfig(unlabeled="inbox/", batch_size=32), 50_000)[0].epochs
+        10
     """
     if not cfg.unlabeled or cfg.semi_steps == 0 or cfg.epochs != field_default("epochs"):
         return cfg, ""
     per_epoch = max(1, math.ceil(math.ceil(n_train / max(1, world_size)) / cfg.batch_size))
-    epochs = max(1, math.ceil(cfg.semi_steps / per_epoch))
+    epochs = max(cfg.epochs, math.ceil(cfg.semi_steps / per_epoch))
+    if epochs == cfg.epochs:
+        return cfg, ""
     return replace(cfg, epochs=epochs), (
         f"--unlabeled: {epochs} epochs of {per_epoch} step(s), {epochs * per_epoch} "
         f"optimiser steps (--semi-steps {cfg.semi_steps}; the unlabelled images only help "
