@@ -175,3 +175,30 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(predictor, tiny
             assert row2["score"] == pytest.approx(row["score"], abs=1e-5)
         else:
             assert row2 == row
+
+
+def test_a_users_store_is_crash_safe_and_a_runs_throwaway_store_skips_the_syncs(
+        predictor, inbox, tmp_path, monkeypatch):
+    def journal(store: ResultStore) -> tuple[str, int]:
+        return (store.db.execute("PRAGMA journal_mode").fetchone()[0],
+                store.db.execute("PRAGMA synchronous").fetchone()[0])
+
+    with ResultStore.open(tmp_path / "user.sqlite") as store:
+        assert journal(store) == ("wal", 1)  # NORMAL: survives SIGKILL (test above)
+    with ResultStore.open(tmp_path / "temp.sqlite", durable=False) as store:
+        assert journal(store) == ("memory", 0)  # OFF: deleted with the run anyway
+    seen: list[tuple[str, bool]] = []
+    real = ResultStore.open.__func__
+
+    def spy(cls, path, **kw):
+        store = real(cls, path, **kw)
+        seen.append((Path(path).name, journal(store) == ("wal", 1)))
+        return store
+
+    monkeypatch.setattr(ResultStore, "open", classmethod(spy))
+    a = run_batch(predictor, [inbox], output=tmp_path / "a.json")
+    b = run_batch(predictor, [inbox], output=tmp_path / "b.json", store=tmp_path / "s.sqlite")
+    assert seen == [("results.sqlite", False), ("s.sqlite", True)]
+    assert a.n_results == b.n_results > 0
+    ra, rb = (json.loads((tmp_path / n).read_text())["results"] for n in ("a.json", "b.json"))
+    assert ra == rb

@@ -110,7 +110,9 @@ def run_batch(predictor: BasePredictor, paths: Iterable[str | os.PathLike[str]],
     db = store_p or Path(tmpdir or ".") / "results.sqlite"
     t0 = time.perf_counter()
     try:
-        with ResultStore.open(db, identity=identity_of(meta, opts), meta=meta) as rs:
+        # a throw-away store (no --store) needs no crash safety: no WAL, no syncs
+        with ResultStore.open(db, identity=identity_of(meta, opts), meta=meta,
+                              durable=store_p is not None) as rs:
             run_id = rs.begin_run(str(meta.get("backend", "")))
             bar = RunProgress(paths, enabled=progress)
             skip = rs.skip_seen if new_only else rs.skip_done

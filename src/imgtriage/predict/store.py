@@ -10,6 +10,10 @@
   a run that died before that are adopted by the next run, so ``--new-only`` reports lose none.
 - One run at a time: an advisory lock (``<store>.lock``) is held while a run is open; the OS
   releases it when the process dies, however it dies.
+- ``durable=False`` (the throw-away store of a run without ``--store``): no WAL, no syncs. A
+  crash loses nothing that would have survived anyway (the file is deleted with the run), and
+  creating, checkpointing and syncing a WAL database cost 60-80 ms per run on this disk, ~8%
+  of a 64-photo ResNet-18 run.
 
 Example:
     >>> with ResultStore.open("results.sqlite", identity={"bundle_sha256": "ab"}) as store:
@@ -80,7 +84,7 @@ class ResultStore:
     """See the module docstring. Open with :meth:`open`; use as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str], *, commit_rows: int = 256,
-                 commit_seconds: float = 2.0) -> None:
+                 commit_seconds: float = 2.0, durable: bool = True) -> None:
         self.path = Path(path)
         self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
         if self.path.exists() and not self.path.is_file():
@@ -90,8 +94,8 @@ class ResultStore:
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._refuse_foreign()
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(f"PRAGMA journal_mode={'WAL' if durable else 'MEMORY'}")
+            self.db.execute(f"PRAGMA synchronous={'NORMAL' if durable else 'OFF'}")
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path} is not an imgtriage result store ({exc}); give "
