@@ -121,6 +121,21 @@ def test_freeze_backbone_for_every_epoch(arrays):
         _cfg(epochs=3, freeze_backbone=True, freeze_epochs=1)
 
 
+@pytest.mark.parametrize("norm", ["frozen", "train"])
+def test_backbone_norm_frozen_keeps_running_statistics_while_weights_learn(arrays, norm):
+    """--backbone-norm frozen: batch norm runs in eval mode while the weights (its own scale
+    and shift too) train, so its running statistics are exactly the starting ones."""
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, *arrays, _cfg(epochs=1, backbone_norm=norm), show_progress=False)
+    now = model.state_dict()
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    assert all(torch.equal(now[k], start[k]) for k in stats) == (norm == "frozen")
+    learned = [k for k in start if k.endswith("weight") and not k.startswith("head.")]
+    assert all(not torch.equal(now[k], start[k]) for k in learned)
+
+
 @pytest.mark.parametrize("opts", [
     {"amp": "on", "channels_last": "on"},
     {"optimizer": "sgd", "lr": 0.05, "schedule": "plateau", "grad_clip": 1.0},

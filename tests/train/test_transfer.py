@@ -88,9 +88,18 @@ def test_frozen_backbone_trains_the_head_on_cached_embeddings(rgb_folder, tmp_pa
     assert again.metrics["val_accuracy"] == res.metrics["val_accuracy"]
 
 
-def test_head_first_then_fine_tuning(rgb_folder, tmp_path, lite_installed):
+def test_head_first_then_fine_tuning(rgb_folder, tmp_path, lite_installed, monkeypatch):
+    from imgtriage.train import run as run_mod
     from imgtriage.train.run import train
 
+    tuned_states = []
+
+    def spy(head, tuned, metric):
+        tuned_states.append(tuned.best_state)
+        return combine(head, tuned, metric)
+
+    combine = run_mod.combine
+    monkeypatch.setattr(run_mod, "combine", spy)
     cfg = tiny_cfg(model="efficientnet_lite0", img_size=32, model_kwargs={}, epochs=2,
                    freeze_epochs=1, head_epochs=5, embed_cache="off")
     train(rgb_folder, tmp_path / "run", cfg, quiet=True)
@@ -99,6 +108,22 @@ def test_head_first_then_fine_tuning(rgb_folder, tmp_path, lite_installed):
     assert len(head) == 5 and len(tuned) == 1
     cfg_saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg_saved["freeze_epochs"] == 1 and cfg_saved["epochs"] == 2
+    # --backbone-norm auto: the fine-tuned weights keep the pretrained batch-norm statistics
+    # the cached head was fitted on, while the weights themselves moved
+    (tuned,) = tuned_states
+    ref = create_model("efficientnet_lite0", 3, pretrained="auto").state_dict()
+    stats = [k for k in ref if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(tuned[k], ref[k]) for k in stats)
+    assert not torch.equal(tuned["conv_head.weight"], ref["conv_head.weight"])
+
+
+def test_finetune_norm_is_frozen_only_after_a_cached_head():
+    from imgtriage.train.transfer import finetune_norm
+
+    assert finetune_norm(tiny_cfg(), head=True) == "frozen"
+    assert finetune_norm(tiny_cfg(), head=False) == "train"
+    assert finetune_norm(tiny_cfg(backbone_norm="train"), head=True) == "train"
+    assert finetune_norm(tiny_cfg(backbone_norm="frozen"), head=False) == "frozen"
 
 
 def test_auto_picks_the_pretrained_recipe_for_rgb_and_says_why(rgb_folder, tmp_path,

@@ -54,6 +54,7 @@ class LoopState:
     stopped_early: bool = False
     is_main: bool = True
     frozen_norm: bool = False  # keep the backbone's batch-norm layers in eval mode
+    # (--backbone-norm frozen, or a backbone frozen for the whole run)
     extras: dict[str, Any] = field(default_factory=dict)
     semi: Any = None  # the semi-supervised extension (train/semisup.py), saved with the state
     objective: Any = None  # what is trained when not classification (train/objective.py)
@@ -129,7 +130,7 @@ class FreezeBackbone(Callback):
         self.frozen: bool | None = None
 
     def on_fit_start(self, state: LoopState) -> None:
-        state.frozen_norm = self.permanent
+        state.frozen_norm = self.permanent or state.frozen_norm
 
     def on_epoch_start(self, state: LoopState) -> None:
         from imgtriage.train.optim import set_backbone_frozen

@@ -171,6 +171,13 @@ class TrainConfig:
     freeze_stages: int = _f(0, "Keep the stem and the first N stages of the backbone frozen "
                                "for the whole run (no backward through them: cheaper "
                                "fine-tuning; 0 = train every layer).")
+    backbone_norm: str = _f("auto", "Batch-norm statistics of the backbone while it trains: "
+                                    "auto (frozen when fine-tuning starts from a head "
+                                    "trained on cached embeddings: that head was fitted on "
+                                    "the pretrained statistics, and a new domain's batch "
+                                    "statistics invalidate it at once; else train), frozen "
+                                    "(eval mode: running statistics kept, scale and shift "
+                                    "still learn) or train.")
     head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
                               "epochs of the head on cached embeddings (each image goes "
                               "through the frozen backbone once; an epoch takes a fraction "
@@ -322,7 +329,7 @@ def _check_choices(c: TrainConfig) -> None:
                "optimizer": ("adamw", "sgd"), "schedule": SCHEDULES,
                "lr_scaling": ("linear", "sqrt"), "amp": TRI_STATE,
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
-               "quantize": QUANTIZE_MODES,
+               "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)

@@ -175,7 +175,7 @@ def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
         semi.bind(steps_per_epoch * cfg.epochs)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     state = LoopState(cfg, model, opt, schedule, sampler, ema, is_main=dist.is_main, semi=semi,
-                      objective=objective)
+                      objective=objective, frozen_norm=cfg.backbone_norm == "frozen")
     autocast, scaler = _precision(cfg, device)
     aug, mixer = _policies(cfg, conservative)
     n_val = len(val) if val else 0

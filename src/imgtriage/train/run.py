@@ -66,7 +66,13 @@ from imgtriage.train.onnx_step import PARITY_IMAGES, GraphInputs, attach_graph, 
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
 from imgtriage.train.semisup import SemiSupervised, build_semi, count_files, semi_budget
-from imgtriage.train.transfer import cached_head_applies, combine, embed_splits, train_head
+from imgtriage.train.transfer import (
+    cached_head_applies,
+    combine,
+    embed_splits,
+    finetune_norm,
+    train_head,
+)
 
 
 @dataclass(frozen=True)
@@ -465,9 +471,11 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         if cfg.freeze_backbone:
             return _finish_head(run, data, cfg, (ds, parts), spec, plan, head, reason, say, t0)
         say(f"fine-tuning the whole network for {cfg.epochs - cfg.freeze_epochs} epoch(s) "
-            f"from that head (--layer-decay {cfg.layer_decay:g})")
-    fit_cfg = cfg if head is None else replace(cfg, freeze_epochs=0,
-                                               epochs=cfg.epochs - cfg.freeze_epochs)
+            f"from that head (--layer-decay {cfg.layer_decay:g}, batch-norm statistics "
+            f"{finetune_norm(cfg, head=True)})")
+    fit_cfg = cfg if head is None else replace(
+        cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
+        backbone_norm=finetune_norm(cfg, head=True))
     src = _sources(data, parts, ds.classes, spec, cfg, info, say)
     tr, va, defects, mode = src.train, src.val, src.defects, src.mode
     lplan = plan_loss(cfg, tr.labels, len(ds.classes))

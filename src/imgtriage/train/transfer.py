@@ -146,6 +146,17 @@ def fit_head(head: nn.Linear, tr: Embedded, va: Embedded | None, cfg: TrainConfi
     return FitResult(copy.deepcopy(head.state_dict()), best_epoch, history, lplan.to_dict())
 
 
+def finetune_norm(cfg: TrainConfig, *, head: bool) -> str:
+    """``--backbone-norm`` resolved: auto is frozen when fine-tuning starts from a head trained
+    on cached embeddings. That head was fitted on features normalised by the pretrained
+    running statistics; batch statistics of another domain change every feature before any
+    weight moves (grey magnetic tiles: the head's validation loss went from 0.24 to 95 in
+    one training-mode forward pass, and fine-tuning diverged; docs/benchmarks.md)."""
+    if cfg.backbone_norm != "auto":
+        return cfg.backbone_norm
+    return "frozen" if head else "train"
+
+
 def backbone_id(plan: WeightsPlan, in_chans: int, model_kwargs: dict[str, Any] | None = None
                 ) -> str:
     """What identifies the frozen backbone in the cache key: arch, weights hash, channels and
@@ -215,4 +226,4 @@ def labels_of(parts: dict[str, list], classes: Sequence[str]) -> np.ndarray:
 
 
 __all__: list[Any] = ["backbone_id", "cached_head_applies", "combine", "embed_splits",
-                      "fit_head", "labels_of", "train_head"]
+                      "finetune_norm", "fit_head", "labels_of", "train_head"]
