@@ -174,6 +174,14 @@ def test_gallery_bundle_through_the_predictor_api(trained, gallery_copy, tmp_pat
         Predictor.load(gallery_copy, backend="tensorrt")
 
 
+def test_export_says_a_gallery_already_carries_its_graph(gallery_copy):
+    from imgtriage.predict.export import export_onnx
+
+    assert load_bundle(gallery_copy).info.block("onnx")["output"] == "embedding"
+    with pytest.raises(ConfigError, match="gallery create"):
+        export_onnx(gallery_copy)
+
+
 def test_cli_add_list_remove_rule(trained, gallery_copy):
     _, root = trained
     sevens = sorted(str(p) for p in (root / "new" / "d7").glob("*.png"))

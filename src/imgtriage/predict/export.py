@@ -74,6 +74,11 @@ def export_onnx(bundle: str | os.PathLike[str], config: ExportConfig | None = No
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     b = load_bundle(bundle)
+    if b.info.kind == "gallery":
+        raise ConfigError(f"{b.path} is a gallery bundle: it carries its encoder's verified "
+                          "ONNX graph from the moment it is made (the manifest's 'onnx'), and "
+                          "predict/serve run it; a gallery saved without one gets it from "
+                          "`imgtriage gallery create BUNDLE DATA -o NEW`")
     if b.info.kind != "classifier":
         raise ConfigError(f"{b.path} is a {b.info.kind!r} bundle; export the "
                           "classifier bundles it contains instead")
