@@ -44,7 +44,7 @@ import numpy as np
 from imgtriage.bundle.graph import INT8_FILE
 from imgtriage.bundle.store import sha256_bytes
 from imgtriage.errors import require
-from imgtriage.predict.ort_session import run_graph, softmax
+from imgtriage.predict.ort_session import run_outputs, softmax
 
 MAX_ACCURACY_DROP = 0.005  # 0.5 points of top-1 accuracy
 MIN_AGREEMENT = 0.99
@@ -104,17 +104,22 @@ class DecisionRule:
     decision: dict[str, Any]
     ood_arrays: dict[str, np.ndarray] | None = None
 
-    def outcomes(self, graph: bytes, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    @property
+    def needs_features(self) -> bool:
+        """Whether the rule scores the graph's ``features`` output (an OOD rule that refuses)."""
+        ood = self.decision.get("ood")
+        return bool(ood and self.decision.get("abstain") and self.ood_arrays is not None)
+
+    def outcomes(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Each image's decision under the rule: the class answered, or -1 for an abstention.
-        The OOD score comes from ``graph``'s own ``features`` output (what predict uses)."""
+        The OOD score comes from the same graph's ``features`` (what predict uses)."""
         from imgtriage.evaluate import DecisionPolicy
         from imgtriage.evaluate.ood import scorer_from_rule
 
         policy = DecisionPolicy.from_dict(self.decision)
         scores = None
-        if policy.ood is not None and policy.abstain and self.ood_arrays is not None:
-            feats = run_graph(graph, x, output="features")
-            scores = scorer_from_rule(policy.ood, self.ood_arrays).score(feats)
+        if self.needs_features and policy.ood is not None and self.ood_arrays is not None:
+            scores = scorer_from_rule(policy.ood, self.ood_arrays).score(features)
         d = policy.decide(logits.astype(np.float64), scores)
         return np.where(d.abstained, -1, d.class_id)
 
@@ -164,7 +169,9 @@ def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: Labelled
         (True, 'agreement 99.6% >= 99%, accuracy 91.2% -> 91.0% (-0.20 points) on 500 ...')
     """
     q = _quantize(graph, mode, calib)
-    z32, z8 = run_graph(graph, check.x), run_graph(q, check.x)
+    names = ("logits", "features") if rule is not None and rule.needs_features else ("logits",)
+    out32, out8 = run_outputs(graph, check.x, names), run_outputs(q, check.x, names)  # one pass
+    z32, z8 = out32[0], out8[0]
     p32, p8 = softmax(z32), softmax(z8)
     top32, top8 = p32.argmax(1), p8.argmax(1)
     acc32 = acc8 = None
@@ -173,7 +180,7 @@ def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: Labelled
         acc8 = float((top8 == check.labels).mean())
     agreement = float((top32 == top8).mean())
     decisions = None if rule is None else float(
-        (rule.outcomes(graph, check.x, z32) == rule.outcomes(q, check.x, z8)).mean())
+        (rule.outcomes(*out32) == rule.outcomes(*out8)).mean())
     accepted, reason = judge(agreement, acc32, acc8, len(check.x), decisions)
     return q, QuantCheck(mode, len(calib), len(check.x), agreement,
                          float(np.abs(p32 - p8).max()), acc32, acc8, accepted, reason,

@@ -7,6 +7,7 @@ Nothing here imports onnxruntime at module level: the ONNX predict path imports 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,13 @@ def run_graph(graph: bytes, x: np.ndarray, batch: int = 16, output: str = "logit
               features: np.ndarray | None = None) -> np.ndarray:
     """One named output of an ONNX graph on ``x`` (and ``features`` for a two-input fusion
     graph); a plain session, for checks, not speed."""
+    return run_outputs(graph, x, (output,), batch, features)[0]
+
+
+def run_outputs(graph: bytes, x: np.ndarray, outputs: Sequence[str], batch: int = 16,
+                features: np.ndarray | None = None) -> list[np.ndarray]:
+    """Several named outputs of an ONNX graph from one pass over ``x`` (see :func:`run_graph`).
+    """
     ort = require("onnxruntime", "onnx")
     sess = ort.InferenceSession(graph, session_options(usable_cores()),
                                 providers=["CPUExecutionProvider"])
@@ -52,7 +60,8 @@ def run_graph(graph: bytes, x: np.ndarray, batch: int = 16, output: str = "logit
             d[FEATURES_INPUT] = np.ascontiguousarray(features[i:i + batch], dtype=np.float32)
         return d
 
-    return np.concatenate([sess.run([output], feed(i))[0] for i in range(0, len(x), batch)])
+    parts = [sess.run(list(outputs), feed(i)) for i in range(0, len(x), batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
