@@ -114,6 +114,7 @@ class TorchBackend:
     name = "torch"
     precision = "fp32"
     batch_size = 32
+    has_ood_score = False  # the OOD score is computed from with_features in NumPy
 
     def __init__(self, bundle: Bundle, device: str = "cpu",
                  num_threads: int | None = None) -> None:
