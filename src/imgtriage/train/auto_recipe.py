@@ -10,7 +10,9 @@ fills in what the user left at its default, each with the sentence that explains
   earlier stages slower by ``--layer-decay``, the stem and first 2 stages frozen
   (``--freeze-stages``: they would move little under layer decay, and no backward through
   them makes a step ~1.4x cheaper), label smoothing, the modality's flips + one light random
-  op per image) at a training resolution chosen by :func:`plan_finetune`: the
+  op per image, batch-norm statistics kept as the pretrained ones the head was fitted on
+  (``--backbone-norm auto``: training-mode batch norm on grey tiles made the head's loss
+  ~95 before any weight moved)) at a training resolution chosen by :func:`plan_finetune`: the
   largest side up to the weights' own that the source images justify (at most
   ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 128, not 224) at which
   at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
