@@ -15,6 +15,11 @@ runs what that user runs:
   bench: the command's default 10 x 100 took ~8 minutes per run on the loaded machine, and
   on 1-5 photos per class the training accuracy is 1.0 after the first epoch);
 
+* ``episodic-seen`` (with ``--seen DIR``, e.g. other classes of the same modality): the
+  Siamese encoder trained once per round on ``DIR`` (``train_fewshot``, the same recipe),
+  then ``imgtriage gallery create ENCODER SUPPORT`` enrols the K photos per class through it
+  -- the signal lab's flow (train on the classes you have, enrol new ones);
+
 then ``Predictor.load(bundle).predict_paths([test/])`` answers all 1,000 test photos
 (10-way). Reported per arm and K: accuracy of the best-matching class (closed set, as if no
 threshold), the share answered under the bundle's threshold (coverage) and the accuracy of
@@ -67,23 +72,45 @@ def _score(report: dict, test: Path) -> dict[str, float]:
             "n_test": len(rows), "defects": len(report["defects"])}
 
 
-def run_arm(arm: str, support: Path, test: Path, out: Path, seed: int, threads: int,
-            episodic: tuple[int, int] = (4, 40)) -> dict:
+def _config(arm: str, seed: int, threads: int, episodic: tuple[int, int]) -> object:
     from dataclasses import replace
 
-    from imgtriage.predict import Predictor
-    from imgtriage.train.fewshot import FewShotConfig, train_fewshot
+    from imgtriage.train.fewshot import FewShotConfig
 
     cfg = FewShotConfig(encoder=arm, seed=seed, num_threads=threads)
     if arm == "episodic":
         cfg = replace(cfg, epochs=episodic[0], episodes=episodic[1])
+    return cfg
+
+
+def train_seen(seen: Path, out: Path, seed: int, threads: int, episodic: tuple[int, int]
+               ) -> tuple[Path, float]:
+    """The episodic encoder trained on the ``--seen`` classes: (its bundle, seconds)."""
+    from imgtriage.train.fewshot import train_fewshot
+
     t0 = time.perf_counter()
-    res = train_fewshot(support, out, cfg, quiet=True)
+    res = train_fewshot(seen, out, _config("episodic", seed, threads, episodic), quiet=True)
+    return res.bundle_path, time.perf_counter() - t0
+
+
+def run_arm(arm: str, support: Path, test: Path, out: Path, seed: int, threads: int,
+            episodic: tuple[int, int] = (4, 40), encoder: Path | None = None) -> dict:
+    from imgtriage.predict import Predictor
+    from imgtriage.predict.gallery_edit import create_gallery
+    from imgtriage.train.fewshot import train_fewshot
+
+    t0 = time.perf_counter()
+    if arm == "episodic-seen":  # enrol the support through the encoder trained on --seen
+        bundle = create_gallery(encoder, support, out / "bundle").path
+        rule, enrolled = "no threshold (gallery create)", None
+    else:
+        res = train_fewshot(support, out, _config(arm, seed, threads, episodic), quiet=True)
+        bundle, rule, enrolled = res.bundle_path, res.rule, res.metrics.get("train_count")
     t1 = time.perf_counter()
-    report = Predictor.load(res.bundle_path, num_threads=threads).predict_paths([test])
+    report = Predictor.load(bundle, num_threads=threads).predict_paths([test])
     t2 = time.perf_counter()
     return {**_score(report, test), "build_s": t1 - t0, "predict_s": t2 - t1,
-            "threshold": res.rule, "enrolled": res.metrics.get("train_count")}
+            "threshold": rule, "enrolled": enrolled}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -105,10 +132,11 @@ def summarise(rows: list[dict]) -> dict:
         for r in rows:
             if r["shots"] == k:
                 pairs[r["round"]][r["arm"]] = r["accuracy"]
-        diff = [p["pretrained"] - p["episodic"] for p in pairs.values()
-                if "pretrained" in p and "episodic" in p]
-        if diff:
-            out[f"pretrained - episodic {k}-shot accuracy"] = _stats(diff)
+        for other in ("episodic", "episodic-seen"):
+            diff = [p["pretrained"] - p[other] for p in pairs.values()
+                    if "pretrained" in p and other in p]
+            if diff:
+                out[f"pretrained - {other} {k}-shot accuracy"] = _stats(diff)
     return out
 
 
@@ -121,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--episodic-epochs", type=int, default=4)
     ap.add_argument("--episodic-episodes", type=int, default=40)
+    ap.add_argument("--seen", type=Path, default=None,
+                    help="class folders to train the episodic-seen arm's encoder on")
     ap.add_argument("--out", type=Path, default=Path("/tmp/imgtriage-bench-gallery.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the imgtriage command sets it
@@ -129,14 +159,22 @@ def main(argv: list[str] | None = None) -> dict:
     test = args.data / "test"
     load0, rows = os.getloadavg()[0], []
     with tempfile.TemporaryDirectory(prefix="bench-gallery-") as tmp:
+        episodic = (args.episodic_epochs, args.episodic_episodes)
         for rnd in range(args.rounds):
+            encoder, seen_s = None, None
+            if "episodic-seen" in arms:
+                if args.seen is None:
+                    raise SystemExit("the episodic-seen arm needs --seen DIR")
+                encoder, seen_s = train_seen(args.seen, Path(tmp) / f"r{rnd}-seen", rnd,
+                                             args.threads, episodic)
             for k in shots:
                 support = _draw(args.data, k, rnd, Path(tmp) / f"r{rnd}-k{k}" / "support")
                 for arm in (arms if rnd % 2 == 0 else arms[::-1]):  # alternate the order
                     row = {"round": rnd, "shots": k, "arm": arm, "load_1min": os.getloadavg()[0],
                            **run_arm(arm, support, test, Path(tmp) / f"r{rnd}-k{k}" / arm,
-                                     rnd, args.threads,
-                                     (args.episodic_epochs, args.episodic_episodes))}
+                                     rnd, args.threads, episodic, encoder)}
+                    if arm == "episodic-seen":
+                        row["train_seen_s"] = seen_s
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     result = {"data": str(args.data), "rounds": args.rounds, "shots": shots, "arms": arms,
