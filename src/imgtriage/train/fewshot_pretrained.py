@@ -42,9 +42,9 @@ __all__ = ["choose_encoder", "enrol_pretrained"]
 WHY_PRETRAINED = ("colour photos and the ImageNet weights installed: enrolling them through "
                   "the pretrained {b} needs no training and beats an encoder trained on a few "
                   "photos (CIFAR-10, 5 photos per class: 56% against 20%, docs/benchmarks.md)")
-WHY_EPISODIC = ("{c}-channel images: an encoder trained on them (on grey SAR chips the "
-                "pretrained one was no better on new classes and answers 224-px inputs; "
-                "--encoder pretrained to use it anyway)")
+WHY_EPISODIC = ("{c}-channel images: an encoder trained on them (on grey SAR chips one "
+                "trained on other classes beat the pretrained one on new classes, 5-shot 70% "
+                "against 66%, docs/benchmarks.md; --encoder pretrained to use it anyway)")
 
 
 def choose_encoder(cfg: FewShotConfig, in_chans: int) -> tuple[str | None, str]:
