@@ -20,7 +20,7 @@ from imgtriage.train.auto import ImageProbe, choose_model
 from imgtriage.train.callbacks import Callback
 from imgtriage.train.config import TrainConfig, field_default
 from imgtriage.train.run import train
-from imgtriage.train.semisup import UnlabeledStream, semi_budget
+from imgtriage.train.semisup import UnlabeledStream, semi_budget, semi_teacher
 
 from .conftest import tiny_cfg, write_imbalanced_folder
 
@@ -235,6 +235,12 @@ def test_default_epochs_become_the_semi_supervised_step_budget(labelled, inbox, 
     assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 11
     why = json.loads((tmp_path / "r" / "run.json").read_text())["model_choice"]
     assert "11 epochs of 3 step(s), 33 optimiser steps (--semi-steps 31" in why
+    # the teacher of the default method is the measured weight average, unless given
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["ema_decay"] == 0.99
+    assert "teacher is a weight average (--ema-decay 0.99" in why
+    assert semi_teacher(TrainConfig(unlabeled="x", ema_decay=0.9)) == (
+        TrainConfig(unlabeled="x", ema_decay=0.9), "")
+    assert semi_teacher(TrainConfig()) == (TrainConfig(), "")
 
 
 def test_settings_are_checked_and_named(labelled, tmp_path):

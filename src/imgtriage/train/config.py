@@ -156,7 +156,8 @@ class TrainConfig:
     lr_scaling: str = _f("linear", "How --lr-ref-batch scales the LR: linear or sqrt.")
     grad_clip: float = _f(0.0, "Clip the gradient norm to this value (0 = off).")
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the weights with this "
-                               "decay (e.g. 0.999) and validate/save it (0 = off).")
+                               "decay (e.g. 0.999) and validate/save it (0 = off; with "
+                               "--unlabeled and a teacher method: 0.99).")
     patience: int = _f(0, "Early stopping: epochs without improvement of --select-metric "
                           "(0 = off).")
     min_delta: float = _f(0.0, "Smallest change of --select-metric counted as improvement.")
@@ -215,7 +216,8 @@ class TrainConfig:
                                "steps (the gain needs them: docs/semi-supervised.md); 0 = keep "
                                "--epochs. A given --epochs always wins.")
     unlabeled_ratio: int = _f(3, "Unlabelled images per labelled image in each step.")
-    pseudo_threshold: float = _f(0.95, "Confidence a pseudo-label needs to be trained on.")
+    pseudo_threshold: float = _f(0.9, "Confidence a pseudo-label needs to be trained on "
+                                         "(0.9: what the issue-20 measurements used).")
     unlabeled_weight: float = _f(1.0, "Weight of the unlabelled loss against the labelled one.")
     pseudo_threshold_mode: str = _f("fixed", "fixed: every pseudo-label needs "
                                              "--pseudo-threshold; flex: per-class thresholds "

@@ -65,7 +65,13 @@ from imgtriage.train.losses import plan_loss
 from imgtriage.train.onnx_step import PARITY_IMAGES, GraphInputs, attach_graph, graph_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
-from imgtriage.train.semisup import SemiSupervised, build_semi, count_files, semi_budget
+from imgtriage.train.semisup import (
+    SemiSupervised,
+    build_semi,
+    count_files,
+    semi_budget,
+    semi_teacher,
+)
 from imgtriage.train.transfer import (
     cached_head_applies,
     combine,
@@ -366,7 +372,8 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
     cfg, reason = _resolve(cfg, counts, probe_images(parts["train"]), len(parts.get("val", [])),
                            info.distributed)
     cfg, budget = semi_budget(cfg, len(parts["train"]), info.world_size)
-    reason = f"{reason}; {budget}" if budget else reason
+    cfg, teacher = semi_teacher(cfg)
+    reason = "; ".join(x for x in (reason, budget, teacher) if x)
     if info.is_main:
         write_split_manifest(ds, run / "splits.csv")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -475,6 +475,33 @@ def semi_budget(cfg: TrainConfig, n_train: int, world_size: int = 1
         f"with enough steps; --epochs overrides)")
 
 
+SEMI_EMA_DECAY = 0.99  # the weight average every issue-20 measurement used (docs/benchmarks.md)
+TEACHER_METHODS = ("fixmatch_ema", "self_training", "noisy_student")
+
+
+def semi_teacher(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """With ``--unlabeled``, a method whose pseudo-labels come from a teacher, and
+    ``--ema-decay`` left at its default (off): a weight average of ``SEMI_EMA_DECAY`` as the
+    teacher (the measured recipe; without it the teacher is the current weights, whose
+    pseudo-labels swing from step to step), and a line saying so; else ``cfg`` and "".
+
+    Example:
+        >>> from imgtriage.train.config import TrainConfig
+        >>> semi_teacher(TrainConfig(unlabeled="inbox/"))[0].ema_decay
+        0.99
+        >>> semi_teacher(TrainConfig(unlabeled="inbox/", ema_decay=0.9))[0].ema_decay
+        0.9
+        >>> semi_teacher(TrainConfig(unlabeled="inbox/", semi_method="fixmatch"))[0].ema_decay
+        0.0
+    """
+    if (not cfg.unlabeled or cfg.semi_method not in TEACHER_METHODS
+            or cfg.ema_decay != field_default("ema_decay")):
+        return cfg, ""
+    return replace(cfg, ema_decay=SEMI_EMA_DECAY), (
+        f"--unlabeled: the teacher is a weight average (--ema-decay {SEMI_EMA_DECAY:g}; "
+        "give --ema-decay to choose another)")
+
+
 def count_files(folder: str | os.PathLike[str]) -> int:
     """How many files the unlabelled folder holds (for ``--model auto``'s sentence)."""
     root = Path(folder)
