@@ -472,17 +472,16 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
     if plan.note:
         say(f"weights: {plan.note}")
-    head = None
+    head, fit_cfg = None, cfg
     if cached_head_applies(cfg, plan, info.distributed):
         head = _head_phase(run, parts, ds.classes, spec, cfg, plan, say, quiet)
         if cfg.freeze_backbone:
             return _finish_head(run, data, cfg, (ds, parts), spec, plan, head, reason, say, t0)
-        say(f"fine-tuning the whole network for {cfg.epochs - cfg.freeze_epochs} epoch(s) "
-            f"from that head (--layer-decay {cfg.layer_decay:g}, batch-norm statistics "
-            f"{finetune_norm(cfg, head=True)})")
-    fit_cfg = cfg if head is None else replace(
-        cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
-        backbone_norm=finetune_norm(cfg, head=True))
+        fit_cfg = replace(cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
+                          backbone_norm=finetune_norm(cfg, head=True))
+        say(f"fine-tuning the whole network for {fit_cfg.epochs} epoch(s) from that head "
+            f"(--layer-decay {cfg.layer_decay:g}, batch-norm statistics "
+            f"{fit_cfg.backbone_norm})")
     src = _sources(data, parts, ds.classes, spec, cfg, info, say)
     tr, va, defects, mode = src.train, src.val, src.defects, src.mode
     lplan = plan_loss(cfg, tr.labels, len(ds.classes))
