@@ -10,13 +10,19 @@ Arms, run in interleaved rounds (round 1: every arm, round 2: every arm, ...):
 - ``svm``: scikit-learn PCA (100 components, whitened) + RBF SVM on raw pixels (CIFAR 32x32 RGB;
   tiles 64x64 grey; class_weight balanced), fitted on train+val, scored on the same test split.
 
+The imgtriage arms also report, outside the timed wall, the test accuracy with the flip
+views the bundle's manifest names (``imgtriage evaluate --tta``: an option, not the default).
+
 Wall times are from the folder to the report (subprocess commands for the imgtriage arms:
 imports, discovery, decoding, embedding, training, bundle, evaluation). Reports medians
 (min-max) over the rounds.
 
 Tasks: ``cifar`` (``../shared/datasets/cifar10-small``: train/ 5,000, test/ 1,000; the
 validation split is carved from train) and ``tiles`` (magnetic-tile: Free = safe, every
-defect kind = unsafe; a seeded stratified 60/20/20 train/val/test manifest shared by all arms)::
+defect kind = unsafe; a seeded stratified 60/20/20 train/val/test manifest shared by all arms;
+the imgtriage arms also report the safe-unsafe recipe's recall-first rule: the p(unsafe)
+threshold for 95% unsafe recall on validation, and the test split's unsafe recall and
+false-alarm rate under it, outside the timed wall)::
 
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_transfer.py cifar --rounds 3
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_transfer.py tiles --rounds 3
@@ -98,10 +104,34 @@ def run_imgtriage(arm: str, data: Path, task: str, out: Path, threads: int) -> d
            "epochs": cfg["epochs"], "freeze_backbone": cfg["freeze_backbone"],
            "img_size": cfg["img_size"],
            "choice": json.loads((run / "run.json").read_text())["model_choice"]}
+    # not timed: the same bundle with the flip views its manifest carries (`evaluate --tta`)
+    subprocess.run([*EXE, "evaluate", str(run / "bundle"), str(target), *test, "--tta",
+                    "--out", str(run / "eval-tta")], check=True, env=env)
+    tta = json.loads((run / "eval-tta" / "report.json").read_text())["metrics"]
+    res.update(accuracy_tta=tta["accuracy"], balanced_accuracy_tta=tta["balanced_accuracy"])
     if task == "tiles":
         res["roc_auc_unsafe"] = next(p["roc_auc"] for p in rep["per_class"]
                                      if p["class"] == "unsafe")
+        res.update(recall_rule(run, env))
     return res
+
+
+def recall_rule(run: Path, env: dict) -> dict:
+    """The safe-unsafe recipe's recall-first rule on the trained bundle (not timed): the
+    threshold on p(unsafe) that gives 95% unsafe recall on the validation split
+    (``imgtriage calibrate --threshold-strategy target_recall``), then the test split's unsafe
+    recall and false-alarm rate (safe tiles answered unsafe) under it."""
+    bundle, splits = run / "bundle", run / "splits.csv"
+    subprocess.run([*EXE, "calibrate", str(bundle), str(splits), "--split", "val",
+                    "--profile", "recall", "--make-default", "--threshold-strategy",
+                    "target_recall", "--target", "0.95", "--positive-class", "unsafe"],
+                   check=True, env=env)
+    subprocess.run([*EXE, "evaluate", str(bundle), str(splits), "--split", "test", "--out",
+                    str(run / "eval-recall")], check=True, env=env)
+    d = json.loads((run / "eval-recall" / "report.json").read_text())["decision"]
+    per = {p["class"]: p for p in d["per_class"]}
+    return {"rule_unsafe_recall": per["unsafe"]["recall"],
+            "rule_false_alarm_rate": 1.0 - per["safe"]["recall"]}
 
 
 def _pixels(paths: list[str], task: str) -> np.ndarray:

@@ -228,3 +228,49 @@ def test_combine_keeps_the_head_when_fine_tuning_lost():
     tuned = combine(head, better)
     assert tuned.best_epoch == 3 and float(tuned.best_state["w"]) == 1.0
     assert tuned.history[2]["phase"] == "finetune"
+
+
+def test_lr_check_trips_only_on_the_first_epoch_that_undid_the_head():
+    from types import SimpleNamespace
+
+    from imgtriage.train.transfer import LR_CHECK_RATIO, LrCheck, lr_check_applies
+
+    def seen(head_loss, epoch, loss):
+        check = LrCheck(head_loss)
+        state = SimpleNamespace(epoch=epoch, metrics={"val_loss": loss}, stop=False)
+        check.on_epoch_end(state)
+        assert state.stop == check.tripped
+        return check
+
+    assert seen(0.3, 1, 0.3 * LR_CHECK_RATIO * 1.01).tripped
+    kept = seen(0.3, 1, 0.3 * LR_CHECK_RATIO * 0.99)
+    assert not kept.tripped and "kept" in kept.line(1e-3)
+    assert not seen(0.3, 2, 9.0).tripped  # later epochs are the schedule's business
+    assert not seen(None, 1, 9.0).tripped  # no validation: nothing to compare
+    assert "restarts from the head at lr 0.0001" in seen(0.3, 1, 9.0).line(1e-3)
+    # auto: only from a cached head, and only with an epoch left for the restart
+    assert lr_check_applies(tiny_cfg(epochs=3, freeze_epochs=1), head=True)
+    assert not lr_check_applies(tiny_cfg(epochs=2, freeze_epochs=1), head=True)
+    assert not lr_check_applies(tiny_cfg(epochs=3, freeze_epochs=1), head=False)
+    assert not lr_check_applies(tiny_cfg(epochs=3, freeze_epochs=1, lr_check="off"), head=True)
+
+
+@pytest.mark.parametrize(("lr", "tripped"), [(5.0, True), (1e-7, False)])
+def test_fine_tuning_restarts_from_the_head_when_the_rate_undid_it(rgb_folder, tmp_path,
+                                                                   lite_installed, lr, tripped):
+    from imgtriage.train.run import train
+
+    cfg = tiny_cfg(model="efficientnet_lite0", img_size=32, model_kwargs={}, epochs=3,
+                   freeze_epochs=1, head_epochs=5, embed_cache="off", lr=lr,
+                   checkpoint_every=0)
+    train(rgb_folder, tmp_path / "run", cfg, quiet=True)
+    run = tmp_path / "run"
+    done = json.loads((run / "run.json").read_text())["finetune"]
+    tuned = (run / "metrics.jsonl").read_text().splitlines()
+    if tripped:  # lr 5 wrecks the head in one epoch: the one epoch left restarts at lr 0.5
+        assert done["lr"] == pytest.approx(0.5) and done["epochs"] == 1
+        assert "undid the head" in done["lr_check"] and len(tuned) == 1
+        assert len((run / "metrics_lr_check.jsonl").read_text().splitlines()) == 1
+    else:
+        assert done["lr"] == lr and done["epochs"] == 2 and len(tuned) == 2
+        assert "kept" in done["lr_check"] and not (run / "metrics_lr_check.jsonl").exists()

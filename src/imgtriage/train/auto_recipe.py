@@ -12,7 +12,11 @@ fills in what the user left at its default, each with the sentence that explains
   them makes a step ~1.4x cheaper), label smoothing, the modality's flips + one light random
   op per image, batch-norm statistics kept as the pretrained ones the head was fitted on
   (``--backbone-norm auto``: training-mode batch norm on grey tiles made the head's loss
-  ~95 before any weight moved)) at a training resolution chosen by :func:`plan_finetune`: the
+  ~95 before any weight moved), and a restart from the head at a tenth of the rate when
+  the first fine-tuning epoch raises the validation loss above 1.5x the head's
+  (``--lr-check auto``: at lr 1e-3 grey magnetic tiles went from 0.29 to 0.70 and never
+  came back within the budget, 1e-4 stayed at 0.34; CIFAR photos keep 1e-3)) at a
+  training resolution chosen by :func:`plan_finetune`: the
   largest side up to the weights' own that the source images justify (at most
   ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 128, not 224) at which
   at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
@@ -226,7 +230,8 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
         return replace(cfg, freeze_backbone=True), lines
     changes = _finetune_changes(cfg, plan, size_given, rgb_photos)
     lines.append(f"-> the head on cached embeddings, then {plan.epochs} fine-tuning epoch(s) "
-                 f"(~{plan.total_s:.0f}s in all; lr {changes.get('lr', cfg.lr):g}, warmup + "
+                 f"(~{plan.total_s:.0f}s in all; lr {changes.get('lr', cfg.lr):g} (a tenth "
+                 f"of it if the first epoch undoes the head: --lr-check), warmup + "
                  f"cosine, layer decay {changes.get('layer_decay', cfg.layer_decay):g}, label "
                  f"smoothing {changes.get('label_smoothing', cfg.label_smoothing):g}, stem + "
                  f"first {changes.get('freeze_stages', cfg.freeze_stages)} stages frozen, "

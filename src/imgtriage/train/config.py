@@ -179,6 +179,10 @@ class TrainConfig:
                                     "statistics invalidate it at once; else train), frozen "
                                     "(eval mode: running statistics kept, scale and shift "
                                     "still learn) or train.")
+    lr_check: str = _f("auto", "Fine-tuning from a head trained on cached embeddings: auto "
+                               "(when the first fine-tuning epoch raises the validation loss "
+                               "above 1.5x the head's, the rate undid the head: restart from "
+                               "the head at a tenth of --lr for the remaining epochs) or off.")
     head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
                               "epochs of the head on cached embeddings (each image goes "
                               "through the frozen backbone once; an epoch takes a fraction "
@@ -332,6 +336,7 @@ def _check_choices(c: TrainConfig) -> None:
                "lr_scaling": ("linear", "sqrt"), "amp": TRI_STATE,
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
                "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
+               "lr_check": ("auto", "off"),
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)

@@ -73,10 +73,13 @@ from imgtriage.train.semisup import (
     semi_teacher,
 )
 from imgtriage.train.transfer import (
+    LR_CHECK_FACTOR,
+    LrCheck,
     cached_head_applies,
     combine,
     embed_splits,
     finetune_norm,
+    lr_check_applies,
     train_head,
 )
 
@@ -494,9 +497,29 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     semi = _semi(cfg, parts, spec, tr.labels, len(ds.classes), info, say)
     model, kwargs = (head.model, head.kwargs) if head is not None else _create(
         cfg, len(ds.classes), src.features, plan)
-    result = fit(model, tr, va, fit_cfg, log_path=run / "metrics.jsonl",
-                 show_progress=not quiet, checkpoint_dir=run / "checkpoint", resume_from=ckpt,
-                 num_classes=len(ds.classes), conservative=conservative, unlabeled=semi)
+    fit_args = {"log_path": run / "metrics.jsonl", "show_progress": not quiet,
+                "checkpoint_dir": run / "checkpoint", "num_classes": len(ds.classes),
+                "conservative": conservative, "unlabeled": semi}
+    check = (LrCheck(head.result.best_metrics.get("val_loss"))
+             if head is not None and ckpt is None and lr_check_applies(cfg, head=True)
+             else None)
+    result = fit(model, tr, va, fit_cfg, resume_from=ckpt,
+                 callbacks=[check] if check is not None else [], **fit_args)
+    finetune: dict[str, Any] | None = None
+    if head is not None:
+        finetune = {"lr": fit_cfg.lr, "epochs": fit_cfg.epochs,
+                    "backbone_norm": fit_cfg.backbone_norm}
+    if check is not None and finetune is not None:
+        finetune["lr_check"] = check.line(fit_cfg.lr)
+        say(finetune["lr_check"])
+        if check.tripped:  # restart from the head at a lower rate for the epochs left
+            if info.is_main:
+                (run / "metrics.jsonl").replace(run / "metrics_lr_check.jsonl")
+            model.load_state_dict(head.result.best_state)  # type: ignore[union-attr]
+            fit_cfg = replace(fit_cfg, lr=fit_cfg.lr * LR_CHECK_FACTOR,
+                              epochs=fit_cfg.epochs - 1)
+            finetune.update(lr=fit_cfg.lr, epochs=fit_cfg.epochs)
+            result = fit(model, tr, va, fit_cfg, **fit_args)
     if head is not None:
         result = combine(head.result, result, cfg.select_metric)
         model.load_state_dict(result.best_state)  # the head's, when fine-tuning lost
@@ -508,7 +531,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         (run / "run.json").write_text(json.dumps(
             {"model_choice": reason, "loss": lplan.to_dict(), "weights": plan.to_dict(),
              "cache": mode, "world_size": info.world_size,
-             "resumed_from": str(ckpt) if ckpt else None,
+             "resumed_from": str(ckpt) if ckpt else None, "finetune": finetune,
              "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
         cal = calibrate_run(model, tr, va, list(ds.classes), cfg)
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,

@@ -10,7 +10,8 @@ model: the bundle does not know how it was trained.
 
 Example:
     >>> import torch
-    >>> from imgtriage.train.config import TrainConfig
+    >>> from imgtriage.train.callbacks import Callback, LoopState
+from imgtriage.train.config import TrainConfig
     >>> from imgtriage.train.embed_cache import Embedded
     >>> from imgtriage.train.losses import plan_loss
     >>> g = torch.Generator().manual_seed(0)
@@ -38,6 +39,7 @@ from torch import nn
 
 from imgtriage.data.preprocess import PreprocessSpec
 from imgtriage.models.pretrained import WeightsPlan
+from imgtriage.train.callbacks import Callback, LoopState
 from imgtriage.train.config import TrainConfig
 from imgtriage.train.embed_cache import (
     Embedded,
@@ -50,6 +52,8 @@ from imgtriage.train.loop import FitResult, _confusion_metrics
 from imgtriage.train.losses import LossPlan, TrainLoss
 
 HEAD_BATCH = 64
+LR_CHECK_RATIO = 1.5  # first fine-tuning epoch's validation loss over the head's that trips
+LR_CHECK_FACTOR = 0.1  # the rate of the retry, as a share of the rate that tripped
 MIN_HEAD_STEPS = 1200  # small splits go over the embeddings several times per head epoch
 
 
@@ -157,6 +161,57 @@ def finetune_norm(cfg: TrainConfig, *, head: bool) -> str:
     return "frozen" if head else "train"
 
 
+class LrCheck(Callback):
+    """Stops fine-tuning after its first epoch when that epoch undid the head it started
+    from: validation loss above ``LR_CHECK_RATIO`` times the head's. The caller then
+    restarts from the head at ``LR_CHECK_FACTOR`` times the rate (:func:`lr_check_applies`).
+
+    A head trained on cached embeddings is often already good on a small set far from
+    ImageNet; fine-tuning at a rate that suits 66 steps per epoch of natural photos then
+    throws it away in the first steps and does not come back within the budget (grey
+    magnetic tiles, 13 steps per epoch: docs/benchmarks.md). The check measures that on the
+    run's own validation split instead of guessing it from the data set's size.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check = LrCheck(head_loss=0.3)
+        >>> state = SimpleNamespace(epoch=1, metrics={"val_loss": 0.9}, stop=False)
+        >>> check.on_epoch_end(state); (check.tripped, state.stop)
+        (True, True)
+    """
+
+    def __init__(self, head_loss: float | None) -> None:
+        self.head_loss = head_loss
+        self.tripped = False
+        self.epoch_loss: float | None = None
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if state.epoch != 1 or self.head_loss is None or "val_loss" not in state.metrics:
+            return
+        self.epoch_loss = float(state.metrics["val_loss"])
+        if self.epoch_loss > LR_CHECK_RATIO * self.head_loss:
+            self.tripped = state.stop = True
+
+    def line(self, lr: float) -> str:
+        """What the check saw, in a sentence (for the train output and run.json)."""
+        if self.tripped:
+            return (f"lr check: the first fine-tuning epoch at lr {lr:g} raised the validation "
+                    f"loss to {self.epoch_loss:.3g} (head {self.head_loss:.3g}, limit "
+                    f"{LR_CHECK_RATIO:g}x): it undid the head, so fine-tuning restarts from the "
+                    f"head at lr {lr * LR_CHECK_FACTOR:g}")
+        if self.epoch_loss is None:
+            return "lr check: not made (no validation split, or fewer than 1 epoch)"
+        return (f"lr check: the first fine-tuning epoch at lr {lr:g} kept the validation loss "
+                f"at {self.epoch_loss:.3g} (head {self.head_loss:.3g}, limit "
+                f"{LR_CHECK_RATIO:g}x): lr {lr:g} kept")
+
+
+def lr_check_applies(cfg: TrainConfig, *, head: bool) -> bool:
+    """``--lr-check`` resolved: auto checks when fine-tuning starts from a cached head and
+    has an epoch to spare for a restart."""
+    return cfg.lr_check == "auto" and head and cfg.epochs - cfg.freeze_epochs >= 2
+
+
 def backbone_id(plan: WeightsPlan, in_chans: int, model_kwargs: dict[str, Any] | None = None
                 ) -> str:
     """What identifies the frozen backbone in the cache key: arch, weights hash, channels and
@@ -225,5 +280,6 @@ def labels_of(parts: dict[str, list], classes: Sequence[str]) -> np.ndarray:
     return np.asarray([index[s.label] for s in parts["train"]], np.int64)
 
 
-__all__: list[Any] = ["backbone_id", "cached_head_applies", "combine", "embed_splits",
-                      "finetune_norm", "fit_head", "labels_of", "train_head"]
+__all__: list[Any] = ["LrCheck", "backbone_id", "cached_head_applies", "combine",
+                      "embed_splits", "finetune_norm", "fit_head", "labels_of",
+                      "lr_check_applies", "train_head"]
