@@ -98,6 +98,7 @@ def test_time_budget_decides_fine_tuning(budget, finetune):
         assert got.freeze_epochs == 1 and 2 <= got.epochs <= 13 and got.augment == "light"
         assert got.modality == "photo" and not got.freeze_backbone
         assert got.schedule == "cosine" and got.label_smoothing > 0 and got.layer_decay < 1
+        assert got.ema_decay == 0.99 and "weight average 0.99" in why
     else:
         assert got.freeze_backbone and got.epochs == cfg.epochs and "head on cached" in why
         assert got.img_size == 224

@@ -20,7 +20,11 @@ fills in what the user left at its default, each with the sentence that explains
   largest side up to the weights' own that the source images justify (at most
   ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 128, not 224) at which
   at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
-  ``MAX_FINETUNE_EPOCHS``);
+  ``MAX_FINETUNE_EPOCHS``). An exponential moving average of the weights
+  (``--ema-decay 0.99``; it warms up as ``(1 + n) / (10 + n)``, so a short run averages
+  over its last ~50-100 steps) is validated, selected and kept instead of the raw weights
+  (CIFAR-small at 96 px, one epoch into fine-tuning at lr 1e-3: validation accuracy 0.824
+  averaged against 0.761 raw);
 - **small CNNs**: as many of the default ``--epochs`` as fit in the budget (epochs given
   on the command line are kept).
 
@@ -50,7 +54,7 @@ from imgtriage.train.config import TrainConfig, field_default
 IMBALANCE_RATIO = 1.5
 FINETUNE = {"lr": 1e-3, "layer_decay": 0.85, "schedule": "cosine", "warmup_epochs": 0.5,
             "label_smoothing": 0.1, "weight_decay": 0.02, "head_epochs": 10,
-            "freeze_stages": 2}
+            "freeze_stages": 2, "ema_decay": 0.99}
 FINETUNE_SIDES = (96, 128, 160, 192, 224, 256)
 SOURCE_UPSCALE = 4      # a pretrained net sees objects at ImageNet scale; beyond 4x, pixels
 MIN_FINETUNE_EPOCHS = 6  # of a small photo are only interpolated
@@ -235,6 +239,8 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
                  f"cosine, layer decay {changes.get('layer_decay', cfg.layer_decay):g}, label "
                  f"smoothing {changes.get('label_smoothing', cfg.label_smoothing):g}, stem + "
                  f"first {changes.get('freeze_stages', cfg.freeze_stages)} stages frozen, "
+                 f"weight average {changes.get('ema_decay', cfg.ema_decay):g} validated and "
+                 f"kept, "
                  f"augment {changes.get('augment', cfg.augment)})")
     return replace(cfg, **changes), lines
 
