@@ -168,6 +168,14 @@ def test_measure_costs_times_a_real_model():
     assert measure_costs(cfg, 3, side=32, reps=1).side == 32
 
 
+def test_probe_cost_is_the_typical_step_not_a_slow_one():
+    from imgtriage.train.auto_recipe import step_seconds
+
+    # one step held up by another process must not halve the epochs a plan fits
+    assert step_seconds([0.5, 0.5, 3.0]) == 0.5
+    assert step_seconds([0.2]) == 0.2
+
+
 def test_time_budget_caps_cnn_epochs_only_when_left_at_default():
     from imgtriage.train.auto_recipe import Costs, plan_recipe
     from imgtriage.train.config import TrainConfig

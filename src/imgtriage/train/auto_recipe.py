@@ -28,9 +28,10 @@ fills in what the user left at its default, each with the sentence that explains
 - **small CNNs**: as many of the default ``--epochs`` as fit in the budget (epochs given
   on the command line are kept).
 
-The per-image costs come from timing the chosen model on this machine (a few batches of
-``PROBE_BATCH`` in channels_last, as training runs, seconds) and are printed before training
-starts, per epoch. A cost measured at one side is scaled to others by the pixel count.
+The per-image costs come from timing the chosen model on this machine (the median of
+``PROBE_REPS`` batches of ``PROBE_BATCH`` in channels_last, as training runs, seconds)
+and are printed before training starts, per epoch. A cost measured at one side is scaled
+to others by the pixel count.
 
 Example:
     >>> imbalance({"ok": 900, "bad": 300})
@@ -44,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 
@@ -65,6 +67,7 @@ EPOCH_OVERHEAD = 1.15    # data, augmentation, validation batches beyond the pro
 # (CIFAR at 96 px under load 9: 91 s per epoch against the probe's 80; the steps after the
 # last epoch took 67 s: bench_transfer.py, docs/benchmarks.md)
 PROBE_BATCH, PROBE_MAX_SIDE = 32, 160
+PROBE_REPS = 5           # timed steps after a warm-up one; their median is the cost
 
 
 def imbalance(counts: dict[str, int]) -> float:
@@ -92,8 +95,8 @@ class Costs:
 
 
 def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
-                  batch: int = PROBE_BATCH, reps: int = 2, freeze_stages: int | None = None
-                  ) -> Costs:
+                  batch: int = PROBE_BATCH, reps: int = PROBE_REPS,
+                  freeze_stages: int | None = None) -> Costs:
     """Time the chosen model (random weights: the cost is the same) on random inputs, as
     training runs it: batches of ``batch`` (at most ``--batch-size``), channels_last unless
     ``--channels-last off``, the stem and first ``freeze_stages`` stages frozen (default
@@ -113,10 +116,12 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
 
     def timed(step) -> float:
         step()  # warm-up
-        t0 = time.perf_counter()
+        times = []
         for _ in range(reps):
+            t0 = time.perf_counter()
             step()
-        return (time.perf_counter() - t0) / (reps * batch)
+            times.append(time.perf_counter() - t0)
+        return step_seconds(times) / batch
 
     def infer() -> None:
         with torch.no_grad():
@@ -131,6 +136,19 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     t_infer = timed(infer)
     model.train()
     return Costs(t_infer, timed(train_step), side)
+
+
+def step_seconds(times: list[float]) -> float:
+    """The typical step of a probe: the median of its timed steps, so that one step slowed
+    by another process (or by a one-off allocation) does not set the plan. The mean of 2
+    steps did: CIFAR-small at 96 px under load ~13 planned 187 s per fine-tuning epoch and
+    3 epochs, and the epochs then took 83-107 s (docs/benchmarks.md).
+
+    Example:
+        >>> step_seconds([0.5, 0.4, 3.0, 0.45, 0.5])
+        0.5
+    """
+    return float(statistics.median(times))
 
 
 def finetune_sides(native: int, source_side: int | None) -> list[int]:

@@ -10,8 +10,7 @@ model: the bundle does not know how it was trained.
 
 Example:
     >>> import torch
-    >>> from imgtriage.train.callbacks import Callback, LoopState
-from imgtriage.train.config import TrainConfig
+    >>> from imgtriage.train.config import TrainConfig
     >>> from imgtriage.train.embed_cache import Embedded
     >>> from imgtriage.train.losses import plan_loss
     >>> g = torch.Generator().manual_seed(0)
