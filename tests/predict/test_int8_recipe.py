@@ -1,0 +1,103 @@
+"""The static int8 recipe: the stem, the classifier and the graph outputs stay fp32, and the
+logits it gives are closer to fp32 than quantising every layer."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgtriage.bundle import load_bundle
+from imgtriage.data import PreprocessSpec, load_input
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_bundle, digits_folder):
+    """(fp32 graph, int8 graph, calibration inputs, held-out inputs) of the tiny bundle."""
+    from imgtriage.predict.int8 import _quantize
+
+    b = load_bundle(tiny_bundle)
+    spec = PreprocessSpec.from_dict(dict(b.info.preprocess))
+    paths = sorted(digits_folder.rglob("*.png"))
+    x = np.stack([load_input(p, spec)[0] for p in paths])
+    calib, check = x[::5], np.delete(x, np.s_[::5], axis=0)
+    fp32 = b.verified_bytes("model.onnx")
+    return fp32, _quantize(fp32, "static", calib), calib, check
+
+
+def _nodes(graph: bytes):
+    m = onnx.load_from_string(graph)
+    return m, {o: n for n in m.graph.node for o in n.output}
+
+
+def test_stem_classifier_and_outputs_stay_float(graphs):
+    _, q, _, _ = graphs
+    m, producer = _nodes(q)
+    inits = {t.name for t in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    stem, inner = convs[0], convs[1:]
+    assert stem.input[0] == m.graph.input[0].name  # reads the image itself, in fp32
+    assert stem.input[1] in inits  # float weights
+    assert inner and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in inner)
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in inner)
+    head = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert head and all(n.input[1] in inits for n in head)
+    for out in m.graph.output:  # no Quantize/Dequantize rounding on what the graph returns
+        assert producer[out.name].op_type != "DequantizeLinear"
+    assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) >= len(inner)
+
+
+def _quantise_every_layer(fp32: bytes, calib: np.ndarray) -> bytes:
+    """The former recipe: every layer and the outputs quantised, the same calibration."""
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from imgtriage.predict.int8 import _Reader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, prep, dst = (Path(tmp) / n for n in ("a.onnx", "b.onnx", "c.onnx"))
+        src.write_bytes(fp32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(prep))
+            q.quantize_static(str(prep), str(dst), _Reader(calib),
+                              quant_format=q.QuantFormat.QDQ, per_channel=True,
+                              reduce_range=True, activation_type=q.QuantType.QUInt8,
+                              weight_type=q.QuantType.QInt8)
+        return dst.read_bytes()
+
+
+def test_logits_are_closer_to_fp32_than_quantising_every_layer(graphs):
+    from imgtriage.predict.ort_session import run_graph
+
+    fp32, q, calib, check = graphs
+    z32 = run_graph(fp32, check)
+    err = np.abs(run_graph(q, check) - z32).mean()
+    err_all = np.abs(run_graph(_quantise_every_layer(fp32, calib), check) - z32).mean()
+    assert 0 < err < err_all
+    assert (run_graph(q, check).argmax(1) == z32.argmax(1)).mean() >= 0.97
+
+
+def test_float_outputs_turns_only_output_pairs_into_identities(graphs):
+    from imgtriage.predict.int8 import float_outputs
+
+    fp32, q, _, _ = graphs
+    assert float_outputs(fp32) == fp32  # nothing quantised: unchanged
+    again = float_outputs(q)
+    assert sum(n.op_type == "Identity" for n in _nodes(again)[0].graph.node) == sum(
+        n.op_type == "Identity" for n in _nodes(q)[0].graph.node)  # idempotent
+
+
+def test_the_verdict_names_the_recipe(graphs):
+    from imgtriage.predict.int8 import STATIC_RECIPE, LabelledInputs, quantize_checked
+
+    fp32, _, calib, check = graphs
+    _, verdict = quantize_checked(fp32, "static", calib, LabelledInputs(check, None))
+    assert verdict.recipe == STATIC_RECIPE
+    assert verdict.manifest_block(b"")["recipe"] == STATIC_RECIPE
