@@ -15,7 +15,9 @@ Rows:
 - ``Predictor rows``: ``Predictor.rows_for_inputs`` on the ready tensor: the backend the
   bundle picks plus the decision rule and result rows (what a caller gets);
 - ``Predictor predict_bytes``: the same from 32 PNG files in memory (decode + preprocess too);
-- the same for int8 when ``--int8`` (static, calibrated on training-like crops; speed only).
+- the same for int8 when ``--int8`` (static, calibrated on training-like crops; speed only),
+  plus a bare session of the former int8 recipe (every layer and the outputs quantised; the
+  current one keeps the stem convolution, the classifier and the outputs in fp32).
 
 The model is a freshly trained-looking crop_cnn with random weights: speed does not depend on
 the values. Run it under the bench lock, and say the load:
@@ -84,13 +86,17 @@ def make_bundle(out: Path, widths: list[int], convs: int, int8: bool) -> Path:
         from imgtriage.bundle import update_bundle
         from imgtriage.predict.int8 import LabelledInputs, quantize_checked
 
-        calib = np.random.default_rng(1).standard_normal((64, 1, 64, 64)).astype(np.float32)
+        calib = _calib()
         q, _ = quantize_checked(files["model.onnx"], "static", calib,
                                 LabelledInputs(calib[:8], None))  # speed only: no verdict
         info = dict(manifest.block("onnx"), int8={"file": "model.int8.onnx",
                                                   "refused": "speed only"})
         update_bundle(b, {"onnx": info}, note="bench int8", extra_files={"model.int8.onnx": q})
     return b
+
+
+def _calib() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((64, 1, 64, 64)).astype(np.float32)
 
 
 def png_batch(n: int, seed: int = 0) -> list[bytes]:
@@ -125,6 +131,14 @@ def rows(bundle: Path, x: np.ndarray, pngs: list[bytes], threads: int, int8: boo
                                    providers=["CPUExecutionProvider"])
         out[f"ORT bare {prec} 1 session x {threads} threads"] = (
             lambda s=one: s.run(["logits"], {"input": x}))
+        if prec == "int8":  # the former recipe: every layer and the outputs quantised
+            from imgtriage.predict.int8 import _quantize
+
+            every = ort.InferenceSession(
+                _quantize(b.verified_bytes("model.onnx"), "static", _calib(), keep_fp32=False),
+                session_options(threads), providers=["CPUExecutionProvider"])
+            out[f"ORT bare int8 every layer 1 session x {threads} threads"] = (
+                lambda s=every: s.run(["logits"], {"input": x}))
         if threads > 1:
             two = [ort.InferenceSession(graph, session_options(1),
                                         providers=["CPUExecutionProvider"])

@@ -3,10 +3,6 @@ logits it gives are closer to fp32 than quantising every layer."""
 
 from __future__ import annotations
 
-import tempfile
-import warnings
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -53,33 +49,15 @@ def test_stem_classifier_and_outputs_stay_float(graphs):
     assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) >= len(inner)
 
 
-def _quantise_every_layer(fp32: bytes, calib: np.ndarray) -> bytes:
-    """The former recipe: every layer and the outputs quantised, the same calibration."""
-    from onnxruntime import quantization as q
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from imgtriage.predict.int8 import _Reader
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, prep, dst = (Path(tmp) / n for n in ("a.onnx", "b.onnx", "c.onnx"))
-        src.write_bytes(fp32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(prep))
-            q.quantize_static(str(prep), str(dst), _Reader(calib),
-                              quant_format=q.QuantFormat.QDQ, per_channel=True,
-                              reduce_range=True, activation_type=q.QuantType.QUInt8,
-                              weight_type=q.QuantType.QInt8)
-        return dst.read_bytes()
-
-
 def test_logits_are_closer_to_fp32_than_quantising_every_layer(graphs):
+    from imgtriage.predict.int8 import _quantize
     from imgtriage.predict.ort_session import run_graph
 
     fp32, q, calib, check = graphs
     z32 = run_graph(fp32, check)
     err = np.abs(run_graph(q, check) - z32).mean()
-    err_all = np.abs(run_graph(_quantise_every_layer(fp32, calib), check) - z32).mean()
+    every_layer = _quantize(fp32, "static", calib, keep_fp32=False)  # the former recipe
+    err_all = np.abs(run_graph(every_layer, check) - z32).mean()
     assert 0 < err < err_all
     assert (run_graph(q, check).argmax(1) == z32.argmax(1)).mean() >= 0.97
 

@@ -225,9 +225,10 @@ class _Reader:
         return next(self._batches, None)
 
 
-def _quantize(graph: bytes, mode: str, calib: np.ndarray) -> bytes:
+def _quantize(graph: bytes, mode: str, calib: np.ndarray, keep_fp32: bool = True) -> bytes:
     """int8 copy of ``graph``: static QDQ per-channel (calibrated on ``calib``, the recipe of
-    :data:`STATIC_RECIPE`) or dynamic."""
+    :data:`STATIC_RECIPE`; ``keep_fp32=False`` quantises every layer and output, the former
+    recipe, kept for comparisons) or dynamic."""
     q = require("onnxruntime.quantization", "onnx")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -238,7 +239,7 @@ def _quantize(graph: bytes, mode: str, calib: np.ndarray) -> bytes:
             warnings.simplefilter("ignore")
             quant_pre_process(str(src), str(prep))
             if mode == "static":
-                keep = _name_nodes(prep)
+                keep = _name_nodes(prep) if keep_fp32 else []
                 # U8 activations x S8 per-channel weights; reduce_range keeps AVX2 (no VNNI)
                 # from saturating its 16-bit intermediate sums.
                 q.quantize_static(str(prep), str(dst), _Reader(calib),
@@ -246,7 +247,7 @@ def _quantize(graph: bytes, mode: str, calib: np.ndarray) -> bytes:
                                   reduce_range=True, activation_type=q.QuantType.QUInt8,
                                   weight_type=q.QuantType.QInt8, nodes_to_exclude=keep,
                                   calibrate_method=q.CalibrationMethod.MinMax)
-                return float_outputs(dst.read_bytes())
+                return float_outputs(dst.read_bytes()) if keep_fp32 else dst.read_bytes()
             q.quantize_dynamic(str(prep), str(dst), per_channel=True, reduce_range=True,
                                weight_type=q.QuantType.QInt8)
         return dst.read_bytes()
