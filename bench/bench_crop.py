@@ -113,11 +113,9 @@ def png_batch(n: int, seed: int = 0) -> list[bytes]:
 
 def rows(bundle: Path, x: np.ndarray, pngs: list[bytes], threads: int, int8: bool
          ) -> dict[str, Callable[[], Any]]:
-    import onnxruntime as ort
-
     from imgtriage.bundle import load_bundle
     from imgtriage.predict import Predictor
-    from imgtriage.predict.ort_session import session_options
+    from imgtriage.predict.ort_session import open_session, session_options
     from imgtriage.predict.predictor import PredictOptions
 
     b = load_bundle(bundle)
@@ -127,21 +125,18 @@ def rows(bundle: Path, x: np.ndarray, pngs: list[bytes], threads: int, int8: boo
     out["torch eager (Predictor rows)"] = lambda: torch_p.rows_for_inputs(x, names, opts)
     for prec in ("fp32", "int8") if int8 else ("fp32",):
         graph = b.verified_bytes("model.onnx" if prec == "fp32" else "model.int8.onnx")
-        one = ort.InferenceSession(graph, session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+        one = open_session(graph, session_options(threads))
         out[f"ORT bare {prec} 1 session x {threads} threads"] = (
             lambda s=one: s.run(["logits"], {"input": x}))
         if prec == "int8":  # the former recipe: every layer and the outputs quantised
             from imgtriage.predict.int8 import _quantize
 
-            every = ort.InferenceSession(
-                _quantize(b.verified_bytes("model.onnx"), "static", _calib(), keep_fp32=False),
-                session_options(threads), providers=["CPUExecutionProvider"])
+            every = open_session(_quantize(b.verified_bytes("model.onnx"), "static", _calib(),
+                                           keep_fp32=False), session_options(threads))
             out[f"ORT bare int8 every layer 1 session x {threads} threads"] = (
                 lambda s=every: s.run(["logits"], {"input": x}))
         if threads > 1:
-            two = [ort.InferenceSession(graph, session_options(1),
-                                        providers=["CPUExecutionProvider"])
+            two = [open_session(graph, session_options(1))
                    for _ in range(threads)]
             from concurrent.futures import ThreadPoolExecutor
 

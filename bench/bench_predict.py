@@ -205,18 +205,16 @@ def cli(bundle: Path, paths: list[Path], tmp: Path) -> float:
 def ceiling(bundle: Path, files: list[Path], precision: str = "fp32", batch: int = 16
             ) -> Callable[[], float]:
     """Files/s of a tuned bare ONNX Runtime session on ready tensors (decoded once here)."""
-    import onnxruntime as ort
 
     from imgtriage.bundle import load_bundle
     from imgtriage.data.preprocess import PreprocessSpec, load_input
-    from imgtriage.predict.ort_session import session_options, usable_cores
+    from imgtriage.predict.ort_session import open_session, session_options, usable_cores
 
     b = load_bundle(bundle)
     spec = PreprocessSpec.from_dict(b.manifest["preprocess"])
     x = np.stack([load_input(f, spec)[0] for f in files])
     name = "model.onnx" if precision == "fp32" else "model.int8.onnx"
-    sess = ort.InferenceSession(b.verified_bytes(name), session_options(usable_cores()),
-                                providers=["CPUExecutionProvider"])
+    sess = open_session(b.verified_bytes(name), session_options(usable_cores()))
 
     def run() -> float:
         t0, c0 = time.perf_counter(), time.process_time()

@@ -21,7 +21,7 @@ import numpy as np
 from imgtriage.bundle import Bundle
 from imgtriage.bundle.graph import FEATURES_INPUT, INT8_FILE, ONNX_FILE, OOD_SCORE_OUTPUT
 from imgtriage.errors import BundleError, ConfigError, PredictionError, require
-from imgtriage.predict.ort_session import session_options, usable_cores
+from imgtriage.predict.ort_session import open_session, session_options, usable_cores
 
 # Graphs with fewer weight bytes than this count as "small" (overhead-bound) for sessions="auto".
 SMALL_GRAPH_BYTES = 8_000_000
@@ -93,12 +93,10 @@ class OnnxBackend:
         self.batch_size = 64 if model_bytes < SMALL_GRAPH_BYTES else 16
 
     def _open_sessions(self, graph: bytes) -> list[Any]:
-        ort = require("onnxruntime", "onnx")
         bundle, n, options = self._open
         path = bundle.path
         try:
-            return [ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-                    for _ in range(n)]
+            return [open_session(graph, options) for _ in range(n)]
         except Exception as exc:  # ORT raises its own exception types for invalid graphs
             raise BundleError(f"{path}: ONNX Runtime cannot load {self.file}: "
                               f"{str(exc).splitlines()[0]}; re-export it with `imgtriage "

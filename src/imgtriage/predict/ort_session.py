@@ -38,6 +38,21 @@ def session_options(threads: int, *, spinning: bool = False) -> Any:
     return so
 
 
+# ONNX Runtime moves a QuantizeLinear up through MaxPool/Transpose/Reshape ("QDQ propagation").
+# Behind the fp32 stem convolution an int8 graph keeps (predict.int8), that turns a fast fp32
+# pool into a slow uint8 pool in NCHW layout: crop_cnn int8 ran at 53 CPU-ms per batch of 32
+# with it, 17 without (fp32: 34). The int8 graphs place their own Quantize/Dequantize pairs.
+DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+
+
+def open_session(graph: bytes, options: Any) -> Any:
+    """An ONNX Runtime CPU session of ``graph`` with ``options`` (:func:`session_options`),
+    without the optimisers in :data:`DISABLED_OPTIMIZERS`: every session imgtriage runs."""
+    ort = require("onnxruntime", "onnx")
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+
+
 def run_graph(graph: bytes, x: np.ndarray, batch: int = 16, output: str = "logits",
               features: np.ndarray | None = None) -> np.ndarray:
     """One named output of an ONNX graph on ``x`` (and ``features`` for a two-input fusion
@@ -49,9 +64,7 @@ def run_outputs(graph: bytes, x: np.ndarray, outputs: Sequence[str], batch: int 
                 features: np.ndarray | None = None) -> list[np.ndarray]:
     """Several named outputs of an ONNX graph from one pass over ``x`` (see :func:`run_graph`).
     """
-    ort = require("onnxruntime", "onnx")
-    sess = ort.InferenceSession(graph, session_options(usable_cores()),
-                                providers=["CPUExecutionProvider"])
+    sess = open_session(graph, session_options(usable_cores()))
     name = sess.get_inputs()[0].name
 
     def feed(i: int) -> dict[str, np.ndarray]:
