@@ -40,6 +40,10 @@ def test_stem_classifier_and_outputs_stay_float(graphs):
     stem, inner = convs[0], convs[1:]
     assert stem.input[0] == m.graph.input[0].name  # reads the image itself, in fp32
     assert stem.input[1] in inits  # float weights
+    after = [n for n in m.graph.node if stem.output[0] in n.input]
+    while len(after) == 1 and after[0].op_type in ("Relu", "MaxPool"):  # the stem's block
+        after = [n for n in m.graph.node if after[0].output[0] in n.input]
+    assert after and after[0].op_type == "QuantizeLinear"  # quantised once, after its pool
     assert inner and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in inner)
     assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in inner)
     head = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul")]
