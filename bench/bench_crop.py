@@ -132,7 +132,7 @@ def rows(bundle: Path, x: np.ndarray, pngs: list[bytes], threads: int, int8: boo
             from imgtriage.predict.int8 import _quantize
 
             every = open_session(_quantize(b.verified_bytes("model.onnx"), "static", _calib(),
-                                           keep_fp32=False), session_options(threads))
+                                           keep_fp32=()), session_options(threads))
             out[f"ORT bare int8 every layer 1 session x {threads} threads"] = (
                 lambda s=every: s.run(["logits"], {"input": x}))
         if threads > 1:

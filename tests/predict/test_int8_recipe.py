@@ -60,7 +60,7 @@ def test_logits_are_closer_to_fp32_than_quantising_every_layer(graphs):
     fp32, q, calib, check = graphs
     z32 = run_graph(fp32, check)
     err = np.abs(run_graph(q, check) - z32).mean()
-    every_layer = _quantize(fp32, "static", calib, keep_fp32=False)  # the former recipe
+    every_layer = _quantize(fp32, "static", calib, keep_fp32=())  # the former recipe
     err_all = np.abs(run_graph(every_layer, check) - z32).mean()
     assert 0 < err < err_all
     assert (run_graph(q, check).argmax(1) == z32.argmax(1)).mean() >= 0.97

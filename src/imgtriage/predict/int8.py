@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from imgtriage.bundle.store import sha256_bytes
 from imgtriage.errors import require
 from imgtriage.predict.ort_session import run_outputs, softmax
 
+FP32_PARTS = ("stem", "classifier", "outputs")
 STATIC_RECIPE = ("QDQ, U8 activations (MinMax) x S8 per-channel 7-bit weights; first and last "
                  "weighted layers and graph outputs fp32")
 MAX_ACCURACY_DROP = 0.005  # 0.5 points of top-1 accuracy
@@ -225,10 +227,11 @@ class _Reader:
         return next(self._batches, None)
 
 
-def _quantize(graph: bytes, mode: str, calib: np.ndarray, keep_fp32: bool = True) -> bytes:
+def _quantize(graph: bytes, mode: str, calib: np.ndarray,
+              keep_fp32: Sequence[str] = FP32_PARTS) -> bytes:
     """int8 copy of ``graph``: static QDQ per-channel (calibrated on ``calib``, the recipe of
-    :data:`STATIC_RECIPE`; ``keep_fp32=False`` quantises every layer and output, the former
-    recipe, kept for comparisons) or dynamic."""
+    :data:`STATIC_RECIPE`) or dynamic. ``keep_fp32``: which of :data:`FP32_PARTS` stay fp32
+    (``()`` quantises every layer and output, the former recipe, kept for comparisons)."""
     q = require("onnxruntime.quantization", "onnx")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -239,7 +242,8 @@ def _quantize(graph: bytes, mode: str, calib: np.ndarray, keep_fp32: bool = True
             warnings.simplefilter("ignore")
             quant_pre_process(str(src), str(prep))
             if mode == "static":
-                keep = _name_nodes(prep) if keep_fp32 else []
+                parts = _name_nodes(prep)
+                keep = [n for part in keep_fp32 if part != "outputs" for n in parts[part]]
                 # U8 activations x S8 per-channel weights; reduce_range keeps AVX2 (no VNNI)
                 # from saturating its 16-bit intermediate sums.
                 q.quantize_static(str(prep), str(dst), _Reader(calib),
@@ -247,7 +251,8 @@ def _quantize(graph: bytes, mode: str, calib: np.ndarray, keep_fp32: bool = True
                                   reduce_range=True, activation_type=q.QuantType.QUInt8,
                                   weight_type=q.QuantType.QInt8, nodes_to_exclude=keep,
                                   calibrate_method=q.CalibrationMethod.MinMax)
-                return float_outputs(dst.read_bytes()) if keep_fp32 else dst.read_bytes()
+                q8 = dst.read_bytes()
+                return float_outputs(q8) if "outputs" in keep_fp32 else q8
             q.quantize_dynamic(str(prep), str(dst), per_channel=True, reduce_range=True,
                                weight_type=q.QuantType.QInt8)
         return dst.read_bytes()
@@ -258,11 +263,12 @@ CHAIN_OPS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid", "Mul", "MaxPoo
              "AveragePool", "BatchNormalization")
 
 
-def _name_nodes(path: Path) -> list[str]:
+def _name_nodes(path: Path) -> dict[str, list[str]]:
     """Give every node of the graph at ``path`` a name (rewritten in place) and return the
-    names of the layers that stay fp32 in the int8 graph: the first weighted layers (those
-    the image input reaches without passing another weighted layer: a CNN's stem
-    convolution) and the last (those the logits come from the same way: its classifier)."""
+    names of the nodes that may stay fp32 in the int8 graph: ``stem``, the first weighted
+    layers (those the image input reaches without passing another weighted layer: a CNN's
+    stem convolution) with the activation and pooling after them, and ``classifier``, the
+    last (those the logits come from the same way)."""
     import onnx
 
     m = onnx.load(str(path))
@@ -286,7 +292,7 @@ def _name_nodes(path: Path) -> list[str]:
                               lambda n: [i for i in n.input if i not in inits])
     by_name = {n.name: n for n in m.graph.node}
     stem = [name for f in first for name in _chain(by_name[f], readers)]
-    return list(dict.fromkeys(stem + last))
+    return {"stem": list(dict.fromkeys(stem)), "classifier": last}
 
 
 def _chain(node: Any, readers: dict[str, list[Any]]) -> list[str]:
