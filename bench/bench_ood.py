@@ -59,7 +59,8 @@ MSTAR_STRONG_CFG = dict(MSTAR_CFG, model_kwargs={"widths": [16, 32, 64, 128],
                                                  "convs_per_block": 2},
                         augment="light", modality="generic", epochs=40, schedule="onecycle",
                         ema_decay=0.995)
-MSTAR_RECIPES = {"small": MSTAR_CFG, "strong": MSTAR_STRONG_CFG}
+# ``--mstar-recipe default``: `imgtriage train` with no options at all (what a new user gets)
+MSTAR_RECIPES = {"small": MSTAR_CFG, "strong": MSTAR_STRONG_CFG, "default": {}}
 FASHION_CFG = dict(model="crop_cnn", img_size=28, epochs=6, lr=3e-3, augment="flip",
                    val_frac=0.1)
 
@@ -348,8 +349,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("/tmp/oodbench"))
     ap.add_argument("--mstar-recipe", choices=sorted(MSTAR_RECIPES), default="small",
-                    help="MSTAR training recipe: small (12 epochs, 79-88%% test accuracy) or "
-                         "strong (the accuracy section's 40-epoch run G, ~98%%)")
+                    help="MSTAR training recipe: small (12 epochs, 79-88%% test accuracy), "
+                         "strong (the accuracy section's 40-epoch run G, ~98%%) or default "
+                         "(imgtriage train with no options)")
     ap.add_argument("--threads", type=int, default=2,
                     help="training and scoring threads (1 when seeds run side by side)")
     ap.add_argument("--throughput-only", action="store_true",

@@ -73,11 +73,40 @@ def extract(run: Path, task: str, work: Path) -> dict[str, Any]:
     for name, (paths, y) in sets.items():
         x = B._inputs(p, paths)
         z[name] = (*_tap(model, x), y)
+        if name == "val":
+            z["val_aug"] = _augmented_logits(model, x, run)
         if name == "train":
             for v, xv in (("flip", x[..., ::-1]), ("shl", np.roll(x, 3, axis=-1)),
                           ("shu", np.roll(x, -3, axis=-2))):
                 z["train_" + v] = (*_tap(model, np.ascontiguousarray(xv)), y)
     return z
+
+
+AUG_VIEWS = 4
+
+
+def _augmented_logits(model: Any, x: np.ndarray, run: Path) -> np.ndarray:
+    """Logits of ``AUG_VIEWS`` views of ``x`` under the run's own training augmentation
+    (``config.json``: --augment, --aug-strength, --modality; the plain images when it was
+    none), stacked (views, N, C): a temperature fitted on them has seen the kind of change
+    the augmentation stands for (Tomani et al. 2021 perturb the validation set for
+    calibration under drift)."""
+    import json
+
+    import torch
+
+    from imgtriage.data.augment import AugmentPolicy
+    from imgtriage.train.config import MODALITIES
+
+    cfg = json.loads((run / "config.json").read_text())
+    pol = AugmentPolicy(cfg.get("augment", "none"), float(cfg.get("aug_strength", 0.5)),
+                        int(cfg.get("aug_ops", 2)), MODALITIES[cfg.get("modality", "generic")])
+    g = torch.Generator().manual_seed(0)
+    views = []
+    for _ in range(AUG_VIEWS):
+        xv = pol(torch.from_numpy(np.ascontiguousarray(x)), None, g)
+        views.append(_tap(model, np.ascontiguousarray(xv.numpy()))[0])
+    return np.stack(views)
 
 
 def _nrm(f: np.ndarray) -> np.ndarray:
@@ -195,6 +224,23 @@ def _vector_scaling(z: np.ndarray, y: np.ndarray, reg: float = 1e-2) -> Any:
     return lambda zz: zz * np.exp(p[:c]) + p[c:]
 
 
+def _t_laplace(lo: np.ndarray, y: np.ndarray, t: float) -> float:
+    """``t`` raised, when needed, until the mean top-class confidence on (``lo``, ``y``) is at
+    most the rule-of-succession accuracy (right + 1) / (n + 2): on a (nearly) separable
+    validation split the NLL keeps falling as T -> 0, and the MLE says "always certain"."""
+    from scipy.optimize import brentq
+    from scipy.special import softmax
+
+    bound = ((lo.argmax(1) == y).sum() + 1) / (len(y) + 2)
+
+    def gap(log_t: float) -> float:
+        return float(softmax(lo / np.exp(log_t), 1).max(1).mean() - bound)
+
+    if gap(np.log(t)) <= 0:
+        return t
+    return float(np.exp(brentq(gap, np.log(t), np.log(100.0))))
+
+
 def calibration(z: dict[str, Any]) -> dict[str, float]:
     """Why is the default bundle's ECE on test what it is? Temperature fitted on validation
     (the bundle's), on test itself (the best one temperature can do), a perfectly calibrated
@@ -217,6 +263,12 @@ def calibration(z: dict[str, Any]) -> dict[str, float]:
         t_f = TemperatureScaler().fit(vl[tr], vy[tr]).temperature_
         gain.append(nll(vl[f] / t_f, vy[f]) - nll(_vector_scaling(vl[tr], vy[tr])(vl[f]), vy[f]))
     vs = _vector_scaling(vl, vy)
+    va = z["val_aug"]
+    t_aug = TemperatureScaler().fit(va.reshape(-1, va.shape[-1]), np.tile(vy, len(va))
+                                    ).temperature_
+    t_both = TemperatureScaler().fit(np.concatenate([vl, va.reshape(-1, va.shape[-1])]),
+                                     np.tile(vy, len(va) + 1)).temperature_
+    t_lap = _t_laplace(vl, vy, t_val)
     probs = softmax(tl / t_val, 1)
     rng = np.random.default_rng(0)
     top, conf = probs.argmax(1), probs.max(1)
@@ -228,7 +280,13 @@ def calibration(z: dict[str, Any]) -> dict[str, float]:
             "ece_test_T_test": expected_calibration_error(softmax(tl / t_test, 1), ty),
             "ece_floor": float(floor), "nll_test_T_val": nll(tl / t_val, ty),
             "ece_test_vector": expected_calibration_error(softmax(vs(tl), 1), ty),
-            "nll_test_vector": nll(vs(tl), ty), "cv_val_nll_gain_vector": float(np.mean(gain))}
+            "nll_test_vector": nll(vs(tl), ty), "cv_val_nll_gain_vector": float(np.mean(gain)),
+            "val_aug_acc": float((va.argmax(-1) == vy).mean()), "T_val_aug": t_aug,
+            "ece_test_T_val_aug": expected_calibration_error(softmax(tl / t_aug, 1), ty),
+            "nll_test_T_val_aug": nll(tl / t_aug, ty), "T_val_and_aug": t_both,
+            "ece_test_T_val_and_aug": expected_calibration_error(softmax(tl / t_both, 1), ty),
+            "T_val_laplace": t_lap,
+            "ece_test_T_val_laplace": expected_calibration_error(softmax(tl / t_lap, 1), ty)}
 
 
 def main() -> None:
