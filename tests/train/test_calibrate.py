@@ -138,6 +138,6 @@ def test_inspect_says_what_the_default_rule_refuses(calibrated_run, tiny_run):
     from imgtriage.cli.main import app
 
     out = CliRunner().invoke(app, ["inspect", str(calibrated_run.bundle_path)]).output
-    assert "unknowns    out-of-distribution: knn+rmd k=10" in out and "answers " in out
+    assert "unknowns    out-of-distribution: knn+rmd k=5" in out and "answers " in out
     raw = CliRunner().invoke(app, ["inspect", str(tiny_run.bundle_path)]).output
     assert "no out-of-distribution rule; not calibrated: --no-calibrate" in raw

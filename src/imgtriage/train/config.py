@@ -270,8 +270,8 @@ class TrainConfig:
                                     "2022).")
     ood_accept: float = _f(0.95, "Share of in-distribution (validation) images the OOD "
                                  "threshold accepts (a conformal quantile).")
-    ood_k: int = _f(10, "Which nearest training neighbour's distance is the OOD score.")
-    ood_bank: int = _f(2048, "At most this many training images' features are kept for the "
+    ood_k: int = _f(5, "Which nearest training neighbour's distance is the OOD score.")
+    ood_bank: int = _f(1024, "At most this many training images' features are kept for the "
                              "k-NN part of the OOD score (a seeded sample; the relative "
                              "Mahalanobis part uses the statistics of up to 10,000).")
 
