@@ -12,8 +12,14 @@ joined, k-NN in whitened space, and fusions (validation-ECDF mean/max of k-NN wi
 MSP, Mahalanobis; of the blocks' k-NN), and the bundle's own fused score (``knn+rmd``). For
 ``crop_cnn`` models (the blocks are ``model.features``). No timing: no lock needed.
 
+The calibration line: temperature fitted on validation (the bundle's), on test itself, on
+``AUG_VIEWS`` views of validation under the run's own training augmentation (and on both),
+the validation temperature capped by the rule of succession (``_t_laplace``), and vector
+scaling; test ECE / NLL of each.
+
 Usage:
     .venv/bin/python bench/bench_ood_candidates.py /tmp/oodbench-s0/mstar6-s0/run mstar6
+    .venv/bin/python bench/bench_ood_candidates.py RUN mstar --calibration-only
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ def _tap(model: Any, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
                                 for b in range(n)]
 
 
-def extract(run: Path, task: str, work: Path) -> dict[str, Any]:
+def extract(run: Path, task: str, work: Path, calibration_only: bool = False
+            ) -> dict[str, Any]:
     from imgtriage.data import discover
     from imgtriage.predict import Predictor
 
@@ -53,7 +60,7 @@ def extract(run: Path, task: str, work: Path) -> dict[str, Any]:
     samples = discover(run / "splits.csv").samples
     sets = {sp: ([s.path for s in samples if s.split == sp],
                  np.array([p.classes.index(s.label) for s in samples if s.split == sp]))
-            for sp in ("train", "val")}
+            for sp in (("val",) if calibration_only else ("train", "val"))}
     if task == "fashion":
         test = B._fashion(work / "fashion-data", 600)[1]
         ood = {"digits": B._digits(work / "digits")}
@@ -66,7 +73,8 @@ def extract(run: Path, task: str, work: Path) -> dict[str, Any]:
                 "sirst": sorted((B.SHARED / "sirst-infrared").glob("*.png")),
                 "noise": B._noise(work / "noise")})
     sets["test"] = ([f for f, _ in test], np.array([p.classes.index(c) for _, c in test]))
-    sets.update({"ood_" + k: (v, np.full(len(v), -1)) for k, v in ood.items()})
+    if not calibration_only:
+        sets.update({"ood_" + k: (v, np.full(len(v), -1)) for k, v in ood.items()})
     z: dict[str, Any] = {"W": model.head.weight.detach().numpy(),
                          "b": model.head.bias.detach().numpy(), "T": p.policy.temperature,
                          "scorer": p.ood_scorer(p.policy.ood)}
@@ -291,9 +299,12 @@ def calibration(z: dict[str, Any]) -> dict[str, float]:
 
 def main() -> None:
     run, task = Path(sys.argv[1]), sys.argv[2]
-    z = extract(run, task, run.parent.parent)
+    only = "--calibration-only" in sys.argv[3:]
+    z = extract(run, task, run.parent.parent, only)
     print("calibration " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in calibration(z).items()), flush=True)
+    if only:
+        return
     res = candidates(z)
     for m, per in res.items():
         print(f"{m:24s} " + "  ".join(f"{o} {v['auroc']:.3f}/{v['fpr_at_95tpr']:.3f}"
