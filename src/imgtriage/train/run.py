@@ -503,8 +503,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     check = (LrCheck(head.result.best_metrics.get("val_loss"))
              if head is not None and ckpt is None and lr_check_applies(cfg, head=True)
              else None)
-    result = fit(model, tr, va, fit_cfg, resume_from=ckpt,
-                 callbacks=[check] if check is not None else [], **fit_args)
+    extra = {"callbacks": [check]} if check is not None else {}
+    result = fit(model, tr, va, fit_cfg, resume_from=ckpt, **extra, **fit_args)
     finetune: dict[str, Any] | None = None
     if head is not None:
         finetune = {"lr": fit_cfg.lr, "epochs": fit_cfg.epochs,
