@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from imgtriage.bundle import Bundle, Manifest, new_manifest, save_bundle
-from imgtriage.errors import BundleError, BundleSchemaError, ConfigError, require
+from imgtriage.errors import BundleError, BundleSchemaError, ConfigError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.models.gallery import Gallery, GalleryConfig, embed
 from imgtriage.predict.backends import RuntimeChoice
@@ -144,13 +144,15 @@ class GalleryBackend:
         self._session = None
         if backend != "torch" and device == "cpu" and info.get("output") == "embedding" \
                 and bundle.has_file(info.get("file") or ""):
-            from imgtriage.predict.ort_session import session_options, usable_cores
+            from imgtriage.predict.ort_session import (
+                open_session,
+                session_options,
+                usable_cores,
+            )
 
-            ort = require("onnxruntime", "onnx")
             self.threads = usable_cores()
-            self._session = ort.InferenceSession(bundle.verified_bytes(info["file"]),
-                                                 session_options(self.threads),
-                                                 providers=["CPUExecutionProvider"])
+            self._session = open_session(bundle.verified_bytes(info["file"]),
+                                         session_options(self.threads))
             self.name = "onnx-gallery"
             return
         if backend == "onnx":

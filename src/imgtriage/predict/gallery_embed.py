@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from imgtriage.data.preprocess import PreprocessSpec, load_input
-from imgtriage.errors import ImageReadError, WeightsUnavailableError, require
+from imgtriage.errors import ImageReadError, WeightsUnavailableError
 from imgtriage.io import Defect
 from imgtriage.models.pretrained import EXTRA_LINE, WeightsPlan, resolve_weights
 
@@ -58,11 +58,9 @@ def encoder_runner(encoder: Any = None, graph: bytes | None = None,
     """``(N, C, h, w) -> (N, D)`` embeddings: through ONNX Runtime on ``graph`` (the
     encoder's graph a bundle stores) when given, else through ``encoder`` in torch."""
     if graph is not None:
-        from imgtriage.predict.ort_session import session_options, usable_cores
+        from imgtriage.predict.ort_session import open_session, session_options, usable_cores
 
-        ort = require("onnxruntime", "onnx")
-        session = ort.InferenceSession(graph, session_options(threads or usable_cores()),
-                                       providers=["CPUExecutionProvider"])
+        session = open_session(graph, session_options(threads or usable_cores()))
         return lambda x: session.run(["embedding"], {"input": np.ascontiguousarray(
             x, dtype=np.float32)})[0]
     if encoder is None:

@@ -129,9 +129,7 @@ class Embedder:
         if importlib.util.find_spec("onnxruntime") is None:
             return np.concatenate([ref, self._torch(x[2:])]) if len(x) > 2 else ref
         try:
-            import onnxruntime as ort
-
-            from imgtriage.predict.ort_session import session_options
+            from imgtriage.predict.ort_session import open_session, session_options
 
             buf = io.BytesIO()
             with warnings.catch_warnings(), torch.inference_mode():
@@ -140,8 +138,7 @@ class Embedder:
                                   dynamo=False, input_names=["x"], output_names=["f"],
                                   dynamic_axes={"x": {0: "n"}, "f": {0: "n"}},
                                   opset_version=17)
-            sess = ort.InferenceSession(buf.getvalue(), session_options(self.threads),
-                                        providers=["CPUExecutionProvider"])
+            sess = open_session(buf.getvalue(), session_options(self.threads))
             got = sess.run(["f"], {"x": np.ascontiguousarray(x[:2])})[0]
             if np.abs(got - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max())):
                 self.session, self.backend = sess, "onnxruntime"
