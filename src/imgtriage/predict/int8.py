@@ -242,7 +242,7 @@ def _quantize(graph: bytes, mode: str, calib: np.ndarray,
             warnings.simplefilter("ignore")
             quant_pre_process(str(src), str(prep))
             if mode == "static":
-                parts = _name_nodes(prep)
+                parts = _fp32_parts(_name_nodes(prep))
                 keep = [n for part in keep_fp32 if part != "outputs" for n in parts[part]]
                 # U8 activations x S8 per-channel weights; reduce_range keeps AVX2 (no VNNI)
                 # from saturating its 16-bit intermediate sums.
@@ -263,12 +263,9 @@ CHAIN_OPS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid", "Mul", "MaxPoo
              "AveragePool", "BatchNormalization")
 
 
-def _name_nodes(path: Path) -> dict[str, list[str]]:
-    """Give every node of the graph at ``path`` a name (rewritten in place) and return the
-    names of the nodes that may stay fp32 in the int8 graph: ``stem``, the first weighted
-    layers (those the image input reaches without passing another weighted layer: a CNN's
-    stem convolution) with the activation and pooling after them, and ``classifier``, the
-    last (those the logits come from the same way)."""
+def _name_nodes(path: Path) -> Any:
+    """Give every unnamed node of the graph at ``path`` a unique name (the quantiser excludes
+    nodes by name), rewrite the file in place and return the loaded model."""
     import onnx
 
     m = onnx.load(str(path))
@@ -279,6 +276,14 @@ def _name_nodes(path: Path) -> dict[str, list[str]]:
                           if f"imgtriage_node_{i}_{k}" not in used)
             used.add(n.name)
     onnx.save(m, str(path))
+    return m
+
+
+def _fp32_parts(m: Any) -> dict[str, list[str]]:
+    """Names of the nodes of the (named) model ``m`` that may stay fp32 in the int8 graph:
+    ``stem``, the first weighted layers (those the image input reaches without passing another
+    weighted layer: a CNN's stem convolution) with the activation and pooling after them, and
+    ``classifier``, the last (those the logits come from the same way)."""
     readers: dict[str, list[Any]] = {}
     for n in m.graph.node:
         for name in n.input:
