@@ -3,15 +3,21 @@
 Why ``fit()`` and the torch prediction backend use channels_last on CPU as well as CUDA:
 for each model, training steps per second (AdamW, cross-entropy, random data of the model's
 usual size) and inference images per second at batch 1 and batch 32, with the weights and
-the batch in NCHW and in channels_last. The two layouts are timed alternately, best of
-``--rounds`` windows of ``--seconds`` each; ratio = channels_last / NCHW (above 1: faster).
+the batch in NCHW and in channels_last. Every round times both layouts (rotating which goes
+first), one window of ``--seconds`` each; ratio = channels_last / NCHW of the same round
+(above 1: faster), and the table gives the median (min-max) of those ratios over
+``--rounds`` (>= 3) rounds, never a best-of. This compares torch layouts: what training and
+``--backend torch`` run; the default prediction path (ONNX Runtime) does not use them.
 
-    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_channels_last.py
+    flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_channels_last.py --seconds 1
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -78,25 +84,37 @@ def measure(name: str, in_chans: int, size: int, batch: int, kw: dict, layout: s
     return out
 
 
+def median_min_max(values: list[float]) -> str:
+    """``median (min-max)`` of a list of within-round figures."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.rounds < 3:
+        sys.exit("--rounds must be >= 3: the figures are medians of within-round ratios")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of "
-          f"{args.rounds} x {args.seconds:g} s windows; images/s, ratio = channels_last / nchw")
-    print(f"{'model':<30} {'what':<10} {'nchw':>8} {'ch_last':>8} {'ratio':>6}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds "
+          f"x {args.seconds:g} s windows, load average {os.getloadavg()[0]:.1f}; images/s "
+          "median (min-max), ratio = channels_last / nchw within each round")
+    print(f"{'model':<30} {'what':<10} {'nchw':>20} {'ch_last':>20} {'ratio':>18}")
+    layouts = list(LAYOUTS)
     for label, name, chans, size, batch, kw in CASES:
-        best: dict[str, dict[str, float]] = {lay: {} for lay in LAYOUTS}
-        for _ in range(args.rounds):
-            for lay in LAYOUTS:
+        got: dict[str, dict[str, list[float]]] = {lay: {} for lay in LAYOUTS}
+        for r in range(args.rounds):
+            for lay in layouts[r % 2:] + layouts[:r % 2]:
                 for k, v in measure(name, chans, size, batch, kw, lay, args.seconds).items():
-                    best[lay][k] = max(best[lay].get(k, 0.0), v)
-        for k in best["nchw"]:
-            a, b = best["nchw"][k], best["channels_last"][k]
-            print(f"{label:<30} {k:<10} {a:8.1f} {b:8.1f} {b / a:6.2f}", flush=True)
+                    got[lay].setdefault(k, []).append(v)
+        for k, a in got["nchw"].items():
+            b = got["channels_last"][k]
+            ratio = [y / x for x, y in zip(a, b, strict=True)]
+            print(f"{label:<30} {k:<10} {median_min_max(a):>20} {median_min_max(b):>20} "
+                  f"{median_min_max(ratio):>18}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
