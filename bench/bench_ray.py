@@ -2,16 +2,23 @@
 
 The folder is N grayscale PNGs made from scikit-learn's digits (jittered so no two files are
 equal) at ``--img-size`` pixels; the bundle is a ``--model`` trained for one epoch on a few
-hundred of them (or ``--bundle`` to bring one). Measured, best of ``--repeats``:
+hundred of them by ``imgtriage.train`` with its defaults, so it carries the ONNX graph(s)
+``train`` attaches (or ``--bundle`` to bring one). Rows, for each backend of ``--backends``
+(``auto``: the default path, ONNX Runtime for a bundle from ``train``; ``torch``:
+``--backend torch``):
 
-- local: ``Predictor.predict_paths`` (decoding threads + torch on both cores);
+- local: ``Predictor.predict_paths`` (decoding threads + the model on both cores);
 - ray, warm: ``ray_predict`` on an already started local cluster (``ray.init(num_cpus=2)``);
-  each run still starts its actor pool (one process loading torch and the bundle);
-- ray, marginal: (N - N/2) / (t(N) - t(N/2)): the steady-state rate once fixed costs
-  (scheduling, actor start, collection) are paid, the number that scales on a cluster;
-- the cluster's own start-up (``ray.init``), once.
+  each run still starts its actor pool (one process loading the bundle);
+- ray on N/2 files, for the marginal rate (N - N/2) / (t(N) - t(N/2)) of the same round:
+  the steady-state rate once fixed costs (scheduling, actor start, collection) are paid,
+  the number that scales on a cluster;
+- the cluster's own start-up (``ray.init``), once, before the rounds.
 
-Every Ray report is checked against the local one (same classes for every file).
+Every row runs once per round, in a rotating order, for ``--rounds`` (>= 3) rounds; each
+round's rates are divided by the same round's local rate of the first backend, and the
+table is the median (min-max) of those ratios (never best-of). Every Ray report is checked
+against the local one of its backend (same class for every file).
 
 Usage (the CPU is shared: take the lock):
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_ray.py
@@ -24,7 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +74,15 @@ def make_bundle(workdir: Path, size: int, model: str) -> Path:
     return train(data, run, cfg, quiet=True).bundle_path
 
 
-def best_of(fn, repeats: int) -> tuple[float, dict]:
-    best, out = float("inf"), {}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn: Callable[[], dict]) -> tuple[float, dict]:
+    """(seconds, report) of one call."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def median_min_max(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
@@ -80,9 +92,13 @@ def main() -> None:
     ap.add_argument("--model", default="crop_cnn")
     ap.add_argument("--bundle", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--backends", default="auto,torch",
+                    help="comma-separated; the first one's local row is the baseline")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/imgtriage-bench-ray"))
     args = ap.parse_args()
+    if args.rounds < 3:
+        sys.exit("--rounds must be >= 3: the figures are medians of within-round ratios")
 
     import ray
 
@@ -94,44 +110,72 @@ def main() -> None:
     bundle = args.bundle or make_bundle(args.workdir, args.img_size, args.model)
     files = list(iter_files([folder]))[: args.files]
     half = files[: len(files) // 2]
-    bs = args.batch_size
-
-    predictor = Predictor.load(bundle)
-    t_local, local = best_of(lambda: predictor.predict_paths(files, batch_size=bs), args.repeats)
+    n, bs = len(files), args.batch_size
+    backends = args.backends.split(",")
+    load0 = os.getloadavg()[0]
 
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     t_init = time.perf_counter() - t0
-    cfg = RayConfig(batch_size=bs)
+    rows: dict[str, Callable[[], dict]] = {}
+    for be in backends:
+        p = Predictor.load(bundle, backend=be)
+        cfg = RayConfig(batch_size=bs, backend=be)
+        rows[f"local {be}"] = lambda p=p: p.predict_paths(files, batch_size=bs)
+        rows[f"ray {be}"] = lambda cfg=cfg: ray_predict(bundle, files, config=cfg)
+        rows[f"ray {be} half"] = lambda cfg=cfg: ray_predict(bundle, half, config=cfg)
+    secs: dict[str, list[float]] = {k: [] for k in rows}
+    same = {name: True for name in rows if name.startswith("ray") and "half" not in name}
+    names = list(rows)
     try:
-        t_ray, rep = best_of(lambda: ray_predict(bundle, files, config=cfg), args.repeats)
-        t_half, _ = best_of(lambda: ray_predict(bundle, half, config=cfg), args.repeats)
+        for r in range(args.rounds):
+            local: dict[str, list[str]] = {}
+            remote: dict[str, list[str]] = {}
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                dt, rep = timed(rows[name])
+                secs[name].append(dt)
+                classes = [x["class"] for x in rep["results"]]
+                if name.startswith("local"):
+                    local[name.split()[1]] = classes
+                elif name in same:
+                    remote[name] = classes
+                print(f"  round {r + 1} {name:<18} {dt:6.2f}s ({len(rep['results'])} files)",
+                      flush=True)
+            for name, classes in remote.items():
+                same[name] = same[name] and classes == local[name.split()[1]]
+        actors = rep["meta"]["ray"]["num_actors"] if "ray" in rep["meta"] else "?"
     finally:
         ray.shutdown()
-    same = [r["class"] for r in rep["results"]] == [r["class"] for r in local["results"]]
 
-    n = len(files)
-    marginal = (n - len(half)) / max(t_ray - t_half, 1e-9)
-    rows = {
-        "local": n / t_local,
-        "ray (warm cluster)": n / t_ray,
-        "ray (incl. ray.init)": n / (t_ray + t_init),
-        "ray marginal": marginal,
-    }
+    base = [n / t for t in secs[f"local {backends[0]}"]]
+    table: dict[str, list[float]] = {}
+    for be in backends:
+        loc, full, hlf = secs[f"local {be}"], secs[f"ray {be}"], secs[f"ray {be} half"]
+        table[f"local {be}"] = [n / t for t in loc]
+        table[f"ray {be} (warm cluster)"] = [n / t for t in full]
+        table[f"ray {be} (incl. ray.init)"] = [n / (t + t_init) for t in full]
+        table[f"ray {be} marginal"] = [(n - len(half)) / max(f - h, 1e-9)
+                                       for f, h in zip(full, hlf, strict=True)]
     print(f"\n{n} files of {args.img_size}x{args.img_size} px, {args.model}, batch {bs}, "
-          f"{os.cpu_count()} CPUs; Ray: {rep['meta']['ray']['num_actors']} actor(s) + "
-          f"decode tasks; reports agree: {same}")
-    print(f"{'engine':<22}{'files/s':>10}{'vs local':>10}")
-    for name, rate in rows.items():
-        print(f"{name:<22}{rate:>10.0f}{rate / rows['local']:>9.2f}x")
-    print(f"ray.init: {t_init:.1f}s; Ray run on {n} files {t_ray:.1f}s, on {len(half)} "
-          f"{t_half:.1f}s (fixed cost ~{t_half - len(half) / marginal:.1f}s per run)")
+          f"{os.cpu_count()} CPUs; Ray: {actors} actor(s) + decode tasks; "
+          f"{args.rounds} rounds; reports agree: {same}; load average {load0:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
+    base_name = f"local {backends[0]}"
+    print(f"{'row':<28}{'files/s median (min-max)':>28}{'vs ' + base_name:>24}")
+    for name, rates in table.items():
+        ratio = [x / b for x, b in zip(rates, base, strict=True)]
+        print(f"{name:<28}{median_min_max(rates):>28}{median_min_max(ratio):>24}")
+    for be in backends[1:]:
+        ratio = [a / b for a, b in zip(secs[f"ray {be}"], secs[f"local {be}"], strict=True)]
+        print(f"ray {be} / local {be} (warm): "
+              f"{median_min_max([1 / x for x in ratio])}")
+    fixed = {be: [f - (len(half)) / m for f, m in zip(
+        secs[f"ray {be} half"], table[f"ray {be} marginal"], strict=True)] for be in backends}
+    print(f"ray.init: {t_init:.1f}s; fixed cost per Ray run (t(N/2) - (N/2) / marginal): "
+          + ", ".join(f"{be} {median_min_max(v)}s" for be, v in fixed.items()))
     print(json.dumps({"files": n, "img_size": args.img_size, "model": args.model,
-                      "local_fps": round(rows["local"], 1),
-                      "ray_fps": round(rows["ray (warm cluster)"], 1),
-                      "ray_marginal_fps": round(marginal, 1), "ray_init_s": round(t_init, 2),
-                      "ratio": round(rows["ray (warm cluster)"] / rows["local"], 3),
-                      "same_classes": same}))
+                      "rounds": args.rounds, "ray_init_s": round(t_init, 2),
+                      "seconds": secs, "same_classes": same}))
 
 
 if __name__ == "__main__":
