@@ -14,7 +14,13 @@ Reference figures in the same run:
   on the same 6 classes (``imgtriage.train``), both on the 6 classes' test chips;
 * timing: ``rows_for_inputs`` on a preprocessed batch of 32 crops (model + scoring + result
   rows; decoding excluded), and the bare forward pass, for the crop CNN and for the gallery
-  (prototype and kNN over every enrolled chip), best of ``--repeats`` rounds, alternating.
+  (prototype and kNN over every enrolled chip), for each backend of ``--backends`` (``auto``:
+  the default path, ONNX Runtime for bundles from training; ``torch``: ``--backend torch``).
+  Every row runs once per round (mean of ``--iters`` calls), in a rotating order, for
+  ``--rounds`` (>= 3) rounds; each round's times are divided by the same round's crop CNN
+  of the first backend (and of its own backend); medians (min-max) of those ratios, never
+  best-of. ``--timing-only`` skips the accuracy parts (the bundles are reused from ``--out``
+  when there, so an untimed first run can train them).
 
 Usage (the CPU is shared: take the lock):
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_fewshot.py --out /tmp/fsbench
@@ -24,6 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -126,30 +135,49 @@ def _accuracy(predictor, x: np.ndarray, y: list[str]) -> float:
     return float(np.mean([predictor.classes[c] == t for c, t in zip(ids, y, strict=True)]))
 
 
-def _timings(predictors: dict, repeats: int, rounds: int = 20) -> dict:
-    """Best-of-``repeats`` mean milliseconds per batch of 32, alternating predictors;
-    ``predictors`` maps a name to (predictor, its preprocessed batch of 32)."""
+def _timings(predictors: dict, rounds: int, iters: int = 20) -> dict[str, dict[str, list]]:
+    """Mean milliseconds per batch of 32 (``rows_for_inputs`` and the bare backend call), one
+    run of ``iters`` calls per row per round, rows in a rotating order; ``predictors`` maps a
+    name to (predictor, its preprocessed batch of 32). -> name -> {rows_ms, forward_ms}:
+    one figure per round."""
     from imgtriage.predict import PredictOptions
 
     opts = PredictOptions()
     names = [str(i) for i in range(32)]
-    best: dict[str, dict[str, float]] = {n: {"rows_ms": 1e9, "forward_ms": 1e9}
-                                         for n in predictors}
+    got: dict[str, dict[str, list]] = {n: {"rows_ms": [], "forward_ms": []} for n in predictors}
     for p, x32 in predictors.values():  # warm-up
         p.rows_for_inputs(x32, names, opts)
-    for _ in range(repeats):
-        for name, (p, x32) in predictors.items():
+        p.backend(x32)
+    order = list(predictors)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            p, x32 = predictors[name]
             t0 = time.perf_counter()
-            for _ in range(rounds):
+            for _ in range(iters):
                 p.rows_for_inputs(x32, names, opts)
-            rows_ms = (time.perf_counter() - t0) / rounds * 1e3
+            got[name]["rows_ms"].append((time.perf_counter() - t0) / iters * 1e3)
             t0 = time.perf_counter()
-            for _ in range(rounds):
+            for _ in range(iters):
                 p.backend(x32)
-            fwd_ms = (time.perf_counter() - t0) / rounds * 1e3
-            best[name]["rows_ms"] = min(best[name]["rows_ms"], rows_ms)
-            best[name]["forward_ms"] = min(best[name]["forward_ms"], fwd_ms)
-    return best
+            got[name]["forward_ms"].append((time.perf_counter() - t0) / iters * 1e3)
+    return got
+
+
+def _mmm(values: list[float], digits: int = 2) -> str:
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-"
+            f"{max(values):.{digits}f})")
+
+
+def _print_timings(got: dict[str, dict[str, list]], base: str) -> None:
+    print(f"ms per batch of 32, median (min-max) over rounds; ratios within rounds, against "
+          f"{base} and against crop_cnn of the same backend")
+    for name, t in got.items():
+        own = got[f"crop_cnn {name.rsplit(' ', 1)[-1]}"]["rows_ms"]
+        vs_base = [a / b for a, b in zip(t["rows_ms"], got[base]["rows_ms"], strict=True)]
+        vs_own = [a / b for a, b in zip(t["rows_ms"], own, strict=True)]
+        print(f"{name:24s} rows {_mmm(t['rows_ms'])} ms  x{_mmm(vs_base)} vs {base}  "
+              f"x{_mmm(vs_own)} vs own crop_cnn   forward {_mmm(t['forward_ms'])} ms",
+              flush=True)
 
 
 def main() -> None:
@@ -165,8 +193,16 @@ def main() -> None:
     ap.add_argument("--train-episodes", type=int, default=80)
     ap.add_argument("--cnn-epochs", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (>= 3)")
+    ap.add_argument("--iters", type=int, default=20, help="calls per row per timing round")
+    ap.add_argument("--backends", default="auto,torch",
+                    help="comma-separated; the first one's crop_cnn is the timing baseline")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="skip the K-shot and closed-set accuracy")
     args = ap.parse_args()
+    if args.rounds < 3:
+        sys.exit("--rounds must be >= 3: the figures are medians of within-round ratios")
+    backends = args.backends.split(",")
 
     import torch
 
@@ -184,28 +220,40 @@ def main() -> None:
     gallery = Predictor.load(enc_bundle)
     results = {"seen": seen, "held_out": held, "args": {k: str(v) for k, v in
                                                          vars(args).items()}}
-    results["kshot"] = kshot_episodes(gallery.backend.encoder, gallery.spec, args.data, held,
-                                      [int(s) for s in args.shots.split(",")],
-                                      args.episodes, seed=1)
-    cnn = Predictor.load(cnn_bundle, backend="torch")
+    if not args.timing_only:  # the episodes embed with the torch encoder (same weights)
+        torch_gallery = Predictor.load(enc_bundle, backend="torch")
+        results["kshot"] = kshot_episodes(torch_gallery.backend.encoder, gallery.spec,
+                                          args.data, held,
+                                          [int(s) for s in args.shots.split(",")],
+                                          args.episodes, seed=1)
+    cnn = Predictor.load(cnn_bundle)
     test_p, test_y = _files(args.data / "test", seen)
     x = _decode(test_p, gallery.spec)
     x_cnn = x if cnn.spec == gallery.spec else _decode(test_p, cnn.spec)
-    knn_bundle = set_rule(enc_bundle, method="knn", k=1, out=args.out / "knn_gallery")
+    knn_bundle = args.out / "knn_gallery"
+    if not (knn_bundle / "manifest.json").is_file():
+        knn_bundle = set_rule(enc_bundle, method="knn", k=1, out=knn_bundle)
     knn = Predictor.load(knn_bundle)
-    results["closed_set_6way"] = {"gallery_prototype": _accuracy(gallery, x, test_y),
-                                  "gallery_knn1": _accuracy(knn, x, test_y),
-                                  "crop_cnn": _accuracy(cnn, x_cnn, test_y), "test_chips": len(x)}
-    print(f"closed set, {len(seen)} seen classes, {len(x)} test chips: "
-          f"{results['closed_set_6way']}")
+    if not args.timing_only:
+        results["closed_set_6way"] = {"gallery_prototype": _accuracy(gallery, x, test_y),
+                                      "gallery_knn1": _accuracy(knn, x, test_y),
+                                      "crop_cnn": _accuracy(cnn, x_cnn, test_y),
+                                      "test_chips": len(x)}
+        print(f"closed set, {len(seen)} seen classes, {len(x)} test chips: "
+              f"{results['closed_set_6way']}")
     results["gallery_items"] = len(gallery.gallery)
-    results["ms_per_batch_of_32"] = _timings({"crop_cnn": (cnn, x_cnn[:32]),
-                                              "gallery_prototype": (gallery, x[:32]),
-                                              "gallery_knn1": (knn, x[:32])}, args.repeats)
-    base = results["ms_per_batch_of_32"]["crop_cnn"]["rows_ms"]
-    for name, t in results["ms_per_batch_of_32"].items():
-        print(f"{name:18s} rows {t['rows_ms']:7.2f} ms/32 ({t['rows_ms'] / base:.2f}x crop_cnn)"
-              f"  forward {t['forward_ms']:7.2f} ms/32")
+    rows = {}
+    for be in backends:
+        rows[f"crop_cnn {be}"] = (Predictor.load(cnn_bundle, backend=be), x_cnn[:32])
+        rows[f"gallery_prototype {be}"] = (Predictor.load(enc_bundle, backend=be), x[:32])
+        rows[f"gallery_knn1 {be}"] = (Predictor.load(knn_bundle, backend=be), x[:32])
+    for name, (p, _) in rows.items():
+        print(f"{name}: backend {p.runtime.backend}, {p.runtime.precision}")
+    load0 = os.getloadavg()[0]
+    results["ms_per_batch_of_32"] = _timings(rows, args.rounds, args.iters)
+    print(f"{results['gallery_items']} gallery items; {args.rounds} rounds x {args.iters} "
+          f"calls; load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after")
+    _print_timings(results["ms_per_batch_of_32"], f"crop_cnn {backends[0]}")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"-> {args.out / 'results.json'}")
 
