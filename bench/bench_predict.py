@@ -19,6 +19,8 @@ rows interleaved in every round (rotating order), ``--rounds`` rounds (>= 3):
   forced where the check refused it: speed only; with random weights, near-ties between
   logits make the check refuse some models);
 - torch backend: the same bundle with ``backend="torch"``;
+- process decoders: the default bundle with decoding in worker processes
+  (``executor="process"``, ``imgtriage predict --executor process``) instead of threads;
 - CLI end to end: ``imgtriage predict`` in a child process (start-up included), the
   bundle's default precision;
 - ceiling: a tuned bare ONNX Runtime session (same threads, spinning off, every graph
@@ -177,7 +179,7 @@ def baseline(bundle: Path, files: list[Path], batch: int = 16) -> float:
 
 
 def ours(bundle: Path, folder: Path, tmp: Path, *, backend: str = "auto",
-         precision: str | None = None) -> float:
+         precision: str | None = None, executor: str = "thread") -> float:
     """Files/s of run_batch (what `imgtriage predict` calls), writing a JSONL report; the
     bundle is loaded before the clock starts, as the naive loop builds its model before."""
     from imgtriage.predict import Predictor
@@ -185,9 +187,10 @@ def ours(bundle: Path, folder: Path, tmp: Path, *, backend: str = "auto",
 
     p = Predictor.load(bundle, backend=backend, precision=precision)
     t0, c0 = time.perf_counter(), time.process_time()
-    run = run_batch(p, [folder], output=tmp / "out.jsonl")
+    run = run_batch(p, [folder], output=tmp / "out.jsonl", executor=executor)
     dt = time.perf_counter() - t0
-    _cpu(run.n_new, c0)
+    if executor == "thread":  # process_time misses the CPU of decode processes
+        _cpu(run.n_new, c0)
     if run.n_results != sum(1 for _ in folder.rglob("*.jpg")):
         raise SystemExit(f"expected every file as a result, got {run}")
     return run.n_new / dt
@@ -248,10 +251,20 @@ def trained_bundle(model: str, out: Path, classes: list[str], files: list[Path],
 
 DEFAULT, FP32, INT8 = ("default bundle from train", "fp32 ONNX (precision fp32)",
                        "int8 ONNX (precision int8)")
+NAIVE = "naive (PIL + torchvision + eager torch)"
+PROCESS = "default bundle, process decoders"
+
+
+def keep_rows(names: list[str], only: str) -> list[str]:
+    """The row names to run: all for an empty ``only``, else the naive baseline and every
+    row whose name contains one of ``only``'s comma-separated parts."""
+    parts = [s for s in only.split(",") if s]
+    return [n for n in names if not parts or n == NAIVE or any(s in n for s in parts)]
 
 
 def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: int,
-                variants: bool, weights: str = "trained") -> dict[str, list[float]]:
+                variants: bool, weights: str = "trained", only: str = ""
+                ) -> dict[str, list[float]]:
     from imgtriage.bundle import load_bundle
 
     classes = sorted({f.parent.name for f in files})
@@ -264,7 +277,7 @@ def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: 
     print(f"  training step (fp32 graph + int8 check): {time.perf_counter() - t0:.0f}s; the "
           f"default bundle ({weights} weights) predicts in {default}", flush=True)
     runs: dict[str, Callable[[], float]] = {
-        "naive (PIL + torchvision + eager torch)": lambda: baseline(b, files),
+        NAIVE: lambda: baseline(b, files),
         f"{DEFAULT} ({default})": lambda: ours(b, folder, tmp),
         FP32: lambda: ours(b, folder, tmp, precision="fp32"),
         INT8: lambda: ours(b, folder, tmp, precision="int8"),
@@ -276,8 +289,9 @@ def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: 
     }
     if variants:
         runs["torch backend"] = lambda: ours(b, folder, tmp, backend="torch")
-    got: dict[str, list[float]] = {k: [] for k in runs}
-    keys = list(runs)
+        runs[PROCESS] = lambda: ours(b, folder, tmp, executor="process")
+    keys = keep_rows(list(runs), only)
+    got: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(rounds):
         for name in keys[r % len(keys):] + keys[:r % len(keys)]:
             _LAST_CPU.clear()
@@ -292,7 +306,7 @@ def bench_model(model: str, files: list[Path], folder: Path, tmp: Path, rounds: 
 
 def ratios(got: dict[str, list[float]]) -> dict[str, list[float]]:
     """Within-round ratios: every row / naive, and the goal ratios."""
-    naive = got["naive (PIL + torchvision + eager torch)"]
+    naive = got[NAIVE]
     out = {f"{k} / naive": [v / n for v, n in zip(vs, naive, strict=True)]
            for k, vs in got.items() if "start-up" not in k and not k.startswith("naive")
            and "per CPU-s" not in k}
@@ -300,8 +314,13 @@ def ratios(got: dict[str, list[float]]) -> dict[str, list[float]]:
              "fp32 end to end / fp32 ceiling": (FP32, "ceiling: tuned bare ORT fp32 on tensors"),
              "int8 end to end / int8 ceiling": (INT8, "ceiling: tuned bare ORT int8 on tensors"),
              "int8 ceiling / fp32 ceiling": ("ceiling: tuned bare ORT int8 on tensors",
-                                             "ceiling: tuned bare ORT fp32 on tensors")}
+                                             "ceiling: tuned bare ORT fp32 on tensors"),
+             "process decoders / thread decoders (default bundle)": (PROCESS, None)}
+    default = next((k for k in got if k.startswith(DEFAULT) and "per CPU-s" not in k), None)
     for name, (a, b) in pairs.items():
+        b = b or default
+        if a not in got or b not in got:
+            continue
         out[name] = [x / y for x, y in zip(got[a], got[b], strict=True)]
         if f"{a} per CPU-s" in got and f"{b} per CPU-s" in got:  # the same, in work
             out[f"{name}, per CPU-s"] = [x / y for x, y in zip(
@@ -375,6 +394,9 @@ def main() -> None:
     ap.add_argument("--models", default="resnet50,resnet18")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--rows", default="",
+                    help="comma-separated parts of row names: run only the naive baseline and "
+                    "the rows whose names contain one (default: every row)")
     ap.add_argument("--trained", default="resnet50,resnet18",
                     help="models given trained weights (trained on cifar10-small training "
                     "photos, cached after the first run); the others get random weights")
@@ -395,7 +417,8 @@ def main() -> None:
         for model in filter(None, a.models.split(",")):  # --models "" measures memory only
             print(f"{model} @224:", flush=True)
             weights = "trained" if model in a.trained.split(",") else "random"
-            got = bench_model(model, files, folder, tmp, a.rounds, not a.no_variants, weights)
+            got = bench_model(model, files, folder, tmp, a.rounds, not a.no_variants, weights,
+                              a.rows)
             for name, v in got.items():
                 print(f"  {name:52s} {_mmm(v)}", flush=True)
             for name, v in ratios(got).items():
