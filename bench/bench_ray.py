@@ -108,7 +108,8 @@ def main() -> None:
 
     folder = make_folder(args.workdir / f"inbox-{args.img_size}", args.files, args.img_size)
     bundle = args.bundle or make_bundle(args.workdir, args.img_size, args.model)
-    files = list(iter_files([folder]))[: args.files]
+    # *.png only: the folder also holds make_folder's empty marker file
+    files = [f for f in iter_files([folder]) if f.endswith(".png")][: args.files]
     half = files[: len(files) // 2]
     n, bs = len(files), args.batch_size
     backends = args.backends.split(",")
