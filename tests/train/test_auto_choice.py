@@ -141,21 +141,53 @@ def test_plan_finetune_uses_more_time_for_more_pixels_or_epochs():
 
 
 def test_small_photos_train_below_the_weights_size_unless_given():
-    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.auto_recipe import SOURCE_UPSCALE, Costs, plan_recipe
     from imgtriage.train.config import TrainConfig
 
     counts = {f"c{i}": 425 for i in range(10)}
     costs = Costs(1 / 250, 1 / 46, 160)
     cfg = TrainConfig(model="efficientnet_lite0", img_size=224)
     got, why = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=costs,
-                           source_side=32)
-    assert got.img_size <= 128 and got.epochs >= 2 and "median side 32" in why
+                           source_side=24)
+    assert got.img_size <= 24 * SOURCE_UPSCALE and got.epochs >= 2 and "median side 24" in why
     big, _ = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=costs,
                          source_side=400)
     assert big.img_size > got.img_size
     kept, _ = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=costs,
                           source_side=32, size_given=True)
     assert kept.img_size == 224
+
+
+def test_stage_cache_plan_counts_its_one_pass_and_says_so():
+    from imgtriage.train.auto_recipe import (
+        STAGE_CACHE_STAGES,
+        Costs,
+        plan_finetune,
+        plan_recipe,
+        stage_cache_planned,
+    )
+    from imgtriage.train.config import TrainConfig
+
+    plain = Costs(1 / 250, 1 / 46, 160)
+    cached = Costs(1 / 250, 1 / 46, 160, stem=1 / 300)
+    a = plan_finetune(4250, 750, plain, 900, [160])
+    b = plan_finetune(4250, 750, cached, 900, [160])
+    assert a.cache_s == 0 and b.cache_s == pytest.approx((2 * 4250 + 750) / 300)
+    assert b.total_s <= 900 and b.epochs <= a.epochs
+    counts = {f"c{i}": 425 for i in range(10)}
+    cfg = TrainConfig(model="efficientnet_lite0", img_size=224)
+    got, why = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=cached,
+                           source_side=32)
+    assert got.freeze_stages == STAGE_CACHE_STAGES and "cached (--stage-cache)" in why
+    assert "once per image and mirror" in why
+    got, why = plan_recipe(cfg, counts, 750, pretrained=True, rgb_photos=True, costs=plain,
+                           source_side=32)
+    assert got.freeze_stages == 2 and "--stage-cache" not in why
+    assert stage_cache_planned(cfg)
+    assert not stage_cache_planned(TrainConfig(stage_cache="off"))
+    # d4 flips are not cached; without augmentation nothing is mirrored
+    assert not stage_cache_planned(TrainConfig(augment="light", modality="sar"))
+    assert stage_cache_planned(TrainConfig(augment="none", modality="sar"))
 
 
 def test_measure_costs_times_a_real_model():

@@ -18,13 +18,18 @@ fills in what the user left at its default, each with the sentence that explains
   came back within the budget, 1e-4 stayed at 0.34; CIFAR photos keep 1e-3)) at a
   training resolution chosen by :func:`plan_finetune`: the
   largest side up to the weights' own that the source images justify (at most
-  ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 128, not 224) at which
+  ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 160 at most, not 224) at which
   at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
   ``MAX_FINETUNE_EPOCHS``). An exponential moving average of the weights
   (``--ema-decay 0.99``; it warms up as ``(1 + n) / (10 + n)``, so a short run averages
   over its last ~50-100 steps) is validated, selected and kept instead of the raw weights
   (CIFAR-small at 96 px, one epoch into fine-tuning at lr 1e-3: validation accuracy 0.824
-  averaged against 0.761 raw);
+  averaged against 0.761 raw). When the flips are the mirror (photos, generic images) and
+  the backbone has EfficientNet stages, the stem and first ``STAGE_CACHE_STAGES`` stages
+  stay frozen *and cached* (``--stage-cache auto``, :mod:`imgtriage.train.stage_cache`):
+  each image and its mirror go through them once, the epochs train the later stages on
+  those activations (mirrored and shifted at random), so an epoch at a larger side costs a
+  fraction of a full one; the probe then times that step and the one pass;
 - **small CNNs**: as many of the default ``--epochs`` as fit in the budget (epochs given
   on the command line are kept).
 
@@ -37,7 +42,7 @@ Example:
     >>> imbalance({"ok": 900, "bad": 300})
     3.0
     >>> finetune_sides(224, 32)
-    [96, 128]
+    [96, 128, 160]
     >>> finetune_sides(224, 300)
     [96, 128, 160, 192, 224]
 """
@@ -51,14 +56,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from imgtriage.train.config import TrainConfig, field_default
+from imgtriage.data.augment import FIXED_FLIPS
+from imgtriage.train.config import MODALITIES, TrainConfig, field_default
 
 IMBALANCE_RATIO = 1.5
 FINETUNE = {"lr": 1e-3, "layer_decay": 0.85, "schedule": "cosine", "warmup_epochs": 0.5,
             "label_smoothing": 0.1, "weight_decay": 0.02, "head_epochs": 10,
             "freeze_stages": 2, "ema_decay": 0.99}
 FINETUNE_SIDES = (96, 128, 160, 192, 224, 256)
-SOURCE_UPSCALE = 4      # a pretrained net sees objects at ImageNet scale; beyond 4x, pixels
+SOURCE_UPSCALE = 5      # a pretrained net sees objects at ImageNet scale; beyond 5x, pixels
 MIN_FINETUNE_EPOCHS = 6  # of a small photo are only interpolated
 MAX_FINETUNE_EPOCHS = 12
 BUDGET_SHARE = 0.9       # of --time-budget planned; the rest is slack (and `evaluate`)
@@ -68,6 +74,8 @@ EPOCH_OVERHEAD = 1.15    # data, augmentation, validation batches beyond the pro
 # last epoch took 67 s: bench_transfer.py, docs/benchmarks.md)
 PROBE_BATCH, PROBE_MAX_SIDE = 32, 160
 PROBE_REPS = 5           # timed steps after a warm-up one; their median is the cost
+STAGE_CACHE_STAGES = 3   # frozen and cached (--stage-cache): stem + stages 0-2 of
+# EfficientNet-Lite0 are ~40% of a 96-px training step on 2 cores
 
 
 def imbalance(counts: dict[str, int]) -> float:
@@ -79,11 +87,14 @@ def imbalance(counts: dict[str, int]) -> float:
 @dataclass(frozen=True)
 class Costs:
     """Seconds per image on this machine: inference (embedding) and a training step,
-    measured at ``side`` pixels (None: at the run's own size, never rescaled)."""
+    measured at ``side`` pixels (None: at the run's own size, never rescaled). With the
+    stage cache (``stem`` > 0) ``train`` is a step of the stages after the cached ones, on
+    their activations, and ``stem`` the one pass of an image through the cached ones."""
 
     infer: float
     train: float
     side: int | None = None
+    stem: float = 0.0
 
     def at(self, side: int) -> Costs:
         """The costs at another side, scaled by the pixel count (measured on
@@ -91,18 +102,21 @@ class Costs:
         if self.side is None or side == self.side:
             return self
         f = (side / self.side) ** 2
-        return Costs(self.infer * f, self.train * f, side)
+        return Costs(self.infer * f, self.train * f, side, self.stem * f)
 
 
 def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
                   batch: int = PROBE_BATCH, reps: int = PROBE_REPS,
-                  freeze_stages: int | None = None) -> Costs:
+                  freeze_stages: int | None = None, stage_cache: bool = False) -> Costs:
     """Time the chosen model (random weights: the cost is the same) on random inputs, as
     training runs it: batches of ``batch`` (at most ``--batch-size``), channels_last unless
     ``--channels-last off``, the stem and first ``freeze_stages`` stages frozen (default
-    ``--freeze-stages``); ``side`` defaults to the run's input size."""
+    ``--freeze-stages``); ``side`` defaults to the run's input size. With ``stage_cache``
+    (and a model it applies to) the training step is that of the later stages on the
+    frozen ones' activations, and the frozen stages' forward pass is timed too."""
     from imgtriage.models import create_model
-    from imgtriage.train.optim import set_early_frozen
+    from imgtriage.train import stage_cache as sc
+    from imgtriage.train.optim import set_backbone_norm_eval, set_early_frozen
 
     side = side or cfg.img_size or 224
     batch = max(2, min(batch, cfg.batch_size))
@@ -134,8 +148,27 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
 
     model.eval()
     t_infer = timed(infer)
-    model.train()
-    return Costs(t_infer, timed(train_step), side)
+    k = cfg.freeze_stages if freeze_stages is None else freeze_stages
+    if not (stage_cache and k > 0 and sc.supports(model) and k < len(model.blocks)):
+        model.train()
+        return Costs(t_infer, timed(train_step), side)
+    with torch.no_grad():
+        h = sc.stem_forward(model, k, x).contiguous(memory_format=fmt)
+    tail = sc.TailNet(model, k)
+
+    def stem() -> None:
+        with torch.no_grad():
+            sc.stem_forward(model, k, x)
+
+    def tail_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(tail(h), y).backward()
+        opt.step()
+
+    t_stem = timed(stem)
+    tail.train()
+    set_backbone_norm_eval(tail)  # as fine-tuning from a cached head runs it
+    return Costs(t_infer, timed(tail_step), side, t_stem)
 
 
 def step_seconds(times: list[float]) -> float:
@@ -161,16 +194,18 @@ def finetune_sides(native: int, source_side: int | None) -> list[int]:
 
 @dataclass(frozen=True)
 class FinetunePlan:
-    """A training side, the epochs that fit, and the estimates (seconds) behind them."""
+    """A training side, the epochs that fit, and the estimates (seconds) behind them
+    (``cache_s``: the stage cache's one pass over train with mirrors and val)."""
 
     side: int
     epochs: int
     embed_s: float
     epoch_s: float
+    cache_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return FIXED_S + 2 * self.embed_s + self.epochs * self.epoch_s
+        return FIXED_S + 2 * self.embed_s + self.cache_s + self.epochs * self.epoch_s
 
 
 def plan_finetune(n_train: int, n_val: int, costs: Costs, budget_s: float,
@@ -184,9 +219,12 @@ def plan_finetune(n_train: int, n_val: int, costs: Costs, budget_s: float,
     for side in sorted(sides, reverse=True):
         c = costs.at(side)
         embed_s = (n_train + n_val) * c.infer
-        epoch_s = (n_train * c.train + n_val * c.infer) * EPOCH_OVERHEAD
-        fit = max(0, int((usable - 2 * embed_s) // max(epoch_s, 1e-9)))
-        plan = FinetunePlan(side, min(fit, MAX_FINETUNE_EPOCHS), embed_s, epoch_s)
+        cache_s = (2 * n_train + n_val) * c.stem
+        # validation runs the same part of the network as training: all of it, or the tail
+        val_s = c.infer if c.stem <= 0 else max(c.infer - c.stem, 0.0)
+        epoch_s = (n_train * c.train + n_val * val_s) * EPOCH_OVERHEAD
+        fit = max(0, int((usable - 2 * embed_s - cache_s) // max(epoch_s, 1e-9)))
+        plan = FinetunePlan(side, min(fit, MAX_FINETUNE_EPOCHS), embed_s, epoch_s, cache_s)
         if fit >= MIN_FINETUNE_EPOCHS:
             return plan
         if best is None or plan.epochs > best.epochs:
@@ -197,6 +235,17 @@ def plan_finetune(n_train: int, n_val: int, costs: Costs, budget_s: float,
 
 def _default(cfg: TrainConfig, name: str) -> bool:
     return getattr(cfg, name) == field_default(name)
+
+
+def stage_cache_planned(cfg: TrainConfig) -> bool:
+    """Whether fine-tuning will run on cached activations (``--stage-cache auto``, and the
+    flips training will use are the mirror or none; the recipe's own are the mirror)."""
+    if cfg.stage_cache != "auto":
+        return False
+    if _default(cfg, "augment") and _default(cfg, "modality"):
+        return True
+    flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+    return flips in ("hflip", "none")
 
 
 def _imbalance_rule(cfg: TrainConfig, counts: dict[str, int]) -> tuple[TrainConfig, list[str]]:
@@ -220,6 +269,8 @@ def _finetune_changes(cfg: TrainConfig, plan: FinetunePlan, size_given: bool,
     if not size_given:
         changes["img_size"] = plan.side
     changes.update({k: v for k, v in FINETUNE.items() if _default(cfg, k)})
+    if plan.cache_s > 0 and _default(cfg, "freeze_stages"):
+        changes["freeze_stages"] = STAGE_CACHE_STAGES
     if _default(cfg, "augment") and _default(cfg, "modality"):
         changes.update(augment="light", modality="photo" if rgb_photos else "generic")
     return changes
@@ -234,9 +285,12 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
     plan = plan_finetune(n_train, n_val, costs, cfg.time_budget * 60, sides)
     head_embed = (n_train + n_val) * costs.at(native).infer
     c = costs.at(plan.side)
+    cached = (f", the stem + first {STAGE_CACHE_STAGES} stages once per image and mirror "
+              f"~{plan.cache_s:.0f}s ({1 / c.stem:.0f} img/s)" if c.stem > 0 else "")
     lines = [f"estimate at {plan.side} px: embedding {n_train + n_val} images once "
-             f"~{plan.embed_s:.0f}s ({1 / c.infer:.0f} img/s), each fine-tuning epoch "
-             f"~{plan.epoch_s:.0f}s ({1 / c.train:.0f} img/s, channels_last, batch "
+             f"~{plan.embed_s:.0f}s ({1 / c.infer:.0f} img/s){cached}, each fine-tuning epoch "
+             f"~{plan.epoch_s:.0f}s ({1 / c.train:.0f} img/s"
+             f"{' on the cached activations' if c.stem > 0 else ''}, channels_last, batch "
              f"{min(PROBE_BATCH, cfg.batch_size)}); --time-budget {cfg.time_budget:g} min"]
     if not size_given and plan.side < native:
         why = (f"the images' median side {source_side} px x {SOURCE_UPSCALE}"
@@ -256,7 +310,8 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
                  f"of it if the first epoch undoes the head: --lr-check), warmup + "
                  f"cosine, layer decay {changes.get('layer_decay', cfg.layer_decay):g}, label "
                  f"smoothing {changes.get('label_smoothing', cfg.label_smoothing):g}, stem + "
-                 f"first {changes.get('freeze_stages', cfg.freeze_stages)} stages frozen, "
+                 f"first {changes.get('freeze_stages', cfg.freeze_stages)} stages frozen"
+                 f"{' and cached (--stage-cache)' if plan.cache_s > 0 else ''}, "
                  f"weight average {changes.get('ema_decay', cfg.ema_decay):g} validated and "
                  f"kept, "
                  f"augment {changes.get('augment', cfg.augment)})")
@@ -291,9 +346,11 @@ def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrai
     if pretrained:
         native = cfg.img_size or 224
         probe = min(native, PROBE_MAX_SIDE, max(finetune_sides(native, source_side)))
-        frozen = FINETUNE["freeze_stages"] if _default(cfg, "freeze_stages") else None
+        cache = stage_cache_planned(cfg)
+        frozen = ((STAGE_CACHE_STAGES if cache else FINETUNE["freeze_stages"])
+                  if _default(cfg, "freeze_stages") else None)
         costs = costs or measure_costs(cfg, len(counts), side=native if size_given else probe,
-                                       freeze_stages=frozen)
+                                       freeze_stages=frozen, stage_cache=cache)
         cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos, source_side,
                                      size_given)
     else:

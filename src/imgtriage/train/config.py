@@ -183,6 +183,12 @@ class TrainConfig:
                                "(when the first fine-tuning epoch raises the validation loss "
                                "above 1.5x the head's, the rate undid the head: restart from "
                                "the head at a tenth of --lr for the remaining epochs) or off.")
+    stage_cache: str = _f("auto", "Fine-tuning from a head trained on cached embeddings with "
+                                  "--freeze-stages N and frozen batch-norm statistics: auto "
+                                  "(an EfficientNet's stem and first N stages run once per "
+                                  "image and its mirror, and the epochs train the rest on "
+                                  "those activations, mirrored and shifted at random) or off "
+                                  "(every epoch runs the whole network on augmented images).")
     head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
                               "epochs of the head on cached embeddings (each image goes "
                               "through the frozen backbone once; an epoch takes a fraction "
@@ -336,7 +342,7 @@ def _check_choices(c: TrainConfig) -> None:
                "lr_scaling": ("linear", "sqrt"), "amp": TRI_STATE,
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
                "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
-               "lr_check": ("auto", "off"),
+               "lr_check": ("auto", "off"), "stage_cache": ("auto", "off"),
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)

@@ -72,6 +72,7 @@ from imgtriage.train.semisup import (
     semi_budget,
     semi_teacher,
 )
+from imgtriage.train.stage_cache import prepare as prepare_stage_cache
 from imgtriage.train.transfer import (
     LR_CHECK_FACTOR,
     LrCheck,
@@ -132,6 +133,11 @@ def resolve_spec(cfg: TrainConfig, in_chans: int, plan: WeightsPlan | None = Non
                                       crop_pct=cfg.crop_pct, features=features,
                                       read=ReadPolicy(max_decoded_bytes=cfg.max_decoded_bytes),
                                       **_norm(plan, in_chans))
+
+
+def _flips(cfg: TrainConfig) -> str:
+    """The flips training uses: the augmentation's own, else the modality's."""
+    return FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
 
 
 def tta_views(cfg: TrainConfig) -> list[str]:
@@ -504,11 +510,17 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
              if head is not None and ckpt is None and lr_check_applies(cfg, head=True)
              else None)
     extra = {"callbacks": [check]} if check is not None else {}
-    result = fit(model, tr, va, fit_cfg, resume_from=ckpt, **extra, **fit_args)
+    stage = (prepare_stage_cache(model, tr, va, fit_cfg, _flips(cfg), say)
+             if head is not None and ckpt is None else None)
+    net, ftr, fva = (stage.net, stage.train, stage.val) if stage else (model, tr, va)
+    if stage is not None:
+        fit_cfg = stage.cfg
+    result = fit(net, ftr, fva, fit_cfg, resume_from=ckpt, **extra, **fit_args)
     finetune: dict[str, Any] | None = None
     if head is not None:
         finetune = {"lr": fit_cfg.lr, "epochs": fit_cfg.epochs,
-                    "backbone_norm": fit_cfg.backbone_norm}
+                    "backbone_norm": fit_cfg.backbone_norm,
+                    "stage_cache": stage.summary if stage is not None else None}
     if check is not None and finetune is not None:
         finetune["lr_check"] = check.line(fit_cfg.lr)
         say(finetune["lr_check"])
@@ -519,7 +531,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
             fit_cfg = replace(fit_cfg, lr=fit_cfg.lr * LR_CHECK_FACTOR,
                               epochs=fit_cfg.epochs - 1)
             finetune.update(lr=fit_cfg.lr, epochs=fit_cfg.epochs)
-            result = fit(model, tr, va, fit_cfg, **fit_args)
+            result = fit(net, ftr, fva, fit_cfg, **fit_args)
     if head is not None:
         result = combine(head.result, result, cfg.select_metric)
         model.load_state_dict(result.best_state)  # the head's, when fine-tuning lost
