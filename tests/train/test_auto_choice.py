@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import doctest
 import itertools
+from dataclasses import replace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from imgtriage.train import auto
-from imgtriage.train.auto import ImageProbe, choose_model
+from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 
 PROBE = ImageProbe(1, (64, 64), 32)
 
@@ -208,15 +211,95 @@ def test_probe_cost_is_the_typical_step_not_a_slow_one():
     assert step_seconds([0.2]) == 0.2
 
 
-def test_time_budget_caps_cnn_epochs_only_when_left_at_default():
+def test_time_budget_sizes_scratch_epochs_only_when_left_at_default():
+    from imgtriage.train.auto_recipe import SCRATCH_MAX_EPOCHS, Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig
+
+    counts = {"a": 500, "b": 500}
+    slow = Costs(0.01, 0.05)  # 1,000 images: ~60 s per epoch
+    cfg = TrainConfig(model="crop_cnn", img_size=32, time_budget=10)
+    got, why = plan_recipe(cfg, counts, 200, pretrained=False, rgb_photos=False, costs=slow)
+    assert 1 <= got.epochs < SCRATCH_MAX_EPOCHS and f"-> {got.epochs} epochs" in why
+    assert got.epochs * 60 <= 10 * 60
+    cheap, _ = plan_recipe(cfg, counts, 200, pretrained=False, rgb_photos=False,
+                           costs=Costs(1e-4, 5e-4))
+    assert cheap.epochs == SCRATCH_MAX_EPOCHS
+    kept, why = plan_recipe(TrainConfig(model="crop_cnn", img_size=32, time_budget=3,
+                                        epochs=20), counts, 200, pretrained=False,
+                            rgb_photos=False, costs=slow)
+    assert kept.epochs == 20 and "--epochs 20 given: kept (only ~1 fit" in why
+
+
+def test_scratch_recipe_robust_scaling_for_grey_and_deep_images_not_photos():
     from imgtriage.train.auto_recipe import Costs, plan_recipe
     from imgtriage.train.config import TrainConfig
 
-    slow = Costs(0.01, 0.05)  # 1,000 images: ~52 s per epoch
-    cfg, why = plan_recipe(TrainConfig(model="deep_cnn", time_budget=3), {"a": 500, "b": 500},
-                           200, pretrained=False, rgb_photos=False, costs=slow)
-    assert cfg.epochs == 3 and "3 of the 10 epochs fit" in why
-    cfg, _ = plan_recipe(TrainConfig(model="deep_cnn", time_budget=3, epochs=20),
-                         {"a": 500, "b": 500}, 200, pretrained=False, rgb_photos=False,
-                         costs=slow)
-    assert cfg.epochs == 20
+    cfg, counts, cheap = TrainConfig(model="crop_cnn", img_size=32), {"a": 40, "b": 40}, \
+        Costs(1e-4, 5e-4)
+    for chans, eight_bit, scaling in ((1, True, "percentile"), (3, False, "percentile"),
+                                      (5, False, "percentile"), (3, True, "dtype")):
+        got, why = plan_recipe(cfg, counts, 10, pretrained=False, rgb_photos=chans == 3,
+                               costs=cheap, in_chans=chans, eight_bit=eight_bit)
+        assert got.scaling == scaling and f"--scaling {scaling}" in why
+        assert got.augment == "light" and got.modality == "generic"  # flips, no colour op
+        assert (got.label_smoothing, got.ema_decay, got.lr) == (0.1, 0.995, 2e-3)
+        assert got.schedule == "onecycle"
+
+
+def test_scratch_recipe_keeps_every_option_given():
+    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig
+
+    given = TrainConfig(model="deep_cnn", img_size=96, scaling="dtype", augment="flip",
+                        label_smoothing=0.05, ema_decay=0.9, lr=1e-2, epochs=7,
+                        model_kwargs={"widths": [8, 16, 32, 64]})
+    got, _ = plan_recipe(given, {"a": 400, "b": 400}, 100, pretrained=False,
+                         rgb_photos=False, costs=Costs(0.01, 0.05), in_chans=1,
+                         size_given=True)
+    for name in ("img_size", "scaling", "augment", "label_smoothing", "ema_decay", "lr",
+                 "epochs", "model_kwargs"):
+        assert getattr(got, name) == getattr(given, name), name
+
+
+def test_short_budget_shrinks_deep_cnn_side_then_widths():
+    from imgtriage.train.auto_recipe import (
+        HALF_WIDTHS,
+        SCRATCH_MIN_EPOCHS,
+        Costs,
+        plan_recipe,
+        plan_scratch,
+        scratch_sides,
+    )
+    from imgtriage.train.config import TrainConfig
+
+    assert scratch_sides("deep_cnn", 96) == [96, 80, 64, 48]
+    assert scratch_sides("crop_cnn", 28) == [28]
+    # MSTAR-like: 2,472 train chips; half widths ~3.5x cheaper (timed on 2 cores)
+    costs = {None: Costs(1 / 60, 1 / 15, 96), HALF_WIDTHS: Costs(1 / 200, 1 / 52, 96)}
+    cfg = TrainConfig(model="deep_cnn", img_size=96)
+    plans = []
+    for minutes in (5, 15, 60, 600):
+        got, why = plan_recipe(replace(cfg, time_budget=minutes), {"a": 1236, "b": 1236},
+                               275, pretrained=False, rgb_photos=False, costs=costs,
+                               in_chans=1)
+        widths = tuple(got.model_kwargs.get("widths", ())) or None
+        plans.append((got.img_size, widths, got.epochs))
+        assert got.epochs >= 1 and f"estimate at {got.img_size} px" in why
+    assert plans[-1] == (96, None, 40)  # all the time in the world: the model as chosen
+    assert plans[1][1] == HALF_WIDTHS and plans[1][2] >= SCRATCH_MIN_EPOCHS
+    assert plans[0][0] == 48 and plans[0][2] < SCRATCH_MIN_EPOCHS  # the cheapest
+    c = Costs(0.001, 0.004, 64)
+    assert plan_scratch(100, 10, [(64, None, c)], 1).epochs == 1  # never 0
+
+
+def test_probe_reads_channels_and_bit_depth(tmp_path):
+    from imgtriage.data.discovery import discover
+
+    for name, arr in (("u8", np.zeros((20, 24), np.uint8)),
+                      ("u16", np.full((20, 24), 3000, np.uint16))):
+        for c in "ab":
+            (tmp_path / name / c).mkdir(parents=True)
+            Image.fromarray(arr).save(tmp_path / name / c / "x.png")
+        probe = probe_images(discover(tmp_path / name).samples)
+        assert (probe.in_chans, probe.median_hw) == (1, (20, 24))
+        assert probe.eight_bit == (name == "u8")

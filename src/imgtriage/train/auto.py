@@ -53,6 +53,7 @@ class ImageProbe:
     in_chans: int
     median_hw: tuple[int, int]
     probed: int
+    eight_bit: bool = True  # every probed image stored as 8-bit integers (PNG/JPEG photos)
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,21 @@ def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
     decode step reports them as defects)."""
     from imgtriage.io import try_read_image
 
-    chans, hs, ws = set(), [], []
+    chans, hs, ws, dtypes = set(), [], [], set()
     step = max(1, len(samples) // limit)
     for s in list(samples)[::step][:limit]:
         rec = try_read_image(s.path)
         if isinstance(rec, Defect):
             continue
         a = rec.array
+        dtypes.add(a.dtype.str.lstrip("<>|="))
         c = 1 if a.ndim == 2 else a.shape[2]
         chans.add({2: 1, 4: 3}.get(c, c))  # alpha is composited away
         hs.append(a.shape[0])
         ws.append(a.shape[1])
     c = 1 if chans == {1} else (chans.pop() if len(chans) == 1 else 3)
     hw = (int(np.median(hs)), int(np.median(ws))) if hs else (64, 64)
-    return ImageProbe(c, hw, len(hs))
+    return ImageProbe(c, hw, len(hs), eight_bit=dtypes <= {"u1"})
 
 
 def _registered(name: str) -> bool:

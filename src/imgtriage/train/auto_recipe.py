@@ -30,8 +30,16 @@ fills in what the user left at its default, each with the sentence that explains
   each image and its mirror go through them once, the epochs train the later stages on
   those activations (mirrored and shifted at random), so an epoch at a larger side costs a
   fraction of a full one; the probe then times that step and the one pass;
-- **small CNNs**: as many of the default ``--epochs`` as fit in the budget (epochs given
-  on the command line are kept).
+- **from scratch** (no pretrained backbone: grey crops under 96 px, scientific images, or no
+  weights installed): per-image percentile scaling unless the images are 8-bit RGB photos
+  (:func:`robust_scaling`: a network that keys on absolute intensity misreads data whose
+  gain or exposure shifts, as MSTAR's 15 deg chips are darker than its 17 deg ones), the
+  ``light`` augmentation with the modality's flips and no colour op, label smoothing 0.1,
+  a 0.995 weight average, one-cycle at lr 2e-3 (the accuracy section's run G, made
+  general); then the training side and, for ``deep_cnn``, its widths (its own or half)
+  from the budget: the costliest variant at which ``SCRATCH_MIN_EPOCHS`` fit, and as many
+  epochs there as fit (at most ``SCRATCH_MAX_EPOCHS``; :func:`plan_scratch`). Every option
+  given on the command line is kept.
 
 The per-image costs come from timing the chosen model on this machine (the median of
 ``PROBE_REPS`` batches of ``PROBE_BATCH`` in channels_last, as training runs, seconds)
@@ -76,6 +84,12 @@ PROBE_BATCH, PROBE_MAX_SIDE = 32, 160
 PROBE_REPS = 5           # timed steps after a warm-up one; their median is the cost
 STAGE_CACHE_STAGES = 3   # frozen and cached (--stage-cache): stem + stages 0-2 of
 # EfficientNet-Lite0 are ~40% of a 96-px training step on 2 cores
+# From scratch (no pretrained backbone): the accuracy section's run G recipe, made general
+SCRATCH = {"lr": 2e-3, "label_smoothing": 0.1, "ema_decay": 0.995}
+SCRATCH_MIN_EPOCHS = 24  # MSTAR: 20 epochs 96.7%, 40 with a weight average 98.1-98.4%
+SCRATCH_MAX_EPOCHS = 40
+SCRATCH_SIDES = (96, 80, 64, 48)
+HALF_WIDTHS = (16, 32, 64, 128)  # deep_cnn at half width: run G's network
 
 
 def imbalance(counts: dict[str, int]) -> float:
@@ -318,28 +332,174 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
     return replace(cfg, **changes), lines
 
 
-def _cnn_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs: Costs
-              ) -> tuple[TrainConfig, list[str]]:
+def robust_scaling(in_chans: int, eight_bit: bool) -> str | None:
+    """Why per-image percentile scaling suits these images, or None when ``dtype`` scaling
+    (x / 255) stays: 8-bit RGB photos, whose exposure is part of what they show.
+
+    Example:
+        >>> robust_scaling(3, True) is None
+        True
+        >>> robust_scaling(1, True)
+        'single-channel images'
+    """
+    if in_chans == 3 and eight_bit:
+        return None
+    if not eight_bit:
+        return "images stored with more than 8 bits (or as floats)"
+    return "single-channel images" if in_chans == 1 else f"{in_chans}-channel images"
+
+
+@dataclass(frozen=True)
+class ScratchPlan:
+    """A from-scratch training side, the model's widths (None: its own), the epochs that fit
+    and the estimated seconds per epoch."""
+
+    side: int
+    widths: tuple[int, ...] | None
+    epochs: int
+    epoch_s: float
+
+    @property
+    def total_s(self) -> float:
+        return FIXED_S + self.epochs * self.epoch_s
+
+
+def scratch_sides(model: str, side: int) -> list[int]:
+    """Training sides worth trying for a from-scratch model chosen at ``side``, largest first:
+    ``deep_cnn`` may go down to 48 px (its four pooling stages need it) when the budget is
+    short; the other models keep the side they were chosen at (the images' own)."""
+    if model != "deep_cnn":
+        return [side]
+    return sorted({side, *(s for s in SCRATCH_SIDES if 48 <= s < side)}, reverse=True)
+
+
+def plan_scratch(n_train: int, n_val: int,
+                 variants: list[tuple[int, tuple[int, ...] | None, Costs]],
+                 budget_s: float) -> ScratchPlan:
+    """The costliest (side, widths) variant at which ``SCRATCH_MIN_EPOCHS`` fit in
+    ``budget_s`` (else the one with the most epochs), with as many epochs there as fit,
+    capped at ``SCRATCH_MAX_EPOCHS`` (never fewer than 1).
+
+    Example:
+        >>> c = Costs(0.001, 0.004, 64)
+        >>> p = plan_scratch(2500, 250, [(96, None, c.at(96)), (64, None, c)], 900)
+        >>> (p.side, p.epochs)
+        (96, 28)
+    """
+    usable = budget_s * BUDGET_SHARE - FIXED_S
+    plans = []
+    for side, widths, c in variants:
+        epoch_s = (n_train * c.train + n_val * c.infer) * EPOCH_OVERHEAD
+        fit = max(0, int(usable // max(epoch_s, 1e-9)))
+        plans.append((fit, ScratchPlan(side, widths, min(max(fit, 1), SCRATCH_MAX_EPOCHS),
+                                       epoch_s)))
+    plans.sort(key=lambda fp: -fp[1].epoch_s)  # costliest (largest side, widest) first
+    for fit, plan in plans:
+        if fit >= SCRATCH_MIN_EPOCHS:
+            return plan
+    return max(plans, key=lambda fp: fp[0])[1]
+
+
+def _scratch_regularisation(cfg: TrainConfig) -> tuple[dict[str, object], list[str]]:
+    changes: dict[str, object] = {}
+    if _default(cfg, "augment"):
+        changes["augment"] = "light"
+    changes.update({k: v for k, v in SCRATCH.items() if _default(cfg, k)})
+    if not changes:
+        return {}, []
+    got = {k: changes.get(k, getattr(cfg, k)) for k in ("augment", *SCRATCH)}
+    flips = {"none": "no flips", "hflip": "horizontal flips", "d4": "flips + 90-degree turns"}
+    return changes, [
+        f"augment {got['augment']} (the modality's {flips[MODALITIES[cfg.modality]]} "
+        f"(--modality {cfg.modality}) + one random translation, rotation, scaling, "
+        f"brightness, contrast or noise op per image; no colour op), label smoothing "
+        f"{got['label_smoothing']:g}, weight average {got['ema_decay']:g} validated and kept, "
+        f"one-cycle lr {got['lr']:g}: the from-scratch recipe that took MSTAR 15 deg chips "
+        f"from 88% to 98% (docs/benchmarks.md, accuracy section)"]
+
+
+def _scratch_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int,
+                  variants: list[tuple[int, tuple[int, ...] | None, Costs]],
+                  scaling_why: str | None) -> tuple[TrainConfig, list[str]]:
+    """Scaling, augmentation, regularisation, and side / widths / epochs from the budget."""
+    changes: dict[str, object] = {}
+    lines = []
+    if _default(cfg, "scaling") and scaling_why:
+        changes["scaling"] = "percentile"
+        lines.append(f"{scaling_why} -> --scaling percentile (each image's 0.5-99.5th "
+                     f"percentiles to 0..1: a change of gain or exposure between training "
+                     f"and new images changes nothing; dtype scaling cost MSTAR 9 points)")
+    elif _default(cfg, "scaling"):
+        changes["scaling"] = "dtype"
+        lines.append("8-bit RGB photos -> --scaling dtype (x/255) kept")
+    more, why = _scratch_regularisation(cfg)
+    changes.update(more)
+    lines += why
     n_train = sum(counts.values())
-    epoch_s = n_train * costs.train + n_val * costs.infer
-    fit = max(1, int(cfg.time_budget * 60 * 0.9 // max(epoch_s, 1e-9)))
-    line = (f"estimate: each epoch ~{epoch_s:.0f}s ({1 / costs.train:.0f} img/s); "
-            f"--time-budget {cfg.time_budget:g} min")
-    if fit < cfg.epochs and _default(cfg, "epochs"):
-        return replace(cfg, epochs=fit, freeze_epochs=min(cfg.freeze_epochs, fit - 1)), [
-            f"{line} -> {fit} of the {cfg.epochs} epochs fit"]
-    if fit < cfg.epochs:
-        return cfg, [f"{line} -> only {fit} of --epochs {cfg.epochs} fit; kept as given"]
-    return cfg, [f"{line} -> all {cfg.epochs} epochs fit (~{cfg.epochs * epoch_s:.0f}s)"]
+    plan = plan_scratch(n_train, n_val, variants, cfg.time_budget * 60)
+    own = next(v for v in variants if v[0] == plan.side and v[1] == plan.widths)[2]
+    line = (f"estimate at {plan.side} px"
+            f"{f' (widths {list(plan.widths)})' if plan.widths else ''}: each epoch "
+            f"~{plan.epoch_s:.0f}s ({1 / own.train:.0f} img/s); --time-budget "
+            f"{cfg.time_budget:g} min")
+    if plan.side != cfg.img_size:
+        changes["img_size"] = plan.side
+    if plan.widths is not None:
+        changes["model_kwargs"] = {**cfg.model_kwargs, "widths": list(plan.widths)}
+    if len(variants) > 1 and (plan.side, plan.widths) != (variants[0][0], variants[0][1]):
+        line += (f"; {cfg.model} at {variants[0][0]} px with its own widths fits fewer than "
+                 f"{SCRATCH_MIN_EPOCHS} epochs")
+    if _default(cfg, "epochs"):
+        changes["epochs"] = plan.epochs
+        changes["freeze_epochs"] = min(cfg.freeze_epochs, plan.epochs - 1)
+        lines.append(f"{line} -> {plan.epochs} epochs (~{plan.total_s:.0f}s in all; at most "
+                     f"{SCRATCH_MAX_EPOCHS})")
+    else:
+        fits = max(1, int((cfg.time_budget * 60 * BUDGET_SHARE - FIXED_S)
+                          // max(plan.epoch_s, 1e-9)))
+        lines.append(f"{line} -> --epochs {cfg.epochs} given: kept"
+                     f"{f' (only ~{fits} fit the budget)' if fits < cfg.epochs else ''}")
+    return replace(cfg, **changes), lines
+
+
+def scratch_variants(cfg: TrainConfig, num_classes: int, size_given: bool,
+                     costs: Costs | dict | None = None
+                     ) -> list[tuple[int, tuple[int, ...] | None, Costs]]:
+    """(side, widths, costs) of each from-scratch variant worth planning: the sides of
+    :func:`scratch_sides` (only the given one with ``--img-size``) and, for ``deep_cnn``
+    without ``--model-kwargs`` widths, its half-width form (16-32-64-128: the MSTAR run G
+    network). ``costs``: a Costs for every variant, or a dict widths -> Costs, or None to
+    time each width once on this machine at the smallest side (then scaled by pixels)."""
+    side = cfg.img_size or 64
+    sides = [side] if size_given else scratch_sides(cfg.model, side)
+    widths: list[tuple[int, ...] | None] = [None]
+    if cfg.model == "deep_cnn" and "widths" not in cfg.model_kwargs:
+        widths.append(HALF_WIDTHS)
+    out = []
+    for w in widths:
+        if isinstance(costs, Costs):
+            c = costs
+        elif isinstance(costs, dict):
+            c = costs[w]
+        else:
+            probe_cfg = cfg if w is None else replace(
+                cfg, model_kwargs={**cfg.model_kwargs, "widths": list(w)})
+            c = measure_costs(probe_cfg, num_classes, side=min(sides))
+        out += [(s, w, c.at(s)) for s in sides]
+    return out
 
 
 def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrained: bool,
-                rgb_photos: bool, costs: Costs | None = None, source_side: int | None = None,
-                size_given: bool = False) -> tuple[TrainConfig, str]:
+                rgb_photos: bool, costs: Costs | dict | None = None,
+                source_side: int | None = None, size_given: bool = False,
+                in_chans: int | None = None, eight_bit: bool = True
+                ) -> tuple[TrainConfig, str]:
     """The rest of the recipe for an auto-chosen model (see the module docstring).
 
     ``costs`` None measures them here; ``source_side`` is the training images' median
-    (shorter) side, ``size_given`` whether ``--img-size`` was set (then it is kept).
+    (shorter) side, ``size_given`` whether ``--img-size`` was set (then it is kept);
+    ``in_chans`` / ``eight_bit`` describe the images as stored (they choose the scaling of a
+    from-scratch model).
     Returns the config and one line per decision.
     """
     cfg, lines = _imbalance_rule(cfg, counts)
@@ -354,6 +514,7 @@ def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrai
         cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos, source_side,
                                      size_given)
     else:
-        costs = costs or measure_costs(cfg, len(counts))
-        cfg, more = _cnn_rule(cfg, counts, n_val, costs)
+        variants = scratch_variants(cfg, len(counts), size_given, costs)
+        cfg, more = _scratch_rule(cfg, counts, n_val, variants,
+                                  robust_scaling(in_chans or cfg.in_chans or 1, eight_bit))
     return cfg, "; ".join(lines + more)

@@ -13,6 +13,8 @@ from imgtriage.errors import ConfigError
 
 # Name -> what it does, for --help. Geometric-only policies are safe for scientific data.
 AUGMENT_POLICIES = {
+    "auto": "--model auto chooses (light for a model trained from scratch; none for any "
+            "model given by name)",
     "none": "no augmentation",
     "flip": "random horizontal flips",
     "flip_rot90": "random flips and 90-degree rotations (SAR, astronomy, microscopy)",
@@ -63,8 +65,10 @@ class TrainConfig:
     """
 
     # --- model and input
-    model: str = _f("crop_cnn", "Architecture (see `imgtriage models`), timm:<name> for any "
-                                "timm model, or auto: choose by labels per class and image size.")
+    model: str = _f("auto", "auto (the default): choose the model and the whole recipe from "
+                            "the data (labels per class, image size, channels, bit depth, "
+                            "--time-budget) and say why; or an architecture (see `imgtriage "
+                            "models`), or timm:<name> for any timm model.")
     model_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Extra model arguments as JSON, e.g. '{\"widths\": [32, 64, 128]}'.",
         "flag": None})
@@ -76,7 +80,10 @@ class TrainConfig:
     img_size: int | None = _f(None, "Input size in pixels (square); default: the model's own.")
     in_chans: int | None = _f(None, "Input channels; default: 1 if every image is grayscale, "
                                     "else 3. Pretrained first convs are adapted by timm.")
-    scaling: str = _f("dtype", "Pixel scaling: dtype, minmax or percentile (scientific data).")
+    scaling: str = _f("auto", "Pixel scaling: dtype (x / dtype max), minmax or percentile (each "
+                              "image's 0.5-99.5th percentiles to 0..1; scientific data); auto: "
+                              "--model auto chooses (percentile unless a from-scratch model "
+                              "gets 8-bit RGB photos), dtype for a model given by name.")
     stretch: str = _f("linear", "Intensity stretch: linear, asinh or log.")
     resize: str = _f("squash", "squash, shorter_crop (centre crop by --crop-pct) or pad.")
     crop_pct: float = _f(0.875, "Share of the shorter side kept by --resize shorter_crop "
@@ -303,6 +310,26 @@ class TrainConfig:
         return cls(**d)
 
 
+# What an "auto" value becomes when --model auto did not choose it (a model given by name,
+# a pretrained backbone, or fit() called directly): the behaviour before auto existed.
+AUTO_FALLBACK = {"scaling": "dtype", "augment": "none"}
+
+
+def settled(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every ``auto`` left in :data:`AUTO_FALLBACK`'s fields replaced.
+
+    Example:
+        >>> settled(TrainConfig(model="crop_cnn")).scaling, settled(TrainConfig()).augment
+        ('dtype', 'none')
+        >>> settled(TrainConfig(scaling="percentile")).scaling
+        'percentile'
+    """
+    from dataclasses import replace
+
+    changes = {k: v for k, v in AUTO_FALLBACK.items() if getattr(cfg, k) == "auto"}
+    return replace(cfg, **changes) if changes else cfg
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field, e.g. ``num_threads`` -> ``--threads``."""
     meta = TrainConfig.__dataclass_fields__[name].metadata
@@ -343,6 +370,7 @@ def _check_choices(c: TrainConfig) -> None:
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
                "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
                "lr_check": ("auto", "off"), "stage_cache": ("auto", "off"),
+               "scaling": ("auto", "dtype", "minmax", "percentile"),
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)

@@ -40,7 +40,7 @@ from imgtriage.train.callbacks import (
     MetricsLog,
     restore,
 )
-from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.config import MODALITIES, TrainConfig, settled
 from imgtriage.train.distributed import DistInfo, all_reduce_sum, current_dist
 from imgtriage.train.ema import ModelEma
 from imgtriage.train.losses import TrainLoss, plan_loss
@@ -142,6 +142,7 @@ def _precision(cfg: TrainConfig, device: torch.device) -> tuple[Callable[[], Any
 
 
 def _policies(cfg: TrainConfig, conservative: Sequence[int]) -> tuple[AugmentPolicy, Mixer]:
+    cfg = settled(cfg)  # augment "auto" not chosen by --model auto: none
     aug = AugmentPolicy(cfg.augment, cfg.aug_strength, cfg.aug_ops, MODALITIES[cfg.modality],
                         tuple(conservative))
     mixer = Mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_off_epoch,

@@ -52,7 +52,7 @@ from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 from imgtriage.train.auto_recipe import plan_recipe
 from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
-from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.config import MODALITIES, TrainConfig, settled
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from imgtriage.train.fusion import (
     feature_spec,
@@ -128,7 +128,7 @@ def resolve_spec(cfg: TrainConfig, in_chans: int, plan: WeightsPlan | None = Non
         size = (cfg.img_size,) * 2
     else:
         size = fusion_size(cfg.model) if features else get_entry(cfg.model).default_size
-    return PreprocessSpec.default_for(in_chans, tuple(size), scaling=cfg.scaling,
+    return PreprocessSpec.default_for(in_chans, tuple(size), scaling=settled(cfg).scaling,
                                       stretch=cfg.stretch, resize=cfg.resize,
                                       crop_pct=cfg.crop_pct, features=features,
                                       read=ReadPolicy(max_decoded_bytes=cfg.max_decoded_bytes),
@@ -142,6 +142,7 @@ def _flips(cfg: TrainConfig) -> str:
 
 def tta_views(cfg: TrainConfig) -> list[str]:
     """The TTA views that match the augmentation the model was trained with."""
+    cfg = settled(cfg)
     flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
     if cfg.augment == "none":
         flips = "none" if MODALITIES[cfg.modality] == "none" else "hflip"
@@ -170,7 +171,7 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
     chans_given, size_given = cfg.in_chans is not None, cfg.img_size is not None
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
-        return cfg, f"--model {cfg.model} given"
+        return settled(cfg), f"--model {cfg.model} given"
     value = normalize_pretrained(cfg.pretrained)
     ready = value not in ("auto", "none") or (
         value == "auto" and resolve_weights(cfg.auto_backbone, "auto").active)
@@ -180,11 +181,12 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
     cfg = replace(cfg, model=choice.model, img_size=choice.img_size,
                   in_chans=cfg.in_chans if chans_given else choice.in_chans or cfg.in_chans)
     if distributed or cfg.unlabeled:
-        return cfg, choice.reason
+        return settled(cfg), choice.reason
     cfg, recipe = plan_recipe(cfg, counts, n_val, pretrained=choice.pretrained,
                               rgb_photos=probe.in_chans == 3, source_side=min(probe.median_hw),
-                              size_given=size_given)
-    return cfg, f"{choice.reason}; {recipe}"
+                              size_given=size_given, in_chans=probe.in_chans,
+                              eight_bit=probe.eight_bit)
+    return settled(cfg), f"{choice.reason}; {recipe}"
 
 
 def _conservative_ids(cfg: TrainConfig, classes: tuple[str, ...]) -> list[int]:
