@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ood import MSTAR, _files, _id_metrics, _inputs, _scores  # noqa: E402
-from bench_ood import _fashion as fashion_subset  # noqa: E402
+from bench_ood import MSTAR, _files, _id_metrics, _inputs, _scores
+from bench_ood import _fashion as fashion_subset
 
 BEFORE = dict(model="crop_cnn", scaling="dtype", augment="none")
 ARMS = {"before": BEFORE, "default": {}, "scratch": {"pretrained": "none"}}
