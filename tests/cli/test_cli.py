@@ -24,7 +24,8 @@ def test_help_explains_every_command():
 def test_train_inspect_predict(digits_folder, tmp_path):
     run = tmp_path / "run"
     res = runner.invoke(app, ["train", str(digits_folder), "--out", str(run), "--img-size",
-                              "32", "--epochs", "2", "--quiet", "--threads", "1"])
+                              "32", "--epochs", "2", "--quiet", "--threads", "1", "--model",
+                              "crop_cnn"])
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[-1].startswith("answers ")  # the rule, even with --quiet
     assert (run / "bundle" / "manifest.json").is_file()

@@ -15,7 +15,8 @@ def test_two_process_gloo_run_saves_one_bundle(imbalanced_folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "IMGTRIAGE_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "-m", "imgtriage", "train", str(imbalanced_folder), "--out", str(run),
-           "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--threads", "1",
+           "--model", "crop_cnn", "--img-size", "16", "--epochs", "2", "--batch-size", "8",
+           "--threads", "1",
            "--model-kwargs", '{"widths": [8, 16, 32]}', "--balanced-sampling",
            "--loss-strategy", "focal", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
