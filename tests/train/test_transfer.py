@@ -274,3 +274,26 @@ def test_fine_tuning_restarts_from_the_head_when_the_rate_undid_it(rgb_folder, t
     else:
         assert done["lr"] == lr and done["epochs"] == 2 and len(tuned) == 2
         assert "kept" in done["lr_check"] and not (run / "metrics_lr_check.jsonl").exists()
+
+
+def test_deadline_stops_only_when_one_more_epoch_would_overrun():
+    from types import SimpleNamespace
+
+    from imgtriage.train.transfer import Deadline
+
+    now = [0.0]
+    d = Deadline(deadline=600.0, after_s=75.0, clock=lambda: now[0])
+    state = SimpleNamespace(epoch=0, cfg=SimpleNamespace(epochs=8), metrics={}, stop=False)
+    # (clock at the epoch's end, its seconds, stop?): the slowest epoch so far (130 s from
+    # epoch 3 on) plus the 75 s after training must still fit before 600 s
+    for epoch, (t, secs, stop) in enumerate([(60, 60, False), (120, 60, False),
+                                             (250, 130, False), (400, 80, True)], 1):
+        now[0], state.epoch, state.metrics = t, epoch, {"seconds": secs}
+        d.on_epoch_end(state)
+        assert state.stop == stop
+    assert d.stopped_after == 4 and "after epoch 4 of 8" in d.line(8)
+    last = Deadline(deadline=10.0, after_s=75.0, clock=lambda: 500.0)
+    end = SimpleNamespace(epoch=8, cfg=SimpleNamespace(epochs=8), metrics={"seconds": 60},
+                          stop=False)
+    last.on_epoch_end(end)  # the last planned epoch: nothing to stop
+    assert not end.stop and last.line(8) is None

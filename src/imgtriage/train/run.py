@@ -75,6 +75,7 @@ from imgtriage.train.semisup import (
 from imgtriage.train.stage_cache import prepare as prepare_stage_cache
 from imgtriage.train.transfer import (
     LR_CHECK_FACTOR,
+    Deadline,
     LrCheck,
     cached_head_applies,
     combine,
@@ -92,6 +93,10 @@ class TrainResult:
     metrics: dict[str, Any]
     seconds: float
     rule: str = ""  # what the bundle's default decision rule does on validation, in a line
+
+
+AFTER_TRAINING_S = 75.0  # calibration, OOD bank, ONNX export + checks after the last epoch
+# (CIFAR-small, 5,000 images at 128-160 px on 2 cores: ~60-75 s; docs/benchmarks.md)
 
 
 def weights_plan(cfg: TrainConfig) -> WeightsPlan:
@@ -471,6 +476,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     run.mkdir(parents=True, exist_ok=True)
     ckpt = find_checkpoint(run) if resume else None
     ds_given = discover(data)
+    budgeted = cfg.model == "auto"  # --time-budget plans the run; keep it inside it
     ds, parts, cfg, reason = _prepare(ds_given, run, cfg, info)
     plan = weights_plan(cfg)
     spec = resolve_spec(cfg, cfg.in_chans, plan)
@@ -511,7 +517,10 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     check = (LrCheck(head.result.best_metrics.get("val_loss"))
              if head is not None and ckpt is None and lr_check_applies(cfg, head=True)
              else None)
-    extra = {"callbacks": [check]} if check is not None else {}
+    deadline = (Deadline(t0 + cfg.time_budget * 60, AFTER_TRAINING_S)
+                if head is not None and budgeted and ckpt is None else None)
+    cbs = [c for c in (check, deadline) if c is not None]
+    extra = {"callbacks": cbs} if cbs else {}
     stage = (prepare_stage_cache(model, tr, va, fit_cfg, _flips(cfg), say)
              if head is not None and ckpt is None else None)
     net, ftr, fva = (stage.net, stage.train, stage.val) if stage else (model, tr, va)
@@ -533,7 +542,11 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
             fit_cfg = replace(fit_cfg, lr=fit_cfg.lr * LR_CHECK_FACTOR,
                               epochs=fit_cfg.epochs - 1)
             finetune.update(lr=fit_cfg.lr, epochs=fit_cfg.epochs)
-            result = fit(net, ftr, fva, fit_cfg, **fit_args)
+            result = fit(net, ftr, fva, fit_cfg, **fit_args,
+                         **({"callbacks": [deadline]} if deadline is not None else {}))
+    if deadline is not None and finetune is not None and deadline.line(fit_cfg.epochs):
+        finetune["time_budget"] = deadline.line(fit_cfg.epochs)
+        say(finetune["time_budget"])
     if head is not None:
         result = combine(head.result, result, cfg.select_metric)
         model.load_state_dict(result.best_state)  # the head's, when fine-tuning lost

@@ -205,6 +205,50 @@ class LrCheck(Callback):
                 f"{LR_CHECK_RATIO:g}x): lr {lr:g} kept")
 
 
+class Deadline(Callback):
+    """Stops fine-tuning after an epoch when one more epoch (as slow as the slowest so far)
+    and the steps after training (``after_s``: calibration, OOD bank, ONNX export and checks)
+    would end the run past ``deadline`` (a ``clock()`` time: ``--time-budget`` from the
+    run's start). The plan fits the epochs to the speed measured before training; when
+    other work slows the machine down afterwards, this keeps the run inside its budget (a
+    CIFAR-small run planned at 58 s per epoch saw epochs of 89-108 s and ended 11 s past
+    15 minutes; docs/benchmarks.md). The weight average and the best epoch are kept.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> now = [100.0]
+        >>> d = Deadline(deadline=300.0, after_s=50.0, clock=lambda: now[0])
+        >>> cfg = SimpleNamespace(epochs=5)
+        >>> state = SimpleNamespace(epoch=1, cfg=cfg, metrics={"seconds": 60.0}, stop=False)
+        >>> d.on_epoch_end(state); state.stop
+        False
+        >>> now[0] = 200.0; state.epoch = 2; d.on_epoch_end(state); (state.stop, d.stopped_after)
+        (True, 2)
+    """
+
+    def __init__(self, deadline: float, after_s: float,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.deadline, self.after_s, self.clock = deadline, after_s, clock
+        self.slowest = 0.0
+        self.stopped_after: int | None = None
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.slowest = max(self.slowest, float(state.metrics.get("seconds", 0.0)))
+        if state.epoch >= state.cfg.epochs or state.stop:
+            return
+        if self.clock() + self.slowest + self.after_s > self.deadline:
+            self.stopped_after = state.epoch
+            state.stop = True
+
+    def line(self, planned: int) -> str | None:
+        """What it did, in a sentence (None when it let every planned epoch run)."""
+        if self.stopped_after is None:
+            return None
+        return (f"time budget: fine-tuning stopped after epoch {self.stopped_after} of "
+                f"{planned} (epochs ran slower than planned, up to {self.slowest:.0f}s; one "
+                f"more would have ended the run past --time-budget)")
+
+
 def lr_check_applies(cfg: TrainConfig, *, head: bool) -> bool:
     """``--lr-check`` resolved: auto checks when fine-tuning starts from a cached head and
     has an epoch to spare for a restart."""
@@ -279,6 +323,6 @@ def labels_of(parts: dict[str, list], classes: Sequence[str]) -> np.ndarray:
     return np.asarray([index[s.label] for s in parts["train"]], np.int64)
 
 
-__all__: list[Any] = ["LrCheck", "backbone_id", "cached_head_applies", "combine",
+__all__: list[Any] = ["Deadline", "LrCheck", "backbone_id", "cached_head_applies", "combine",
                       "embed_splits", "finetune_norm", "fit_head", "labels_of",
                       "lr_check_applies", "train_head"]
