@@ -7,7 +7,8 @@ fills in what the user left at its default, each with the sentence that explains
   weights and selection of the best epoch by balanced accuracy;
 - **pretrained backbone**: the head is trained on cached embeddings first; then, when
   ``--time-budget`` leaves room, the network is fine-tuned (AdamW, warmup + cosine,
-  earlier stages slower by ``--layer-decay``, the stem and first 2 stages frozen
+  earlier stages slower by ``--layer-decay``, the stem and first 2 stages frozen (3 and
+  cached with the stage cache, below)
   (``--freeze-stages``: they would move little under layer decay, and no backward through
   them makes a step ~1.4x cheaper), label smoothing, the modality's flips + one light random
   op per image, batch-norm statistics kept as the pretrained ones the head was fitted on
@@ -18,7 +19,7 @@ fills in what the user left at its default, each with the sentence that explains
   came back within the budget, 1e-4 stayed at 0.34; CIFAR photos keep 1e-3)) at a
   training resolution chosen by :func:`plan_finetune`: the
   largest side up to the weights' own that the source images justify (at most
-  ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 160 at most, not 224) at which
+  ``SOURCE_UPSCALE`` times their median side: 32-px photos train at 160 at most) at which
   at least ``MIN_FINETUNE_EPOCHS`` epochs fit; then as many epochs as fit (at most
   ``MAX_FINETUNE_EPOCHS``). An exponential moving average of the weights
   (``--ema-decay 0.99``; it warms up as ``(1 + n) / (10 + n)``, so a short run averages
