@@ -87,13 +87,18 @@ def task_data(task: str, out: Path) -> tuple[Path, list[tuple[Path, str]]]:
 def _chunked_scores(p: Any, files: list[Path], chunk: int = 128) -> dict[str, np.ndarray]:
     """bench_ood's scores, 128 images at a time (a 224-px backbone on 2,425 chips in one
     batch needs > 20 GB)."""
-    parts = [_scores(p, _inputs(p, files[i:i + chunk])) for i in range(0, len(files), chunk)]
+    def scores(x: np.ndarray) -> dict[str, Any]:
+        if p.policy.ood is None:  # an uncalibrated bundle without an OOD rule: logits only
+            return {"logits": p.forward(x, p.policy)[0], "bundle": None}
+        return _scores(p, x)
+
+    parts = [scores(_inputs(p, files[i:i + chunk])) for i in range(0, len(files), chunk)]
     return {k: (np.concatenate([q[k] for q in parts]) if parts[0][k] is not None else None)
             for k in parts[0]}
 
 
 def run(task: str, arm: str, seed: int, out: Path, threads: int,
-        rescore: bool = False) -> dict[str, Any]:
+        rescore: bool = False, backend: str = "auto") -> dict[str, Any]:
     from imgtriage.predict import Predictor
     from imgtriage.train.config import TrainConfig
     from imgtriage.train.run import TrainResult, train
@@ -108,7 +113,7 @@ def run(task: str, arm: str, seed: int, out: Path, threads: int,
     else:
         res = train(data, work, cfg, quiet=True)
     train_s = time.perf_counter() - t0
-    p = Predictor.load(res.bundle_path, num_threads=threads)
+    p = Predictor.load(res.bundle_path, num_threads=threads, backend=backend)
     y = np.array([p.classes.index(c) for _, c in test])
     m = _id_metrics(p, _chunked_scores(p, [f for f, _ in test]), y)
     used = json.loads((work / "config.json").read_text())
@@ -150,6 +155,9 @@ def main() -> None:
     ap.add_argument("--rescore", action="store_true",
                     help="score a run's existing bundle instead of training it again (its "
                          "training time is then unknown)")
+    ap.add_argument("--backend", default="auto",
+                    help="torch for a bundle whose ONNX graph has no features output (the "
+                         "head-only pretrained bundles: no OOD rule)")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge)
@@ -161,7 +169,8 @@ def main() -> None:
             for arm in args.arms.split(","):
                 if any((r["task"], r["arm"], r["seed"]) == (task, arm, seed) for r in rows):
                     continue  # done in an earlier call
-                row = run(task, arm, seed, args.out, args.threads, args.rescore)
+                row = run(task, arm, seed, args.out, args.threads, args.rescore,
+                          args.backend)
                 rows.append(row)
                 rows_path.write_text(json.dumps(rows, indent=1))
                 print(json.dumps({k: row[k] for k in ("task", "arm", "seed", "accuracy",
