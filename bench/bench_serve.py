@@ -54,8 +54,11 @@ BOUNDARY = "benchboundary7d1a"
 MAX_BODY = 4_000_000
 
 
-def build_bundle(root: Path) -> Path:
-    """ResNet-18, random init, 10 classes, 224x224 RGB."""
+def build_bundle(root: Path, graph: str = "fp32") -> Path:
+    """ResNet-18, random init, 10 classes, 224x224 RGB. ``graph`` "fp32": with the fp32 ONNX
+    graph the training step attaches (what a bundle from ``imgtriage train`` predicts with
+    by default; int8 is not tried: random weights cannot be judged on held-out decisions);
+    "none": weights only (the torch backend)."""
     from imgtriage.bundle import new_manifest, save_bundle
     from imgtriage.data.preprocess import PreprocessSpec
     from imgtriage.evaluate.decision import DecisionPolicy
@@ -63,10 +66,25 @@ def build_bundle(root: Path) -> Path:
 
     model = create_model("resnet18", 10, 3, pretrained=False)
     spec = PreprocessSpec.default_for(3, (224, 224))
+    classes = [f"c{i}" for i in range(10)]
     manifest = new_manifest(model_name="resnet18", model_kwargs={}, in_chans=3,
-                            preprocess=spec.to_dict(), classes=[f"c{i}" for i in range(10)],
+                            preprocess=spec.to_dict(), classes=classes,
                             decision=DecisionPolicy().to_dict())
-    return save_bundle(root / "resnet18-bundle", manifest, model.state_dict())
+    state = model.state_dict()
+    if graph == "none":
+        return save_bundle(root / "resnet18-bundle", manifest, state)
+    from imgtriage.data import Sample
+    from imgtriage.train.onnx_step import attach_graph, graph_inputs
+
+    folder = root / "parity"
+    folder.mkdir()
+    samples = []
+    for i, data in enumerate(make_jpegs()):
+        (folder / f"{i}.jpg").write_bytes(data)
+        samples.append(Sample(str(folder / f"{i}.jpg"), classes[i % len(classes)]))
+    inputs = graph_inputs((None, samples), (None, samples), spec, classes, "none")
+    manifest, files = attach_graph(manifest, state, inputs, "none")
+    return save_bundle(root / "resnet18-bundle", manifest, state, files)
 
 
 def make_jpegs(n: int = 16, size: tuple[int, int] = (320, 240)) -> list[bytes]:
@@ -442,6 +460,9 @@ def main() -> None:
                     help="also send independent requests (Poisson arrivals) at this fraction "
                          "of the round's 1-client rate and compare their p50 with 1 client's "
                          "(0 = skip)")
+    ap.add_argument("--graph", choices=("fp32", "none"), default="fp32",
+                    help="fp32: the bundle carries the fp32 ONNX graph a trained bundle has by "
+                         "default (ONNX Runtime serves it); none: weights only (torch backend)")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     from imgtriage.predict import Predictor
@@ -449,10 +470,12 @@ def main() -> None:
     jpegs = make_jpegs()
     bodies = [multipart([(f"img{i}.jpg", j)]) for i, j in enumerate(jpegs)]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        bundle = build_bundle(Path(tmp))
+        bundle = build_bundle(Path(tmp), args.graph)
         res: dict = {"loadavg": [os.getloadavg()[0], None], "config": vars(args) | {
             "out": str(args.out)}, "rounds": []}
         direct = Predictor.load(bundle, num_threads=args.threads)
+        res["runtime"] = direct.runtime.line()
+        print(f"bundle: {res['runtime']}", flush=True)
         with start_server(bundle, args, Path(tmp) / "server.log") as svc:
             port, pid = svc.port, svc.proc.pid
             res["rss_after_warmup_mib"] = round(rss_mib(pid), 1)

@@ -8,8 +8,9 @@
    this machine has no network and no weights -- it trains from scratch and says so.
 3. Build the cascade: logistic regression on image statistics answers what it is sure of on
    validation (``--target-accuracy``), the CNN the rest (``imgtriage.predict.build_cascade``).
-4. Measure the CNN alone and the cascade on the test files, alternately, best of
-   ``--repeats``: accuracy, per-class recall, coverage, files/second, share that skipped the CNN.
+4. Measure the CNN alone and the cascade on the test files, interleaved, ``--repeats``
+   rounds: accuracy, per-class recall, coverage, share that skipped the CNN, and files/second
+   as the median (min-max) of within-round ratios to the CNN alone.
 5. Serve the cascade (``imgtriage serve`` on loopback), post test files, and check every answer
    equals ``Predictor``'s on the same bytes.
 
@@ -62,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--always-second-stage", default="sar",
                     help="comma-separated classes the CNN always answers ('' for none)")
     ap.add_argument("--predict-batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of each predictor")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved timed rounds (the speed figures are medians over them)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--serve-files", type=int, default=12, help="0 skips the service check")
     ap.add_argument("--seed", type=int, default=0)
@@ -154,21 +156,33 @@ def score_report(report: dict, truth: dict[str, str], classes: list[str]) -> dic
 
 def measure(predictors: dict[str, Any], files: list[str], labels: list[str], batch_size: int,
             repeats: int) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    """Each predictor over ``files``, alternating, ``repeats`` times; the scores of the fastest
-    run of each (the answers are the same every round), and each one's result rows."""
+    """Each predictor over ``files``, interleaved (the order rotates every round), ``repeats``
+    rounds; per predictor its scores (the answers are the same every round), the median
+    files/s with min-max, and the median (min-max) of its within-round speed ratio to the
+    first predictor -- never the best round, which rewards whichever caught a quiet moment."""
     truth = dict(zip(files, labels, strict=True))
-    best: dict[str, dict] = {}
+    names = list(predictors)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    scores: dict[str, dict] = {}
     rows: dict[str, list[dict]] = {}
-    for _ in range(max(1, repeats)):
-        for name, p in predictors.items():
+    for k in range(max(1, repeats)):
+        for name in names[k % len(names):] + names[:k % len(names)]:
             t0 = time.perf_counter()
-            report = p.predict_paths(files, batch_size=batch_size, workers=2)
-            sec = time.perf_counter() - t0
+            report = predictors[name].predict_paths(files, batch_size=batch_size, workers=2)
+            seconds[name].append(time.perf_counter() - t0)
             rows[name] = report["results"]
-            if name not in best or sec < best[name]["seconds"]:
-                best[name] = {**score_report(report, truth, p.classes), "seconds": sec,
-                              "files_per_s": len(files) / sec}
-    return best, rows
+            scores.setdefault(name, score_report(report, truth, predictors[name].classes))
+    base = seconds[names[0]]
+    out = {}
+    for name in names:
+        rates = [len(files) / s for s in seconds[name]]
+        ratios = [b / s for b, s in zip(base, seconds[name], strict=True)]
+        out[name] = {**scores[name], "rounds": len(rates),
+                     "files_per_s": float(np.median(rates)),
+                     "files_per_s_range": [min(rates), max(rates)],
+                     "speed_ratio": float(np.median(ratios)),
+                     "speed_ratio_range": [min(ratios), max(ratios)]}
+    return out, rows
 
 
 def mistakes(rows: list[dict], truth: dict[str, str]) -> list[dict[str, Any]]:
@@ -223,15 +237,16 @@ def serve_check(bundle: Path, files: list[str], log: Path, timeout: float = 120.
 
 
 # -- the recipe --------------------------------------------------------------------------------
-def _table(best: dict[str, dict], classes: list[str]) -> str:
-    base = best["cnn alone"]["files_per_s"]
+def _table(by: dict[str, dict], classes: list[str]) -> str:
     lines = ["| predictor | accuracy | " + " | ".join(f"recall {c}" for c in classes)
-             + " | coverage | files/s | vs CNN | skipped the CNN |",
+             + " | coverage | files/s, median | vs CNN, median (min-max) | skipped the CNN |",
              "|---|---:|" + "---:|" * len(classes) + "---:|---:|---:|---:|"]
-    for name, r in best.items():
+    for name, r in by.items():
+        lo, hi = r["speed_ratio_range"]
         lines.append(f"| {name} | {r['accuracy']:.4f} | " + " | ".join(
             f"{r['recall'][c]:.4f}" for c in classes) + f" | {r['coverage']:.1%} | "
-            f"{r['files_per_s']:.0f} | {r['files_per_s'] / base:.2f}x | {r['skipped_cnn']:.1%} |")
+            f"{r['files_per_s']:.0f} | {r['speed_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+            f"{r['skipped_cnn']:.1%} |")
     return "\n".join(lines)
 
 
@@ -268,9 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cnn = Predictor.load(stage2, num_threads=args.threads)
     cascade = Predictor.load(cas.bundle_path, num_threads=args.threads)
     name = f"cascade ({args.first_stage} first)"
-    best, rows = measure({"cnn alone": cnn, name: cascade}, files, labels, args.predict_batch,
-                         args.repeats)
-    print(_table(best, cnn.classes), flush=True)
+    by_predictor, rows = measure({"cnn alone": cnn, name: cascade}, files, labels,
+                                 args.predict_batch, args.repeats)
+    print(_table(by_predictor, cnn.classes), flush=True)
     truth = dict(zip(files, labels, strict=True))
     wrong = {k: mistakes(v, truth) for k, v in rows.items()}
     routed = [r for r in rows[name] if truth[r["path"]] in _names(args.always_second_stage)]
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "cascade": {"bundle": str(cas.bundle_path), "build_seconds": round(cas.seconds, 1),
                            "validation": v},
                "test": {"files": len(files), "batch_size": args.predict_batch,
-                        "threads": args.threads, "by_predictor": best, "mistakes": wrong},
+                        "threads": args.threads, "by_predictor": by_predictor, "mistakes": wrong},
                "serve": served, "classes": cnn.classes,
                "wall_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
