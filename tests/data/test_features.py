@@ -204,3 +204,35 @@ def shared_fits():
     if not path.exists():
         pytest.skip(f"{path} not present (tests that need ../shared skip without it)")
     return path
+
+
+def _u8_image(kind: str, rng: np.random.Generator) -> np.ndarray:
+    h, w = (int(v) for v in rng.integers(1, 90, 2))
+    shape = (h, w, int(rng.choice([1, 2, 3, 4])))
+    if kind == "uniform":
+        a = rng.integers(0, 256, shape)
+    elif kind == "constant":
+        a = np.full(shape, rng.integers(0, 256))
+    elif kind == "two_valued":
+        a = rng.choice([0, 255], shape)
+    elif kind == "narrow":
+        a = np.clip(rng.normal(128, 3, shape), 0, 255)
+    else:
+        a = rng.integers(250, 256, shape)
+    return a.astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "constant", "two_valued", "narrow", "near_top"])
+def test_uint8_histogram_path_equals_the_float_path(kind):
+    """8-bit images take the histogram shortcut; its statistics must be the general path's
+    (moments, percentiles, shape, saturation, entropy), whatever the value distribution."""
+    from imgtriage.data import _image_stats as stats
+
+    rng = np.random.default_rng(len(kind))
+    for _ in range(20):
+        raw = stats._color_channels(stats.strided(_u8_image(kind, rng), 64))
+        x = stats._to_float(raw)
+        with np.errstate(over="ignore", invalid="ignore"):
+            general = stats._per_channel(x, stats._saturated(raw), stats.STAT_GROUPS, True)
+        fast = stats._per_channel_u8(raw, stats.STAT_GROUPS)
+        np.testing.assert_allclose(fast, general, rtol=1e-4, atol=1e-4)  # float32 there
