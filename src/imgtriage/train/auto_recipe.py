@@ -490,6 +490,20 @@ def scratch_variants(cfg: TrainConfig, num_classes: int, size_given: bool,
     return out
 
 
+def pretrained_costs(cfg: TrainConfig, num_classes: int, source_side: int | None,
+                     size_given: bool) -> Costs:
+    """Time the pretrained backbone as its fine-tuning would run: at the largest side
+    planned (at most ``PROBE_MAX_SIDE``; the given one with ``--img-size``), with the
+    stages the recipe freezes (and caches)."""
+    native = cfg.img_size or 224
+    probe = min(native, PROBE_MAX_SIDE, max(finetune_sides(native, source_side)))
+    cache = stage_cache_planned(cfg)
+    frozen = ((STAGE_CACHE_STAGES if cache else FINETUNE["freeze_stages"])
+              if _default(cfg, "freeze_stages") else None)
+    return measure_costs(cfg, num_classes, side=native if size_given else probe,
+                         freeze_stages=frozen, stage_cache=cache)
+
+
 def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrained: bool,
                 rgb_photos: bool, costs: Costs | dict | None = None,
                 source_side: int | None = None, size_given: bool = False,
@@ -505,13 +519,7 @@ def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrai
     """
     cfg, lines = _imbalance_rule(cfg, counts)
     if pretrained:
-        native = cfg.img_size or 224
-        probe = min(native, PROBE_MAX_SIDE, max(finetune_sides(native, source_side)))
-        cache = stage_cache_planned(cfg)
-        frozen = ((STAGE_CACHE_STAGES if cache else FINETUNE["freeze_stages"])
-                  if _default(cfg, "freeze_stages") else None)
-        costs = costs or measure_costs(cfg, len(counts), side=native if size_given else probe,
-                                       freeze_stages=frozen, stage_cache=cache)
+        costs = costs or pretrained_costs(cfg, len(counts), source_side, size_given)
         cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos, source_side,
                                      size_given)
     else:

@@ -211,6 +211,11 @@ class TrainConfig:
                                   "auto times the chosen model first, prints its estimate "
                                   "per epoch and fits the epochs (and pretrained fine-tuning) "
                                   "into the budget.")
+    route_check: str = _f("auto", "--model auto: when it would train a pretrained backbone "
+                                  "on grey images (or only its head: no fine-tuning epoch "
+                                  "fits the budget), first compare the head on cached "
+                                  "embeddings with a short from-scratch run on validation "
+                                  "and train the better route (auto), or not (off).")
     auto_backbone: str = _f("efficientnet_lite0", "timm backbone --model auto uses for RGB "
                                                   "photos when its pretrained weights are "
                                                   "installed (or --pretrained names a file).")
@@ -370,6 +375,7 @@ def _check_choices(c: TrainConfig) -> None:
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
                "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
                "lr_check": ("auto", "off"), "stage_cache": ("auto", "off"),
+               "route_check": ("auto", "off"),
                "scaling": ("auto", "dtype", "minmax", "percentile"),
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():

@@ -50,6 +50,7 @@ from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resol
 from imgtriage.predict.ood_graph import attach_ood_score
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
 from imgtriage.train.auto_recipe import plan_recipe
+from imgtriage.train.auto_route import RouteCheck, RouteVerdict, decide_route, plan_routes
 from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig, settled
@@ -170,13 +171,15 @@ def _say(msg: str, quiet: bool) -> None:
 
 
 def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val: int = 0,
-             distributed: bool = False) -> tuple[TrainConfig, str]:
+             distributed: bool = False) -> tuple[TrainConfig, str, RouteCheck | None]:
     """Fill in in_chans and, for --model auto, the model, input size and the rest of the
-    recipe (train/auto_recipe.py; not under torchrun, where every process must agree)."""
+    recipe (train/auto_recipe.py; not under torchrun, where every process must agree), and
+    the route check when a pretrained route is in doubt (train/auto_route.py)."""
     chans_given, size_given = cfg.in_chans is not None, cfg.img_size is not None
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
-        return settled(cfg), f"--model {cfg.model} given"
+        return settled(cfg), f"--model {cfg.model} given", None
+    base = cfg
     value = normalize_pretrained(cfg.pretrained)
     ready = value not in ("auto", "none") or (
         value == "auto" and resolve_weights(cfg.auto_backbone, "auto").active)
@@ -186,12 +189,16 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
     cfg = replace(cfg, model=choice.model, img_size=choice.img_size,
                   in_chans=cfg.in_chans if chans_given else choice.in_chans or cfg.in_chans)
     if distributed or cfg.unlabeled:
-        return settled(cfg), choice.reason
-    cfg, recipe = plan_recipe(cfg, counts, n_val, pretrained=choice.pretrained,
+        return settled(cfg), choice.reason, None
+    if choice.pretrained:
+        cfg, recipe, check = plan_routes(cfg, base, counts, n_val, probe,
+                                         size_given=size_given)
+        return settled(cfg), f"{choice.reason}; {recipe}", check
+    cfg, recipe = plan_recipe(cfg, counts, n_val, pretrained=False,
                               rgb_photos=probe.in_chans == 3, source_side=min(probe.median_hw),
                               size_given=size_given, in_chans=probe.in_chans,
                               eight_bit=probe.eight_bit)
-    return settled(cfg), f"{choice.reason}; {recipe}"
+    return settled(cfg), f"{choice.reason}; {recipe}", None
 
 
 def _conservative_ids(cfg: TrainConfig, classes: tuple[str, ...]) -> list[int]:
@@ -373,7 +380,7 @@ def split_line(parts: dict[str, list], *, carved: bool) -> str:
 
 
 def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
-             ) -> tuple[Any, dict[str, list], TrainConfig, str]:
+             ) -> tuple[Any, dict[str, list], TrainConfig, str, RouteCheck | None]:
     ds = split_dataset(given, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed)
     parts = samples_by_split(ds)
     if "train" not in parts:
@@ -385,15 +392,15 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
     counts = {c: 0 for c in ds.classes}
     for s in parts["train"]:
         counts[s.label] += 1
-    cfg, reason = _resolve(cfg, counts, probe_images(parts["train"]), len(parts.get("val", [])),
-                           info.distributed)
+    cfg, reason, check = _resolve(cfg, counts, probe_images(parts["train"]),
+                                  len(parts.get("val", [])), info.distributed)
     cfg, budget = semi_budget(cfg, len(parts["train"]), info.world_size)
     cfg, teacher = semi_teacher(cfg)
     reason = "; ".join(x for x in (reason, budget, teacher) if x)
     if info.is_main:
         write_split_manifest(ds, run / "splits.csv")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    return ds, parts, cfg, reason
+    return ds, parts, cfg, reason, check
 
 
 def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -444,9 +451,30 @@ def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
                  len(va.y))
 
 
+def _route_probe(run: Path, data: Any, parts: dict[str, list], classes: tuple[str, ...],
+                 check: RouteCheck, head: _Head, info: DistInfo, say: Any, quiet: bool
+                 ) -> tuple[RouteVerdict, _Sources]:
+    """Train the from-scratch route for a few epochs and compare it with the head on
+    validation (train/auto_route.py); returns the verdict and the from-scratch sources."""
+    t0 = time.perf_counter()
+    pcfg = check.probe_config()
+    spec = resolve_spec(pcfg, pcfg.in_chans, weights_plan(pcfg))
+    say(f"route check: {check.probe_epochs} epoch(s) of {pcfg.model} from scratch at "
+        f"{spec.size[0]} px (~{check.probe_s:.0f}s planned) against the head's validation "
+        f"{check.metric} {head.result.best_metrics.get(check.metric, float('nan')):.3f}")
+    src = _sources(data, parts, classes, spec, pcfg, info, say)
+    model, _ = _create(pcfg, len(classes), src.features)
+    res = fit(model, src.train, src.val, pcfg, log_path=run / "route_check_metrics.jsonl",
+              show_progress=not quiet, num_classes=len(classes))
+    verdict = decide_route(head.result.best_metrics, res.best_metrics, check.metric,
+                           check.probe_epochs, time.perf_counter() - t0)
+    say(verdict.line())
+    return verdict, src
+
+
 def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
                  spec: PreprocessSpec, plan: WeightsPlan, head: _Head, reason: str, say: Any,
-                 t0: float) -> TrainResult:
+                 t0: float, route: RouteVerdict | None = None) -> TrainResult:
     """--freeze-backbone with pretrained weights: the head phase is the whole run."""
     ds, parts = split
     _write_defects(run, ds, head.defects)
@@ -457,7 +485,8 @@ def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[
          if weights else None}, indent=2))
     (run / "run.json").write_text(json.dumps(
         {"model_choice": reason, "loss": head.loss.to_dict(), "weights": plan.to_dict(),
-         "cache": "embeddings", "world_size": 1, "resumed_from": None, "unlabeled": None},
+         "cache": "embeddings", "world_size": 1, "resumed_from": None, "unlabeled": None,
+         "route_check": route.to_dict() if route is not None else None},
         indent=2))
     bundle, metrics = _finish(run, data, cfg, ds, spec, head.model, head.kwargs, head.result,
                               {"reason": reason, "n_train": head.n_train, "weights": plan,
@@ -477,7 +506,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     ckpt = find_checkpoint(run) if resume else None
     ds_given = discover(data)
     budgeted = cfg.model == "auto"  # --time-budget plans the run; keep it inside it
-    ds, parts, cfg, reason = _prepare(ds_given, run, cfg, info)
+    ds, parts, cfg, reason, check = _prepare(ds_given, run, cfg, info)
     plan = weights_plan(cfg)
     spec = resolve_spec(cfg, cfg.in_chans, plan)
     conservative = _conservative_ids(cfg, ds.classes)
@@ -489,17 +518,32 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
     if plan.note:
         say(f"weights: {plan.note}")
-    head, fit_cfg = None, cfg
+    head, fit_cfg, src, verdict = None, cfg, None, None
     if cached_head_applies(cfg, plan, info.distributed):
         head = _head_phase(run, parts, ds.classes, spec, cfg, plan, say, quiet)
-        if cfg.freeze_backbone:
-            return _finish_head(run, data, cfg, (ds, parts), spec, plan, head, reason, say, t0)
+        if check is not None:
+            verdict, probed = _route_probe(run, data, parts, ds.classes, check, head, info,
+                                           say, quiet)
+            reason = f"{reason}; {verdict.line()}"
+            if verdict.route == "scratch":
+                cfg, head, src = check.scratch, None, probed
+                fit_cfg, plan = cfg, weights_plan(check.scratch)
+                spec = resolve_spec(cfg, cfg.in_chans, plan)
+                reason = f"{reason}; {check.reason}"
+                say(f"model {cfg.model} at {spec.size[0]}x{spec.size[1]}, {cfg.in_chans} "
+                    f"channel(s), {cfg.epochs} epochs ({check.reason})")
+                if info.is_main:
+                    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if head is not None and cfg.freeze_backbone:
+        return _finish_head(run, data, cfg, (ds, parts), spec, plan, head, reason, say, t0,
+                            route=verdict)
+    if head is not None:
         fit_cfg = replace(cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
                           backbone_norm=finetune_norm(cfg, head=True))
         say(f"fine-tuning the whole network for {fit_cfg.epochs} epoch(s) from that head "
             f"(--layer-decay {cfg.layer_decay:g}, batch-norm statistics "
             f"{fit_cfg.backbone_norm})")
-    src = _sources(data, parts, ds.classes, spec, cfg, info, say)
+    src = src or _sources(data, parts, ds.classes, spec, cfg, info, say)
     tr, va, defects, mode = src.train, src.val, src.defects, src.mode
     lplan = plan_loss(cfg, tr.labels, len(ds.classes))
     weights = dict(zip(ds.classes, lplan.weights, strict=True)) if lplan.weights else None
@@ -517,8 +561,9 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     check = (LrCheck(head.result.best_metrics.get("val_loss"))
              if head is not None and ckpt is None and lr_check_applies(cfg, head=True)
              else None)
+    switched = verdict is not None and verdict.route == "scratch"
     deadline = (Deadline(t0 + cfg.time_budget * 60, AFTER_TRAINING_S)
-                if head is not None and budgeted and ckpt is None else None)
+                if (head is not None or switched) and budgeted and ckpt is None else None)
     cbs = [c for c in (check, deadline) if c is not None]
     extra = {"callbacks": cbs} if cbs else {}
     stage = (prepare_stage_cache(model, tr, va, fit_cfg, _flips(cfg), say)
@@ -547,6 +592,9 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if deadline is not None and finetune is not None and deadline.line(fit_cfg.epochs):
         finetune["time_budget"] = deadline.line(fit_cfg.epochs)
         say(finetune["time_budget"])
+    elif deadline is not None and deadline.line(fit_cfg.epochs):
+        reason = f"{reason}; {deadline.line(fit_cfg.epochs)}"
+        say(deadline.line(fit_cfg.epochs))
     if head is not None:
         result = combine(head.result, result, cfg.select_metric)
         model.load_state_dict(result.best_state)  # the head's, when fine-tuning lost
@@ -559,6 +607,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
             {"model_choice": reason, "loss": lplan.to_dict(), "weights": plan.to_dict(),
              "cache": mode, "world_size": info.world_size,
              "resumed_from": str(ckpt) if ckpt else None, "finetune": finetune,
+             "route_check": verdict.to_dict() if verdict is not None else None,
              "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
         cal = calibrate_run(model, tr, va, list(ds.classes), cfg)
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,

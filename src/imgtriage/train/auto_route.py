@@ -1,0 +1,201 @@
+"""Which route ``--model auto`` trains when the choice is in doubt: measured, not guessed.
+
+Rule 1 of :mod:`imgtriage.train.auto` sends RGB photos and grey images of 96 px or more to a
+pretrained backbone. For photos the measurements agree (CIFAR-small: 87.5% fine-tuned
+against 73.8% from scratch). For grey images they do not: on MSTAR's SAR chips the head on
+cached ImageNet embeddings reached 78.2% test (validation 0.864), the from-scratch recipe
+99.1%; on magnetic tiles the head gave 0.906 balanced accuracy and fine-tuning did not beat
+it (docs/benchmarks.md). And when the budget leaves no fine-tuning epoch (a slow or busy
+machine), the pretrained route is its head alone.
+
+In those two cases (``--route-check auto``) the run measures the first stage of each route
+on the validation split before committing to one:
+
+1. the head on cached embeddings (the pretrained route's own first phase, kept if it wins);
+2. ``PROBE_EPOCHS`` epochs of the from-scratch recipe (its own short one-cycle);
+
+and trains the route whose first stage scored higher on the selection metric (accuracy, or
+balanced accuracy / macro F1 when that selects the epoch). Each is a lower bound of its
+route: fine-tuning starts from that head, and the full from-scratch run trains longer. Both
+routes are planned up front for the budget the check leaves them, and the train output and
+``run.json`` (``model_choice``, ``route_check``) say what was measured and chosen.
+
+Example:
+    >>> v = decide_route({"val_accuracy": 0.86}, {"val_accuracy": 0.91}, "val_accuracy", 3)
+    >>> v.route
+    'scratch'
+    >>> compare_metric("val_loss"), compare_metric("val_balanced_accuracy")
+    ('val_accuracy', 'val_balanced_accuracy')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from imgtriage.train.auto import ImageProbe, choose_model
+from imgtriage.train.auto_recipe import (
+    Costs,
+    finetune_sides,
+    plan_finetune,
+    plan_recipe,
+    plan_scratch,
+    pretrained_costs,
+    scratch_variants,
+)
+from imgtriage.train.config import TrainConfig, field_default, settled
+
+PROBE_EPOCHS = 3  # MSTAR, run-G network at 64 px: validation 0.85-0.91 after 3-4 epochs
+MIN_SCRATCH_BUDGET_S = 60.0
+
+
+def compare_metric(select_metric: str) -> str:
+    """The validation metric the two routes are compared on: the one that selects the best
+    epoch when it is an accuracy-like score, else plain accuracy (losses of differently
+    smoothed models do not compare)."""
+    return (select_metric if select_metric in ("val_balanced_accuracy", "val_macro_f1")
+            else "val_accuracy")
+
+
+def route_doubt(cfg: TrainConfig, grey: bool, finetune_epochs: int, n_val: int,
+                scratch_model: str) -> str | None:
+    """Why the pretrained route is in doubt for this run (None: it is not, or the check
+    cannot or must not run).
+
+    Example:
+        >>> route_doubt(TrainConfig(), True, 8, 250, "deep_cnn")
+        'grey images: ImageNet features fit them less surely than photos'
+        >>> route_doubt(TrainConfig(), False, 8, 250, "deep_cnn") is None
+        True
+    """
+    given = [k for k in ("freeze_backbone", "freeze_epochs", "epochs", "pretrained")
+             if getattr(cfg, k) != field_default(k)]
+    if cfg.route_check != "auto" or given or n_val < 1 or scratch_model == "siamese":
+        return None  # options say what to train; no validation split; few-shot labels
+    if finetune_epochs < 1:
+        return "no fine-tuning epoch fits the budget, so the pretrained route is its head alone"
+    if grey:
+        return "grey images: ImageNet features fit them less surely than photos"
+    return None
+
+
+@dataclass(frozen=True)
+class RouteCheck:
+    """The from-scratch alternative to a pretrained run, planned for the budget left after
+    the check, and the short probe of it that the check trains."""
+
+    scratch: TrainConfig
+    reason: str            # the from-scratch choice and recipe, one line per decision
+    probe_epochs: int
+    probe_s: float         # estimated seconds of the probe
+    head_s: float          # estimated seconds of the head phase (the embedding pass)
+    why: str
+
+    @property
+    def metric(self) -> str:
+        return compare_metric(self.scratch.select_metric)
+
+    def probe_config(self) -> TrainConfig:
+        """The from-scratch recipe for ``probe_epochs`` (its own one-cycle)."""
+        return replace(self.scratch, epochs=self.probe_epochs,
+                       freeze_epochs=min(self.scratch.freeze_epochs, self.probe_epochs - 1))
+
+
+@dataclass(frozen=True)
+class RouteVerdict:
+    """What the check measured and which route it chose."""
+
+    route: str             # "pretrained" or "scratch"
+    metric: str
+    head: float
+    probe: float
+    probe_epochs: int
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        won = ("the from-scratch route trains (the pretrained head is dropped)"
+               if self.route == "scratch" else "the pretrained route continues from its head")
+        return (f"route check: validation {self.metric} {self.head:.3f} for the pretrained "
+                f"head on cached embeddings against {self.probe:.3f} after "
+                f"{self.probe_epochs} from-scratch epoch(s) -> {won}"
+                f"{f' ({self.seconds:.0f}s for the probe)' if self.seconds else ''}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"route": self.route, "metric": self.metric, "head": self.head,
+                "scratch_probe": self.probe, "probe_epochs": self.probe_epochs,
+                "probe_seconds": round(self.seconds, 1), "line": self.line()}
+
+
+def decide_route(head_metrics: dict[str, float], probe_metrics: dict[str, float],
+                 metric: str, probe_epochs: int, seconds: float = 0.0) -> RouteVerdict:
+    """The route whose first stage scored higher on validation ``metric``; a tie or a
+    missing figure keeps the pretrained route (already paid for: its head is trained)."""
+    head = float(head_metrics.get(metric, math.nan))
+    probe = float(probe_metrics.get(metric, math.nan))
+    route = "scratch" if probe > head else "pretrained"  # NaN compares False
+    return RouteVerdict(route, metric, head, probe, probe_epochs, seconds)
+
+
+def _with_budget(cfg: TrainConfig, seconds: float) -> TrainConfig:
+    return replace(cfg, time_budget=max(seconds, MIN_SCRATCH_BUDGET_S) / 60)
+
+
+def plan_routes(cfg: TrainConfig, base: TrainConfig, counts: dict[str, int], n_val: int,
+                probe: ImageProbe, *, size_given: bool,
+                pcosts: Costs | None = None, scosts: Costs | dict | None = None
+                ) -> tuple[TrainConfig, str, RouteCheck | None]:
+    """Plan a pretrained run (``cfg``: the backbone chosen; ``base``: the config before the
+    choice), with a route check when the route is in doubt (:func:`route_doubt`).
+
+    Without a check this is :func:`~imgtriage.train.auto_recipe.plan_recipe`. With one, the
+    pretrained route is planned for the budget minus the probe, and the from-scratch route
+    (the model :func:`~imgtriage.train.auto.choose_model` picks without weights) for the
+    budget minus the probe and the head phase. ``pcosts`` / ``scosts``: the measured costs
+    of each (None: timed here).
+    """
+    n_train, source_side = sum(counts.values()), min(probe.median_hw)
+    common = {"rgb_photos": probe.in_chans == 3, "source_side": source_side,
+              "size_given": size_given, "in_chans": probe.in_chans,
+              "eight_bit": probe.eight_bit}
+    budget = cfg.time_budget * 60
+    native = cfg.img_size or 224
+    sides = [native] if size_given else finetune_sides(native, source_side)
+    pcosts = pcosts or pretrained_costs(cfg, len(counts), source_side, size_given)
+    alt = choose_model(counts, replace(probe, in_chans=base.in_chans or probe.in_chans),
+                       img_size=base.img_size)
+    why = route_doubt(cfg, probe.in_chans == 1,
+                      plan_finetune(n_train, n_val, pcosts, budget, sides).epochs, n_val,
+                      alt.model)
+    if why is None:
+        planned, recipe = plan_recipe(cfg, counts, n_val, pretrained=True, costs=pcosts,
+                                      **common)
+        return planned, recipe, None
+    scfg = replace(base, model=alt.model, img_size=alt.img_size)
+    variants = scratch_variants(scfg, len(counts), size_given, scosts)
+    probe_s = PROBE_EPOCHS * plan_scratch(n_train, n_val, variants, budget).epoch_s
+    reduced = plan_finetune(n_train, n_val, pcosts, budget - probe_s, sides)
+    head_s = (reduced.embed_s if reduced.epochs >= 1
+              else (n_train + n_val) * pcosts.at(native).infer)
+    planned, recipe = plan_recipe(_with_budget(cfg, budget - probe_s), counts, n_val,
+                                  pretrained=True, costs=pcosts, **common)
+    left = budget - probe_s - head_s
+    scratch, srecipe = plan_recipe(_with_budget(scfg, left), counts, n_val, pretrained=False,
+                                   costs={w: c for _, w, c in variants}, **common)
+    scratch = settled(replace(scratch, time_budget=cfg.time_budget))
+    probe_s = PROBE_EPOCHS * plan_scratch(n_train, n_val, [
+        v for v in variants if (v[0], v[1]) == (scratch.img_size, _widths(scratch))]
+        or variants, left).epoch_s
+    check = RouteCheck(scratch, f"{alt.reason}; {srecipe}", PROBE_EPOCHS, probe_s, head_s, why)
+    line = (f"route check ({why}): the head on cached embeddings (~{head_s:.0f}s) and "
+            f"{PROBE_EPOCHS} epochs of the from-scratch route ({alt.model} at "
+            f"{scratch.img_size} px, ~{probe_s:.0f}s) are compared on validation "
+            f"{check.metric} before one is trained; the pretrained plan below is for "
+            f"{(budget - probe_s) / 60:.1f} of the {cfg.time_budget:g} min, the from-scratch "
+            f"one for {max(left, MIN_SCRATCH_BUDGET_S) / 60:.1f} (--route-check off: no check)")
+    return replace(planned, time_budget=cfg.time_budget), f"{line}; {recipe}", check
+
+
+def _widths(cfg: TrainConfig) -> tuple[int, ...] | None:
+    w = cfg.model_kwargs.get("widths")
+    return tuple(w) if w is not None else None
