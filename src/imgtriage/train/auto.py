@@ -10,7 +10,9 @@ explains it):
    (transfer learning beats training from scratch on photos and surfaces; smaller grey crops
    such as the signal lab's keep the small CNNs below); when fine-tuning fits the time
    budget, :mod:`imgtriage.train.auto_recipe` then picks the training side (at most 4x
-   the images' median side, e.g. 128 px for 32-px photos);
+   the images' median side, e.g. 128 px for 32-px photos). For grey images, and whenever
+   no fine-tuning epoch fits, :mod:`imgtriage.train.auto_route` measures this route's head
+   against a short from-scratch run on validation before committing to either;
 2. fewer than 300 labels in total, or fewer than 30 per class (median) -> the Siamese /
    prototype encoder ``siamese`` (falls back to ``crop_cnn`` when it is not installed). The
    boundary was 100 / 10 until ``bench/bench_auto_switch.py`` (issue 19) found the Siamese
