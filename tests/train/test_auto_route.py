@@ -87,6 +87,7 @@ def test_grey_chips_plan_both_routes_within_the_budget_left_by_the_check():
     assert (s.model, s.in_chans, s.scaling, s.augment) == ("deep_cnn", 1, "percentile",
                                                            "light")
     assert s.time_budget == 15 and s.epochs >= 1 and check.probe_config().epochs == 3
+    assert "3 epoch(s) of the from-scratch route (deep_cnn" in why
     # the probe and the head phase come out of the from-scratch plan's time
     full, _ = plan_recipe(TrainConfig(**{**base.to_dict(), "model": "deep_cnn",
                                          "img_size": 96}),
@@ -133,7 +134,7 @@ def test_a_run_trains_the_route_the_check_measured_better(tmp_path, monkeypatch,
     measured = {"scratch": 0.9, "pretrained": 0.1}[winner]
     monkeypatch.setattr(run_mod, "decide_route", lambda head, probe, metric, n, s: real(
         {metric: 0.5}, {metric: measured}, metric, n, s))
-    cfg = TrainConfig(img_size=32, time_budget=0.01, head_epochs=5, embed_cache="off",
+    cfg = TrainConfig(img_size=32, time_budget=0.5, head_epochs=5, embed_cache="off",
                       batch_size=8, num_threads=1, val_frac=0.25, quantize="none")
     res = run_mod.train(data, tmp_path / "run", cfg, quiet=True)
     run_json = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -151,3 +152,22 @@ def test_a_run_trains_the_route_the_check_measured_better(tmp_path, monkeypatch,
         assert saved["model"] == "efficientnet_lite0" and saved["freeze_backbone"]
         assert manifest.model.name == "efficientnet_lite0"
         assert "continues from its head" in why
+
+
+def test_no_check_when_a_from_scratch_epoch_takes_over_a_quarter_of_the_budget():
+    cfg, base = _pretrained(GREY_CHIPS)
+    slow = Costs(0.05, 0.2, 48)  # ~40 min per epoch even at 48 px
+    planned, why, check = plan_routes(cfg, base, COUNTS, 250, GREY_CHIPS, size_given=False,
+                                      pcosts=FAST, scosts=slow)
+    assert check is None and "no route check (grey images" in why and "25%" in why
+    assert planned.model == "efficientnet_lite0"
+
+
+def test_a_probe_on_a_busy_machine_says_so_and_keeps_its_share_at_every_side():
+    busy = Costs(0.01, 0.05, 64, share=0.12)
+    assert busy.at(128).share == 0.12 and "12%" in busy.at(128).busy_note()
+    assert Costs(0.01, 0.05, 64, share=0.9).busy_note() == ""
+    assert Costs(0.01, 0.05, 64).busy_note() == ""
+    _, why = plan_recipe(TrainConfig(model="deep_cnn", img_size=64), COUNTS, 250,
+                         pretrained=False, rgb_photos=False, costs=busy, in_chans=1)
+    assert "other processes were busy" in why

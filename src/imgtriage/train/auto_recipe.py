@@ -83,6 +83,7 @@ EPOCH_OVERHEAD = 1.15    # data, augmentation, validation batches beyond the pro
 # last epoch took 67 s: bench_transfer.py, docs/benchmarks.md)
 PROBE_BATCH, PROBE_MAX_SIDE = 32, 160
 PROBE_REPS = 5           # timed steps after a warm-up one; their median is the cost
+BUSY_SHARE = 0.5         # a probe that got less of its threads' CPU time ran on a busy machine
 STAGE_CACHE_STAGES = 3   # frozen and cached (--stage-cache): stem + stages 0-2 of
 # EfficientNet-Lite0 are ~40% of a 96-px training step on 2 cores
 # From scratch (no pretrained backbone): the accuracy section's run G recipe, made general
@@ -110,6 +111,7 @@ class Costs:
     train: float
     side: int | None = None
     stem: float = 0.0
+    share: float | None = None  # of its threads' time the probe got (None: not measured)
 
     def at(self, side: int) -> Costs:
         """The costs at another side, scaled by the pixel count (measured on
@@ -117,7 +119,15 @@ class Costs:
         if self.side is None or side == self.side:
             return self
         f = (side / self.side) ** 2
-        return Costs(self.infer * f, self.train * f, side, self.stem * f)
+        return Costs(self.infer * f, self.train * f, side, self.stem * f, self.share)
+
+    def busy_note(self) -> str:
+        """A sentence when the probe ran on a busy machine (its process got under half of
+        its threads' time), else ''."""
+        if self.share is None or self.share >= BUSY_SHARE:
+            return ""
+        return (f" (the probe got {self.share:.0%} of its {torch.get_num_threads()} threads' "
+                f"time: other processes were busy, so this plan is for a machine that busy)")
 
 
 def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
@@ -143,14 +153,21 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     y = torch.zeros(batch, dtype=torch.long)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
+    wall, cpu = [0.0], [0.0]
+
     def timed(step) -> float:
         step()  # warm-up
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - t0)
+            cpu[0] += time.process_time() - c0
+        wall[0] += sum(times)
         return step_seconds(times) / batch
+
+    def share() -> float:
+        return cpu[0] / max(wall[0] * torch.get_num_threads(), 1e-9)
 
     def infer() -> None:
         with torch.no_grad():
@@ -166,7 +183,8 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     k = cfg.freeze_stages if freeze_stages is None else freeze_stages
     if not (stage_cache and k > 0 and sc.supports(model) and k < len(model.blocks)):
         model.train()
-        return Costs(t_infer, timed(train_step), side)
+        t_train = timed(train_step)
+        return Costs(t_infer, t_train, side, share=share())
     with torch.no_grad():
         h = sc.stem_forward(model, k, x).contiguous(memory_format=fmt)
     tail = sc.TailNet(model, k)
@@ -183,7 +201,8 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     t_stem = timed(stem)
     tail.train()
     set_backbone_norm_eval(tail)  # as fine-tuning from a cached head runs it
-    return Costs(t_infer, timed(tail_step), side, t_stem)
+    t_tail = timed(tail_step)
+    return Costs(t_infer, t_tail, side, t_stem, share())
 
 
 def step_seconds(times: list[float]) -> float:
@@ -306,7 +325,8 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
              f"~{plan.embed_s:.0f}s ({1 / c.infer:.0f} img/s){cached}, each fine-tuning epoch "
              f"~{plan.epoch_s:.0f}s ({1 / c.train:.0f} img/s"
              f"{' on the cached activations' if c.stem > 0 else ''}, channels_last, batch "
-             f"{min(PROBE_BATCH, cfg.batch_size)}); --time-budget {cfg.time_budget:g} min"]
+             f"{min(PROBE_BATCH, cfg.batch_size)}){c.busy_note()}; --time-budget "
+             f"{cfg.time_budget:g} min"]
     if not size_given and plan.side < native:
         why = (f"the images' median side {source_side} px x {SOURCE_UPSCALE}"
                if source_side and SOURCE_UPSCALE * source_side < native
@@ -441,7 +461,7 @@ def _scratch_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int,
     own = next(v for v in variants if v[0] == plan.side and v[1] == plan.widths)[2]
     line = (f"estimate at {plan.side} px"
             f"{f' (widths {list(plan.widths)})' if plan.widths else ''}: each epoch "
-            f"~{plan.epoch_s:.0f}s ({1 / own.train:.0f} img/s); --time-budget "
+            f"~{plan.epoch_s:.0f}s ({1 / own.train:.0f} img/s){own.busy_note()}; --time-budget "
             f"{cfg.time_budget:g} min")
     if plan.side != cfg.img_size:
         changes["img_size"] = plan.side

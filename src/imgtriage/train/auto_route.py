@@ -12,7 +12,9 @@ In those two cases (``--route-check auto``) the run measures the first stage of 
 on the validation split before committing to one:
 
 1. the head on cached embeddings (the pretrained route's own first phase, kept if it wins);
-2. ``PROBE_EPOCHS`` epochs of the from-scratch recipe (its own short one-cycle);
+2. ``PROBE_EPOCHS`` epochs of the from-scratch recipe (its own short one-cycle; kept if it
+   wins: the full from-scratch run starts from the probe's best epoch, with its own
+   one-cycle);
 
 and trains the route whose first stage scored higher on the selection metric (accuracy, or
 balanced accuracy / macro F1 when that selects the epoch). Each is a lower bound of its
@@ -47,6 +49,7 @@ from imgtriage.train.auto_recipe import (
 from imgtriage.train.config import TrainConfig, field_default, settled
 
 PROBE_EPOCHS = 3  # MSTAR, run-G network at 64 px: validation 0.85-0.91 after 3-4 epochs
+PROBE_SHARE = 0.25  # of --time-budget at most for the probe (fewer epochs, or no check)
 MIN_SCRATCH_BUDGET_S = 60.0
 
 
@@ -114,7 +117,8 @@ class RouteVerdict:
     seconds: float = 0.0
 
     def line(self) -> str:
-        won = ("the from-scratch route trains (the pretrained head is dropped)"
+        won = ("the from-scratch route trains on from the probe's best epoch (the "
+               "pretrained head is dropped)"
                if self.route == "scratch" else "the pretrained route continues from its head")
         return (f"route check: validation {self.metric} {self.head:.3f} for the pretrained "
                 f"head on cached embeddings against {self.probe:.3f} after "
@@ -173,29 +177,35 @@ def plan_routes(cfg: TrainConfig, base: TrainConfig, counts: dict[str, int], n_v
         return planned, recipe, None
     scfg = replace(base, model=alt.model, img_size=alt.img_size)
     variants = scratch_variants(scfg, len(counts), size_given, scosts)
-    probe_s = PROBE_EPOCHS * plan_scratch(n_train, n_val, variants, budget).epoch_s
-    reduced = plan_finetune(n_train, n_val, pcosts, budget - probe_s, sides)
-    head_s = (reduced.embed_s if reduced.epochs >= 1
-              else (n_train + n_val) * pcosts.at(native).infer)
+    head_s = _head_seconds(n_train, n_val, pcosts, budget, sides, native)
+    first = plan_scratch(n_train, n_val, variants, budget - head_s)
+    epochs = min(PROBE_EPOCHS, int(PROBE_SHARE * budget // max(first.epoch_s, 1e-9)))
+    if epochs < 1:
+        planned, recipe = plan_recipe(cfg, counts, n_val, pretrained=True, costs=pcosts,
+                                      **common)
+        return planned, (f"{recipe}; no route check ({why}): one from-scratch epoch "
+                         f"(~{first.epoch_s:.0f}s) would take more than "
+                         f"{PROBE_SHARE:.0%} of the budget"), None
+    probe_s = epochs * first.epoch_s
+    head_s = _head_seconds(n_train, n_val, pcosts, budget - probe_s, sides, native)
     planned, recipe = plan_recipe(_with_budget(cfg, budget - probe_s), counts, n_val,
                                   pretrained=True, costs=pcosts, **common)
     left = budget - probe_s - head_s
     scratch, srecipe = plan_recipe(_with_budget(scfg, left), counts, n_val, pretrained=False,
                                    costs={w: c for _, w, c in variants}, **common)
     scratch = settled(replace(scratch, time_budget=cfg.time_budget))
-    probe_s = PROBE_EPOCHS * plan_scratch(n_train, n_val, [
-        v for v in variants if (v[0], v[1]) == (scratch.img_size, _widths(scratch))]
-        or variants, left).epoch_s
-    check = RouteCheck(scratch, f"{alt.reason}; {srecipe}", PROBE_EPOCHS, probe_s, head_s, why)
+    check = RouteCheck(scratch, f"{alt.reason}; {srecipe}", epochs, probe_s, head_s, why)
     line = (f"route check ({why}): the head on cached embeddings (~{head_s:.0f}s) and "
-            f"{PROBE_EPOCHS} epochs of the from-scratch route ({alt.model} at "
-            f"{scratch.img_size} px, ~{probe_s:.0f}s) are compared on validation "
-            f"{check.metric} before one is trained; the pretrained plan below is for "
-            f"{(budget - probe_s) / 60:.1f} of the {cfg.time_budget:g} min, the from-scratch "
-            f"one for {max(left, MIN_SCRATCH_BUDGET_S) / 60:.1f} (--route-check off: no check)")
+            f"{epochs} epoch(s) of the from-scratch route ({alt.model}, ~{probe_s:.0f}s) are "
+            f"compared on validation {check.metric} before one is trained; the pretrained "
+            f"plan below is for {(budget - probe_s) / 60:.1f} of the {cfg.time_budget:g} min, "
+            f"the from-scratch one for {max(left, MIN_SCRATCH_BUDGET_S) / 60:.1f} "
+            f"(--route-check off: no check)")
     return replace(planned, time_budget=cfg.time_budget), f"{line}; {recipe}", check
 
 
-def _widths(cfg: TrainConfig) -> tuple[int, ...] | None:
-    w = cfg.model_kwargs.get("widths")
-    return tuple(w) if w is not None else None
+def _head_seconds(n_train: int, n_val: int, costs: Costs, budget_s: float, sides: list[int],
+                  native: int) -> float:
+    """The pretrained route's head phase (one embedding pass) at the side it would plan."""
+    plan = plan_finetune(n_train, n_val, costs, budget_s, sides)
+    return plan.embed_s if plan.epochs >= 1 else (n_train + n_val) * costs.at(native).infer

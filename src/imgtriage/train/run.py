@@ -453,9 +453,10 @@ def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
 
 def _route_probe(run: Path, data: Any, parts: dict[str, list], classes: tuple[str, ...],
                  check: RouteCheck, head: _Head, info: DistInfo, say: Any, quiet: bool
-                 ) -> tuple[RouteVerdict, _Sources]:
+                 ) -> tuple[RouteVerdict, _Sources, tuple[torch.nn.Module, dict[str, Any]]]:
     """Train the from-scratch route for a few epochs and compare it with the head on
-    validation (train/auto_route.py); returns the verdict and the from-scratch sources."""
+    validation (train/auto_route.py); returns the verdict, the from-scratch sources and the
+    probe's model (its best epoch: the from-scratch route continues from it)."""
     t0 = time.perf_counter()
     pcfg = check.probe_config()
     spec = resolve_spec(pcfg, pcfg.in_chans, weights_plan(pcfg))
@@ -463,13 +464,14 @@ def _route_probe(run: Path, data: Any, parts: dict[str, list], classes: tuple[st
         f"{spec.size[0]} px (~{check.probe_s:.0f}s planned) against the head's validation "
         f"{check.metric} {head.result.best_metrics.get(check.metric, float('nan')):.3f}")
     src = _sources(data, parts, classes, spec, pcfg, info, say)
-    model, _ = _create(pcfg, len(classes), src.features)
+    model, kwargs = _create(pcfg, len(classes), src.features)
     res = fit(model, src.train, src.val, pcfg, log_path=run / "route_check_metrics.jsonl",
               show_progress=not quiet, num_classes=len(classes))
+    model.load_state_dict(res.best_state)
     verdict = decide_route(head.result.best_metrics, res.best_metrics, check.metric,
                            check.probe_epochs, time.perf_counter() - t0)
     say(verdict.line())
-    return verdict, src
+    return verdict, src, (model, kwargs)
 
 
 def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
@@ -518,15 +520,15 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         f"{f' | {info.world_size} processes' if info.distributed else ''}")
     if plan.note:
         say(f"weights: {plan.note}")
-    head, fit_cfg, src, verdict = None, cfg, None, None
+    head, fit_cfg, src, verdict, probed = None, cfg, None, None, None
     if cached_head_applies(cfg, plan, info.distributed):
         head = _head_phase(run, parts, ds.classes, spec, cfg, plan, say, quiet)
         if check is not None:
-            verdict, probed = _route_probe(run, data, parts, ds.classes, check, head, info,
-                                           say, quiet)
+            verdict, probe_src, probe_model = _route_probe(run, data, parts, ds.classes,
+                                                           check, head, info, say, quiet)
             reason = f"{reason}; {verdict.line()}"
             if verdict.route == "scratch":
-                cfg, head, src = check.scratch, None, probed
+                cfg, head, src, probed = check.scratch, None, probe_src, probe_model
                 fit_cfg, plan = cfg, weights_plan(check.scratch)
                 spec = resolve_spec(cfg, cfg.in_chans, plan)
                 reason = f"{reason}; {check.reason}"
@@ -553,7 +555,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         (run / "class_weights.json").write_text(json.dumps(
             {**lplan.to_dict(), "by_class": weights}, indent=2))
     semi = _semi(cfg, parts, spec, tr.labels, len(ds.classes), info, say)
-    model, kwargs = (head.model, head.kwargs) if head is not None else _create(
+    model, kwargs = (head.model, head.kwargs) if head is not None else probed or _create(
         cfg, len(ds.classes), src.features, plan)
     fit_args = {"log_path": run / "metrics.jsonl", "show_progress": not quiet,
                 "checkpoint_dir": run / "checkpoint", "num_classes": len(ds.classes),
