@@ -140,17 +140,30 @@ def _parts(p: Any, feats: np.ndarray) -> dict[str, np.ndarray]:
     return parts(feats) if parts is not None else {"knn": scorer.score(feats)}
 
 
+SCORE_CHUNK = 128  # images per forward pass: a 224-px backbone on 2,425 chips at once
+# needed > 20 GB and was OOM-killed
+
+
+def _forward(p: Any, x: np.ndarray, chunk: int = SCORE_CHUNK
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The bundle's logits and OOD score, ``chunk`` images at a time."""
+    got = [p.forward(x[i:i + chunk], p.policy) for i in range(0, len(x), chunk)]
+    logits = np.concatenate([g[0] for g in got])
+    bundle = None if got[0][1] is None else np.concatenate([g[1] for g in got])
+    return logits, bundle
+
+
 def _scores(p: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     from scipy.special import logsumexp
 
     from imgtriage.evaluate.decision import softmax
 
-    logits, bundle = p.forward(x, p.policy)
+    logits, bundle = _forward(p, x)
     t = p.policy.temperature
     out = {"logits": logits, "bundle": bundle, "msp": -softmax(logits, t).max(1),
            "energy": -t * logsumexp(logits / t, axis=1)}  # Liu et al. 2020; higher = odder
-    feats = np.concatenate([p.backend.with_features(x[i:i + 256])[1]
-                            for i in range(0, len(x), 256)])
+    feats = np.concatenate([p.backend.with_features(x[i:i + SCORE_CHUNK])[1]
+                            for i in range(0, len(x), SCORE_CHUNK)])
     out.update(_parts(p, feats))
     return out
 
