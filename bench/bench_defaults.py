@@ -125,7 +125,8 @@ def run(task: str, arm: str, seed: int, out: Path, threads: int,
             "chosen": {k: used[k] for k in ("model", "model_kwargs", "img_size", "scaling",
                                             "augment", "epochs", "lr", "label_smoothing",
                                             "ema_decay", "pretrained")},
-            "why": json.loads((work / "run.json").read_text())["model_choice"]}
+            "why": json.loads((work / "run.json").read_text())["model_choice"],
+            "route_check": json.loads((work / "run.json").read_text()).get("route_check")}
 
 
 def merge(paths: list[Path]) -> None:
