@@ -74,7 +74,19 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) 
     one as ``torchvision:<name>``, an image + feature model as ``fusion:<backbone>``).
 
     Unknown names and bad arguments raise ModelError naming the known models.
+    ``view_average=["hflip"]`` (what a bundle records when flip TTA is folded into it) makes
+    the model average the views before its head (:mod:`imgtriage.models.views`).
     """
+    views = kwargs.pop("view_average", None)
+    model = _create(name, num_classes, in_chans, **kwargs)
+    if views:
+        from imgtriage.models.views import average_views
+
+        average_views(model, views)
+    return model
+
+
+def _create(name: str, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
     if num_classes < 2:
         raise ModelError(f"num_classes must be >= 2, got {num_classes}")
     if in_chans < 1:

@@ -78,7 +78,11 @@ class Predictor(BasePredictor):
         self.spec = PreprocessSpec.from_dict(dict(bundle.info.preprocess))
         self.classes: list[str] = bundle.classes
         self.policy = DecisionPolicy.from_dict(dict(bundle.info.decision))
-        self.tta_transforms: list[str] = list(bundle.info.tta or ["hflip"])
+        # views the graph already averages (``view_average``, folded in at training) are
+        # not run again: --tta on such a bundle adds only the views it does not have
+        folded = set(bundle.info.model.kwargs.get("view_average") or ())
+        self.tta_transforms: list[str] = [t for t in bundle.info.tta or ["hflip"]
+                                          if t not in folded]
         self.features = _standardizer(bundle, self.spec)
         self.extras: dict[str, dict[str, Any]] = {}
         self._ood: dict[str, KnnOOD] = {}

@@ -196,6 +196,11 @@ class TrainConfig:
                                   "image and its mirror, and the epochs train the rest on "
                                   "those activations, mirrored and shifted at random) or off "
                                   "(every epoch runs the whole network on augmented images).")
+    view_average: str = _f("auto", "After training: auto (score the model on validation as it "
+                                   "is and averaging each image with its mirror before the "
+                                   "head; when the average is better, the bundle's graph "
+                                   "does it for every prediction: one more pass per image) "
+                                   "or off. Only where the modality allows a mirror.")
     head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
                               "epochs of the head on cached embeddings (each image goes "
                               "through the frozen backbone once; an epoch takes a fraction "
@@ -376,6 +381,7 @@ def _check_choices(c: TrainConfig) -> None:
                "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
                "lr_check": ("auto", "off"), "stage_cache": ("auto", "off"),
                "route_check": ("auto", "off"),
+               "view_average": ("auto", "off"),
                "scaling": ("auto", "dtype", "minmax", "percentile"),
                "ood_method": ("knn+rmd", "knn")}
     for name, allowed in choices.items():

@@ -85,6 +85,7 @@ from imgtriage.train.transfer import (
     lr_check_applies,
     train_head,
 )
+from imgtriage.train.view_choice import choose_views
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                                       "counts": fit_counts(ds.classes, samples_by_split(ds)),
                                       "data": str(data), "model_choice": info["reason"],
                                       "loss": result.loss_plan,
+                                      "view_average": info.get("view_average"),
                                       "pretrained": info["weights"].to_dict()},
                             metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
@@ -605,16 +607,21 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if info.is_main:
         _write_defects(run, ds, [*defects, *result.defects,
                                  *(semi.pool.defects if semi is not None else ())])
+        # flip TTA folded into the model (and so the graph) when validation says it helps
+        hooks, views = choose_views(model, va, cfg, say)
+        if hooks is not None:
+            kwargs = {**kwargs, "view_average": list(hooks.views)}
         (run / "run.json").write_text(json.dumps(
             {"model_choice": reason, "loss": lplan.to_dict(), "weights": plan.to_dict(),
              "cache": mode, "world_size": info.world_size,
              "resumed_from": str(ckpt) if ckpt else None, "finetune": finetune,
              "route_check": verdict.to_dict() if verdict is not None else None,
+             "view_average": views,
              "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
         cal = calibrate_run(model, tr, va, list(ds.classes), cfg)
         bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
                                   {"reason": reason, "n_train": len(tr), "weights": plan,
-                                   "calibration": cal,
+                                   "calibration": cal, "view_average": views,
                                    "n_val": len(va) if va is not None else 0,
                                    "say": say, "graph_inputs": _graph_inputs(
                                        src, parts, spec, ds.classes, cfg.quantize)},

@@ -1,0 +1,91 @@
+"""Fold flip test-time augmentation into the bundle when validation shows it helps.
+
+At the end of training, before calibration, :func:`choose_views` scores the restored model
+on the validation split twice: as it is, and averaging each image with its mirror before
+the head (:func:`imgtriage.models.views.average_views`, the graph the bundle would export).
+When the averaged model is better on the run's selection metric (``--select-metric``;
+macro F1 falls back to accuracy; a tie goes to the lower validation NLL), the hooks stay
+on: calibration, the OOD bank and the ONNX graph are then those of the averaged model, and
+the bundle records
+``view_average: ["hflip"]`` among the model's keywords, so every backend and every caller
+(predict, serve, Ray, Celery) gets it without an option. Only a mirror the modality allows
+is tried (``--modality``: photos and generic images flip horizontally; SAR, astro,
+microscopy and aerial are symmetric under the mirror too; documents are not), and it costs
+one more pass of the network per image at prediction time. ``--view-average off`` keeps
+the plain model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgtriage.data.augment import FIXED_FLIPS
+from imgtriage.evaluate.metrics import balanced_accuracy
+from imgtriage.models.views import ViewHooks, average_views
+from imgtriage.train.calibrate import embed
+from imgtriage.train.config import MODALITIES, TrainConfig
+
+
+def candidate_views(cfg: TrainConfig) -> list[str]:
+    """The mirror to try: the horizontal one when the flips the model trained with (the
+    modality's, for a model trained without augmentation) include it."""
+    flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+    if cfg.augment == "none":
+        flips = MODALITIES[cfg.modality]
+    return ["hflip"] if flips in ("hflip", "d4") else []
+
+
+def _score(logits: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
+    """(the selection metric, NLL) of ``logits`` against ``y``."""
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    nll = float(-logp[np.arange(len(y)), y].mean())
+    if metric == "val_loss":
+        return -nll, nll
+    if metric == "val_balanced_accuracy":
+        return balanced_accuracy(np.exp(logp), y), nll
+    return float((logits.argmax(1) == y).mean()), nll
+
+
+def choose_views(model: nn.Module, val: Any, cfg: TrainConfig,
+                 say: Callable[[str], None] | None = None
+                 ) -> tuple[ViewHooks | None, dict[str, Any]]:
+    """Try the mirror on ``val``; keep it on ``model`` (the hooks returned) when it helps.
+    The summary says what was compared and why, for ``run.json`` and the manifest."""
+    views = candidate_views(cfg)
+    if cfg.view_average == "off":
+        return None, {"applied": False, "why": "--view-average off"}
+    if not views:
+        return None, {"applied": False, "why": f"the modality ({cfg.modality}) has no "
+                                               "label-preserving mirror"}
+    if val is None or len(val) == 0:
+        return None, {"applied": False, "why": "no validation images to decide on"}
+    if getattr(val, "features", None) is not None:
+        return None, {"applied": False, "why": "an image + feature model takes two inputs"}
+    metric = cfg.select_metric if cfg.select_metric in (
+        "val_accuracy", "val_balanced_accuracy", "val_loss") else "val_accuracy"
+    with torch.no_grad():
+        plain, _, y = embed(model, val)
+        hooks = average_views(model, views)
+        averaged, _, _ = embed(model, val)
+    (p_val, p_nll), (a_val, a_nll) = _score(plain, y, metric), _score(averaged, y, metric)
+    better = a_val > p_val or (a_val == p_val and a_nll < p_nll)
+    name = metric.removeprefix("val_").replace("_", " ").replace("loss", "-NLL")
+    summary = {"applied": bool(better), "views": views, "metric": metric, "n_val": len(y),
+               "plain": {metric: p_val, "val_nll": p_nll},
+               "averaged": {metric: a_val, "val_nll": a_nll},
+               "why": (f"validation {name} {p_val:.4f} -> {a_val:.4f} (NLL {p_nll:.3f} -> "
+                       f"{a_nll:.3f}) averaging each image with its mirror: "
+                       + ("kept in the bundle (one more pass per image at prediction)"
+                          if better else "not kept"))}
+    if not better:
+        hooks.remove()
+        hooks = None
+    if say is not None:
+        say(f"flip views: {summary['why']}")
+    return hooks, summary
