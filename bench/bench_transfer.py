@@ -10,8 +10,10 @@ Arms, run in interleaved rounds (round 1: every arm, round 2: every arm, ...):
 - ``svm``: scikit-learn PCA (100 components, whitened) + RBF SVM on raw pixels (CIFAR 32x32 RGB;
   tiles 64x64 grey; class_weight balanced), fitted on train+val, scored on the same test split.
 
-The imgtriage arms also report, outside the timed wall, the test accuracy with the flip
-views the bundle's manifest names (``imgtriage evaluate --tta``: an option, not the default).
+The imgtriage arms also report whether training folded the mirror into the bundle (run.json
+``view_average``: decided on validation; then every prediction averages the image and its
+mirror, inside the timed wall) and, outside the timed wall, the test accuracy with the views
+``imgtriage evaluate --tta`` adds (none beyond the folded mirror for such a bundle).
 
 Wall times are from the folder to the report (subprocess commands for the imgtriage arms:
 imports, discovery, decoding, embedding, training, bundle, evaluation). Reports medians
@@ -21,8 +23,9 @@ Tasks: ``cifar`` (``../shared/datasets/cifar10-small``: train/ 5,000, test/ 1,00
 validation split is carved from train) and ``tiles`` (magnetic-tile: Free = safe, every
 defect kind = unsafe; a seeded stratified 60/20/20 train/val/test manifest shared by all arms;
 the imgtriage arms also report the safe-unsafe recipe's recall-first rule: the p(unsafe)
-threshold for 95% unsafe recall on validation, and the test split's unsafe recall and
-false-alarm rate under it, outside the timed wall)::
+threshold for 95% unsafe recall on validation, as a point target and with the
+confidence bound (``--delta`` 0.05), and the test split's unsafe recall and false-alarm rate
+under each, outside the timed wall)::
 
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_transfer.py cifar --rounds 3
     flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_transfer.py tiles --rounds 3
@@ -103,7 +106,8 @@ def run_imgtriage(arm: str, data: Path, task: str, out: Path, threads: int) -> d
            "train_s": t_train, "wall_s": wall, "model": cfg["model"],
            "epochs": cfg["epochs"], "freeze_backbone": cfg["freeze_backbone"],
            "img_size": cfg["img_size"],
-           "choice": json.loads((run / "run.json").read_text())["model_choice"]}
+           "choice": json.loads((run / "run.json").read_text())["model_choice"],
+           "view_average": json.loads((run / "run.json").read_text()).get("view_average")}
     # not timed: the same bundle with the flip views its manifest carries (`evaluate --tta`)
     subprocess.run([*EXE, "evaluate", str(run / "bundle"), str(target), *test, "--tta",
                     "--out", str(run / "eval-tta")], check=True, env=env)
@@ -116,22 +120,27 @@ def run_imgtriage(arm: str, data: Path, task: str, out: Path, threads: int) -> d
     return res
 
 
-def recall_rule(run: Path, env: dict) -> dict:
+def recall_rule(run: Path, env: dict, delta: float = 0.05) -> dict:
     """The safe-unsafe recipe's recall-first rule on the trained bundle (not timed): the
-    threshold on p(unsafe) that gives 95% unsafe recall on the validation split
-    (``imgtriage calibrate --threshold-strategy target_recall``), then the test split's unsafe
-    recall and false-alarm rate (safe tiles answered unsafe) under it."""
+    threshold on p(unsafe) for 95% unsafe recall on the validation split (``imgtriage
+    calibrate --threshold-strategy target_recall``), then the test split's unsafe recall and
+    false-alarm rate (safe tiles answered unsafe) under it. Twice: the point rule (95% on
+    validation) and the confidence-bounded one (``--delta``: 95% on new data with
+    probability >= 1 - delta, the order-statistic bound of issue 15); ``rule_*`` / ``bound_*``."""
     bundle, splits = run / "bundle", run / "splits.csv"
-    subprocess.run([*EXE, "calibrate", str(bundle), str(splits), "--split", "val",
-                    "--profile", "recall", "--make-default", "--threshold-strategy",
-                    "target_recall", "--target", "0.95", "--positive-class", "unsafe"],
-                   check=True, env=env)
-    subprocess.run([*EXE, "evaluate", str(bundle), str(splits), "--split", "test", "--out",
-                    str(run / "eval-recall")], check=True, env=env)
-    d = json.loads((run / "eval-recall" / "report.json").read_text())["decision"]
-    per = {p["class"]: p for p in d["per_class"]}
-    return {"rule_unsafe_recall": per["unsafe"]["recall"],
-            "rule_false_alarm_rate": 1.0 - per["safe"]["recall"]}
+    out = {}
+    for key, extra in (("rule", []), ("bound", ["--delta", str(delta)])):
+        subprocess.run([*EXE, "calibrate", str(bundle), str(splits), "--split", "val",
+                        "--profile", "recall", "--make-default", "--threshold-strategy",
+                        "target_recall", "--target", "0.95", "--positive-class", "unsafe",
+                        *extra], check=True, env=env)
+        subprocess.run([*EXE, "evaluate", str(bundle), str(splits), "--split", "test", "--out",
+                        str(run / f"eval-{key}")], check=True, env=env)
+        d = json.loads((run / f"eval-{key}" / "report.json").read_text())["decision"]
+        per = {p["class"]: p for p in d["per_class"]}
+        out.update({f"{key}_unsafe_recall": per["unsafe"]["recall"],
+                    f"{key}_false_alarm_rate": 1.0 - per["safe"]["recall"]})
+    return out
 
 
 def _pixels(paths: list[str], task: str) -> np.ndarray:

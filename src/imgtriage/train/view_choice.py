@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from imgtriage.data.augment import FIXED_FLIPS
+from imgtriage.errors import ModelError
 from imgtriage.evaluate.metrics import balanced_accuracy
-from imgtriage.models.views import ViewHooks, average_views
+from imgtriage.models.penultimate import head_of
+from imgtriage.models.views import VIEWS, ViewHooks, average_views
 from imgtriage.train.calibrate import embed
 from imgtriage.train.config import MODALITIES, TrainConfig
 
@@ -52,6 +54,27 @@ def _score(logits: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float
     return float((logits.argmax(1) == y).mean()), nll
 
 
+def _linear_head(model: nn.Module) -> bool:
+    try:
+        return isinstance(head_of(model), nn.Linear)
+    except ModelError:
+        return False
+
+
+class _View:
+    """A training source whose images come out as one view (the mirror)."""
+
+    def __init__(self, source: Any, view: str) -> None:
+        self.source, self.fn = source, VIEWS[view]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, order: Any, batch_size: int) -> Any:
+        for batch in self.source.batches(order, batch_size):
+            yield (self.fn(batch[0]), *batch[1:])
+
+
 def choose_views(model: nn.Module, val: Any, cfg: TrainConfig,
                  say: Callable[[str], None] | None = None
                  ) -> tuple[ViewHooks | None, dict[str, Any]]:
@@ -71,8 +94,12 @@ def choose_views(model: nn.Module, val: Any, cfg: TrainConfig,
         "val_accuracy", "val_balanced_accuracy", "val_loss") else "val_accuracy"
     with torch.no_grad():
         plain, _, y = embed(model, val)
-        hooks = average_views(model, views)
-        averaged, _, _ = embed(model, val)
+        if _linear_head(model):  # the mean of the views' logits is the averaged graph's
+            averaged = np.mean([plain, *(embed(model, _View(val, v))[0] for v in views)], 0)
+            hooks = average_views(model, views)
+        else:
+            hooks = average_views(model, views)
+            averaged, _, _ = embed(model, val)
     (p_val, p_nll), (a_val, a_nll) = _score(plain, y, metric), _score(averaged, y, metric)
     better = a_val > p_val or (a_val == p_val and a_nll < p_nll)
     name = metric.removeprefix("val_").replace("_", " ").replace("loss", "-NLL")
