@@ -77,7 +77,8 @@ SOURCE_UPSCALE = 5      # a pretrained net sees objects at ImageNet scale; beyon
 MIN_FINETUNE_EPOCHS = 6  # of a small photo are only interpolated
 MAX_FINETUNE_EPOCHS = 12
 BUDGET_SHARE = 0.9       # of --time-budget planned; the rest is slack (and `evaluate`)
-FIXED_S = 60.0           # start-up + probe, decoding, calibration, OOD bank, ONNX export
+FIXED_S = 90.0           # start-up + probe, decoding, flip-view choice, calibration, OOD
+#                          bank, ONNX export (60 before the flip views doubled the last three)
 EPOCH_OVERHEAD = 1.15    # data, augmentation, validation batches beyond the probe's steps
 # (CIFAR at 96 px under load 9: 91 s per epoch against the probe's 80; the steps after the
 # last epoch took 67 s: bench_transfer.py, docs/benchmarks.md)
