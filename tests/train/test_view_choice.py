@@ -118,3 +118,20 @@ def test_a_bundle_with_the_views_folded_in_predicts_the_same_with_torch_and_onnx
     assert np.allclose(lo, p.logits(np.ascontiguousarray(x[..., ::-1])), atol=1e-4)
     lt, st = got["torch"].forward(x, got["torch"].policy)
     assert np.allclose(lo, lt, atol=1e-4) and np.allclose(scores, st, rtol=1e-3, atol=1e-4)
+
+
+def test_a_gain_within_noise_keeps_the_plain_twice_as_fast_model(monkeypatch):
+    """The mirror doubles the work per image at prediction: a tie (even with a lower NLL)
+    or a gain under half a point of the selection metric leaves the plain model."""
+    from imgtriage.train import view_choice
+
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 3
+    for plain, averaged, kept in [((0.80, 0.50), (0.80, 0.40), False),
+                                  ((0.80, 0.50), (0.804, 0.45), False),
+                                  ((0.80, 0.50), (0.805, 0.45), True)]:
+        calls = iter([plain, averaged])
+        monkeypatch.setattr(view_choice, "_score", lambda *a, c=calls: next(c))
+        hooks, why = choose_views(_net(), ArraySource(x, y), tiny_cfg())
+        assert why["applied"] is kept and (hooks is not None) is kept
+        if hooks is not None:
+            hooks.remove()

@@ -198,7 +198,8 @@ class TrainConfig:
                                   "(every epoch runs the whole network on augmented images).")
     view_average: str = _f("auto", "After training: auto (score the model on validation as it "
                                    "is and averaging each image with its mirror before the "
-                                   "head; when the average is better, the bundle's graph "
+                                   "head; when the average is better by half a point or "
+                                   "more, the bundle's graph "
                                    "does it for every prediction: one more pass per image) "
                                    "or off. Only where the modality allows a mirror.")
     head_epochs: int = _f(60, "With pretrained weights and --freeze-backbone/--freeze-epochs: "
