@@ -46,13 +46,14 @@ def rgb_folder(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(**kw):
-    """A fast config for the tiny folders (1 thread, 16 px, 2 epochs)."""
+    """A fast config for the tiny folders (1 thread, 16 px, 2 epochs); a keyword None leaves
+    that field out (at its default and not given: --model auto's to choose)."""
     from imgtriage.train.config import TrainConfig
 
     base = {"model": "crop_cnn", "img_size": 16, "epochs": 2, "batch_size": 8, "lr": 3e-3,
             "num_threads": 1, "val_frac": 0.25, "model_kwargs": {"widths": [8, 16, 32]}}
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**{k: v for k, v in base.items() if v is not None})
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +65,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_default_rule(bundle_path: Path) -> dict:
+    """The end every training route shares: the temperature fitted on validation (kept only
+    when it lowers NLL, else the bundle says why it kept T = 1), the default abstain rule, an
+    OOD scorer, and an ONNX graph that outputs the features the scorer reads. Returns the
+    manifest."""
+    from imgtriage.bundle import load_bundle
+
+    m = load_bundle(bundle_path).manifest
+    d, cal = m["decision"], m["calibration"]["default"]
+    t = cal["temperature"]
+    assert t["n"] == m["metrics"]["val_count"] > 0
+    if t["kept"]:
+        assert d["temperature"] != 1.0 and t["nll_after"] < t["nll_before"]
+    else:
+        assert d["temperature"] == 1.0 and "kept T = 1" in t["note"]
+    assert d["abstain"] is True and cal["thresholds"]["strategy"] == "target_accuracy"
+    assert d["ood"]["method"] == "knn+rmd" and d["ood"]["file"] in m["files"]
+    assert m["profiles"]["default"] == d
+    assert m["onnx"]["outputs"] == ["logits", "features", "ood_score"], m["onnx"]
+    return m

@@ -261,6 +261,26 @@ def test_scratch_recipe_keeps_every_option_given():
         assert getattr(got, name) == getattr(given, name), name
 
 
+def test_options_given_at_their_default_value_are_kept_too():
+    """TrainConfig(epochs=10) when 10 is the default is a choice, not "unset"."""
+    from imgtriage.train.auto_recipe import Costs, plan_recipe
+    from imgtriage.train.config import TrainConfig, field_default
+
+    names = ("epochs", "augment", "label_smoothing", "ema_decay", "lr")
+    defaults = {n: field_default(n) for n in names}
+    args = {"counts": {"a": 40, "b": 40}, "n_val": 10, "pretrained": False,
+            "rgb_photos": False, "costs": Costs(1e-4, 5e-4), "in_chans": 1}
+    free, _ = plan_recipe(TrainConfig(model="crop_cnn", img_size=32), **args)
+    assert all(getattr(free, n) != v for n, v in defaults.items())  # auto changes each
+    given, why = plan_recipe(TrainConfig(model="crop_cnn", img_size=32, **defaults), **args)
+    assert {n: getattr(given, n) for n in names} == defaults
+    assert f"--epochs {defaults['epochs']} given: kept" in why
+    assert "--augment none given: kept" in why
+    # what auto changed is not recorded as given
+    assert free.given == ("img_size", "model") and given.given == tuple(sorted(
+        ("img_size", "model", *names)))
+
+
 def test_short_budget_shrinks_deep_cnn_side_then_widths():
     from imgtriage.train.auto_recipe import (
         HALF_WIDTHS,

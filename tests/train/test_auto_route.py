@@ -62,6 +62,7 @@ def test_the_route_with_the_better_first_stage_wins_ties_keep_the_head():
     (True, 0, {}, "deep_cnn", "no fine-tuning epoch"),
     (True, 8, {"route_check": "off"}, "deep_cnn", None),
     (True, 8, {"epochs": 5}, "deep_cnn", None),    # options given say what to train
+    (True, 8, {"epochs": 10}, "deep_cnn", None),   # ... even at the default value
     (True, 8, {"freeze_backbone": True}, "deep_cnn", None),
     (True, 8, {"pretrained": "/tmp/w.pth"}, "deep_cnn", None),
     (True, 8, {}, "siamese", None),                # few-shot labels: no from-scratch probe

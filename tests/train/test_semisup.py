@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,11 @@ from imgtriage.errors import ConfigError
 from imgtriage.train import run as run_mod
 from imgtriage.train.auto import ImageProbe, choose_model
 from imgtriage.train.callbacks import Callback
-from imgtriage.train.config import TrainConfig, field_default
+from imgtriage.train.config import TrainConfig
 from imgtriage.train.run import train
 from imgtriage.train.semisup import UnlabeledStream, semi_budget, semi_teacher
 
-from .conftest import tiny_cfg, write_imbalanced_folder
+from .conftest import assert_default_rule, tiny_cfg, write_imbalanced_folder
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +142,14 @@ def test_validation_and_test_content_is_never_pseudo_labelled(labelled, inbox, t
     real_fit = run_mod.fit
     try:
         run_mod.fit = lambda *a, **kw: real_fit(*a, **kw, callbacks=[Spy()])
-        train(labelled, run, cfg, quiet=True)
+        res = train(labelled, run, cfg, quiet=True)
     finally:
         run_mod.fit = real_fit
     info = json.loads((run / "run.json").read_text())["unlabeled"]
     excluded = sorted(Path(p).name for p in info["excluded_same_content_as_val_test"])
     assert excluded == sorted(f"copy_{i}.png" for i in range(len(held)))
     assert len(seen) == 30 and not any(Path(p).name.startswith("copy_") for p in seen)
+    assert_default_rule(res.bundle_path)  # the semi-supervised route is calibrated too
 
 
 class _Interrupt(Exception):
@@ -229,7 +229,7 @@ def test_default_epochs_become_the_semi_supervised_step_budget(labelled, inbox, 
                 TrainConfig(unlabeled="x", semi_steps=1), TrainConfig()):
         assert semi_budget(cfg, 100) == (cfg, "")
     # end to end: 18 labels in batches of 8 are 3 steps an epoch; 31 steps -> 11 epochs
-    cfg = replace(_cfg(inbox), epochs=field_default("epochs"), semi_steps=31)
+    cfg = _cfg(inbox, epochs=None, semi_steps=31)  # --epochs not given
     train(labelled, tmp_path / "r", cfg, quiet=True)
     assert len(_log(tmp_path / "r")) == 11
     assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 11

@@ -167,13 +167,35 @@ def option_value(cls: type, f: Field, value: Any) -> Any:
     return value
 
 
+def context_parameter() -> inspect.Parameter:
+    """The running command's context (not an option): a command that declares it among its
+    arguments lets :func:`config_from_options` tell a config with a ``given`` field which
+    options were typed rather than left at their defaults."""
+    return inspect.Parameter("ctx", KW, annotation=typer.Context)
+
+
+def typed_options(ctx: Any, names: Iterable[str]) -> tuple[str, ...]:
+    """Which of ``names`` were given on the command line (or the environment) rather than
+    left at their defaults."""
+    return tuple(n for n in names if (source := ctx.get_parameter_source(n)) is not None
+                 and source.name != "DEFAULT")
+
+
 def config_from_options(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
     """The config from option values (text and lists back to tuples, JSON to dicts);
-    ``fixed`` sets the fields the command takes as arguments."""
+    ``fixed`` sets the fields the command takes as arguments. A config with a ``given``
+    field (``TrainConfig``) learns which options were typed when the command declares
+    :func:`context_parameter`: ``--model auto`` keeps those, even where they equal the
+    default."""
     kwargs = dict(fixed)
+    names = [f.name for f in fields(cls)]
     for f in fields(cls):
         if f.name in values:
             kwargs[f.name] = option_value(cls, f, values[f.name])
+    ctx = values.get("ctx")
+    # typer hands the command its click context (typer.Context's base class)
+    if "given" in names and callable(getattr(ctx, "get_parameter_source", None)):
+        kwargs["given"] = (*fixed, *typed_options(ctx, (n for n in names if n in values)))
     return cls(**kwargs)
 
 

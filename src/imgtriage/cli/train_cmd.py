@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from imgtriage.cli._options import argument, command, config_from_options
+from imgtriage.cli._options import argument, command, config_from_options, context_parameter
 from imgtriage.train.config import TrainConfig
 from imgtriage.train.run_options import TrainRunOptions
 
@@ -47,7 +47,7 @@ def train_command(**options: Any) -> None:
             typer.echo(res.rule)
 
 
-command(train_command, arguments=[argument("data", DATA_HELP, Path)],
+command(train_command, arguments=[argument("data", DATA_HELP, Path), context_parameter()],
         configs=[TrainRunOptions, TrainConfig], panels=PANELS)
 
 

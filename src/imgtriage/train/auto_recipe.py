@@ -1,7 +1,8 @@
 """``--model auto`` chooses the whole recipe, not only the architecture.
 
 After :func:`~imgtriage.train.auto.choose_model` picked the model, :func:`plan_recipe`
-fills in what the user left at its default, each with the sentence that explains it:
+fills in what the user did not give (``TrainConfig.given``: a value given explicitly is kept,
+even one equal to the default), each with the sentence that explains it:
 
 - **classes imbalanced** (largest / smallest training class >= 1.5): inverse-frequency class
   weights and selection of the best epoch by balanced accuracy;
@@ -66,7 +67,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from imgtriage.data.augment import FIXED_FLIPS
-from imgtriage.train.config import MODALITIES, TrainConfig, field_default
+from imgtriage.train.config import MODALITIES, TrainConfig
 
 IMBALANCE_RATIO = 1.5
 FINETUNE = {"lr": 1e-3, "layer_decay": 0.85, "schedule": "cosine", "warmup_epochs": 0.5,
@@ -269,7 +270,9 @@ def plan_finetune(n_train: int, n_val: int, costs: Costs, budget_s: float,
 
 
 def _default(cfg: TrainConfig, name: str) -> bool:
-    return getattr(cfg, name) == field_default(name)
+    """Whether the recipe may choose ``name``: not given by the user (a value given
+    explicitly is kept even when it equals the default), or given as ``auto``."""
+    return not cfg.is_given(name) or getattr(cfg, name) == "auto"
 
 
 def stage_cache_planned(cfg: TrainConfig) -> bool:
@@ -431,13 +434,15 @@ def _scratch_regularisation(cfg: TrainConfig) -> tuple[dict[str, object], list[s
         return {}, []
     got = {k: changes.get(k, getattr(cfg, k)) for k in ("augment", *SCRATCH)}
     flips = {"none": "no flips", "hflip": "horizontal flips", "d4": "flips + 90-degree turns"}
+    aug = (f"augment {got['augment']} (the modality's {flips[MODALITIES[cfg.modality]]} "
+           f"(--modality {cfg.modality}) + one random translation, rotation, scaling, "
+           f"brightness, contrast or noise op per image; no colour op)"
+           if "augment" in changes else f"--augment {cfg.augment} given: kept")
     return changes, [
-        f"augment {got['augment']} (the modality's {flips[MODALITIES[cfg.modality]]} "
-        f"(--modality {cfg.modality}) + one random translation, rotation, scaling, "
-        f"brightness, contrast or noise op per image; no colour op), label smoothing "
-        f"{got['label_smoothing']:g}, weight average {got['ema_decay']:g} validated and kept, "
-        f"one-cycle lr {got['lr']:g}: the from-scratch recipe that took MSTAR 15 deg chips "
-        f"from 88% to 98% (docs/benchmarks.md, accuracy section)"]
+        f"{aug}, label smoothing {got['label_smoothing']:g}, weight average "
+        f"{got['ema_decay']:g} validated and kept, one-cycle lr {got['lr']:g}: the from-scratch "
+        f"recipe that took MSTAR 15 deg chips from 88% to 98% (docs/benchmarks.md, accuracy "
+        f"section)"]
 
 
 def _scratch_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int,

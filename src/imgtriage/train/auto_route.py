@@ -46,7 +46,7 @@ from imgtriage.train.auto_recipe import (
     pretrained_costs,
     scratch_variants,
 )
-from imgtriage.train.config import TrainConfig, field_default, settled
+from imgtriage.train.config import TrainConfig, settled
 
 PROBE_EPOCHS = 3  # MSTAR, run-G network at 64 px: validation 0.85-0.91 after 3-4 epochs
 PROBE_SHARE = 0.25  # of --time-budget at most for the probe (fewer epochs, or no check)
@@ -73,7 +73,7 @@ def route_doubt(cfg: TrainConfig, grey: bool, finetune_epochs: int, n_val: int,
         True
     """
     given = [k for k in ("freeze_backbone", "freeze_epochs", "epochs", "pretrained")
-             if getattr(cfg, k) != field_default(k)]
+             if cfg.is_given(k) and getattr(cfg, k) != "auto"]
     if cfg.route_check != "auto" or given or n_val < 1 or scratch_model == "siamese":
         return None  # options say what to train; no validation split; few-shot labels
     if finetune_epochs < 1:

@@ -201,7 +201,8 @@ def restore(state: LoopState, path: str | Path) -> None:
     ckpt = load_checkpoint(path)
     meta = ckpt.state
     saved, now = meta["config"], json.loads(json.dumps(state.cfg.to_dict()))
-    ignore = {"num_threads", "decode_workers", "workers", "device", "cache", "cache_limit_gb"}
+    ignore = {"num_threads", "decode_workers", "workers", "device", "cache", "cache_limit_gb",
+              "given"}
     from imgtriage.train.config import field_default
 
     # a setting added after the checkpoint was made matches when it is at its default

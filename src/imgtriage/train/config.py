@@ -6,6 +6,7 @@ per field from it, so the library and the command line can never disagree about 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -50,18 +51,43 @@ def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "flag": flag})
 
 
+def _remember_given(cls: type) -> type:
+    """Wrap the dataclass's ``__init__`` so that a config records which fields its caller
+    gave (``given``): the keywords and positional arguments of ``TrainConfig(...)``, or the
+    options typed on the command line (``cli/_options.py`` passes ``given`` itself).
+    ``dataclasses.replace`` passes ``given`` on, so changes made by ``--model auto`` are
+    never mistaken for the user's."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "given" not in kwargs and len(args) <= names.index("given"):
+            kwargs["given"] = (*names[:len(args)], *kwargs)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_remember_given
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run. Errors name the CLI flag that sets the value.
 
     ``in_chans`` / ``img_size`` None mean "decide from the data / the model's default";
-    ``model="auto"`` chooses the architecture from the label counts and image size.
+    ``model="auto"`` chooses the architecture from the label counts and image size, and the
+    rest of the recipe for every field the caller did not give (``given``): a value given
+    explicitly is kept, even when it equals the default.
 
     Example:
         >>> TrainConfig(model="crop_cnn", epochs=5, img_size=64).batch_size
         64
         >>> TrainConfig(loss_strategy="focal", focal_gamma=2.0).loss_strategy
         'focal'
+        >>> cfg = TrainConfig(epochs=10)  # 10 is the default, but given: auto keeps it
+        >>> cfg.given, cfg.is_given("epochs"), cfg.is_given("lr")
+        (('epochs',), True, False)
     """
 
     # --- model and input
@@ -239,7 +265,7 @@ class TrainConfig:
         "then 100 percent per class train like labels), noisy_student (the same, the "
         "pseudo-labelled images trained as strong views) or pseudo_label (online "
         "self-training, weak view only).")
-    semi_steps: int = _f(2400, "With --unlabeled and --epochs left at its default: the "
+    semi_steps: int = _f(2400, "With --unlabeled and --epochs not given: the "
                                "epochs are raised so the run makes at least this many optimiser "
                                "steps (the gain needs them: docs/semi-supervised.md); 0 = keep "
                                "--epochs. A given --epochs always wins.")
@@ -298,8 +324,16 @@ class TrainConfig:
     ood_bank: int = _f(1024, "At most this many training images' features are kept for the "
                              "k-NN part of the OOD score (a seeded sample; the relative "
                              "Mahalanobis part uses the statistics of up to 10,000).")
+    # --- not an option: which fields the caller gave (keywords, or options typed on the
+    # command line); --model auto chooses only the others. Filled in by the constructor.
+    given: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(self.given) - known)
+        if unknown:
+            raise ConfigError(f"given names unknown training settings {unknown}")
+        object.__setattr__(self, "given", tuple(sorted(set(self.given) - {"given"})))
         if isinstance(self.conservative_classes, str):
             names = tuple(c.strip() for c in self.conservative_classes.split(",") if c.strip())
             object.__setattr__(self, "conservative_classes", names)
@@ -308,6 +342,10 @@ class TrainConfig:
         _check_basic(self)
         _check_choices(self)
         _check_ranges(self)
+
+    def is_given(self, name: str) -> bool:
+        """Whether the caller set ``name`` (then ``--model auto`` keeps it as given)."""
+        return name in self.given
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -67,7 +67,7 @@ from imgtriage.data import PreprocessSpec, iter_image_files, load_input
 from imgtriage.data.augment import AugmentPolicy
 from imgtriage.errors import ConfigError, DataError, ImageReadError
 from imgtriage.io import Defect, sha256_file
-from imgtriage.train.config import MODALITIES, TrainConfig, field_default
+from imgtriage.train.config import MODALITIES, TrainConfig
 
 STRONG_STRENGTH, STRONG_OPS = 1.0, 3
 CURRICULUM_STAGES = 5
@@ -448,7 +448,7 @@ def build_semi(cfg: TrainConfig, spec: PreprocessSpec, holdout: Sequence[str],
 
 def semi_budget(cfg: TrainConfig, n_train: int, world_size: int = 1
                 ) -> tuple[TrainConfig, str]:
-    """With ``--unlabeled`` and ``--epochs`` at its default: the epochs that make at least
+    """With ``--unlabeled`` and ``--epochs`` not given: the epochs that make at least
     ``--semi-steps`` optimiser steps (an epoch is one pass over this process's share of the
     labelled training images; never fewer epochs than the default, so a large labelled set
     does not train less for having unlabelled images too), and a line saying so; else
@@ -460,10 +460,12 @@ def semi_budget(cfg: TrainConfig, n_train: int, world_size: int = 1
         600
         >>> semi_budget(TrainConfig(unlabeled="inbox/", epochs=50), 100)[0].epochs
         50
+        >>> semi_budget(TrainConfig(unlabeled="inbox/", epochs=10), 100)[0].epochs  # given
+        10
         >>> semi_budget(TrainConfig(unlabeled="inbox/", batch_size=32), 50_000)[0].epochs
         10
     """
-    if not cfg.unlabeled or cfg.semi_steps == 0 or cfg.epochs != field_default("epochs"):
+    if not cfg.unlabeled or cfg.semi_steps == 0 or cfg.is_given("epochs"):
         return cfg, ""
     per_epoch = max(1, math.ceil(math.ceil(n_train / max(1, world_size)) / cfg.batch_size))
     epochs = max(cfg.epochs, math.ceil(cfg.semi_steps / per_epoch))
@@ -481,7 +483,7 @@ TEACHER_METHODS = ("fixmatch_ema", "self_training", "noisy_student")
 
 def semi_teacher(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     """With ``--unlabeled``, a method whose pseudo-labels come from a teacher, and
-    ``--ema-decay`` left at its default (off): a weight average of ``SEMI_EMA_DECAY`` as the
+    ``--ema-decay`` not given (off): a weight average of ``SEMI_EMA_DECAY`` as the
     teacher (the measured recipe; without it the teacher is the current weights, whose
     pseudo-labels swing from step to step), and a line saying so; else ``cfg`` and "".
 
@@ -495,7 +497,7 @@ def semi_teacher(cfg: TrainConfig) -> tuple[TrainConfig, str]:
         0.0
     """
     if (not cfg.unlabeled or cfg.semi_method not in TEACHER_METHODS
-            or cfg.ema_decay != field_default("ema_decay")):
+            or cfg.is_given("ema_decay")):
         return cfg, ""
     return replace(cfg, ema_decay=SEMI_EMA_DECAY), (
         f"--unlabeled: the teacher is a weight average (--ema-decay {SEMI_EMA_DECAY:g}; "
