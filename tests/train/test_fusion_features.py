@@ -19,6 +19,8 @@ from imgtriage.train.config import TrainConfig
 from imgtriage.train.fusion import feature_spec, manifest_extras
 from imgtriage.train.run import train
 
+from .conftest import assert_default_rule
+
 
 def test_default_cards_keep_their_aliases_and_kinds():
     spec = feature_spec(TrainConfig(model="fusion"), in_chans=1)
@@ -66,6 +68,7 @@ def test_extra_manifest_column_is_learned_and_used_at_prediction(tmp_path):
                       img_size=16, num_threads=1, select_metric="val_loss",
                       model_kwargs={"backbone_kwargs": {"widths": [8]}, "feature_hidden": 16})
     res = train(manifest, tmp_path / "run", cfg, quiet=True)
+    assert_default_rule(res.bundle_path)  # the image + feature graph outputs features too
     p = Predictor.load(res.bundle_path)
     assert "program=SUR" in p.features.feature_names_
     files = sorted(str(f) for f in (tmp_path / "te").glob("*.png"))

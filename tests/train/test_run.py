@@ -16,7 +16,7 @@ from imgtriage.train.callbacks import Callback
 from imgtriage.train.losses import class_weights
 from imgtriage.train.run import train
 
-from .conftest import tiny_cfg
+from .conftest import assert_default_rule, tiny_cfg
 
 
 def _weights(run: Path) -> dict:
@@ -141,12 +141,13 @@ def test_streaming_equals_memory_and_records_broken_files(imbalanced_folder, tmp
 
 
 def test_auto_model_says_why(imbalanced_folder, tmp_path):
-    train(imbalanced_folder, tmp_path, tiny_cfg(model="auto", img_size=None, model_kwargs={},
-                                                epochs=1), quiet=True)
+    res = train(imbalanced_folder, tmp_path, tiny_cfg(model="auto", img_size=None,
+                                                      model_kwargs={}, epochs=1), quiet=True)
     info = json.loads((tmp_path / "run.json").read_text())
     chosen = json.loads((tmp_path / "config.json").read_text())["model"]
     assert chosen in ("siamese", "crop_cnn") and chosen != "auto"
     assert "fewer than 300 labels" in info["model_choice"]
+    assert_default_rule(res.bundle_path)  # calibrated, with the OOD rule in its graph
 
 
 def test_conservative_classes_must_exist(imbalanced_folder, tmp_path):
