@@ -275,7 +275,9 @@ def test_options_given_at_their_default_value_are_kept_too():
     given, why = plan_recipe(TrainConfig(model="crop_cnn", img_size=32, **defaults), **args)
     assert {n: getattr(given, n) for n in names} == defaults
     assert f"--epochs {defaults['epochs']} given: kept" in why
-    assert "--augment none given: kept" in why
+    alone, why = plan_recipe(TrainConfig(model="crop_cnn", img_size=32, augment="none"),
+                             **args)
+    assert alone.augment == "none" and "--augment none given: kept" in why
     # what auto changed is not recorded as given
     assert free.given == ("img_size", "model") and given.given == tuple(sorted(
         ("img_size", "model", *names)))

@@ -131,7 +131,9 @@ class TrainConfig:
     feature_columns: str = _f("", "Fusion models: extra columns of the CSV/JSONL manifest "
                                   "given as DATA, comma-separated NAME or NAME:category.")
     # --- schedule of the run
-    epochs: int = _f(10, "Training epochs.")
+    epochs: int = _f(10, "Training epochs. Not given: --model auto fits them to "
+                         "--time-budget (10 for a model given by name); given, even as 10, "
+                         "they are kept.")
     batch_size: int = _f(64, "Images per optimisation step (per process under torchrun).")
     lr: float = _f(1e-3, "Peak learning rate (before --lr-ref-batch scaling).")
     weight_decay: float = _f(1e-4, "Weight decay (never applied to biases and norm layers).")
