@@ -409,7 +409,7 @@ def plan_scratch(n_train: int, n_val: int,
         >>> c = Costs(0.001, 0.004, 64)
         >>> p = plan_scratch(2500, 250, [(96, None, c.at(96)), (64, None, c)], 900)
         >>> (p.side, p.epochs)
-        (96, 28)
+        (96, 27)
     """
     usable = budget_s * BUDGET_SHARE - FIXED_S
     plans = []
