@@ -26,6 +26,8 @@ from torch import nn
 
 from imgtriage.data.augment import FIXED_FLIPS
 from imgtriage.errors import ModelError
+from imgtriage.evaluate.calibration import nll_at_temperature
+from imgtriage.evaluate.decision import softmax
 from imgtriage.evaluate.metrics import balanced_accuracy
 from imgtriage.models.penultimate import head_of
 from imgtriage.models.views import VIEWS, ViewHooks, average_views
@@ -44,13 +46,11 @@ def candidate_views(cfg: TrainConfig) -> list[str]:
 
 def _score(logits: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
     """(the selection metric, NLL) of ``logits`` against ``y``."""
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    nll = float(-logp[np.arange(len(y)), y].mean())
+    nll = nll_at_temperature(logits, y, 1.0)
     if metric == "val_loss":
         return -nll, nll
     if metric == "val_balanced_accuracy":
-        return balanced_accuracy(np.exp(logp), y), nll
+        return balanced_accuracy(softmax(logits), y), nll
     return float((logits.argmax(1) == y).mean()), nll
 
 
