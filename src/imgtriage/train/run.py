@@ -472,7 +472,8 @@ def _route_probe(run: Path, data: Any, parts: dict[str, list], classes: tuple[st
               show_progress=not quiet, num_classes=len(classes))
     model.load_state_dict(res.best_state)
     verdict = decide_route(head.result.best_metrics, res.best_metrics, check.metric,
-                           check.probe_epochs, time.perf_counter() - t0)
+                           check.probe_epochs, time.perf_counter() - t0,
+                           planned_epochs=check.probe_epochs + check.scratch.epochs)
     say(verdict.line())
     return verdict, src, (model, kwargs)
 
