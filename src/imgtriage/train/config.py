@@ -249,7 +249,8 @@ class TrainConfig:
                                   "on grey images (or only its head: no fine-tuning epoch "
                                   "fits the budget), first compare the head on cached "
                                   "embeddings with a short from-scratch run on validation "
-                                  "and train the better route (auto), or not (off).")
+                                  "(projected to the epochs its route would train) and "
+                                  "train the better route (auto), or not (off).")
     auto_backbone: str = _f("efficientnet_lite0", "timm backbone --model auto uses for RGB "
                                                   "photos when its pretrained weights are "
                                                   "installed (or --pretrained names a file).")
