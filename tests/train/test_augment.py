@@ -152,3 +152,12 @@ def test_cutmix_lambda_is_the_pasted_area():
 def test_mixing_stops_at_the_off_epoch(off, epoch, active):
     assert Mixer(mixup_alpha=0.2, off_epoch=off).active(epoch) is active
     assert not Mixer().active(1)
+
+
+def test_training_flips_are_the_ones_the_policy_applies():
+    from imgtriage.train.config import AUGMENT_POLICIES, MODALITIES, TrainConfig, training_flips
+
+    for name in (p for p in AUGMENT_POLICIES if p != "auto"):
+        for modality, flips in MODALITIES.items():
+            cfg = TrainConfig(augment=name, modality=modality)
+            assert training_flips(cfg) == AugmentPolicy(name, flips=flips).effective_flips

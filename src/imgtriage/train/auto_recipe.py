@@ -66,8 +66,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from imgtriage.data.augment import FIXED_FLIPS
-from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.config import MODALITIES, TrainConfig, training_flips
 
 IMBALANCE_RATIO = 1.5
 FINETUNE = {"lr": 1e-3, "layer_decay": 0.85, "schedule": "cosine", "warmup_epochs": 0.5,
@@ -282,7 +281,7 @@ def stage_cache_planned(cfg: TrainConfig) -> bool:
         return False
     if _default(cfg, "augment") and _default(cfg, "modality"):
         return True
-    flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+    flips = training_flips(cfg)
     return flips in ("hflip", "none")
 
 

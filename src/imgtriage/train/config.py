@@ -382,6 +382,23 @@ def settled(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, **changes) if changes else cfg
 
 
+def training_flips(cfg: TrainConfig) -> str:
+    """The flips training uses (none | hflip | d4): the augmentation policy's own where it
+    fixes them, else the modality's.
+
+    Example:
+        >>> training_flips(TrainConfig(augment="flip_rot90"))
+        'd4'
+        >>> training_flips(TrainConfig(augment="none", modality="sar"))
+        'none'
+        >>> training_flips(TrainConfig(augment="light", modality="sar"))
+        'd4'
+    """
+    from imgtriage.data.augment import FIXED_FLIPS  # lazy: keeps this module torch-free
+
+    return FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field, e.g. ``num_threads`` -> ``--threads``."""
     meta = TrainConfig.__dataclass_fields__[name].metadata

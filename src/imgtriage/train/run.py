@@ -38,7 +38,6 @@ from imgtriage.data import (
     split_dataset,
     write_split_manifest,
 )
-from imgtriage.data.augment import FIXED_FLIPS
 from imgtriage.data.features import FeatureStandardizer
 from imgtriage.data.loaders import decode_samples
 from imgtriage.errors import ConfigError, DataError
@@ -54,7 +53,7 @@ from imgtriage.train.auto_recipe import plan_recipe
 from imgtriage.train.auto_route import RouteCheck, RouteVerdict, decide_route, plan_routes
 from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
-from imgtriage.train.config import MODALITIES, TrainConfig, settled
+from imgtriage.train.config import MODALITIES, TrainConfig, settled, training_flips
 from imgtriage.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from imgtriage.train.embed_cache import Embedded
 from imgtriage.train.fusion import (
@@ -146,15 +145,10 @@ def resolve_spec(cfg: TrainConfig, in_chans: int, plan: WeightsPlan | None = Non
                                       **_norm(plan, in_chans))
 
 
-def _flips(cfg: TrainConfig) -> str:
-    """The flips training uses: the augmentation's own, else the modality's."""
-    return FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
-
-
 def tta_views(cfg: TrainConfig) -> list[str]:
     """The TTA views that match the augmentation the model was trained with."""
     cfg = settled(cfg)
-    flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+    flips = training_flips(cfg)
     if cfg.augment == "none":
         flips = "none" if MODALITIES[cfg.modality] == "none" else "hflip"
     return {"none": [], "hflip": ["hflip"],
@@ -621,7 +615,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                 if (head is not None or switched) and budgeted and ckpt is None else None)
     cbs = [c for c in (check, deadline) if c is not None]
     extra = {"callbacks": cbs} if cbs else {}
-    stage = (prepare_stage_cache(model, tr, va, fit_cfg, _flips(cfg), say)
+    stage = (prepare_stage_cache(model, tr, va, fit_cfg, training_flips(cfg), say)
              if head is not None and ckpt is None else None)
     net, ftr, fva = (stage.net, stage.train, stage.val) if stage else (model, tr, va)
     if stage is not None:

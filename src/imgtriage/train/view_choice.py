@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgtriage.data.augment import FIXED_FLIPS
 from imgtriage.errors import ModelError
 from imgtriage.evaluate.calibration import nll_at_temperature
 from imgtriage.evaluate.decision import softmax
@@ -32,13 +31,13 @@ from imgtriage.evaluate.metrics import balanced_accuracy
 from imgtriage.models.penultimate import head_of
 from imgtriage.models.views import VIEWS, ViewHooks, average_views
 from imgtriage.train.calibrate import embed
-from imgtriage.train.config import MODALITIES, TrainConfig
+from imgtriage.train.config import MODALITIES, TrainConfig, training_flips
 
 
 def candidate_views(cfg: TrainConfig) -> list[str]:
     """The mirror to try: the horizontal one when the flips the model trained with (the
     modality's, for a model trained without augmentation) include it."""
-    flips = FIXED_FLIPS.get(cfg.augment) or MODALITIES[cfg.modality]
+    flips = training_flips(cfg)
     if cfg.augment == "none":
         flips = MODALITIES[cfg.modality]
     return ["hflip"] if flips in ("hflip", "d4") else []
