@@ -73,3 +73,63 @@ def test_positive_class_threshold_decides_recall_first():
 def test_positive_class_needs_thresholds():
     with pytest.raises(ConfigError, match="--positive-class"):
         DecisionPolicy(positive_class=1)
+
+
+def _imbalanced_posteriors(n: int = 4000, minority: float = 0.1, seed: int = 0):
+    """Log posteriors of the Bayes model of two overlapping 1-D Gaussians with a 9:1 prior
+    (what a well-fitted network trained on that prior outputs), and the labels."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < minority).astype(int)
+    x = rng.normal(size=n) + 1.5 * y
+    prior = np.array([1 - minority, minority])
+    loglik = np.stack([-0.5 * x ** 2, -0.5 * (x - 1.5) ** 2], axis=1)
+    return loglik + np.log(prior), y, prior
+
+
+def _recalls(class_id: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.array([np.mean(class_id[y == k] == k) for k in range(2)])
+
+
+def test_prior_correction_moves_the_decision_to_equal_priors():
+    logits, y, prior = _imbalanced_posteriors()
+    plain = DecisionPolicy().decide(logits)
+    fixed = DecisionPolicy(prior_correction=tuple(-np.log(prior))).decide(logits)
+    r_plain, r_fixed = _recalls(plain.class_id, y), _recalls(fixed.class_id, y)
+    # the plain argmax all but ignores the minority; the corrected one is the balanced
+    # (likelihood-ratio) decision: far higher minority recall and balanced accuracy
+    assert r_fixed[1] > r_plain[1] + 0.3
+    assert r_fixed.mean() > r_plain.mean() + 0.1
+    # the correction is the Bayes rule for equal priors: no shift of it does better
+    for shift in (-0.5, 0.5):
+        other = DecisionPolicy(prior_correction=(float(-np.log(prior[0])),
+                                                 float(-np.log(prior[1]) + shift)))
+        assert _recalls(other.decide(logits).class_id, y).mean() <= r_fixed.mean() + 0.01
+    # the probabilities are those of equal priors, and they are what the rule decides with
+    np.testing.assert_allclose(fixed.probs, softmax(logits - np.log(prior)))
+    assert np.array_equal(fixed.class_id, fixed.probs.argmax(1))
+
+
+def test_prior_correction_round_trips_and_refuses_bad_values():
+    policy = DecisionPolicy(temperature=1.5, prior_correction=[0.4, -0.4])
+    again = DecisionPolicy.from_dict(json.loads(json.dumps(policy.to_dict())))
+    assert again == policy and again.prior_correction == (0.4, -0.4)
+    assert DecisionPolicy.from_dict({"temperature": 1.0}).prior_correction is None  # old bundles
+    for bad in ([float("nan"), 0.0], [1e3, 0.0], []):
+        with pytest.raises(ConfigError, match="prior correction"):
+            DecisionPolicy(prior_correction=bad)
+    with pytest.raises(ConfigError, match="2 prior-correction offsets for 3 classes"):
+        policy.decide(np.zeros((1, 3)))
+
+
+def test_fitted_policy_keeps_the_correction_and_thresholds_its_probabilities():
+    logits, y, prior = _imbalanced_posteriors(2000, seed=1)
+    offsets = tuple(float(v) for v in -np.log(prior))
+    policy, _ = fit_decision_policy(logits, y, class_names=["a", "b"], target_accuracy=0.9,
+                                    prior_correction=offsets)
+    assert policy.prior_correction == offsets
+    d = policy.decide(logits)
+    np.testing.assert_allclose(d.probs, softmax(logits, policy.temperature, offsets))
+    answered = ~d.abstained  # the confidence threshold was fitted on these probabilities
+    assert np.mean(d.class_id[answered] == y[answered]) >= 0.9
+    with pytest.raises(ConfigError, match="1 prior-correction offsets for 2 classes"):
+        fit_decision_policy(logits, y, class_names=["a", "b"], prior_correction=[0.0])

@@ -107,3 +107,41 @@ def test_bad_settings_name_the_flag():
         TrainConfig(class_weight_cap=0.5)
     with pytest.raises(ConfigError, match="--max-repeat"):
         TrainConfig(max_repeat=0)
+
+
+def test_prior_offsets_undo_the_prior_the_loss_saw():
+    from imgtriage.train.losses import prior_offsets
+
+    plain = prior_offsets(COUNTS, None)  # -log prior, centred
+    np.testing.assert_allclose(plain - plain[0], -np.log(COUNTS / COUNTS[0]))
+    assert abs(plain.sum()) < 1e-9
+    # full inverse-frequency weights already equalise the prior: nothing left to correct
+    np.testing.assert_allclose(prior_offsets(COUNTS, class_weights(COUNTS, 1.0, 0)), 0,
+                               atol=1e-9)
+    # square-root weights undo half of it
+    half = prior_offsets(COUNTS, class_weights(COUNTS, 0.5, 0))
+    np.testing.assert_allclose(half, plain / 2)
+    # an absent class gets no offset and does not move the others' centre
+    np.testing.assert_allclose(prior_offsets([100, 0, 25], None),
+                               [-np.log(2), 0.0, np.log(2)])
+
+
+@pytest.mark.parametrize(("kw", "applied"), [
+    ({"select_metric": "val_balanced_accuracy"}, True),
+    ({"select_metric": "val_balanced_accuracy", "loss_strategy": "class_weights"}, True),
+    ({"select_metric": "val_accuracy"}, False),
+    ({"select_metric": "val_accuracy", "prior_correction": "on"}, True),
+    ({"select_metric": "val_balanced_accuracy", "prior_correction": "off"}, False),
+    ({"select_metric": "val_balanced_accuracy", "balanced_sampling": True}, False),
+    ({"select_metric": "val_balanced_accuracy", "loss_strategy": "class_weights",
+      "class_weight_beta": 1.0, "class_weight_cap": 0.0}, False),
+])
+def test_plan_says_when_the_decision_is_prior_corrected(kw, applied):
+    from imgtriage.train.losses import prior_offsets
+
+    plan = plan_loss(TrainConfig(**kw), LABELS, 3)
+    assert (plan.prior_offsets is not None) is applied
+    assert plan.prior_note.startswith("prior correction")
+    if applied:
+        np.testing.assert_allclose(plan.prior_offsets, prior_offsets(COUNTS, plan.weights))
+        assert plan.to_dict()["prior_correction"] == list(plan.prior_offsets)

@@ -28,6 +28,7 @@ MAX_CHANNELS = 1_024
 MAX_SIDE = 8_192
 MAX_INPUT_ELEMENTS = 2**26  # channels x height x width of one model input (256 MiB float32)
 MAX_TEMPERATURE = 1e4
+MAX_PRIOR_OFFSET = 50.0  # the bound DecisionPolicy puts on a class's log-prior offset
 # Zips: total size once extracted, and how much bigger than stored a member may be.
 MAX_UNZIPPED_BYTES = 4 * 2**30
 MAX_ZIP_BYTES = 2 * 2**30  # a zipped bundle is read into memory; larger ones: unzip them
@@ -180,6 +181,13 @@ def _check_decision(dec: Any, what: str, n_classes: int, where: str) -> None:
     positive = dec.get("positive_class")
     if positive is not None:
         _int_in(positive, 0, n_classes - 1, f"{what}.positive_class", where)
+    offsets = dec.get("prior_correction")
+    if offsets is not None and (not isinstance(offsets, list) or len(offsets) != n_classes
+                                or not all(not isinstance(v, bool) and isinstance(v, int | float)
+                                           and math.isfinite(v) and abs(v) <= MAX_PRIOR_OFFSET
+                                           for v in offsets)):
+        raise BundleSchemaError(f"{where}: manifest {what}.prior_correction must be {n_classes} "
+                                f"finite numbers within +-{MAX_PRIOR_OFFSET:g}")
 
 
 def parse_manifest(raw: bytes, where: str) -> Any:

@@ -14,9 +14,13 @@ import numpy as np
 from imgtriage.errors import ConfigError
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64, numerically stable."""
+def softmax(logits: np.ndarray, temperature: float = 1.0,
+            offsets: np.ndarray | tuple[float, ...] | None = None) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature + offsets`` in float64, numerically stable
+    (``offsets``: one per class, e.g. a policy's ``prior_correction``; None adds nothing)."""
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if offsets is not None:
+        z = z + np.asarray(offsets, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -34,6 +38,8 @@ class Decisions:
     reason: list[str | None] = field(default_factory=list)  # why abstained (REASONS), or None
 
 
+MAX_PRIOR_OFFSET = 50.0  # |log prior| of a class 1e-21 as frequent as another: far beyond data
+
 # Why an input was abstained on, in the order they take precedence.
 REASONS = ("out_of_distribution", "low_confidence", "ambiguous")
 
@@ -50,6 +56,12 @@ class DecisionPolicy:
     input whose OOD score (passed to :meth:`decide`) exceeds ``ood["threshold"]`` is abstained
     on with reason ``out_of_distribution``, whatever its confidence. ``set_abstain`` abstains
     (reason ``ambiguous``) when the conformal set is not a single class.
+
+    ``prior_correction`` (one number per class, or None) is added to ``logits / temperature``
+    before anything else: ``-log`` of the class prior the model learned (logit adjustment,
+    Menon et al. 2021), so that the probabilities, the argmax and every threshold are those of
+    equal class priors: the decision that maximises balanced accuracy for a model trained on
+    imbalanced classes (``train`` sets it when it selects by balanced accuracy).
 
     ``positive_class`` (an index) makes thresholds decide, not only abstain: an input whose
     positive-class probability reaches that class's threshold is answered positive even when
@@ -72,6 +84,7 @@ class DecisionPolicy:
     positive_class: int | None = None
     ood: dict[str, Any] | None = None
     set_abstain: bool = False
+    prior_correction: tuple[float, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +95,14 @@ class DecisionPolicy:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
                 raise ConfigError("thresholds must lie in [0, 1] (--thresholds)")
+        if self.prior_correction is not None:
+            values = tuple(float(v) for v in self.prior_correction)
+            if not values or not all(np.isfinite(v) and abs(v) <= MAX_PRIOR_OFFSET
+                                     for v in values):
+                raise ConfigError("a prior correction is one finite log-offset per class, each "
+                                  f"within +-{MAX_PRIOR_OFFSET:g}; retrain or recalibrate the "
+                                  "bundle (--prior-correction)")
+            object.__setattr__(self, "prior_correction", values)
         if self.positive_class is not None:
             if self.thresholds is None:
                 raise ConfigError("a positive class needs thresholds to decide with "
@@ -108,7 +129,7 @@ class DecisionPolicy:
     def decide(self, logits: np.ndarray, ood_scores: np.ndarray | None = None) -> Decisions:
         """Apply the rule to raw logits; ``ood_scores`` (one per row, higher = stranger) are
         needed when the policy has an OOD rule (rows without a score: NaN, never refused)."""
-        probs = softmax(logits, self.temperature)
+        probs = self.probabilities(logits)
         class_id = probs.argmax(axis=1)
         if self.thresholds is not None and len(self.thresholds) != probs.shape[1]:
             raise ConfigError(f"{len(self.thresholds)} thresholds for {probs.shape[1]} classes; "
@@ -137,6 +158,15 @@ class DecisionPolicy:
         return Decisions(probs=probs, class_id=class_id, score=score,
                          abstained=ood | low | ambiguous, sets=sets, reason=reason)
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """``softmax(logits / temperature + prior_correction)``: the probabilities every part
+        of the rule reads."""
+        z = np.asarray(logits, dtype=np.float64)
+        if self.prior_correction is not None and len(self.prior_correction) != z.shape[1]:
+            raise ConfigError(f"{len(self.prior_correction)} prior-correction offsets for "
+                              f"{z.shape[1]} classes; retrain or recalibrate the bundle")
+        return softmax(z, self.temperature, self.prior_correction)
+
     def ood_mask(self, ood_scores: np.ndarray | None, n: int) -> np.ndarray:
         """True where the OOD score exceeds the rule's threshold (False without a rule)."""
         if self.ood is None or ood_scores is None:
@@ -150,6 +180,8 @@ class DecisionPolicy:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["thresholds"] = list(self.thresholds) if self.thresholds is not None else None
+        d["prior_correction"] = (list(self.prior_correction)
+                                 if self.prior_correction is not None else None)
         return d
 
     @classmethod

@@ -30,7 +30,8 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
                         unknown_label: str = "unknown", profile: str = "default",
                         target_accuracy: float | None = None, delta: float | None = None,
                         set_abstain: bool = False, allow_empty: bool = False,
-                        ood: dict[str, Any] | None = None
+                        ood: dict[str, Any] | None = None,
+                        prior_correction: Sequence[float] | None = None
                         ) -> tuple[DecisionPolicy, dict[str, Any]]:
     """A fitted policy and a JSON-serialisable summary of how it was chosen.
 
@@ -46,6 +47,9 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     answered validation images reach that accuracy (:func:`fit_confidence_threshold`), with
     abstain on. ``delta`` makes recall/precision targets hold with probability 1 - delta.
     ``ood`` is an out-of-distribution rule that travels with the policy.
+    ``prior_correction`` (one log-offset per class, see :class:`DecisionPolicy`) travels with
+    it too; the temperature is fitted on the plain logits, and thresholds are then fitted on
+    the corrected probabilities the policy will decide with.
 
     Example:
         >>> import numpy as np
@@ -66,7 +70,15 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
         temperature, summary["temperature"] = _fit_temperature(z, y)
     else:
         summary["temperature"] = {"temperature": float(temperature), "fitted": False}
-    probs = softmax(z, temperature)
+    offsets = None
+    if prior_correction is not None:
+        offsets = tuple(float(v) for v in prior_correction)
+        if len(offsets) != z.shape[1]:
+            from imgtriage.errors import ConfigError
+
+            raise ConfigError(f"{len(offsets)} prior-correction offsets for {z.shape[1]} "
+                              "classes; give one per class")
+    probs = softmax(z, temperature, offsets)
     if target_accuracy is not None:
         if threshold_strategy is not None or thresholds is not None:
             from imgtriage.errors import ConfigError
@@ -91,7 +103,8 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     policy = DecisionPolicy(temperature=float(temperature), thresholds=picked[0],
                             abstain=abstain, unknown_label=unknown_label, conformal=conformal,
                             profile=profile, ood=ood, set_abstain=set_abstain,
-                            positive_class=positive_class if picked[0] is not None else None)
+                            positive_class=positive_class if picked[0] is not None else None,
+                            prior_correction=offsets)
     decided = policy.decide(z)
     summary["abstain"] = (abstain_summary(probs, y, picked[0], names,
                                           positive_class=policy.positive_class)

@@ -232,7 +232,8 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
                      out: str | os.PathLike[str] | None = None, batch_size: int = 64,
                      **options: Any) -> dict[str, Any]:
     """Fit temperature / thresholds / abstain / conformal sets on a calibration split and write
-    them into a new version of the bundle (the old manifest stays in its history).
+    them into a new version of the bundle (the old manifest stays in its history). The
+    bundle's prior correction (set by ``train``: see ``DecisionPolicy``) is kept.
 
     ``config`` (``CalibrateConfig``, what ``imgtriage calibrate`` builds from its options)
     holds the rule to fit, or pass its fields as keywords; other keywords (``seed``,
@@ -267,6 +268,9 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
                          ood_policy=predictor.policy if keep_ood else None)
     if keep_ood:  # the bundle's OOD scorer stays; its threshold is re-chosen on this data
         fit_kwargs["ood"] = _rethreshold(predictor.policy.ood, got, data)
+    # the bundle's prior correction stays: it belongs to how the model was trained (its class
+    # prior), not to the calibration data; new thresholds are fitted on corrected probabilities
+    fit_kwargs.setdefault("prior_correction", predictor.policy.prior_correction)
     policy, summary = fit_decision_policy(got.logits, got.labels,
                                           class_names=predictor.classes, **fit_kwargs)
     info = predictor.bundle.info

@@ -11,7 +11,7 @@ fused with the relative Mahalanobis distance, ``--ood-method``) whose threshold 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from imgtriage.errors import ModelError
-from imgtriage.evaluate import fit_decision_policy
+from imgtriage.evaluate import DecisionPolicy, fit_decision_policy
+from imgtriage.evaluate.metrics import balanced_accuracy
 from imgtriage.evaluate.ood import OOD_FILE, SCORERS, KnnOOD
 from imgtriage.models.penultimate import WithFeatures
 from imgtriage.train.config import TrainConfig
+from imgtriage.train.losses import LossPlan
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,20 @@ def _ood(model: nn.Module, train: Any, val_feats: np.ndarray | None, cfg: TrainC
 
 
 def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
-                  cfg: TrainConfig) -> Calibration:
-    """Fit the default decision rule on ``val`` (see the module docstring)."""
+                  cfg: TrainConfig, prior: LossPlan | None = None) -> Calibration:
+    """Fit the default decision rule on ``val`` (see the module docstring). ``prior``: the
+    run's loss plan; its prior correction (``--prior-correction``) becomes part of the rule."""
+    offsets = prior.prior_offsets if prior is not None else None
     if not cfg.calibrate:
-        return Calibration(summary={"skipped": "--no-calibrate"},
-                           line="not calibrated (--no-calibrate): T = 1, never abstains")
+        line = "not calibrated (--no-calibrate): T = 1, never abstains"
+        if offsets is None:
+            return Calibration(summary={"skipped": "--no-calibrate"}, line=line)
+        # the prior correction belongs to how the model was trained: it stays without calibration
+        policy = DecisionPolicy(prior_correction=offsets)
+        return Calibration(policy.to_dict(), {"skipped": "--no-calibrate", "prior_correction": {
+            "applied": True, "offsets": dict(zip(classes, offsets, strict=True)),
+            "why": prior.prior_note, "line": prior.prior_note}},  # type: ignore[union-attr]
+            None, {}, f"{line}; {prior.prior_note}")  # type: ignore[union-attr]
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
@@ -106,7 +117,8 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
     ood, ood_note = _ood(model, train, feats, cfg)
     policy, summary = fit_decision_policy(
         logits, y, class_names=classes, target_accuracy=cfg.target_accuracy,
-        ood=ood.rule() if ood is not None else None)
+        ood=ood.rule() if ood is not None else None, prior_correction=offsets)
+    summary["prior_correction"] = prior_summary(logits, y, policy, classes, prior)
     d = policy.decide(logits, ood.val_scores_ if ood is not None else None)
     answered = ~d.abstained
     correct = d.class_id == y
@@ -121,9 +133,35 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
         from safetensors.numpy import save
 
         files[OOD_FILE] = save(ood.arrays())
+    line = rule_line(summary["default_rule"])
+    if (summary["prior_correction"] or {}).get("applied"):
+        line = f"{summary['prior_correction']['line']}\n{line}"
     return Calibration(policy.to_dict(), {k: v for k, v in summary.items()
                                           if k != "drift_reference"},
-                       summary["drift_reference"], files, rule_line(summary["default_rule"]))
+                       summary["drift_reference"], files, line)
+
+
+def prior_summary(logits: np.ndarray, y: np.ndarray, policy: DecisionPolicy,
+                  classes: list[str], prior: LossPlan | None) -> dict[str, Any] | None:
+    """What the prior correction is and does on validation: accuracy and balanced accuracy
+    of the rule's argmax with and without it (same temperature), and a line to print."""
+    if prior is None:
+        return None
+    if policy.prior_correction is None:
+        return {"applied": False, "why": prior.prior_note, "line": prior.prior_note}
+    plain = replace(policy, prior_correction=None).decide(logits).class_id
+    corrected = policy.decide(logits).class_id
+    scores = {name: {"accuracy": float((c == y).mean()),
+                     "balanced_accuracy": balanced_accuracy(np.eye(len(classes))[c], y)}
+              for name, c in (("plain", plain), ("corrected", corrected))}
+    offsets = dict(zip(classes, policy.prior_correction, strict=True))
+    shown = ", ".join(f"{c} {v:+.3f}" for c, v in offsets.items())
+    p, c = scores["plain"], scores["corrected"]
+    line = (f"{prior.prior_note}: offsets {shown}; validation balanced accuracy "
+            f"{p['balanced_accuracy']:.3f} at the plain argmax -> {c['balanced_accuracy']:.3f} "
+            f"(accuracy {p['accuracy']:.3f} -> {c['accuracy']:.3f}, n={len(y)})")
+    return {"applied": True, "offsets": offsets, "why": prior.prior_note, **scores,
+            "line": line}
 
 
 def rule_line(r: dict[str, Any]) -> str:

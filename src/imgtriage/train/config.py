@@ -164,6 +164,12 @@ class TrainConfig:
                                         "loss weights are then switched off).")
     max_repeat: int = _f(4, "With --balanced-sampling, the most times one image may appear in "
                             "an epoch.")
+    prior_correction: str = _f("auto", "Decide at equal class priors (logit adjustment): add "
+                                       "-log of the class prior the loss saw (training counts "
+                                       "times class weights) to the logits when selecting the "
+                                       "best epoch and in the bundle's default rule. auto: on "
+                                       "when --select-metric is val_balanced_accuracy (what "
+                                       "--model auto picks for imbalanced classes); on; off.")
     # --- regularisation and augmentation
     label_smoothing: float = _f(0.0, "Label smoothing epsilon.")
     mixup_alpha: float = _f(0.0, "MixUp Beta(alpha, alpha); 0 = off.")
@@ -439,7 +445,7 @@ def _check_choices(c: TrainConfig) -> None:
                "channels_last": TRI_STATE, "cache": ("auto", "memory", "stream"),
                "quantize": QUANTIZE_MODES, "backbone_norm": ("auto", "frozen", "train"),
                "lr_check": ("auto", "off"), "stage_cache": ("auto", "off"),
-               "route_check": ("auto", "off"),
+               "route_check": ("auto", "off"), "prior_correction": TRI_STATE,
                "view_average": ("auto", "off"),
                "scaling": ("auto", "dtype", "minmax", "percentile"),
                "ood_method": ("knn+rmd", "knn")}

@@ -43,7 +43,7 @@ from imgtriage.train.callbacks import (
 from imgtriage.train.config import MODALITIES, TrainConfig, settled
 from imgtriage.train.distributed import DistInfo, all_reduce_sum, current_dist
 from imgtriage.train.ema import ModelEma
-from imgtriage.train.losses import TrainLoss, plan_loss
+from imgtriage.train.losses import TrainLoss, decided, plan_loss
 from imgtriage.train.mix import Mixer
 from imgtriage.train.objective import Objective
 from imgtriage.train.optim import build_optimizer, scaled_lr, set_backbone_norm_eval
@@ -121,6 +121,7 @@ class _Run:
     loss_plan: dict[str, Any] | None
     semi: SemiSupervised | None = None
     objective: Objective | None = None  # None: classification
+    offsets: tuple[float, ...] | None = None  # the prior correction validation decides with
 
 
 def _source(data: Any) -> Any:
@@ -183,7 +184,7 @@ def _setup(model: nn.Module, train_data: Any, val_data: Any, cfg: TrainConfig,
     run = _Run(dist, device, train, val, list(range(dist.rank, n_val, dist.world_size)),
                None if plan is None else TrainLoss.from_plan(plan, k).to(device), aug, mixer,
                autocast, scaler, last, k, None if plan is None else plan.to_dict(), semi,
-               objective)
+               objective, None if plan is None else plan.prior_offsets)
     return state, run
 
 
@@ -308,7 +309,7 @@ def _validate(state: LoopState, run: _Run) -> dict[str, float]:
         with run.autocast():
             logits = _forward(model, xb, fb).float().cpu()
         loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
-        conf += torch.bincount(yb * k + logits.argmax(1), minlength=k * k).double()
+        conf += torch.bincount(yb * k + decided(logits, run.offsets), minlength=k * k).double()
     stats = all_reduce_sum(torch.cat([conf, loss_sum]), run.dist)
     return _confusion_metrics(stats[:-1].view(k, k).numpy(), float(stats[-1]))
 

@@ -5,11 +5,18 @@ Class weights are inverse class frequencies, power-smoothed (``w := w**beta``), 
 (the loss keeps the scale of plain cross entropy). Focal loss uses the same numbers as its
 per-class alpha. With balanced sampling the sampler already equalises the classes, so the
 per-sample weights are switched off (nothing is counted twice); focal keeps its gamma.
+
+The prior correction (``--prior-correction``, logit adjustment: Menon et al. 2021, "Long-tail
+learning via logit adjustment") undoes what is left: a model fitted with per-class weights
+``w_c`` on class frequencies ``pi_c`` learns posteriors for the prior ``pi_c * w_c`` (the
+weighted loss is the plain loss on data with that prior), so adding ``-log(pi_c * w_c)`` to
+its logits gives the posteriors, and the argmax, of equal priors: the decision balanced
+accuracy asks for. Square-root weights (the default beta 0.5) undo only half of the prior.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,11 +62,72 @@ class LossPlan:
     gamma: float
     label_smoothing: float
     note: str
+    prior_offsets: tuple[float, ...] | None = None  # the decision's correction; None = off
+    prior_note: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {"strategy": self.strategy, "weights": list(self.weights) if self.weights
                 else None, "gamma": self.gamma, "label_smoothing": self.label_smoothing,
-                "note": self.note}
+                "note": self.note, "prior_correction": list(self.prior_offsets)
+                if self.prior_offsets is not None else None, "prior_note": self.prior_note}
+
+
+def prior_offsets(counts: np.ndarray | list[int], weights: np.ndarray | list[float] | None
+                  ) -> np.ndarray:
+    """``-log`` of the class prior a loss with these per-class ``weights`` (None: plain)
+    saw on training ``counts``, centred to mean 0 over the classes present (absent classes:
+    0). Added to logits, it moves the argmax to the balanced decision.
+
+    Example:
+        >>> prior_offsets([300, 100], None).round(3).tolist()  # log 3 between the classes
+        [-0.549, 0.549]
+        >>> prior_offsets([300, 100], class_weights([300, 100], beta=1.0)).round(3).tolist()
+        [0.0, 0.0]
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    w = np.ones_like(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    present = (n > 0) & (w > 0)
+    out = np.zeros_like(n)
+    if present.sum() < 2:
+        return out
+    out[present] = -np.log(n[present] * w[present])
+    out[present] -= out[present].mean()
+    return out
+
+
+def decided(logits: torch.Tensor, offsets: tuple[float, ...] | None) -> torch.Tensor:
+    """The class each row is answered with: ``argmax(logits + offsets)`` (plain argmax
+    without a prior correction), as the bundle's rule will decide."""
+    if offsets is None:
+        return logits.argmax(1)
+    return (logits.float() + torch.tensor(offsets, dtype=torch.float32,
+                                          device=logits.device)).argmax(1)
+
+
+def prior_correction_applies(cfg: TrainConfig) -> bool:
+    """``--prior-correction``: on, or auto with balanced accuracy as the selection metric."""
+    return cfg.prior_correction == "on" or (cfg.prior_correction == "auto"
+                                            and cfg.select_metric == "val_balanced_accuracy")
+
+
+def _with_prior(plan: LossPlan, cfg: TrainConfig, counts: np.ndarray) -> LossPlan:
+    """The plan with the decision's prior correction (or the reason there is none)."""
+    if not prior_correction_applies(cfg):
+        why = ("off (--prior-correction off)" if cfg.prior_correction == "off" else
+               f"off (selection by {cfg.select_metric}, not balanced accuracy)")
+        return replace(plan, prior_note=f"prior correction {why}")
+    if cfg.balanced_sampling:
+        return replace(plan, prior_note="prior correction: none needed (--balanced-sampling "
+                                        "draws the classes equally)")
+    off = prior_offsets(counts, plan.weights)
+    if float(np.ptp(off)) < 1e-6:
+        return replace(plan, prior_note="prior correction: none needed (the loss saw equal "
+                                        "class priors)")
+    source = "the class counts" if plan.weights is None else "the class counts x weights"
+    return replace(plan, prior_offsets=tuple(float(v) for v in off),
+                   prior_note=f"prior correction: decide at equal class priors (logits + "
+                              f"-log prior of {source}; --prior-correction off to keep the "
+                              f"data's prior)")
 
 
 def plan_loss(cfg: TrainConfig, labels: np.ndarray, num_classes: int) -> LossPlan:
@@ -72,6 +140,10 @@ def plan_loss(cfg: TrainConfig, labels: np.ndarray, num_classes: int) -> LossPla
         [0.556, 5.0]
     """
     counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+    return _with_prior(_plan(cfg, counts), cfg, counts)
+
+
+def _plan(cfg: TrainConfig, counts: np.ndarray) -> LossPlan:
     gamma = cfg.focal_gamma if cfg.loss_strategy == "focal" else 0.0
     if cfg.loss_strategy == "none":
         return LossPlan("none", None, 0.0, cfg.label_smoothing, "plain cross entropy")

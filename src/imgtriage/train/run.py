@@ -443,7 +443,7 @@ def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
     if len(tr.y) < 2:
         raise DataError("fewer than 2 usable training images; see defects.json")
     lplan = plan_loss(cfg, tr.y, len(classes))
-    say(f"loss: {lplan.strategy} ({lplan.note})")
+    say(f"loss: {lplan.strategy} ({lplan.note}); {lplan.prior_note}")
     result = train_head(model, tr, va, cfg, lplan, run / "head_metrics.jsonl", say)
     return _Head(model, kwargs, result, lplan, [*tr.defects, *va.defects], tr, va)
 
@@ -522,14 +522,18 @@ def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessS
     net, ctr, cva = done.calib
     if info.is_main:
         _write_defects(run, ds, done.defects)
+        # the decision's prior correction, from the same counts and weights the loss used
+        prior = plan_loss(cfg, ctr.labels, len(ds.classes)) if len(ctr) else None
+        offsets = prior.prior_offsets if prior is not None else None
         views = None  # flip TTA folded into the model (and graph) when validation says so
         if done.views_on is not None:
-            hooks, views = choose_views(done.model, done.views_on, cfg, say)
+            hooks, views = choose_views(done.model, done.views_on, cfg, say, offsets)
             if hooks is not None:
                 kwargs = {**kwargs, "view_average": list(hooks.views)}
+        cal = calibrate_run(net, ctr, cva, list(ds.classes), cfg, prior)
         (run / "run.json").write_text(json.dumps(
-            {"model_choice": reason, **done.run_json, "view_average": views}, indent=2))
-        cal = calibrate_run(net, ctr, cva, list(ds.classes), cfg)
+            {"model_choice": reason, **done.run_json, "view_average": views,
+             "prior_correction": (cal.summary or {}).get("prior_correction")}, indent=2))
         bundle, metrics = _finish(run, data, cfg, ds, spec, done.model, kwargs,
                                   done.result,
                                   {"reason": reason, "n_train": len(ctr), "weights": plan,
@@ -597,7 +601,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     lplan = plan_loss(cfg, tr.labels, len(ds.classes))
     weights = dict(zip(ds.classes, lplan.weights, strict=True)) if lplan.weights else None
     say(f"loss: {lplan.strategy} ({lplan.note})"
-        + (": " + ", ".join(f"{c}={w:.3g}" for c, w in weights.items()) if weights else ""))
+        + (": " + ", ".join(f"{c}={w:.3g}" for c, w in weights.items()) if weights else "")
+        + f"; {lplan.prior_note}")
     if info.is_main:
         (run / "class_weights.json").write_text(json.dumps(
             {**lplan.to_dict(), "by_class": weights}, indent=2))

@@ -48,7 +48,7 @@ from imgtriage.train.embed_cache import (
     embed_samples,
 )
 from imgtriage.train.loop import FitResult, _confusion_metrics
-from imgtriage.train.losses import LossPlan, TrainLoss
+from imgtriage.train.losses import LossPlan, TrainLoss, decided
 
 HEAD_BATCH = 64
 LR_CHECK_RATIO = 1.5  # first fine-tuning epoch's validation loss over the head's that trips
@@ -64,10 +64,11 @@ def cached_head_applies(cfg: TrainConfig, plan: WeightsPlan, distributed: bool) 
             and not cfg.unlabeled and not distributed)
 
 
-def _metrics(head: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> dict[str, float]:
+def _metrics(head: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int,
+             offsets: tuple[float, ...] | None = None) -> dict[str, float]:
     with torch.no_grad():
         logits = head(x)
-        conf = torch.bincount(y * k + logits.argmax(1), minlength=k * k).double()
+        conf = torch.bincount(y * k + decided(logits, offsets), minlength=k * k).double()
         nll = nn.functional.cross_entropy(logits, y, reduction="sum").item()
     return _confusion_metrics(conf.view(k, k).numpy(), nll)
 
@@ -138,7 +139,7 @@ def fit_head(head: nn.Linear, tr: Embedded, va: Embedded | None, cfg: TrainConfi
         row = {"epoch": epoch, "phase": "head", "train_loss": total / max(len(y), 1),
                "lr": opt.param_groups[0]["lr"]}
         if use_val:
-            row.update(_metrics(work, xv, yv, k))  # type: ignore[arg-type]
+            row.update(_metrics(work, xv, yv, k, lplan.prior_offsets))  # type: ignore[arg-type]
         history.append(row)
         if log is not None:
             log(row)

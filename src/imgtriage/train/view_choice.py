@@ -43,14 +43,17 @@ def candidate_views(cfg: TrainConfig) -> list[str]:
     return ["hflip"] if flips in ("hflip", "d4") else []
 
 
-def _score(logits: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
-    """(the selection metric, NLL) of ``logits`` against ``y``."""
+def _score(logits: np.ndarray, y: np.ndarray, metric: str,
+           offsets: tuple[float, ...] | None = None) -> tuple[float, float]:
+    """(the selection metric, NLL) of ``logits`` against ``y``; the metric at the decision
+    the bundle will make (``offsets``: its prior correction), the NLL of the plain logits."""
     nll = nll_at_temperature(logits, y, 1.0)
     if metric == "val_loss":
         return -nll, nll
+    probs = softmax(logits, 1.0, offsets)
     if metric == "val_balanced_accuracy":
-        return balanced_accuracy(softmax(logits), y), nll
-    return float((logits.argmax(1) == y).mean()), nll
+        return balanced_accuracy(probs, y), nll
+    return float((probs.argmax(1) == y).mean()), nll
 
 
 MIN_GAIN = 0.005  # validation accuracy (or balanced accuracy) the mirror must add
@@ -98,10 +101,12 @@ class _View:
 
 
 def choose_views(model: nn.Module, val: Any, cfg: TrainConfig,
-                 say: Callable[[str], None] | None = None
+                 say: Callable[[str], None] | None = None,
+                 offsets: tuple[float, ...] | None = None
                  ) -> tuple[ViewHooks | None, dict[str, Any]]:
     """Try the mirror on ``val``; keep it on ``model`` (the hooks returned) when it helps.
-    The summary says what was compared and why, for ``run.json`` and the manifest."""
+    The summary says what was compared and why, for ``run.json`` and the manifest.
+    ``offsets``: the run's prior correction (accuracies are those of the decision it makes)."""
     views = candidate_views(cfg)
     if cfg.view_average == "off":
         return None, {"applied": False, "why": "--view-average off"}
@@ -122,7 +127,8 @@ def choose_views(model: nn.Module, val: Any, cfg: TrainConfig,
         else:
             hooks = average_views(model, views)
             averaged, _, _ = embed(model, val)
-    (p_val, p_nll), (a_val, a_nll) = _score(plain, y, metric), _score(averaged, y, metric)
+    (p_val, p_nll), (a_val, a_nll) = (_score(plain, y, metric, offsets),
+                                      _score(averaged, y, metric, offsets))
     better = _worth_a_second_pass(p_val, a_val, p_nll, a_nll, metric)
     name = metric.removeprefix("val_").replace("_", " ").replace("loss", "-NLL")
     summary = {"applied": bool(better), "views": views, "metric": metric, "n_val": len(y),
