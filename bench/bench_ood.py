@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -243,7 +244,9 @@ def _ece_floor(probs: np.ndarray, draws: int = 200) -> float:
 
 
 def run_task(task: str, seed: int, out: Path, rounds: int, mstar_recipe: str = "small",
-             threads: int = 2) -> dict[str, Any]:
+             threads: int = 2, bundle: Path | None = None) -> dict[str, Any]:
+    """Train ``task``'s model for ``seed`` (or score ``bundle``, a bundle trained on the same
+    training set elsewhere, e.g. by bench_defaults.py) and measure it."""
     from imgtriage.data import write_manifest
     from imgtriage.evaluate.ood import auroc_fpr
     from imgtriage.predict import Predictor
@@ -271,15 +274,19 @@ def run_task(task: str, seed: int, out: Path, rounds: int, mstar_recipe: str = "
                         "noise": _noise(out / "noise")}
         cfg = TrainConfig(**MSTAR_RECIPES[mstar_recipe], seed=seed, num_threads=threads)
     t0 = time.perf_counter()
-    res = train(data, work / "run", cfg, quiet=True)
-    train_s = time.perf_counter() - t0
-    p = Predictor.load(res.bundle_path, num_threads=threads)
+    if bundle is None:
+        res = train(data, work / "run", cfg, quiet=True)
+        bundle, rule_line, train_s = res.bundle_path, res.rule, time.perf_counter() - t0
+    else:
+        rule_line, train_s, mstar_recipe = None, math.nan, f"bundle {bundle}"
+    p = Predictor.load(bundle, num_threads=threads)
     y = np.array([p.classes.index(c) for _, c in test])
     x_id = _inputs(p, [f for f, _ in test])
     s_id = _scores(p, x_id)
-    row: dict[str, Any] = {"task": task, "seed": seed, "train_seconds": round(train_s, 1),
+    seconds = round(train_s, 1) if math.isfinite(train_s) else None
+    row: dict[str, Any] = {"task": task, "seed": seed, "train_seconds": seconds,
                            "recipe": "fashion" if task == "fashion" else mstar_recipe,
-                           "rule_line": res.rule, "id": _id_metrics(p, s_id, y), "ood": {}}
+                           "rule_line": rule_line, "id": _id_metrics(p, s_id, y), "ood": {}}
     for name, files in ood_sets.items():
         s = _scores(p, _inputs(p, files))
         row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in METHODS if m in s}
@@ -375,7 +382,13 @@ def main() -> None:
     ap.add_argument("--merge", nargs="*", type=Path, default=None,
                     help="only print the summary of these rows.json files (one run per seed, "
                          "so no run holds the bench lock for long)")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="score this bundle instead of training (one task, one seed: the "
+                         "seed only names the row), e.g. a no-options bundle that "
+                         "bench_defaults.py trained on the same training set")
     args = ap.parse_args()
+    if args.bundle and ("," in args.tasks or "," in args.seeds):
+        ap.error("--bundle scores one bundle: give one --tasks and one --seeds")
     if args.merge:
         print("\n".join(summarise([r for f in args.merge for r in json.loads(f.read_text())])))
         return
@@ -387,7 +400,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
             rows.append(run_task(task, seed, args.out, args.rounds, args.mstar_recipe,
-                                 args.threads))
+                                 args.threads, args.bundle))
             print(json.dumps(rows[-1]), flush=True)
             (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(summarise(rows)))
