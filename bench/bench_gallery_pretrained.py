@@ -23,7 +23,11 @@ runs what that user runs:
 then ``Predictor.load(bundle).predict_paths([test/])`` answers all 1,000 test photos
 (10-way). Reported per arm and K: accuracy of the best-matching class (closed set, as if no
 threshold), the share answered under the bundle's threshold (coverage) and the accuracy of
-those answers, the time to build the bundle and to answer the 1,000 photos. Arms are
+those answers, the time to build the bundle and to answer the 1,000 photos, and (issue 15)
+the calibration of the answers: test NLL and 15-bin ECE of ``softmax(scale * similarity)``
+at the scale the bundle fitted on its held-out similarities against the old fixed scale 10
+(same similarities: every class's, from the rows' top-k), with the held-out NLL/ECE the fit
+itself reported. Arms are
 interleaved within each round; the summary gives medians (min-max) over rounds, and the
 within-round difference of the accuracies.
 
@@ -61,15 +65,39 @@ def _draw(data: Path, shots: int, seed: int, dest: Path) -> Path:
     return dest
 
 
-def _score(report: dict, test: Path) -> dict[str, float]:
+def _score(report: dict, test: Path, classes: list[str] | None = None,
+           scale: float | None = None) -> dict[str, float]:
     rows = report["results"]
     truth = [Path(r["path"]).relative_to(test).parts[0] for r in rows]
     best = [r.get("best_class", r["class"]) for r in rows]
     answered = np.array([not r["abstained"] for r in rows])
     right = np.array([b == t for b, t in zip(best, truth, strict=True)])
-    return {"accuracy": float(right.mean()), "coverage": float(answered.mean()),
-            "answered_accuracy": float(right[answered].mean()) if answered.any() else None,
-            "n_test": len(rows), "defects": len(report["defects"])}
+    out = {"accuracy": float(right.mean()), "coverage": float(answered.mean()),
+           "answered_accuracy": float(right[answered].mean()) if answered.any() else None,
+           "n_test": len(rows), "defects": len(report["defects"])}
+    if classes and scale and all("similarity" in e for r in rows for e in r.get("topk", [])):
+        out.update(_calibration(rows, truth, classes, scale))
+    return out
+
+
+def _calibration(rows: list[dict], truth: list[str], classes: list[str], scale: float
+                 ) -> dict[str, float]:
+    """Test NLL and 15-bin ECE of softmax(scale * similarity) at the bundle's scale and at the
+    old fixed 10, from every class's similarity (the rows' top-k over all classes)."""
+    from imgtriage.evaluate import expected_calibration_error, nll_at_temperature, softmax
+
+    index = {c: i for i, c in enumerate(classes)}
+    sims = np.full((len(rows), len(classes)), np.nan)
+    for i, r in enumerate(rows):
+        for e in r["topk"]:
+            sims[i, index[e["class"]]] = e["similarity"]
+    keep = np.isfinite(sims).all(axis=1) & np.array([t in index for t in truth])
+    sims, y = sims[keep], np.array([index[t] for t, k in zip(truth, keep, strict=True) if k])
+    out = {"scale": scale, "n_calibration": int(keep.sum())}
+    for name, s in (("fitted", scale), ("fixed10", 10.0)):
+        out[f"nll_{name}"] = nll_at_temperature(sims * s, y, 1.0)
+        out[f"ece_{name}"] = expected_calibration_error(softmax(sims * s), y)
+    return out
 
 
 def _config(arm: str, seed: int, threads: int, episodic: tuple[int, int]) -> object:
@@ -107,10 +135,15 @@ def run_arm(arm: str, support: Path, test: Path, out: Path, seed: int, threads: 
         res = train_fewshot(support, out, _config(arm, seed, threads, episodic), quiet=True)
         bundle, rule, enrolled = res.bundle_path, res.rule, res.metrics.get("train_count")
     t1 = time.perf_counter()
-    report = Predictor.load(bundle, num_threads=threads).predict_paths([test])
+    p = Predictor.load(bundle, num_threads=threads)
+    report = p.predict_paths([test], topk=len(p.classes))  # every class's similarity
     t2 = time.perf_counter()
-    return {**_score(report, test), "build_s": t1 - t0, "predict_s": t2 - t1,
-            "threshold": rule, "enrolled": enrolled}
+    fit = p.bundle.info.block("scale_fit") or {}
+    held_out = {f"held_out_{k}": fit[k] for k in ("nll_before", "nll_after", "ece_before",
+                                                   "ece_after") if k in fit}
+    return {**_score(report, test, list(p.classes), p.config.scale), **held_out,
+            "build_s": t1 - t0, "predict_s": t2 - t1, "threshold": rule,
+            "scale_fit": fit.get("line"), "enrolled": enrolled}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -120,7 +153,9 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def summarise(rows: list[dict]) -> dict:
     out: dict[str, dict] = {}
-    keys = ("accuracy", "coverage", "answered_accuracy", "build_s", "predict_s")
+    keys = ("accuracy", "coverage", "answered_accuracy", "build_s", "predict_s", "scale",
+            "ece_fitted", "ece_fixed10", "nll_fitted", "nll_fixed10", "held_out_nll_before",
+            "held_out_nll_after", "held_out_ece_before", "held_out_ece_after")
     for k in sorted({r["shots"] for r in rows}):
         for arm in sorted({r["arm"] for r in rows}):
             mine = [r for r in rows if r["arm"] == arm and r["shots"] == k]
@@ -132,6 +167,12 @@ def summarise(rows: list[dict]) -> dict:
         for r in rows:
             if r["shots"] == k:
                 pairs[r["round"]][r["arm"]] = r["accuracy"]
+        for arm in sorted({r["arm"] for r in rows}):  # fitted scale - fixed 10, within round
+            mine = [r for r in rows if r["arm"] == arm and r["shots"] == k and "ece_fitted" in r]
+            for m in ("ece", "nll"):
+                diff = [r[f"{m}_fitted"] - r[f"{m}_fixed10"] for r in mine]
+                if diff:
+                    out[f"{arm} {k}-shot {m} fitted - fixed 10"] = _stats(diff)
         for other in ("episodic", "episodic-seen"):
             diff = [p["pretrained"] - p[other] for p in pairs.values()
                     if "pretrained" in p and other in p]

@@ -101,7 +101,10 @@ def test_enrolling_a_class_changes_only_that_class_and_removing_restores(trained
     assert np.mean([k not in changed for k in others]) >= 0.9
     gone = remove_items(gallery_copy, "d7")
     assert gone.manifest["bundle_version"] == 3
-    assert _rows(gallery_copy, query) == before  # exactly, scores included
+    # exactly, similarities included; the scale (so the scores) is refitted by every edit
+    keys = ("class", "abstained", "similarity", "reason")
+    assert {k: [r[c] for c in keys] for k, r in _rows(gallery_copy, query).items()} == \
+        {k: [r[c] for c in keys] for k, r in before.items()}
     history = gone.manifest["history"]
     assert [h["version"] for h in history] == [1, 2]
     assert load_bundle(gallery_copy).has_file("history/manifest.v2.json")
@@ -286,9 +289,88 @@ def test_fewshot_without_validation_fits_its_threshold_left_one_out(trained, tmp
 
     _, root = trained
     cfg = FewShotConfig(epochs=1, episodes=5, img_size=SIZE, widths=(8, 16), embed_dim=16,
-                        n_way=3, val_frac=0.0, keep_rate=0.8, num_threads=1)
+                        n_way=3, val_frac=0.0, keep_rate=0.8, num_threads=1, scale=15.0)
     res = train_fewshot(root / "query", tmp_path / "run", cfg, quiet=True)
     m = load_bundle(res.bundle_path).manifest
     fit = res.metrics["threshold_fit"]
     assert m["gallery"]["similarity_threshold"] == fit["threshold"] is not None
     assert fit["acceptance"] == 0.8 and "left-one-out" in m["training"]["threshold_rule"]
+    # --scale given: used as it is (training and gallery), never fitted nor refitted
+    assert m["gallery"]["scale"] == 15.0 and m["scale_fit"]["fixed"]
+    assert "not fitted" in res.rule
+    grown = enrol_images(res.bundle_path, "d7", sorted((root / "new" / "d7").glob("*.png")))
+    assert grown.manifest["gallery"]["scale"] == 15.0 and grown.manifest["scale_fit"]["fixed"]
+
+
+# -- the scale, fitted like a temperature (issue 15) ---------------------------------------------
+def test_training_fits_the_scale_on_the_validation_split(trained):
+    from imgtriage.predict.gallery_scale import VAL_RULE
+
+    res, _ = trained
+    m = load_bundle(res.bundle_path).manifest
+    fit = m["scale_fit"]
+    assert fit == res.metrics["scale_fit"] and fit["rule"] == VAL_RULE and not fit["fixed"]
+    assert fit["n"] == res.metrics["val_count"]
+    assert m["gallery"]["scale"] == fit["scale"]
+    if fit["kept"]:
+        assert fit["nll_after"] < fit["nll_before"] and fit["scale"] != 10.0
+    else:
+        assert fit["scale"] == 10.0 and "did not lower" in fit["line"]
+    assert fit["line"] in res.rule
+    r = runner.invoke(app, ["inspect", str(res.bundle_path)])
+    assert r.exit_code == 0 and fit["line"] in r.output
+
+
+def test_the_scale_changes_confidences_not_answers_and_edits_refit_it(trained, gallery_copy,
+                                                                      tmp_path):
+    from imgtriage.predict.gallery_scale import LOO_RULE
+
+    _, root = trained
+    fixed = Path(shutil.copytree(gallery_copy, tmp_path / "fixed"))
+    b = set_rule(fixed, scale=10.0)
+    assert b.manifest["scale_fit"]["fixed"] and b.manifest["gallery"]["scale"] == 10.0
+    set_rule(gallery_copy, fit_scale=True)  # fitted on the enrolled items held out in turn
+    fitted = load_bundle(gallery_copy).manifest
+    assert fitted["scale_fit"]["rule"] == LOO_RULE and fitted["scale_fit"]["kept"]
+    assert fitted["gallery"]["scale"] != 10.0
+    a, f = _rows(gallery_copy, root / "query"), _rows(fixed, root / "query")
+    for k, row in a.items():
+        assert (row["class"], row["similarity"], row["abstained"]) == \
+            (f[k]["class"], f[k]["similarity"], f[k]["abstained"])
+    assert any(abs(row["score"] - f[k]["score"]) > 1e-3 for k, row in a.items())
+    sevens = sorted(str(p) for p in (root / "new" / "d7").glob("*.png"))
+    enrolled = sum(describe_gallery(gallery_copy)["classes"].values())
+    grown = enrol_images(gallery_copy, "d7", sevens).manifest  # refitted on the new gallery
+    assert grown["scale_fit"]["n_items"] == enrolled + len(sevens)
+    assert grown["gallery"]["scale"] == grown["scale_fit"]["scale"]
+    assert "scale" in grown["history"][-1]["note"]
+    kept = enrol_images(fixed, "d7", sevens).manifest  # given: kept
+    assert kept["gallery"]["scale"] == 10.0 and kept["scale_fit"]["fixed"]
+    shrunk = remove_items(gallery_copy, "d7").manifest
+    assert shrunk["scale_fit"]["n_items"] == enrolled
+
+
+def test_gallery_create_fits_the_scale_and_cli_and_api_agree(trained, tmp_path):
+    from imgtriage.predict.gallery_edit_config import GalleryCreateConfig
+
+    res, root = trained
+    api = create_gallery(res.bundle_path, root / "query", tmp_path / "api").manifest
+    r = runner.invoke(app, ["gallery", "create", str(res.bundle_path), str(root / "query"),
+                            "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    cli = load_bundle(tmp_path / "cli").manifest
+    assert api["gallery"]["scale"] == cli["gallery"]["scale"] == api["scale_fit"]["scale"]
+    assert api["scale_fit"]["n_items"] == len(list((root / "query").rglob("*.png")))
+    assert api["scale_fit"]["line"] in r.output
+    files = sorted((root / "new" / "d7").glob("*.png"))
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["predict", str(tmp_path / "cli"), *map(str, files), "--output",
+                            str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    by_cli = {x["path"]: x["score"] for x in json.loads(out.read_text())["results"]}
+    by_api = {x["path"]: x["score"] for x in
+              Predictor.load(tmp_path / "api").predict_paths(files)["results"]}
+    assert by_cli == pytest.approx(by_api, abs=1e-6)
+    given = create_gallery(res.bundle_path, root / "query", tmp_path / "given",
+                           config=GalleryCreateConfig(scale=30.0)).manifest
+    assert given["gallery"]["scale"] == 30.0 and given["scale_fit"]["fixed"]

@@ -101,6 +101,10 @@ def test_bundle_carries_the_pretrained_encoder_and_its_normalisation(built):
     assert info.training["pretrained"]["sha256"] == LITE0.sha256
     assert info.block("onnx")["output"] == "embedding"  # the encoder's verified graph
     assert info.block("threshold_fit")["n_items"] == 18
+    fit = info.block("scale_fit")  # the scale fitted on the same held-out images
+    assert fit["n_items"] == 18 and not fit["fixed"]
+    assert info.block("gallery")["scale"] == fit["scale"]
+    assert fit["kept"] == (fit["nll_after"] < fit["nll_before"])
     assert not (root / "run" / "checkpoint").exists()  # nothing was trained
     assert json.loads((root / "run" / "config.json").read_text())["encoder"] == \
         "efficientnet_lite0"
@@ -153,6 +157,7 @@ def test_api_cli_and_http_give_the_same_answers(built, tmp_path):
         for other in (cli[name], http[name]):
             assert other["class"] == row["class"] and other["abstained"] == row["abstained"]
             assert other["similarity"] == pytest.approx(row["similarity"], abs=1e-5)
+            assert other["score"] == pytest.approx(row["score"], abs=1e-4)  # fitted scale
 
 
 def test_seen_classes_answered_and_unseen_noise_is_unknown(built):

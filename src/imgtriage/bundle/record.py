@@ -53,6 +53,8 @@ BLOCKS: dict[str, str] = {
     "cascade": "the cascade kind's stages and gate (predict/_cascade_build.py)",
     "gallery": "the gallery kind's rule and tensors (predict/gallery.py)",
     "threshold_fit": "a gallery threshold fitted on its enrolled items",
+    "scale_fit": "a gallery's logit scale: fitted on held-out similarities, or given "
+                 "(predict/gallery_scale.py)",
     "imported": "where an imported model came from and how it checked (predict/importing.py)",
 }
 

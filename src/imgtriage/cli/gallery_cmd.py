@@ -49,6 +49,12 @@ command(train_fewshot_command, arguments=[argument(
 
 def _echo_version(b: Any) -> None:
     typer.echo(f"{b.path}: version {b.info.bundle_version}, classes {b.classes}")
+    _echo_scale(b.info.block("scale_fit"))
+
+
+def _echo_scale(fit: dict | None) -> None:
+    if fit:
+        typer.echo(fit["line"])
 
 
 def add_command(**options: Any) -> None:
@@ -93,8 +99,9 @@ def list_command(**options: Any) -> None:
     rule = info["rule"]
     typer.echo(f"{info['bundle']} (version {info['bundle_version']}): {rule['method']}"
                f"{' k=' + str(rule['k']) if rule['method'] == 'knn' else ''}, similarity "
-               f"threshold {rule['similarity_threshold']}, {info['embed_dim']}-d embeddings "
-               f"({info['encoder']} encoder)")
+               f"threshold {rule['similarity_threshold']}, scale {rule['scale']:.4g}, "
+               f"{info['embed_dim']}-d embeddings ({info['encoder']} encoder)")
+    _echo_scale(info.get("scale_fit"))
     for name, n in info["classes"].items():
         typer.echo(f"  {name:24s} {n:6d}")
         for item in info.get("items", {}).get(name, []):
@@ -111,8 +118,10 @@ def rule_command(**options: Any) -> None:
 
     b = set_rule(options["bundle"], config_from_options(GalleryRuleChange, options),
                  out=config_from_options(GalleryOutput, options).out)
-    rule = {k: b.info.block("gallery")[k] for k in ("method", "k", "similarity_threshold")}
+    rule = {k: b.info.block("gallery")[k] for k in ("method", "k", "similarity_threshold",
+                                                   "scale")}
     typer.echo(f"{b.path}: version {b.info.bundle_version}, rule {rule}")
+    _echo_scale(b.info.block("scale_fit"))
 
 
 # The bundle, one option per GalleryRuleChange field, then where the new version goes.
@@ -130,6 +139,7 @@ def create_command(**options: Any) -> None:
     typer.echo(f"{b.path}: classes {b.classes}")
     if b.info.block("threshold_fit"):
         _echo_fit(b.info.block("threshold_fit"))
+    _echo_scale(b.info.block("scale_fit"))
 
 
 # The encoder's bundle, the data and the new bundle, then one option per GalleryCreateConfig

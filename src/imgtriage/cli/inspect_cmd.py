@@ -36,6 +36,7 @@ def inspect_command(**options: Any) -> None:
         f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
         f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
         f"unknowns    {_unknowns(m)}",
+        *([f"gallery     {_gallery(m)}"] if m.kind == "gallery" else []),
         f"profiles    {', '.join(m.profiles) or '-'}",
         f"runtime     {graph_summary(m.block('onnx'))}",
         f"metrics     {json.dumps(m.metrics)}",
@@ -74,6 +75,15 @@ def _unknowns(m: Manifest) -> str:
     if note:
         parts.append(note)
     return "; ".join(parts)
+
+
+def _gallery(m: Manifest) -> str:
+    """A gallery's rule and how its scale was chosen (one line)."""
+    g = m.block("gallery") or {}
+    fit = m.block("scale_fit")
+    how = fit["line"] if fit else f"scale {g.get('scale')} (written before scales were fitted)"
+    return (f"{g.get('method')}{' k=' + str(g.get('k')) if g.get('method') == 'knn' else ''}, "
+            f"similarity threshold {g.get('similarity_threshold')}; {how}")
 
 
 def register(app: typer.Typer) -> None:

@@ -35,7 +35,7 @@ from imgtriage.evaluate.metrics import (
     top_k_accuracy,
 )
 from imgtriage.evaluate.outcomes import decision_outcomes
-from imgtriage.evaluate.policy import fit_decision_policy
+from imgtriage.evaluate.policy import fit_decision_policy, fit_temperature
 from imgtriage.evaluate.report import build_report, render_html, write_report
 from imgtriage.evaluate.thresholds import ThresholdPicker, parse_thresholds
 
@@ -61,6 +61,7 @@ __all__ = [
     "drift_check",
     "expected_calibration_error",
     "fit_decision_policy",
+    "fit_temperature",
     "negative_log_likelihood",
     "nll_at_temperature",
     "parse_thresholds",

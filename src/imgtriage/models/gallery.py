@@ -29,6 +29,9 @@ import numpy as np
 from imgtriage.errors import ConfigError, DataError
 
 METHODS = ("prototype", "knn")
+# The logit scale a gallery starts from (its similarities times this are its logits) until one
+# is fitted on held-out similarities (:mod:`imgtriage.predict.gallery_scale`).
+DEFAULT_SCALE = 10.0
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -52,7 +55,7 @@ class GalleryConfig:
 
     method: str = "prototype"
     k: int = 1
-    scale: float = 10.0
+    scale: float = DEFAULT_SCALE
     similarity_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -226,17 +229,19 @@ def acceptance_threshold(best_sims: np.ndarray, correct: np.ndarray, acceptance:
     return float(good[min(drop, len(good) - 1)])
 
 
-def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-one-out over the enrolled items: each item scored against the gallery without
-    it. Returns (best class similarity, answered its own class) per item; an item alone in
-    its class cannot be answered with it (its class has nothing left to match).
+def held_out_similarities(gallery: Gallery, method: str = "prototype", k: int = 1
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out over the enrolled items: each item's (K,) similarities to the classes
+    of the gallery without it, and its class index. Returns ((M, K) similarities, (M,)
+    labels); an item alone in its class gets ``-inf`` for its own class (nothing is left to
+    match it).
 
     Example:
-        >>> g = Gallery.build(np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]]),
-        ...                   ["a", "a", "b", "b"], ["1", "2", "3", "4"])
-        >>> held_out_scores(g)[1].tolist()
-        [True, True, True, True]
+        >>> g = Gallery.build(np.array([[1, 0], [0.9, 0.1], [0, 1]]), ["a", "a", "b"],
+        ...                   ["1", "2", "3"])
+        >>> sims, y = held_out_similarities(g)
+        >>> np.round(sims[0], 3).tolist(), y.tolist(), bool(np.isinf(sims[2, 1]))
+        ([0.994, 0.0], [0, 0, 1], True)
     """
     e, lab = gallery.embeddings.astype(np.float64), gallery._label_ids
     n_classes = len(gallery.classes)
@@ -261,6 +266,22 @@ def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1
                                   / np.maximum(n, 1), -np.inf)
     else:
         raise ConfigError(f"gallery method must be one of {METHODS} (--method)")
+    return sims, lab.copy()
+
+
+def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out over the enrolled items (:func:`held_out_similarities`): (best class
+    similarity, answered its own class) per item; an item alone in its class cannot be
+    answered with it (its class has nothing left to match).
+
+    Example:
+        >>> g = Gallery.build(np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]]),
+        ...                   ["a", "a", "b", "b"], ["1", "2", "3", "4"])
+        >>> held_out_scores(g)[1].tolist()
+        [True, True, True, True]
+    """
+    sims, lab = held_out_similarities(gallery, method, k)
     return sims.max(axis=1), sims.argmax(axis=1) == lab
 
 

@@ -249,7 +249,7 @@ class GalleryPredictor(Predictor):
     def report_extra(self, results: list[dict[str, Any]], opts: PredictOptions
                      ) -> dict[str, Any]:
         return {**super().report_extra(results, opts), "kind": "gallery", "gallery": {
-            "method": self.config.method, "k": self.config.k,
+            "method": self.config.method, "k": self.config.k, "scale": self.config.scale,
             "similarity_threshold": self.config.similarity_threshold}}
 
 

@@ -113,14 +113,32 @@ def enrol_images(path: PathLike, label: str, images: Sequence[PathLike], *,
 
 def _refit(bundle: Bundle, gallery: Gallery, config: GalleryConfig
            ) -> tuple[GalleryConfig, dict[str, Any] | None, str]:
-    """A threshold fitted on the enrolled items is fitted again on the edited gallery, at
-    the same acceptance (a threshold set by hand stays as it is)."""
+    """What an edit fits again on the edited gallery: a threshold fitted on the enrolled
+    items (at the same acceptance; one set by hand stays as it is), and the logit scale
+    unless the user gave it (:func:`_rescale`)."""
+    config, extra, why = _rescale(bundle, gallery, config)
     fit = bundle.info.block("threshold_fit")
     if not fit:
-        return config, None, ""
+        return config, extra, why
     threshold, new_fit = fit_similarity_threshold(gallery, config, float(fit["acceptance"]))
-    return (replace(config, similarity_threshold=threshold), {"threshold_fit": new_fit},
-            f"; threshold refitted: {threshold}")
+    return (replace(config, similarity_threshold=threshold),
+            {**extra, "threshold_fit": new_fit}, f"; threshold refitted: {threshold}{why}")
+
+
+def _rescale(bundle: Bundle, gallery: Gallery, config: GalleryConfig, force: bool = False
+             ) -> tuple[GalleryConfig, dict[str, Any], str]:
+    """The scale fitted again on the enrolled items held out in turn
+    (:func:`~imgtriage.predict.gallery_scale.held_out_scale`, from the current scale and
+    through the bundle's decision temperature), unless the user fixed it (``force``: refit
+    even then, ``gallery rule --fit-scale``); the manifest change and the note's words."""
+    from imgtriage.evaluate.decision import DecisionPolicy
+    from imgtriage.predict.gallery_scale import held_out_scale, scale_is_fixed
+
+    if not force and scale_is_fixed(bundle.info.block("scale_fit"), config.scale):
+        return config, {}, ""
+    temperature = DecisionPolicy.from_dict(dict(bundle.info.decision)).temperature
+    config, rec = held_out_scale(gallery, config, temperature)
+    return config, {"scale_fit": rec}, f"; {rec['line']}"
 
 
 def remove_items(path: PathLike, label: str, images: Sequence[str] | None = None, *,
@@ -149,13 +167,22 @@ def set_rule(path: PathLike, change: GalleryRuleChange | None = None, *,
     if change is not None and fields:
         raise ConfigError("set_rule takes a GalleryRuleChange or its fields as keywords, not "
                           f"both (got change and {sorted(fields)})")
+    from imgtriage.predict.gallery_scale import fixed_scale
+
     bundle, gallery, config = open_gallery(path)
-    changes = (change or GalleryRuleChange(**fields)).changes()
+    change = change or GalleryRuleChange(**fields)
+    changes = change.changes()
     new = replace(config, **changes)
     hand = "similarity_threshold" in changes  # set by hand: no longer the fitted one
+    extra: dict[str, Any] = {"threshold_fit": None} if hand else {}
+    why = ""
+    if "scale" in changes:  # given: kept by every later edit
+        extra["scale_fit"] = fixed_scale(new.scale, "gallery rule --scale")
+    elif change.fit_scale or {"method", "k"} & set(changes):  # other similarities: refit
+        new, more, why = _rescale(bundle, gallery, new, force=change.fit_scale)
+        extra.update(more)
     return write_version(bundle, gallery, new, f"gallery: rule {config.to_dict()} -> "
-                                               f"{new.to_dict()}", out,
-                         {"threshold_fit": None} if hand else None)
+                                               f"{new.to_dict()}{why}", out, extra or None)
 
 
 def fit_threshold(path: PathLike, acceptance: float = 0.95, *,
@@ -186,6 +213,7 @@ def describe_gallery(path: PathLike, items: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"bundle": str(bundle.path),
                            "bundle_version": bundle.info.bundle_version,
                            "rule": config.to_dict(), "embed_dim": gallery.dim,
+                           "scale_fit": bundle.info.block("scale_fit"),
                            "encoder": bundle.info.model.name, "classes": gallery.counts()}
     if items:
         out["items"] = {c: [i for i, lab in zip(gallery.ids, gallery.labels, strict=True)
@@ -213,7 +241,9 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
     either encoder, or a ``siamese`` classifier bundle) with every image of the class folders
     under ``data`` enrolled (a train/val/test layout enrols its train split only). With
     ``acceptance`` the similarity threshold is fitted on the enrolled images (see
-    :func:`fit_threshold`).
+    :func:`fit_threshold`). The logit scale is fitted on the enrolled images held out in turn
+    (:mod:`~imgtriage.predict.gallery_scale`) unless given (a ``GalleryCreateConfig``'s
+    ``scale``, or a ``GalleryConfig`` scale other than the default 10).
     ``config``: the rule, or a ``GalleryCreateConfig`` (the rule and the acceptance, what
     ``imgtriage gallery create`` builds from its options).
 
@@ -221,13 +251,18 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
         >>> create_gallery("runs/fs/bundle", "new_targets/", "targets.gallery")  # doctest: +SKIP
     """
     from imgtriage.data import discover, samples_by_split
+    from imgtriage.models.gallery import DEFAULT_SCALE
     from imgtriage.models.gallery_encoder import build_gallery_encoder
     from imgtriage.models.siamese import encoder_kwargs
+    from imgtriage.predict.gallery_scale import fixed_scale, held_out_scale
 
     if isinstance(config, GalleryCreateConfig):
         if acceptance is not None:
             raise ConfigError("give the acceptance in the GalleryCreateConfig, not both")
+        scale_given = config.scale is not None
         config, acceptance = config.gallery(), config.acceptance
+    else:
+        scale_given = config.scale != DEFAULT_SCALE
     src = load_bundle(source)
     state = encoder_state(src)
     m = src.info.model
@@ -247,10 +282,15 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
     if acceptance is not None:
         threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
         config = replace(config, similarity_threshold=threshold)
+    if scale_given:
+        scale_fit = fixed_scale(config.scale, "--scale")
+    else:
+        config, scale_fit = held_out_scale(gallery, config)
     manifest = new_gallery_manifest(
         encoder=name, encoder_kwargs=kwargs, in_chans=m.in_chans,
         preprocess=dict(src.info.preprocess), gallery=gallery, config=config,
         training={"kind": "gallery", "encoder_from": str(Path(source)),
                   "encoder_bundle_sha256": src.sha256, "data": str(data)})
-    save_gallery_bundle(out, manifest.with_changes(threshold_fit=fit), state, gallery)
+    save_gallery_bundle(out, manifest.with_changes(threshold_fit=fit, scale_fit=scale_fit),
+                        state, gallery)
     return load_bundle(out)

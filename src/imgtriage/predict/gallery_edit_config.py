@@ -37,8 +37,13 @@ class GalleryRuleChange:
     similarity_threshold: float | None = _f(None, "Best-class cosine similarity below which "
                                                   "the answer is unknown.")
     clear_threshold: bool = _f(False, "Never abstain.", flag="--no-threshold", switch=True)
-    method: str | None = _f(None, "prototype or knn.")
-    knn_k: int | None = _f(None, "Neighbours per class for knn.")
+    method: str | None = _f(None, "prototype or knn (a fitted scale is refitted).")
+    knn_k: int | None = _f(None, "Neighbours per class for knn (a fitted scale is refitted).")
+    scale: float | None = _f(None, "Logit scale on the similarities, fixed: later edits keep "
+                                   "it instead of refitting it.")
+    fit_scale: bool = _f(False, "Fit the scale again on the enrolled items held out in turn "
+                                "(kept when it lowers their NLL); edits refit it from then "
+                                "on.", switch=True)
 
     def __post_init__(self) -> None:
         if self.method not in (None, *METHODS):
@@ -46,12 +51,16 @@ class GalleryRuleChange:
                               "(--method)")
         if self.knn_k is not None and self.knn_k < 1:
             raise ConfigError(f"knn_k must be >= 1, got {self.knn_k} (--knn-k)")
+        _check_scale(self.scale)
+        if self.scale is not None and self.fit_scale:
+            raise ConfigError("give --scale or --fit-scale, not both")
 
     def changes(self) -> dict[str, Any]:
         """The ``GalleryConfig`` fields this change sets."""
         out: dict[str, Any] = {k: v for k, v in (("similarity_threshold",
                                                    self.similarity_threshold),
-                                                  ("method", self.method), ("k", self.knn_k))
+                                                  ("method", self.method), ("k", self.knn_k),
+                                                  ("scale", self.scale))
                                if v is not None}
         if self.clear_threshold:
             out["similarity_threshold"] = None
@@ -75,6 +84,10 @@ class GalleryCreateConfig:
     acceptance: float | None = _f(None, "Instead: fit the threshold on the enrolled images, "
                                         "each held out in turn, keeping this share of those "
                                         "answered correctly (e.g. 0.95).")
+    scale: float | None = _f(None, "Logit scale on the similarities. Not given: fitted like "
+                                   "a temperature on the enrolled images held out in turn "
+                                   "(kept when it lowers their NLL; 10 otherwise) and "
+                                   "refitted by later edits; given: fixed.")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,13 +97,21 @@ class GalleryCreateConfig:
             raise ConfigError(f"knn_k must be >= 1, got {self.knn_k} (--knn-k)")
         if self.acceptance is not None and self.similarity_threshold is not None:
             raise ConfigError("give --similarity-threshold or --acceptance, not both")
+        _check_scale(self.scale)
 
     def gallery(self) -> Any:
-        """The rule as ``imgtriage.models.gallery.GalleryConfig`` (the threshold as given)."""
+        """The rule as ``imgtriage.models.gallery.GalleryConfig`` (the threshold as given;
+        the scale as given, else the default the fit starts from)."""
         from imgtriage.models.gallery import GalleryConfig
 
+        extra = {"scale": self.scale} if self.scale is not None else {}
         return GalleryConfig(method=self.method, k=self.knn_k,
-                             similarity_threshold=self.similarity_threshold)
+                             similarity_threshold=self.similarity_threshold, **extra)
+
+
+def _check_scale(scale: float | None) -> None:
+    if scale is not None and not scale > 0:
+        raise ConfigError(f"scale must be a positive number, got {scale} (--scale)")
 
 
 def _required(help: str, **meta: Any) -> Any:

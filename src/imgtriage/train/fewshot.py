@@ -223,7 +223,7 @@ class EpisodicObjective:
         that many)."""
         return cls(cfg.loss, n_way=min(cfg.n_way, num_classes), k_shot=cfg.k_shot,
                    n_query=cfg.n_query, episodes=cfg.episodes, mining=cfg.mining,
-                   margin=cfg.margin, scale=cfg.scale, method=cfg.method, knn_k=cfg.knn_k)
+                   margin=cfg.margin, scale=cfg.start_scale(), method=cfg.method, knn_k=cfg.knn_k)
 
     @property
     def stat(self) -> str:
@@ -343,28 +343,52 @@ def _load_splits(ds: Any, in_chans: int, run: Path, cfg: FewShotConfig) -> tuple
 
 def _threshold(encoder: torch.nn.Module, classes: Sequence[str], tr: Any, va: Any,
                cfg: FewShotConfig) -> tuple[Any, Any, dict[str, Any], str]:
-    """The gallery of every training crop, its config with the fitted similarity threshold,
-    the validation metrics and the rule the threshold was fitted by."""
+    """The gallery of every training crop, its config with the fitted scale and similarity
+    threshold, the validation metrics (with the scale's record, ``scale_fit``) and the rule
+    the threshold was fitted by."""
     from imgtriage.models.gallery import Gallery, GalleryConfig, embed, fit_similarity_threshold
 
     encoder.eval()  # enrol with the running batch-norm statistics, as prediction will
     present = {classes[i] for i in tr.y}
     gallery = Gallery.build(embed(encoder, tr.x), [classes[i] for i in tr.y],
                             [s.path for s in tr.samples], [c for c in classes if c in present])
-    gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.scale)
+    gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.start_scale())
     if not len(va.y):  # no held-out split: hold out each enrolled crop in turn
         threshold, fitted = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
+        gcfg, scale_fit = _scale(gallery, gcfg, cfg)
         return (gallery, replace(gcfg, similarity_threshold=threshold),
-                {"threshold_fit": fitted},
+                {"threshold_fit": fitted, "scale_fit": scale_fit},
                 f"keep {cfg.keep_rate:.0%} of the enrolled crops answered correctly left-one-out")
     acc, best, correct = gallery_accuracy(encoder, (tr.x, tr.y), (va.x, va.y), cfg.method,
                                           cfg.knn_k)
     threshold = similarity_threshold(best, correct, cfg.keep_rate)
+    gcfg, scale_fit = _scale(gallery, gcfg, cfg, (embed(encoder, va.x),
+                                                  [classes[i] for i in va.y]))
     metrics = {"val_accuracy": acc, "val_count": len(va.y),
                "val_coverage": (float(np.mean(best >= threshold)) if threshold is not None
-                                else 1.0)}
+                                else 1.0), "scale_fit": scale_fit}
     return (gallery, replace(gcfg, similarity_threshold=threshold), metrics,
             f"keep {cfg.keep_rate:.0%} of correct validation crops")
+
+
+def _scale(gallery: Any, gcfg: Any, cfg: FewShotConfig,
+           val: tuple[np.ndarray, Sequence[str]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``gcfg`` with its scale fitted (the validation crops ``val``, (embeddings, labels),
+    when there are any of enrolled classes, else the enrolled crops held out in turn), or as
+    given by ``--scale``; and the record (:mod:`imgtriage.predict.gallery_scale`)."""
+    from imgtriage.predict.gallery_scale import VAL_RULE, fit_scale, fixed_scale, held_out_scale
+
+    if cfg.scale is not None:
+        return gcfg, fixed_scale(cfg.scale, "--scale")
+    if val is not None:
+        index = {c: i for i, c in enumerate(gallery.classes)}
+        mine = np.array([c in index for c in val[1]], bool)
+        if mine.any():
+            y = np.array([index[c] for c, m in zip(val[1], mine, strict=True) if m])
+            sims = gallery.similarities(val[0][mine], gcfg.method, gcfg.k)
+            scale, rec = fit_scale(sims, y, gcfg.scale, rule=VAL_RULE)
+            return replace(gcfg, scale=scale), rec
+    return held_out_scale(gallery, gcfg)
 
 
 def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -422,15 +446,18 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         encoder_kwargs=cfg.encoder_kwargs(), in_chans=spec.in_chans, preprocess=spec.to_dict(),
         gallery=gallery, config=gcfg, metrics=metrics,
         training={"config": cfg.to_dict(), "counts": ds.counts(), "data": str(data),
-                  "kind": "fewshot", "threshold_rule": rule})
+                  "kind": "fewshot", "threshold_rule": rule}
+    ).with_changes(scale_fit=metrics["scale_fit"])
     check = np.asarray((va.x if len(va.y) else tr.x)[:16], dtype=np.float32)
     bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery,
                                  x_check=check)  # the encoder's graph, checked on val crops
     seconds = time.perf_counter() - t0
-    line = f"similarity threshold {gcfg.similarity_threshold} ({rule})"
+    line = (f"similarity threshold {gcfg.similarity_threshold} ({rule}); "
+            f"{metrics['scale_fit']['line']}")
     if not quiet:
         from rich.console import Console
 
-        Console(stderr=True).print(f"best epoch {result.best_epoch}: {metrics} | {line} | "
+        shown = {k: v for k, v in metrics.items() if k != "scale_fit"}  # in the line
+        Console(stderr=True).print(f"best epoch {result.best_epoch}: {shown} | {line} | "
                                    f"bundle: {bundle} | {seconds:.1f}s")
     return TrainResult(run, bundle, metrics, seconds, line)

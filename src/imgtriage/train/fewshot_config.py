@@ -61,7 +61,12 @@ class FewShotConfig:
     epochs: int = _f(10, "Training epochs.")
     embed_dim: int = _f(128, "Embedding size.")
     widths: tuple[int, ...] = _f((32, 64, 128), "Encoder channel widths, comma-separated.")
-    scale: float = _f(10.0, "Logit scale applied to cosine similarities.")
+    scale: float | None = _f(None, "Logit scale on cosine similarities. Not given: the "
+                                   "prototype loss trains at 10 and the gallery's scale is "
+                                   "fitted like a temperature on held-out similarities (the "
+                                   "validation split, else the enrolled images held out in "
+                                   "turn; kept when it lowers their NLL) and refitted by "
+                                   "`gallery add/remove`; given: used as it is, never refitted.")
     lr: float = _f(2e-3, "Peak learning rate (warm-up then cosine).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
     img_size: int | None = _f(None, "Input size in pixels (square); default: 64 for the "
@@ -96,7 +101,7 @@ class FewShotConfig:
             (self.n_query >= 1, "n_query must be >= 1 (--n-query)"),
             (self.episodes >= 1, "episodes per epoch must be >= 1 (--episodes)"),
             (self.embed_dim >= 2, "embed_dim must be >= 2 (--embed-dim)"),
-            (self.scale > 0, "scale must be positive (--scale)"),
+            (self.scale is None or self.scale > 0, "scale must be positive (--scale)"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS} (--augment)"),
             (self.knn_k >= 1, "k must be >= 1 (--knn-k)"),
             (0 < self.keep_rate <= 1, "keep rate must be in (0, 1] (--keep-rate)"),
@@ -116,7 +121,19 @@ class FewShotConfig:
         self.train_config()  # the knobs shared with `imgtriage train`, checked there
         from imgtriage.models.gallery import GalleryConfig
 
-        GalleryConfig(method=self.method, k=self.knn_k, scale=self.scale)  # validates --method
+        GalleryConfig(method=self.method, k=self.knn_k, scale=self.start_scale())  # --method
+
+    def start_scale(self) -> float:
+        """The logit scale training uses and the gallery's fit starts from: ``scale`` when
+        given, else the default (10).
+
+        Example:
+            >>> FewShotConfig().start_scale(), FewShotConfig(scale=20).start_scale()
+            (10.0, 20)
+        """
+        from imgtriage.models.gallery import DEFAULT_SCALE
+
+        return DEFAULT_SCALE if self.scale is None else self.scale
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

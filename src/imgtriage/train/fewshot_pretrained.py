@@ -6,8 +6,9 @@ ImageNet weights are installed, see :func:`choose_encoder`) writes the same run 
 the same kind of bundle as episodic training, without an epoch: every image (the train and
 val splits: nothing is needed to pick an epoch) goes once through the installed backbone
 (:func:`imgtriage.predict.gallery_embed.pretrained_encoder`, the bundle's own ONNX graph,
-the weights' normalisation), and the similarity threshold is fitted on the enrolled images
-held out in turn (``--keep-rate``). Classes are then added or removed with ``imgtriage
+the weights' normalisation), and the similarity threshold (``--keep-rate``) and the logit
+scale (:mod:`imgtriage.predict.gallery_scale`, unless ``--scale`` is given) are fitted on the
+enrolled images held out in turn. Classes are then added or removed with ``imgtriage
 gallery add/remove`` as for any gallery.
 
 Example:
@@ -112,6 +113,7 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
     from imgtriage.models.gallery import Gallery, GalleryConfig, fit_similarity_threshold
     from imgtriage.predict.gallery import encoder_graph, save_gallery_bundle
     from imgtriage.predict.gallery_embed import embed_paths, encoder_runner, pretrained_encoder
+    from imgtriage.predict.gallery_scale import fixed_scale, held_out_scale
 
     t0 = time.perf_counter() if t0 is None else t0
     parts = samples_by_split(ds)
@@ -138,11 +140,14 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
                         f"{run / 'defects.json'}")
     gallery = Gallery.build(emb, labels, [samples[i].path for i in kept],
                             [c for c in ds.classes if c in set(labels)])
-    gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.scale)
+    gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.start_scale())
     threshold, fit = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
+    gcfg, scale_fit = (held_out_scale(gallery, gcfg) if cfg.scale is None
+                       else (gcfg, fixed_scale(cfg.scale, "--scale")))
     gcfg = replace(gcfg, similarity_threshold=threshold)
     rule = f"keep {cfg.keep_rate:.0%} of the enrolled images answered correctly left-one-out"
-    metrics = {"train_count": len(kept), "epochs_run": 0, "threshold_fit": fit}
+    metrics = {"train_count": len(kept), "epochs_run": 0, "threshold_fit": fit,
+               "scale_fit": scale_fit}
     manifest = _graph_manifest(
         backbone, kwargs, spec, gallery.classes, gallery, config=gcfg, metrics=metrics,
         training={"config": cfg.to_dict(), "counts": ds.counts(), "data": str(data),
@@ -150,9 +155,9 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
                   "pretrained": plan.to_dict(), "threshold_rule": rule})
     if list(gallery.classes) != list(ds.classes):  # a class lost every file: its metadata
         graph = encoder_graph(encoder, manifest, _check_inputs(samples, spec))
-    bundle = save_gallery_bundle(run / "bundle", manifest.with_changes(threshold_fit=fit),
-                                 encoder.state_dict(), gallery, graph=graph)
-    line = f"similarity threshold {threshold} ({rule})"
+    bundle = save_gallery_bundle(run / "bundle", manifest.with_changes(
+        threshold_fit=fit, scale_fit=scale_fit), encoder.state_dict(), gallery, graph=graph)
+    line = f"similarity threshold {threshold} ({rule}); {scale_fit['line']}"
     seconds = time.perf_counter() - t0
     _say(f"enrolled {len(kept)} images of {len(gallery.classes)} classes | {line} | bundle: "
          f"{bundle} | {seconds:.1f}s", quiet)
