@@ -43,6 +43,10 @@ def test_the_bundle_carries_the_prior_the_loss_saw_and_says_so(balanced_run):
     assert said["applied"] is True and list(said["offsets"]) == ["d0", "d1", "d2"]
     assert said == m["calibration"]["default"]["prior_correction"]
     assert said["line"] in balanced_run.rule  # printed at the end of training
+    from imgtriage.cli.main import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(balanced_run.bundle_path)]).output
+    assert f"prior_correction={m['decision']['prior_correction']}" in shown
     # selection saw the same decision: the logged balanced accuracy is the corrected one's
     best = json.loads((run / "metrics.jsonl").read_text().splitlines()[
         balanced_run.metrics["best_epoch"] - 1])

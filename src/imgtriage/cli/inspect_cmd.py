@@ -34,7 +34,9 @@ def inspect_command(**options: Any) -> None:
         f"{pre['scaling']}, stretch {pre['stretch']}, resize {pre['resize']}",
         f"classes     {', '.join(m.classes)}",
         f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
-        f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}",
+        f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}"
+        + (f" prior_correction={dec['prior_correction']} (decides at equal class priors)"
+           if dec.get("prior_correction") else ""),
         f"unknowns    {_unknowns(m)}",
         *([f"gallery     {_gallery(m)}"] if m.kind == "gallery" else []),
         f"profiles    {', '.join(m.profiles) or '-'}",
