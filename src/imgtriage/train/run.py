@@ -63,7 +63,7 @@ from imgtriage.train.fusion import (
     manifest_extras,
 )
 from imgtriage.train.loop import FitResult, fit
-from imgtriage.train.losses import plan_loss
+from imgtriage.train.losses import LossPlan, plan_loss
 from imgtriage.train.onnx_step import PARITY_IMAGES, GraphInputs, attach_graph, graph_inputs
 from imgtriage.train.pipeline import ArraySource, FileSource, default_workers
 from imgtriage.train.plots import plot_curves
@@ -478,7 +478,8 @@ class _Trained:
     bundle goes through the same calibration, OOD scorer, ONNX graph (with the features
     output the OOD rule reads) and summary. ``calib``: the module calibration runs and the
     train / validation sources it reads (the model on decoded images, or its head on the
-    cached embeddings of a frozen backbone: the same logits and penultimate features)."""
+    cached embeddings of a frozen backbone: the same logits and penultimate features).
+    ``loss``: the loss plan training used; its prior correction is the default rule's."""
 
     model: torch.nn.Module
     kwargs: dict[str, Any]
@@ -487,6 +488,7 @@ class _Trained:
     graph: Callable[[], GraphInputs]  # read on process 0 only (a streamed run reads files)
     run_json: dict[str, Any]
     defects: list
+    loss: LossPlan
     features: FeatureStandardizer | None = None
     views_on: Any = None  # validation images to try the flip views on (None: not tried)
 
@@ -510,7 +512,7 @@ def _head_only(run: Path, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
                      "cache": "embeddings", "world_size": 1, "resumed_from": None,
                      "finetune": None,
                      "route_check": route.to_dict() if route is not None else None,
-                     "unlabeled": None}, head.defects)
+                     "unlabeled": None}, head.defects, head.loss)
 
 
 def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
@@ -522,15 +524,13 @@ def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessS
     net, ctr, cva = done.calib
     if info.is_main:
         _write_defects(run, ds, done.defects)
-        # the decision's prior correction, from the same counts and weights the loss used
-        prior = plan_loss(cfg, ctr.labels, len(ds.classes)) if len(ctr) else None
-        offsets = prior.prior_offsets if prior is not None else None
+        offsets = done.loss.prior_offsets  # the decision's prior correction: the loss's
         views = None  # flip TTA folded into the model (and graph) when validation says so
         if done.views_on is not None:
             hooks, views = choose_views(done.model, done.views_on, cfg, say, offsets)
             if hooks is not None:
                 kwargs = {**kwargs, "view_average": list(hooks.views)}
-        cal = calibrate_run(net, ctr, cva, list(ds.classes), cfg, prior)
+        cal = calibrate_run(net, ctr, cva, list(ds.classes), cfg, done.loss)
         (run / "run.json").write_text(json.dumps(
             {"model_choice": reason, **done.run_json, "view_average": views,
              "prior_correction": (cal.summary or {}).get("prior_correction")}, indent=2))
@@ -662,5 +662,6 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                      "route_check": verdict.to_dict() if verdict is not None else None,
                      "unlabeled": semi.pool.summary() if semi is not None else None},
                     [*defects, *result.defects,
-                     *(semi.pool.defects if semi is not None else ())], src.features, va)
+                     *(semi.pool.defects if semi is not None else ())], lplan, src.features,
+                    va)
     return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)
