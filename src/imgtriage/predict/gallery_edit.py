@@ -254,7 +254,7 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
     from imgtriage.models.gallery import DEFAULT_SCALE
     from imgtriage.models.gallery_encoder import build_gallery_encoder
     from imgtriage.models.siamese import encoder_kwargs
-    from imgtriage.predict.gallery_scale import fixed_scale, held_out_scale
+    from imgtriage.predict.gallery_scale import given_or_held_out
 
     if isinstance(config, GalleryCreateConfig):
         if acceptance is not None:
@@ -282,10 +282,7 @@ def create_gallery(source: PathLike, data: PathLike, out: PathLike, *,
     if acceptance is not None:
         threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
         config = replace(config, similarity_threshold=threshold)
-    if scale_given:
-        scale_fit = fixed_scale(config.scale, "--scale")
-    else:
-        config, scale_fit = held_out_scale(gallery, config)
+    config, scale_fit = given_or_held_out(gallery, config, scale_given)
     manifest = new_gallery_manifest(
         encoder=name, encoder_kwargs=kwargs, in_chans=m.in_chans,
         preprocess=dict(src.info.preprocess), gallery=gallery, config=config,

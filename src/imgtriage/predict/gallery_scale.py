@@ -33,8 +33,8 @@ import numpy as np
 from imgtriage.evaluate import fit_temperature
 from imgtriage.models.gallery import DEFAULT_SCALE, Gallery, GalleryConfig, held_out_similarities
 
-__all__ = ["LOO_RULE", "MIN_ITEMS", "VAL_RULE", "fit_scale", "fixed_scale", "held_out_scale",
-           "scale_is_fixed", "scale_line"]
+__all__ = ["LOO_RULE", "MIN_ITEMS", "VAL_RULE", "fit_scale", "fixed_scale", "given_or_held_out",
+           "held_out_scale", "scale_is_fixed", "scale_line"]
 
 LOO_RULE = "enrolled items held out in turn"
 VAL_RULE = "validation split"
@@ -77,6 +77,16 @@ def held_out_scale(gallery: Gallery, config: GalleryConfig, temperature: float =
     scale, rec = fit_scale(sims, y, config.scale, rule=LOO_RULE, temperature=temperature)
     rec["n_items"] = len(gallery)
     return GalleryConfig(**{**config.to_dict(), "scale": scale}), rec
+
+
+def given_or_held_out(gallery: Gallery, config: GalleryConfig, given: bool,
+                      how: str = "--scale") -> tuple[GalleryConfig, dict[str, Any]]:
+    """``config`` and its scale's record: the scale as it is when the user gave it (``how``
+    names the option; every edit keeps it), else fitted on the enrolled items held out in
+    turn (:func:`held_out_scale`)."""
+    if given:
+        return config, fixed_scale(config.scale, how)
+    return held_out_scale(gallery, config)
 
 
 def fixed_scale(scale: float, why: str) -> dict[str, Any]:

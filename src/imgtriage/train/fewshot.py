@@ -376,11 +376,9 @@ def _scale(gallery: Any, gcfg: Any, cfg: FewShotConfig,
     """``gcfg`` with its scale fitted (the validation crops ``val``, (embeddings, labels),
     when there are any of enrolled classes, else the enrolled crops held out in turn), or as
     given by ``--scale``; and the record (:mod:`imgtriage.predict.gallery_scale`)."""
-    from imgtriage.predict.gallery_scale import VAL_RULE, fit_scale, fixed_scale, held_out_scale
+    from imgtriage.predict.gallery_scale import VAL_RULE, fit_scale, given_or_held_out
 
-    if cfg.scale is not None:
-        return gcfg, fixed_scale(cfg.scale, "--scale")
-    if val is not None:
+    if val is not None and cfg.scale is None:
         index = {c: i for i, c in enumerate(gallery.classes)}
         mine = np.array([c in index for c in val[1]], bool)
         if mine.any():
@@ -388,7 +386,7 @@ def _scale(gallery: Any, gcfg: Any, cfg: FewShotConfig,
             sims = gallery.similarities(val[0][mine], gcfg.method, gcfg.k)
             scale, rec = fit_scale(sims, y, gcfg.scale, rule=VAL_RULE)
             return replace(gcfg, scale=scale), rec
-    return held_out_scale(gallery, gcfg)
+    return given_or_held_out(gallery, gcfg, cfg.scale is not None)
 
 
 def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],

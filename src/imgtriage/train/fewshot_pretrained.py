@@ -113,7 +113,7 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
     from imgtriage.models.gallery import Gallery, GalleryConfig, fit_similarity_threshold
     from imgtriage.predict.gallery import encoder_graph, save_gallery_bundle
     from imgtriage.predict.gallery_embed import embed_paths, encoder_runner, pretrained_encoder
-    from imgtriage.predict.gallery_scale import fixed_scale, held_out_scale
+    from imgtriage.predict.gallery_scale import given_or_held_out
 
     t0 = time.perf_counter() if t0 is None else t0
     parts = samples_by_split(ds)
@@ -142,8 +142,7 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
                             [c for c in ds.classes if c in set(labels)])
     gcfg = GalleryConfig(method=cfg.method, k=cfg.knn_k, scale=cfg.start_scale())
     threshold, fit = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
-    gcfg, scale_fit = (held_out_scale(gallery, gcfg) if cfg.scale is None
-                       else (gcfg, fixed_scale(cfg.scale, "--scale")))
+    gcfg, scale_fit = given_or_held_out(gallery, gcfg, cfg.scale is not None)
     gcfg = replace(gcfg, similarity_threshold=threshold)
     rule = f"keep {cfg.keep_rate:.0%} of the enrolled images answered correctly left-one-out"
     metrics = {"train_count": len(kept), "epochs_run": 0, "threshold_fit": fit,
