@@ -9,6 +9,7 @@ import pytest
 
 from imgtriage.errors import ConfigError
 from imgtriage.evaluate import ConformalPredictor, DecisionPolicy, fit_decision_policy, softmax
+from imgtriage.evaluate.metrics import negative_log_likelihood
 
 
 @pytest.mark.parametrize("method", ["lac", "aps", "raps"])
@@ -104,9 +105,82 @@ def test_prior_correction_moves_the_decision_to_equal_priors():
         other = DecisionPolicy(prior_correction=(float(-np.log(prior[0])),
                                                  float(-np.log(prior[1]) + shift)))
         assert _recalls(other.decide(logits).class_id, y).mean() <= r_fixed.mean() + 0.01
-    # the probabilities are those of equal priors, and they are what the rule decides with
-    np.testing.assert_allclose(fixed.probs, softmax(logits - np.log(prior)))
-    assert np.array_equal(fixed.class_id, fixed.probs.argmax(1))
+    # the rule decides with the probabilities of equal priors, and reports those of the data
+    np.testing.assert_allclose(fixed.decision_probs, softmax(logits - np.log(prior)))
+    assert np.array_equal(fixed.class_id, fixed.decision_probs.argmax(1))
+    np.testing.assert_array_equal(fixed.probs, softmax(logits))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_correction_reports_plain_probabilities_and_decides_at_equal_priors(seed):
+    """(a) reported = softmax(logits / T) exactly, whatever the offsets; (b) the label is the
+    argmax of the equal-prior scores, and thresholds, positive class and sets read those."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 6))
+    logits = rng.normal(size=(300, k)) * rng.uniform(0.5, 5)
+    offsets = tuple(float(v) for v in rng.normal(size=k) * 2)
+    t = float(rng.uniform(0.3, 3))
+    thresholds = tuple(float(v) for v in rng.uniform(0.2, 0.8, size=k))
+    labels = (logits + rng.normal(size=logits.shape)).argmax(1)
+    balanced = softmax(logits, t, offsets)
+    cp = ConformalPredictor("aps", 0.2, randomized=False).fit(balanced, labels)
+    for positive in (None, int(rng.integers(k))):
+        policy = DecisionPolicy(temperature=t, prior_correction=offsets, thresholds=thresholds,
+                                abstain=True, positive_class=positive, conformal=cp.to_dict())
+        d = DecisionPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))).decide(logits)
+        np.testing.assert_array_equal(d.probs, softmax(logits, t))  # (a), bit for bit
+        np.testing.assert_array_equal(d.probs, policy.probabilities(logits))
+        np.testing.assert_array_equal(d.decision_probs, balanced)
+        rows = np.arange(len(logits))
+        np.testing.assert_array_equal(d.score, d.probs[rows, d.class_id])
+        # (b) what the rule did before the two were told apart: every part reads the
+        # equal-prior scores (so a bundle from then decides exactly as it did)
+        want = balanced.argmax(1)
+        hit = np.zeros(len(logits), bool)
+        if positive is not None:
+            hit = balanced[:, positive] >= thresholds[positive]
+            want = np.where(hit, positive, want)
+        np.testing.assert_array_equal(d.class_id, want)
+        low = (balanced[rows, want] < np.asarray(thresholds)[want]) & ~hit
+        np.testing.assert_array_equal(d.abstained, low)
+        assert d.sets == cp.predict_sets(balanced)
+    plain = DecisionPolicy(temperature=t).decide(logits)
+    np.testing.assert_array_equal(plain.probs, plain.decision_probs)  # no correction: one set
+    assert "equal class priors" in policy.describe_priors()
+    assert "equal" not in DecisionPolicy().describe_priors()
+
+
+def _ece(probs: np.ndarray, y: np.ndarray) -> float:
+    """Class-wise ECE: is each class's probability what it says? (Top-label ECE barely sees a
+    prior shift in two classes: the over-confident minority answers and the under-confident
+    majority ones fall in the same bins and cancel.)"""
+    from imgtriage.evaluate.metrics import classwise_ece
+
+    return classwise_ece(probs, y)["mean"]
+
+
+def test_reported_probabilities_are_calibrated_at_the_data_prior():
+    """(d) a model whose logits are the data prior's posteriors: the fitted policy reports
+    probabilities with a lower ECE than the equal-prior ones it reported before, and its
+    labels (hence balanced accuracy) are those of equal priors, unchanged."""
+    logits, y, prior = _imbalanced_posteriors(8000, seed=3)
+    offsets = tuple(float(v) for v in -np.log(prior))
+    val, test = slice(0, 4000), slice(4000, None)
+    policy, summary = fit_decision_policy(logits[val], y[val], class_names=["a", "b"],
+                                          prior_correction=offsets)
+    assert 0.9 < policy.temperature < 1.1  # fitted on the plain logits: already calibrated
+    d = policy.decide(logits[test])
+    before = softmax(logits[test], policy.temperature, offsets)  # what it reported until now
+    assert _ece(d.probs, y[test]) < 0.03 < _ece(before, y[test]) - 0.15
+    assert negative_log_likelihood(d.probs, y[test]) < negative_log_likelihood(
+        before, y[test]) - 0.1
+    np.testing.assert_array_equal(d.class_id, before.argmax(1))
+    recall = _recalls(d.class_id, y[test])
+    assert recall.mean() > _recalls(d.probs.argmax(1), y[test]).mean() + 0.1
+    # the drift reference holds what the rows report, the numbers a drift check reads
+    ref = summary["drift_reference"]
+    assert ref["class_counts"] == np.bincount(policy.probabilities(logits[val]).argmax(1),
+                                              minlength=2).tolist()
 
 
 def test_prior_correction_round_trips_and_refuses_bad_values():
@@ -128,8 +202,8 @@ def test_fitted_policy_keeps_the_correction_and_thresholds_its_probabilities():
                                     prior_correction=offsets)
     assert policy.prior_correction == offsets
     d = policy.decide(logits)
-    np.testing.assert_allclose(d.probs, softmax(logits, policy.temperature, offsets))
-    answered = ~d.abstained  # the confidence threshold was fitted on these probabilities
+    np.testing.assert_allclose(d.decision_probs, softmax(logits, policy.temperature, offsets))
+    answered = ~d.abstained  # the confidence threshold was fitted on these scores
     assert np.mean(d.class_id[answered] == y[answered]) >= 0.9
     with pytest.raises(ConfigError, match="1 prior-correction offsets for 2 classes"):
         fit_decision_policy(logits, y, class_names=["a", "b"], prior_correction=[0.0])

@@ -140,3 +140,26 @@ def test_positive_class_profile_shows_one_coverage(tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     shown = set(re.findall(r'<td class="l">coverage</td><td class="">([0-9.]+)</td>', page))
     assert len(shown) == 1, shown
+
+
+def test_a_prior_corrected_report_scores_its_labels_and_reports_plain_probabilities():
+    """Under a prior correction the label metrics are those of the rule's equal-prior
+    argmax and the probability metrics those of softmax(logits / T), what the rows report."""
+    from imgtriage.evaluate import build_report
+    from imgtriage.evaluate.metrics import balanced_accuracy, negative_log_likelihood
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.2).astype(int)
+    z = np.stack([np.zeros(400), 1.5 * (rng.normal(size=400) + 1.5 * y) - 3.0], axis=1)
+    policy = DecisionPolicy(temperature=1.3, prior_correction=(-0.7, 0.7))
+    r = build_report(logits=z, labels=y, class_names=["safe", "unsafe"],
+                     paths=[f"{i}.png" for i in range(400)], decision=policy)
+    decided = policy.decide(z)
+    assert r["metrics"]["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy(decided.decision_probs, y))
+    assert r["metrics"]["balanced_accuracy"] != pytest.approx(balanced_accuracy(decided.probs, y))
+    assert r["metrics"]["confusion_matrix"]["counts"][1][1] == int(
+        ((decided.class_id == 1) & (y == 1)).sum())
+    assert r["metrics"]["nll"] == pytest.approx(negative_log_likelihood(softmax(z, 1.3), y))
+    assert r["meta"]["priors"] == ("decides at equal class priors; reports probabilities at "
+                                   "the training prior")

@@ -17,6 +17,7 @@ def inspect_command(**options: Any) -> None:
     """Verify a bundle and print what it holds: model, input, classes, decision rule."""
     from imgtriage.bundle import load_bundle
     from imgtriage.bundle.graph import graph_summary
+    from imgtriage.evaluate.decision import DecisionPolicy
 
     cfg = config_from_options(InspectConfig, options)
     b = load_bundle(options["bundle"], verify=cfg.verify)
@@ -35,7 +36,8 @@ def inspect_command(**options: Any) -> None:
         f"classes     {', '.join(m.classes)}",
         f"decision    T={dec.get('temperature')} thresholds={dec.get('thresholds')} "
         f"abstain={dec.get('abstain')} conformal={'yes' if dec.get('conformal') else 'no'}"
-        + (f" prior_correction={dec['prior_correction']} (decides at equal class priors)"
+        + (f" prior_correction={dec['prior_correction']} "
+           f"({DecisionPolicy.from_dict(dec).describe_priors()})"
            if dec.get("prior_correction") else ""),
         f"unknowns    {_unknowns(m)}",
         *([f"gallery     {_gallery(m)}"] if m.kind == "gallery" else []),

@@ -30,12 +30,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0,
 class Decisions:
     """What a policy decided for a batch of logits (arrays aligned with the batch)."""
 
-    probs: np.ndarray  # (N, K) calibrated probabilities
-    class_id: np.ndarray  # (N,) argmax class, also when abstained
-    score: np.ndarray  # (N,) probability of class_id
+    probs: np.ndarray  # (N, K) reported probabilities: calibrated at the training prior
+    class_id: np.ndarray  # (N,) the decided class (argmax of decision_probs), also when abstained
+    score: np.ndarray  # (N,) reported probability of class_id
     abstained: np.ndarray  # (N,) bool: no class passed its threshold, or out of distribution
     sets: list[list[int]] | None = None  # conformal prediction sets, when configured
     reason: list[str | None] = field(default_factory=list)  # why abstained (REASONS), or None
+    # (N, K) the scores the rule decides with (argmax, thresholds, sets): the probabilities at
+    # equal class priors under a prior correction, else ``probs`` itself; None = ``probs``
+    decision_probs: np.ndarray | None = None
 
 
 MAX_PRIOR_OFFSET = 50.0  # |log prior| of a class 1e-21 as frequent as another: far beyond data
@@ -57,11 +60,28 @@ class DecisionPolicy:
     on with reason ``out_of_distribution``, whatever its confidence. ``set_abstain`` abstains
     (reason ``ambiguous``) when the conformal set is not a single class.
 
-    ``prior_correction`` (one number per class, or None) is added to ``logits / temperature``
-    before anything else: ``-log`` of the class prior the model learned (logit adjustment,
-    Menon et al. 2021), so that the probabilities, the argmax and every threshold are those of
-    equal class priors: the decision that maximises balanced accuracy for a model trained on
-    imbalanced classes (``train`` sets it when it selects by balanced accuracy).
+    ``prior_correction`` (one number per class, or None): ``-log`` of the class prior the model
+    learned (logit adjustment, Menon et al. 2021), set by ``train`` when it selects by balanced
+    accuracy. The policy then keeps two sets of numbers apart:
+
+    - it *decides* at equal class priors, the decision that maximises balanced accuracy: the
+      argmax, the thresholds (abstain and ``positive_class``) and the conformal sets all read
+      :meth:`decision_probabilities`, ``softmax(logits / temperature + prior_correction)``.
+      Every threshold and conformal quantile is fitted on validation on these same scores
+      (:func:`~imgtriage.evaluate.policy.fit_decision_policy`), so what it certified there
+      (precision, recall, accuracy of the answered, coverage) is counted on the validation
+      images at their own prior and holds for the rule as applied; and a bundle written before
+      the two were told apart decides exactly as it did.
+    - it *reports* :meth:`probabilities`, ``softmax(logits / temperature)``, with the
+      temperature fitted on the plain logits of the validation split: the posterior at the
+      training prior, the one probability calibrated on data like the training data
+      (``Decisions.probs`` and ``score``, the rows' ``probs``, ``score`` and top-k values).
+
+    So an input can be answered with a minority class whose reported probability is below
+    0.5: the model thinks it is less likely than not, and the rule answers it anyway because
+    at equal priors it wins (the recall a reviewer asks for when a miss costs more than a
+    false alarm). :meth:`describe_priors` says this in words. Without a correction the two are
+    the same numbers.
 
     ``positive_class`` (an index) makes thresholds decide, not only abstain: an input whose
     positive-class probability reaches that class's threshold is answered positive even when
@@ -73,6 +93,10 @@ class DecisionPolicy:
         >>> p = DecisionPolicy(temperature=2.0, thresholds=(0.7, 0.7), abstain=True)
         >>> p.decide(np.array([[2.0, 1.0], [4.0, 0.0]])).abstained.tolist()  # 0.62, 0.88
         [True, False]
+        >>> q = DecisionPolicy(prior_correction=(-1.0, 1.0))  # class 1 seen e^2 times rarer
+        >>> d = q.decide(np.array([[1.0, 0.0]]))
+        >>> d.class_id.tolist(), d.score.round(3).tolist()  # answered 1 at p = 0.269
+        ([1], [0.269])
     """
 
     temperature: float = 1.0
@@ -130,42 +154,55 @@ class DecisionPolicy:
         """Apply the rule to raw logits; ``ood_scores`` (one per row, higher = stranger) are
         needed when the policy has an OOD rule (rows without a score: NaN, never refused)."""
         probs = self.probabilities(logits)
-        class_id = probs.argmax(axis=1)
+        dprobs = self.decision_probabilities(logits)
+        class_id = dprobs.argmax(axis=1)
         if self.thresholds is not None and len(self.thresholds) != probs.shape[1]:
             raise ConfigError(f"{len(self.thresholds)} thresholds for {probs.shape[1]} classes; "
                               "give one threshold per class (--thresholds)")
         positive = np.zeros(len(probs), dtype=bool)
         if self.positive_class is not None:
             k = self.positive_class
-            positive = probs[:, k] >= self.thresholds[k]
+            positive = dprobs[:, k] >= self.thresholds[k]
             class_id = np.where(positive, k, class_id)
-        score = probs[np.arange(len(probs)), class_id]
+        rows = np.arange(len(probs))
         if self.abstain and self.thresholds is not None:
-            low = (score < np.asarray(self.thresholds)[class_id]) & ~positive
+            low = (dprobs[rows, class_id] < np.asarray(self.thresholds)[class_id]) & ~positive
         else:
             low = np.zeros(len(probs), dtype=bool)
         sets = None
         if self.conformal is not None:
             from imgtriage.evaluate.conformal import prediction_sets_from_dict
 
-            sets = prediction_sets_from_dict(self.conformal, probs)
+            sets = prediction_sets_from_dict(self.conformal, dprobs)
         ambiguous = np.array([self.set_abstain and len(s) != 1 for s in sets or [[]] * len(probs)],
                              dtype=bool)
         ood = self.ood_mask(ood_scores, len(probs)) & self.abstain
         reason = [("out_of_distribution" if o else "low_confidence" if lo else
                    "ambiguous" if a else None) for o, lo, a in zip(ood, low, ambiguous,
                                                                    strict=True)]
-        return Decisions(probs=probs, class_id=class_id, score=score,
-                         abstained=ood | low | ambiguous, sets=sets, reason=reason)
+        return Decisions(probs=probs, class_id=class_id, score=probs[rows, class_id],
+                         abstained=ood | low | ambiguous, sets=sets, reason=reason,
+                         decision_probs=dprobs)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """``softmax(logits / temperature + prior_correction)``: the probabilities every part
-        of the rule reads."""
+        """``softmax(logits / temperature)``: the probabilities the policy reports, calibrated
+        at the training prior (the prior correction never enters them)."""
+        return softmax(logits, self.temperature)
+
+    def decision_probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """``softmax(logits / temperature + prior_correction)``: the scores the rule decides
+        with (argmax, thresholds, conformal sets); :meth:`probabilities` without a correction."""
         z = np.asarray(logits, dtype=np.float64)
         if self.prior_correction is not None and len(self.prior_correction) != z.shape[1]:
             raise ConfigError(f"{len(self.prior_correction)} prior-correction offsets for "
                               f"{z.shape[1]} classes; retrain or recalibrate the bundle")
         return softmax(z, self.temperature, self.prior_correction)
+
+    def describe_priors(self) -> str:
+        """What the policy decides at and reports, in words (``inspect``, train output)."""
+        if self.prior_correction is None:
+            return "decides and reports probabilities at the training prior"
+        return "decides at equal class priors; reports probabilities at the training prior"
 
     def ood_mask(self, ood_scores: np.ndarray | None, n: int) -> np.ndarray:
         """True where the OOD score exceeds the rule's threshold (False without a rule)."""

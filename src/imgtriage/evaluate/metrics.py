@@ -307,8 +307,14 @@ def _curves(p: np.ndarray, y: np.ndarray, names: list[str], max_points: int) -> 
 
 def classification_report(logits_or_probs: Any, labels: Any, class_names: Sequence[str], *,
                           from_logits: bool = True, topk: Sequence[int] = (1, 5),
-                          n_bins: int = 15, max_curve_points: int = 200) -> dict[str, Any]:
+                          n_bins: int = 15, max_curve_points: int = 200,
+                          pred: Any = None) -> dict[str, Any]:
     """Every metric of this module in one JSON-serialisable dict (NaN becomes None).
+
+    ``pred`` (one class per row, default the argmax of the probabilities) is what the label
+    metrics score: accuracy, balanced accuracy, confusion matrix, per-class precision / recall
+    / F1 (a decision rule's own answers, e.g. at equal class priors); the probability metrics
+    (NLL, Brier, ECE, curves, AUC, top-k, risk-coverage) always read the probabilities.
 
     ``top_k_accuracy`` holds the ``k`` of ``topk`` that do not exceed the number of classes.
     Per-class ``average_precision`` and ``roc_auc`` are None for a class absent from ``labels``.
@@ -322,7 +328,8 @@ def classification_report(logits_or_probs: Any, labels: Any, class_names: Sequen
     y = as_labels(labels, len(p), p.shape[1])
     names = check_class_names(class_names, p.shape[1])
     n_classes = p.shape[1]
-    cm = confusion_matrix(y, p.argmax(axis=1), n_classes)
+    decided = p.argmax(axis=1) if pred is None else as_labels(pred, len(y), n_classes)
+    cm = confusion_matrix(y, decided, n_classes)
     scores = per_class_scores(cm)
     macro, weighted = _averages(scores)
     curves = _curves(p, y, names, max_curve_points)
@@ -339,7 +346,8 @@ def classification_report(logits_or_probs: Any, labels: Any, class_names: Sequen
     cw = classwise_ece(p, y, n_bins)
     report = {
         "n_samples": len(y), "n_classes": n_classes, "class_names": names,
-        "accuracy": accuracy(p, y), "balanced_accuracy": balanced_accuracy(p, y),
+        "accuracy": float(np.mean(decided == y)) if len(y) else None,
+        "balanced_accuracy": balanced_accuracy(np.eye(n_classes)[decided], y),
         "top_k_accuracy": {str(k): top_k_accuracy(p, y, k) for k in topk if k <= n_classes},
         "per_class": per_class, "macro_avg": macro, "weighted_avg": weighted,
         "macro_roc_auc": float(np.mean(aucs)) if aucs else None,

@@ -1,8 +1,10 @@
 """Fit a whole :class:`DecisionPolicy` from held-out logits in one call (what ``calibrate`` runs).
 
-Order matters: the temperature is fitted first, and thresholds and conformal quantiles are then
-fitted on the *calibrated* probabilities, because :meth:`DecisionPolicy.decide` applies them to
-``softmax(logits / temperature)``.
+Order matters: the temperature is fitted first, on the plain logits (it calibrates the
+probabilities the policy reports, ``softmax(logits / temperature)``), and thresholds and
+conformal quantiles are then fitted on the scores :meth:`DecisionPolicy.decide` applies them
+to: :meth:`DecisionPolicy.decision_probabilities` (the same numbers without a prior correction;
+with one, those of equal class priors).
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     abstain on. ``delta`` makes recall/precision targets hold with probability 1 - delta.
     ``ood`` is an out-of-distribution rule that travels with the policy.
     ``prior_correction`` (one log-offset per class, see :class:`DecisionPolicy`) travels with
-    it too; the temperature is fitted on the plain logits, and thresholds are then fitted on
-    the corrected probabilities the policy will decide with.
+    it too; the temperature is fitted on the plain logits, so it calibrates the probabilities
+    the policy reports (at the validation split's prior, i.e. the training prior), and the
+    thresholds, conformal quantiles and abstain summary are fitted on the corrected (equal
+    prior) scores the policy decides with. The drift reference holds the reported
+    probabilities, which is what a drift check compares (the rows' ``probs``).
 
     Example:
         >>> import numpy as np
@@ -78,7 +83,7 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
 
             raise ConfigError(f"{len(offsets)} prior-correction offsets for {z.shape[1]} "
                               "classes; give one per class")
-    probs = softmax(z, temperature, offsets)
+    probs = softmax(z, temperature, offsets)  # what decide() thresholds: the decision scores
     if target_accuracy is not None:
         if threshold_strategy is not None or thresholds is not None:
             from imgtriage.errors import ConfigError
@@ -109,7 +114,8 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     summary["abstain"] = (abstain_summary(probs, y, picked[0], names,
                                           positive_class=policy.positive_class)
                           if picked[0] is not None else None)
-    summary["drift_reference"] = reference_summary(probs, decided.abstained, class_names=names)
+    summary["drift_reference"] = reference_summary(decided.probs, decided.abstained,
+                                                   class_names=names)
     return policy, json_safe(summary)
 
 

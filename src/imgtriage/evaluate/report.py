@@ -102,14 +102,18 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
     if len(path_list) != len(y):
         raise DataError(f"{len(path_list)} paths for {len(y)} samples; give one path per row")
     policy = _as_policy(decision)
-    probs = policy.decide(z).probs if policy else softmax(z)
+    # the labels are the argmax the rule decides with (equal class priors under a prior
+    # correction); the probability metrics (ECE, NLL, Brier, AUC) are those of what it reports
+    probs = policy.probabilities(z) if policy else softmax(z)
+    scores = policy.decision_probabilities(z) if policy else probs
     report: dict[str, Any] = {
         "meta": _meta(title, len(y), names, policy),
-        "metrics": classification_report(probs, y, names, from_logits=False),
+        "metrics": classification_report(probs, y, names, from_logits=False,
+                                         pred=scores.argmax(axis=1)),
         "calibration": _calibration(z, y, policy.temperature if policy else 1.0),
         "abstain": None, "conformal": None,
         "failures": failure_cases(probs, y, names, path_list, gallery_per_class,
-                                  n_confused_pairs),
+                                  n_confused_pairs, pred=scores.argmax(axis=1)),
         "feature_importance": dict(feature_importance) if feature_importance else None,
         "decision": None, "extra": extra,
     }
@@ -124,10 +128,10 @@ def build_report(*, logits: Any, labels: Any, class_names: Sequence[str], paths:
         report["headline"] = _headline(report["decision"], decided.reason)
     if policy is not None and policy.thresholds is not None:
         report["abstain"] = {"enabled": policy.abstain,
-                             **abstain_summary(probs, y, policy.thresholds, names,
+                             **abstain_summary(scores, y, policy.thresholds, names,
                                                 positive_class=policy.positive_class)}
     if policy is not None and policy.conformal is not None:
-        sets = prediction_sets_from_dict(policy.conformal, probs)
+        sets = prediction_sets_from_dict(policy.conformal, scores)
         report["conformal"] = {"settings": policy.conformal,
                                **coverage_summary(sets, y, n_classes=len(names))}
     return json_safe(report)
@@ -148,7 +152,8 @@ def _meta(title: str, n: int, names: list[str], policy: DecisionPolicy | None) -
         __version__ = "unknown"
     return {"title": title, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "version": __version__, "n_samples": n, "classes": names,
-            "decision": policy.to_dict() if policy else None}
+            "decision": policy.to_dict() if policy else None,
+            "priors": policy.describe_priors() if policy else None}
 
 
 def write_report(out_dir: str | Path, *, logits: Any, labels: Any, class_names: Sequence[str],

@@ -139,9 +139,13 @@ def decision_rows(names: Sequence[str], classes: Sequence[str], d: Decisions,
 
     ``abstained`` overrides the policy's abstentions (a gallery adds its similarity rule);
     ``extras`` adds keys per row (``stage``, ``similarity``); ``topk_extra`` adds a value per
-    class to each top-k entry (``similarity``).
+    class to each top-k entry (``similarity``). ``probs``, ``score`` and the top-k scores are
+    the reported probabilities (:meth:`DecisionPolicy.probabilities`); the top-k classes come
+    in the order the rule ranks them (:meth:`DecisionPolicy.decision_probabilities`), so the
+    first is the rule's argmax also under a prior correction.
     """
     abst = d.abstained if abstained is None else abstained
+    ranking = d.probs if d.decision_probs is None else d.decision_probs
     rows = []
     for i, name in enumerate(names):
         cid = int(d.class_id[i])
@@ -152,7 +156,7 @@ def decision_rows(names: Sequence[str], classes: Sequence[str], d: Decisions,
             topk = [{"class": classes[j], "class_id": int(j),
                      "score": round(float(d.probs[i, j]), 6),
                      **{k: round(float(v[i, j]), 6) for k, v in (topk_extra or {}).items()}}
-                    for j in np.argsort(-d.probs[i])[: opts.topk]]
+                    for j in np.argsort(-ranking[i])[: opts.topk]]
         pred_set = [classes[j] for j in d.sets[i]] if d.sets is not None else None
         flags = meta_flags(metas[i]) if metas else None
         rows.append(result_row(name, policy.unknown_label if abst[i] else classes[cid], cid,

@@ -106,10 +106,12 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
             return Calibration(summary={"skipped": "--no-calibrate"}, line=line)
         # the prior correction belongs to how the model was trained: it stays without calibration
         policy = DecisionPolicy(prior_correction=offsets)
+        said = f"{prior.prior_note}; {policy.describe_priors()}"  # type: ignore[union-attr]
         return Calibration(policy.to_dict(), {"skipped": "--no-calibrate", "prior_correction": {
             "applied": True, "offsets": dict(zip(classes, offsets, strict=True)),
-            "why": prior.prior_note, "line": prior.prior_note}},  # type: ignore[union-attr]
-            None, {}, f"{line}; {prior.prior_note}")  # type: ignore[union-attr]
+            "behaviour": policy.describe_priors(),
+            "why": prior.prior_note, "line": said}},  # type: ignore[union-attr]
+            None, {}, f"{line}; {said}")
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
@@ -144,11 +146,13 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
 def prior_summary(logits: np.ndarray, y: np.ndarray, policy: DecisionPolicy,
                   classes: list[str], prior: LossPlan | None) -> dict[str, Any] | None:
     """What the prior correction is and does on validation: accuracy and balanced accuracy
-    of the rule's argmax with and without it (same temperature), and a line to print."""
+    of the rule's argmax with and without it (same temperature), what the bundle decides at
+    and reports (``behaviour``, :meth:`DecisionPolicy.describe_priors`), and a line to print."""
     if prior is None:
         return None
     if policy.prior_correction is None:
-        return {"applied": False, "why": prior.prior_note, "line": prior.prior_note}
+        return {"applied": False, "behaviour": policy.describe_priors(), "why": prior.prior_note,
+                "line": prior.prior_note}
     plain = replace(policy, prior_correction=None).decide(logits).class_id
     corrected = policy.decide(logits).class_id
     scores = {name: {"accuracy": float((c == y).mean()),
@@ -159,9 +163,10 @@ def prior_summary(logits: np.ndarray, y: np.ndarray, policy: DecisionPolicy,
     p, c = scores["plain"], scores["corrected"]
     line = (f"{prior.prior_note}: offsets {shown}; validation balanced accuracy "
             f"{p['balanced_accuracy']:.3f} at the plain argmax -> {c['balanced_accuracy']:.3f} "
-            f"(accuracy {p['accuracy']:.3f} -> {c['accuracy']:.3f}, n={len(y)})")
-    return {"applied": True, "offsets": offsets, "why": prior.prior_note, **scores,
-            "line": line}
+            f"(accuracy {p['accuracy']:.3f} -> {c['accuracy']:.3f}, n={len(y)}); the bundle "
+            f"{policy.describe_priors()} (softmax(logits / T), T fitted on validation)")
+    return {"applied": True, "offsets": offsets, "behaviour": policy.describe_priors(),
+            "why": prior.prior_note, **scores, "line": line}
 
 
 def rule_line(r: dict[str, Any]) -> str:

@@ -167,7 +167,9 @@ class TrainConfig:
     prior_correction: str = _f("auto", "Decide at equal class priors (logit adjustment): add "
                                        "-log of the class prior the loss saw (training counts "
                                        "times class weights) to the logits when selecting the "
-                                       "best epoch and in the bundle's default rule. auto: on "
+                                       "best epoch and for the bundle's decisions (label, "
+                                       "thresholds, sets); the reported probabilities stay "
+                                       "calibrated at the training prior. auto: on "
                                        "when --select-metric is val_balanced_accuracy (what "
                                        "--model auto picks for imbalanced classes); on; off.")
     # --- regularisation and augmentation
