@@ -47,6 +47,8 @@ def test_the_bundle_carries_the_prior_the_loss_saw_and_says_so(balanced_run):
 
     shown = CliRunner().invoke(app, ["inspect", str(balanced_run.bundle_path)]).output
     assert f"prior_correction={m['decision']['prior_correction']}" in shown
+    words = "decides at equal class priors; reports probabilities at the training prior"
+    assert words in shown and words in said["line"] and said["behaviour"] == words
     # selection saw the same decision: the logged balanced accuracy is the corrected one's
     best = json.loads((run / "metrics.jsonl").read_text().splitlines()[
         balanced_run.metrics["best_epoch"] - 1])
@@ -60,6 +62,7 @@ def test_accuracy_selection_keeps_the_data_prior(imbalanced_folder, tmp_path):
     assert m["decision"]["prior_correction"] is None
     said = json.loads((tmp_path / "run.json").read_text())["prior_correction"]
     assert said["applied"] is False and "val_accuracy" in said["why"]
+    assert said["behaviour"] == "decides and reports probabilities at the training prior"
 
 
 def test_the_correction_stays_without_calibration(imbalanced_folder, tmp_path):
@@ -75,13 +78,16 @@ CLASSES = ("d0", "d1", "d2")
 
 
 def _top(rows: list[dict]) -> list[int]:
-    """The class each row's probabilities put first (abstained rows too: the rule's own
-    answer before it abstains), from the probabilities the rule reports."""
-    return [int(np.argmax([r["probs"][c] for c in CLASSES])) for r in rows]
+    """The class the rule decided for each row (abstained rows too: ``best_class``, its own
+    answer before it abstains)."""
+    return [CLASSES.index(r.get("best_class", r["class"])) for r in rows]
 
 
-def _answers(bundle, folder, paths, tmp_path) -> dict[str, list[int]]:
-    """The answer per file from the API (torch and ONNX fp32), the CLI and the service."""
+def _answers(bundle, folder, paths, tmp_path, rows: dict | None = None
+             ) -> dict[str, list[int]]:
+    """The answer per file from the API (torch and ONNX fp32), the CLI and the service;
+    ``rows`` (a dict) collects each way's result rows without their path."""
+    rows = {} if rows is None else rows
     from fastapi.testclient import TestClient
 
     from imgtriage.cli.main import app
@@ -90,14 +96,15 @@ def _answers(bundle, folder, paths, tmp_path) -> dict[str, list[int]]:
     got = {}
     for backend in ("torch", "onnx"):
         p = Predictor.load(bundle, backend=backend, num_threads=1, precision="fp32")
-        got[backend] = _top(p.predict_bytes([q.read_bytes() for q in paths],
-                                            include_probs=True))
+        rows[backend] = p.predict_bytes([q.read_bytes() for q in paths], include_probs=True)
+        got[backend] = _top(rows[backend])
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["predict", str(bundle), str(folder), "--output", str(out),
                                    "--backend", "onnx", "--precision", "fp32", "--include-probs"])
     assert res.exit_code == 0, res.output
     by_path = {r["path"]: r for r in json.loads(out.read_text())["results"]}
-    got["cli"] = _top([by_path[str(p)] for p in paths])
+    rows["cli"] = [by_path[str(p)] for p in paths]
+    got["cli"] = _top(rows["cli"])
     cfg = ServeConfig(bundle=str(bundle), threads=1, max_images=len(paths), precision="fp32")
     with TestClient(create_app(cfg)) as client:
         deadline = time.monotonic() + 60
@@ -106,7 +113,11 @@ def _answers(bundle, folder, paths, tmp_path) -> dict[str, list[int]]:
         answer = client.post("/v1/classify?include_probs=true", files=[
             ("files", (f"{i}.png", p.read_bytes(), "image/png")) for i, p in enumerate(paths)])
     assert answer.status_code == 200, answer.text
-    got["http"] = _top(sorted(answer.json()["results"], key=lambda r: int(r["path"][:-4])))
+    rows["http"] = sorted(answer.json()["results"], key=lambda r: int(r["path"][:-4]))
+    got["http"] = _top(rows["http"])
+    for found in rows.values():
+        for r in found:
+            r.pop("path")
     return got
 
 
@@ -119,10 +130,23 @@ def test_api_cli_http_and_onnx_answer_with_the_corrected_argmax(balanced_run,
     bundle = balanced_run.bundle_path
     p = Predictor.load(bundle, backend="torch", num_threads=1)
     x = np.stack([p.decode_bytes([q.read_bytes()])[0].x for q in paths])
-    z = p.logits(x) / p.policy.temperature + np.asarray(p.policy.prior_correction)
+    plain = p.logits(x) / p.policy.temperature
+    z = plain + np.asarray(p.policy.prior_correction)
     expected = [int(i) for i in z.argmax(1)]
-    got = _answers(bundle, imbalanced_folder, paths, tmp_path / "a")
+    rows: dict[str, list[dict]] = {}
+    got = _answers(bundle, imbalanced_folder, paths, tmp_path / "a", rows)
     assert got == {k: expected for k in ("torch", "onnx", "cli", "http")}
+    # the reported probabilities are softmax(logits / T), the training prior's, not the
+    # equal-prior scores the rule decided with; the API, CLI and service (ONNX fp32) give the
+    # same bytes, the torch backend the same numbers
+    assert json.dumps(rows["onnx"]) == json.dumps(rows["cli"]) == json.dumps(rows["http"])
+    reported = np.exp(plain - plain.max(1, keepdims=True))
+    reported /= reported.sum(1, keepdims=True)
+    for way in ("torch", "onnx"):
+        probs = np.array([[r["probs"][c] for c in CLASSES] for r in rows[way]])
+        np.testing.assert_allclose(probs, reported, atol=2e-5)
+        scores = [r["score"] for r in rows[way]]
+        np.testing.assert_allclose(scores, reported[np.arange(len(paths)), expected], atol=2e-5)
     # the correction is read from the bundle by every path: one raising the class the model
     # answers least by 40 nats makes it every answer wherever it is asked, abstaining or not
     rare = int(np.argmin(np.bincount(expected, minlength=3)))
