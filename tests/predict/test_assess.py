@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from imgtriage.bundle import load_bundle
 from imgtriage.cli.main import app
 from imgtriage.errors import DataError
+from imgtriage.evaluate import drift_check
 from imgtriage.predict import Predictor
 from imgtriage.predict.assess import calibrate_bundle, collect_logits, labelled_samples
 
@@ -109,3 +110,31 @@ def test_drift_flags_a_shifted_folder(bundle, digits_folder, tmp_path):
                                   str(tmp_path / "d2.json")])
     assert shifted.exit_code == 1
     assert json.loads((tmp_path / "d2.json").read_text())["shift"] is True
+
+
+def test_drift_against_a_reference_from_before_reported_probabilities(bundle, digits_folder,
+                                                                      tmp_path):
+    """A prior-corrected bundle's stored reference from before its probabilities were
+    reported at the training prior holds equal-prior scores: the check compares those."""
+    from imgtriage.bundle import update_bundle
+    from imgtriage.evaluate import reference_summary
+    from imgtriage.predict.assess import drift_against
+
+    offsets = [3.0] + [-3.0 / 9] * 9  # strong enough that the two kinds of score differ
+    forced = tmp_path / "forced"
+    dec = {**load_bundle(bundle).manifest["decision"], "prior_correction": offsets}
+    update_bundle(bundle, {"decision": dec}, note="test: prior correction", out=forced)
+    p = Predictor.load(forced)
+    rows = p.predict_paths([digits_folder], include_probs=True)["results"]
+    probs = np.array([[r["probs"][c] for c in p.classes] for r in rows])
+    scores = probs * np.exp(offsets)
+    old = reference_summary(scores / scores.sum(1, keepdims=True))
+    del old["probabilities"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(reference_summary(probs)))
+    for ref in ("old", "new"):
+        out = drift_against(forced, [digits_folder], tmp_path / f"{ref}.json")
+        assert out["shift"] is False and ("note" in out) == (ref == "old")
+    # compared as they are, the old reference's scores would look like a shift
+    plain = drift_check(old, probs, class_names=p.classes)
+    assert plain["shift"] is True

@@ -10,6 +10,11 @@ seeded subsample), the predicted-class counts and the abstain count. Later,
 - abstain rate: two-proportion z test.
 
 A test flags ``shift`` when its p-value is below ``alpha``. No labels are needed.
+
+The scores are a policy's *reported* probabilities (the rows' ``probs``); a reference says so
+with ``"probabilities": "reported"``. One without that key was written before a prior-corrected
+policy reported probabilities at the training prior: it holds that policy's equal-prior scores
+(see ``imgtriage.predict.assess.drift_against``, which compares like with like).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def reference_summary(probs: Any, abstained: Any = None, *,
         top = top[keep]
     return json_safe({
         "version": REFERENCE_VERSION,
+        "probabilities": "reported",
         "n_samples": n,
         "class_names": list(class_names) if class_names is not None else None,
         "max_scores": np.round(top, 6),

@@ -211,7 +211,12 @@ def load_reference(ref: str | os.PathLike[str]) -> dict[str, Any]:
 def drift_against(bundle: str | os.PathLike[str], paths: list[str | os.PathLike[str]],
                   reference: str | os.PathLike[str], *, alpha: float = 0.01,
                   batch_size: int = 64) -> dict[str, Any]:
-    """Compare score/class/abstain distributions of new (unlabelled) files with a reference."""
+    """Compare score/class/abstain distributions of new (unlabelled) files with a reference.
+
+    The rows' reported probabilities are compared; against a reference written before a
+    prior-corrected policy reported them at the training prior (no ``"probabilities"`` key),
+    they are first moved to the equal-prior scores that reference holds (``p * exp(offsets)``,
+    renormalised: exact), and the result's ``note`` says so."""
     from imgtriage.evaluate import drift_check
 
     predictor = Predictor.load(bundle)
@@ -220,8 +225,19 @@ def drift_against(bundle: str | os.PathLike[str], paths: list[str | os.PathLike[
         raise DataError("no readable files to compare; see the defects")
     probs = np.array([[r["probs"][c] for c in predictor.classes] for r in report["results"]])
     abstained = np.array([r["abstained"] for r in report["results"]])
-    out = drift_check(load_reference(reference), probs, class_names=predictor.classes,
-                      abstained=abstained, alpha=alpha)
+    ref = load_reference(reference)
+    offsets = predictor.policy.prior_correction
+    note = None
+    if offsets is not None and "probabilities" not in ref:
+        probs = probs * np.exp(np.asarray(offsets) - max(offsets))
+        probs /= probs.sum(axis=1, keepdims=True)
+        note = ("the reference predates reported probabilities at the training prior: it "
+                "holds equal-prior scores, so those were compared; recalibrate the bundle "
+                "(imgtriage calibrate) for a reference of what it reports now")
+    out = drift_check(ref, probs, class_names=predictor.classes, abstained=abstained,
+                      alpha=alpha)
+    if note is not None:
+        out["note"] = note
     out["num_files"] = report["meta"]["num_files"]
     out["defects"] = report["defects"]
     return out
