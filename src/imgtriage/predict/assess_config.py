@@ -74,7 +74,9 @@ class CalibrateConfig:
                                               "cost (binary).")
     target: float | None = _f(None, "Precision or recall target for the strategy.")
     thresholds: str | None = _f(None, "Explicit thresholds: a number, a list, JSON (list or "
-                                      "{class: t}) or a JSON file.")
+                                      "{class: t}) or a JSON file. On a bundle that decides at "
+                                      "equal class priors (see inspect) every threshold reads "
+                                      "the equal-prior scores, not the reported probabilities.")
     cost_fn: float = _f(1.0, "Cost of a miss (cost strategy).")
     cost_fp: float = _f(1.0, "Cost of a false alarm (cost strategy).")
     positive_class: str | None = _f(None, "Class name that counts as positive (e.g. unsafe).")
