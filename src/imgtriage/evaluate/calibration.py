@@ -20,17 +20,21 @@ from imgtriage.evaluate.metrics import expected_calibration_error
 T_MIN, T_MAX = 0.05, 20.0
 
 
-def _nll_and_grad(log_t: Any, z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Exact mean NLL of ``softmax(z / T)`` and its derivative in ``log T``."""
+def _nll_and_grad(log_t: Any, z: np.ndarray, y: np.ndarray, w: np.ndarray | None = None
+                  ) -> tuple[float, float]:
+    """Exact mean NLL of ``softmax(z / T)`` and its derivative in ``log T`` (the mean
+    weighted by ``w`` when given)."""
     beta = math.exp(-float(np.ravel(log_t)[0]))
     s = z * beta
     s = s - s.max(axis=1, keepdims=True)
     e = np.exp(s)
     tot = e.sum(axis=1)
     rows = np.arange(len(y))
-    nll = float(np.mean(np.log(tot) - s[rows, y]))
     p = e / tot[:, None]
-    d_beta = float(np.mean((p * z).sum(axis=1) - z[rows, y]))
+    nll_rows = np.log(tot) - s[rows, y]
+    d_rows = (p * z).sum(axis=1) - z[rows, y]
+    nll = float(np.average(nll_rows, weights=w))
+    d_beta = float(np.average(d_rows, weights=w))
     return nll, -beta * d_beta
 
 
@@ -78,8 +82,9 @@ class TemperatureScaler:
         if int(self.max_iter) < 1:
             raise ConfigError(f"max_iter must be >= 1, got {self.max_iter}")
 
-    def fit(self, logits: Any, labels: Any) -> TemperatureScaler:
-        """Choose the temperature minimising NLL of ``labels`` under ``softmax(logits / T)``."""
+    def fit(self, logits: Any, labels: Any, sample_weight: Any = None) -> TemperatureScaler:
+        """Choose the temperature minimising NLL of ``labels`` under ``softmax(logits / T)``
+        (the NLL's mean weighted by ``sample_weight`` when given; the ECE stays unweighted)."""
         from scipy.optimize import minimize
 
         self._check_params()
@@ -87,16 +92,23 @@ class TemperatureScaler:
         y = as_labels(labels, len(z), z.shape[1])
         if len(y) == 0:
             raise ConfigError("cannot fit a temperature on zero samples; give a calibration split")
+        w = None
+        if sample_weight is not None:
+            w = np.asarray(sample_weight, np.float64)
+            if w.shape != (len(y),) or not (np.isfinite(w).all() and (w >= 0).all()
+                                             and w.sum() > 0):
+                raise ConfigError(f"sample weights must be {len(y)} finite numbers >= 0 "
+                                  "with a positive sum")
         lo, hi = math.log(T_MIN), math.log(T_MAX)
-        res = minimize(_nll_and_grad, x0=np.array([math.log(self.init)]), args=(z, y),
+        res = minimize(_nll_and_grad, x0=np.array([math.log(self.init)]), args=(z, y, w),
                        jac=True, method="L-BFGS-B", bounds=[(lo, hi)],
                        options={"maxiter": int(self.max_iter)})
         # keep the best of the optimum, the start, T = 1 and the bounds: never worse than T = 1
         candidates = [float(np.clip(res.x[0], lo, hi)), math.log(self.init), 0.0, lo, hi]
-        nlls = [_nll_and_grad(c, z, y)[0] for c in candidates]
+        nlls = [_nll_and_grad(c, z, y, w)[0] for c in candidates]
         best = int(np.argmin(nlls))
         self.temperature_ = float(np.clip(math.exp(candidates[best]), T_MIN, T_MAX))
-        self.nll_before_ = _nll_and_grad(0.0, z, y)[0]
+        self.nll_before_ = _nll_and_grad(0.0, z, y, w)[0]
         self.nll_after_ = min(nlls[best], self.nll_before_)
         self.ece_before_ = expected_calibration_error(softmax(z), y, self.n_bins)
         self.ece_after_ = expected_calibration_error(softmax(z, self.temperature_), y, self.n_bins)

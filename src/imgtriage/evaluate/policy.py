@@ -119,9 +119,10 @@ def fit_decision_policy(logits: Any, labels: Any, *, class_names: Sequence[str],
     return policy, json_safe(summary)
 
 
-def fit_temperature(z: Any, y: Any) -> tuple[float, dict[str, Any]]:
+def fit_temperature(z: Any, y: Any, sample_weight: Any = None) -> tuple[float, dict[str, Any]]:
     """Fitted T (:class:`TemperatureScaler`) when it lowers the held-out NLL, else 1.0; the
     dict says which and why (``kept``, ``note``), with NLL and ECE before and after.
+    ``sample_weight``: the NLL is their weighted mean (e.g. every class counting alike).
 
     Example:
         >>> z = [[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]]
@@ -129,7 +130,7 @@ def fit_temperature(z: Any, y: Any) -> tuple[float, dict[str, Any]]:
         >>> t > 1, info["kept"], info["nll_after"] < info["nll_before"]
         (True, True, True)
     """
-    scaler = TemperatureScaler().fit(z, y)
+    scaler = TemperatureScaler().fit(z, y, sample_weight)
     info = scaler.to_dict()
     info["n"] = len(y)
     if scaler.nll_after_ < scaler.nll_before_ - 1e-6:

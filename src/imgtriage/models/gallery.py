@@ -229,12 +229,23 @@ def acceptance_threshold(best_sims: np.ndarray, correct: np.ndarray, acceptance:
     return float(good[min(drop, len(good) - 1)])
 
 
-def held_out_similarities(gallery: Gallery, method: str = "prototype", k: int = 1
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def held_out_similarities(gallery: Gallery, method: str = "prototype", k: int = 1, *,
+                          full_count: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out over the enrolled items: each item's (K,) similarities to the classes
     of the gallery without it, and its class index. Returns ((M, K) similarities, (M,)
     labels); an item alone in its class gets ``-inf`` for its own class (nothing is left to
     match it).
+
+    ``full_count`` (``prototype`` only): the own-class similarity as a new image meets it,
+    against a prototype of all the class's items. A cosine to a class's prototype is the
+    mean cosine to its items over the length of their mean (``q . S / |S| = mean_i q . e_i
+    / |S / n|``); held out, an item's mean cosine to its ``n - 1`` class-mates has a new
+    image's expectation, but the mean of ``n - 1`` unit vectors is longer than that of
+    ``n`` (``E|mean|^2 = 1/n + (1 - 1/n) rho``, ``rho`` the class's mean pairwise cosine),
+    so plain leave-one-out divides by too much and every own-class similarity comes out
+    low. With ``full_count`` it is divided by the length new images are divided by, that
+    of the mean of all ``n`` (``x . (S - x) / (n - 1) / |S / n|``); the other classes'
+    similarities are already what a new image gets.
 
     Example:
         >>> g = Gallery.build(np.array([[1, 0], [0.9, 0.1], [0, 1]]), ["a", "a", "b"],
@@ -251,8 +262,14 @@ def held_out_similarities(gallery: Gallery, method: str = "prototype", k: int = 
         norms = np.linalg.norm(sums, axis=1)
         sims = (e @ sums.T) / np.where(norms > 0, norms, 1.0)[None]
         own_sum = sums[lab] - e  # the item's class without the item
-        own_norm = np.linalg.norm(own_sum, axis=1)
-        own = np.einsum("md,md->m", e, own_sum) / np.where(own_norm > 0, own_norm, 1.0)
+        dot = np.einsum("md,md->m", e, own_sum)
+        if full_count:  # mean cosine to the class-mates over the length of the full mean
+            mates = np.maximum(counts[lab] - 1, 1)
+            full = norms[lab] / counts[lab]
+            own = dot / mates / np.where(full > 0, full, 1.0)
+        else:
+            own_norm = np.linalg.norm(own_sum, axis=1)
+            own = dot / np.where(own_norm > 0, own_norm, 1.0)
         sims[np.arange(len(e)), lab] = np.where(counts[lab] > 1, own, -np.inf)
     elif method == "knn":
         pair = e @ e.T
