@@ -77,3 +77,23 @@ def test_to_dict_is_plain():
     ts = TemperatureScaler().fit(np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), [0, 1, 1])
     d = json.loads(json.dumps(ts.to_dict()))
     assert d["temperature"] == ts.temperature_
+
+
+def test_sample_weights_are_row_repeats():
+    """Weights 1, 2, 3 fit what repeating each row that many times fits; uniform weights
+    change nothing; bad weights are refused."""
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(60, 3)) * 4
+    y = np.where(rng.random(60) < 0.7, z.argmax(1), rng.integers(0, 3, 60))
+    w = rng.integers(1, 4, 60)
+    weighted = TemperatureScaler().fit(z, y, sample_weight=w)
+    repeated = TemperatureScaler().fit(np.repeat(z, w, axis=0), np.repeat(y, w))
+    assert weighted.temperature_ == pytest.approx(repeated.temperature_, rel=1e-4)
+    assert weighted.nll_after_ == pytest.approx(repeated.nll_after_, rel=1e-6)
+    plain = TemperatureScaler().fit(z, y)
+    assert TemperatureScaler().fit(z, y, sample_weight=np.full(60, 0.5)).temperature_ == \
+        pytest.approx(plain.temperature_, rel=1e-6)
+    assert weighted.temperature_ != pytest.approx(plain.temperature_, rel=1e-3)
+    for bad in (np.ones(59), -np.ones(60), np.zeros(60)):
+        with pytest.raises(ConfigError):
+            TemperatureScaler().fit(z, y, sample_weight=bad)

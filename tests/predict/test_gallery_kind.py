@@ -323,7 +323,7 @@ def test_training_fits_the_scale_on_the_validation_split(trained):
 
 def test_the_scale_changes_confidences_not_answers_and_edits_refit_it(trained, gallery_copy,
                                                                       tmp_path):
-    from imgtriage.predict.gallery_scale import LOO_RULE
+    from imgtriage.predict.gallery_scale import FULL_COUNT, LOO_RULE
 
     _, root = trained
     fixed = Path(shutil.copytree(gallery_copy, tmp_path / "fixed"))
@@ -332,6 +332,8 @@ def test_the_scale_changes_confidences_not_answers_and_edits_refit_it(trained, g
     set_rule(gallery_copy, fit_scale=True)  # fitted on the enrolled items held out in turn
     fitted = load_bundle(gallery_copy).manifest
     assert fitted["scale_fit"]["rule"] == LOO_RULE and fitted["scale_fit"]["kept"]
+    assert fitted["scale_fit"]["correction"] == (
+        FULL_COUNT if fitted["gallery"]["method"] == "prototype" else None)
     assert fitted["gallery"]["scale"] != 10.0
     a, f = _rows(gallery_copy, root / "query"), _rows(fixed, root / "query")
     for k, row in a.items():

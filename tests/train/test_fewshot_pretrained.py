@@ -25,6 +25,8 @@ from imgtriage.cli.main import app
 from imgtriage.errors import ConfigError
 from imgtriage.models.pretrained import WEIGHTS
 from imgtriage.predict import Predictor
+from imgtriage.predict.gallery_scale import FULL_COUNT
+from imgtriage.predict.gallery_scale import WEIGHTS as SCALE_WEIGHTS
 from imgtriage.train.fewshot import FewShotConfig
 from imgtriage.train.fewshot_pretrained import choose_encoder
 
@@ -103,6 +105,7 @@ def test_bundle_carries_the_pretrained_encoder_and_its_normalisation(built):
     assert info.block("threshold_fit")["n_items"] == 18
     fit = info.block("scale_fit")  # the scale fitted on the same held-out images
     assert fit["n_items"] == 18 and not fit["fixed"]
+    assert (fit["correction"], fit["weights"]) == (FULL_COUNT, SCALE_WEIGHTS)
     assert info.block("gallery")["scale"] == fit["scale"]
     assert fit["kept"] == (fit["nll_after"] < fit["nll_before"])
     assert not (root / "run" / "checkpoint").exists()  # nothing was trained
