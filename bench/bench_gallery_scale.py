@@ -16,7 +16,12 @@ prototype of K - 1 items, every row weighing alike), ``unweighted`` (the own-cla
 at the prototype length of all K, :func:`~imgtriage.models.gallery.held_out_similarities`
 ``full_count``, every row alike) and ``default`` (what a gallery does now,
 :func:`~imgtriage.predict.gallery_scale.held_out_scale`: that correction, every class
-weighing alike in the NLL). With even counts the last two are the same fit.
+weighing alike in the NLL). With even counts the last two are the same fit. With even
+counts also: ``symmetric`` (the alternative not chosen: one item held out of every class, the
+scales fitted at ``K - 1`` and ``K - 2`` items extrapolated to ``K``) and ``fresh`` (a
+control, not a rule: the scale fitted on K further train images per class the gallery never
+saw, an ideal held-out set of the same size; what is left between it and the oracle is the
+noise of a fit on K x classes images and any train/test shift).
 
 Usage (accuracy and calibration only, nothing timed: no lock, nice 19)::
 
@@ -37,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets" / "cifar10-small"
 RULES = ("plain", "unweighted", "default")
+EXTRA = ("symmetric", "fresh")  # even counts only: the alternative, and a control
 
 
 def embed_split(data: Path, split: str, cache: Path, threads: int
@@ -73,6 +79,38 @@ def draw(y: np.ndarray, n_classes: int, shots: int, rng: np.random.Generator, un
     return np.concatenate(rows)
 
 
+def _symmetric_sims(g, drop: int, rng: np.random.Generator) -> np.ndarray:
+    """Held-out rows where *every* class has ``drop`` items fewer (the own class: the item
+    and ``drop - 1`` random class-mates; the others: ``drop`` random items)."""
+    e, lab = g.embeddings.astype(np.float64), g._label_ids
+    members = [np.flatnonzero(lab == c) for c in range(len(g.classes))]
+    sums = np.stack([e[m].sum(axis=0) for m in members])
+    sims = np.full((len(e), len(members)), -np.inf)
+    for i in range(len(e)):
+        for c, m in enumerate(members):
+            pool = m[m != i]
+            k = drop - 1 if c == lab[i] else drop
+            if len(pool) - k >= 1:
+                d = rng.choice(pool, k, replace=False)
+                s = sums[c] - e[d].sum(axis=0) - (e[i] if c == lab[i] else 0.0)
+                sims[i, c] = e[i] @ s / np.linalg.norm(s)
+    return sims
+
+
+def symmetric_scale(g, shots: int, rng: np.random.Generator) -> float:
+    """The alternative not chosen: scales fitted with every class at ``n - 1`` and ``n - 2``
+    items, extrapolated to ``n`` linearly in ``log n`` (needs ``n >= 3``)."""
+    from imgtriage.predict.gallery_scale import fit_scale
+
+    lab = g._label_ids
+    s1 = fit_scale(_symmetric_sims(g, 1, rng), lab, 10.0, rule="symmetric")[0]
+    if shots < 3:
+        return s1
+    s2 = fit_scale(_symmetric_sims(g, 2, rng), lab, 10.0, rule="symmetric")[0]
+    n = shots
+    return s1 + (s1 - s2) * np.log(n / (n - 1)) / np.log((n - 1) / (n - 2))
+
+
 def one_draw(train: tuple, test: tuple, shots: int, seed: int, uneven: bool) -> dict:
     from imgtriage.evaluate import expected_calibration_error, fit_temperature, softmax
     from imgtriage.evaluate import nll_at_temperature as nll
@@ -96,6 +134,14 @@ def one_draw(train: tuple, test: tuple, shots: int, seed: int, uneven: bool) -> 
     new, rec = held_out_scale(g, GalleryConfig())
     scales["default"] = new.scale
     out["kept_default"] = rec["kept"]
+    if not uneven:
+        scales["symmetric"] = symmetric_scale(g, shots, np.random.default_rng([seed, shots]))
+        # control: K images per class the gallery never saw (an ideal held-out set)
+        rest = np.setdiff1d(np.arange(len(y)), rows)
+        fresh = rest[draw(y[rest], len(classes), shots, np.random.default_rng([seed, shots, 9]),
+                          False)]
+        scales["fresh"] = 10.0 / fit_temperature(g.similarities(emb[fresh]) * 10.0,
+                                                 y[fresh])[0]
     scales["oracle"] = 10.0 / fit_temperature(sims * 10.0, ty)[0]
     for name, s in scales.items():
         out[f"scale_{name}"] = float(s)
@@ -110,14 +156,17 @@ def summarise(rows: list[dict]) -> dict:
         mine = [r for r in rows if (r["shots"], r["uneven"]) == key]
         name = f"{key[0]}-shot" + (" uneven" if key[1] else "")
         stats = {}
-        for m in ("accuracy", *(f"{q}_{a}" for q in ("scale", "ece", "nll")
-                                for a in ("fixed10", *RULES, "oracle"))):
+        arms = [a for a in ("fixed10", *RULES, *EXTRA, "oracle") if f"scale_{a}" in mine[0]]
+        for m in ("accuracy", *(f"{q}_{a}" for q in ("scale", "ece", "nll") for a in arms)):
             v = [r[m] for r in mine]
             stats[m] = [round(float(np.median(v)), 4), round(min(v), 4), round(max(v), 4)]
-        for rule in RULES:  # distance to the oracle scale, in log ratio (within draw)
+        for rule in (a for a in arms if a not in ("fixed10", "oracle")):
+            # distance to the oracle scale, log(scale / oracle) within draw: median (min-max)
+            # and the mean of its absolute value
             v = [np.log(r[f"scale_{rule}"] / r["scale_oracle"]) for r in mine]
             stats[f"log_scale_over_oracle_{rule}"] = [round(float(np.median(v)), 4),
                                                       round(min(v), 4), round(max(v), 4)]
+            stats[f"mean_abs_log_{rule}"] = round(float(np.mean(np.abs(v))), 4)
         stats["n"] = len(mine)
         out[name] = stats
     return out
