@@ -9,7 +9,10 @@ class its own count, between 2 and 2K - 2) into a :class:`~imgtriage.models.gall
 its scale is fitted by each rule of :mod:`imgtriage.predict.gallery_scale` on the enrolled
 images held out in turn, and ``softmax(scale x similarity)`` on every test image is scored:
 test NLL and 15-bin ECE at the fixed 10, at each rule's scale, and at the scale fitted on
-the test similarities themselves ("oracle", reference only: no gallery can know it).
+the test similarities themselves ("oracle", reference only: no gallery can know it). Also
+the similarity threshold ``train-fewshot`` fits (keep its default share of the enrolled
+images answered correctly held out): the share of the correct test answers it keeps, fitted
+on plain leave-one-out similarities (what it uses) and on full-count ones.
 
 Rules: ``plain`` (session 7's fit: plain leave-one-out, the held-out item's own class a
 prototype of K - 1 items, every row weighing alike), ``unweighted`` (the own-class similarity
@@ -114,8 +117,14 @@ def symmetric_scale(g, shots: int, rng: np.random.Generator) -> float:
 def one_draw(train: tuple, test: tuple, shots: int, seed: int, uneven: bool) -> dict:
     from imgtriage.evaluate import expected_calibration_error, fit_temperature, softmax
     from imgtriage.evaluate import nll_at_temperature as nll
-    from imgtriage.models.gallery import Gallery, GalleryConfig, held_out_similarities
+    from imgtriage.models.gallery import (
+        Gallery,
+        GalleryConfig,
+        acceptance_threshold,
+        held_out_similarities,
+    )
     from imgtriage.predict.gallery_scale import held_out_scale
+    from imgtriage.train.fewshot import FewShotConfig
 
     (emb, y, classes), (temb, ty, _) = train, test
     rows = draw(y, len(classes), shots, np.random.default_rng([seed, shots, int(uneven)]),
@@ -143,6 +152,17 @@ def one_draw(train: tuple, test: tuple, shots: int, seed: int, uneven: bool) -> 
         scales["fresh"] = 10.0 / fit_temperature(g.similarities(emb[fresh]) * 10.0,
                                                  y[fresh])[0]
     scales["oracle"] = 10.0 / fit_temperature(sims * 10.0, ty)[0]
+    # the similarity threshold (train-fewshot's keep rate): the share of the correct test
+    # answers it keeps, fitted on plain leave-one-out similarities (what it uses) and on
+    # full-count ones
+    keep = FewShotConfig().keep_rate
+    right = sims.argmax(1) == ty
+    for rule in ("plain", "full"):
+        ho, hy = held_out_similarities(g, full_count=rule == "full")
+        t = acceptance_threshold(ho.max(1), ho.argmax(1) == hy, keep)
+        out[f"threshold_keeps_{rule}"] = float((sims.max(1)[right] >= t).mean()) \
+            if t is not None else 1.0
+    out["threshold_keep_rate"] = keep
     for name, s in scales.items():
         out[f"scale_{name}"] = float(s)
         out[f"nll_{name}"] = float(nll(sims * s, ty, 1.0))
@@ -157,7 +177,8 @@ def summarise(rows: list[dict]) -> dict:
         name = f"{key[0]}-shot" + (" uneven" if key[1] else "")
         stats = {}
         arms = [a for a in ("fixed10", *RULES, *EXTRA, "oracle") if f"scale_{a}" in mine[0]]
-        for m in ("accuracy", *(f"{q}_{a}" for q in ("scale", "ece", "nll") for a in arms)):
+        for m in ("accuracy", "threshold_keeps_plain", "threshold_keeps_full",
+                  *(f"{q}_{a}" for q in ("scale", "ece", "nll") for a in arms)):
             v = [r[m] for r in mine]
             stats[m] = [round(float(np.median(v)), 4), round(min(v), 4), round(max(v), 4)]
         for rule in (a for a in arms if a not in ("fixed10", "oracle")):
