@@ -33,10 +33,10 @@ def test_evaluate_ood_folder_reports_auroc_fpr_and_refusals(calibrated_run, digi
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     o = rep["ood"]
-    assert o["n"] == 7 and set(o["methods"]) == {"knn+rmd", "msp"}  # the bundle's method
-    assert o["methods"]["knn+rmd"]["auroc"] > 0.9 and o["refused"] == 1.0
+    assert o["n"] == 7 and set(o["methods"]) == {"knn+rmd+stages", "msp"}  # the bundle's method
+    assert o["methods"]["knn+rmd+stages"]["auroc"] > 0.9 and o["refused"] == 1.0
     assert o["refused_by_reason"]["out_of_distribution"] >= 1
-    assert "knn+rmd AUROC" in res.output and "Out-of-distribution images" in (
+    assert "knn+rmd+stages AUROC" in res.output and "Out-of-distribution images" in (
         out / "report.html").read_text()
     # the headline is the decision section's numbers, refusals counted by reason
     h, d = rep["headline"], rep["decision"]
@@ -111,7 +111,7 @@ def test_calibrate_keeps_the_ood_rule_and_rechooses_its_threshold(calibrated_run
                                    "--delta", "0.05"])
     assert res.exit_code == 0, res.output
     m = load_bundle(bundle).manifest
-    assert m["decision"]["ood"]["method"] == "knn+rmd"
+    assert m["decision"]["ood"]["method"] == "knn+rmd+stages"
     assert m["decision"]["ood"]["n_val"] == 300  # re-chosen on the 300 given images
     assert "order statistic 1 of 30 positives: recall >= 0.9" in res.output
     achieved = m["calibration"]["default"]["thresholds"]["achieved"]

@@ -11,7 +11,7 @@ import pytest
 from imgtriage.bundle import load_bundle, update_bundle
 from imgtriage.bundle.graph import ONNX_FILE
 from imgtriage.errors import BundleError
-from imgtriage.evaluate.ood import KnnOOD, KnnRmdOOD
+from imgtriage.evaluate.ood import KnnOOD, KnnRmdOOD, KnnRmdStagesOOD
 from imgtriage.predict import Predictor
 from imgtriage.predict.ood_graph import add_ood_score, without_ood_score
 
@@ -43,14 +43,16 @@ def _run(graph: bytes, x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("opset", [13, 18])
-@pytest.mark.parametrize("cls", [KnnOOD, KnnRmdOOD])
+@pytest.mark.parametrize("cls", [KnnOOD, KnnRmdOOD, KnnRmdStagesOOD])
 def test_in_graph_score_equals_the_numpy_scorer(cls, opset):
     rng = np.random.default_rng(1)
     graph = _toy_graph(16, opset)
     x_train = rng.normal(size=(400, 6)).astype(np.float32)
     feats = _run(graph, x_train)["features"]
     y = np.argmax(_run(graph, x_train)["logits"], 1)
-    scorer = cls(k=5, max_bank=300).fit(feats[:300], feats[300:], train_labels=y[:300])
+    # knn+rmd+stages: the last 6 feature columns play two stages' statistics (4 and 2 wide)
+    extra = {"stage_widths": [4, 2]} if cls is KnnRmdStagesOOD else {}
+    scorer = cls(k=5, max_bank=300, **extra).fit(feats[:300], feats[300:], train_labels=y[:300])
     scored = add_ood_score(graph, scorer)
     # rows like the training ones, shifted rows, and rows whose features are all zero
     x = np.concatenate([rng.normal(size=(40, 6)), rng.normal(size=(20, 6)) + 3,
@@ -108,7 +110,8 @@ def test_a_trained_bundle_scores_inside_its_graph(calibrated_run, inputs):
                                atol=1e-4)
     t, torch_scores = _scores(b.path, inputs, backend="torch")
     assert not t.graph_scores(t.policy.ood)
-    np.testing.assert_allclose(graph, torch_scores, atol=1e-3)
+    # the noise rows score 1e3-1e5 (stage statistics far from training): float32 keeps ~7 digits
+    np.testing.assert_allclose(graph, torch_scores, atol=1e-3, rtol=1e-5)
     thr = p.policy.ood["threshold"]
     clear = np.abs(torch_scores - thr) > 1e-3  # same refusals wherever not on the threshold
     assert clear.sum() >= len(inputs) - 1
@@ -132,7 +135,7 @@ def test_older_bundles_and_changed_rules_score_the_features_in_numpy(calibrated_
     np.testing.assert_allclose(numpy_scores, in_graph, rtol=1e-5, atol=1e-4)
     # the rule's scale edited after training: the graph's head no longer matches it
     rule = dict(src.manifest["decision"]["ood"])
-    rule["scale"] = {"knn": [0.0, 1.0], "rmd": [0.0, 1.0]}
+    rule["scale"] = {**rule["scale"], "knn": [0.0, 1.0], "rmd": [0.0, 1.0]}
     edited = update_bundle(shutil.copytree(src.path, tmp_path / "edited"), {"decision": {
         **src.manifest["decision"], "ood": rule}}, note="scale edited")
     p, scores = _scores(edited.path, inputs, precision="fp32")

@@ -83,7 +83,7 @@ def assert_default_rule(bundle_path: Path) -> dict:
     else:
         assert d["temperature"] == 1.0 and "kept T = 1" in t["note"]
     assert d["abstain"] is True and cal["thresholds"]["strategy"] == "target_accuracy"
-    assert d["ood"]["method"] == "knn+rmd" and d["ood"]["file"] in m["files"]
+    assert d["ood"]["method"] == "knn+rmd+stages" and d["ood"]["file"] in m["files"]
     assert m["profiles"]["default"] == d
     assert m["onnx"]["outputs"] == ["logits", "features", "ood_score"], m["onnx"]
     return m

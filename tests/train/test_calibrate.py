@@ -14,7 +14,12 @@ from safetensors.numpy import load
 from typer.testing import CliRunner
 
 from imgtriage.bundle import load_bundle
-from imgtriage.evaluate.ood import KnnRmdOOD, scorer_from_rule, threshold_from_scores
+from imgtriage.evaluate.ood import (
+    KnnRmdOOD,
+    KnnRmdStagesOOD,
+    scorer_from_rule,
+    threshold_from_scores,
+)
 from imgtriage.evaluate.policy import fit_decision_policy
 from imgtriage.predict import Predictor
 
@@ -37,7 +42,8 @@ def test_default_bundle_is_calibrated_on_validation_with_an_abstain_rule(calibra
     assert cal["temperature"]["nll_after"] < cal["temperature"]["nll_before"]
     assert d["abstain"] is True and len(set(d["thresholds"])) == 1
     assert cal["thresholds"]["strategy"] == "target_accuracy"
-    assert d["ood"]["method"] == "knn+rmd" and "ood.safetensors" in m["files"]
+    assert d["ood"]["method"] == "knn+rmd+stages" and "ood.safetensors" in m["files"]
+    assert d["ood"]["stage_widths"] and d["ood"]["dim"] > 0  # the crop CNN's earlier blocks
     assert m["profiles"]["default"] == d
     r = cal["default_rule"]
     assert calibrated_run.rule == (
@@ -71,9 +77,11 @@ def test_ood_threshold_is_reproducible_from_the_stored_statistics(calibrated_run
     assert np.mean(arrays["val_scores"] <= rule["threshold"]) >= rule["accept"]
     # rebuilt from the stored arrays, it gives the validation scores the threshold rests on
     ood = scorer_from_rule(rule, arrays)
-    assert isinstance(ood, KnnRmdOOD) and ood.threshold_ == rule["threshold"]
+    assert isinstance(ood, KnnRmdStagesOOD) and ood.threshold_ == rule["threshold"]
     # the stored bank scores a training image (its own neighbour) near zero
-    near = KnnRmdOOD.from_rule({**rule, "k": 1}, arrays).components(arrays["bank"][:3])
+    # (its penultimate part read alone, as a knn+rmd rule of the same arrays)
+    near = KnnRmdOOD.from_rule({**rule, "method": "knn+rmd", "k": 1}, arrays).components(
+        arrays["bank"][:3])
     assert near["knn"].max() < 1e-3
 
 
@@ -131,13 +139,13 @@ def test_torch_and_onnx_backends_give_the_same_ood_scores_and_reasons(calibrated
     assert [r["reason"] for r in rows["torch"]] == [r["reason"] for r in rows["onnx"]]
     finite = np.isfinite(rows["torch_scores"])
     np.testing.assert_allclose(rows["onnx_scores"][finite], rows["torch_scores"][finite],
-                               atol=1e-4)
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_inspect_says_what_the_default_rule_refuses(calibrated_run, tiny_run):
     from imgtriage.cli.main import app
 
     out = CliRunner().invoke(app, ["inspect", str(calibrated_run.bundle_path)]).output
-    assert "unknowns    out-of-distribution: knn+rmd k=5" in out and "answers " in out
+    assert "unknowns    out-of-distribution: knn+rmd+stages k=5" in out and "answers " in out
     raw = CliRunner().invoke(app, ["inspect", str(tiny_run.bundle_path)]).output
     assert "no out-of-distribution rule; not calibrated: --no-calibrate" in raw

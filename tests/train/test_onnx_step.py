@@ -122,7 +122,7 @@ def test_int8_is_judged_on_the_default_rules_decisions_too(calibrated_run):
 
     m = load_bundle(calibrated_run.bundle_path).manifest
     q = m["onnx"]["int8"]
-    assert m["decision"]["abstain"] and m["decision"]["ood"]["method"] == "knn+rmd"
+    assert m["decision"]["abstain"] and m["decision"]["ood"]["method"] == "knn+rmd+stages"
     with (calibrated_run.run_dir / "splits.csv").open() as fh:
         val = [r["path"] for r in csv.DictReader(fh) if r["split"] == "val"]
     assert len(val) == q["n_images"] == 40

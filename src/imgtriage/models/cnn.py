@@ -75,6 +75,10 @@ class CropCNN(nn.Module):
         """The classification head (what transfer learning trains first)."""
         return self.head
 
+    def stages(self) -> list[nn.Module]:
+        """The conv blocks, shallow to deep (their maps feed the OOD scorer's statistics)."""
+        return list(self.features)
+
     def forward(self, x):
         return self.head(self.dropout(self.forward_features(x)))
 

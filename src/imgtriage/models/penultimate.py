@@ -1,10 +1,19 @@
-"""The penultimate features of any classifier: what its classification head sees.
+"""The features an OOD scorer reads: what the head sees, and how the early stages responded.
 
-Out-of-distribution scores are computed in this space (k nearest neighbours of the
+Out-of-distribution scores are computed in the penultimate space (k nearest neighbours of the
 L2-normalised features, Sun et al. 2022). Every classifier here ends in one head module
 (``get_classifier()`` for timm models, the crop CNNs and fusion nets; ``head`` for the
 Siamese cosine head); its input is the feature vector. :class:`WithFeatures` returns it next
 to the logits from the same forward pass, so the ONNX export can emit both from one graph.
+
+With ``stages=True`` the features go on with the statistics of the earlier stages' feature
+maps (:func:`stage_modules`): per channel, the mean and the standard deviation over the map,
+each as ``sign(v) log(1 + |v|)``. The penultimate space of a network trained on one sensor
+describes *which class*; it can place an unlike image (a photo before a SAR model) near a
+class, while low-level responses (texture, speckle, contrast) tell at once that the input is
+not of the training kind, and barely move under a covariate shift (another depression angle)
+that moves the penultimate features (``docs/benchmarks.md``, issue 15). Layer statistics as
+OOD evidence: Lee et al. 2018 (Mahalanobis over layers), Sastry & Oore 2020 (Gram matrices).
 """
 
 from __future__ import annotations
@@ -27,34 +36,84 @@ def head_of(model: nn.Module) -> nn.Module:
     return head
 
 
+def stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are ``model``'s intermediate feature maps, shallow to deep,
+    less the deepest (its pooled output is, in effect, the penultimate feature): a model's
+    own ``stages()`` (the crop CNNs), timm's ``feature_info`` (EfficientNet, ResNet, ...),
+    else none (the OOD scorer then reads the penultimate features alone)."""
+    own = getattr(model, "stages", None)
+    if callable(own):
+        found = list(own())
+    else:
+        info = getattr(model, "feature_info", None)
+        names = [d.get("module") for d in info] if isinstance(info, list) else []
+        try:
+            found = [model.get_submodule(n) for n in names] if all(names) else []
+        except AttributeError:
+            found = []
+    return found[:-1]
+
+
+def _map_stats(fmap: torch.Tensor) -> torch.Tensor:
+    """(N, 2C): per channel, the mean and standard deviation over the map, log-compressed."""
+    mean = fmap.mean(dim=(2, 3))
+    std = (fmap - mean[:, :, None, None]).pow(2).mean(dim=(2, 3)).sqrt()
+    v = torch.cat([mean, std], dim=1)
+    return torch.sign(v) * torch.log1p(v.abs())
+
+
 class WithFeatures(nn.Module):
-    """``model`` returning ``(logits, features)``; features = the head's (flattened) input.
+    """``model`` returning ``(logits, features)``; features = the head's (flattened) input,
+    then (``stages=True``) each earlier stage's map statistics; ``stage_widths`` says their
+    widths (empty when the model has no stages; known after the first pass).
 
     Example:
         >>> from imgtriage.models import create_model
-        >>> net = WithFeatures(create_model("crop_cnn", 3, 1, widths=[4, 8])).eval()
-        >>> logits, feats = net(torch.zeros(2, 1, 16, 16))
+        >>> model = create_model("crop_cnn", 3, 1, widths=[4, 8])
+        >>> logits, feats = WithFeatures(model).eval()(torch.zeros(2, 1, 16, 16))
         >>> tuple(logits.shape), tuple(feats.shape)
         ((2, 3), (2, 8))
+        >>> tap = WithFeatures(model, stages=True).eval()
+        >>> tuple(tap(torch.zeros(2, 1, 16, 16))[1].shape), tap.stage_widths
+        ((2, 16), (8,))
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stages: bool = False) -> None:
         super().__init__()
         self.model = model
         self._head = (head_of(model),)  # a tuple: not registered twice as a submodule
+        self._stages = tuple(stage_modules(model)) if stages else ()
+        self.stage_widths: tuple[int, ...] = ()
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen: list[torch.Tensor] = []
+        maps: list[torch.Tensor] = []
 
         def keep(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
             seen.append(inputs[0])
 
-        handle = self._head[0].register_forward_pre_hook(keep)  # only for this pass
+        def keep_map(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.ndim == 4:
+                maps.append(_map_stats(output))
+
+        handles = [self._head[0].register_forward_pre_hook(keep)]  # only for this pass
+        handles += [m.register_forward_hook(keep_map) for m in self._stages]
         try:
             logits = self.model(*args)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         if len(seen) != 1:
             raise ModelError(f"the head of {type(self.model).__name__} ran {len(seen)} times in "
                              "one forward pass; cannot tell which input is the feature")
-        return logits, seen[0].flatten(1)
+        feats = seen[0].flatten(1)
+        n = feats.shape[0]
+        # a model that averages views (views.py) runs k x N images before its head: the
+        # views' statistics are averaged as its features are
+        stats = [s.reshape(s.shape[0] // n, n, -1).mean(0) for s in maps
+                 if s.shape[0] % n == 0]
+        if len(stats) != len(maps):
+            raise ModelError(f"a stage of {type(self.model).__name__} saw a batch that is not "
+                             f"a multiple of the head's ({n}); cannot pair its statistics")
+        self.stage_widths = tuple(int(s.shape[1]) for s in stats)
+        return logits, torch.cat([feats, *stats], dim=1) if stats else feats

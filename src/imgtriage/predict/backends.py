@@ -126,6 +126,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.model = build_model(bundle).to(self.device, memory_format=torch.channels_last)
         self._tap: Any = None
+        self._stages = stages_wanted(bundle)
 
     def _args(self, x: np.ndarray, features: np.ndarray | None) -> list[Any]:
         import torch
@@ -146,13 +147,14 @@ class TorchBackend:
 
     def with_features(self, x: np.ndarray, features: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and penultimate features from one forward pass (for OOD scores)."""
+        """Logits and penultimate features (then the stage statistics where the bundle's OOD
+        rule reads them) from one forward pass (for OOD scores)."""
         import torch
 
         from imgtriage.models import WithFeatures
 
         if self._tap is None:
-            self._tap = WithFeatures(self.model)
+            self._tap = WithFeatures(self.model, stages=self._stages)
         with torch.inference_mode():
             logits, feats = self._tap(*self._args(x, features))
         return logits.float().cpu().numpy(), feats.float().cpu().numpy()
@@ -205,9 +207,19 @@ def check_shapes(bundle: Bundle, state: dict[str, Any], make: Any) -> None:
                       "or the weights were altered: use the original bundle")
 
 
+def stages_wanted(bundle: Bundle) -> bool:
+    """Whether the bundle's OOD rule reads stage statistics after the penultimate features
+    (``knn+rmd+stages``): every features tap of its model (torch, the exported graph) then
+    appends them."""
+    from imgtriage.evaluate.ood import wants_stages
+
+    return wants_stages(bundle.info.decision.get("ood"))
+
+
 def build_model(bundle: Bundle, *, with_features: bool = False):
     """Instantiate the bundle's architecture and load its verified weights (eval mode);
-    ``with_features`` returns ``(logits, penultimate features)`` from one forward pass.
+    ``with_features`` returns ``(logits, features)`` from one forward pass: the penultimate
+    features, then the stage statistics where the OOD rule reads them (:func:`stages_wanted`).
 
     This is where a bundle (data) becomes a network: above ``bundle``, which never builds one.
     """
@@ -227,4 +239,6 @@ def build_model(bundle: Bundle, *, with_features: bool = False):
     except RuntimeError as exc:
         raise BundleError(f"{bundle.path}: weights do not fit architecture {m.name!r}: "
                           f"{str(exc).splitlines()[0]}") from exc
-    return WithFeatures(model).eval() if with_features else model.eval()
+    if with_features:
+        return WithFeatures(model, stages=stages_wanted(bundle)).eval()
+    return model.eval()

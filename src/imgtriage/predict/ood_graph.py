@@ -17,7 +17,10 @@ checked at export to ``SCORE_TOLERANCE``):
   the class term by expansion on features centred on the training mean first (no
   cancellation: error ~2e-5 on scores of order 1, 10x smaller than uncentred), its minimum
   over classes by ``TopK(largest=0)``; memory stays (N, C), never (N, C, D).
-* the two standardised by the stored median and spread, and the larger kept.
+* stage statistics (``knn+rmd+stages``): each stage's columns sliced from ``features``, its
+  Mahalanobis distance as a squared norm of ``(s - mu) W`` like the above; the penultimate
+  part (the first columns) feeds the two scores above.
+* each standardised by the stored median and spread, and the largest kept.
 
 The head goes onto the graphs *after* export and int8 quantisation, so its constants are never
 quantised and an int8 graph's score comes from that graph's own features. Only a few opset-11
@@ -36,13 +39,13 @@ from imgtriage.bundle.graph import OOD_SCORE_OUTPUT, num_features, ood_score_rec
 from imgtriage.bundle.record import Manifest
 from imgtriage.bundle.store import sha256_bytes
 from imgtriage.errors import BundleError, require
-from imgtriage.evaluate.ood import KnnOOD, KnnRmdOOD
+from imgtriage.evaluate.ood import KnnOOD, KnnRmdOOD, KnnRmdStagesOOD
 
 FEATURES_OUTPUT = "features"
 PREFIX = "imgtriage_ood/"
 MIN_OPSET = 11
-# max |in-graph score - NumPy score| on the check images; the standardised scores and their
-# thresholds are of order 1, and measured differences are 1e-5 - 3e-5
+# max |in-graph score - NumPy score| on the check images (relative beyond 1); the standardised
+# scores and their thresholds are of order 1, and measured differences are 1e-5 - 3e-5
 SCORE_TOLERANCE = 1e-3
 
 
@@ -114,9 +117,40 @@ def _rmd(h: _Head, f: str, scorer: KnnRmdOOD) -> str:
     return h.smallest(dist, 1, "rmd_z")
 
 
+def _columns(h: _Head, features: str, start: int, stop: int, name: str) -> str:
+    """``features[:, start:stop]``."""
+    return h.op("Slice", [features, h.const(name + "_a", np.array([start], np.int64)),
+                          h.const(name + "_b", np.array([stop], np.int64)),
+                          h.const(name + "_ax", np.array([1], np.int64))], name)
+
+
+def _stages(h: _Head, features: str, scorer: KnnRmdStagesOOD) -> list[str]:
+    """Each stage's (|(s - mu) W|^2 - med) / spread as (N, 1), with P = W W^T scaled by
+    1/sqrt(spread), read from its columns of ``features``."""
+    out, start = [], scorer.dim_
+    for j, width in enumerate(scorer.stage_widths):
+        med, spread = scorer.stage_scale_[j]
+        part = _columns(h, features, start, start + width, f"stage{j}")
+        start += width
+        c = h.op("Sub", [part, h.const(f"stage{j}_mean", scorer.stage_means_[j])],
+                 f"stage{j}_centred")
+        proj = h.op("MatMul", [c, h.const(f"stage{j}_w", _factor(scorer.stage_precs_[j])
+                                          / np.sqrt(spread))], f"stage{j}_proj")
+        d = h.op("MatMul", [h.op("Mul", [proj, proj], f"stage{j}_sq"),
+                            h.const(f"stage{j}_ones", np.ones((width, 1)))],
+                 f"stage{j}_d")
+        out.append(h.op("Sub", [d, h.const(f"stage{j}_med", np.float32(med / spread))],
+                        f"stage{j}_z"))
+    return out
+
+
 def _head(scorer: KnnOOD, features: str) -> tuple[_Head, str]:
     """The head's nodes from ``features`` to the score (N, 1)."""
     h = _Head()
+    stage_z: list[str] = []
+    if isinstance(scorer, KnnRmdStagesOOD):
+        stage_z = _stages(h, features, scorer)
+        features = _columns(h, features, 0, scorer.dim_, "penultimate")
     sq = h.op("Mul", [features, features], "feat_sq")
     norm = h.op("Sqrt", [h.op("MatMul", [sq, h.const("ones", np.ones((
         scorer.bank_.shape[1], 1)))], "norm_sq")], "norm")
@@ -124,7 +158,8 @@ def _head(scorer: KnnOOD, features: str) -> tuple[_Head, str]:
                                     "norm_pos")], "unit")
     if isinstance(scorer, KnnRmdOOD):
         (med, spread) = scorer.scale_["knn"]
-        return h, h.op("Max", [_knn(h, f, scorer, med, spread), _rmd(h, f, scorer)], "fused")
+        return h, h.op("Max", [_knn(h, f, scorer, med, spread), _rmd(h, f, scorer), *stage_z],
+                       "fused")
     return h, _knn(h, f, scorer, 0.0, 1.0)
 
 
@@ -185,12 +220,15 @@ def without_ood_score(graph: bytes) -> bytes:
 def score_parity(graph: bytes, scorer: KnnOOD, x: np.ndarray,
                  features: np.ndarray | None = None) -> float:
     """max |in-graph score - the scorer's NumPy score of the same graph's features| on ``x``
-    (and ``features`` for a fusion graph's second input)."""
+    (and ``features`` for a fusion graph's second input), relative where the score is beyond
+    1 (the stage scores of an input far from the training images reach 1e4: float32 keeps
+    their first 6-7 digits)."""
     from imgtriage.predict.ort_session import run_graph
 
     feats = run_graph(graph, x, features=features, output=FEATURES_OUTPUT)
     got = run_graph(graph, x, features=features, output=OOD_SCORE_OUTPUT)
-    return float(np.abs(got.astype(np.float64) - scorer.score(feats)).max())
+    want = scorer.score(feats)
+    return float((np.abs(got.astype(np.float64) - want) / np.maximum(1.0, np.abs(want))).max())
 
 
 def attach_ood_score(manifest: Manifest, files: dict[str, bytes], x_check: np.ndarray | None,

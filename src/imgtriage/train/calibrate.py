@@ -21,8 +21,15 @@ from torch import nn
 from imgtriage.errors import ModelError
 from imgtriage.evaluate import DecisionPolicy, fit_decision_policy
 from imgtriage.evaluate.metrics import balanced_accuracy
-from imgtriage.evaluate.ood import OOD_FILE, SCORERS, KnnOOD
-from imgtriage.models.penultimate import WithFeatures
+from imgtriage.evaluate.ood import (
+    METHOD,
+    METHOD_FUSED,
+    METHOD_STAGES,
+    OOD_FILE,
+    SCORERS,
+    KnnOOD,
+)
+from imgtriage.models.penultimate import WithFeatures, stage_modules
 from imgtriage.train.config import TrainConfig
 from imgtriage.train.losses import LossPlan
 
@@ -47,13 +54,16 @@ class Calibration:
 
 @torch.no_grad()
 def embed(model: nn.Module, source: Any, order: list[int] | None = None,
-          batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+          batch_size: int = 256, tap: WithFeatures | None = None
+          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Logits, penultimate features (None when the model has no head to read) and labels of
-    a training source (:mod:`imgtriage.train.pipeline`), in eval mode, no augmentation."""
+    a training source (:mod:`imgtriage.train.pipeline`), in eval mode, no augmentation.
+    ``tap``: the features tap of ``model`` to read (e.g. ``WithFeatures(model, stages=True)``
+    for the stage statistics too; its ``stage_widths`` are then known)."""
     model.eval()
     dev = next(model.parameters()).device
     try:
-        net: nn.Module = WithFeatures(model)
+        net: nn.Module = tap if tap is not None else WithFeatures(model)
     except ModelError:
         net = model
     logits, feats, labels = [], [], []
@@ -75,24 +85,41 @@ def embed(model: nn.Module, source: Any, order: list[int] | None = None,
 STATS_SAMPLE = 10000
 
 
-def _ood(model: nn.Module, train: Any, val_feats: np.ndarray | None, cfg: TrainConfig
-         ) -> tuple[KnnOOD | None, str | None]:
+def ood_method(model: nn.Module, cfg: TrainConfig) -> tuple[str, str | None]:
+    """The OOD method a run fits, and a note when it is not the one asked for: the stage
+    statistics of ``knn+rmd+stages`` need a network with stages (the crop CNNs, timm's)."""
+    if cfg.ood_method == METHOD_STAGES and not stage_modules(model):
+        return METHOD_FUSED, (f"{type(model).__name__} has no stages to read: "
+                              f"{METHOD_FUSED} on the penultimate features")
+    return cfg.ood_method, None
+
+
+def _stages_tap(model: nn.Module) -> WithFeatures | None:
+    try:
+        return WithFeatures(model, stages=True)
+    except ModelError:  # no head: embed() reads the logits alone
+        return None
+
+
+def _ood(model: nn.Module, train: Any, val_feats: np.ndarray | None, cfg: TrainConfig,
+         method: str, tap: WithFeatures | None = None) -> tuple[KnnOOD | None, str | None]:
     if not cfg.ood:
         return None, "off (--no-ood)"
     if val_feats is None:
         return None, "the model has no classification head to read penultimate features from"
     n = len(train)
     order = list(range(n))
-    # the k-NN bank keeps --ood-bank of them; the class statistics of knn+rmd use up to
+    # the k-NN bank keeps --ood-bank of them; the class (and stage) statistics use up to
     # STATS_SAMPLE (embedding costs one inference pass, far less than an epoch)
-    want = max(cfg.ood_bank, STATS_SAMPLE) if cfg.ood_method == "knn+rmd" else cfg.ood_bank
+    want = cfg.ood_bank if method == METHOD else max(cfg.ood_bank, STATS_SAMPLE)
     if n > want:  # embed only the sample the scorer uses
         order = sorted(np.random.default_rng(cfg.seed).choice(n, want, replace=False).tolist())
-    _, train_feats, train_y = embed(model, train, order)
+    _, train_feats, train_y = embed(model, train, order, tap=tap)
     if train_feats is None or not len(train_feats):
         return None, "no training features"
-    return SCORERS[cfg.ood_method](k=cfg.ood_k, accept=cfg.ood_accept, max_bank=cfg.ood_bank,
-                                   seed=cfg.seed).fit(train_feats, val_feats, train_y), None
+    extra = {"stage_widths": tap.stage_widths} if method == METHOD_STAGES and tap else {}
+    return SCORERS[method](k=cfg.ood_k, accept=cfg.ood_accept, max_bank=cfg.ood_bank,
+                           seed=cfg.seed, **extra).fit(train_feats, val_feats, train_y), None
 
 
 def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
@@ -115,8 +142,13 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
-    logits, feats, y = embed(model, val)
-    ood, ood_note = _ood(model, train, feats, cfg)
+    method, method_note = ood_method(model, cfg) if cfg.ood else (cfg.ood_method, None)
+    tap = _stages_tap(model) if method == METHOD_STAGES else None
+    logits, feats, y = embed(model, val, tap=tap)
+    if method == METHOD_STAGES and (tap is None or not tap.stage_widths):
+        method, method_note = METHOD_FUSED, (f"no stage of {type(model).__name__} gave a "
+                                             f"feature map: {METHOD_FUSED}")
+    ood, ood_note = _ood(model, train, feats, cfg, method, tap)
     policy, summary = fit_decision_policy(
         logits, y, class_names=classes, target_accuracy=cfg.target_accuracy,
         ood=ood.rule() if ood is not None else None, prior_correction=offsets)
@@ -130,6 +162,8 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
         "abstained_low_confidence": int(sum(r == "low_confidence" for r in d.reason)),
         "abstained_ood": int(sum(r == "out_of_distribution" for r in d.reason))}
     summary["ood"] = ood.rule() if ood is not None else {"skipped": ood_note}
+    if ood is not None and method_note:
+        summary["ood"]["note"] = method_note
     files = {}
     if ood is not None:
         from safetensors.numpy import save

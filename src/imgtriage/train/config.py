@@ -325,10 +325,14 @@ class TrainConfig:
     ood: bool = _f(True, "Fit an out-of-distribution scorer on the model's penultimate "
                          "features of the training images; inputs beyond its threshold are "
                          "refused as out_of_distribution.")
-    ood_method: str = _f("knn+rmd", "OOD score: knn+rmd (the larger of the standardised k-NN "
-                                    "distance and relative Mahalanobis distance; stronger on "
-                                    "unseen classes) or knn (k-NN distance alone, Sun et al. "
-                                    "2022).")
+    ood_method: str = _f("knn+rmd+stages", "OOD score: knn+rmd+stages (knn+rmd, and how "
+                                           "unusual the statistics of the network's earlier "
+                                           "feature maps are: refuses images of another "
+                                           "kind; knn+rmd where the model has no stages), "
+                                           "knn+rmd (the larger of the standardised k-NN "
+                                           "distance and relative Mahalanobis distance; "
+                                           "stronger on unseen classes) or knn (k-NN distance "
+                                           "alone, Sun et al. 2022).")
     ood_accept: float = _f(0.95, "Share of in-distribution (validation) images the OOD "
                                  "threshold accepts (a conformal quantile).")
     ood_k: int = _f(5, "Which nearest training neighbour's distance is the OOD score.")
@@ -450,7 +454,7 @@ def _check_choices(c: TrainConfig) -> None:
                "route_check": ("auto", "off"), "prior_correction": TRI_STATE,
                "view_average": ("auto", "off"),
                "scaling": ("auto", "dtype", "minmax", "percentile"),
-               "ood_method": ("knn+rmd", "knn")}
+               "ood_method": ("knn+rmd+stages", "knn+rmd", "knn")}
     for name, allowed in choices.items():
         value = getattr(c, name)
         _need(value in allowed, name, f"{name.replace('_', ' ')} must be one of "

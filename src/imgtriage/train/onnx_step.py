@@ -26,7 +26,7 @@ from imgtriage.bundle import Manifest
 from imgtriage.bundle.graph import INT8_FILE, ONNX_FILE, graph_outputs
 from imgtriage.data import PreprocessSpec, Sample, load_input
 from imgtriage.errors import ImageReadError
-from imgtriage.evaluate.ood import OOD_FILE
+from imgtriage.evaluate.ood import OOD_FILE, wants_stages
 from imgtriage.models import WithFeatures, create_model
 from imgtriage.predict.graph import training_graph
 from imgtriage.predict.int8 import (
@@ -110,8 +110,8 @@ def attach_graph(manifest: Manifest, state_dict: dict[str, Any], inputs: GraphIn
     model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
     x_check = inputs.check.x[:PARITY_IMAGES] if inputs.check is not None else None
     outputs = graph_outputs(manifest)
-    if "features" in outputs:  # the OOD rule reads the penultimate features of the same pass
-        model = WithFeatures(model)
+    if "features" in outputs:  # the OOD rule reads the features of the same pass
+        model = WithFeatures(model, stages=wants_stages(manifest.decision.get("ood")))
     files, info = training_graph(model.eval(), manifest, x_check, outputs)
     files = _int8(files, info, manifest, inputs, quantize, say, rule_files or {})
     return manifest.with_changes(onnx=info), files
