@@ -130,7 +130,7 @@ def _inputs(p: Any, paths: list[Path]) -> np.ndarray:
     return np.stack([load_input(str(f), p.spec)[0] for f in paths])
 
 
-METHODS = ("bundle", "knn", "rmd", "msp", "energy")
+METHODS = ("bundle", "knn", "rmd", "stages", "msp", "energy", "refit", "refit_stages")
 
 
 def _parts(p: Any, feats: np.ndarray) -> dict[str, np.ndarray]:
@@ -167,6 +167,48 @@ def _scores(p: Any, x: np.ndarray) -> dict[str, np.ndarray]:
                             for i in range(0, len(x), SCORE_CHUNK)])
     out.update(_parts(p, feats))
     return out
+
+
+def _refit(bundle: Path, threads: int) -> Any:
+    """Scores of ``bundle``'s model under the default OOD scorer of this version of
+    imgtriage (``knn+rmd+stages``), refitted as ``imgtriage train`` fits it: on the features
+    (penultimate + stage statistics, torch) of up to 10,000 training images of the run's
+    ``splits.csv`` (beside the bundle), threshold on its validation images. Returns
+    ``score(x) -> {"refit": fused score, "refit_stages": the stage part}`` and the scorer."""
+    import csv
+
+    import torch
+
+    from imgtriage.evaluate.ood import KnnRmdStagesOOD
+    from imgtriage.models import WithFeatures
+    from imgtriage.predict import Predictor
+
+    t = Predictor.load(bundle, backend="torch", num_threads=threads)
+    tap = WithFeatures(t.backend.model, stages=True).eval()
+
+    def feats(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([tap(torch.from_numpy(x[i:i + SCORE_CHUNK]))[1].numpy()
+                                   for i in range(0, len(x), SCORE_CHUNK)])
+
+    rows = list(csv.DictReader((bundle.parent / "splits.csv").open()))
+    train = [r for r in rows if r["split"] == "train"]
+    if len(train) > 10000:
+        keep = np.random.default_rng(0).choice(len(train), 10000, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    val = [r["path"] for r in rows if r["split"] == "val"]
+    rule = t.policy.ood or {}
+    f_train = feats(_inputs(t, [r["path"] for r in train]))  # stage widths known from here
+    scorer = KnnRmdStagesOOD(k=int(rule.get("k", 5)), accept=float(rule.get("accept", 0.95)),
+                             max_bank=int(rule.get("max_bank", 1024)),
+                             seed=int(rule.get("seed", 0)), stage_widths=tap.stage_widths)
+    scorer.fit(f_train, feats(_inputs(t, val)),
+               np.array([t.classes.index(r["label"]) for r in train]))
+
+    def score(x: np.ndarray) -> dict[str, np.ndarray]:
+        f = feats(x)
+        return {"refit": scorer.score(f), "refit_stages": scorer.components(f)["stages"]}
+    return score, scorer
 
 
 def _throughput(p: Any, x: np.ndarray, rounds: int, numpy_p: Any = None) -> dict[str, Any]:
@@ -244,9 +286,11 @@ def _ece_floor(probs: np.ndarray, draws: int = 200) -> float:
 
 
 def run_task(task: str, seed: int, out: Path, rounds: int, mstar_recipe: str = "small",
-             threads: int = 2, bundle: Path | None = None) -> dict[str, Any]:
+             threads: int = 2, bundle: Path | None = None, refit: bool = False
+             ) -> dict[str, Any]:
     """Train ``task``'s model for ``seed`` (or score ``bundle``, a bundle trained on the same
-    training set elsewhere, e.g. by bench_defaults.py) and measure it."""
+    training set elsewhere, e.g. by bench_defaults.py) and measure it; ``refit``: also score
+    with the current default OOD scorer refitted on the bundle's model (:func:`_refit`)."""
     from imgtriage.data import write_manifest
     from imgtriage.evaluate.ood import auroc_fpr
     from imgtriage.predict import Predictor
@@ -283,15 +327,28 @@ def run_task(task: str, seed: int, out: Path, rounds: int, mstar_recipe: str = "
     y = np.array([p.classes.index(c) for _, c in test])
     x_id = _inputs(p, [f for f, _ in test])
     s_id = _scores(p, x_id)
+    refitted = _refit(Path(bundle), threads) if refit else None
+    if refitted is not None:
+        s_id.update(refitted[0](x_id))
     seconds = round(train_s, 1) if math.isfinite(train_s) else None
     row: dict[str, Any] = {"task": task, "seed": seed, "train_seconds": seconds,
                            "recipe": "fashion" if task == "fashion" else mstar_recipe,
                            "rule_line": rule_line, "id": _id_metrics(p, s_id, y), "ood": {}}
+    if refitted is not None:
+        thr = refitted[1].threshold_
+        row["refit"] = {"rule": refitted[1].rule(), "id_accepted": float(np.mean(
+            s_id["refit"] <= thr))}
     for name, files in ood_sets.items():
-        s = _scores(p, _inputs(p, files))
+        x = _inputs(p, files)
+        s = _scores(p, x)
+        if refitted is not None:
+            s.update(refitted[0](x))
         row["ood"][name] = {m: auroc_fpr(s_id[m], s[m]) for m in METHODS if m in s}
         d = p.policy.decide(s["logits"], s["bundle"])
         row["ood"][name]["refused_by_rule"] = float(d.abstained.mean())
+        if refitted is not None:
+            row["ood"][name]["refused_by_refit_ood"] = float(np.mean(
+                s["refit"] > refitted[1].threshold_))
     row["throughput"] = _throughput(p, x_id[:512], rounds) if rounds > 0 else None
     return row
 
@@ -348,6 +405,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"  {name:13s} {m}: AUROC {_med(a)}  FPR@95TPR {_med(f)}")
             lines.append(f"  {name:13s} refused by the default rule: "
                          f"{_med([r['ood'][name]['refused_by_rule'] for r in rs])}")
+            if all("refused_by_refit_ood" in r["ood"][name] for r in rs):
+                lines.append(f"  {name:13s} refused by the refitted OOD part: "
+                             f"{_med([r['ood'][name]['refused_by_refit_ood'] for r in rs])}")
+        if all("refit" in r for r in rs):
+            lines.append("  ID test accepted by the refitted OOD part: "
+                         f"{_med([r['refit']['id_accepted'] for r in rs])}")
         if any(r["throughput"] is None for r in rs):
             continue
         lines.append(f"  throughput with/without OOD scorer: "
@@ -386,7 +449,13 @@ def main() -> None:
                     help="score this bundle instead of training (one task, one seed: the "
                          "seed only names the row), e.g. a no-options bundle that "
                          "bench_defaults.py trained on the same training set")
+    ap.add_argument("--refit-ood", action="store_true",
+                    help="with --bundle: also score with this version's default OOD scorer "
+                         "refitted on the bundle's model and its run's splits.csv (columns "
+                         "refit, refit_stages), beside the bundle's own rule")
     args = ap.parse_args()
+    if args.refit_ood and not args.bundle:
+        ap.error("--refit-ood needs --bundle")
     if args.bundle and ("," in args.tasks or "," in args.seeds):
         ap.error("--bundle scores one bundle: give one --tasks and one --seeds")
     if args.merge:
@@ -400,7 +469,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
             rows.append(run_task(task, seed, args.out, args.rounds, args.mstar_recipe,
-                                 args.threads, args.bundle))
+                                 args.threads, args.bundle, args.refit_ood))
             print(json.dumps(rows[-1]), flush=True)
             (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(summarise(rows)))
