@@ -13,6 +13,7 @@ from imgtriage.errors import ConfigError
 from imgtriage.evaluate.ood import (
     KnnOOD,
     KnnRmdOOD,
+    KnnRmdStagesOOD,
     auroc_fpr,
     knn_distance,
     scorer_from_rule,
@@ -99,3 +100,54 @@ def test_plain_knn_bundles_still_load_and_broken_rules_say_how_to_fix():
         scorer_from_rule({**knn.rule(), "method": "vim"}, knn.arrays())
     with pytest.raises(ConfigError, match="training labels"):
         KnnRmdOOD().fit(rng.normal(size=(50, 4)), rng.normal(size=(20, 4)))
+
+
+def _with_stats(rng: np.random.Generator, x: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """``x`` then two stages' statistics (6 and 4 columns): correlated, as map statistics
+    are, and moved by ``shift`` for an input of another kind."""
+    base = rng.normal(0, 1, (len(x), 1))
+    s1 = 1.0 + 0.3 * base + 0.1 * rng.normal(size=(len(x), 6)) + shift
+    s2 = 2.0 - 0.2 * base + 0.1 * rng.normal(size=(len(x), 4)) + shift
+    return np.concatenate([x, s1, s2], axis=1)
+
+
+@pytest.fixture(scope="module")
+def staged() -> tuple[KnnRmdStagesOOD, np.random.Generator]:
+    rng = np.random.default_rng(3)
+    x, y = _clusters(rng, 600, range(4))
+    val, _ = _clusters(rng, 200, range(4))
+    return (KnnRmdStagesOOD(k=5, stage_widths=[6, 4]).fit(
+        _with_stats(rng, x), _with_stats(rng, val), train_labels=y), rng)
+
+
+def test_stage_statistics_refuse_another_kind_of_input_that_the_penultimate_part_accepts(
+        staged):
+    ood, rng = staged
+    seen, _ = _clusters(rng, 400, range(4))
+    usual, other_kind = _with_stats(rng, seen), _with_stats(rng, seen, shift=1.5)
+    plain = KnnRmdOOD.from_rule({**ood.rule(), "method": "knn+rmd"}, ood.arrays())
+    # the penultimate columns are the same: the plain score cannot tell the two apart
+    assert auroc_fpr(plain.score(usual[:, :24]), plain.score(other_kind[:, :24]))["auroc"] < 0.6
+    s_usual, s_other = ood.score(usual), ood.score(other_kind)
+    assert auroc_fpr(s_usual, s_other)["auroc"] > 0.99
+    assert np.mean(s_usual <= ood.threshold_) >= 0.9 and np.mean(s_other > ood.threshold_) > 0.95
+    # the fused score is the largest of its parts: never below the penultimate score
+    assert np.all(s_usual >= plain.score(usual[:, :24]) - 1e-9)
+
+
+def test_stage_scorer_rebuilds_from_json_and_safetensors_and_checks_its_widths(staged):
+    ood, rng = staged
+    rule = json.loads(json.dumps(ood.rule()))
+    assert rule["method"] == "knn+rmd+stages" and rule["stage_widths"] == [6, 4]
+    assert rule["dim"] == 24 and {"stage0", "stage1", "knn", "rmd"} <= set(rule["scale"])
+    again = scorer_from_rule(rule, load(save(ood.arrays())))
+    probe = _with_stats(rng, _clusters(rng, 30, range(4))[0], shift=0.3)
+    np.testing.assert_allclose(again.score(probe), ood.score(probe), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="34 columns"):
+        ood.score(probe[:, :24])  # the penultimate part alone: the statistics are missing
+    arrays = ood.arrays()
+    del arrays["stage1_prec"]
+    with pytest.raises(ConfigError, match="stage1_prec"):
+        scorer_from_rule(rule, arrays)
+    with pytest.raises(ConfigError, match="widths of the stage statistics"):
+        KnnRmdStagesOOD().fit(probe, probe, train_labels=np.arange(30) % 3)

@@ -85,7 +85,7 @@ def embed(model: nn.Module, source: Any, order: list[int] | None = None,
 STATS_SAMPLE = 10000
 
 
-def ood_method(model: nn.Module, cfg: TrainConfig) -> tuple[str, str | None]:
+def _ood_method(model: nn.Module, cfg: TrainConfig) -> tuple[str, str | None]:
     """The OOD method a run fits, and a note when it is not the one asked for: the stage
     statistics of ``knn+rmd+stages`` need a network with stages (the crop CNNs, timm's)."""
     if cfg.ood_method == METHOD_STAGES and not stage_modules(model):
@@ -142,7 +142,7 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
-    method, method_note = ood_method(model, cfg) if cfg.ood else (cfg.ood_method, None)
+    method, method_note = _ood_method(model, cfg) if cfg.ood else (cfg.ood_method, None)
     tap = _stages_tap(model) if method == METHOD_STAGES else None
     logits, feats, y = embed(model, val, tap=tap)
     if method == METHOD_STAGES and (tap is None or not tap.stage_widths):
