@@ -340,7 +340,8 @@ class KnnRmdStagesOOD(KnnRmdOOD):
         """The raw k-NN and relative Mahalanobis scores, and ``stages``: the largest
         standardised stage score."""
         out = super().components(feats)
-        out["stages"] = self._stages_z(np.asarray(feats, dtype=np.float64))
+        with _one_blas_thread():
+            out["stages"] = self._stages_z(np.asarray(feats, dtype=np.float64))
         return out
 
     def _stages_z(self, f: np.ndarray) -> np.ndarray:
