@@ -11,8 +11,10 @@ images held out in turn, and ``softmax(scale x similarity)`` on every test image
 test NLL and 15-bin ECE at the fixed 10, at each rule's scale, and at the scale fitted on
 the test similarities themselves ("oracle", reference only: no gallery can know it). Also
 the similarity threshold ``train-fewshot`` fits (keep its default share of the enrolled
-images answered correctly held out): the share of the correct test answers it keeps, fitted
-on plain leave-one-out similarities (what it uses) and on full-count ones.
+images answered correctly held out): the share of the correct test answers it keeps (and
+of all test answers), fitted on plain leave-one-out similarities (``plain``, what it used
+until session 8) and as a gallery fits it now (``default``,
+:func:`~imgtriage.models.gallery.fit_similarity_threshold`: full-count similarities).
 
 Rules: ``plain`` (session 7's fit: plain leave-one-out, the held-out item's own class a
 prototype of K - 1 items, every row weighing alike), ``unweighted`` (the own-class similarity
@@ -121,6 +123,7 @@ def one_draw(train: tuple, test: tuple, shots: int, seed: int, uneven: bool) -> 
         Gallery,
         GalleryConfig,
         acceptance_threshold,
+        fit_similarity_threshold,
         held_out_similarities,
     )
     from imgtriage.predict.gallery_scale import held_out_scale
@@ -153,15 +156,18 @@ def one_draw(train: tuple, test: tuple, shots: int, seed: int, uneven: bool) -> 
                                                  y[fresh])[0]
     scales["oracle"] = 10.0 / fit_temperature(sims * 10.0, ty)[0]
     # the similarity threshold (train-fewshot's keep rate): the share of the correct test
-    # answers it keeps, fitted on plain leave-one-out similarities (what it uses) and on
-    # full-count ones
+    # answers it keeps (and of all test answers), fitted on plain leave-one-out similarities
+    # (session 8's fit, the baseline) and as a gallery fits it now (fit_similarity_threshold:
+    # full-count similarities for prototype galleries)
     keep = FewShotConfig().keep_rate
-    right = sims.argmax(1) == ty
-    for rule in ("plain", "full"):
-        ho, hy = held_out_similarities(g, full_count=rule == "full")
-        t = acceptance_threshold(ho.max(1), ho.argmax(1) == hy, keep)
-        out[f"threshold_keeps_{rule}"] = float((sims.max(1)[right] >= t).mean()) \
-            if t is not None else 1.0
+    right, best = sims.argmax(1) == ty, sims.max(1)
+    ho, hy = held_out_similarities(g)
+    cuts = {"plain": acceptance_threshold(ho.max(1), ho.argmax(1) == hy, keep),
+            "default": fit_similarity_threshold(g, GalleryConfig(), keep)[0]}
+    for rule, t in cuts.items():
+        kept = best >= t if t is not None else np.ones(len(best), bool)
+        out[f"threshold_keeps_{rule}"] = float(kept[right].mean())
+        out[f"threshold_coverage_{rule}"] = float(kept.mean())
     out["threshold_keep_rate"] = keep
     for name, s in scales.items():
         out[f"scale_{name}"] = float(s)
@@ -177,7 +183,8 @@ def summarise(rows: list[dict]) -> dict:
         name = f"{key[0]}-shot" + (" uneven" if key[1] else "")
         stats = {}
         arms = [a for a in ("fixed10", *RULES, *EXTRA, "oracle") if f"scale_{a}" in mine[0]]
-        for m in ("accuracy", "threshold_keeps_plain", "threshold_keeps_full",
+        for m in ("accuracy", *(f"threshold_{q}_{a}" for q in ("keeps", "coverage")
+                                for a in ("plain", "default")),
                   *(f"{q}_{a}" for q in ("scale", "ece", "nll") for a in arms)):
             v = [r[m] for r in mine]
             stats[m] = [round(float(np.median(v)), 4), round(min(v), 4), round(max(v), 4)]

@@ -172,8 +172,9 @@ def _echo_fit(fit: dict) -> None:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1%}"
 
+    how = f", {fit['correction']}" if fit.get("correction") else ""  # None: plain
     typer.echo(f"similarity threshold {fit['threshold']} (acceptance {fit['acceptance']}, "
-               f"{fit['n_items']} enrolled items held out in turn): held-out accuracy "
+               f"{fit['n_items']} enrolled items held out in turn{how}): held-out accuracy "
                f"{pct(fit['held_out_accuracy'])}, coverage {pct(fit['held_out_coverage'])}, "
                f"accuracy at coverage {pct(fit['accuracy_at_coverage'])}")
 

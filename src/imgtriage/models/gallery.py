@@ -32,6 +32,9 @@ METHODS = ("prototype", "knn")
 # The logit scale a gallery starts from (its similarities times this are its logits) until one
 # is fitted on held-out similarities (:mod:`imgtriage.predict.gallery_scale`).
 DEFAULT_SCALE = 10.0
+# How held-out similarities of ``prototype`` galleries are made like a new image's (the scale
+# fit and the similarity threshold): :func:`held_out_similarities` ``full_count``.
+FULL_COUNT = "own class at its full count"
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -286,11 +289,11 @@ def held_out_similarities(gallery: Gallery, method: str = "prototype", k: int = 
     return sims, lab.copy()
 
 
-def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-one-out over the enrolled items (:func:`held_out_similarities`): (best class
-    similarity, answered its own class) per item; an item alone in its class cannot be
-    answered with it (its class has nothing left to match).
+def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1, *,
+                    full_count: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out over the enrolled items (:func:`held_out_similarities`, ``full_count``
+    as there): (best class similarity, answered its own class) per item; an item alone in
+    its class cannot be answered with it (its class has nothing left to match).
 
     Example:
         >>> g = Gallery.build(np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]]),
@@ -298,18 +301,28 @@ def held_out_scores(gallery: Gallery, method: str = "prototype", k: int = 1
         >>> held_out_scores(g)[1].tolist()
         [True, True, True, True]
     """
-    sims, lab = held_out_similarities(gallery, method, k)
+    sims, lab = held_out_similarities(gallery, method, k, full_count=full_count)
     return sims.max(axis=1), sims.argmax(axis=1) == lab
 
 
 def fit_similarity_threshold(gallery: Gallery, config: GalleryConfig, acceptance: float
                              ) -> tuple[float | None, dict[str, Any]]:
     """The threshold that keeps ``acceptance`` of the enrolled items a leave-one-out gallery
-    answers correctly, and what it does on them (the fit's record for the manifest)."""
-    best, correct = held_out_scores(gallery, config.method, config.k)
+    answers correctly, and what it does on them (the fit's record for the manifest).
+
+    ``prototype`` galleries score each held-out item's own class as a new image meets it
+    (:data:`FULL_COUNT`, :func:`held_out_similarities` ``full_count``), as their scale fit
+    does: on plain leave-one-out every own-class similarity is low, so the cut sat low and
+    new images' correct answers were kept at less than ``acceptance`` (3 shots: a median
+    1-4 points less, the worst draws half; docs/benchmarks.md, issue 15). ``knn`` galleries
+    keep plain leave-one-out (no correction is known for them); the record's
+    ``correction`` says which (None: plain)."""
+    full = config.method == "prototype"
+    best, correct = held_out_scores(gallery, config.method, config.k, full_count=full)
     t = acceptance_threshold(best, correct, acceptance)
     kept = best >= t if t is not None else np.ones(len(best), bool)
     return t, {"rule": "leave-one-out over the enrolled items", "acceptance": acceptance,
+               "correction": FULL_COUNT if full else None,
                "threshold": t, "n_items": len(best),
                "held_out_accuracy": float(correct.mean()) if len(best) else None,
                "held_out_coverage": float(kept.mean()) if len(best) else None,

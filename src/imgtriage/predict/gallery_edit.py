@@ -200,8 +200,9 @@ def fit_threshold(path: PathLike, acceptance: float = 0.95, *,
     bundle, gallery, config = open_gallery(path)
     threshold, fit = fit_similarity_threshold(gallery, config, acceptance)
     new = replace(config, similarity_threshold=threshold)
+    how = f"leave-one-out, {fit['correction']}" if fit["correction"] else "leave-one-out"
     b = write_version(bundle, gallery, new, f"gallery: similarity threshold {threshold} fitted "
-                                            f"at acceptance {acceptance} (leave-one-out)", out,
+                                            f"at acceptance {acceptance} ({how})", out,
                       extra={"threshold_fit": fit})
     return b, fit
 

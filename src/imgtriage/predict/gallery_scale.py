@@ -68,14 +68,19 @@ from typing import Any
 import numpy as np
 
 from imgtriage.evaluate import fit_temperature
-from imgtriage.models.gallery import DEFAULT_SCALE, Gallery, GalleryConfig, held_out_similarities
+from imgtriage.models.gallery import (
+    DEFAULT_SCALE,
+    FULL_COUNT,
+    Gallery,
+    GalleryConfig,
+    held_out_similarities,
+)
 
 __all__ = ["FULL_COUNT", "LOO_RULE", "MIN_ITEMS", "VAL_RULE", "WEIGHTS", "class_weights",
            "fit_scale", "fixed_scale", "given_or_held_out", "held_out_scale", "scale_is_fixed",
            "scale_line"]
 
 LOO_RULE = "enrolled items held out in turn"
-FULL_COUNT = "own class at its full count"  # the correction of prototype galleries
 WEIGHTS = "classes alike"
 VAL_RULE = "validation split"
 MIN_ITEMS = 4  # held-out items (with a class-mate left to match) a fit needs at least

@@ -358,7 +358,8 @@ def _threshold(encoder: torch.nn.Module, classes: Sequence[str], tr: Any, va: An
         gcfg, scale_fit = _scale(gallery, gcfg, cfg)
         return (gallery, replace(gcfg, similarity_threshold=threshold),
                 {"threshold_fit": fitted, "scale_fit": scale_fit},
-                f"keep {cfg.keep_rate:.0%} of the enrolled crops answered correctly left-one-out")
+                f"keep {cfg.keep_rate:.0%} of the enrolled crops answered correctly left-one-out"
+                + (f" ({fitted['correction']})" if fitted["correction"] else ""))
     acc, best, correct = gallery_accuracy(encoder, (tr.x, tr.y), (va.x, va.y), cfg.method,
                                           cfg.knn_k)
     threshold = similarity_threshold(best, correct, cfg.keep_rate)

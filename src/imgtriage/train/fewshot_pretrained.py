@@ -144,7 +144,8 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
     threshold, fit = fit_similarity_threshold(gallery, gcfg, cfg.keep_rate)
     gcfg, scale_fit = given_or_held_out(gallery, gcfg, cfg.scale is not None)
     gcfg = replace(gcfg, similarity_threshold=threshold)
-    rule = f"keep {cfg.keep_rate:.0%} of the enrolled images answered correctly left-one-out"
+    rule = (f"keep {cfg.keep_rate:.0%} of the enrolled images answered correctly left-one-out"
+            + (f" ({fit['correction']})" if fit["correction"] else ""))
     metrics = {"train_count": len(kept), "epochs_run": 0, "threshold_fit": fit,
                "scale_fit": scale_fit}
     manifest = _graph_manifest(
