@@ -269,6 +269,8 @@ def test_threshold_fitted_on_enrolled_examples(trained, gallery_copy, tmp_path):
     assert fit["acceptance"] == 0.9 and fit["n_items"] == enrolled
     t = m["gallery"]["similarity_threshold"]
     assert t is not None and t == fit["threshold"] and "held-out accuracy" in res.output
+    # prototype galleries: fitted on full-count held-out similarities, as the record says
+    assert fit["correction"] == "own class at its full count" and fit["correction"] in res.output
     rows = _rows(gallery_copy, root / "query")
     assert all(r["abstained"] == (r["similarity"] < t) for r in rows.values())
     sevens = sorted(str(p) for p in (root / "new" / "d7").glob("*.png"))

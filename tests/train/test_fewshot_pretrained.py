@@ -103,6 +103,9 @@ def test_bundle_carries_the_pretrained_encoder_and_its_normalisation(built):
     assert info.training["pretrained"]["sha256"] == LITE0.sha256
     assert info.block("onnx")["output"] == "embedding"  # the encoder's verified graph
     assert info.block("threshold_fit")["n_items"] == 18
+    # the threshold on the same corrected held-out similarities as the scale, and says so
+    assert info.block("threshold_fit")["correction"] == FULL_COUNT
+    assert FULL_COUNT in info.training["threshold_rule"]
     fit = info.block("scale_fit")  # the scale fitted on the same held-out images
     assert fit["n_items"] == 18 and not fit["fixed"]
     assert (fit["correction"], fit["weights"]) == (FULL_COUNT, SCALE_WEIGHTS)
