@@ -101,11 +101,12 @@ def test_held_out_scores_equal_rebuilding_the_gallery_without_each_item(method, 
 
 
 def test_fitted_threshold_keeps_the_stated_share_of_correct_held_out_items():
-    from imgtriage.models.gallery import fit_similarity_threshold, held_out_scores
+    from imgtriage.models.gallery import FULL_COUNT, fit_similarity_threshold, held_out_scores
 
     g = _random_gallery(seed=2, n=200, d=6, k=5)
     t, fit = fit_similarity_threshold(g, GalleryConfig(), acceptance=0.9)
-    best, correct = held_out_scores(g)
+    best, correct = held_out_scores(g, full_count=True)  # a prototype gallery's correction
+    assert fit["correction"] == FULL_COUNT
     kept = best[correct] >= t
     assert kept.mean() >= 0.9 and (best[correct] > t).mean() < 0.9  # the tightest such cut
     assert fit["threshold"] == t and fit["n_items"] == 200
