@@ -298,14 +298,13 @@ class KnnRmdStagesOOD(KnnRmdOOD):
         fit_rows, ref_rows = rows[:cut], (rows[cut:] if cut < len(f) else rows)
         from sklearn.covariance import ledoit_wolf
 
-        self.stage_means_, self.stage_precs_ = [], []
-        for part in self._stage_parts(f):
-            x = part[fit_rows]
-            self.stage_means_.append(x.mean(0))
-            self.stage_precs_.append(np.linalg.pinv(ledoit_wolf(
-                x - self.stage_means_[-1], assume_centered=True)[0]))
+        parts = self._stage_parts(f)
+        self.stage_means_ = [part[fit_rows].mean(0) for part in parts]
+        self.stage_precs_ = [np.linalg.pinv(ledoit_wolf(part[fit_rows] - mu,
+                                                        assume_centered=True)[0])
+                             for part, mu in zip(parts, self.stage_means_, strict=True)]
         self.stage_scale_ = [_median_p95(self._stage_distance(j, part[ref_rows]))
-                             for j, part in enumerate(self._stage_parts(f))]
+                             for j, part in enumerate(parts)]
         super().fit(f[:, :self.dim_], val_feats, train_labels)  # scores val through score()
         return self
 

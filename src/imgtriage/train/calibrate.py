@@ -29,7 +29,7 @@ from imgtriage.evaluate.ood import (
     SCORERS,
     KnnOOD,
 )
-from imgtriage.models.penultimate import WithFeatures, stage_modules
+from imgtriage.models.penultimate import WithFeatures
 from imgtriage.train.config import TrainConfig
 from imgtriage.train.losses import LossPlan
 
@@ -85,16 +85,10 @@ def embed(model: nn.Module, source: Any, order: list[int] | None = None,
 STATS_SAMPLE = 10000
 
 
-def _ood_method(model: nn.Module, cfg: TrainConfig) -> tuple[str, str | None]:
-    """The OOD method a run fits, and a note when it is not the one asked for: the stage
-    statistics of ``knn+rmd+stages`` need a network with stages (the crop CNNs, timm's)."""
-    if cfg.ood_method == METHOD_STAGES and not stage_modules(model):
-        return METHOD_FUSED, (f"{type(model).__name__} has no stages to read: "
-                              f"{METHOD_FUSED} on the penultimate features")
-    return cfg.ood_method, None
-
-
-def _stages_tap(model: nn.Module) -> WithFeatures | None:
+def _stages_tap(model: nn.Module, cfg: TrainConfig) -> WithFeatures | None:
+    """The features tap with the stage statistics, when the run fits ``knn+rmd+stages``."""
+    if not cfg.ood or cfg.ood_method != METHOD_STAGES:
+        return None
     try:
         return WithFeatures(model, stages=True)
     except ModelError:  # no head: embed() reads the logits alone
@@ -142,12 +136,13 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
-    method, method_note = _ood_method(model, cfg) if cfg.ood else (cfg.ood_method, None)
-    tap = _stages_tap(model) if method == METHOD_STAGES else None
+    tap = _stages_tap(model, cfg)
     logits, feats, y = embed(model, val, tap=tap)
+    method, method_note = cfg.ood_method, None
     if method == METHOD_STAGES and (tap is None or not tap.stage_widths):
-        method, method_note = METHOD_FUSED, (f"no stage of {type(model).__name__} gave a "
-                                             f"feature map: {METHOD_FUSED}")
+        # the crop CNNs and timm backbones have stages; an image + feature model has none
+        method, method_note = METHOD_FUSED, (f"{type(model).__name__} has no stages to read: "
+                                             f"{METHOD_FUSED} on the penultimate features")
     ood, ood_note = _ood(model, train, feats, cfg, method, tap)
     policy, summary = fit_decision_policy(
         logits, y, class_names=classes, target_accuracy=cfg.target_accuracy,
