@@ -232,6 +232,13 @@ def acceptance_threshold(best_sims: np.ndarray, correct: np.ndarray, acceptance:
     return float(good[min(drop, len(good) - 1)])
 
 
+def held_out_correction(method: str) -> str | None:
+    """How held-out similarities of a ``method`` gallery are made like a new image's (what
+    its scale fit and similarity threshold use): :data:`FULL_COUNT` for ``prototype``, None
+    (plain leave-one-out) for ``knn``, for which no correction is known."""
+    return FULL_COUNT if method == "prototype" else None
+
+
 def held_out_similarities(gallery: Gallery, method: str = "prototype", k: int = 1, *,
                           full_count: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out over the enrolled items: each item's (K,) similarities to the classes
@@ -320,12 +327,13 @@ def fit_similarity_threshold(gallery: Gallery, config: GalleryConfig, acceptance
     clusters the full-count cut keeps a little less than stated (docs/benchmarks.md, issue
     15). ``knn`` galleries keep plain leave-one-out (no correction is known for them); the
     record's ``correction`` says which (None: plain)."""
-    full = config.method == "prototype"
-    best, correct = held_out_scores(gallery, config.method, config.k, full_count=full)
+    correction = held_out_correction(config.method)
+    best, correct = held_out_scores(gallery, config.method, config.k,
+                                    full_count=correction is not None)
     t = acceptance_threshold(best, correct, acceptance)
     kept = best >= t if t is not None else np.ones(len(best), bool)
     return t, {"rule": "leave-one-out over the enrolled items", "acceptance": acceptance,
-               "correction": FULL_COUNT if full else None,
+               "correction": correction,
                "threshold": t, "n_items": len(best),
                "held_out_accuracy": float(correct.mean()) if len(best) else None,
                "held_out_coverage": float(kept.mean()) if len(best) else None,

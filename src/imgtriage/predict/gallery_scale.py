@@ -73,6 +73,7 @@ from imgtriage.models.gallery import (
     FULL_COUNT,
     Gallery,
     GalleryConfig,
+    held_out_correction,
     held_out_similarities,
 )
 
@@ -137,10 +138,11 @@ def held_out_scale(gallery: Gallery, config: GalleryConfig, temperature: float =
     record (see :func:`fit_scale`). ``prototype`` galleries score each held-out item's own
     class at the prototype length of all its items (:data:`FULL_COUNT`, see the module
     docstring); ``knn`` ones as plain leave-one-out (no correction known for them)."""
-    full = config.method == "prototype"
-    sims, y = held_out_similarities(gallery, config.method, config.k, full_count=full)
+    correction = held_out_correction(config.method)
+    sims, y = held_out_similarities(gallery, config.method, config.k,
+                                    full_count=correction is not None)
     scale, rec = fit_scale(sims, y, config.scale, rule=LOO_RULE, temperature=temperature,
-                           correction=FULL_COUNT if full else None)
+                           correction=correction)
     rec["n_items"] = len(gallery)
     return GalleryConfig(**{**config.to_dict(), "scale": scale}), rec
 
