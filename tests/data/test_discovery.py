@@ -57,12 +57,27 @@ def test_csv_and_jsonl_manifests(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     ("path\nimg.png\n", "lacks 'path' or 'label'"),
-    ("path,label,split\na.png,x,holdout\n", "unknown split"),
+    ("path,label,split\na.png,x,holdout\n", "m.csv:2: unknown split"),
+    ("path,label\na.png,x\nb.png,\n", "m.csv:3: the row has no label; fill it in"),
+    ("path,label\na.png,x\nb.png\n", "m.csv:3: the row has no label"),
+    ("path,label\na.png,x\n,y\n", "m.csv:3: the row has no path"),
+    ("path,label\na.png,x\nimg/../a.png,y\n", "lines 2 and 3 both list"),
 ])
 def test_bad_manifest_errors(tmp_path, content, match):
     (tmp_path / "m.csv").write_text(content)
     with pytest.raises(DataError, match=match):
         discover(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("lines, match", [
+    ('{"path": "a.png", "label": "x"}\n\n{"path": "b.png", "label": null}\n',
+     "m.jsonl:3: the row has no label"),
+    ('{"path": "a.png", "label": "x"}\n["b.png", "y"]\n', "m.jsonl:2: not a JSON object"),
+])
+def test_bad_jsonl_manifest_errors_name_the_line(tmp_path, lines, match):
+    (tmp_path / "m.jsonl").write_text(lines)
+    with pytest.raises(DataError, match=match):
+        discover(tmp_path / "m.jsonl")
 
 
 def test_errors_for_missing_or_single_class(tmp_path):

@@ -147,19 +147,26 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
     return samples, ignored
 
 
-def _manifest_rows(path: Path) -> Iterable[dict[str, str]]:
+def _manifest_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of every record, so an error can name the line to fix."""
     if path.suffix.lower() == ".jsonl":
         with path.open() as fh:
             for i, line in enumerate(fh, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{i}: not a JSON object; write one "
+                                        '{"path": ..., "label": ...} object per line')
+                    yield i, row
     else:
         # surrogateescape: file names that are not UTF-8 read back exactly as written
         with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            yield from csv.DictReader(fh)
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield reader.line_num, row
 
 
 def manifest_path(path: str | os.PathLike[str]) -> str:
@@ -190,20 +197,40 @@ def write_manifest(path: str | os.PathLike[str], paths: Sequence[str],
 
 def _from_manifest(path: Path) -> list[Sample]:
     samples = []
-    for i, row in enumerate(_manifest_rows(path), 2):
-        if "path" not in row or "label" not in row:
-            raise DataError(f"{path}: row {i} lacks 'path' or 'label'; a manifest needs columns "
-                            "path,label and optionally group,split")
-        p = Path(row["path"])
-        if not p.is_absolute():
-            p = path.parent / p
-        split = row.get("split") or None
-        if split is not None:
-            if split.lower() not in SPLIT_ALIASES:
-                raise DataError(f"{path}: row {i}: unknown split {split!r}; use train/val/test")
-            split = SPLIT_ALIASES[split.lower()]
-        samples.append(Sample(str(p), str(row["label"]), row.get("group") or None, split))
+    first_row: dict[str, int] = {}
+    for i, row in _manifest_rows(path):
+        sample = _manifest_sample(path, i, row)
+        key = os.path.normpath(sample.path)
+        if key in first_row:
+            raise DataError(f"{path}: lines {first_row[key]} and {i} both list {sample.path}; "
+                            "list each file once (a file in train and val would be scored "
+                            "on what the model was trained on)")
+        first_row[key] = i
+        samples.append(sample)
     return samples
+
+
+def _manifest_sample(path: Path, i: int, row: dict[str, str]) -> Sample:
+    """The row at line ``i`` of the manifest ``path`` as a Sample; an unusable row says why."""
+    if "path" not in row or "label" not in row:
+        raise DataError(f"{path}:{i}: the row lacks 'path' or 'label'; a manifest needs columns "
+                        "path,label and optionally group,split")
+    label, file = row["label"], row["path"]
+    if label is None or str(label).strip() == "":
+        raise DataError(f"{path}:{i}: the row has no label; fill it in or remove the row "
+                        "(unlabelled images go in a folder given to --unlabeled)")
+    if not isinstance(file, str) or not file.strip():
+        raise DataError(f"{path}:{i}: the row has no path; give the image file's path "
+                        "(relative to the manifest's folder, or absolute) or remove the row")
+    p = Path(file)
+    if not p.is_absolute():
+        p = path.parent / p
+    split = row.get("split") or None
+    if split is not None:
+        if split.lower() not in SPLIT_ALIASES:
+            raise DataError(f"{path}:{i}: unknown split {split!r}; use train/val/test")
+        split = SPLIT_ALIASES[split.lower()]
+    return Sample(str(p), str(label), row.get("group") or None, split)
 
 
 def discover(source: str | os.PathLike[str]) -> Dataset:
