@@ -164,6 +164,21 @@ def test_train_test_layout_gets_a_validation_split_carved_from_train(tmp_path):
     assert all("test" in s.path for s in ds.samples if s.split == "test")
 
 
+def test_a_class_with_no_training_image_is_an_error_that_says_how_to_fix_it(tmp_path):
+    for split, classes in (("train", "ab"), ("test", "abc")):
+        for c in classes:
+            for i in range(4):
+                _png(tmp_path / split / c / f"{i}.png", i)
+    with pytest.raises(DataError, match=r"\('c': 4 in test\).*evaluate --ood"):
+        split_dataset(discover(tmp_path), val_frac=0.2, seed=0)
+    rows = ["path,label,split"] + [f"{split}/{c}/{i}.png,{c},{'val' if c == 'c' else ''}"
+                                   for split in ("train", "test") for c in "abc"
+                                   for i in range(4) if (split, c) != ("train", "c")]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"'c': 4 in val"):
+        split_dataset(discover(tmp_path / "m.csv"), val_frac=0.2, seed=0)
+
+
 def test_manifest_with_train_and_test_only_gets_groups_kept_together_in_val(tmp_path):
     rows = ["path,label,group,split"]
     for g in range(20):

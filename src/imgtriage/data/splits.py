@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +80,7 @@ def split_dataset(ds: Dataset, *, val_frac: float = 0.15, test_frac: float = 0.0
     samples = tuple(replace(s, split=assignment[unit_of[id(s)]]) if s.split in free else s
                     for s in ds.samples)
     _check_nonempty(samples, todo, fracs)
+    _check_every_class_trains(samples, ds.classes)
     return replace(ds, samples=samples)
 
 
@@ -114,6 +115,23 @@ def _check_nonempty(samples: tuple[Sample, ...], todo: list[Sample],
             raise DataError(f"the {split} split came out empty ({len(todo)} samples, "
                             f"--{split}-frac {frac}): raise --{split}-frac, add labelled "
                             f"images, or give rows split={split} yourself.{how}")
+
+
+def _check_every_class_trains(samples: tuple[Sample, ...], classes: tuple[str, ...]) -> None:
+    """A class with no training image would be an output the model never learnt to give."""
+    where: dict[str, Counter[str]] = {c: Counter() for c in classes}
+    for s in samples:
+        where[s.label][s.split or "train"] += 1
+    untrained = {c: n for c, n in where.items() if not n["train"]}
+    if untrained:
+        found = "; ".join(f"{c!r}: " + ", ".join(f"{k} in {split}" for split, k
+                                                 in sorted(n.items()))
+                          for c, n in untrained.items())
+        raise DataError(f"{len(untrained)} class(es) have no training image ({found}), so the "
+                        "model could never learn them; add training images of each (under "
+                        "train/<class>/, or manifest rows with split=train or no split), or "
+                        "take the class out of the data (to see how the bundle treats a class "
+                        "it never saw, pass its images to `imgtriage evaluate --ood`)")
 
 
 def write_split_manifest(ds: Dataset, path: str | os.PathLike[str]) -> Path:
