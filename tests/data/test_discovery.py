@@ -26,8 +26,22 @@ def test_class_folders_sorted_and_unsupported_files_reported(tmp_path):
     assert ds.classes == ("ant", "zebra")
     assert ds.counts() == {"ant": 3, "zebra": 3}
     ignored = dict(ds.ignored)
-    assert ignored[str(tmp_path / "ant" / "notes.txt")] == "unsupported extension"
+    assert ignored[str(tmp_path / "ant" / "notes.txt")].startswith(
+        "unsupported extension: its extension '.txt' is not one of .bmp, ")
     assert "outside any class folder" in ignored[str(tmp_path / "stray.png")]
+
+
+def test_a_class_folder_without_images_and_a_file_without_extension_are_reported(tmp_path):
+    for c in ("a", "b"):
+        _png(tmp_path / c / "0.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a" / "no_ext").write_bytes((tmp_path / "a" / "0.png").read_bytes())
+    ignored = dict(discover(tmp_path).ignored)
+    assert "no class 'empty' from it" in ignored[str(tmp_path / "empty")]
+    assert "it has no extension" in ignored[str(tmp_path / "a" / "no_ext")]
+    (tmp_path / "b" / "0.png").rename(tmp_path / "b" / "0.txt")
+    with pytest.raises(DataError, match=r"only one class \('a'\).*without image files: b, empty"):
+        discover(tmp_path)
 
 
 def test_predefined_splits_kept(tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtriage.errors import DataError
-from imgtriage.io import is_supported_path
+from imgtriage.io import SUPPORTED_EXTENSIONS, is_supported_path
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test", "calib": "calib",
@@ -121,12 +121,28 @@ def _scan_class_folders(root: Path, split: str | None,
         ignored.append((str(path), f"a folder that {why}; its files were not used"))
 
     for cdir in _class_dirs(root):
+        found = len(samples)
         for f in iter_image_files(cdir, on_hidden=hidden, on_folder=folder):
             if is_supported_path(f):
                 samples.append(Sample(str(f), cdir.name, None, split))
             else:
-                ignored.append((str(f), "unsupported extension"))
+                ignored.append((str(f), _unsupported(f)))
+        if len(samples) == found:
+            ignored.append((str(cdir), f"{NO_IMAGES}; no class {cdir.name!r} from it (give it "
+                                       "image files to train the class)"))
     return samples
+
+
+NO_IMAGES = "a class folder without image files"
+
+
+def _unsupported(path: Path) -> str:
+    """Why a file in a class folder is not trained on, and how to change that."""
+    ext = path.suffix.lower()
+    kinds = ", ".join(sorted(SUPPORTED_EXTENSIONS))
+    named = f"its extension {ext!r} is not" if ext else "it has no extension, and that is not"
+    return (f"unsupported extension: {named} one of {kinds}; rename it with its format's "
+            "extension to train on it")
 
 
 def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
@@ -259,6 +275,9 @@ def discover(source: str | os.PathLike[str]) -> Dataset:
                         f"(e.g. {src}/cat/*.png) or a manifest with path,label columns")
     classes = tuple(sorted({s.label for s in samples}))
     if len(classes) < 2:
+        empty = [Path(p).name for p, why in ignored if why.startswith(NO_IMAGES)]
         raise DataError(f"found only one class ({classes[0]!r}) under {src}; "
-                        "a classifier needs at least two")
+                        "a classifier needs at least two"
+                        + (f" (class folders without image files: {', '.join(empty)})"
+                           if empty else ""))
     return Dataset(tuple(samples), classes, tuple(ignored))
