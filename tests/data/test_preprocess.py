@@ -168,3 +168,31 @@ def test_a_large_rgba_image_costs_a_few_float_planes_not_the_whole_image_as_floa
     assert x.shape == (3, 32, 32)
     # Whole-image floats would be 4 planes for the image plus 3-6 for compositing.
     assert delta < 5 * plane, f"to_input took {delta / plane:.1f} float planes"
+
+
+def test_the_fourth_band_of_a_multispectral_tiff_is_never_taken_for_alpha(tmp_path):
+    from imgtriage.data import Sample
+    from imgtriage.data.loaders import detect_in_chans
+    from imgtriage.data.preprocess import record_pixels
+    from imgtriage.io import read_image
+
+    bands = np.zeros((4, 6, 6), np.uint16)
+    bands[3] = 65535  # near infrared, bright: as alpha it would turn RGB into the background
+    bands[3, :3] = 0
+    tifffile.imwrite(tmp_path / "chip.tif", bands, photometric="minisblack",
+                     planarconfig="separate")
+    assert detect_in_chans([Sample(str(tmp_path / "chip.tif"), "a")]) == 4
+    rec = read_image(tmp_path / "chip.tif")
+    x = record_pixels(rec, PreprocessSpec(in_chans=4, size=(6, 6), mean=(0.0,) * 4,
+                                          std=(1.0,) * 4))
+    assert np.array_equal(x, bands / 65535.0)  # every band as it is
+    with pytest.raises(ImageReadError, match="4 channels but the model takes 3"):
+        record_pixels(rec, PreprocessSpec(in_chans=3, size=(6, 6), **IDENTITY3))
+    rgba = np.zeros((6, 6, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[:3, :, 3] = 0  # transparent top half: composited onto the white background
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert detect_in_chans([Sample(str(tmp_path / "rgba.png"), "a")]) == 3
+    x = record_pixels(read_image(tmp_path / "rgba.png"),
+                      PreprocessSpec(in_chans=3, size=(6, 6), **IDENTITY3))
+    assert np.allclose(x[:, :3], 1.0) and np.allclose(x[:, 3:], 0.0)

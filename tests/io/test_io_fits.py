@@ -327,3 +327,10 @@ def test_non_ascii_header_byte_is_tolerated(tmp_path):
     rec = read_image(bytes(data), name="latin1.fits")
     assert rec.meta["header"]["OBSERVER"].startswith("Jos")
     assert "fits_end_card_restored" not in rec.meta["conversions"]
+
+
+def test_fits_planes_stacked_as_channels_are_bands_not_alpha(tmp_path):
+    fits.PrimaryHDU(np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)).writeto(
+        tmp_path / "cube.fits")
+    rec = read_image(tmp_path / "cube.fits", policy=ReadPolicy(multipage="channels"))
+    assert rec.array.shape == (6, 5, 4) and rec.meta["alpha"] is False

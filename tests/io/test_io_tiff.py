@@ -202,3 +202,15 @@ def test_cmyk_tiff_becomes_rgb(tmp_path):
     rec = read_image(path)
     assert "cmyk->rgb" in rec.meta["conversions"]
     np.testing.assert_array_equal(rec.array[0, 0], [255, 0, 0])
+
+
+@pytest.mark.parametrize("how, alpha", [
+    ({"photometric": "minisblack", "planarconfig": "separate"}, False),  # 4 planar bands
+    ({"photometric": "rgb", "extrasamples": ["unspecified"]}, False),     # RGB + NIR
+    ({"photometric": "rgb", "extrasamples": ["unassalpha"]}, True),       # RGBA
+])
+def test_a_fourth_sample_is_alpha_only_where_extrasamples_says_so(tmp_path, how, alpha):
+    bands = _random((4, 6, 5) if how.get("planarconfig") else (6, 5, 4), np.uint16)
+    tifffile.imwrite(tmp_path / "chip.tif", bands, **how)
+    rec = read_image(tmp_path / "chip.tif")
+    assert rec.array.shape == (6, 5, 4) and rec.meta["alpha"] is alpha

@@ -94,7 +94,8 @@ def decode_samples(samples: Sequence[Sample], classes: Sequence[str], spec: Prep
 def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:
     """1 when the first ``limit`` readable samples are all single-channel, else 3.
 
-    Multi-band files (e.g. 5-channel TIFF) give their own channel count when all agree.
+    Multi-band files (e.g. a 4-band RGB + near-infrared or a 5-band TIFF) give their own
+    channel count when all agree; only a channel the file marks as alpha is not counted.
     """
     from imgtriage.io import try_read_image
 
@@ -105,7 +106,8 @@ def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:
         if isinstance(rec, Defect):
             continue
         c = 1 if rec.array.ndim == 2 else rec.array.shape[2]
-        seen.add({2: 1, 4: 3}.get(c, c))  # alpha is composited away
+        alpha = rec.meta.get("alpha") and c in (2, 4)  # composited away; TIFF bands are not
+        seen.add(c - 1 if alpha else c)
     if not seen or seen == {1}:
         return 1 if seen else 3
     if len(seen) == 1:

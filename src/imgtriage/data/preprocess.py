@@ -240,13 +240,16 @@ def _scale_channel(ch: np.ndarray, spec: PreprocessSpec, span: tuple[Any, Any] |
     return out.astype(np.float32, copy=False)
 
 
-def _channel_plan(c: int, in_chans: int, path: str) -> tuple[bool, str]:
+def _channel_plan(c: int, in_chans: int, path: str, alpha: bool | None = None
+                  ) -> tuple[bool, str]:
     """How c channels become in_chans: (composite alpha?, then "same"|"repeat"|"luma").
 
     LA/RGBA are composited onto the background first; one channel is repeated, RGB becomes
-    luma; anything else is a defect.
+    luma; anything else is a defect. ``alpha`` says whether the last channel is transparency
+    (the record's ``meta["alpha"]``: a 4-band TIFF is not RGBA); None: 2 or 4 channels are.
     """
-    alpha = c in (2, 4) and in_chans in (1, 3) and c - 1 in (1, 3)
+    last_is_alpha = c in (2, 4) if alpha is None else alpha
+    alpha = last_is_alpha and in_chans in (1, 3) and c - 1 in (1, 3)
     colours = c - 1 if alpha else c
     if colours == in_chans:
         return alpha, "same"
@@ -259,10 +262,11 @@ def _channel_plan(c: int, in_chans: int, path: str) -> tuple[bool, str]:
                                 f"{in_chans}; convert the file or retrain with --in-chans {c}"))
 
 
-def _model_planes(array: np.ndarray, spec: PreprocessSpec, path: str) -> list[np.ndarray]:
+def _model_planes(array: np.ndarray, spec: PreprocessSpec, path: str,
+                  alpha: bool | None = None) -> list[np.ndarray]:
     """The (h, w) float32 planes of the model input, before mean/std, one channel at a time."""
     x = array if array.ndim == 3 else array[..., None]
-    alpha, rule = _channel_plan(x.shape[2], spec.in_chans, path)
+    alpha, rule = _channel_plan(x.shape[2], spec.in_chans, path, alpha)
     span = _range(array, spec)
     bg = spec.alpha_background
     a = _scale_channel(x[..., -1], spec, span) if alpha else None
@@ -283,17 +287,19 @@ def _model_planes(array: np.ndarray, spec: PreprocessSpec, path: str) -> list[np
     return planes * spec.in_chans if rule == "repeat" else planes
 
 
-def _opaque_colours(array: np.ndarray, in_chans: int) -> np.ndarray | None:
+def _opaque_colours(array: np.ndarray, in_chans: int, alpha: bool | None = None
+                    ) -> np.ndarray | None:
     """The colour channels of an (H, W, C) 8-bit image: all of them, or, for LA/RGBA going to
     a 1- or 3-channel model (which composites alpha) whose alpha is 255 everywhere
     (compositing then multiplies by exactly 1 and adds exactly 0), the colours without it;
-    None for an alpha that is not opaque."""
-    if array.shape[2] not in (2, 4) or in_chans not in (1, 3):
+    None for an alpha that is not opaque. ``alpha`` as in :func:`_channel_plan`."""
+    if array.shape[2] not in (2, 4) or in_chans not in (1, 3) or alpha is False:
         return array
     return array[..., :-1] if bool((array[..., -1] == 255).all()) else None
 
 
-def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
+def _fast_8bit(array: np.ndarray, spec: PreprocessSpec, alpha: bool | None = None
+               ) -> np.ndarray | None:
     """The model input of an 8-bit grey or RGB image, or None where this path does not apply.
 
     Pillow splits the channels and turns each into floats of its raw levels in C, resamples
@@ -308,7 +314,7 @@ def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
     if array.dtype != np.uint8 or spec.stretch != "linear" or spec.scaling == "percentile":
         return None
     span = _range(array, spec)  # over every channel, alpha included, as float_input takes it
-    colours = array if array.ndim == 2 else _opaque_colours(array, spec.in_chans)
+    colours = array if array.ndim == 2 else _opaque_colours(array, spec.in_chans, alpha)
     if colours is None:
         return None
     grey = colours.ndim == 2 or colours.shape[2] == 1
@@ -337,31 +343,33 @@ def _fast_8bit(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
     return out
 
 
-def to_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>") -> np.ndarray:
+def to_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>",
+             alpha: bool | None = None) -> np.ndarray:
     """A decoded image (any dtype, (H, W) or (H, W, C)) -> float32 (in_chans, h, w), normalised.
 
     8-bit grey and RGB images resample each channel's levels as floats in Pillow and scale
     the small result (:func:`_fast_8bit`); every other image works one float channel at a time
     (:func:`float_input`), so a large image costs one channel of floats, not the whole image
     four times over. Raises ImageReadError(Defect(..., "bad_shape")) when the
-    channels cannot be matched.
+    channels cannot be matched. ``alpha``: whether the last channel is transparency (a
+    record's ``meta["alpha"]``, see :func:`record_pixels`); None: 2 or 4 channels are.
     """
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise ImageReadError(Defect(path, "bad_shape",
                                     f"expected a 2-D image or (H, W, C), got shape "
                                     f"{tuple(array.shape)}"))
-    fast = _fast_8bit(array, spec)
-    return fast if fast is not None else float_input(array, spec, path=path)
+    fast = _fast_8bit(array, spec, alpha)
+    return fast if fast is not None else float_input(array, spec, path=path, alpha=alpha)
 
 
-def float_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>"
-                ) -> np.ndarray:
+def float_input(array: np.ndarray, spec: PreprocessSpec, *, path: str = "<array>",
+                alpha: bool | None = None) -> np.ndarray:
     """:func:`to_input` through float32 planes, for every image: scale, stretch, composite
     and resize each channel in float precision. 16-bit, float, multi-band and alpha images
     always take this path; 8-bit grey and RGB images take it only where :func:`_fast_8bit`
     does not apply (tests hold the two equal up to float rounding).
     """
-    planes = _model_planes(array, spec, path)
+    planes = _model_planes(array, spec, path, alpha)
     if spec.channel_order == "bgr":
         planes = planes[::-1]
     x = np.stack(planes, axis=2)
@@ -398,12 +406,19 @@ def load_input(source: str | os.PathLike[str] | bytes, spec: PreprocessSpec,
     return record_input(record, spec, path=shown)
 
 
+def record_pixels(record: ImageRecord, spec: PreprocessSpec, *, path: str = "<array>"
+                  ) -> np.ndarray:
+    """A decoded record -> model input, its last channel taken as alpha only where the file
+    says so (``meta["alpha"]``: the near-infrared band of a 4-band TIFF stays a band)."""
+    return to_input(record.array, spec, path=path, alpha=record.meta.get("alpha"))
+
+
 def record_input(record: ImageRecord, spec: PreprocessSpec, *, path: str = "<array>"
                  ) -> tuple[np.ndarray, dict[str, Any]]:
     """A decoded record -> (model input, metadata); with ``spec.features`` the metadata also
     holds the record's raw features under ``"raw_features"`` (header cards, statistics),
     so pixels and features always come from one decode, in training and in prediction."""
-    x = to_input(record.array, spec, path=path)
+    x = record_pixels(record, spec, path=path)
     if spec.features is None:
         return x, record.meta
     meta = dict(record.meta)

@@ -31,7 +31,15 @@ def finish(array: np.ndarray, meta: dict[str, Any], policy: ReadPolicy) -> Image
         nonfinite=nonfinite,
         degenerate=is_constant(array),
     )
+    meta.setdefault("alpha", _alpha_by_layout(meta))
     return ImageRecord(array=array, meta=meta)
+
+
+def _alpha_by_layout(meta: dict[str, Any]) -> bool:
+    """Whether the last channel is transparency, where the reader did not say: Pillow's 2- and
+    4-channel layouts are LA and RGBA, and so, by convention, are in-memory arrays; FITS
+    planes are bands, never transparency (a TIFF says which in its ExtraSamples tag)."""
+    return meta["format"] != "fits" and meta["channels"] in (2, 4)
 
 
 def _native(array: np.ndarray, conversions: list[str]) -> np.ndarray:

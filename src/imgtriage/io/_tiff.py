@@ -41,6 +41,7 @@ def read_tiff(src: Source, policy: ReadPolicy) -> tuple[np.ndarray, dict[str, An
                     check_pages(src, count, "pages stacked as channels", policy)
                 chosen = _chosen_pages(src, tif, count, policy)
                 _describe(tif, chosen[0], count, meta)
+                meta["alpha"] = len(chosen) == 1 and _alpha_sample(chosen[0])
                 arrays = []
                 for page in chosen:
                     arrays.append(_page_array(src, page, meta["conversions"]))
@@ -117,6 +118,17 @@ def _describe(tif: Any, first: Any, count: int, meta: dict[str, Any]) -> None:
     meta["bitspersample"] = int(first.bitspersample)
     if first.description:
         meta["description"] = str(first.description)
+
+
+# ExtraSamples values that mean transparency (associated and unassociated alpha); 0 is
+# "unspecified": another band (near infrared, a mask, ...) that a model must see as such.
+_ALPHA_SAMPLES = {1, 2}
+
+
+def _alpha_sample(page: Any) -> bool:
+    """True when the page's last sample is alpha by its ExtraSamples tag."""
+    extra = tuple(page.extrasamples or ())
+    return bool(extra) and int(extra[-1]) in _ALPHA_SAMPLES
 
 
 def _enum_name(enum: Any, value: Any) -> str:

@@ -154,7 +154,9 @@ class ImageRecord:
     ``array`` is ``(H, W)`` for one channel or ``(H, W, C)`` for several, in the file's own dtype
     (uint8, uint16, int16, int32, float32, float64 ...). ``meta`` always holds ``format``
     (``"jpeg"``, ``"png"``, ``"tiff"``, ``"fits"`` ...), ``dtype``, ``shape``, ``channels``,
-    ``nonfinite`` (count of replaced NaN/Inf values) and ``degenerate`` (True for a constant image);
+    ``nonfinite`` (count of replaced NaN/Inf values), ``degenerate`` (True for a constant image)
+    and ``alpha`` (True when the last channel is transparency: LA/RGBA, a TIFF whose
+    ExtraSamples tag says alpha; False for the bands of a multispectral TIFF or a FITS cube);
     FITS adds ``header`` (card name -> value) and ``hdu``; photos add ``mode`` and
     ``exif_orientation``; readers note every conversion rule they applied in ``conversions``.
     """

@@ -23,7 +23,7 @@ from imgtriage.bundle import Bundle, load_bundle, new_manifest, save_bundle
 from imgtriage.bundle.store import bundle_files
 from imgtriage.data import Dataset, PreprocessSpec, discover, split_dataset
 from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_features
-from imgtriage.data.preprocess import load_record, to_input
+from imgtriage.data.preprocess import load_record, record_pixels
 from imgtriage.errors import ConfigError, DataError, ImageReadError
 from imgtriage.evaluate.decision import softmax
 from imgtriage.predict._first_stage import (
@@ -197,8 +197,8 @@ def _decode_one(sample: Any, spec2: PreprocessSpec, fspec: FeatureSpec | None,
     try:
         rec = load_record(sample.path, spec2)
         raw = raw_features(rec, fspec, path=sample.path) if fspec is not None else None
-        x1 = to_input(rec.array, spec1, path=sample.path) if spec1 is not None else None
-        x2 = to_input(rec.array, spec2, path=sample.path) if want_x2 else None
+        x1 = record_pixels(rec, spec1, path=sample.path) if spec1 is not None else None
+        x2 = record_pixels(rec, spec2, path=sample.path) if want_x2 else None
     except ImageReadError as exc:
         return exc.defect.to_dict()
     return raw, x1, x2

@@ -41,7 +41,7 @@ from imgtriage.bundle import Bundle, load_bundle, validate_manifest
 from imgtriage.bundle.checks import inside, parse_manifest
 from imgtriage.bundle.manifest import MANIFEST_NAME
 from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_features
-from imgtriage.data.preprocess import PreprocessSpec, to_input
+from imgtriage.data.preprocess import PreprocessSpec, record_pixels
 from imgtriage.errors import BundleIntegrityError, BundleSchemaError, ImageReadError
 from imgtriage.evaluate.decision import DecisionPolicy, Decisions, softmax
 from imgtriage.io import ImageRecord
@@ -97,7 +97,7 @@ class CnnInput:
     spec: PreprocessSpec
 
     def __call__(self, record: ImageRecord, name: str) -> np.ndarray:
-        return to_input(record.array, self.spec, path=name)
+        return record_pixels(record, self.spec, path=name)
 
 
 @dataclass(frozen=True)
@@ -294,8 +294,8 @@ class CascadePredictor(BasePredictor):
         routed, xs = [], []
         for i in np.flatnonzero(~accepted):
             try:
-                xs.append(Decoded(names[i], to_input(batch[i].x[0].array, self.spec,
-                                                     path=names[i]), batch[i].meta))
+                xs.append(Decoded(names[i], record_pixels(batch[i].x[0], self.spec,
+                                                          path=names[i]), batch[i].meta))
                 routed.append(i)
             except ImageReadError as exc:
                 out[i] = exc.defect.to_dict()
