@@ -230,9 +230,23 @@ def test_uint8_histogram_path_equals_the_float_path(kind):
 
     rng = np.random.default_rng(len(kind))
     for _ in range(20):
-        raw = stats._color_channels(stats.strided(_u8_image(kind, rng), 64))
+        raw = stats._color_channels(stats.strided(_u8_image(kind, rng), 64), {})
         x = stats._to_float(raw)
         with np.errstate(over="ignore", invalid="ignore"):
             general = stats._per_channel(x, stats._saturated(raw), stats.STAT_GROUPS, True)
         fast = stats._per_channel_u8(raw, stats.STAT_GROUPS)
         np.testing.assert_allclose(fast, general, rtol=1e-4, atol=1e-4)  # float32 there
+
+
+def test_statistics_keep_the_fourth_band_of_a_multispectral_tiff(tmp_path):
+    import tifffile
+
+    from imgtriage.data._image_stats import image_stats
+    from imgtriage.io import read_image
+
+    bands = np.full((8, 8, 4), 1000, np.uint16)
+    bands[..., 3] = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # NIR varies
+    tifffile.imwrite(tmp_path / "chip.tif", bands, photometric="minisblack", planarconfig="contig")
+    rec = read_image(tmp_path / "chip.tif")
+    stats = image_stats(rec.array, rec.meta, ("moments",), 4, 8).reshape(4, 2)
+    assert stats[3, 1] > 0 and np.allclose(stats[:3, 1], 0)  # the NIR band's spread is there

@@ -325,3 +325,17 @@ def test_probe_reads_channels_and_bit_depth(tmp_path):
         probe = probe_images(discover(tmp_path / name).samples)
         assert (probe.in_chans, probe.median_hw) == (1, (20, 24))
         assert probe.eight_bit == (name == "u8")
+
+
+def test_the_probe_counts_the_bands_of_a_4_band_tiff_and_drops_only_real_alpha(tmp_path):
+    import tifffile
+
+    from imgtriage.data import Sample
+
+    bands = np.zeros((6, 6, 4), np.uint16)
+    tifffile.imwrite(tmp_path / "nir.tif", bands, photometric="rgb",
+                     extrasamples=["unspecified"])
+    tifffile.imwrite(tmp_path / "rgba.tif", bands, photometric="rgb",
+                     extrasamples=["unassalpha"])
+    assert probe_images([Sample(str(tmp_path / "nir.tif"), "a")]).in_chans == 4
+    assert probe_images([Sample(str(tmp_path / "rgba.tif"), "a")]).in_chans == 3

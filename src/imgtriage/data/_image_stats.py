@@ -54,9 +54,10 @@ def strided(array: np.ndarray, max_side: int) -> np.ndarray:
     return array[::step, ::step]
 
 
-def _color_channels(a: np.ndarray) -> np.ndarray:
-    """(h, w, C) without a trailing alpha channel (LA, RGBA)."""
-    return a[..., :-1] if a.shape[2] in (2, 4) else a
+def _color_channels(a: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """(h, w, C) without a trailing alpha channel (LA, RGBA; by the reader's ``meta["alpha"]``
+    where it says, so the 4th band of a multispectral TIFF stays)."""
+    return a[..., :-1] if meta.get("alpha", a.shape[2] in (2, 4)) else a
 
 
 def _to_float(a: np.ndarray) -> np.ndarray:
@@ -261,7 +262,7 @@ def image_stats(array: np.ndarray, meta: dict[str, Any], groups: tuple[str, ...]
         raise ImageReadError(Defect(path, "bad_shape", f"expected a 2-D image or (H, W, C), "
                                                        f"got shape {tuple(array.shape)}"))
     full = array if array.ndim == 3 else array[..., None]
-    raw = _color_channels(strided(full, max_side))
+    raw = _color_channels(strided(full, max_side), meta)
     x = _to_float(raw)
     mapped = _match(x, channels, path)
     fixed = bool(np.issubdtype(array.dtype, np.integer))

@@ -15,7 +15,7 @@ from imgtriage.data.discovery import Sample
 from imgtriage.data.features import RawFeatures
 from imgtriage.data.preprocess import RAW_FEATURES, PreprocessSpec, load_input
 from imgtriage.errors import DataError, ImageReadError
-from imgtriage.io import Defect
+from imgtriage.io import Defect, ImageRecord
 
 
 def decoder_mp_context() -> Any:
@@ -91,6 +91,14 @@ def decode_samples(samples: Sequence[Sample], classes: Sequence[str], spec: Prep
     return LoadedSplit(x, np.asarray(ys, np.int64), tuple(kept), tuple(defects), raw)
 
 
+def model_channels(record: ImageRecord) -> int:
+    """The channels a model sees of a decoded image: its own, less a trailing alpha channel
+    (composited away); only what the file marks as alpha is (``meta["alpha"]``): the 4th band
+    of a multispectral TIFF is a band."""
+    c = 1 if record.array.ndim == 2 else record.array.shape[2]
+    return c - 1 if record.meta.get("alpha") else c
+
+
 def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:
     """1 when the first ``limit`` readable samples are all single-channel, else 3.
 
@@ -105,9 +113,7 @@ def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:
         rec = try_read_image(s.path)
         if isinstance(rec, Defect):
             continue
-        c = 1 if rec.array.ndim == 2 else rec.array.shape[2]
-        alpha = rec.meta.get("alpha") and c in (2, 4)  # composited away; TIFF bands are not
-        seen.add(c - 1 if alpha else c)
+        seen.add(model_channels(rec))
     if not seen or seen == {1}:
         return 1 if seen else 3
     if len(seen) == 1:

@@ -128,7 +128,8 @@ _ALPHA_SAMPLES = {1, 2}
 def _alpha_sample(page: Any) -> bool:
     """True when the page's last sample is alpha by its ExtraSamples tag."""
     extra = tuple(page.extrasamples or ())
-    return bool(extra) and int(extra[-1]) in _ALPHA_SAMPLES
+    return (bool(extra) and int(extra[-1]) in _ALPHA_SAMPLES
+            and int(page.samplesperpixel) in (2, 4))  # grey or RGB + alpha
 
 
 def _enum_name(enum: Any, value: Any) -> str:

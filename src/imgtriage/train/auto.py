@@ -73,6 +73,7 @@ class ModelChoice:
 def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
     """Read up to ``limit`` evenly spaced samples; unreadable ones are skipped here (the
     decode step reports them as defects)."""
+    from imgtriage.data.loaders import model_channels
     from imgtriage.io import try_read_image
 
     chans, hs, ws, dtypes = set(), [], [], set()
@@ -83,8 +84,7 @@ def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
             continue
         a = rec.array
         dtypes.add(a.dtype.str.lstrip("<>|="))
-        c = 1 if a.ndim == 2 else a.shape[2]
-        chans.add({2: 1, 4: 3}.get(c, c))  # alpha is composited away
+        chans.add(model_channels(rec))
         hs.append(a.shape[0])
         ws.append(a.shape[1])
     c = 1 if chans == {1} else (chans.pop() if len(chans) == 1 else 3)

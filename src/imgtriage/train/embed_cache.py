@@ -32,7 +32,7 @@ from imgtriage.data.preprocess import PreprocessSpec, load_input
 from imgtriage.errors import ConfigError, ImageReadError
 from imgtriage.io import Defect, sha256_file
 
-EMBED_VERSION = 1  # bump when the way embeddings are computed changes
+EMBED_VERSION = 2  # bump when the way embeddings are computed changes (2: TIFF alpha)
 
 
 def cache_root(setting: str) -> Path | None:
