@@ -57,6 +57,16 @@ def test_unknown_labels_are_refused(bundle, digits_folder, tmp_path):
         labelled_samples(tmp_path / "x", Predictor.load(bundle).classes)
 
 
+def test_a_folder_of_one_class_is_evaluated(bundle, digits_folder, tmp_path):
+    """The recall of one class on a folder of that class alone is a real question."""
+    shutil.copytree(digits_folder / "d1", tmp_path / "one" / "d1")
+    res = runner.invoke(app, ["evaluate", str(bundle), str(tmp_path / "one"), "--out",
+                              str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert rep["meta"]["n_samples"] == len(list((digits_folder / "d1").iterdir()))
+
+
 def test_calibrate_writes_rule_into_bundle_and_predict_applies_it(bundle, digits_folder):
     before = Predictor.load(bundle).predict_paths([digits_folder / "d2"])
     s = calibrate_bundle(bundle, digits_folder, threshold_strategy="target_precision",

@@ -249,11 +249,13 @@ def _manifest_sample(path: Path, i: int, row: dict[str, str]) -> Sample:
     return Sample(str(p), str(label), row.get("group") or None, split)
 
 
-def discover(source: str | os.PathLike[str]) -> Dataset:
+def discover(source: str | os.PathLike[str], *, min_classes: int = 2) -> Dataset:
     """Build a :class:`Dataset` from a class-folder tree or a CSV/JSONL manifest.
 
     Layouts: ``root/<class>/*.png``, ``root/{train,val,test}/<class>/*``, or a manifest file
     with columns ``path,label[,group][,split]`` (relative paths are relative to the manifest).
+    Training needs two classes at least; labelled data to evaluate a bundle on may hold one
+    (``min_classes=1``).
 
     Example:
         >>> ds = discover("data/digits")  # doctest: +SKIP
@@ -274,7 +276,7 @@ def discover(source: str | os.PathLike[str]) -> Dataset:
         raise DataError(f"no labelled images found under {src}; expected class folders "
                         f"(e.g. {src}/cat/*.png) or a manifest with path,label columns")
     classes = tuple(sorted({s.label for s in samples}))
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         empty = [Path(p).name for p, why in ignored if why.startswith(NO_IMAGES)]
         raise DataError(f"found only one class ({classes[0]!r}) under {src}; "
                         "a classifier needs at least two"

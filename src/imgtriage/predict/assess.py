@@ -39,9 +39,12 @@ class LabelledLogits:
 
 
 def labelled_samples(data: str | os.PathLike[str], classes: list[str],
-                     split: str | None = None) -> list[Sample]:
-    """Samples of a folder or manifest (optionally one split) whose labels the bundle knows."""
-    ds = discover(data)
+                     split: str | None = None, *, min_classes: int = 1) -> list[Sample]:
+    """Samples of a folder or manifest (optionally one split) whose labels the bundle knows.
+    To evaluate, one class is enough (the recall of 'unsafe' on a folder of unsafe images);
+    calibrating asks for ``min_classes=2`` (a temperature fitted on one class only grows
+    confident)."""
+    ds = discover(data, min_classes=min_classes)
     samples = [s for s in ds.samples if split is None or s.split == split]
     if not samples:
         found = sorted({s.split or "none" for s in ds.samples})
@@ -50,7 +53,8 @@ def labelled_samples(data: str | os.PathLike[str], classes: list[str],
     unknown = sorted({s.label for s in samples} - set(classes))
     if unknown:
         raise DataError(f"labels {unknown} in {data} are not classes of the bundle {classes}; "
-                        "evaluate on data with the bundle's classes")
+                        "evaluate on data with the bundle's classes (images of a class the "
+                        "bundle never saw go to --ood)")
     return samples
 
 
@@ -278,7 +282,7 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
     predictor = _logit_predictor(b, "onnx" if b.info.model.name == "onnx"
                                  else "torch")
     fit_kwargs = {**cfg.fit_options(predictor.classes), **extra}
-    samples = labelled_samples(data, predictor.classes, split)
+    samples = labelled_samples(data, predictor.classes, split, min_classes=2)
     keep_ood = fit_kwargs.pop("ood", True) and predictor.policy.ood is not None
     got = collect_logits(predictor, samples, batch_size=batch_size,
                          ood_policy=predictor.policy if keep_ood else None)
