@@ -34,6 +34,18 @@ def cascade_command(**options: Any) -> None:
                f"{v['cascade_accuracy']:.4f} vs stage 2 alone {v['stage2_accuracy']:.4f}"
                + (f"; {v['routed_by_class']} routed by class" if cfg.always_second_stage
                   else ""))
+    typer.echo(ood_gate_line(v))
+
+
+def ood_gate_line(v: dict[str, Any]) -> str:
+    """What the first stage's OOD gate does, from the cascade's validation record."""
+    g = v.get("ood_gate")
+    if g is None:
+        return f"OOD gate: none ({v.get('no_ood_gate', 'built before the gate')}): the first " \
+               "stage answers any input it is confident about"
+    return (f"OOD gate: {g['in_distribution_share']:.1%} of validation images look like the "
+            f"training data; the other {g['stage1_ood']} go to stage 2 (it answers or refuses "
+            "them)")
 
 
 # The two inputs, then one option per CascadeRunOptions and CascadeConfig field.

@@ -41,6 +41,7 @@ def inspect_command(**options: Any) -> None:
            if dec.get("prior_correction") else ""),
         f"unknowns    {_unknowns(m)}",
         *([f"gallery     {_gallery(m)}"] if m.kind == "gallery" else []),
+        *([f"cascade     {_cascade(m)}"] if m.kind == "cascade" else []),
         f"profiles    {', '.join(m.profiles) or '-'}",
         f"runtime     {graph_summary(m.block('onnx'))}",
         f"metrics     {json.dumps(m.metrics)}",
@@ -88,6 +89,20 @@ def _gallery(m: Manifest) -> str:
     how = fit["line"] if fit else f"scale {g.get('scale')} (written before scales were fitted)"
     return (f"{g.get('method')}{' k=' + str(g.get('k')) if g.get('method') == 'knn' else ''}, "
             f"similarity threshold {g.get('similarity_threshold')}; {how}")
+
+
+def _cascade(m: Manifest) -> str:
+    """A cascade's first stage, gate and OOD gate (one line)."""
+    c = m.block("cascade") or {}
+    g = c.get("ood_gate")
+    if g is None:
+        ood = "no OOD gate (the first stage answers any input it is confident about)"
+    else:
+        src = "the stage-1 bundle" if g.get("source") == "stage1" else "the cascade"
+        ood = (f"OOD gate {g.get('method')} from {src}, threshold {g.get('threshold'):.4g} "
+               f"(accepts {g.get('accept'):.0%} of validation; the rest go to stage 2)")
+    first = (c.get("first_stage") or {}).get("type")
+    return f"first stage {first}, gate {c.get('gate')}, T={c.get('temperature')}; {ood}"
 
 
 def register(app: typer.Typer) -> None:

@@ -26,6 +26,7 @@ from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_featur
 from imgtriage.data.preprocess import load_record, record_pixels
 from imgtriage.errors import ConfigError, DataError, ImageReadError
 from imgtriage.evaluate.decision import softmax
+from imgtriage.evaluate.ood import MahalanobisOOD
 from imgtriage.predict._first_stage import (
     FIRST_STAGE_FILE,
     choose_gate,
@@ -36,6 +37,7 @@ from imgtriage.predict._first_stage import (
 )
 
 FEATURE_STAGES = ("logreg", "gbt")
+FIRST_STAGE_OOD_FILE = "first_stage_ood.safetensors"
 
 
 def _f(default: Any, help: str) -> Any:
@@ -69,6 +71,14 @@ class CascadeConfig:
         c: inverse L2 strength of the logistic regression.
         gbt_estimators, gbt_depth, gbt_learning_rate: the boosted trees.
         workers: decoding threads.
+        ood_gate: the first stage answers only images whose input looks like its training
+            data; the rest go to stage 2 (which answers them or refuses them with its own
+            OOD rule). A feature stage gets a Mahalanobis scorer on its standardised features
+            (fitted here, its threshold the conformal ``ood_accept`` quantile of validation
+            scores); a CNN first stage uses its own bundle's OOD rule.
+        ood_accept: share of in-distribution images the feature stage's OOD gate lets through
+            (conformal, >= this on exchangeable data). High, because a refusal only costs a
+            stage-2 pass: the answer is then stage 2's, never a wrong stage-1 one.
 
     Example:
         >>> CascadeConfig(first_stage="gbt", target_accuracy=0.98).first_stage
@@ -97,6 +107,11 @@ class CascadeConfig:
     gbt_depth: int = _f(3, "Boosted trees: depth of each tree.")
     gbt_learning_rate: float = _f(0.1, "Boosted trees: learning rate.")
     workers: int | None = _f(None, "Decoding threads.")
+    ood_gate: bool = _f(True, "Send images whose first-stage input looks unlike the training "
+                              "data to stage 2 (the first stage never answers them).")
+    ood_accept: float = _f(0.99, "Share of in-distribution validation images the feature "
+                                 "stage's OOD gate lets through (a CNN first stage uses its "
+                                 "own bundle's OOD rule).")
 
     def __post_init__(self) -> None:
         if self.first_stage not in FEATURE_STAGES and not Path(self.first_stage).exists():
@@ -106,6 +121,8 @@ class CascadeConfig:
             raise ConfigError("target accuracy must be in (0, 1] (--target-accuracy)")
         if self.route_share is not None and not 0 <= self.route_share <= 1:
             raise ConfigError("route share must be in [0, 1] (--route-share)")
+        if not 0 < self.ood_accept < 1:
+            raise ConfigError("OOD acceptance must be in (0, 1) (--ood-accept)")
         if not 0 <= self.gate_confidence < 1:
             raise ConfigError("gate confidence must be in [0, 1) (--gate-confidence)")
         object.__setattr__(self, "always_second_stage", tuple(self.always_second_stage))
@@ -226,8 +243,10 @@ def _logits(backend: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
 
 def _fit_feature_stage(cfg: CascadeConfig, tr: _Split, va: _Split, n_classes: int,
-                       fspec: FeatureSpec, seed: int) -> tuple[dict, dict, np.ndarray]:
-    """(first-stage params, standardizer dict, validation logits); scaler fitted on train."""
+                       fspec: FeatureSpec, seed: int
+                       ) -> tuple[dict, dict, np.ndarray, MahalanobisOOD | None]:
+    """(first-stage params, standardizer dict, validation logits, OOD gate or None); scaler
+    and gate fitted on train, the gate's threshold on validation."""
     fx = FeatureStandardizer(fspec).fit(tr.raws)
     z_tr, z_va = fx.transform(tr.raws), fx.transform(va.raws)
     if cfg.first_stage == "gbt":
@@ -236,8 +255,28 @@ def _fit_feature_stage(cfg: CascadeConfig, tr: _Split, va: _Split, n_classes: in
                              seed=seed)
     else:
         model = fit_logreg(z_tr, tr.y, n_classes, c=cfg.c, seed=seed)
-    return model.to_dict(), fx.to_dict(), model.logits(z_va)
+    ood = MahalanobisOOD(cfg.ood_accept).fit(z_tr, z_va) if cfg.ood_gate else None
+    return model.to_dict(), fx.to_dict(), model.logits(z_va), ood
 
+
+def _cnn_stage(b1: Bundle, x1: np.ndarray, want_ood: bool, batch: int = 64
+               ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """A CNN first stage on validation: (logits, its own OOD rule's scores or None, why there
+    is no gate or None), from its reference backend, as Predictor scores them."""
+    from imgtriage.predict.backends import reference_backend
+    from imgtriage.predict.predictor import Predictor
+
+    p = Predictor.load(b1, backend=reference_backend(b1))
+    if not want_ood:
+        return _logits(p.backend, x1), None, "--no-ood-gate"
+    if p.policy.ood is None:
+        return _logits(p.backend, x1), None, (
+            "the first-stage bundle has no OOD rule (trained with --no-ood or --no-calibrate, "
+            "or before OOD rules): retrain it with default options to gate the first stage")
+    policy = replace(p.policy, abstain=True)
+    parts = [p.forward(x1[i:i + batch], policy) for i in range(0, len(x1), batch)]
+    return (np.concatenate([np.asarray(lg, np.float64) for lg, _ in parts]),
+            np.concatenate([np.asarray(sc, np.float64) for _, sc in parts]), None)
 
 def _check_stage1_bundle(path: str, classes: list[str]) -> Bundle:
     b1 = load_bundle(path)
@@ -289,15 +328,15 @@ def routed_by_class(probs: np.ndarray, rule: dict[str, Any] | None) -> np.ndarra
     return probs[:, rule["class_ids"]].sum(axis=1) >= rule["min_probability"]
 
 
-def _gate(cfg: CascadeConfig, logits: np.ndarray, y: np.ndarray, classes: list[str]
-          ) -> tuple[float, Any, Any, dict[str, Any] | None]:
+def _gate(cfg: CascadeConfig, logits: np.ndarray, y: np.ndarray, classes: list[str],
+          in_dist: np.ndarray) -> tuple[float, Any, Any, dict[str, Any] | None]:
     from imgtriage.evaluate.calibration import TemperatureScaler
 
     temperature = TemperatureScaler().fit(logits, y).temperature_
     probs = softmax(logits, temperature)
     scores, correct = probs.max(axis=1), probs.argmax(axis=1) == y
     rule = _routing(cfg, classes, probs, y)
-    eligible = ~routed_by_class(probs, rule)
+    eligible = ~routed_by_class(probs, rule) & in_dist  # the OOD gate routes like a class
     if cfg.route_share is not None:
         choice = gate_for_share(scores, correct, cfg.route_share, eligible)
     else:
@@ -347,32 +386,47 @@ def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
     params = features = None
     if b1 is None:
         tr = _decode(train, classes, spec2, fspec, None, False, cfg.workers)
-        params, features, logits1 = _fit_feature_stage(cfg, tr, va, len(classes), fspec,
-                                                       info["seed"])
+        params, features, logits1, ood = _fit_feature_stage(cfg, tr, va, len(classes), fspec,
+                                                            info["seed"])
         info["defects"] = tr.defects + va.defects
+        ood_scores = ood.val_scores_ if ood is not None else None
+        ood_gate = {"source": "cascade", **ood.rule(FIRST_STAGE_OOD_FILE)} \
+            if ood is not None else None
+        no_gate = None if ood is not None else "--no-ood-gate"
     else:
-        logits1 = _logits(make_backend(b1, reference_backend(b1)), va.x1)
+        ood = None
+        logits1, ood_scores, no_gate = _cnn_stage(b1, va.x1, cfg.ood_gate)
+        rule1 = b1.info.decision.get("ood") or {}
+        ood_gate = None if ood_scores is None else {
+            "source": "stage1", **{k: rule1[k] for k in ("method", "threshold", "accept")}}
         info["defects"] = va.defects
     info["min_validation"] = _check_validation_size(cfg, len(va.y))
-    temperature, choice, correct1, rule = _gate(cfg, logits1, va.y, classes)
+    in_dist = np.ones(len(va.y), bool) if ood_gate is None else \
+        ood_scores <= float(ood_gate["threshold"])
+    temperature, choice, correct1, rule = _gate(cfg, logits1, va.y, classes, in_dist)
     correct2 = _logits(make_backend(b2, reference_backend(b2)), va.x2).argmax(axis=1) == va.y
     probs1 = softmax(logits1, temperature)
     routed = routed_by_class(probs1, rule)
-    accepted = (probs1.max(axis=1) >= choice.threshold) & ~routed \
+    accepted = (probs1.max(axis=1) >= choice.threshold) & ~routed & in_dist \
         if choice.threshold is not None else np.zeros(len(probs1), bool)
     validation = _validation(choice, accepted, correct1, correct2, info, temperature)
     validation.update(gate_confidence=cfg.gate_confidence,
                       min_validation=info["min_validation"],
-                      routed_by_class=int(routed.sum()))
+                      routed_by_class=int(routed.sum()),
+                      ood_gate=None if ood_gate is None else {
+                          "in_distribution_share": float(in_dist.mean()),
+                          "stage1_ood": int((~in_dist).sum())},
+                      **({} if no_gate is None else {"no_ood_gate": no_gate}))
     path = _write(Path(out), b2, b1, cfg, params, features, temperature, choice, validation,
-                  info, rule)
+                  info, rule, ood_gate, ood)
     return CascadeResult(path, validation, time.perf_counter() - t0)
 
 
 def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
            params: dict | None, features: dict | None, temperature: float, choice: Any,
            validation: dict[str, Any], info: dict[str, Any],
-           rule: dict[str, Any] | None) -> Path:
+           rule: dict[str, Any] | None, ood_gate: dict[str, Any] | None,
+           ood: MahalanobisOOD | None) -> Path:
     files = {f"stage2/{n}": d for n, d in bundle_files(b2).items()}
     files["stage2/manifest.json"] = b2.read_bytes("manifest.json")
     if b1 is not None:
@@ -381,6 +435,10 @@ def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
         first = {"type": "bundle", "dir": "stage1", "sha256": b1.sha256}
     else:
         files[FIRST_STAGE_FILE] = json.dumps(params).encode()
+        if ood is not None:
+            from safetensors.numpy import save
+
+            files[FIRST_STAGE_OOD_FILE] = save(ood.arrays())
         first = {"type": cfg.first_stage, "file": FIRST_STAGE_FILE}
     info2 = b2.info
     manifest = new_manifest(
@@ -394,9 +452,10 @@ def _write(out: Path, b2: Bundle, b1: Bundle | None, cfg: CascadeConfig,
         "first_stage": first, "temperature": temperature, "gate": choice.threshold,
         "gate_rule": {"target_accuracy": cfg.target_accuracy, "route_share": cfg.route_share,
                       "confidence": cfg.gate_confidence},
-        "always_second_stage": rule,
+        "always_second_stage": rule, "ood_gate": ood_gate,
         "stage2": {"dir": "stage2", "sha256": b2.sha256}, "validation": validation})
     return save_bundle(out, manifest, None, files)
 
 
-__all__ = ["CascadeConfig", "CascadeResult", "CascadeRunOptions", "build_cascade"]
+__all__ = ["FIRST_STAGE_OOD_FILE", "CascadeConfig", "CascadeResult", "CascadeRunOptions",
+           "build_cascade"]

@@ -44,6 +44,7 @@ from imgtriage.data.features import FeatureSpec, FeatureStandardizer, raw_featur
 from imgtriage.data.preprocess import PreprocessSpec, record_pixels
 from imgtriage.errors import BundleIntegrityError, BundleSchemaError, ImageReadError
 from imgtriage.evaluate.decision import DecisionPolicy, Decisions, softmax
+from imgtriage.evaluate.ood import MahalanobisOOD
 from imgtriage.io import ImageRecord
 from imgtriage.predict._cascade_build import (
     CascadeConfig,
@@ -127,32 +128,67 @@ class CascadeDecoder(Decoder):
 
 
 class _CnnStage:
-    """A small classifier bundle used as the first stage: its own preprocessing + backend."""
+    """A small classifier bundle used as the first stage: its own preprocessing + backend,
+    and (with the OOD gate) its own OOD rule, scored as Predictor scores it (in the ONNX
+    graph or from the features output), so every backend routes alike."""
 
     kind = "bundle"
 
-    def __init__(self, bundle: Bundle, backend: str, device: str) -> None:
-        from imgtriage.predict.backends import make_backend
-
+    def __init__(self, bundle: Bundle, backend: str, device: str, gate: bool) -> None:
         self.bundle = bundle
         self.input = CnnInput(PreprocessSpec.from_dict(dict(bundle.info.preprocess)))
-        self.backend = make_backend(bundle, backend, device)
+        loaded = Predictor.load(bundle, backend=backend, device=device)
+        assert isinstance(loaded, Predictor)  # _check_stage1_bundle: a plain classifier
+        self.predictor = loaded
+        self.backend = loaded.backend
+        self.ood_policy = dataclasses.replace(loaded.policy, abstain=True) \
+            if gate and loaded.policy.ood is not None else None
 
     def logits(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         return np.asarray(self.backend(np.stack(prepared)), np.float64)
 
+    def scores(self, prepared: Sequence[np.ndarray], metas: Sequence[dict[str, Any]]
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and OOD scores (None without a gate; a constant image scores +inf)."""
+        if self.ood_policy is None:
+            return self.logits(prepared), None
+        logits, ood = self.predictor.forward(np.stack(prepared), self.ood_policy,
+                                             metas=list(metas))
+        return np.asarray(logits, np.float64), np.asarray(ood, np.float64)
+
+    def in_distribution(self, ood: np.ndarray) -> np.ndarray:
+        assert self.ood_policy is not None
+        return ~self.ood_policy.ood_mask(ood, len(ood)) & ~np.isnan(ood)
+
 
 class _FeatureStage:
-    """Logistic regression / boosted trees on standardised image and header features."""
+    """Logistic regression / boosted trees on standardised image and header features, and
+    (with the OOD gate) the Mahalanobis scorer fitted on them when the cascade was built."""
 
-    def __init__(self, model: Any, features: FeatureStandardizer) -> None:
+    def __init__(self, model: Any, features: FeatureStandardizer,
+                 ood: MahalanobisOOD | None = None) -> None:
         self.model = model
         self.kind = model.kind
         self.features = features
         self.input = FeatureInput(features.spec)
+        self.ood = ood
 
     def logits(self, prepared: Sequence[Any]) -> np.ndarray:
         return self.model.logits(self.features.transform(prepared))
+
+    def scores(self, prepared: Sequence[Any], metas: Sequence[dict[str, Any]]
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and OOD scores (None without a gate; a constant image scores +inf)."""
+        z = self.features.transform(prepared)
+        if self.ood is None:
+            return self.model.logits(z), None
+        ood = self.ood.score(z)
+        ood[[bool(m.get("degenerate")) for m in metas]] = np.inf
+        return self.model.logits(z), ood
+
+    def in_distribution(self, ood: np.ndarray) -> np.ndarray:
+        assert self.ood is not None
+        return ood <= self.ood.threshold_
 
 
 class _CascadeBackend:
@@ -167,9 +203,12 @@ class _CascadeBackend:
 @dataclass(frozen=True)
 class CascadeOptions(PredictOptions):
     """Predictor's options plus ``gate``: None uses the bundle's gate; 1.01 sends every
-    image to the second stage, 0.0 none."""
+    image to the second stage, 0.0 none; and ``ood_gate``: None uses the bundle's OOD gate,
+    False answers with the first stage whatever its input looks like (as cascades built
+    before the gate did)."""
 
     gate: float | None = None
+    ood_gate: bool | None = None
 
 
 class CascadePredictor(BasePredictor):
@@ -178,7 +217,9 @@ class CascadePredictor(BasePredictor):
     Per-call options are Predictor's; ``temperature``/``profile``/``tta``/``thresholds``
     apply to the second stage, and an extra ``gate=`` overrides the first stage's gate
     (``gate=1.01`` sends everything to the CNN). The first stage never abstains: an image
-    below the gate or below its class threshold goes to the second stage instead.
+    below the gate or below its class threshold goes to the second stage instead, and so
+    does one whose first-stage input the OOD gate finds unlike the training data (rows of
+    those carry ``"stage1_ood": true``; ``ood_gate=False`` turns the gate off per call).
 
     Example:
         >>> p = CascadePredictor.load("runs/mstar/cascade")  # doctest: +SKIP
@@ -212,14 +253,21 @@ class CascadePredictor(BasePredictor):
     def decoder(self) -> CascadeDecoder:
         return CascadeDecoder(self.spec, self.first.input)
 
+    @property
+    def ood_gate(self) -> dict[str, Any] | None:
+        """The first stage's OOD gate as the manifest records it (None: no gate; cascades
+        built before the gate, or with ``--no-ood-gate``)."""
+        return self.bundle.info.block("cascade").get("ood_gate")
+
     def describe(self) -> dict[str, Any]:
-        """Predictor.describe of the second stage, with the cascade's identity and gate."""
+        """Predictor.describe of the second stage, with the cascade's identity and gates."""
         out = dict(self.stage2.describe())
         c = self.bundle.info.block("cascade")
         out.update(kind="cascade", bundle_sha256=self.bundle_sha256, backend=self.backend.name,
                    bundle_version=self.bundle.info.bundle_version,
                    cascade={"first_stage": self.first.kind, "gate": self.gate,
                             "temperature": self.temperature,
+                            "ood_gate": gate_summary(self.ood_gate),
                             "validation": c.get("validation", {}),
                             "stage2_sha256": self.stage2.bundle_sha256})
         return out
@@ -252,17 +300,23 @@ class CascadePredictor(BasePredictor):
             ok &= score >= np.asarray(policy.thresholds)[cid]
         return ok
 
-    def _route(self, prepared: Sequence[Any], policy: DecisionPolicy, gate: float | None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, accepted) per item; items without a first-stage input go to stage 2."""
+    def _route(self, prepared: Sequence[Any], metas: Sequence[dict[str, Any]],
+               policy: DecisionPolicy, gate: float | None, ood_gate: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probs, accepted, out of distribution) per item; items without a first-stage
+        input go to stage 2, and so do those the OOD gate flags (when ``ood_gate``)."""
         probs = np.zeros((len(prepared), len(self.classes)))
+        strange = np.zeros(len(prepared), bool)
         usable = [i for i, p in enumerate(prepared) if p is not None]
         if usable:
-            logits = self.first.logits([prepared[i] for i in usable])
+            logits, ood = self.first.scores([prepared[i] for i in usable],
+                                            [metas[i] for i in usable])
             probs[usable] = softmax(logits, self.temperature)
-        accepted = self._accept(probs, policy, gate)
+            if ood is not None and ood_gate:
+                strange[usable] = ~self.first.in_distribution(ood)
+        accepted = self._accept(probs, policy, gate) & ~strange
         accepted[[i for i, p in enumerate(prepared) if p is None]] = False
-        return probs, accepted
+        return probs, accepted, strange
 
     def _stage1_rows(self, names: Sequence[str], probs: np.ndarray, opts: PredictOptions,
                      policy: DecisionPolicy, metas: Sequence[dict[str, Any]]
@@ -282,9 +336,11 @@ class CascadePredictor(BasePredictor):
             return []
         gate = opts.gate if isinstance(opts, CascadeOptions) and opts.gate is not None \
             else self.gate
+        ood_gate = not (isinstance(opts, CascadeOptions) and opts.ood_gate is False)
         policy = self.policy_for(opts)
         names = [d.name for d in batch]
-        probs, accepted = self._route([d.x[1] for d in batch], policy, gate)
+        probs, accepted, strange = self._route([d.x[1] for d in batch],
+                                               [d.meta for d in batch], policy, gate, ood_gate)
         out: list[dict[str, Any] | None] = [None] * len(batch)
         took = np.flatnonzero(accepted)
         for i, row in zip(took, self._stage1_rows([names[i] for i in took], probs[took], opts,
@@ -300,7 +356,8 @@ class CascadePredictor(BasePredictor):
             except ImageReadError as exc:
                 out[i] = exc.defect.to_dict()
         for i, row in zip(routed, self.stage2.rows(xs, opts), strict=True):
-            out[i] = row if is_defect(row) else {**row, "stage": 2}
+            out[i] = row if is_defect(row) else {**row, "stage": 2,
+                                                  **({"stage1_ood": True} if strange[i] else {})}
         return out  # type: ignore[return-value]
 
     def report_extra(self, results: list[dict[str, Any]], opts: PredictOptions
@@ -309,10 +366,24 @@ class CascadePredictor(BasePredictor):
         block: dict[str, Any] = {"first_stage": self.first.kind, "gate": self.gate,
                                  "temperature": self.temperature,
                                  "stage2_bundle_sha256": self.stage2.bundle_sha256}
+        gated = self.ood_gate is not None and not (
+            isinstance(opts, CascadeOptions) and opts.ood_gate is False)
+        if gated:
+            block["ood_gate"] = gate_summary(self.ood_gate)
         if results:
-            block.update(stage_counts(sum(1 for r in results if r.get("stage") == 1),
-                                      sum(1 for r in results if r.get("stage") == 2)))
+            block.update(stage_counts(
+                sum(1 for r in results if r.get("stage") == 1),
+                sum(1 for r in results if r.get("stage") == 2),
+                sum(1 for r in results if r.get("stage1_ood")) if gated else None))
         return {**super().report_extra(results, opts), "cascade": block}
+
+
+def gate_summary(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The OOD gate in a report's ``meta["cascade"]`` and ``describe()``: what scores it,
+    its threshold and stated acceptance (None: no gate)."""
+    if gate is None:
+        return None
+    return {k: gate.get(k) for k in ("source", "method", "threshold", "accept")}
 
 
 def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
@@ -329,13 +400,23 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
                                 f"the cascade's {bundle.classes}")
     stage2 = Predictor.load(inner, backend=backend, device=device, **kw)
     fs = c["first_stage"]
+    ood_gate = c.get("ood_gate")  # absent in cascades built before the gate: none
     first: _CnnStage | _FeatureStage
     if fs["type"] == "bundle":
-        first = _CnnStage(sub_bundle(bundle, fs["dir"], fs["sha256"]), backend, device)
+        first = _CnnStage(sub_bundle(bundle, fs["dir"], fs["sha256"]), backend, device,
+                          gate=ood_gate is not None)
+        if ood_gate is not None and first.ood_policy is None:
+            raise BundleSchemaError(f"{bundle.path}: the manifest gates the first stage on its "
+                                    "OOD rule but the stage-1 bundle has none; rebuild the "
+                                    "cascade with `imgtriage cascade`")
     else:
         params = json.loads(bundle.verified_bytes(fs["file"]))  # sha256-checked
+        ood = None
+        if ood_gate is not None:
+            ood = MahalanobisOOD.from_rule(ood_gate, bundle.tensors(ood_gate["file"], "numpy"))
         first = _FeatureStage(stage_from_dict(params),
-                              FeatureStandardizer.from_dict(dict(bundle.info.features or {})))
+                              FeatureStandardizer.from_dict(dict(bundle.info.features or {})),
+                              ood)
     gate = c.get("gate")
     return CascadePredictor(bundle, first, stage2, float(c["temperature"]),
                             None if gate is None else float(gate))

@@ -94,16 +94,21 @@ def report_meta(*, bundle_path: str, bundle_sha256: str, decision: dict[str, Any
     return meta
 
 
-def stage_counts(n1: int, n2: int) -> dict[str, Any]:
-    """A cascade report's per-stage counts (``meta["cascade"]``): files each stage answered.
+def stage_counts(n1: int, n2: int, ood: int | None = None) -> dict[str, Any]:
+    """A cascade report's per-stage counts (``meta["cascade"]``): files each stage answered,
+    and (``ood``, for a cascade with an OOD gate) ``stage1_ood``: how many of stage 2's the
+    first stage's OOD gate sent there.
 
     Example:
         >>> stage_counts(3, 1)["stage1_share"]
         0.75
+        >>> stage_counts(3, 1, ood=1)["stage1_ood"]
+        1
     """
     n = n1 + n2
-    return {"stage1": n1, "stage2": n2, "stage1_share": round(n1 / n, 6) if n else None,
-            "stage2_share": round(n2 / n, 6) if n else None}
+    out = {"stage1": n1, "stage2": n2, "stage1_share": round(n1 / n, 6) if n else None,
+           "stage2_share": round(n2 / n, 6) if n else None}
+    return out if ood is None else {**out, "stage1_ood": ood}
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -186,7 +186,10 @@ def store_meta(store: ResultStore, run_id: int | None = None) -> dict[str, Any]:
                 elapsed_sec=round(store.elapsed(run_id), 3), store=str(store.path))
     if isinstance(meta.get("cascade"), dict):  # built before any row: count the stages now
         stages = store.value_counts("stage", run_id)
-        meta["cascade"] = {**meta["cascade"], **stage_counts(stages.get(1, 0), stages.get(2, 0))}
+        ood = sum(n for v, n in store.value_counts("stage1_ood", run_id).items() if v) \
+            if meta["cascade"].get("ood_gate") is not None else None
+        meta["cascade"] = {**meta["cascade"], **stage_counts(stages.get(1, 0), stages.get(2, 0),
+                                                             ood)}
     return meta
 
 
