@@ -47,6 +47,7 @@ from imgtriage.evaluate.decision import DecisionPolicy, Decisions, softmax
 from imgtriage.evaluate.ood import MahalanobisOOD
 from imgtriage.io import ImageRecord
 from imgtriage.predict._cascade_build import (
+    FIRST_STAGE_OOD_FILE,
     CascadeConfig,
     CascadeResult,
     CascadeRunOptions,
@@ -422,5 +423,6 @@ def load_cascade(bundle: Bundle, *, backend: str = "auto", device: str = "cpu",
                             None if gate is None else float(gate))
 
 
-__all__ = ["CascadeConfig", "CascadeDecoder", "CascadeOptions", "CascadePredictor",
-           "CascadeResult", "CascadeRunOptions", "build_cascade", "load_cascade", "sub_bundle"]
+__all__ = ["FIRST_STAGE_OOD_FILE", "CascadeConfig", "CascadeDecoder", "CascadeOptions",
+           "CascadePredictor", "CascadeResult", "CascadeRunOptions", "build_cascade",
+           "load_cascade", "sub_bundle"]
