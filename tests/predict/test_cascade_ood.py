@@ -194,8 +194,10 @@ def test_fresh_digits_pass_the_feature_gate_at_its_level(cascades, tmp_path):
     fresh = write_digits_folder(tmp_path / "fresh", per_class=20, seed=7)
     p = Predictor.load(cascades["features"], num_threads=1)
     rows = p.predict_paths([fresh])["results"]
-    gate = load_bundle(cascades["features"]).manifest["cascade"]["ood_gate"]
-    level = min(gate["accept"], gate["n_val"] / (gate["n_val"] + 1))
+    c = load_bundle(cascades["features"]).manifest["cascade"]
+    n = c["ood_gate"]["n_val"]
+    level = c["validation"]["ood_gate"]["guaranteed_acceptance"]
+    assert level == min(np.ceil((n + 1) * 0.99), n) / (n + 1) <= 0.99
     share = 1 - sum(bool(r.get("stage1_ood")) for r in rows) / len(rows)
     assert share >= level - 3 * np.sqrt(level * (1 - level) / len(rows)), share
 

@@ -163,6 +163,38 @@ def test_metrics_label_routes_behind_a_root_path(profiled_bundle, predictor, dig
                    for name, labels in m)
 
 
+def test_a_cascade_refuses_noise_over_http_as_its_api_does(make_client, calibrated_run,
+                                                          digits_folder, digit_pngs, tmp_path):
+    """Issue 15: noise the cascade's first stage would answer goes to stage 2 (its OOD gate),
+    which refuses it; the HTTP answer is the API's for the same bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from imgtriage.predict import Predictor
+    from imgtriage.predict.cascade import CascadeConfig, build_cascade
+
+    cascade = build_cascade(calibrated_run.bundle_path, digits_folder, tmp_path / "cascade",
+                            CascadeConfig(route_share=0.3)).bundle_path
+    p = Predictor.load(cascade, num_threads=1)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8)).save(
+        buf, format="PNG")
+    files = [("noise.png", buf.getvalue()), digit_pngs[0]]
+    assert p.predict_bytes([files[0][1]], ["noise.png"], ood_gate=False)[0]["stage"] == 1
+    r = make_client(predictor=p).post(
+        "/v1/classify", files=[("files", (n, b, "image/png")) for n, b in files])
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    want = p.predict_bytes([b for _, b in files], [n for n, _ in files])
+    assert (got[0]["stage"], got[0]["stage1_ood"], got[0]["reason"], got[0]["abstained"]) == \
+        (2, True, "out_of_distribution", True)
+    for g, w in zip(got, want, strict=True):
+        assert (g["class"], g["stage"], g.get("stage1_ood"), g["reason"]) == \
+            (w["class"], w["stage"], w.get("stage1_ood"), w["reason"])
+
+
 def test_a_cascade_bundle_is_served_like_predict_bytes(make_client, tiny_bundle, digits_folder,
                                                       digit_pngs, tmp_path):
     """Another predictor kind through the service's decode-then-batch path."""

@@ -43,9 +43,11 @@ def ood_gate_line(v: dict[str, Any]) -> str:
     if g is None:
         return f"OOD gate: none ({v.get('no_ood_gate', 'built before the gate')}): the first " \
                "stage answers any input it is confident about"
+    level = g.get("guaranteed_acceptance")
     return (f"OOD gate: {g['in_distribution_share']:.1%} of validation images look like the "
             f"training data; the other {g['stage1_ood']} go to stage 2 (it answers or refuses "
-            "them)")
+            "them)" + (f"; new in-distribution images pass with probability >= {level:.1%}"
+                       if level else ""))
 
 
 # The two inputs, then one option per CascadeRunOptions and CascadeConfig field.

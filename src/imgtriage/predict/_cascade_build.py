@@ -10,6 +10,7 @@ trained on it, which the manifest records (``stage2_saw_validation``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -304,6 +305,22 @@ def _check_validation_size(cfg: CascadeConfig, n: int) -> int:
     return need
 
 
+def conformal_level(accept: float, n: int) -> float:
+    """The in-distribution acceptance a threshold at the conformal ``accept`` quantile of
+    ``n`` validation scores guarantees on exchangeable data: ``k / (n + 1)`` with
+    ``k = ceil((n + 1) accept)``, or ``n / (n + 1)`` when ``k > n`` (the threshold is then the
+    largest validation score). 0 when ``n`` is unknown.
+
+    Example:
+        >>> conformal_level(0.99, 45), conformal_level(0.99, 500)
+        (0.9782608695652174, 0.9900199600798403)
+    """
+    if n < 1:
+        return 0.0
+    k = math.ceil((n + 1) * accept - 1e-9)
+    return min(k, n) / (n + 1)
+
+
 def _routing(cfg: CascadeConfig, classes: list[str], probs: np.ndarray, y: np.ndarray
              ) -> dict[str, Any] | None:
     """The per-class routing rule (see CascadeConfig.always_second_stage), or None."""
@@ -415,7 +432,11 @@ def build_cascade(stage2: str | os.PathLike[str], data: str | os.PathLike[str],
                       routed_by_class=int(routed.sum()),
                       ood_gate=None if ood_gate is None else {
                           "in_distribution_share": float(in_dist.mean()),
-                          "stage1_ood": int((~in_dist).sum())},
+                          "stage1_ood": int((~in_dist).sum()),
+                          "guaranteed_acceptance": conformal_level(
+                              float(ood_gate["accept"]),
+                              int((b1.info.decision.get("ood") or {}).get("n_val", 0))
+                              if b1 is not None else len(va.y))},
                       **({} if no_gate is None else {"no_ood_gate": no_gate}))
     path = _write(Path(out), b2, b1, cfg, params, features, temperature, choice, validation,
                   info, rule, ood_gate, ood)
