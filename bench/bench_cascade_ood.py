@@ -1,15 +1,15 @@
 """What the cascade's first-stage OOD gate costs and what it stops (issue 15), in one run.
 
 For each stage-2 bundle given (``--stage2``, several: one cascade each, e.g. three seeds), a
-cascade is built on ``--data`` with the default options (``--first-stage`` logreg unless
-told), then every file of ``--test`` (in distribution) and of each ``--ood NAME=FOLDER`` set,
-plus synthetic odd images (uniform and Gaussian noise, RGB noise, constant images), is
-predicted twice by the same loaded cascade: with its OOD gate (the default) and with
-``ood_gate=False`` (what the cascade did before the gate; the same numbers as a cascade built
-before it). Printed per set: the share of files the first stage answers, the share refused
-as out of distribution, and on the in-distribution test the accuracy of the first stage's
-answers and of the cascade's (abstentions counted as wrong). The table gives the median
-(min-max) over the cascades. No timing: run it at nice 19.
+cascade is built on ``--data`` (``--first-stage`` logreg, ``--target-accuracy`` 0.99 or a
+``--route-share``), then every file of ``--test`` (in distribution) and of each ``--ood
+NAME=FOLDER`` set, plus synthetic odd images (uniform and Gaussian noise, RGB noise, constant
+images), is predicted twice by the same loaded cascade: with its OOD gate (the default) and
+with ``ood_gate=False`` (what the cascade did before the gate; the same numbers as a cascade
+built before it). Printed per set: the share of files the first stage answers, the share
+refused as out of distribution, and on the in-distribution test the accuracy of the first
+stage's answers and of the cascade's (abstentions counted as wrong). The table gives the
+median (min-max) over the cascades. No timing: run it at nice 19.
 
 ``--digits WORK`` prepares a second, self-contained scenario: scikit-learn's 1,797 digits as
 32 px PNGs (20% test), a default-options crop_cnn as stage 2 (calibrated, with its OOD rule)
@@ -81,12 +81,12 @@ def _measure(p, files: list[str], labels: list[str] | None, gate: bool) -> dict[
     return out
 
 
-def _cascade(stage2: Path, data: Path, out: Path, first_stage: str) -> Path:
+def _cascade(stage2: Path, data: Path, out: Path, first_stage: str, gate: dict) -> Path:
     from imgtriage.predict.cascade import CascadeConfig, build_cascade
 
     if (out / "manifest.json").is_file():
         return out
-    res = build_cascade(stage2, data, out, CascadeConfig(first_stage=first_stage))
+    res = build_cascade(stage2, data, out, CascadeConfig(first_stage=first_stage, **gate))
     v = res.validation
     print(f"built {out}: gate {v['threshold']}, stage 1 answers {v['accepted_share']:.3f} of "
           f"{v['n']} validation images; OOD gate {json.dumps(v.get('ood_gate'))}", flush=True)
@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--test", type=Path)
     ap.add_argument("--ood", action="append", default=[], help="NAME=FOLDER")
     ap.add_argument("--first-stage", default="logreg")
+    ap.add_argument("--target-accuracy", type=float, default=0.99)
+    ap.add_argument("--route-share", type=float, help="instead of a target accuracy")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-cascade-ood"))
     ap.add_argument("--noise", type=int, default=100, help="noise images of each kind")
     ap.add_argument("--noise-size", type=int, default=128)
@@ -164,7 +166,8 @@ def main() -> None:
     sets.update({n: Path(f) for n, f in (o.split("=", 1) for o in args.ood)})
     results: dict[str, dict[str, list[dict]]] = {}
     for s2, data, test, first, out in jobs:
-        p = Predictor.load(_cascade(s2, data, out, first), num_threads=2)
+        gate = {"target_accuracy": args.target_accuracy, "route_share": args.route_share}
+        p = Predictor.load(_cascade(s2, data, out, first, gate), num_threads=2)
         ds = discover(test)
         files, labels = [s.path for s in ds.samples], [s.label for s in ds.samples]
         for gate in (False, True):
