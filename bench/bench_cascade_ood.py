@@ -60,7 +60,7 @@ def _odd_folder(root: Path, n: int, size: int) -> Path:
 def _files(folder: Path) -> list[str]:
     from imgtriage.data.discovery import iter_image_files
 
-    return sorted(str(p) for p in iter_image_files([folder]))
+    return sorted(str(p) for p in iter_image_files(folder))
 
 
 def _measure(p, files: list[str], labels: list[str] | None, gate: bool) -> dict[str, float]:
