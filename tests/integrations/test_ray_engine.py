@@ -70,10 +70,13 @@ def test_ray_parquet_dataset_of_a_cascade_counts_its_stages(
                         CascadeConfig(route_share=0.5))
     got = ray_predict(res.bundle_path, mixed_inputs, dataset_dir=tmp_path / "ds")
     rows = pads.dataset(tmp_path / "ds", format="parquet").to_table().to_pylist()
-    stages = [json.loads(r["extra"])["stage"] for r in rows if r["kind"] == "result"]
+    extras = [json.loads(r["extra"]) for r in rows if r["kind"] == "result"]
+    stages = [e["stage"] for e in extras]
     c = got["meta"]["cascade"]
     assert (c["stage1"], c["stage2"]) == (stages.count(1), stages.count(2)) and c["stage1"]
     assert c["stage1"] + c["stage2"] == 300
+    # issue 15: how many the first stage's OOD gate sent to stage 2
+    assert c["stage1_ood"] == sum(bool(e.get("stage1_ood")) for e in extras)
 
 
 def _middle_gap(predictor, inputs) -> float:

@@ -318,9 +318,14 @@ def _write_dataset(ds: Any, uri: str, n_files: int, predictor: BasePredictor,
         from imgtriage.predict.report import stage_counts
 
         extra = data.to_table(columns=["extra"], filter=pc.field("kind") == "result")["extra"]
-        n1, n2 = (int(pc.sum(pc.fill_null(pc.match_substring(extra, f'"stage": {k}'),
-                                          False)).as_py() or 0) for k in (1, 2))
-        report["meta"]["cascade"] = {**report["meta"]["cascade"], **stage_counts(n1, n2)}
+        def count(text: str) -> int:
+            return int(pc.sum(pc.fill_null(pc.match_substring(extra, text), False)).as_py()
+                       or 0)
+
+        n1, n2 = count('"stage": 1'), count('"stage": 2')
+        ood = count('"stage1_ood": true') \
+            if report["meta"]["cascade"].get("ood_gate") is not None else None
+        report["meta"]["cascade"] = {**report["meta"]["cascade"], **stage_counts(n1, n2, ood)}
     return report
 
 
