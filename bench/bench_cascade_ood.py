@@ -2,14 +2,15 @@
 
 For each stage-2 bundle given (``--stage2``, several: one cascade each, e.g. three seeds), a
 cascade is built on ``--data`` (``--first-stage`` logreg, ``--target-accuracy`` 0.99 or a
-``--route-share``), then every file of ``--test`` (in distribution) and of each ``--ood
-NAME=FOLDER`` set, plus synthetic odd images (uniform and Gaussian noise, RGB noise, constant
-images), is predicted twice by the same loaded cascade: with its OOD gate (the default) and
-with ``ood_gate=False`` (what the cascade did before the gate; the same numbers as a cascade
-built before it). Printed per set: the share of files the first stage answers, the share
-refused as out of distribution, and on the in-distribution test the accuracy of the first
-stage's answers and of the cascade's (abstentions counted as wrong). The table gives the
-median (min-max) over the cascades. No timing: run it at nice 19.
+``--route-share``), then every file of ``--test`` (in distribution; else the test split of
+``--data`` as stage 2 made it) and of each ``--ood NAME=FOLDER`` set, plus synthetic odd
+images (uniform and Gaussian noise, RGB noise, constant images), is predicted twice by the
+same loaded cascade: with its OOD gate (the default) and with ``ood_gate=False`` (what the
+cascade did before the gate; the same numbers as a cascade built before it). Printed per
+set: the share of files the first stage answers, the share refused as out of distribution,
+and on the in-distribution test the accuracy of the first stage's answers and of the
+cascade's (abstentions counted as wrong). The table gives the median (min-max) over the
+cascades. No timing: run it at nice 19.
 
 ``--digits WORK`` prepares a second, self-contained scenario: scikit-learn's 1,797 digits as
 32 px PNGs (20% test), a default-options crop_cnn as stage 2 (calibrated, with its OOD rule)
@@ -122,6 +123,20 @@ def _digits(work: Path, seed: int, cnn_first: bool) -> tuple[Path, Path, Path, s
     return data / "train", bundles["stage2"], data / "test", first
 
 
+def _test_split(stage2: Path, data: Path) -> list:
+    """The test split of ``data`` as the stage-2 run made it (no ``--test`` folder)."""
+    from imgtriage.bundle import load_bundle
+    from imgtriage.data import discover, split_dataset
+
+    c = load_bundle(stage2).info.training.get("config") or {}
+    ds = split_dataset(discover(data), val_frac=float(c.get("val_frac", 0.15)),
+                       test_frac=float(c.get("test_frac", 0)), seed=int(c.get("seed", 0)))
+    test = [s for s in ds.samples if s.split == "test"]
+    if not test:
+        raise SystemExit(f"{data} has no test split under {stage2}'s split; give --test")
+    return test
+
+
 def _mmm(values: list[float]) -> str:
     v = [x for x in values if x == x]
     if not v:
@@ -139,6 +154,7 @@ def main() -> None:
     ap.add_argument("--first-stage", default="logreg")
     ap.add_argument("--target-accuracy", type=float, default=0.99)
     ap.add_argument("--route-share", type=float, help="instead of a target accuracy")
+    ap.add_argument("--always-second-stage", default="", help="comma-separated classes")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-cascade-ood"))
     ap.add_argument("--noise", type=int, default=100, help="noise images of each kind")
     ap.add_argument("--noise-size", type=int, default=128)
@@ -166,10 +182,12 @@ def main() -> None:
     sets.update({n: Path(f) for n, f in (o.split("=", 1) for o in args.ood)})
     results: dict[str, dict[str, list[dict]]] = {}
     for s2, data, test, first, out in jobs:
-        gate = {"target_accuracy": args.target_accuracy, "route_share": args.route_share}
+        gate = {"target_accuracy": args.target_accuracy, "route_share": args.route_share,
+                "always_second_stage": tuple(c for c in args.always_second_stage.split(",")
+                                             if c)}
         p = Predictor.load(_cascade(s2, data, out, first, gate), num_threads=2)
-        ds = discover(test)
-        files, labels = [s.path for s in ds.samples], [s.label for s in ds.samples]
+        samples = discover(test).samples if test is not None else _test_split(s2, data)
+        files, labels = [s.path for s in samples], [s.label for s in samples]
         for gate in (False, True):
             key = "with gate" if gate else "without gate"
             r = _measure(p, files, labels, gate)
