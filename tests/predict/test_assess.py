@@ -89,6 +89,21 @@ def test_calibrate_writes_rule_into_bundle_and_predict_applies_it(bundle, digits
         assert r["abstained"] == (r["score"] < t[cls] - 1e-6) or abs(r["score"] - t[cls]) < 1e-5
 
 
+def test_calibrate_prints_each_fitted_threshold_and_warns_on_few_positives(bundle,
+                                                                          digits_folder,
+                                                                          tmp_path):
+    shutil.copytree(digits_folder, tmp_path / "few")
+    for extra in sorted((tmp_path / "few" / "d1").iterdir())[5:]:
+        extra.unlink()  # 5 positives: below 1 / (1 - 0.95) = 20
+    res = runner.invoke(app, ["calibrate", str(bundle), str(tmp_path / "few"),
+                              "--threshold-strategy", "target_recall", "--target", "0.95",
+                              "--positive-class", "d1", "--profile", "review"])
+    assert res.exit_code == 0, res.output
+    assert "threshold 'd1' (target_recall 0.95): " in res.output
+    assert "of 5 positives" in res.output and "warning: 5 validation positive(s)" in res.output
+    assert "threshold 'd0'" not in res.output  # not fitted: always accepted
+
+
 def test_profiles_side_by_side(bundle, digits_folder, tmp_path):
     for name, strategy in (("precision", "target_precision"), ("recall", "target_recall")):
         res = runner.invoke(app, ["calibrate", str(bundle), str(digits_folder),

@@ -93,9 +93,8 @@ def _print_calibration(s: dict) -> None:
         typer.echo(f"temperature {t['temperature']} (given)")
     if t.get("note"):
         typer.echo(f"  note: {t['note']}")
-    for a in (s.get("thresholds") or {}).get("achieved") or []:
-        if a.get("delta") is not None and a.get("note"):
-            typer.echo(f"  {a['note']}")
+    for line in _threshold_lines(s.get("thresholds") or {}, s.get("class_names") or []):
+        typer.echo(line)
     if s.get("abstain"):
         a = s["abstain"]
         typer.echo(f"abstain: coverage {a['coverage']:.4f}, accuracy at coverage "
@@ -104,6 +103,36 @@ def _print_calibration(s: dict) -> None:
         c = s["conformal"]
         typer.echo(f"conformal: coverage {c['coverage']:.4f}, mean set size "
                    f"{c['mean_set_size']:.3f}, singletons {c['singleton_rate']:.3f}")
+
+
+def _threshold_lines(t: dict, names: list[str]) -> list[str]:
+    """One line per fitted class threshold: what it achieved on how many positives, and a
+    warning where the positives are too few for the target to mean anything on new data."""
+    lines = []
+    target = t.get("target")
+    for k, a in enumerate(t.get("achieved") or []):
+        if a.get("note") == "not fitted: always accepted":
+            continue
+        name = names[k] if k < len(names) else str(k)
+        rec, prec = a.get("recall"), a.get("precision")
+        lines.append(
+            f"threshold {name!r} ({t['strategy']}{f' {target:g}' if target else ''}): "
+            f"{a['threshold']:.4f}, validation recall "
+            f"{'-' if rec is None else f'{rec:.3f}'} ({a['tp']} of {a['support']} positives), "
+            f"precision {'-' if prec is None else f'{prec:.3f}'}"
+            f"{'' if a.get('met', True) else ', target NOT met'}")
+        if a.get("note"):
+            lines.append(f"  {a['note']}")
+        few = (t["strategy"] == "target_recall" and target and target < 1
+               and t.get("delta") is None and 0 < a["support"] < 1 / (1 - target))
+        if few:
+            lines.append(
+                f"  warning: {a['support']} validation positive(s) of {name!r}, fewer than "
+                f"1/(1 - target) = {1 / (1 - target):.0f}: the target then asks for every one "
+                "of them, so the threshold sits at the lowest positive's score and new "
+                f"positives will often fall below it; calibrate on more images of {name!r}, "
+                "or add --delta 0.05 (a threshold that holds on new data, or says it cannot)")
+    return lines
 
 
 def register(app: typer.Typer) -> None:
