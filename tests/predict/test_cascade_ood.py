@@ -152,6 +152,9 @@ def test_feature_gate_stored_then_loaded_gives_the_build_scores(cascades, digits
     assert gate["method"] == "mahalanobis" and gate["file"] == FIRST_STAGE_OOD_FILE
     assert m["files"][FIRST_STAGE_OOD_FILE]  # hashed like every file
     p = Predictor.load(path, num_threads=1)
+    assert p.describe()["cascade"]["ood_gate"] == {
+        "source": "cascade", "method": "mahalanobis", "threshold": gate["threshold"],
+        "accept": 0.99}
     stored = p.first.ood
     from safetensors.numpy import load
 
