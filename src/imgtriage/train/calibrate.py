@@ -128,11 +128,10 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
         # the prior correction belongs to how the model was trained: it stays without calibration
         policy = DecisionPolicy(prior_correction=offsets)
         said = f"{prior.prior_note}; {policy.describe_priors()}"  # type: ignore[union-attr]
-        return Calibration(policy.to_dict(), {"skipped": "--no-calibrate", "prior_correction": {
-            "applied": True, "offsets": dict(zip(classes, offsets, strict=True)),
-            "behaviour": policy.describe_priors(),
-            "why": prior.prior_note, "line": said}},  # type: ignore[union-attr]
-            None, {}, f"{line}; {said}")
+        record = _applied_prior(policy, classes, prior, said)  # type: ignore[arg-type]
+        return Calibration(policy.to_dict(), {"skipped": "--no-calibrate",
+                                              "prior_correction": record},
+                           None, {}, f"{line}; {said}")
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
@@ -187,15 +186,23 @@ def prior_summary(logits: np.ndarray, y: np.ndarray, policy: DecisionPolicy,
     scores = {name: {"accuracy": float((c == y).mean()),
                      "balanced_accuracy": balanced_accuracy(np.eye(len(classes))[c], y)}
               for name, c in (("plain", plain), ("corrected", corrected))}
-    offsets = dict(zip(classes, policy.prior_correction, strict=True))
-    shown = ", ".join(f"{c} {v:+.3f}" for c, v in offsets.items())
+    shown = ", ".join(f"{c} {v:+.3f}"
+                      for c, v in zip(classes, policy.prior_correction, strict=True))
     p, c = scores["plain"], scores["corrected"]
     line = (f"{prior.prior_note}: offsets {shown}; validation balanced accuracy "
             f"{p['balanced_accuracy']:.3f} at the plain argmax -> {c['balanced_accuracy']:.3f} "
             f"(accuracy {p['accuracy']:.3f} -> {c['accuracy']:.3f}, n={len(y)}); the bundle "
             f"{policy.describe_priors()} (softmax(logits / T), T fitted on validation)")
+    return _applied_prior(policy, classes, prior, line, scores)
+
+
+def _applied_prior(policy: DecisionPolicy, classes: list[str], prior: LossPlan, line: str,
+                   scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``prior_correction`` record of a rule that applies one (with or without the
+    validation scores of :func:`prior_summary`)."""
+    offsets = dict(zip(classes, policy.prior_correction or (), strict=True))
     return {"applied": True, "offsets": offsets, "behaviour": policy.describe_priors(),
-            "why": prior.prior_note, **scores, "line": line}
+            "why": prior.prior_note, **(scores or {}), "line": line}
 
 
 def rule_line(r: dict[str, Any]) -> str:
