@@ -7,7 +7,8 @@ import pytest
 
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.evaluate import TemperatureScaler, nll_at_temperature, softmax
-from imgtriage.evaluate.calibration import T_MAX, T_MIN
+from imgtriage.evaluate.calibration import T_MAX, T_MIN, confidence_cap
+from imgtriage.evaluate.policy import fit_temperature
 
 
 def _labels_from(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -97,3 +98,59 @@ def test_sample_weights_are_row_repeats():
     for bad in (np.ones(59), -np.ones(60), np.zeros(60)):
         with pytest.raises(ConfigError):
             TemperatureScaler().fit(z, y, sample_weight=bad)
+
+
+# --- the confidence cap: a held-out set with no errors ----------------------------------------
+
+def _sampled(n: int, rng: np.random.Generator, scale: float = 6.0) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """Logits of a calibrated 4-class model (labels drawn from softmax(z)) that is right
+    ~88% of the time."""
+    z = rng.normal(size=(n, 4)) * scale
+    p = softmax(z)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    return z, y
+
+
+def test_no_errors_on_validation_no_longer_runs_the_temperature_to_its_bound() -> None:
+    rng = np.random.default_rng(0)
+    z, y = _sampled(4000, rng)
+    right = np.flatnonzero(z.argmax(1) == y)
+    zv, yv = z[right[:150]], y[right[:150]]  # a split of 150 the model gets all right
+    zt, yt = _sampled(20000, rng)  # new data from the same model
+    plain = TemperatureScaler(cap_confidence=False).fit(zv, yv)
+    capped = TemperatureScaler().fit(zv, yv)
+    assert plain.temperature_ == pytest.approx(0.05)  # the NLL runs to T_MIN
+    assert capped.capped_ and capped.temperature_ > 2 * T_MIN
+    cap = confidence_cap(zv, yv)
+    assert cap == pytest.approx(151 / 152)
+    assert softmax(zv, capped.temperature_).max(1).mean() == pytest.approx(cap, abs=1e-6)
+    # on new data the capped temperature is far better; the plain one is near-certain of errors
+    assert nll_at_temperature(zt, yt, capped.temperature_) < \
+        0.5 * nll_at_temperature(zt, yt, plain.temperature_)
+    t, info = fit_temperature(zv, yv)
+    assert t == capped.temperature_ and info["kept"]
+    assert info["confidence_cap"] == pytest.approx(cap)
+    assert "raised" in info["note"] and "no error" in info["note"]
+
+
+def test_the_cap_leaves_a_fit_on_data_with_errors_alone() -> None:
+    z, y = _sampled(3000, np.random.default_rng(1))  # ~12% errors: T = 1 is right
+    ts = TemperatureScaler().fit(z, y)
+    assert not ts.capped_
+    assert ts.temperature_ == TemperatureScaler(cap_confidence=False).fit(z, y).temperature_
+    assert ts.temperature_ == pytest.approx(1.0, abs=0.1)
+    assert "confidence_cap" not in ts.to_dict()
+
+
+def test_confidence_cap_only_without_errors_and_with_weights() -> None:
+    z = np.array([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 2)
+    y = z.argmax(1)  # 8 of 8 right
+    assert confidence_cap(z, y) == pytest.approx(9 / 10)
+    assert confidence_cap(z, y, np.full(8, 3.0)) == pytest.approx(9 / 10)  # scale-free
+    w = np.array([1.0] * 6 + [3.0] * 2)  # effective n = 144 / 24 = 6
+    assert confidence_cap(z, y, w) == pytest.approx(7 / 8)
+    wrong = y.copy()
+    wrong[0] = 1
+    assert confidence_cap(z, wrong) is None
+    assert confidence_cap(z, wrong, np.array([0.0] + [1.0] * 7)) == pytest.approx(8 / 9)

@@ -65,9 +65,17 @@ def test_fitted_scale_lowers_the_held_out_nll(spread, method, k):
 
 
 def test_tight_clusters_sharpen_and_loose_ones_soften():
-    tight = held_out_scale(_clusters(0.3), GalleryConfig())[0].scale
+    tight, rec = held_out_scale(_clusters(0.3), GalleryConfig())
     loose = held_out_scale(_clusters(3.0), GalleryConfig())[0].scale
-    assert tight > 10 > loose
+    assert tight.scale > loose
+    # every held-out item right: the NLL alone would run the scale to its bound; the fit
+    # stops at a mean held-out confidence of (n + 1) / (n + 2) and says so
+    g = _clusters(0.3)
+    sims, y = held_out_similarities(g, "prototype", 1, full_count=True)
+    n = len(y)
+    assert rec["confidence_cap"] == pytest.approx((n + 1) / (n + 2))
+    assert softmax(sims * tight.scale).max(1).mean() == pytest.approx(rec["confidence_cap"])
+    assert "no error" in rec["line"]
 
 
 def test_a_scale_already_at_the_optimum_is_kept_with_the_reason():

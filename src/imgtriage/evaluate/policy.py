@@ -133,6 +133,13 @@ def fit_temperature(z: Any, y: Any, sample_weight: Any = None) -> tuple[float, d
     scaler = TemperatureScaler().fit(z, y, sample_weight)
     info = scaler.to_dict()
     info["n"] = len(y)
+    if scaler.capped_:  # beats T = 1 on NLL (unimodal in log T), or T = 1 breaks the cap too
+        info["kept"] = True
+        info["note"] = (f"no error on the {len(y)} validation images: the NLL fit would run "
+                        f"to T = {scaler.nll_temperature_:.4f} (every answer near certain); T "
+                        f"raised to {scaler.temperature_:.4f}, a mean confidence of "
+                        f"{scaler.confidence_cap_:.4f} = (n + 1) / (n + 2)")
+        return scaler.temperature_, info
     if scaler.nll_after_ < scaler.nll_before_ - 1e-6:
         info["kept"] = True
         info["note"] = None

@@ -60,7 +60,7 @@ def _as_policy(decision: DecisionPolicy | dict[str, Any] | None) -> DecisionPoli
 
 def _calibration(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
     raw, cal = softmax(logits), softmax(logits, temperature)
-    fitted = TemperatureScaler().fit(logits, y)
+    fitted = TemperatureScaler(cap_confidence=False).fit(logits, y)  # the NLL optimum
     return {"temperature": temperature,
             "nll_raw": negative_log_likelihood(raw, y),
             "nll_calibrated": negative_log_likelihood(cal, y),

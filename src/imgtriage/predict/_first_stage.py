@@ -304,11 +304,13 @@ def gate_for_share(scores: np.ndarray, correct: np.ndarray, route_share: float,
                    eligible: np.ndarray | None = None) -> GateChoice:
     """The threshold that sends the ``route_share`` lowest-scoring validation images to the
     second stage (a compute budget instead of an accuracy target). Images outside
-    ``eligible`` go to stage 2 anyway and count toward the share.
+    ``eligible`` go to stage 2 anyway and count toward the share. The threshold lies halfway
+    between the last image routed and the first accepted, so the same images rescored by
+    another backend (float rounding) fall on the same sides.
 
     Example:
         >>> gate_for_share(np.array([0.9, 0.8, 0.7, 0.6]), np.ones(4, bool), 0.5).threshold
-        0.8
+        0.75
     """
     if not 0 <= route_share <= 1:
         raise ConfigError("route share must be in [0, 1] (--route-share)")
@@ -317,4 +319,6 @@ def gate_for_share(scores: np.ndarray, correct: np.ndarray, route_share: float,
     s = np.sort(scores[keep])
     k = max(0, math.floor(route_share * len(scores) + 0.5) - int((~keep).sum()))
     threshold = None if k >= len(s) else float(s[k])
+    if threshold is not None and k > 0 and s[k - 1] < s[k]:
+        threshold = float(0.5 * (s[k - 1] + s[k]))
     return _describe(scores, np.asarray(correct, bool), threshold, keep)

@@ -118,6 +118,8 @@ def fit_scale(sims: np.ndarray, labels: np.ndarray, scale: float, *, rule: str,
            **{k: float(info[k]) for k in ("nll_before", "nll_after", "ece_before",
                                           "ece_after")},
            "note": None if info["kept"] else "the fitted scale did not lower the held-out NLL"}
+    if "confidence_cap" in info:  # no held-out error: the NLL alone would run to its bound
+        rec.update(confidence_cap=float(info["confidence_cap"]), note=info["note"])
     return new, {**rec, "line": scale_line(rec)}
 
 
@@ -188,8 +190,9 @@ def scale_line(rec: dict[str, Any]) -> str:
                                  f"{rec['weights']} in the NLL") if x)
     where = f"on {rec['n']} {rec['rule']}" + (f" ({how})" if how else "")
     if rec["kept"]:
+        capped = f"; {rec['note']}" if rec.get("confidence_cap") else ""
         return (f"scale {rec['previous_scale']:.4g} -> {s} fitted {where}: held-out NLL "
                 f"{rec['nll_before']:.4f} -> {rec['nll_after']:.4f}, ECE "
-                f"{rec['ece_before']:.4f} -> {rec['ece_after']:.4f}")
+                f"{rec['ece_before']:.4f} -> {rec['ece_after']:.4f}{capped}")
     return (f"scale {s} kept: the fitted {rec['fitted_scale']:.4g} did not lower the "
             f"held-out NLL {where} ({rec['nll_before']:.4f}; ECE {rec['ece_before']:.4f})")
