@@ -75,7 +75,7 @@ def one(spec: str) -> dict:
     return {"bundle": str(bundle), "n_val": len(yv),
             "val_right": int((zv.argmax(1) == yv).sum()), "n_test": len(yt),
             "test_accuracy": round(float((zt.argmax(1) == yt).mean()), 4),
-            "cap": round(capped.confidence_cap_, 5), "capped": capped.capped_,
+            "cap": capped.confidence_cap_, "capped": capped.capped_,
             "plain": _scored(zt, yt, plain.temperature_),
             "with cap": _scored(zt, yt, capped.temperature_),
             "oracle": _scored(zt, yt, oracle.temperature_)}
@@ -93,8 +93,9 @@ def main() -> None:
         r = one(spec)
         print(json.dumps(r), file=sys.stderr)
         a, b, o = r["plain"], r["with cap"], r["oracle"]
+        cap = "none (errors)" if r["cap"] is None else f"{r['cap']:.4f}"
         print(f"| {Path(r['bundle']).parent.name} | {r['val_right']} / {r['n_val']} | "
-              f"{r['cap']:.4f} | {a['T']:.3f} -> {b['T']:.3f} ({o['T']:.3f}) | "
+              f"{cap} | {a['T']:.3f} -> {b['T']:.3f} ({o['T']:.3f}) | "
               f"{a['test_nll']:.4f} -> {b['test_nll']:.4f} ({o['test_nll']:.4f}) | "
               f"{100 * a['test_ece']:.2f} -> {100 * b['test_ece']:.2f} "
               f"({100 * o['test_ece']:.2f})% |", flush=True)

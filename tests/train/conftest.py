@@ -69,7 +69,8 @@ def one_thread():
 
 def assert_default_rule(bundle_path: Path) -> dict:
     """The end every training route shares: the temperature fitted on validation (kept only
-    when it lowers NLL, else the bundle says why it kept T = 1), the default abstain rule, an
+    when it lowers NLL, else the bundle says why it kept T = 1; raised to the confidence cap
+    when validation has no error), the default abstain rule, an
     OOD scorer, and an ONNX graph that outputs the features the scorer reads. Returns the
     manifest."""
     from imgtriage.bundle import load_bundle
@@ -78,7 +79,10 @@ def assert_default_rule(bundle_path: Path) -> dict:
     d, cal = m["decision"], m["calibration"]["default"]
     t = cal["temperature"]
     assert t["n"] == m["metrics"]["val_count"] > 0
-    if t["kept"]:
+    if t["kept"] and "confidence_cap" in t:  # no validation error: T raised to the cap
+        assert d["temperature"] == t["temperature"] > t["nll_temperature"]
+        assert "no error" in t["note"] and t["confidence_cap"] < 1
+    elif t["kept"]:
         assert d["temperature"] != 1.0 and t["nll_after"] < t["nll_before"]
     else:
         assert d["temperature"] == 1.0 and "kept T = 1" in t["note"]
