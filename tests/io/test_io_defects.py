@@ -153,6 +153,10 @@ def test_missing_path_and_directory_are_not_found(tmp_path, assert_defect):
     assert "does not exist" in defect.message
     defect = assert_defect(try_read_image(tmp_path), "not_found", str(tmp_path))
     assert "directory" in defect.message
+    (tmp_path / "dangling.png").symlink_to(missing)
+    defect = assert_defect(try_read_image(tmp_path / "dangling.png"), "not_found",
+                           str(tmp_path / "dangling.png"))
+    assert f"is a link to '{missing}', which does not exist" in defect.message
 
 
 def test_permission_denied_when_open_fails(tmp_path, monkeypatch, assert_defect):

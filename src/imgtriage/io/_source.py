@@ -141,6 +141,15 @@ def _folder_failure(path: Path, display: str) -> ReadFailure:
                                     "file path")
 
 
+def _missing(path: Path, display: str) -> ReadFailure:
+    """A path that does not exist, or a link whose target does not (a dangling link)."""
+    if path.is_symlink():
+        return ReadFailure("not_found", f"'{display}' is a link to '{os.readlink(path)}', "
+                                        "which does not exist; fix or remove the link")
+    return ReadFailure("not_found", f"'{display}' does not exist; check the path and the "
+                                    "working directory")
+
+
 def _stat_and_head(path: Path, display: str) -> tuple[int, bytes]:
     """Open the file once: its size and first bytes, with OS errors mapped to issues."""
     try:
@@ -150,9 +159,7 @@ def _stat_and_head(path: Path, display: str) -> tuple[int, bytes]:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_BYTES)
     except FileNotFoundError:
-        raise ReadFailure(
-            "not_found", f"'{display}' does not exist; check the path and the working directory"
-        ) from None
+        raise _missing(path, display) from None
     except PermissionError:
         raise ReadFailure(
             "permission_denied",
