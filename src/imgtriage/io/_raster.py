@@ -94,11 +94,14 @@ def _check_pixels(src: Source, size: tuple[int, int], policy: ReadPolicy) -> Non
 
 
 def _too_many(src: Source, detail: str) -> ReadFailure:
-    """Pillow's own decompression-bomb guard fired (it applies whatever the policy says)."""
+    """Pillow's own decompression-bomb guard fired (it applies whatever the policy says, so
+    --max-pixels cannot lift it: only the Python global can)."""
     return ReadFailure(
         "too_many_pixels",
-        f"'{src.display}' is too large for Pillow to decode safely ({detail}); "
-        "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS and --max-pixels together",
+        f"'{src.display}' is over Pillow's own decompression-bomb limit of "
+        f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels ({detail}), which holds whatever "
+        "--max-pixels says; downscale it, or tile it (from Python: raise "
+        "PIL.Image.MAX_IMAGE_PIXELS as well as ReadPolicy.max_pixels)",
     )
 
 
