@@ -4,6 +4,7 @@ silently), and wrap them as torch datasets."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,3 +120,28 @@ def detect_in_chans(samples: Sequence[Sample], limit: int = 32) -> int:
     if len(seen) == 1:
         return seen.pop()
     return 3
+
+
+def check_trainable(y: Any, classes: tuple[str, ...], samples: Sequence[Sample],
+                    defects: Sequence[Defect]) -> None:
+    """The decoded training labels ``y`` must hold two images and every class: a class whose
+    every training file is unreadable would be an output the model never learnt. The error
+    says why the files were unreadable (defects.json is written only when training ends)."""
+    have = {int(v) for v in y}
+    lost = {c: sum(s.label == c for s in samples) for k, c in enumerate(classes)
+            if k not in have}
+    if len(y) < 2:
+        raise DataError(f"fewer than 2 usable training images; {_defect_summary(defects)}")
+    if lost:
+        found = ", ".join(f"{c!r} ({n} file(s))" for c, n in lost.items())
+        raise DataError(f"no readable training image of class(es) {found}; "
+                        f"{_defect_summary(defects)} (or take the class out of the data)")
+
+
+def _defect_summary(defects: Sequence[Defect]) -> str:
+    """'5 unreadable (format_mismatch x5), e.g. <the first one's message>'."""
+    if not defects:
+        return "no file was unreadable"
+    issues = Counter(d.issue for d in defects)
+    kinds = ", ".join(f"{issue} x{n}" for issue, n in issues.most_common())
+    return f"{len(defects)} unreadable ({kinds}), e.g. {defects[0].message}"

@@ -39,7 +39,7 @@ from imgtriage.data import (
     write_split_manifest,
 )
 from imgtriage.data.features import FeatureStandardizer
-from imgtriage.data.loaders import decode_samples
+from imgtriage.data.loaders import check_trainable, decode_samples
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.io import ReadPolicy
@@ -250,8 +250,7 @@ def _sources(data: Any, parts: dict[str, list], classes: tuple[str, ...],
         splits.append(loaded)
         say(f"decoded {len(loaded.samples)} {split} images in {time.perf_counter() - t0:.1f}s"
             f"{f' ({len(loaded.defects)} unusable, see defects.json)' if loaded.defects else ''}")
-    if len(splits[0].y) < 2:
-        raise DataError("fewer than 2 usable training images; see defects.json")
+    check_trainable(splits[0].y, classes, tr, splits[0].defects)
     feats: list[Any] = [None, None]
     fx = None
     if spec.features is not None:
@@ -440,8 +439,7 @@ def _head_phase(run: Path, parts: dict[str, list], classes: tuple[str, ...],
     """Embed every image once through the frozen pretrained backbone, train the head."""
     model, kwargs = _create(cfg, len(classes), None, plan)
     tr, va = embed_splits(model, parts, classes, spec, cfg, plan, say=say, progress=not quiet)
-    if len(tr.y) < 2:
-        raise DataError("fewer than 2 usable training images; see defects.json")
+    check_trainable(tr.y, classes, parts["train"], tr.defects)
     lplan = plan_loss(cfg, tr.y, len(classes))
     say(f"loss: {lplan.strategy} ({lplan.note}); {lplan.prior_note}")
     result = train_head(model, tr, va, cfg, lplan, run / "head_metrics.jsonl", say)
