@@ -92,6 +92,16 @@ def test_not_a_bundle(tmp_path):
         load_bundle(tmp_path)
 
 
+def test_a_training_run_directory_is_answered_with_its_bundle_path(bundle_copy, tmp_path):
+    shutil.copytree(bundle_copy, tmp_path / "run" / "bundle")
+    with pytest.raises(BundleMissingFileError, match=r"training run directory: pass its "
+                                                     r"bundle, .*run/bundle"):
+        load_bundle(tmp_path / "run")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(BundleMissingFileError, match="writes RUN/bundle"):
+        load_bundle(tmp_path / "data")
+
+
 def test_no_pickle_in_a_bundle(bundle_copy, tmp_path):
     save_bundle(tmp_path / "b.zip", load_bundle(bundle_copy).manifest,
                 load_bundle(bundle_copy).state_dict())

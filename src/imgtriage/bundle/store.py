@@ -166,11 +166,19 @@ class Bundle:
                                        "restore it from the original bundle") from None
 
 
+def _not_a_bundle(path: Path) -> str:
+    """What a folder without a manifest is likely to be: a run directory (`train --out`) holds
+    its bundle in ``bundle/``."""
+    if (path / "bundle" / MANIFEST_NAME).is_file():
+        return f"this is a training run directory: pass its bundle, {path / 'bundle'}"
+    return "is this a bundle directory? (`imgtriage train DATA --out RUN` writes RUN/bundle)"
+
+
 def _read_manifest(path: Path) -> tuple[dict[str, Any], bytes | None]:
     if path.is_dir():
         mf = path / MANIFEST_NAME
         if not mf.is_file():
-            raise BundleMissingFileError(f"{path}: no {MANIFEST_NAME}; is this a bundle directory?")
+            raise BundleMissingFileError(f"{path}: no {MANIFEST_NAME}; {_not_a_bundle(path)}")
         if mf.stat().st_size > MAX_MANIFEST_BYTES:
             parse_manifest(b" " * (MAX_MANIFEST_BYTES + 1), str(path))  # says it is too big
         raw, zdata = mf.read_bytes(), None
