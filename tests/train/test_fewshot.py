@@ -97,6 +97,18 @@ def test_fewshot_training_is_the_common_loop(digits, tmp_path, monkeypatch, caps
     assert (res.run_dir / "curves.png").is_file()
 
 
+def test_a_class_whose_files_are_all_unreadable_is_named_as_left_out(digits, tmp_path):
+    import shutil
+
+    shutil.copytree(digits, tmp_path / "data")
+    (tmp_path / "data" / "broken").mkdir()
+    for i in range(3):
+        (tmp_path / "data" / "broken" / f"{i}.png").write_text("not an image")
+    res = train_fewshot(tmp_path / "data", tmp_path / "run", replace(CFG, epochs=1),
+                        quiet=True)
+    assert "left out of the gallery: 'broken' (none of their files could be read" in res.rule
+
+
 def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
     cfg = replace(CFG, loss="triplet", augment="d4")
     full = train_fewshot(digits, tmp_path / "full", cfg, quiet=True)

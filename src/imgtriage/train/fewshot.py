@@ -451,8 +451,10 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery,
                                  x_check=check)  # the encoder's graph, checked on val crops
     seconds = time.perf_counter() - t0
+    from imgtriage.train.fewshot_pretrained import left_out
+
     line = (f"similarity threshold {gcfg.similarity_threshold} ({rule}); "
-            f"{metrics['scale_fit']['line']}")
+            f"{metrics['scale_fit']['line']}{left_out(ds.classes, gallery.classes)}")
     if not quiet:
         from rich.console import Console
 

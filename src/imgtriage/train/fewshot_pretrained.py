@@ -157,11 +157,23 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
         graph = encoder_graph(encoder, manifest, _check_inputs(samples, spec))
     bundle = save_gallery_bundle(run / "bundle", manifest.with_changes(
         threshold_fit=fit, scale_fit=scale_fit), encoder.state_dict(), gallery, graph=graph)
-    line = f"similarity threshold {threshold} ({rule}); {scale_fit['line']}"
+    line = (f"similarity threshold {threshold} ({rule}); {scale_fit['line']}"
+            f"{left_out(ds.classes, gallery.classes)}")
     seconds = time.perf_counter() - t0
     _say(f"enrolled {len(kept)} images of {len(gallery.classes)} classes | {line} | bundle: "
          f"{bundle} | {seconds:.1f}s", quiet)
     return TrainResult(run, Path(bundle), metrics, seconds, line)
+
+
+def left_out(classes: Sequence[str], enrolled: Sequence[str]) -> str:
+    """'' or a clause naming the classes none of whose files could be read: the gallery has
+    no entry for them, which the output must say."""
+    lost = [c for c in classes if c not in set(enrolled)]
+    if not lost:
+        return ""
+    return (f"; left out of the gallery: {', '.join(map(repr, lost))} (none of their files "
+            "could be read, see defects.json; `imgtriage gallery add BUNDLE --label NAME "
+            "FILES` enrols readable ones later)")
 
 
 def _say(msg: str, quiet: bool) -> None:
