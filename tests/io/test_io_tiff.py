@@ -214,3 +214,12 @@ def test_a_fourth_sample_is_alpha_only_where_extrasamples_says_so(tmp_path, how,
     tifffile.imwrite(tmp_path / "chip.tif", bands, **how)
     rec = read_image(tmp_path / "chip.tif")
     assert rec.array.shape == (6, 5, 4) and rec.meta["alpha"] is alpha
+
+
+def test_a_complex_sar_tiff_becomes_its_amplitude(tmp_path):
+    rng = _rng()
+    slc = (rng.normal(size=(6, 5)) + 1j * rng.normal(size=(6, 5))).astype(np.complex64)
+    tifffile.imwrite(tmp_path / "slc.tif", slc)
+    rec = read_image(tmp_path / "slc.tif")
+    assert rec.array.dtype == np.float32 and "complex->amplitude" in rec.meta["conversions"]
+    np.testing.assert_allclose(rec.array, np.abs(slc), rtol=1e-6)  # not the real part alone

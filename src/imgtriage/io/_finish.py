@@ -43,7 +43,12 @@ def _alpha_by_layout(meta: dict[str, Any]) -> bool:
 
 
 def _native(array: np.ndarray, conversions: list[str]) -> np.ndarray:
-    """Own, contiguous, native-endian copy; bool and float16 widened to types models take."""
+    """Own, contiguous, native-endian copy; bool and float16 widened to types models take, and
+    complex samples (SAR single-look complex TIFFs) become their amplitude |z|, the real
+    image every SAR model is trained on (casting would silently keep the real part only)."""
+    if array.dtype.kind == "c":
+        conversions.append("complex->amplitude")
+        array = np.abs(array)  # complex64 -> float32, complex128 -> float64
     if array.dtype == np.bool_:
         conversions.append("bool->uint8")
         array = array.astype(np.uint8) * np.uint8(255)

@@ -94,7 +94,7 @@ def read_array(array: Any, *, policy: ReadPolicy = _DEFAULT_POLICY,
         ((4, 5), 'array', True)
     """
     a = np.asarray(array)
-    if a.dtype.kind not in "biuf" or a.ndim not in (2, 3) or 0 in a.shape:
+    if a.dtype.kind not in "biufc" or a.ndim not in (2, 3) or 0 in a.shape:
         raise ImageReadError(Defect(name, "bad_shape",
                                     f"expected a numeric (H, W) or (H, W, C) array, got "
                                     f"dtype {a.dtype} and shape {tuple(a.shape)}"))
