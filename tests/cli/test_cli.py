@@ -71,6 +71,14 @@ def test_errors_are_one_clear_line(tmp_path):
     assert proc.returncode == 2
 
 
+def test_a_path_the_file_system_refuses_is_one_clear_line_too(tmp_path):
+    (tmp_path / "taken").write_text("a file where the run folder should go")
+    proc = subprocess.run([sys.executable, "-m", "imgtriage", "train", str(tmp_path),
+                           "--out", str(tmp_path / "taken")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: File exists: ") and "--out" in proc.stderr
+
+
 def test_unknown_model_suggests_names():
     from imgtriage.errors import ModelError
     from imgtriage.models import create_model

@@ -51,6 +51,21 @@ def main() -> None:
     except ImgTriageError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as exc:  # a path in the way, no permission, a full disk: one line too
+        typer.secho(f"error: {os_error_line(exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+def os_error_line(exc: OSError) -> str:
+    """What the file system refused, on which path, and what to check.
+
+    Example:
+        >>> os_error_line(FileExistsError(17, "File exists", "runs/x"))[:45]
+        "File exists: 'runs/x'; check the paths given "
+    """
+    where = f": {str(exc.filename)!r}" if exc.filename is not None else ""
+    return (f"{exc.strerror or exc}{where}; check the paths given (DATA, BUNDLE, --out, "
+            "--output): a file where a folder goes or the reverse, permissions, free space")
 
 
 if __name__ == "__main__":  # pragma: no cover
