@@ -116,3 +116,29 @@ def test_calibrate_keeps_the_ood_rule_and_rechooses_its_threshold(calibrated_run
     assert "order statistic 1 of 30 positives: recall >= 0.9" in res.output
     achieved = m["calibration"]["default"]["thresholds"]["achieved"]
     assert all(a["rests_on_positives"] == 30 and a["min_positives"] == 29 for a in achieved)
+
+
+def test_calibrate_ood_accept_rechooses_the_threshold_at_that_share(calibrated_run,
+                                                                    digits_folder, tmp_path):
+    from imgtriage.predict import Predictor
+
+    def refused(bundle) -> float:
+        rows = Predictor.load(bundle).predict_paths([digits_folder])["results"]
+        assert len(rows) == 300
+        return float(np.mean([r["reason"] == "out_of_distribution" for r in rows]))
+
+    shares = {}
+    for accept in (0.9, 0.99):
+        bundle = shutil.copytree(calibrated_run.bundle_path, tmp_path / f"b{accept}")
+        res = CliRunner().invoke(app, ["calibrate", str(bundle), str(digits_folder),
+                                       "--target-accuracy", "0.5", "--ood-accept", str(accept)])
+        assert res.exit_code == 0, res.output
+        rule = load_bundle(bundle).manifest["decision"]["ood"]
+        assert rule["accept"] == accept and rule["n_val"] == 300
+        shares[accept] = refused(bundle)
+        # a conformal quantile of the same 300 images: at most 1 - accept of them refused
+        assert shares[accept] <= 1 - accept + 1e-9
+    assert shares[0.9] > shares[0.99]  # a lower stated acceptance refuses more
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "b0.9"), str(digits_folder),
+                                   "--no-ood", "--ood-accept", "0.9"])
+    assert res.exit_code != 0 and "--no-ood" in f"{res.output}{res.exception}"

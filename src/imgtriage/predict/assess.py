@@ -284,10 +284,13 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
     fit_kwargs = {**cfg.fit_options(predictor.classes), **extra}
     samples = labelled_samples(data, predictor.classes, split, min_classes=2)
     keep_ood = fit_kwargs.pop("ood", True) and predictor.policy.ood is not None
+    if cfg.ood_accept is not None and predictor.policy.ood is None:
+        raise ConfigError(f"{bundle} has no out-of-distribution rule for --ood-accept to "
+                          "re-threshold; train it with the default --ood")
     got = collect_logits(predictor, samples, batch_size=batch_size,
                          ood_policy=predictor.policy if keep_ood else None)
     if keep_ood:  # the bundle's OOD scorer stays; its threshold is re-chosen on this data
-        fit_kwargs["ood"] = _rethreshold(predictor.policy.ood, got, data)
+        fit_kwargs["ood"] = _rethreshold(predictor.policy.ood, got, data, cfg.ood_accept)
     # the bundle's prior correction stays: it belongs to how the model was trained (its class
     # prior), not to the calibration data; new thresholds are fitted on corrected probabilities
     fit_kwargs.setdefault("prior_correction", predictor.policy.prior_correction)
@@ -308,10 +311,13 @@ def calibrate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str
     return summary
 
 
-def _rethreshold(rule: dict[str, Any], got: LabelledLogits, data: Any) -> dict[str, Any]:
-    """The OOD rule with its threshold chosen on the calibration data (same acceptance)."""
+def _rethreshold(rule: dict[str, Any], got: LabelledLogits, data: Any,
+                 accept: float | None = None) -> dict[str, Any]:
+    """The OOD rule with its threshold chosen on the calibration data, at ``accept`` (None:
+    the rule's own acceptance)."""
     from imgtriage.evaluate.ood import threshold_from_scores
 
     finite = got.ood_scores[np.isfinite(got.ood_scores)]
-    return {**rule, "threshold": threshold_from_scores(finite, float(rule["accept"])),
+    share = float(rule["accept"] if accept is None else accept)
+    return {**rule, "accept": share, "threshold": threshold_from_scores(finite, share),
             "n_val": len(finite), "threshold_from": f"imgtriage calibrate on {data}"}

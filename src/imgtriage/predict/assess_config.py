@@ -98,6 +98,11 @@ class CalibrateConfig:
                                    "order-statistic / Clopper-Pearson bound), e.g. 0.05.")
     ood: bool = _f(True, "Keep the bundle's out-of-distribution rule (its threshold re-chosen "
                          "on DATA).")
+    ood_accept: float | None = _f(None, "Re-choose the OOD threshold so that this share of "
+                                        "DATA is accepted (default: the bundle's own, 0.95 "
+                                        "from train); e.g. 0.975 where new images drift from "
+                                        "validation and only far-off junk must be refused "
+                                        "(docs/unknowns.md).")
     profile: str = _f("default", "Name of this decision rule; 'default' is applied by "
                                  "predict/serve with no flags.")
     make_default: bool | None = _f(None, "Make this profile the bundle's default rule.",
@@ -117,6 +122,12 @@ class CalibrateConfig:
             if value is not None and not 0 < value <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {value} "
                                   f"(--{name.replace('_', '-')})")
+        if self.ood_accept is not None and not 0 < self.ood_accept < 1:
+            raise ConfigError(f"ood_accept must be between 0 and 1, got {self.ood_accept} "
+                              "(--ood-accept)")
+        if self.ood_accept is not None and not self.ood:
+            raise ConfigError("--ood-accept re-chooses the OOD rule's threshold; it cannot go "
+                              "with --no-ood")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigError(f"delta must be between 0 and 1, got {self.delta} (--delta)")
         if self.temperature is not None and self.temperature <= 0:
@@ -134,7 +145,7 @@ class CalibrateConfig:
                 raise ConfigError(f"--positive-class {self.positive_class!r} is not one of "
                                   f"{classes}")
             pos = classes.index(self.positive_class)
-        skip = ("split", "profile", "make_default", "positive_class")
+        skip = ("split", "profile", "make_default", "positive_class", "ood_accept")
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
                 "positive_class": pos, "profile": self.profile}
 
