@@ -67,6 +67,16 @@ def test_a_folder_of_one_class_is_evaluated(bundle, digits_folder, tmp_path):
     assert rep["meta"]["n_samples"] == len(list((digits_folder / "d1").iterdir()))
 
 
+def test_split_names_are_read_as_a_manifest_row_would_be(bundle, digits_folder, tmp_path):
+    files = sorted((digits_folder / "d1").glob("*.png"))[:3]
+    (tmp_path / "m.csv").write_text("path,label,split\n" + "".join(
+        f"{f},d1,{split}\n" for f, split in zip(files, ("train", "Validation", "val"),
+                                                strict=True)))
+    classes = Predictor.load(bundle).classes
+    for given in ("validation", "VAL", "val"):
+        assert len(labelled_samples(tmp_path / "m.csv", classes, given)) == 2
+
+
 def test_calibrate_writes_rule_into_bundle_and_predict_applies_it(bundle, digits_folder):
     before = Predictor.load(bundle).predict_paths([digits_folder / "d2"])
     s = calibrate_bundle(bundle, digits_folder, threshold_strategy="target_precision",

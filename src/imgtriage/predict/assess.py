@@ -19,7 +19,7 @@ import numpy as np
 
 from imgtriage.bundle import Bundle, load_bundle, update_bundle
 from imgtriage.data import discover
-from imgtriage.data.discovery import Sample
+from imgtriage.data.discovery import SPLIT_ALIASES, Sample
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.predict.assess_config import CalibrateConfig, EvaluateConfig
 from imgtriage.predict.base import Decoded, decode_entry
@@ -45,6 +45,8 @@ def labelled_samples(data: str | os.PathLike[str], classes: list[str],
     calibrating asks for ``min_classes=2`` (a temperature fitted on one class only grows
     confident)."""
     ds = discover(data, min_classes=min_classes)
+    if split is not None:  # 'validation' names the rows a manifest's 'validation' became
+        split = SPLIT_ALIASES.get(split.lower(), split)
     samples = [s for s in ds.samples if split is None or s.split == split]
     if not samples:
         found = sorted({s.split or "none" for s in ds.samples})
