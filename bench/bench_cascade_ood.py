@@ -14,7 +14,8 @@ cascades. No timing: run it at nice 19.
 
 ``--digits WORK`` prepares a second, self-contained scenario: scikit-learn's 1,797 digits as
 32 px PNGs (20% test), a default-options crop_cnn as stage 2 (calibrated, with its OOD rule)
-and, with ``--cnn-first-stage``, a 16 px crop_cnn as a CNN first stage.
+and, with ``--cnn-first-stage``, a 16 px crop_cnn as a CNN first stage; ``--digits-known K``
+trains on digits 0..K-1 and adds the others as a near-OOD set (classes never trained on).
 
 Usage:
     nice -n 19 .venv/bin/python bench/bench_cascade_ood.py --stage2 runs/mstar-s0/bundle \\
@@ -94,8 +95,10 @@ def _cascade(stage2: Path, data: Path, out: Path, first_stage: str, gate: dict) 
     return out
 
 
-def _digits(work: Path, seed: int, cnn_first: bool) -> tuple[Path, Path, Path, str]:
-    """(data with train/test folders, stage-2 bundle, test folder, first stage)."""
+def _digits(work: Path, seed: int, cnn_first: bool, known: int = 10
+            ) -> tuple[Path, Path, Path, str]:
+    """(data with train/test folders, stage-2 bundle, test folder, first stage); digits
+    ``known`` and above go to ``unseen/`` (near OOD: classes never trained on)."""
     from sklearn.datasets import load_digits
 
     from imgtriage.train.config import TrainConfig
@@ -107,7 +110,8 @@ def _digits(work: Path, seed: int, cnn_first: bool) -> tuple[Path, Path, Path, s
         order = np.random.default_rng(0).permutation(len(d.target))
         for rank, i in enumerate(order):
             split = "test" if rank < len(order) // 5 else "train"
-            out = data / split / f"d{d.target[i]}"
+            out = data / split / f"d{d.target[i]}" if d.target[i] < known else \
+                data / "unseen" / f"d{d.target[i]}"
             out.mkdir(parents=True, exist_ok=True)
             img = (d.images[i] / 16 * 255).astype(np.uint8)
             Image.fromarray(img).resize((32, 32), Image.BILINEAR).save(out / f"{i:05d}.png")
@@ -161,6 +165,8 @@ def main() -> None:
     ap.add_argument("--digits", type=Path, help="prepare and run the digits scenario here")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--cnn-first-stage", action="store_true")
+    ap.add_argument("--digits-known", type=int, default=10,
+                    help="train on digits below this; the others are an OOD set (unseen)")
     args = ap.parse_args()
     import torch
 
@@ -172,7 +178,8 @@ def main() -> None:
     if args.digits is not None:
         args.work = args.digits
         for seed in args.seeds:
-            data, s2, test, first = _digits(args.digits, seed, args.cnn_first_stage)
+            data, s2, test, first = _digits(args.digits, seed, args.cnn_first_stage,
+                                            args.digits_known)
             jobs.append((s2, data, test, first, args.digits / f"cascade-s{seed}"))
     else:
         jobs = [(s2, args.data, args.test, args.first_stage, args.work / f"cascade-{i}")
@@ -180,6 +187,8 @@ def main() -> None:
     sets = {"odd (noise, constant)": _odd_folder(args.work / "odd", args.noise,
                                                  args.noise_size)}
     sets.update({n: Path(f) for n, f in (o.split("=", 1) for o in args.ood)})
+    if args.digits is not None and args.digits_known < 10:
+        sets[f"unseen digits ({args.digits_known}-9)"] = args.digits / "digits" / "unseen"
     results: dict[str, dict[str, list[dict]]] = {}
     for s2, data, test, first, out in jobs:
         gate = {"target_accuracy": args.target_accuracy, "route_share": args.route_share,
