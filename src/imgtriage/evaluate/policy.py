@@ -135,7 +135,7 @@ def fit_temperature(z: Any, y: Any, sample_weight: Any = None) -> tuple[float, d
     info["n"] = len(y)
     if scaler.capped_:  # beats T = 1 on NLL (unimodal in log T), or T = 1 breaks the cap too
         info["kept"] = True
-        info["note"] = (f"no error on the {len(y)} validation images: the NLL fit would run "
+        info["note"] = (f"no error on the {len(y)} held-out images: the NLL fit would run "
                         f"to T = {scaler.nll_temperature_:.4f} (every answer near certain); T "
                         f"raised to {scaler.temperature_:.4f}, a mean confidence of "
                         f"{scaler.confidence_cap_:.4f} = (n + 1) / (n + 2)")
