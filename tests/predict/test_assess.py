@@ -67,6 +67,20 @@ def test_a_folder_of_one_class_is_evaluated(bundle, digits_folder, tmp_path):
     assert rep["meta"]["n_samples"] == len(list((digits_folder / "d1").iterdir()))
 
 
+def test_evaluating_on_the_training_data_warns(bundle, digits_folder, tmp_path):
+    """The tiny bundle was trained on ``digits_folder``: its metrics there are not new data's."""
+    res = runner.invoke(app, ["evaluate", str(bundle), str(digits_folder), "--out",
+                              str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.output and "is the data this bundle was trained on" in res.output
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert "images the model has seen" in rep["extra"]["warnings"][0]
+    shutil.copytree(digits_folder / "d1", tmp_path / "held_out" / "d1")
+    res = runner.invoke(app, ["evaluate", str(bundle), str(tmp_path / "held_out"), "--out",
+                              str(tmp_path / "eval2")])
+    assert res.exit_code == 0 and "warning" not in res.output
+
+
 def test_split_names_are_read_as_a_manifest_row_would_be(bundle, digits_folder, tmp_path):
     files = sorted((digits_folder / "d1").glob("*.png"))[:3]
     (tmp_path / "m.csv").write_text("path,label,split\n" + "".join(

@@ -35,6 +35,8 @@ def evaluate_command(**options: Any) -> None:
         raise typer.Exit(1 if res["shift"] else 0)
     out = out or Path(bundle).resolve().parent / "eval"
     rep = evaluate_bundle(bundle, data, out, cfg)
+    for warning in (rep.get("extra") or {}).get("warnings") or []:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     m = rep["metrics"]
     typer.echo(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  "
                f"NLL {m['nll']:.4f}  ECE {m['ece']:.4f}  ({rep['meta']['n_samples']} images)")

@@ -169,6 +169,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
     if backend == "auto" and predictor.features is not None and predictor.backend.name != "torch":
         predictor = _logit_predictor(bundle, "torch")  # feature importance needs gradients
     samples = labelled_samples(data, predictor.classes, split)
+    seen = seen_in_training(predictor.bundle.info.training, data, samples, split)
     policy = predictor.policy_for(PredictOptions(profile=profile))
     got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True,
                          ood_policy=policy)
@@ -184,9 +185,29 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
                           title=f"imgtriage evaluation: {Path(bundle).name} on {data}",
                           extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
                                  "data": str(data), "split": split, "tta": tta,
-                                 "defects": got.defects})
+                                 "defects": got.defects,
+                                 "warnings": [seen] if seen else []})
     _save_reference(Path(out_dir), got.logits, policy, got.ood_scores)
     return report
+
+
+def seen_in_training(training: dict[str, Any], data: str | os.PathLike[str],
+                     samples: list[Sample], split: str | None) -> str | None:
+    """A warning when the labelled data is what the bundle was trained on (its training data
+    folder or manifest with no --split, or rows marked split=train): its metrics would then
+    be those of images the model has seen, not of new ones."""
+    if split is not None and split != "train":
+        return None
+    trained = [s for s in samples if s.split == "train"]
+    given = training.get("data")
+    same = given is not None and os.path.realpath(given) == os.path.realpath(data)
+    if not trained and not same:
+        return None
+    what = (f"{len(trained)} of the {len(samples)} images are split=train rows"
+            if trained else f"{data} is the data this bundle was trained on")
+    return (f"{what}: these metrics are of images the model has seen, not of new ones; "
+            "evaluate on held-out images (a test/ folder, or RUN/splits.csv with --split "
+            "test, or --split val)")
 
 
 def _save_reference(out_dir: Path, logits: np.ndarray, policy: Any,
