@@ -31,6 +31,27 @@ def test_class_folders_sorted_and_unsupported_files_reported(tmp_path):
     assert "outside any class folder" in ignored[str(tmp_path / "stray.png")]
 
 
+@pytest.mark.parametrize("split_layout", [False, True])
+def test_a_run_directory_inside_the_data_folder_is_not_a_class(tmp_path, split_layout):
+    data = tmp_path / "train" if split_layout else tmp_path
+    for c in ("a", "b"):
+        _png(data / c / "0.png")
+    if split_layout:
+        _png(tmp_path / "val" / "a" / "1.png")
+    run = tmp_path / "runs"  # `imgtriage train DATA --out DATA/runs`, then train DATA again
+    _png(run / "curves.png")
+    (run / "config.json").write_text("{}")
+    (run / "splits.csv").write_text("path,label\n")
+    _png(run / "bundle" / "x.png")
+    (run / "bundle" / "manifest.json").write_text("{}")
+    (run / "bundle" / "weights.safetensors").write_bytes(b"")
+    (data / "b" / "manifest.json").write_text("{}")  # a data set's own file: still a class
+    ds = discover(tmp_path)
+    assert ds.classes == ("a", "b")
+    assert {s.split for s in ds.samples} == ({"train", "val"} if split_layout else {None})
+    assert "an imgtriage run directory, not a" in dict(ds.ignored)[str(run)]
+
+
 def test_a_class_folder_without_images_and_a_file_without_extension_are_reported(tmp_path):
     for c in ("a", "b"):
         _png(tmp_path / c / "0.png")

@@ -106,8 +106,33 @@ def _skipped_folder(path: Path, why: str, on_folder: Callable[[Path, str], None]
         yield path
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_dirs(root: Path, ignored: list[tuple[str, str]] | None = None) -> list[Path]:
+    """The folders under ``root`` that can be classes (or splits): not hidden, and not what
+    imgtriage itself wrote there (a run directory given as --out inside the data folder
+    would otherwise come back as a class of curves and plots); those go to ``ignored``."""
+    dirs = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        what = _output_folder(p)
+        if what is None:
+            dirs.append(p)
+        elif ignored is not None:
+            ignored.append((str(p), f"{what}, not a class folder: its files were not used "
+                                    "(keep --out outside the data folder)"))
+    return dirs
+
+
+def _output_folder(path: Path) -> str | None:
+    """What imgtriage output ``path`` is (a run directory, a bundle, an evaluation), or None."""
+    if (path / "splits.csv").is_file() and (path / "config.json").is_file():
+        return "an imgtriage run directory"
+    if (path / "manifest.json").is_file() and any(
+            f.suffix in (".safetensors", ".onnx") for f in path.iterdir()):
+        return "an imgtriage bundle"
+    if (path / "report.json").is_file() and (path / "report.html").is_file():
+        return "an imgtriage evaluation report"
+    return None
 
 
 def _scan_class_folders(root: Path, split: str | None,
@@ -120,7 +145,7 @@ def _scan_class_folders(root: Path, split: str | None,
     def folder(path: Path, why: str) -> None:
         ignored.append((str(path), f"a folder that {why}; its files were not used"))
 
-    for cdir in _class_dirs(root):
+    for cdir in _class_dirs(root, ignored):
         found = len(samples)
         for f in iter_image_files(cdir, on_hidden=hidden, on_folder=folder):
             if is_supported_path(f):
@@ -155,8 +180,12 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
             samples += _scan_class_folders(p, split, ignored)
     else:
         samples = _scan_class_folders(root, None, ignored)
+    reported = {p for p, _ in ignored}
     for f in sorted(root.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
+        if f.is_dir() and str(f) not in reported and (what := _output_folder(f)):
+            ignored.append((str(f), f"{what}, not a split or class folder: its files were not "
+                                    "used (keep --out outside the data folder)"))
+        elif f.is_file() and not f.name.startswith("."):
             ignored.append((str(f), "file outside any class folder"))
         elif f.name.startswith("."):
             ignored.append((str(f), "hidden (its name starts with '.'); not searched"))
