@@ -83,3 +83,33 @@ def test_the_verdict_names_the_recipe(graphs):
     _, verdict = quantize_checked(fp32, "static", calib, LabelledInputs(check, None))
     assert verdict.recipe == STATIC_RECIPE
     assert verdict.manifest_block(b"")["recipe"] == STATIC_RECIPE
+
+
+def test_the_features_branch_stays_float_and_keeps_the_stage_statistics(tiny_bundle, graphs):
+    """The trained model with its stage statistics in the features output (the OOD scorer's
+    input): the nodes the logits do not depend on are not quantised, and the statistics come
+    out of the int8 graph closer to fp32 than when that branch is quantised too."""
+    from imgtriage.models import WithFeatures
+    from imgtriage.predict.backends import build_model
+    from imgtriage.predict.graph import export_graph
+    from imgtriage.predict.int8 import _quantize
+    from imgtriage.predict.ort_session import run_outputs
+
+    _, _, calib, check = graphs
+    b = load_bundle(tiny_bundle)
+    tap = WithFeatures(build_model(b), stages=True).eval()
+    fp32 = export_graph(tap, b.info, check[:16], outputs=("logits", "features")).data
+    width = sum(tap.stage_widths)
+    assert width > 0
+    q = _quantize(fp32, "static", calib)
+    m, producer = _nodes(q)
+    # past the stage maps themselves (read as the next layer reads them), nothing on the
+    # statistics' way to the features output is rounded to 8 bits
+    inner = [n for n in m.graph.node if n.op_type in ("Mul", "Sqrt", "Log", "Sign", "Abs")]
+    assert inner and all(producer[i].op_type != "DequantizeLinear"
+                         for n in inner for i in n.input if i in producer)
+    f32 = run_outputs(fp32, check, ("features",))[0][:, -width:]
+    err = np.abs(run_outputs(q, check, ("features",))[0][:, -width:] - f32).mean()
+    quantised = _quantize(fp32, "static", calib, keep_fp32=("stem", "classifier", "outputs"))
+    err_q = np.abs(run_outputs(quantised, check, ("features",))[0][:, -width:] - f32).mean()
+    assert err < 0.5 * err_q

@@ -34,6 +34,13 @@ Quantisation modes:
   levels of their calibration range, flipping near ties). Measured on the demo's
   Fashion-MNIST crop_cnn (540 held-out images): top-1 agreement 98.1% -> 100%, mean logit
   error 4x smaller; the cost is those layers' fp32 time (docs/benchmarks.md, issue 16).
+  A fourth part stays fp32 too: the ``features`` branch, every node the logits do not
+  depend on (the stage statistics of the OOD scorer, their log-compression, the in-graph OOD
+  head). Quantised, the statistics of channels with small activations moved by up to 2.7
+  standard deviations: on a 28-px Fashion-MNIST model the OOD rule then accepted 13% of
+  validation images instead of 95%, and int8 was refused on 36% same decisions; fp32 there,
+  98.8% (docs/benchmarks.md, issue 15, session 9). They are cheap element-wise and
+  reduction nodes: quantising them saved nothing.
 - ``dynamic``: only MatMul/Gemm are quantised; for CNNs it is *slower* than fp32. Meant for
   transformer-style models.
 """
@@ -54,9 +61,9 @@ from imgtriage.bundle.store import sha256_bytes
 from imgtriage.errors import require
 from imgtriage.predict.ort_session import run_outputs, softmax
 
-FP32_PARTS = ("stem", "classifier", "outputs")
+FP32_PARTS = ("stem", "classifier", "features", "outputs")
 STATIC_RECIPE = ("QDQ, U8 activations (MinMax) x S8 per-channel 7-bit weights; first and last "
-                 "weighted layers and graph outputs fp32")
+                 "weighted layers, the features branch and graph outputs fp32")
 MAX_ACCURACY_DROP = 0.005  # 0.5 points of top-1 accuracy
 MIN_AGREEMENT = 0.99
 MIN_CHECK_IMAGES = 30
@@ -283,7 +290,9 @@ def _fp32_parts(m: Any) -> dict[str, list[str]]:
     """Names of the nodes of the (named) model ``m`` that may stay fp32 in the int8 graph:
     ``stem``, the first weighted layers (those the image input reaches without passing another
     weighted layer: a CNN's stem convolution) with the activation and pooling after them, and
-    ``classifier``, the last (those the logits come from the same way)."""
+    ``classifier``, the last (those the logits come from the same way), and ``features``,
+    every node the ``logits`` output does not depend on (the OOD branch: stage statistics,
+    their compression, the in-graph score)."""
     readers: dict[str, list[Any]] = {}
     for n in m.graph.node:
         for name in n.input:
@@ -297,7 +306,20 @@ def _fp32_parts(m: Any) -> dict[str, list[str]]:
                               lambda n: [i for i in n.input if i not in inits])
     by_name = {n.name: n for n in m.graph.node}
     stem = [name for f in first for name in _chain(by_name[f], readers)]
-    return {"stem": list(dict.fromkeys(stem)), "classifier": last}
+    return {"stem": list(dict.fromkeys(stem)), "classifier": last,
+            "features": _not_feeding(m.graph.node, logits, producer)}
+
+
+def _not_feeding(nodes: Any, outputs: list[str], producer: dict[str, Any]) -> list[str]:
+    """Names of the nodes none of ``outputs`` depends on."""
+    needed: set[str] = set()
+    todo = list(outputs)
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and n.name not in needed:
+            needed.add(n.name)
+            todo.extend(n.input)
+    return [n.name for n in nodes if n.name not in needed]
 
 
 def _chain(node: Any, readers: dict[str, list[Any]]) -> list[str]:
