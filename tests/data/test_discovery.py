@@ -104,6 +104,21 @@ def test_bad_manifest_errors(tmp_path, content, match):
         discover(tmp_path / "m.csv")
 
 
+@pytest.mark.parametrize("header, sep, encoding", [
+    ("path,label", ",", "utf-8-sig"),   # Excel's "CSV UTF-8": a byte-order mark first
+    ("path;label", ";", "utf-8"),       # a locale whose decimal mark is a comma
+    ("Path,Label ", ",", "utf-8"),      # capitalised, stray spaces
+    ("path\tlabel", "\t", "utf-8"),
+])
+def test_manifests_as_spreadsheets_write_them(tmp_path, header, sep, encoding):
+    for i in range(2):
+        _png(tmp_path / f"{i}.png")
+    rows = [header] + [f"{i}.png{sep}{'ab'[i]}" for i in range(2)]
+    (tmp_path / "m.csv").write_text("\r\n".join(rows) + "\r\n", encoding=encoding)
+    ds = discover(tmp_path / "m.csv")
+    assert ds.classes == ("a", "b") and ds.samples[0].path == str(tmp_path / "0.png")
+
+
 @pytest.mark.parametrize("lines, match", [
     ('{"path": "a.png", "label": "x"}\n\n{"path": "b.png", "label": null}\n',
      "m.jsonl:3: the row has no label"),

@@ -192,7 +192,7 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
     return samples, ignored
 
 
-def _manifest_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
+def manifest_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
     """``(line number, row)`` of every record, so an error can name the line to fix."""
     if path.suffix.lower() == ".jsonl":
         with path.open() as fh:
@@ -207,11 +207,33 @@ def _manifest_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
                                         '{"path": ..., "label": ...} object per line')
                     yield i, row
     else:
-        # surrogateescape: file names that are not UTF-8 read back exactly as written
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            reader = csv.DictReader(fh)
+        # surrogateescape: file names that are not UTF-8 read back exactly as written;
+        # utf-8-sig: the byte-order mark spreadsheets write does not become part of "path"
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+            delimiter = _delimiter(fh.readline())
+            fh.seek(0)
+            reader = csv.DictReader(fh, delimiter=delimiter)
+            reader.fieldnames = _column_names(reader.fieldnames or [])
             for row in reader:
                 yield reader.line_num, row
+
+
+_COLUMNS = ("path", "label", "group", "split")
+
+
+def _delimiter(header: str) -> str:
+    """',' unless the header line is split by ';' or tabs only (spreadsheets in locales
+    whose decimal mark is a comma write ';')."""
+    for sep in (",", ";", "\t"):
+        if sep in header:
+            return sep
+    return ","
+
+
+def _column_names(names: Sequence[str]) -> list[str]:
+    """The header with the known columns matched whatever their case and spacing ('Path',
+    ' label'); other columns (features of fusion manifests) keep their names."""
+    return [n.strip().lower() if n.strip().lower() in _COLUMNS else n for n in names]
 
 
 def manifest_path(path: str | os.PathLike[str]) -> str:
@@ -243,7 +265,7 @@ def write_manifest(path: str | os.PathLike[str], paths: Sequence[str],
 def _from_manifest(path: Path) -> list[Sample]:
     samples = []
     first_row: dict[str, int] = {}
-    for i, row in _manifest_rows(path):
+    for i, row in manifest_rows(path):
         sample = _manifest_sample(path, i, row)
         key = os.path.normpath(sample.path)
         if key in first_row:
@@ -258,7 +280,8 @@ def _from_manifest(path: Path) -> list[Sample]:
 def _manifest_sample(path: Path, i: int, row: dict[str, str]) -> Sample:
     """The row at line ``i`` of the manifest ``path`` as a Sample; an unusable row says why."""
     if "path" not in row or "label" not in row:
-        raise DataError(f"{path}:{i}: the row lacks 'path' or 'label'; a manifest needs columns "
+        raise DataError(f"{path}:{i}: the row lacks 'path' or 'label' (columns found: "
+                        f"{sorted(k for k in row if k is not None)}); a manifest needs columns "
                         "path,label and optionally group,split")
     label, file = row["label"], row["path"]
     if label is None or str(label).strip() == "":

@@ -29,8 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections import Counter
@@ -417,18 +415,15 @@ def read_extra_columns(manifest: str | os.PathLike[str], columns: Sequence[str]
     Example:
         >>> extras = read_extra_columns("data/frames.csv", ["airmass"])  # doctest: +SKIP
     """
+    from imgtriage.data.discovery import manifest_rows
+
     path = Path(manifest)
-    if path.suffix.lower() == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
     out: dict[str, dict[str, str]] = {}
-    for i, row in enumerate(rows, 2):
+    for i, row in manifest_rows(path):  # read as discover reads it (BOM, ';', 'Path')
         absent = [c for c in columns if c not in row]
         if absent or "path" not in row:
-            raise DataError(f"{path}: row {i} lacks columns {absent or ['path']}; add them or "
-                            "drop them from the feature spec's extra_columns")
+            raise DataError(f"{path}:{i}: the row lacks columns {absent or ['path']}; add "
+                            "them or drop them from the feature spec's extra_columns")
         p = Path(row["path"])
         out[str(p if p.is_absolute() else path.parent / p)] = {c: row[c] for c in columns}
     return out
