@@ -21,6 +21,7 @@ def _junk_folder(root):
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(root / f"n{i}.png")
     Image.fromarray(np.full((32, 32), 90, np.uint8)).save(root / "grey.png")
+    (root / "broken.png").write_bytes(b"")  # counted apart, never silently
     return root
 
 
@@ -36,6 +37,7 @@ def test_evaluate_ood_folder_reports_auroc_fpr_and_refusals(calibrated_run, digi
     assert o["n"] == 7 and set(o["methods"]) == {"knn+rmd+stages", "msp"}  # the bundle's method
     assert o["methods"]["knn+rmd+stages"]["auroc"] > 0.9 and o["refused"] == 1.0
     assert o["refused_by_reason"]["out_of_distribution"] >= 1
+    assert "OOD folder (7 images, 1 unreadable: report.json ood.defects)" in res.output
     assert "knn+rmd+stages AUROC" in res.output and "Out-of-distribution images" in (
         out / "report.html").read_text()
     # the headline is the decision section's numbers, refusals counted by reason

@@ -54,8 +54,10 @@ def evaluate_command(**options: Any) -> None:
     if o:
         scores = "; ".join(f"{k} AUROC {m['auroc']:.4f} FPR@95TPR {m['fpr_at_95tpr']:.4f}"
                            for k, m in o["methods"].items())
-        typer.echo(f"OOD folder ({o['n']} images): {scores}; the rule refuses "
-                   f"{o['refused']:.1%}")
+        bad = len(o.get("defects") or [])
+        typer.echo(f"OOD folder ({o['n']} images"
+                   f"{f', {bad} unreadable: report.json ood.defects' if bad else ''}): "
+                   f"{scores}; the rule refuses {o['refused']:.1%}")
     typer.echo(f"report: {out / 'report.html'}")
 
 
