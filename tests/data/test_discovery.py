@@ -214,6 +214,20 @@ def test_train_test_layout_gets_a_validation_split_carved_from_train(tmp_path):
     assert all("test" in s.path for s in ds.samples if s.split == "test")
 
 
+def test_split_folders_beside_a_stray_folder_are_not_read_as_classes(tmp_path):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            _png(tmp_path / split / c / "0.png")
+    _png(tmp_path / "extra" / "0.png")
+    with pytest.raises(DataError, match=r"split folders with class folders in them \(train, "
+                                        r"val\) beside other folders \(extra\).*train/extra"):
+        discover(tmp_path)
+    (tmp_path / "plain").mkdir()  # classes that happen to be named like splits stay classes
+    for c in ("train", "cat"):
+        _png(tmp_path / "plain" / c / "0.png")
+    assert discover(tmp_path / "plain").classes == ("cat", "train")
+
+
 def test_a_class_with_no_training_image_is_an_error_that_says_how_to_fix_it(tmp_path):
     for split, classes in (("train", "ab"), ("test", "abc")):
         for c in classes:

@@ -174,6 +174,7 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
     ignored: list[tuple[str, str]] = []
     subdirs = {p.name.lower(): p for p in _class_dirs(root)}
     split_dirs = {SPLIT_ALIASES[k]: p for k, p in subdirs.items() if k in SPLIT_ALIASES}
+    _check_not_mixed(root, split_dirs, subdirs)
     if split_dirs and len(split_dirs) == len(subdirs):
         samples = []
         for split, p in sorted(split_dirs.items()):
@@ -190,6 +191,20 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
         elif f.name.startswith("."):
             ignored.append((str(f), "hidden (its name starts with '.'); not searched"))
     return samples, ignored
+
+
+def _check_not_mixed(root: Path, split_dirs: dict[str, Path], subdirs: dict[str, Path]
+                     ) -> None:
+    """Split folders holding class folders beside other folders: read as classes, 'train' and
+    'val' would become two classes of every image under them; say what to move instead."""
+    others = sorted(p.name for k, p in subdirs.items() if k not in SPLIT_ALIASES)
+    nested = [p.name for p in split_dirs.values() if _class_dirs(p)]
+    if others and nested:
+        raise DataError(f"{root} holds split folders with class folders in them "
+                        f"({', '.join(sorted(nested))}) beside other folders "
+                        f"({', '.join(others)}); a split layout holds only train/ val/ test/, "
+                        "each with class folders: move the others into a split (e.g. "
+                        f"train/{others[0]}) or out of {root}")
 
 
 def manifest_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
