@@ -105,6 +105,20 @@ def test_predict_bytes_is_aligned_and_never_raises(tiny_bundle, digits, monkeypa
         out[1]["message"]
 
 
+def test_one_path_or_one_file_s_bytes_is_taken_as_one_item(tiny_bundle, digits):
+    """A single path is that path, never its characters (whose '/' would walk the disk)."""
+    p = Predictor.load(tiny_bundle, backend="torch")
+    folder = str(Path(digits[0]).parent)
+    for given in (folder, Path(folder)):
+        report = p.predict_paths(given)
+        assert len(report["results"]) == len(list(Path(folder).iterdir()))
+        assert not report["defects"]
+    one = p.predict_bytes(Path(digits[0]).read_bytes(), names="a.png")
+    assert len(one) == 1 and one[0]["path"] == "a.png" and "class" in one[0]
+    with pytest.raises(PredictionError, match=r"2 item.* but 1 name"):
+        p.predict_bytes([b"", b""], names=["a.png"])
+
+
 def test_decode_then_predict_decoded_equals_predict_bytes(tiny_bundle, digits):
     """The service's two halves: decode uploads per request, classify them in one batch."""
     from imgtriage.predict import Decoded

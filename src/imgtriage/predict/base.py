@@ -39,7 +39,7 @@ import numpy as np
 
 from imgtriage.bundle import Bundle
 from imgtriage.data.preprocess import PreprocessSpec, load_record
-from imgtriage.errors import ImageReadError
+from imgtriage.errors import ImageReadError, PredictionError
 from imgtriage.evaluate.decision import DecisionPolicy, Decisions
 from imgtriage.io import Defect, ImageRecord, read_array
 from imgtriage.predict.report import meta_flags, report_meta, result_row
@@ -238,7 +238,9 @@ class BasePredictor(ABC):
         """Read and prepare each encoded item (uploads): one :class:`Decoded` or defect dict
         per item, in order. A service runs this on decode threads as uploads arrive, while the
         model runs the previous batch; :meth:`predict_decoded` then classifies."""
-        names = list(names) if names is not None else [f"upload[{i}]" for i in range(len(items))]
+        if isinstance(items, bytes | bytearray | memoryview):  # one file's bytes, not a list
+            items = [bytes(items)]
+        names = _names(items, names, "upload")
         decoder = self.decoder
         return [decode_entry(decoder, b, n) for b, n in zip(items, names, strict=True)]
 
@@ -246,7 +248,7 @@ class BasePredictor(ABC):
                       names: Sequence[str] | None = None) -> list[Entry]:
         """In-memory images (any numeric dtype, (H, W) or (H, W, C)) through the same last
         step as a file read; an array of unusable shape becomes a ``bad_shape`` defect."""
-        names = list(names) if names is not None else [f"array[{i}]" for i in range(len(arrays))]
+        names = _names(arrays, names, "array")
         decoder = self.decoder
         return [decode_entry(decoder, a, n, array=True)
                 for a, n in zip(arrays, names, strict=True)]
@@ -329,3 +331,14 @@ class BasePredictor(ABC):
                            elapsed_sec=elapsed, tta=opts.tta,
                            extra=self.report_extra(results, opts))
         return {"meta": meta, "results": results, "defects": defects}
+
+
+def _names(items: Sequence[Any], names: Sequence[str] | None, kind: str) -> list[str]:
+    """One name per item: the given ones (as many as the items) or ``kind[i]``."""
+    if names is None:
+        return [f"{kind}[{i}]" for i in range(len(items))]
+    names = [names] if isinstance(names, str) else list(names)
+    if len(names) != len(items):
+        raise PredictionError(f"{len(items)} item(s) but {len(names)} name(s); give one name "
+                              "per item (names=[...]) or none")
+    return names

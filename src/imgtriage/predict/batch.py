@@ -188,6 +188,8 @@ def iter_predictions(predictor: BasePredictor, paths: Iterable[str | os.PathLike
     """
     from imgtriage.predict.progress import RunProgress
 
+    if isinstance(paths, str | os.PathLike):  # one path, not its characters ('/' walks /)
+        paths = [paths]
     batch_size = batch_size or predictor.batch_size
     if batch_size < 1:
         raise ConfigError("batch size must be >= 1 (--batch-size)")
