@@ -50,8 +50,11 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
     are not valid UTF-8 come through losslessly (``os.fsdecode``: surrogate escapes). A
     result store keys each file by its absolute path, so ``dir``, ``/abs/dir`` and ``.``
     are one row per file there. Links to folders and folders that cannot be listed are
-    yielded themselves, so they become defects rather than vanish.
+    yielded themselves, so they become defects rather than vanish. One path given alone (a
+    str or Path) is that path, never its characters (whose '/' would walk the whole disk).
     """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
     for p in paths:
         path = Path(os.path.normpath(os.fsdecode(p)))
         if path.is_dir():
@@ -188,8 +191,6 @@ def iter_predictions(predictor: BasePredictor, paths: Iterable[str | os.PathLike
     """
     from imgtriage.predict.progress import RunProgress
 
-    if isinstance(paths, str | os.PathLike):  # one path, not its characters ('/' walks /)
-        paths = [paths]
     batch_size = batch_size or predictor.batch_size
     if batch_size < 1:
         raise ConfigError("batch size must be >= 1 (--batch-size)")
