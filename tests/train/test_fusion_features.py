@@ -74,9 +74,11 @@ def test_extra_manifest_column_is_learned_and_used_at_prediction(tmp_path):
     files = sorted(str(f) for f in (tmp_path / "te").glob("*.png"))
     truth = {str(tmp_path / "te" / r["path"]): r["label"]
              for r in csv.DictReader(test_manifest.open())}
-    assert len(p.predict_paths(files)["results"]) == 20  # no manifest: imputed and flagged
+    untold = p.predict_paths(files)["results"]  # no manifest: imputed and flagged
+    assert len(untold) == 20 and all("features_imputed" in r["flags"] for r in untold)
     assert p.use_feature_manifest(test_manifest) == 20
     told = p.predict_paths(files)["results"]
+    assert not any(r.get("flags") for r in told)
     # the model's answer, also where the default rule abstains (best_class)
     assert np.mean([truth[r["path"]] == r.get("best_class", r["class"]) for r in told]) == 1.0
 

@@ -239,6 +239,12 @@ class Predictor(BasePredictor):
                        ) -> np.ndarray | None:
         """Scaled features (N, F) float32 from each input's ``meta["raw_features"]`` with the
         bundle's standardizer (None for image-only bundles): the training transform exactly."""
+        raws = self._raw_features(metas, names)
+        return None if raws is None else self.features.transform(raws).astype(np.float32)
+
+    def _raw_features(self, metas: Sequence[dict[str, Any]] | None, names: Sequence[str]
+                      ) -> list[Any] | None:
+        """Each input's raw features with its manifest columns (None: image-only bundle)."""
         if self.features is None:
             return None
         if metas is None or any(RAW_FEATURES not in m for m in metas):
@@ -250,7 +256,27 @@ class Predictor(BasePredictor):
         if spec is not None and spec.extra_columns:
             raws = [with_extra_columns(r, spec, self.extras.get(str(Path(n))))
                     for r, n in zip(raws, names, strict=True)]
-        return self.features.transform(raws).astype(np.float32)
+        return raws
+
+    def _flag_imputed(self, metas: Sequence[dict[str, Any]] | None, names: Sequence[str]
+                      ) -> Sequence[dict[str, Any]] | None:
+        """``metas`` with ``features_imputed`` on the rows that lack a manifest column the
+        bundle was trained with (not in --feature-manifest), or the whole header its cards
+        come from (an array, a PNG): the model saw the training median there, and the row's
+        ``flags`` say so, as the docs promise. (A card no training file had either is not
+        flagged: every row would be.)"""
+        raws = self._raw_features(metas, names)
+        if raws is None or metas is None:
+            return metas
+        spec = self.features.spec
+        cards = len(spec.header_cards) if spec is not None else 0
+
+        def imputed(meta: dict[str, Any], raw: Any) -> bool:
+            return ((cards > 0 and "header" not in meta)
+                    or any(v is None for v in raw.fields[cards:]))
+
+        return [{**m, "features_imputed": True} if imputed(m, r) else m
+                for m, r in zip(metas, raws, strict=True)]
 
     def rows_for_inputs(self, x: np.ndarray, names: Sequence[str], opts: PredictOptions,
                         metas: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -260,7 +286,8 @@ class Predictor(BasePredictor):
         policy = self.policy_for(opts)
         d = policy.decide(*self.forward(x, policy, opts.tta, self.feature_matrix(metas, names),
                                         metas))
-        return decision_rows(names, self.classes, d, policy, opts, metas)
+        return decision_rows(names, self.classes, d, policy, opts,
+                             self._flag_imputed(metas, names))
 
     def rows(self, batch: Sequence[Decoded], opts: PredictOptions) -> list[dict[str, Any]]:
         if not batch:

@@ -56,7 +56,9 @@ def result_row(path: str, class_name: str, class_id: int, score: float, abstaine
 
 def meta_flags(meta: dict[str, Any] | None) -> list[str] | None:
     """A result row's ``flags`` from its image's read metadata: ``degenerate`` (a constant
-    image), ``partial`` (a truncated file read as far as it goes, see ``meta["partial"]``).
+    image), ``partial`` (a truncated file read as far as it goes, see ``meta["partial"]``),
+    ``features_imputed`` (an image + feature bundle got the training median for a header
+    card or manifest column the input lacks).
 
     Example:
         >>> meta_flags({"degenerate": False, "partial": {"rows_read": 60, "rows": 100}})
@@ -64,7 +66,7 @@ def meta_flags(meta: dict[str, Any] | None) -> list[str] | None:
     """
     if not meta:
         return None
-    flags = [name for name in ("degenerate", "partial") if meta.get(name)]
+    flags = [name for name in ("degenerate", "partial", "features_imputed") if meta.get(name)]
     return flags or None
 
 
