@@ -136,6 +136,8 @@ def test_cli_refuses_bad_outputs_before_running(tiny_bundle, inbox, tmp_path):
                                   "--no-progress", *args])
         assert isinstance(res.exception, ConfigError), (args, res.output)
         assert flag in str(res.exception)
+        if flag != "--thresholds":  # (parsed against the bundle's classes, so after it loads)
+            assert "predict: backend" not in res.output  # refused before the model loads
 
 
 def test_parse_thresholds():

@@ -156,6 +156,7 @@ type is built from them). ``log`` gets the
     if cfg.engine != "local":
         raise ConfigError(f"predict_files runs on this machine; engine {cfg.engine!r} runs "
                           "through imgtriage.integrations (imgtriage predict --engine ray)")
+    _check_paths(cfg.output, cfg.defect_log, cfg.store, cfg.new_only)  # before the model loads
     predictor = Predictor.load(bundle, backend=cfg.backend, device=cfg.device,
                                num_threads=cfg.threads, precision=cfg.precision,
                                expect_sha256=cfg.expect_sha256)
