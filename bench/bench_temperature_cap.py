@@ -31,13 +31,11 @@ def _test_items(spec: str, bundle: Path, classes: list[str]) -> list[tuple[str, 
     if spec == "splits":
         rows = csv.DictReader((bundle.parent / "splits.csv").open())
         return [(r["path"], r["label"]) for r in rows if r["split"] == "test"]
-    if spec == "fashion":
-        from imgtriage.demo import FASHION_CLASSES, _find_idx, _read_idx
+    if spec == "fashion":  # the files and labels bench_ood wrote beside the run
+        import bench_ood
 
-        labels = _read_idx(_find_idx("t10k-labels-idx1-ubyte"))
-        folder = next(p for p in bundle.parent.parent.glob("fashion-data/test"))
-        return [(str(folder / f"{i:05d}.png"), FASHION_CLASSES[int(c)])
-                for i, c in enumerate(labels)]
+        _, test = bench_ood._fashion(bundle.parent.parent / "fashion-data", 600)
+        return [(str(f), c) for f, c in test]
     return [(str(f), f.parent.name) for f in sorted(Path(spec).rglob("*"))
             if f.is_file() and f.parent.name in classes]
 
