@@ -187,17 +187,21 @@ def summarise(rows: list[dict]) -> dict:
                                 for a in ("plain", "default")),
                   *(f"{q}_{a}" for q in ("scale", "ece", "nll") for a in arms)):
             v = [r[m] for r in mine]
-            stats[m] = [round(float(np.median(v)), 4), round(min(v), 4), round(max(v), 4)]
+            stats[m] = _median_range(v)
         for rule in (a for a in arms if a not in ("fixed10", "oracle")):
             # distance to the oracle scale, log(scale / oracle) within draw: median (min-max)
             # and the mean of its absolute value
             v = [np.log(r[f"scale_{rule}"] / r["scale_oracle"]) for r in mine]
-            stats[f"log_scale_over_oracle_{rule}"] = [round(float(np.median(v)), 4),
-                                                      round(min(v), 4), round(max(v), 4)]
+            stats[f"log_scale_over_oracle_{rule}"] = _median_range(v)
             stats[f"mean_abs_log_{rule}"] = round(float(np.mean(np.abs(v))), 4)
         stats["n"] = len(mine)
         out[name] = stats
     return out
+
+
+def _median_range(v: list[float]) -> list[float]:
+    """[median, min, max], rounded to 4 places."""
+    return [round(float(np.median(v)), 4), round(min(v), 4), round(max(v), 4)]
 
 
 def main(argv: list[str] | None = None) -> dict:
