@@ -239,7 +239,9 @@ class Predictor(BasePredictor):
                        ) -> np.ndarray | None:
         """Scaled features (N, F) float32 from each input's ``meta["raw_features"]`` with the
         bundle's standardizer (None for image-only bundles): the training transform exactly."""
-        raws = self._raw_features(metas, names)
+        return self._scaled(self._raw_features(metas, names))
+
+    def _scaled(self, raws: list[Any] | None) -> np.ndarray | None:
         return None if raws is None else self.features.transform(raws).astype(np.float32)
 
     def _raw_features(self, metas: Sequence[dict[str, Any]] | None, names: Sequence[str]
@@ -258,14 +260,13 @@ class Predictor(BasePredictor):
                     for r, n in zip(raws, names, strict=True)]
         return raws
 
-    def _flag_imputed(self, metas: Sequence[dict[str, Any]] | None, names: Sequence[str]
+    def _flag_imputed(self, metas: Sequence[dict[str, Any]] | None, raws: list[Any] | None
                       ) -> Sequence[dict[str, Any]] | None:
-        """``metas`` with ``features_imputed`` on the rows that lack a manifest column the
-        bundle was trained with (not in --feature-manifest), or the whole header its cards
-        come from (an array, a PNG): the model saw the training median there, and the row's
-        ``flags`` say so, as the docs promise. (A card no training file had either is not
-        flagged: every row would be.)"""
-        raws = self._raw_features(metas, names)
+        """``metas`` with ``features_imputed`` on the rows (``raws``: their raw features, see
+        :meth:`_raw_features`) that lack a manifest column the bundle was trained with (not in
+        --feature-manifest), or the whole header its cards come from (an array, a PNG): the
+        model saw the training median there, and the row's ``flags`` say so, as the docs
+        promise. (A card no training file had either is not flagged: every row would be.)"""
         if raws is None or metas is None:
             return metas
         spec = self.features.spec
@@ -284,10 +285,10 @@ class Predictor(BasePredictor):
         if len(x) == 0:
             return []
         policy = self.policy_for(opts)
-        d = policy.decide(*self.forward(x, policy, opts.tta, self.feature_matrix(metas, names),
-                                        metas))
+        raws = self._raw_features(metas, names)  # once: the model's input and the flags
+        d = policy.decide(*self.forward(x, policy, opts.tta, self._scaled(raws), metas))
         return decision_rows(names, self.classes, d, policy, opts,
-                             self._flag_imputed(metas, names))
+                             self._flag_imputed(metas, raws))
 
     def rows(self, batch: Sequence[Decoded], opts: PredictOptions) -> list[dict[str, Any]]:
         if not batch:
