@@ -26,6 +26,7 @@ DEFECT_ISSUES = (
     "no_image_data",  # a FITS/TIFF container without any image
     "decode_error",  # the decoder failed for another reason
     "bad_shape",  # the image cannot become the model's input (e.g. channel count)
+    "bad_base64",  # the service: an item of a JSON request is not valid base64 (no bytes)
 )
 
 DefectIssue = Literal[
@@ -43,6 +44,7 @@ DefectIssue = Literal[
     "no_image_data",
     "decode_error",
     "bad_shape",
+    "bad_base64",
 ]
 
 

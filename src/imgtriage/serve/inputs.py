@@ -7,7 +7,9 @@ collected while the body streams in, under the request-size limit of :mod:`.limi
 
 The format of each image is decided from its bytes before it is queued for inference: bytes of
 no known image format, or of a format this server does not accept, become a per-image defect
-at once, with the same ``{path, issue, message}`` the io layer gives.
+at once, with the same ``{path, issue, message}`` the io layer gives. A JSON item that is not
+valid base64 is a per-image ``bad_base64`` defect in its place too: one bad item never costs
+the other images of the request their answers.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ MAX_NAME_CHARS = 200
 
 @dataclass(frozen=True)
 class Upload:
-    """One image as sent: the client's name for it (a label, never a server path) and bytes."""
+    """One image as sent: the client's name for it (a label, never a server path) and bytes.
+
+    ``defect`` is set when the item carried no usable bytes (invalid base64): it is answered
+    with that ``{path, issue, message}`` and never decoded.
+    """
 
     name: str
     data: bytes
+    defect: dict[str, str] | None = None
 
 
 def bad_request(detail: str, slug: str = "bad-request", title: str = "Bad request") -> Problem:
@@ -161,8 +168,18 @@ async def _read_json(request: Any, cfg: ServeConfig) -> list[Upload]:
     images, names = _json_fields(doc)
     if len(images) > cfg.max_images:
         raise _too_many(len(images), cfg)
-    return [Upload(clean_name(names[i] if names else None, i), _b64(s, i))
+    return [_json_upload(clean_name(names[i] if names else None, i), s, i)
             for i, s in enumerate(images)]
+
+
+def _json_upload(name: str, text: str, index: int) -> Upload:
+    """One JSON item: its bytes, or a ``bad_base64`` defect in its place (naming the index)."""
+    from imgtriage.io import Defect
+
+    try:
+        return Upload(name, decode_base64(text, f"images[{index}]"))
+    except Problem as exc:
+        return Upload(name, b"", Defect(name, "bad_base64", exc.detail).to_dict())
 
 
 def _json_fields(doc: Any) -> tuple[list[str], list[str] | None]:
@@ -184,10 +201,6 @@ def _json_fields(doc: Any) -> tuple[list[str], list[str] | None]:
     return images, names
 
 
-def _b64(text: str, index: int) -> bytes:
-    return decode_base64(text, f"images[{index}]")
-
-
 def decode_base64(text: str, where: str) -> bytes:
     """File bytes from standard base64 or a ``data:...;base64,`` URL (400 naming ``where``)."""
     if text.startswith("data:"):
@@ -207,6 +220,8 @@ def precheck(upload: Upload, cfg: ServeConfig) -> dict[str, str] | None:
     """A defect dict for bytes that are no accepted image format, else None (go on)."""
     from imgtriage.io import Defect, sniff_format, try_read_image
 
+    if upload.defect is not None:
+        return upload.defect
     fmt = sniff_format(upload.data[:64])
     if fmt is None or not upload.data:
         out = try_read_image(upload.data, name=upload.name)  # fails at the sniff: cheap

@@ -3,9 +3,10 @@
 ``POST /v1/classify`` answers 200 when at least one image became a result; the ``results``
 list is aligned with the images sent, each entry either a result row (class, class_id, score,
 abstained, optional probs/topk/set) or a defect ``{path, issue, message}``. When *no* image is
-usable it answers a problem with every defect: 415 when each was refused for its format
-(unknown bytes, a format this server does not take, a name that contradicts the bytes), 422
-otherwise (truncated, undecodable, too many pixels, unusable shape).
+usable it answers a problem with every defect: 400 ``bad-base64`` when each was a JSON item that
+is not valid base64, 415 when each was refused for its format (unknown bytes, a format this
+server does not take, a name that contradicts the bytes), 422 otherwise (truncated,
+undecodable, too many pixels, unusable shape, or a mix).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime,
@@ -130,6 +131,10 @@ def build_router() -> Any:
 
 
 def _no_usable_image(defects: list[dict[str, Any]]) -> Problem:
+    if all(d["issue"] == "bad_base64" for d in defects):
+        return Problem(400, "bad-base64", "Invalid base64",
+                       f"no image of the request is valid base64: {defects[0]['message']}",
+                       defects=defects)
     if all(d["issue"] in FORMAT_ISSUES for d in defects):
         return Problem(415, "unsupported-image-format", "Unsupported image format",
                        "no image in the request is in a format this server reads; see "
