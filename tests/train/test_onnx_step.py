@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 def test_a_bundle_from_train_predicts_with_int8_by_default_when_accepted(tiny_bundle,
                                                                         digits_folder):
-    b = load_bundle(tiny_bundle)  # TrainConfig's defaults: --quantize auto
+    b = load_bundle(tiny_bundle)  # --quantize static: no speed condition (a timing)
     info = b.manifest["onnx"]
     assert b.manifest["bundle_version"] == 1
     assert {"model.onnx", "model.int8.onnx"} <= set(b.manifest["files"])
@@ -29,6 +29,9 @@ def test_a_bundle_from_train_predicts_with_int8_by_default_when_accepted(tiny_bu
     assert q["agreement"] >= 0.99 and q["accuracy_fp32"] - q["accuracy_int8"] <= 0.005
     assert q["accepted"] == q["reason"] and info["precision"] == "int8"
     assert q["disagreement_upper95"] > 0.07  # 40 images are weak evidence, and it says so
+    speed = q["speed"]  # measured and recorded, not part of a static verdict
+    assert speed["rounds"] == 3 and 0 < speed["low"] <= speed["ratio"] <= speed["high"]
+    assert speed["images"] == 40 and "fp32's speed on this machine" in q["reason"]
     p = Predictor.load(tiny_bundle)
     assert (p.runtime.backend, p.runtime.precision) == ("onnx", "int8")
     assert "int8 accepted: agreement" in p.runtime.note
@@ -192,3 +195,74 @@ def test_train_quantize_static_calibrates_on_train_and_judges_on_val(digits_fold
     assert q["accepted"] and q["agreement"] == 1.0 and info["precision"] == "int8"
     assert "int8 is the default" in capsys.readouterr().err
     assert Predictor.load(res.bundle_path).runtime.precision == "int8"
+
+
+def _slow(ratio):
+    from imgtriage.predict.int8 import SpeedCheck
+
+    return lambda fp32, q, x: SpeedCheck(ratio, ratio - 0.05, ratio + 0.05, 3, len(x), 2,
+                                         "fp32 / int8: 2 session(s) x 1 thread(s), batch 64")
+
+
+@pytest.mark.parametrize("quantize", ["auto", "static"])
+def test_auto_keeps_fp32_when_int8_is_no_faster_and_static_does_not_ask(
+        quantize, digits_folder, tmp_path, monkeypatch, capsys):
+    """An exact int8 graph (the fp32 graph itself) that the timing finds at 0.8x fp32's speed:
+    the default (auto) keeps fp32 and says so, int8 stays askable; static accepts it."""
+    from imgtriage.predict import int8
+    from imgtriage.train.config import TrainConfig
+    from imgtriage.train.run import train
+
+    monkeypatch.setattr(int8, "_quantize", lambda graph, mode, calib: graph)
+    monkeypatch.setattr(int8, "measure_speed", _slow(0.8))
+    cfg = TrainConfig(model="crop_cnn", img_size=16, epochs=1, batch_size=32, num_threads=1,
+                      calibrate=False, quantize=quantize)
+    res = train(digits_folder, tmp_path / "run", cfg)
+    info = load_bundle(res.bundle_path).manifest["onnx"]
+    q = info["int8"]
+    assert q["agreement"] == 1.0 and q["speed"]["ratio"] == 0.8
+    assert "int8 runs at 0.80x fp32's speed on this machine" in q["reason"]
+    err = capsys.readouterr().err
+    if quantize == "auto":
+        assert not q["accepted"] and info["precision"] == "fp32"
+        assert q["refused"].startswith("as exact as fp32 (agreement 100.0%")
+        assert "< 1.10x; --precision int8 still runs it" in q["refused"]
+        assert "-> fp32 kept: as exact as fp32" in err
+        p = Predictor.load(res.bundle_path)
+        assert p.runtime.precision == "fp32" and "0.80x" in p.runtime.note
+        assert Predictor.load(res.bundle_path, precision="int8").runtime.precision == "int8"
+    else:
+        assert q["accepted"] and info["precision"] == "int8"
+        assert Predictor.load(res.bundle_path).runtime.precision == "int8"
+
+
+def test_the_speed_check_times_both_graphs_in_the_backends_layout(tiny_bundle, digits_folder):
+    from imgtriage.predict.int8 import measure_speed
+    from imgtriage.predict.onnx_backend import session_layout
+
+    b = load_bundle(tiny_bundle)
+    fp32, q = b.verified_bytes("model.onnx"), b.verified_bytes("model.int8.onnx")
+    x = np.random.default_rng(0).normal(size=(300, 1, 32, 32)).astype(np.float32)
+    s = measure_speed(fp32, q, x, threads=2, rounds=3, min_s=0.01)
+    assert s.rounds == 3 and s.threads == 2 and np.isfinite(s.ratio)
+    assert 0 < s.low <= s.ratio <= s.high
+    lay = session_layout(len(fp32), 2)
+    assert s.images == 2 * lay.batch_size == 128  # two of the backend's batches, not all 300
+    assert s.layout.startswith(f"fp32 / int8: {lay.sessions} session(s) x 1 thread(s)")
+
+
+def test_session_layouts_follow_the_graph_size():
+    from imgtriage.errors import ConfigError
+    from imgtriage.predict.onnx_backend import session_layout
+
+    assert session_layout(1_000, 2) == session_layout(1_000, 2, "auto")
+    small, big = session_layout(1_000, 4), session_layout(50_000_000, 4)
+    assert (small.sessions, small.threads_each, small.batch_size) == (4, 1, 64)
+    assert (big.sessions, big.threads_each, big.batch_size) == (1, 4, 16)
+    assert session_layout(1_000, 4, sessions=2).threads_each == 2
+    assert session_layout(1_000, 1).sessions == 1
+    for bad in (0, "two", True):
+        with pytest.raises(ConfigError, match="sessions must be"):
+            session_layout(1_000, 2, sessions=bad)
+    with pytest.raises(ConfigError, match="--threads"):
+        session_layout(1_000, 0)

@@ -23,6 +23,17 @@ scorer: :class:`DecisionRule`) on both graphs' outputs, and int8 must also give 
 decision (the same class answered, or an abstention) on at least ``MIN_AGREEMENT`` of the
 images (``decision_agreement``).
 
+Exact is not enough for a default: an int8 graph that is no faster than fp32 is only a less
+exact copy of it. So ``train --quantize auto`` also times both graphs on the check images as
+the default backend runs each of them (:func:`measure_speed`: its session layout, this
+machine's cores, 3 interleaved rounds) and wants int8 at ``MIN_SPEEDUP`` (1.1x) fp32's
+images/s at least; ``--quantize static`` (and ``export --quantize``) record the ratio without
+the condition. On this project's 2-core hosts int8 ran 1.6x fp32 on a 28-px Fashion-MNIST
+crop_cnn, 2.3x on MSTAR's 48-px deep_cnn, 1.3x on EfficientNet-Lite0 at 160 px
+(``bench/bench_int8_speed.py``); in one plain 2-thread session with ONNX Runtime's QDQ
+propagation on, the Fashion model's int8 was 0.8x (what :mod:`~imgtriage.predict.ort_session`
+disables), which is why the timing must run the graphs the way prediction does.
+
 Quantisation modes:
 
 - ``static``: int8 QDQ, per-channel weights, activations calibrated on training images.
@@ -48,6 +59,7 @@ Quantisation modes:
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -68,6 +80,9 @@ MAX_ACCURACY_DROP = 0.005  # 0.5 points of top-1 accuracy
 MIN_AGREEMENT = 0.99
 MIN_CHECK_IMAGES = 30
 QUANT_MODES = ("static", "dynamic")
+MIN_SPEEDUP = 1.10  # int8 must run >= 1.1x fp32's images/s to be the default (--quantize auto)
+SPEED_ROUNDS = 3
+SPEED_MIN_S = 0.2  # each timed measurement runs its images this long at least
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,27 @@ class LabelledInputs:
 
     x: np.ndarray
     labels: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """int8's images per second over fp32's, the graphs alone, on the machine that judged it:
+    the median of ``rounds`` interleaved within-round ratios (``low``-``high``), each graph run
+    as :class:`~imgtriage.predict.onnx_backend.OnnxBackend` runs it by default (its sessions,
+    threads and batch size)."""
+
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+    images: int
+    threads: int
+    layout: str
+
+    def text(self) -> str:
+        return (f"int8 runs at {self.ratio:.2f}x fp32's speed on this machine (graphs alone, "
+                f"median of {self.rounds} interleaved rounds, {self.low:.2f}-{self.high:.2f}; "
+                f"{self.images} images, {self.threads} thread(s), {self.layout})")
 
 
 @dataclass(frozen=True)
@@ -94,6 +130,7 @@ class QuantCheck:
     disagreement_upper95: float = 1.0
     decision_agreement: float | None = None
     recipe: str = ""
+    speed: SpeedCheck | None = None
 
     def summary(self) -> str:
         text = (f"int8 {self.mode} (calibrated on {self.n_calib} training images) vs fp32 on "
@@ -144,9 +181,12 @@ class DecisionRule:
 
 
 def judge(agreement: float, acc_fp32: float | None, acc_int8: float | None,
-          n_images: int, decisions: float | None = None) -> tuple[bool, str]:
+          n_images: int, decisions: float | None = None, speed: SpeedCheck | None = None,
+          need_speed: bool = False) -> tuple[bool, str]:
     """The acceptance rule: ``(accepted, why)``; ``decisions`` is the share of images on which
-    the bundle's default rule decides the same (None: not measured).
+    the bundle's default rule decides the same (None: not measured); ``speed``: the measured
+    speed ratio, which must reach ``MIN_SPEEDUP`` when ``need_speed`` (``--quantize auto``: an
+    int8 graph that is no faster is only a less exact copy of fp32).
 
     Example:
         >>> judge(0.995, 0.90, 0.898, 400)[0]
@@ -172,15 +212,25 @@ def judge(agreement: float, acc_fp32: float | None, acc_int8: float | None,
                        f"{1 - decisions:.1%} > {1 - MIN_AGREEMENT:.0%} of {n_images} held-out "
                        "images")
     same = f", same default decision on {decisions:.1%}" if decisions is not None else ""
-    return True, (f"agreement {agreement:.1%} >= {MIN_AGREEMENT:.0%}, accuracy "
-                  f"{acc_fp32:.1%} -> {acc_int8:.1%} ({-drop:+.2f} points){same} on "
-                  f"{n_images} held-out images")
+    proven = (f"agreement {agreement:.1%} >= {MIN_AGREEMENT:.0%}, accuracy "
+              f"{acc_fp32:.1%} -> {acc_int8:.1%} ({-drop:+.2f} points){same} on "
+              f"{n_images} held-out images")
+    if speed is None:
+        return True, proven
+    if need_speed and speed.ratio < MIN_SPEEDUP:
+        return False, (f"as exact as fp32 ({proven}), but {speed.text()} < {MIN_SPEEDUP:.2f}x; "
+                       "--precision int8 still runs it")
+    return True, f"{proven}; {speed.text()}"
 
 
 def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: LabelledInputs,
-                     rule: DecisionRule | None = None) -> tuple[bytes, QuantCheck]:
+                     rule: DecisionRule | None = None, speed: str = "record"
+                     ) -> tuple[bytes, QuantCheck]:
     """Quantise ``graph`` (calibrating on ``calib``), then judge it on ``check`` (with the
-    bundle's default ``rule``, its decisions too).
+    bundle's default ``rule``, its decisions too). ``speed``: ``"require"`` (int8 must also
+    be ``MIN_SPEEDUP`` faster here: ``--quantize auto``), ``"record"`` (measured and kept,
+    not part of the verdict: an explicit ``--quantize static``) or ``"skip"``; it is timed
+    only once the graph is proven exact enough.
 
     Example:
         >>> q, c = quantize_checked(fp32, "static", x_train[:64], held_out)  # doctest: +SKIP
@@ -200,11 +250,68 @@ def quantize_checked(graph: bytes, mode: str, calib: np.ndarray, check: Labelled
     agreement = float((top32 == top8).mean())
     decisions = None if rule is None else float(
         (rule.outcomes(*out32) == rule.outcomes(*out8)).mean())
+    if speed not in ("require", "record", "skip"):
+        raise ValueError(f"speed must be require, record or skip, got {speed!r}")
     accepted, reason = judge(agreement, acc32, acc8, len(check.x), decisions)
+    timed = None
+    if accepted and speed != "skip":
+        timed = measure_speed(graph, q, check.x)
+        accepted, reason = judge(agreement, acc32, acc8, len(check.x), decisions, timed,
+                                 need_speed=speed == "require")
     return q, QuantCheck(mode, len(calib), len(check.x), agreement,
                          float(np.abs(p32 - p8).max()), acc32, acc8, accepted, reason,
                          disagreement_upper(int((top32 != top8).sum()), len(check.x)),
-                         decisions, STATIC_RECIPE if mode == "static" else "dynamic, MatMul/Gemm")
+                         decisions, STATIC_RECIPE if mode == "static" else "dynamic, MatMul/Gemm",
+                         timed)
+
+
+def measure_speed(fp32: bytes, int8: bytes, x: np.ndarray, threads: int | None = None,
+                  rounds: int = SPEED_ROUNDS, min_s: float = SPEED_MIN_S) -> SpeedCheck:
+    """Time both graphs on ``x`` as the default ONNX backend runs them (each graph's own
+    session layout, this machine's usable cores), in ``rounds`` interleaved rounds (the order
+    alternates), after one warm-up pass each: the median within-round ratio of fp32's time
+    over int8's. Every measurement repeats the pass until it lasts ``min_s`` at least (the
+    same repeats for both graphs). At most two of the larger batch of images are used.
+
+    Example:
+        >>> s = measure_speed(fp32_graph, int8_graph, x_val)  # doctest: +SKIP
+        >>> s.ratio > 0  # doctest: +SKIP
+        True
+    """
+    from imgtriage.predict.onnx_backend import SessionPool, session_layout
+    from imgtriage.predict.ort_session import usable_cores
+
+    threads = int(threads or usable_cores())
+    layouts = [session_layout(len(g), threads) for g in (fp32, int8)]
+    x = np.ascontiguousarray(x[:2 * max(lay.batch_size for lay in layouts)], dtype=np.float32)
+    pools = [SessionPool(g, lay) for g, lay in zip((fp32, int8), layouts, strict=True)]
+    try:
+        warm = [_timed_passes(p, x, lay.batch_size, 1)
+                for p, lay in zip(pools, layouts, strict=True)]
+        reps = max(1, int(np.ceil(min_s / max(min(warm), 1e-6))))
+        ratios = []
+        for r in range(rounds):
+            t = [0.0, 0.0]
+            for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t[k] = _timed_passes(pools[k], x, layouts[k].batch_size, reps)
+            ratios.append(t[0] / max(t[1], 1e-9))
+    finally:
+        for p in pools:
+            p.close()
+    shown = " / ".join(f"{lay.sessions} session(s) x {lay.threads_each} thread(s), batch "
+                       f"{lay.batch_size}" for lay in layouts)
+    return SpeedCheck(float(np.median(ratios)), float(min(ratios)), float(max(ratios)),
+                      rounds, len(x), threads, f"fp32 / int8: {shown}")
+
+
+def _timed_passes(pool: Any, x: np.ndarray, batch: int, reps: int) -> float:
+    """Seconds for ``reps`` passes over ``x`` in batches of ``batch`` (the first output asked
+    for; ONNX Runtime runs the whole graph whatever is asked)."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for i in range(0, len(x), batch):
+            pool.run(x[i:i + batch], pool.output_names[:1])
+    return time.perf_counter() - t0
 
 
 def disagreement_upper(k: int, n: int, confidence: float = 0.95) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,6 +42,87 @@ def onnx_file_for(bundle: Bundle, precision: str | None = None) -> tuple[str, st
                           "--backend torch")
     return name, precision
 
+@dataclass(frozen=True)
+class SessionLayout:
+    """How a graph is run: ``sessions`` sessions of ``threads_each`` intra-op threads each
+    (a batch split over them side by side), ``batch_size`` images per call."""
+
+    sessions: int
+    threads_each: int
+    batch_size: int
+    spinning: bool = False
+
+
+def session_layout(model_bytes: int, threads: int, sessions: int | str = "auto",
+                   spinning: bool = False) -> SessionLayout:
+    """The layout :class:`OnnxBackend` uses for a graph of ``model_bytes`` weight bytes on
+    ``threads`` threads: small (overhead-bound) graphs get one single-thread session per
+    thread under ``sessions="auto"``; ORT CNNs gain little past ~16 images per call, small
+    graphs like bigger batches.
+
+    Example:
+        >>> session_layout(400_000, 2)
+        SessionLayout(sessions=2, threads_each=1, batch_size=64, spinning=False)
+        >>> session_layout(20_000_000, 2).sessions
+        1
+    """
+    if int(threads) < 1:
+        raise ConfigError("num_threads must be >= 1 (--threads)")
+    small = model_bytes < SMALL_GRAPH_BYTES
+    if sessions == "auto":
+        n = threads if small and threads > 1 else 1
+    elif isinstance(sessions, int) and not isinstance(sessions, bool) and sessions >= 1:
+        n = min(sessions, threads)
+    else:
+        raise ConfigError(f"sessions must be 'auto' or a positive integer, got {sessions!r}")
+    return SessionLayout(n, max(1, threads // n), 64 if small else 16, spinning)
+
+
+class SessionPool:
+    """One graph opened as ``layout.sessions`` ONNX Runtime sessions; :meth:`run` splits a
+    batch over them side by side (ONNX Runtime releases the GIL). What :class:`OnnxBackend`
+    runs, and what the int8 speed check times (``predict.int8``)."""
+
+    def __init__(self, graph: bytes, layout: SessionLayout) -> None:
+        options = session_options(layout.threads_each, spinning=layout.spinning)
+        self.sessions = [open_session(graph, options) for _ in range(layout.sessions)]
+        first = self.sessions[0]
+        self.input_name = first.get_inputs()[0].name
+        # an image + feature (fusion) graph takes the standardised feature rows as well
+        self.feature_input = next((i.name for i in first.get_inputs()
+                                   if i.name == FEATURES_INPUT), None)
+        self.output_names = [o.name for o in first.get_outputs()]
+        n = len(self.sessions)
+        self._threads = ThreadPoolExecutor(n, thread_name_prefix="ort") if n > 1 else None
+
+    def _feed(self, x: np.ndarray, f: np.ndarray | None) -> dict[str, np.ndarray]:
+        feed = {self.input_name: np.ascontiguousarray(x)}
+        if self.feature_input is not None and f is not None:
+            feed[self.feature_input] = np.ascontiguousarray(f)
+        return feed
+
+    def run(self, x: np.ndarray, names: list[str], f: np.ndarray | None = None
+            ) -> list[np.ndarray]:
+        """The outputs ``names`` (by name: graphs may carry more) for the batch ``x``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if f is not None:
+            f = np.ascontiguousarray(f, dtype=np.float32)
+        n = len(self.sessions)
+        if self._threads is None or len(x) < 2 * n:
+            return [np.asarray(o, dtype=np.float32)
+                    for o in self.sessions[0].run(names, self._feed(x, f))]
+        parts = np.array_split(x, n)
+        fparts = np.array_split(f, n) if f is not None else [None] * n
+        futures = [self._threads.submit(s.run, names, self._feed(p, fp))
+                   for s, p, fp in zip(self.sessions, parts, fparts, strict=True)]
+        outs = [fu.result() for fu in futures]
+        return [np.concatenate([o[j] for o in outs]).astype(np.float32, copy=False)
+                for j in range(len(names))]
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+
 
 class OnnxBackend:
     """``(N, C, h, w) float32 -> (N, K) float32 logits`` with ONNX Runtime on CPU.
@@ -67,103 +148,60 @@ class OnnxBackend:
                  spinning: bool = False) -> None:
         require("onnxruntime", "onnx")
         self.file, self.precision = onnx_file_for(bundle, precision)
+        self._bundle = bundle
         graph = bundle.verified_bytes(self.file)
         threads = int(num_threads or usable_cores())
-        if threads < 1:
-            raise ConfigError("num_threads must be >= 1 (--threads)")
         # the model's own size decides (not the in-graph OOD head's constants)
         head = int(((bundle.info.block("onnx") or {}).get("ood_score") or {}).get(
             "added_bytes", 0))
-        model_bytes = len(graph) - head
-        n = self._session_count(sessions, threads, model_bytes)
-        self._open = (bundle, n, session_options(max(1, threads // n), spinning=spinning))
-        self._sessions = self._open_sessions(graph)
-        self._plain: list[Any] | None = None  # without the OOD head, opened when first needed
+        self._layout = session_layout(len(graph) - head, threads, sessions, spinning)
+        self._pool = self._open_pool(graph)
+        self._plain: SessionPool | None = None  # without the OOD head, opened when first needed
         self._lock = threading.Lock()
-        self._input = self._sessions[0].get_inputs()[0].name
-        # an image + feature (fusion) graph takes the standardised feature rows as well
-        self._feature_input = next((i.name for i in self._sessions[0].get_inputs()
-                                    if i.name == FEATURES_INPUT), None)
-        names = [o.name for o in self._sessions[0].get_outputs()]
-        self._names = names
-        self._outputs = ["logits" if "logits" in names else names[0]]
-        self._pool = ThreadPoolExecutor(n, thread_name_prefix="ort") if n > 1 else None
+        self._feature_input = self._pool.feature_input
+        self._names = self._pool.output_names
+        self._outputs = ["logits" if "logits" in self._names else self._names[0]]
         self.threads = threads
-        # ORT CNNs gain little past ~16 images per call; small graphs like bigger batches.
-        self.batch_size = 64 if model_bytes < SMALL_GRAPH_BYTES else 16
+        self.batch_size = self._layout.batch_size
 
-    def _open_sessions(self, graph: bytes) -> list[Any]:
-        bundle, n, options = self._open
-        path = bundle.path
+    def _open_pool(self, graph: bytes) -> SessionPool:
+        path = self._bundle.path
         try:
-            return [open_session(graph, options) for _ in range(n)]
+            return SessionPool(graph, self._layout)
         except Exception as exc:  # ORT raises its own exception types for invalid graphs
             raise BundleError(f"{path}: ONNX Runtime cannot load {self.file}: "
                               f"{str(exc).splitlines()[0]}; re-export it with `imgtriage "
                               f"export {path} --onnx`") from exc
 
-    def _sessions_for(self, names: list[str]) -> list[Any]:
+    def _pool_for(self, names: list[str]) -> SessionPool:
         """The sessions that compute ``names`` and nothing more: ONNX Runtime runs every node
         of a graph whatever outputs are asked for, so runs without the OOD score (TTA views,
         rules without an OOD part) use the same graph less its OOD head."""
         if OOD_SCORE_OUTPUT in names or not self.has_ood_score:
-            return self._sessions
+            return self._pool
         with self._lock:
             if self._plain is None:
                 from imgtriage.predict.ood_graph import without_ood_score
 
-                graph = self._open[0].verified_bytes(self.file)
-                self._plain = self._open_sessions(without_ood_score(graph))
+                graph = self._bundle.verified_bytes(self.file)
+                self._plain = self._open_pool(without_ood_score(graph))
         return self._plain
-
-    @staticmethod
-    def _session_count(sessions: int | str, threads: int, graph_bytes: int) -> int:
-        if sessions == "auto":
-            return threads if graph_bytes < SMALL_GRAPH_BYTES and threads > 1 else 1
-        if not isinstance(sessions, int) or sessions < 1:
-            raise ConfigError(f"sessions must be 'auto' or a positive integer, got {sessions!r}")
-        return min(sessions, threads)
 
     @property
     def num_sessions(self) -> int:
-        return len(self._sessions)
+        return self._layout.sessions
 
     @property
     def has_features(self) -> bool:
         """Whether the graph also emits the penultimate features (the OOD scorer's input)."""
         return "features" in self._names
 
-    @staticmethod
-    def _run(session: Any, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
-        # by name: graphs may carry more outputs (e.g. features) that this call does not need
-        return session.run(names, feed)
-
-    def _feed(self, x: np.ndarray, f: np.ndarray | None) -> dict[str, np.ndarray]:
-        feed = {self._input: np.ascontiguousarray(x)}
-        if self._feature_input is not None and f is not None:
-            feed[self._feature_input] = np.ascontiguousarray(f)
-        return feed
-
     def _all(self, x: np.ndarray, names: list[str], f: np.ndarray | None = None
              ) -> list[np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self._feature_input is not None:
-            if f is None:
-                raise PredictionError(f"{self.file} is an image + feature model's graph: pass "
-                                      "the scaled features of the inputs too")
-            f = np.ascontiguousarray(f, dtype=np.float32)
-        sessions = self._sessions_for(names)
-        n = len(sessions)
-        if self._pool is None or len(x) < 2 * n:
-            return [np.asarray(o, dtype=np.float32)
-                    for o in self._run(sessions[0], self._feed(x, f), names)]
-        parts = np.array_split(x, n)
-        fparts = np.array_split(f, n) if f is not None else [None] * n
-        futures = [self._pool.submit(self._run, s, self._feed(p, fp), names)
-                   for s, p, fp in zip(sessions, parts, fparts, strict=True)]
-        outs = [f.result() for f in futures]
-        return [np.concatenate([o[j] for o in outs]).astype(np.float32, copy=False)
-                for j in range(len(names))]
+        if self._feature_input is not None and f is None:
+            raise PredictionError(f"{self.file} is an image + feature model's graph: pass "
+                                  "the scaled features of the inputs too")
+        return self._pool_for(names).run(x, names, f)
 
     def __call__(self, x: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Logits; ``features`` (N, F) go to an image + feature (fusion) graph."""
@@ -195,5 +233,6 @@ class OnnxBackend:
         return logits, scores.astype(np.float64)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        for pool in (self._pool, self._plain):
+            if pool is not None:
+                pool.close()

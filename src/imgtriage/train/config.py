@@ -308,11 +308,13 @@ class TrainConfig:
                                "held-out validation images; int8 becomes the bundle's default "
                                "only when top-1 agreement with fp32 is >= 99%, accuracy "
                                "drops <= 0.5 points and the default rule's decisions (class "
-                               "or abstention) agree on >= 99% (on >= 30 images), else fp32 "
-                               "stays and the reason is recorded (fusion models, or no "
-                               "validation split: fp32). static: the same, but an error up "
-                               "front where int8 cannot be judged. none: the fp32 graph only "
-                               "(always exported and checked).")
+                               "or abstention) agree on >= 99% (on >= 30 images) and it runs "
+                               ">= 1.1x fp32's speed on this machine (3 interleaved timed "
+                               "rounds), else fp32 stays and the reason is recorded (fusion "
+                               "models, or no validation split: fp32). static: the same "
+                               "checks of exactness but no speed condition (the ratio is "
+                               "recorded), and an error up front where int8 cannot be judged. "
+                               "none: the fp32 graph only (always exported and checked).")
     # --- calibration and unknowns (the bundle's default decision rule)
     calibrate: bool = _f(True, "End by fitting the temperature on the validation split (kept "
                                "only if it lowers NLL) and writing the default rule: abstain "

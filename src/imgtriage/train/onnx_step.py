@@ -8,7 +8,11 @@ split). An architecture that does not export keeps torch, and the manifest says 
 
 By default (``--quantize auto``) an int8 graph is calibrated on training images and judged
 against fp32 on held-out validation images (``predict.int8``): it becomes the bundle's default
-only when proven. Where it cannot be judged (no validation split, fewer than
+only when proven exact enough AND when it runs at least ``MIN_SPEEDUP`` (1.1x) fp32's speed
+on this machine (timed in interleaved rounds; on tiny models quantise/dequantise overhead
+can make int8 slower than fp32, and then it is only a less exact copy). ``--quantize static``
+skips the speed condition (it records the ratio): for a deployment machine where int8 is
+faster than on the training one. Where it cannot be judged (no validation split, fewer than
 ``MIN_CHECK_IMAGES`` validation images, an image + feature graph) ``auto`` does not quantise
 at all and the manifest's ``onnx.int8.refused`` says why; ``--quantize static`` asks for it
 explicitly (the training run refuses up front where it cannot be judged).
@@ -130,7 +134,8 @@ def _int8(files: dict[str, bytes], info: dict[str, Any], manifest: Manifest,
         return files
     try:
         q, verdict = quantize_checked(files[ONNX_FILE], "static", calib, check,
-                                      decision_rule(manifest, rule_files))
+                                      decision_rule(manifest, rule_files),
+                                      speed="require" if quantize == "auto" else "record")
     except Exception as exc:  # a quantiser failure keeps fp32, with the reason
         info["int8"] = {"refused": f"quantisation failed: {type(exc).__name__}: {exc}"[:300]}
         return files
