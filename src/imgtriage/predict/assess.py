@@ -186,9 +186,17 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
                           extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
                                  "data": str(data), "split": split, "tta": tta,
                                  "defects": got.defects,
-                                 "warnings": [seen] if seen else []})
+                                 "warnings": [seen] if seen else [],
+                                 "prior_correction": _prior_said(predictor.bundle.info)})
     _save_reference(Path(out_dir), got.logits, policy, got.ood_scores)
     return report
+
+
+def _prior_said(info: Any) -> str | None:
+    """What training decided about the prior correction and why (the line of the bundle's
+    default calibration record; None for bundles from before the record)."""
+    record = ((info.block("calibration") or {}).get("default") or {}).get("prior_correction")
+    return record.get("line") if isinstance(record, dict) else None
 
 
 def seen_in_training(training: dict[str, Any], data: str | os.PathLike[str],

@@ -122,16 +122,7 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
     run's loss plan; its prior correction (``--prior-correction``) becomes part of the rule."""
     offsets = prior.prior_offsets if prior is not None else None
     if not cfg.calibrate:
-        line = "not calibrated (--no-calibrate): T = 1, never abstains"
-        if offsets is None:
-            return Calibration(summary={"skipped": "--no-calibrate"}, line=line)
-        # the prior correction belongs to how the model was trained: it stays without calibration
-        policy = DecisionPolicy(prior_correction=offsets)
-        said = f"{prior.prior_note}; {policy.describe_priors()}"  # type: ignore[union-attr]
-        record = _applied_prior(policy, classes, prior, said)  # type: ignore[arg-type]
-        return Calibration(policy.to_dict(), {"skipped": "--no-calibrate",
-                                              "prior_correction": record},
-                           None, {}, f"{line}; {said}")
+        return _uncalibrated(model, val, classes, cfg, prior)
     if val is None or len(val) == 0:
         return Calibration(summary={"skipped": "no validation images"},
                            line="not calibrated: no validation images (raise --val-frac)")
@@ -143,10 +134,18 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
         method, method_note = METHOD_FUSED, (f"{type(model).__name__} has no stages to read: "
                                              f"{METHOD_FUSED} on the penultimate features")
     ood, ood_note = _ood(model, train, feats, cfg, method, tap)
-    policy, summary = fit_decision_policy(
-        logits, y, class_names=classes, target_accuracy=cfg.target_accuracy,
-        ood=ood.rule() if ood is not None else None, prior_correction=offsets)
-    summary["prior_correction"] = prior_summary(logits, y, policy, classes, prior)
+
+    def fitted(correction: tuple[float, ...] | None) -> tuple[DecisionPolicy, dict[str, Any]]:
+        return fit_decision_policy(logits, y, class_names=classes,
+                                   target_accuracy=cfg.target_accuracy,
+                                   ood=ood.rule() if ood is not None else None,
+                                   prior_correction=correction)
+
+    policy, summary = fitted(offsets)
+    said = prior_summary(logits, y, policy, classes, prior, cfg.prior_correction)
+    if said is not None and said.get("dropped"):  # refit the rule on the plain scores
+        policy, summary = fitted(None)
+    summary["prior_correction"] = said
     d = policy.decide(logits, ood.val_scores_ if ood is not None else None)
     answered = ~d.abstained
     correct = d.class_id == y
@@ -164,18 +163,51 @@ def calibrate_run(model: nn.Module, train: Any, val: Any, classes: list[str],
 
         files[OOD_FILE] = save(ood.arrays())
     line = rule_line(summary["default_rule"])
-    if (summary["prior_correction"] or {}).get("applied"):
-        line = f"{summary['prior_correction']['line']}\n{line}"
+    if (said or {}).get("offsets"):  # applied, or tried and dropped: say which and why
+        line = f"{said['line']}\n{line}"  # type: ignore[index]
     return Calibration(policy.to_dict(), {k: v for k, v in summary.items()
                                           if k != "drift_reference"},
                        summary["drift_reference"], files, line)
 
 
+KEEP_RULE = ("kept when the corrected argmax's validation balanced accuracy is at least the "
+             "plain argmax's (a tie keeps it)")
+
+
+def _uncalibrated(model: nn.Module, val: Any, classes: list[str], cfg: TrainConfig,
+                  prior: LossPlan | None) -> Calibration:
+    """--no-calibrate: T = 1, never abstains; the prior correction (it belongs to how the
+    model was trained) is checked on validation like a calibrated rule's, when there is one."""
+    line = "not calibrated (--no-calibrate): T = 1, never abstains"
+    if prior is None or prior.prior_offsets is None:
+        return Calibration(summary={"skipped": "--no-calibrate"}, line=line)
+    policy = DecisionPolicy(prior_correction=prior.prior_offsets)
+    if val is not None and len(val):
+        logits, _, y = embed(model, val)
+        record = prior_summary(logits, y, policy, classes, prior, cfg.prior_correction)
+    else:
+        record = _prior_record(policy, classes, prior, f"{prior.prior_note}; "
+                               f"{policy.describe_priors()} (no validation images to check "
+                               "it on)")
+    if record.get("dropped"):  # type: ignore[union-attr]
+        policy = DecisionPolicy()
+    return Calibration(policy.to_dict(), {"skipped": "--no-calibrate",
+                                          "prior_correction": record},
+                       None, {}, f"{line}; {record['line']}")  # type: ignore[index]
+
+
 def prior_summary(logits: np.ndarray, y: np.ndarray, policy: DecisionPolicy,
-                  classes: list[str], prior: LossPlan | None) -> dict[str, Any] | None:
+                  classes: list[str], prior: LossPlan | None, requested: str = "on"
+                  ) -> dict[str, Any] | None:
     """What the prior correction is and does on validation: accuracy and balanced accuracy
-    of the rule's argmax with and without it (same temperature), what the bundle decides at
-    and reports (``behaviour``, :meth:`DecisionPolicy.describe_priors`), and a line to print."""
+    of the rule's argmax with and without it (same temperature), whether it stays, what the
+    bundle decides at and reports (``behaviour``, :meth:`DecisionPolicy.describe_priors`),
+    and a line to print.
+
+    ``requested`` is ``--prior-correction``: under ``auto`` the correction is kept only when
+    it does not lower validation balanced accuracy (:data:`KEEP_RULE`); otherwise the record
+    says ``dropped`` (the caller refits the rule without it) and why. ``on`` keeps it as asked,
+    with a ``warning`` when it lowers validation balanced accuracy."""
     if prior is None:
         return None
     if policy.prior_correction is None:
@@ -189,20 +221,40 @@ def prior_summary(logits: np.ndarray, y: np.ndarray, policy: DecisionPolicy,
     shown = ", ".join(f"{c} {v:+.3f}"
                       for c, v in zip(classes, policy.prior_correction, strict=True))
     p, c = scores["plain"], scores["corrected"]
-    line = (f"{prior.prior_note}: offsets {shown}; validation balanced accuracy "
-            f"{p['balanced_accuracy']:.3f} at the plain argmax -> {c['balanced_accuracy']:.3f} "
-            f"(accuracy {p['accuracy']:.3f} -> {c['accuracy']:.3f}, n={len(y)}); the bundle "
-            f"{policy.describe_priors()} (softmax(logits / T), T fitted on validation)")
-    return _applied_prior(policy, classes, prior, line, scores)
+    lowers = c["balanced_accuracy"] < p["balanced_accuracy"]
+    measured = (f"validation balanced accuracy {p['balanced_accuracy']:.3f} at the plain argmax "
+                f"-> {c['balanced_accuracy']:.3f} (accuracy {p['accuracy']:.3f} -> "
+                f"{c['accuracy']:.3f}, n={len(y)})")
+    if lowers and requested == "auto":
+        plain_rule = replace(policy, prior_correction=None).describe_priors()
+        line = (f"prior correction dropped: offsets {shown} would lower {measured}; the bundle "
+                f"{plain_rule} (--prior-correction on keeps it anyway)")
+        return {**_prior_record(policy, classes, prior, line, scores), "applied": False,
+                "dropped": True, "behaviour": plain_rule, "rule": KEEP_RULE,
+                "why": "it lowered validation balanced accuracy"}
+    verdict = (("kept: it does not lower validation balanced accuracy (a tie keeps it)",)
+               if requested == "auto" else ())
+    warning = ("it lowers validation balanced accuracy; kept because --prior-correction on "
+               "asked for it (auto would drop it)") if lowers else None
+    line = "; ".join((f"{prior.prior_note}: offsets {shown}; {measured}", *verdict,
+                      *((f"warning: {warning}",) if warning else ()),
+                      f"the bundle {policy.describe_priors()} (softmax(logits / T), T fitted "
+                      "on validation)"))
+    record = _prior_record(policy, classes, prior, line, scores)
+    record["rule"] = KEEP_RULE if requested == "auto" else "--prior-correction on: kept as asked"
+    if warning:
+        record["warning"] = warning
+    return record
 
 
-def _applied_prior(policy: DecisionPolicy, classes: list[str], prior: LossPlan, line: str,
-                   scores: dict[str, Any] | None = None) -> dict[str, Any]:
+def _prior_record(policy: DecisionPolicy, classes: list[str], prior: LossPlan, line: str,
+                  scores: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``prior_correction`` record of a rule that applies one (with or without the
     validation scores of :func:`prior_summary`)."""
     offsets = dict(zip(classes, policy.prior_correction or (), strict=True))
-    return {"applied": True, "offsets": offsets, "behaviour": policy.describe_priors(),
-            "why": prior.prior_note, **(scores or {}), "line": line}
+    return {"applied": True, "dropped": False, "offsets": offsets,
+            "behaviour": policy.describe_priors(), "why": prior.prior_note, **(scores or {}),
+            "line": line}
 
 
 def rule_line(r: dict[str, Any]) -> str:

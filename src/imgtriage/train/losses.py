@@ -126,8 +126,15 @@ def _with_prior(plan: LossPlan, cfg: TrainConfig, counts: np.ndarray) -> LossPla
     source = "the class counts" if plan.weights is None else "the class counts x weights"
     return replace(plan, prior_offsets=tuple(float(v) for v in off),
                    prior_note=f"prior correction: decide at equal class priors (logits + "
-                              f"-log prior of {source}; --prior-correction off to keep the "
-                              f"data's prior)")
+                              f"-log prior of {source}; {_kept_when(cfg)})")
+
+
+def _kept_when(cfg: TrainConfig) -> str:
+    """When the correction stays (train/calibrate.py checks it on validation)."""
+    if cfg.prior_correction == "on":
+        return "--prior-correction on: kept as asked"
+    return ("auto: kept only if it does not lower validation balanced accuracy; "
+            "--prior-correction off to keep the data's prior")
 
 
 def plan_loss(cfg: TrainConfig, labels: np.ndarray, num_classes: int) -> LossPlan:
