@@ -31,7 +31,7 @@ def test_a_bundle_from_train_predicts_with_int8_by_default_when_accepted(tiny_bu
     assert q["disagreement_upper95"] > 0.07  # 40 images are weak evidence, and it says so
     speed = q["speed"]  # measured and recorded, not part of a static verdict
     assert speed["rounds"] == 3 and 0 < speed["low"] <= speed["ratio"] <= speed["high"]
-    assert speed["images"] == 40 and "fp32's speed on this machine" in q["reason"]
+    assert speed["images"] == 40 and "fp32's speed on the machine that judged it" in q["reason"]
     p = Predictor.load(tiny_bundle)
     assert (p.runtime.backend, p.runtime.precision) == ("onnx", "int8")
     assert "int8 accepted: agreement" in p.runtime.note
@@ -221,7 +221,7 @@ def test_auto_keeps_fp32_when_int8_is_no_faster_and_static_does_not_ask(
     info = load_bundle(res.bundle_path).manifest["onnx"]
     q = info["int8"]
     assert q["agreement"] == 1.0 and q["speed"]["ratio"] == 0.8
-    assert "int8 runs at 0.80x fp32's speed on this machine" in q["reason"]
+    assert "int8 runs at 0.80x fp32's speed on the machine that judged it" in q["reason"]
     err = capsys.readouterr().err
     if quantize == "auto":
         assert not q["accepted"] and info["precision"] == "fp32"

@@ -109,9 +109,10 @@ class SpeedCheck:
     layout: str
 
     def text(self) -> str:
-        return (f"int8 runs at {self.ratio:.2f}x fp32's speed on this machine (graphs alone, "
-                f"median of {self.rounds} interleaved rounds, {self.low:.2f}-{self.high:.2f}; "
-                f"{self.images} images, {self.threads} thread(s), {self.layout})")
+        return (f"int8 runs at {self.ratio:.2f}x fp32's speed on the machine that judged it "
+                f"(graphs alone, median of {self.rounds} interleaved rounds, "
+                f"{self.low:.2f}-{self.high:.2f}; {self.images} images, {self.threads} "
+                f"thread(s), {self.layout})")
 
 
 @dataclass(frozen=True)
