@@ -3,6 +3,7 @@ bundle, and predict applies it with no extra flags."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_a_folder_of_one_class_is_evaluated(bundle, digits_folder, tmp_path):
     assert rep["meta"]["n_samples"] == len(list((digits_folder / "d1").iterdir()))
 
 
-def test_evaluating_on_the_training_data_warns(bundle, digits_folder, tmp_path):
+def test_evaluating_on_the_training_data_warns(bundle, digits_folder, tiny_run, tmp_path):
     """The tiny bundle was trained on ``digits_folder``: its metrics there are not new data's."""
     res = runner.invoke(app, ["evaluate", str(bundle), str(digits_folder), "--out",
                               str(tmp_path / "eval")])
@@ -75,10 +76,21 @@ def test_evaluating_on_the_training_data_warns(bundle, digits_folder, tmp_path):
     assert "warning: " in res.output and "is the data this bundle was trained on" in res.output
     rep = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert "images the model has seen" in rep["extra"]["warnings"][0]
-    shutil.copytree(digits_folder / "d1", tmp_path / "held_out" / "d1")
+    splits = (Path(tiny_run.run_dir) / "splits.csv").read_text().splitlines()[1:]
+    rows = [line.split(",") for line in splits]
+    for name, split in (("held_out", "val"), ("copies", "train")):
+        (tmp_path / name / "d1").mkdir(parents=True)
+        for path, *_ in (r for r in rows if r[1] == "d1" and r[3] == split):
+            shutil.copy(path, tmp_path / name / "d1" / f"renamed_{Path(path).name}")
     res = runner.invoke(app, ["evaluate", str(bundle), str(tmp_path / "held_out"), "--out",
                               str(tmp_path / "eval2")])
     assert res.exit_code == 0 and "warning" not in res.output
+    # byte copies of training images under other names: the digests in the bundle know them
+    res = runner.invoke(app, ["evaluate", str(bundle), str(tmp_path / "copies"), "--out",
+                              str(tmp_path / "eval3")])
+    n = len(list((tmp_path / "copies" / "d1").iterdir()))
+    assert res.exit_code == 0, res.output
+    assert f"warning: {n} of the {n} images are byte copies of images this bundle" in res.output
 
 
 def test_split_names_are_read_as_a_manifest_row_would_be(bundle, digits_folder, tmp_path):

@@ -170,6 +170,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
         predictor = _logit_predictor(bundle, "torch")  # feature importance needs gradients
     samples = labelled_samples(data, predictor.classes, split)
     seen = seen_in_training(predictor.bundle.info.training, data, samples, split)
+    copies = copies_of_training(predictor.bundle, samples, cfg.split)
     policy = predictor.policy_for(PredictOptions(profile=profile))
     got = collect_logits(predictor, samples, tta=tta, batch_size=batch_size, attribute=True,
                          ood_policy=policy)
@@ -186,7 +187,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
                           extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
                                  "data": str(data), "split": split, "tta": tta,
                                  "defects": got.defects,
-                                 "warnings": [seen] if seen else [],
+                                 "warnings": [w for w in (seen, copies) if w],
                                  "prior_correction": _prior_said(predictor.bundle.info)})
     _save_reference(Path(out_dir), got.logits, policy, got.ood_scores)
     return report
@@ -216,6 +217,26 @@ def seen_in_training(training: dict[str, Any], data: str | os.PathLike[str],
     return (f"{what}: these metrics are of images the model has seen, not of new ones; "
             "evaluate on held-out images (a test/ folder, or RUN/splits.csv with --split "
             "test, or --split val)")
+
+
+def copies_of_training(bundle: Any, samples: list[Sample], split: str | None) -> str | None:
+    """A warning when images being scored have the bytes of a training image of the bundle
+    (the digests ``train`` stored in it): their metrics are of images the model has seen.
+    Rows marked split=train are left to :func:`seen_in_training`."""
+    from imgtriage.data.duplicates import TRAIN_DIGESTS, content_digests, unpack_digests
+
+    if not bundle.has_file(TRAIN_DIGESTS):
+        return None  # a bundle from before the check, or imported
+    trained = unpack_digests(bundle.read_bytes(TRAIN_DIGESTS))
+    held = [s.path for s in samples if s.split != "train" or split is not None]
+    digests = content_digests(held)
+    seen = [p for p in held if digests.get(p) in trained]
+    if not seen:
+        return None
+    names = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+    return (f"{len(seen)} of the {len(samples)} images are byte copies of images this bundle "
+            f"was trained on ({names}): their metrics overstate accuracy on new images; "
+            "remove them from the evaluation data")
 
 
 def _save_reference(out_dir: Path, logits: np.ndarray, policy: Any,

@@ -143,6 +143,10 @@ class TrainConfig:
                                "(frames of one recording, crops of one part) stay in one "
                                "split.")
     test_frac: float = _f(0.0, "Share held out as a test split.")
+    dedupe_val: bool = _f(True, "Take validation images whose bytes equal a training image's "
+                                "out of validation (they would inflate validation and the "
+                                "temperature, thresholds and OOD rule fitted on it); test "
+                                "copies and identical images under two labels are reported.")
     select_metric: str = _f("val_accuracy", "Metric that picks the best epoch and drives early "
                                             "stopping: " + ", ".join(SELECT_METRICS) + ".")
     augment: str = _f("none", "Augmentation policy: " + "; ".join(

@@ -3,7 +3,8 @@
 Run directory layout::
 
     RUN/config.json         the resolved TrainConfig (after --model auto, in_chans, ...)
-    RUN/run.json            why the model was chosen, loss plan, cache mode, world size
+    RUN/run.json            why the model was chosen, loss plan, cache mode, world size,
+                            byte-identical files across splits (``duplicates``)
     RUN/class_weights.json  the class weights / focal alphas used (by class name)
     RUN/splits.csv          path,label,group,split of every sample
     RUN/metrics.jsonl       one line per epoch
@@ -32,12 +33,15 @@ import torch
 from imgtriage.bundle import load_bundle, new_manifest, save_bundle
 from imgtriage.bundle.graph import graph_summary
 from imgtriage.data import (
+    DuplicateCheck,
     PreprocessSpec,
+    check_duplicates,
     discover,
     samples_by_split,
     split_dataset,
     write_split_manifest,
 )
+from imgtriage.data.duplicates import TRAIN_DIGESTS
 from imgtriage.data.features import FeatureStandardizer
 from imgtriage.data.loaders import check_trainable, decode_samples
 from imgtriage.errors import ConfigError, DataError
@@ -319,7 +323,8 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
                                       "data": str(data), "model_choice": info["reason"],
                                       "loss": result.loss_plan,
                                       "view_average": info.get("view_average"),
-                                      "pretrained": info["weights"].to_dict()},
+                                      "pretrained": info["weights"].to_dict(),
+                                      **_duplicates_block(info.get("duplicates"))},
                             metrics=metrics,
                             features=fx.to_dict() if fx is not None else None)
     cal: Calibration = info["calibration"]
@@ -340,7 +345,18 @@ def _finish(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpe
     manifest, files = attach_ood_score(manifest, {**graph, **cal.files},
                                        check.x[:PARITY_IMAGES] if check is not None else None,
                                        info["say"])
+    dups: DuplicateCheck | None = info.get("duplicates")
+    if dups is not None:  # evaluate warns about images of these bytes
+        files = {**files, TRAIN_DIGESTS: dups.train_digests}
     return save_bundle(run / "bundle", manifest, state, files), metrics
+
+
+def _duplicates_block(dups: DuplicateCheck | None) -> dict[str, Any]:
+    """The training block's record of copies across the splits, and where the training
+    images' digests are (``evaluate`` reads them to flag images the model was trained on)."""
+    if dups is None:
+        return {}
+    return {"duplicates": dups.summary(), "train_digests": TRAIN_DIGESTS}
 
 
 def _graph_inputs(src: _Sources | None, parts: dict[str, list], spec: PreprocessSpec,
@@ -377,8 +393,11 @@ def split_line(parts: dict[str, list], *, carved: bool) -> str:
 
 
 def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
-             ) -> tuple[Any, dict[str, list], TrainConfig, str, RouteCheck | None]:
+             ) -> tuple[Any, dict[str, list], TrainConfig, str, RouteCheck | None,
+                        DuplicateCheck]:
     ds = split_dataset(given, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed)
+    ds, dups = check_duplicates(ds, drop_val_copies=cfg.dedupe_val,
+                                workers=cfg.decode_workers or 2)
     parts = samples_by_split(ds)
     if "train" not in parts:
         raise DataError("no training samples; lower --val-frac/--test-frac")
@@ -397,7 +416,7 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
     if info.is_main:
         write_split_manifest(ds, run / "splits.csv")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    return ds, parts, cfg, reason, check
+    return ds, parts, cfg, reason, check, dups
 
 
 def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -489,6 +508,7 @@ class _Trained:
     loss: LossPlan
     features: FeatureStandardizer | None = None
     views_on: Any = None  # validation images to try the flip views on (None: not tried)
+    duplicates: DuplicateCheck | None = None  # byte copies across the splits
 
 
 def _head_only(run: Path, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
@@ -529,15 +549,18 @@ def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessS
             if hooks is not None:
                 kwargs = {**kwargs, "view_average": list(hooks.views)}
         cal = calibrate_run(net, ctr, cva, list(ds.classes), cfg, done.loss)
+        dups = done.duplicates.summary() if done.duplicates is not None else None
         (run / "run.json").write_text(json.dumps(
             {"model_choice": reason, **done.run_json, "view_average": views,
-             "prior_correction": (cal.summary or {}).get("prior_correction")}, indent=2))
+             "prior_correction": (cal.summary or {}).get("prior_correction"),
+             "duplicates": dups}, indent=2))
         bundle, metrics = _finish(run, data, cfg, ds, spec, done.model, kwargs,
                                   done.result,
                                   {"reason": reason, "n_train": len(ctr), "weights": plan,
                                    "calibration": cal, "view_average": views,
                                    "n_val": len(cva) if cva is not None else 0,
-                                   "say": say, "graph_inputs": done.graph()},
+                                   "say": say, "graph_inputs": done.graph(),
+                                   "duplicates": done.duplicates},
                                   done.features)
     barrier(info)
     seconds = time.perf_counter() - t0
@@ -557,12 +580,14 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     ckpt = find_checkpoint(run) if resume else None
     ds_given = discover(data)
     budgeted = cfg.model == "auto"  # --time-budget plans the run; keep it inside it
-    ds, parts, cfg, reason, check = _prepare(ds_given, run, cfg, info)
+    ds, parts, cfg, reason, check, dups = _prepare(ds_given, run, cfg, info)
     plan = weights_plan(cfg)
     spec = resolve_spec(cfg, cfg.in_chans, plan)
     conservative = _conservative_ids(cfg, ds.classes)
     say = functools.partial(_say, quiet=quiet)
     say(split_line(parts, carved=not any(s.split == "val" for s in ds_given.samples)))
+    for line in dups.lines():
+        say(line)
     say(f"{len(ds.classes)} classes, {fit_counts(ds.classes, parts)} | {cfg.in_chans} "
         f"channel(s) at "
         f"{spec.size[0]}x{spec.size[1]} | model {cfg.model} ({reason})"
@@ -586,7 +611,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                 if info.is_main:
                     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if head is not None and cfg.freeze_backbone:
-        done = _head_only(run, cfg, (ds, parts), spec, plan, head, verdict)
+        done = replace(_head_only(run, cfg, (ds, parts), spec, plan, head, verdict),
+                       duplicates=dups)
         return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)
     if head is not None:
         fit_cfg = replace(cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
@@ -661,5 +687,5 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                      "unlabeled": semi.pool.summary() if semi is not None else None},
                     [*defects, *result.defects,
                      *(semi.pool.defects if semi is not None else ())], lplan, src.features,
-                    va)
+                    va, dups)
     return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)
