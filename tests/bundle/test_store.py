@@ -38,7 +38,7 @@ def test_manifest_describes_everything_that_decides_an_answer(tiny_bundle):
     assert {"imgtriage", "torch", "numpy", "python"} <= set(m["versions"])
     assert m["training"]["config"]["epochs"] == 3
     # the graphs from the start: fp32, and int8 (the default: its held-out check accepted it)
-    assert list(m["files"]) == ["model.int8.onnx", "model.onnx", "train_digests.bin",
+    assert list(m["files"]) == ["model.int8.onnx", "model.onnx", "train_digests.safetensors",
                                 "weights.safetensors"]
     assert m["onnx"]["precision"] == "int8" and m["onnx"]["int8"]["accepted"]
     assert len(m["files"]["weights.safetensors"]) == 64

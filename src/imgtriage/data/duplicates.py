@@ -24,11 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from imgtriage.data.discovery import Dataset
 from imgtriage.io import sha256_file
 
 DIGEST_BYTES = 8  # a 64-bit prefix: a chance collision among a million files is ~3e-8
-TRAIN_DIGESTS = "train_digests.bin"  # the bundle file of the training images' digests
+TRAIN_DIGESTS = "train_digests.safetensors"  # the bundle file of the training images' digests
 NAMED = 20  # paths named in a summary / a printed line (the counts are always complete)
 
 
@@ -49,12 +51,21 @@ def content_digests(paths: Sequence[str], workers: int = 2) -> dict[str, bytes]:
 
 
 def pack_digests(digests: Iterable[bytes]) -> bytes:
-    """Sorted unique digests as one byte string (what the bundle stores)."""
-    return b"".join(sorted(set(digests)))
+    """Sorted unique digests as the bytes of a safetensors file (one uint8 tensor
+    ``digests`` of shape (n, 8)): what the bundle stores, data only, like its weights."""
+    from safetensors.numpy import save
+
+    rows = sorted(set(digests))
+    table = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), DIGEST_BYTES)
+    return save({"digests": table})
 
 
 def unpack_digests(blob: bytes) -> frozenset[bytes]:
-    return frozenset(blob[i:i + DIGEST_BYTES] for i in range(0, len(blob), DIGEST_BYTES))
+    """The digests :func:`pack_digests` stored."""
+    from safetensors.numpy import load
+
+    table = load(blob)["digests"]
+    return frozenset(bytes(row) for row in table)
 
 
 @dataclass(frozen=True)
