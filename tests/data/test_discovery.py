@@ -26,9 +26,12 @@ def test_class_folders_sorted_and_unsupported_files_reported(tmp_path):
     assert ds.classes == ("ant", "zebra")
     assert ds.counts() == {"ant": 3, "zebra": 3}
     ignored = dict(ds.ignored)
-    assert ignored[str(tmp_path / "ant" / "notes.txt")].startswith(
-        "unsupported extension: its extension '.txt' is not one of .bmp, ")
+    (notes,) = ds.defects  # the bytes decide: a text file is no image, whatever its name
+    assert (notes.path, notes.issue) == (str(tmp_path / "ant" / "notes.txt"),
+                                         "unsupported_format")
+    assert "is not an image format imgtriage reads" in notes.message
     assert "outside any class folder" in ignored[str(tmp_path / "stray.png")]
+    assert {r["path"] for r in ds.found_rows()} == {notes.path, str(tmp_path / "stray.png")}
 
 
 @pytest.mark.parametrize("split_layout", [False, True])
@@ -52,15 +55,20 @@ def test_a_run_directory_inside_the_data_folder_is_not_a_class(tmp_path, split_l
     assert "an imgtriage run directory, not a" in dict(ds.ignored)[str(run)]
 
 
-def test_a_class_folder_without_images_and_a_file_without_extension_are_reported(tmp_path):
+def test_files_are_images_by_their_bytes_not_their_names(tmp_path):
     for c in ("a", "b"):
         _png(tmp_path / c / "0.png")
     (tmp_path / "empty").mkdir()
     (tmp_path / "a" / "no_ext").write_bytes((tmp_path / "a" / "0.png").read_bytes())
-    ignored = dict(discover(tmp_path).ignored)
-    assert "no class 'empty' from it" in ignored[str(tmp_path / "empty")]
-    assert "it has no extension" in ignored[str(tmp_path / "a" / "no_ext")]
-    (tmp_path / "b" / "0.png").rename(tmp_path / "b" / "0.txt")
+    (tmp_path / "a" / "README").write_text("scanned on 2026-12-01")
+    ds = discover(tmp_path)
+    assert "no class 'empty' from it" in dict(ds.ignored)[str(tmp_path / "empty")]
+    assert str(tmp_path / "a" / "no_ext") in {s.path for s in ds.samples}  # a PNG: used
+    assert [(d.path, d.issue) for d in ds.defects] == [(str(tmp_path / "a" / "README"),
+                                                       "unsupported_format")]
+    (tmp_path / "b" / "0.png").rename(tmp_path / "b" / "0.txt")  # still a PNG: still used
+    assert discover(tmp_path).counts() == {"a": 2, "b": 1}
+    (tmp_path / "b" / "0.txt").write_text("not an image")
     with pytest.raises(DataError, match=r"only one class \('a'\).*without image files: b, empty"):
         discover(tmp_path)
 

@@ -4,6 +4,7 @@ CalibrateConfig (one per field, its help text with the field)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,12 @@ def evaluate_command(**options: Any) -> None:
         typer.echo(f"OOD folder ({o['n']} images"
                    f"{f', {bad} unreadable: report.json ood.defects' if bad else ''}): "
                    f"{scores}; the rule refuses {o['refused']:.1%}")
+    unused = (rep.get("extra") or {}).get("defects") or []
+    if unused:
+        kinds = Counter(d["issue"] for d in unused)
+        typer.echo(f"{len(unused)} files not scored ("
+                   + ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+                   + f", e.g. {unused[0]['message']}): report.json extra.defects")
     typer.echo(f"report: {out / 'report.html'}")
 
 

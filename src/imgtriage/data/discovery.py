@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtriage.errors import DataError
-from imgtriage.io import SUPPORTED_EXTENSIONS, is_supported_path
+from imgtriage.io import Defect, check_format, is_supported_path
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test", "calib": "calib",
@@ -32,13 +32,16 @@ class Sample:
 class Dataset:
     """Samples plus the class names in output order (sorted, stable across runs).
 
-    ``ignored`` lists files found but not usable as images (path, reason): never dropped
-    silently, the run directory records them.
+    ``ignored`` lists what was found and left out on purpose (path, reason: hidden files,
+    files outside class folders, run folders); ``defects`` the files of class folders whose
+    bytes are not an image imgtriage reads, with the defect reading them gives (the same
+    issue and message as ``predict``). Never dropped silently: the run directory records both.
     """
 
     samples: tuple[Sample, ...]
     classes: tuple[str, ...]
     ignored: tuple[tuple[str, str], ...] = field(default=())
+    defects: tuple[Defect, ...] = field(default=())
 
     def counts(self) -> dict[str, int]:
         c = Counter(s.label for s in self.samples)
@@ -46,6 +49,13 @@ class Dataset:
 
     def subset(self, split: str) -> list[Sample]:
         return [s for s in self.samples if s.split == split]
+
+    def found_rows(self) -> list[dict[str, str]]:
+        """``{path, issue, message}`` of every file found and not used (for defects.json):
+        the non-images with their reading defect, then what was left out on purpose."""
+        return [*(d.to_dict() for d in self.defects),
+                *({"path": p, "issue": "unsupported_format", "message": why}
+                  for p, why in self.ignored)]
 
 
 def iter_image_files(root: str | os.PathLike[str], *, include_hidden: bool = False,
@@ -135,8 +145,8 @@ def _output_folder(path: Path) -> str | None:
     return None
 
 
-def _scan_class_folders(root: Path, split: str | None,
-                        ignored: list[tuple[str, str]]) -> list[Sample]:
+def _scan_class_folders(root: Path, split: str | None, ignored: list[tuple[str, str]],
+                        defects: list[Defect]) -> list[Sample]:
     samples = []
 
     def hidden(path: Path) -> None:
@@ -148,10 +158,11 @@ def _scan_class_folders(root: Path, split: str | None,
     for cdir in _class_dirs(root, ignored):
         found = len(samples)
         for f in iter_image_files(cdir, on_hidden=hidden, on_folder=folder):
-            if is_supported_path(f):
+            defect = None if is_supported_path(f) else check_format(f)
+            if defect is None:
                 samples.append(Sample(str(f), cdir.name, None, split))
             else:
-                ignored.append((str(f), _unsupported(f)))
+                defects.append(defect)
         if len(samples) == found:
             ignored.append((str(cdir), f"{NO_IMAGES}; no class {cdir.name!r} from it (give it "
                                        "image files to train the class)"))
@@ -161,26 +172,19 @@ def _scan_class_folders(root: Path, split: str | None,
 NO_IMAGES = "a class folder without image files"
 
 
-def _unsupported(path: Path) -> str:
-    """Why a file in a class folder is not trained on, and how to change that."""
-    ext = path.suffix.lower()
-    kinds = ", ".join(sorted(SUPPORTED_EXTENSIONS))
-    named = f"its extension {ext!r} is not" if ext else "it has no extension, and that is not"
-    return (f"unsupported extension: {named} one of {kinds}; rename it with its format's "
-            "extension to train on it")
-
-
-def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
+def _from_folders(root: Path
+                  ) -> tuple[list[Sample], list[tuple[str, str]], list[Defect]]:
     ignored: list[tuple[str, str]] = []
+    defects: list[Defect] = []
     subdirs = {p.name.lower(): p for p in _class_dirs(root)}
     split_dirs = {SPLIT_ALIASES[k]: p for k, p in subdirs.items() if k in SPLIT_ALIASES}
     _check_not_mixed(root, split_dirs, subdirs)
     if split_dirs and len(split_dirs) == len(subdirs):
         samples = []
         for split, p in sorted(split_dirs.items()):
-            samples += _scan_class_folders(p, split, ignored)
+            samples += _scan_class_folders(p, split, ignored, defects)
     else:
-        samples = _scan_class_folders(root, None, ignored)
+        samples = _scan_class_folders(root, None, ignored, defects)
     reported = {p for p, _ in ignored}
     for f in sorted(root.iterdir()):
         if f.is_dir() and str(f) not in reported and (what := _output_folder(f)):
@@ -190,7 +194,7 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
             ignored.append((str(f), "file outside any class folder"))
         elif f.name.startswith("."):
             ignored.append((str(f), "hidden (its name starts with '.'); not searched"))
-    return samples, ignored
+    return samples, ignored, defects
 
 
 def _check_not_mixed(root: Path, split_dirs: dict[str, Path], subdirs: dict[str, Path]
@@ -336,9 +340,9 @@ def discover(source: str | os.PathLike[str], *, min_classes: int = 2) -> Dataset
     if src.is_file():
         if src.suffix.lower() not in (".csv", ".jsonl"):
             raise DataError(f"{src} is a file but not a .csv or .jsonl manifest")
-        samples, ignored = _from_manifest(src), []
+        samples, ignored, defects = _from_manifest(src), [], []
     else:
-        samples, ignored = _from_folders(src)
+        samples, ignored, defects = _from_folders(src)
     if not samples:
         raise DataError(f"no labelled images found under {src}; expected class folders "
                         f"(e.g. {src}/cat/*.png) or a manifest with path,label columns")
@@ -349,4 +353,4 @@ def discover(source: str | os.PathLike[str], *, min_classes: int = 2) -> Dataset
                         "a classifier needs at least two"
                         + (f" (class folders without image files: {', '.join(empty)})"
                            if empty else ""))
-    return Dataset(tuple(samples), classes, tuple(ignored))
+    return Dataset(tuple(samples), classes, tuple(ignored), tuple(defects))

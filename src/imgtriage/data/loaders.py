@@ -131,14 +131,14 @@ def check_trainable(y: Any, classes: tuple[str, ...], samples: Sequence[Sample],
     lost = {c: sum(s.label == c for s in samples) for k, c in enumerate(classes)
             if k not in have}
     if len(y) < 2:
-        raise DataError(f"fewer than 2 usable training images; {_defect_summary(defects)}")
+        raise DataError(f"fewer than 2 usable training images; {defects_line(defects)}")
     if lost:
         found = ", ".join(f"{c!r} ({n} file(s))" for c, n in lost.items())
         raise DataError(f"no readable training image of class(es) {found}; "
-                        f"{_defect_summary(defects)} (or take the class out of the data)")
+                        f"{defects_line(defects)} (or take the class out of the data)")
 
 
-def _defect_summary(defects: Sequence[Defect]) -> str:
+def defects_line(defects: Sequence[Defect]) -> str:
     """'5 unreadable (format_mismatch x5), e.g. <the first one's message>'."""
     if not defects:
         return "no file was unreadable"

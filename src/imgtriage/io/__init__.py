@@ -14,7 +14,7 @@ Example:
 """
 
 from imgtriage.io._digest import sha256_file
-from imgtriage.io._reader import read_array, read_image, try_read_image
+from imgtriage.io._reader import check_format, read_array, read_image, try_read_image
 from imgtriage.io._sniff import SUPPORTED_EXTENSIONS, is_supported_path, sniff_format
 from imgtriage.io._types import DEFECT_ISSUES, Defect, DefectIssue, ImageRecord, ReadPolicy
 
@@ -25,6 +25,7 @@ __all__ = [
     "DefectIssue",
     "ImageRecord",
     "ReadPolicy",
+    "check_format",
     "is_supported_path",
     "read_array",
     "read_image",

@@ -80,6 +80,28 @@ def try_read_image(
         return Defect(display, "decode_error", message)
 
 
+def check_format(source: ImageSource, *, name: str | None = None) -> Defect | None:
+    """None when ``source``'s bytes are an image format imgtriage reads, else the
+    :class:`Defect` reading it would give (same issue and message as :func:`try_read_image`).
+
+    Only the first bytes are read and nothing is decoded, so a folder can be sorted into
+    images and other files by content, whatever the names (a PNG without an extension is an
+    image; a text file is not), the way reading decides.
+
+    Example:
+        >>> check_format(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(24), name="scan") is None
+        True
+        >>> check_format(b"hello", name="notes").issue
+        'unsupported_format'
+    """
+    display = name if name is not None else _display(source)
+    try:
+        detect_format(make_source(source, name))
+    except ReadFailure as failure:
+        return Defect(display, failure.issue, failure.message)
+    return None
+
+
 def read_array(array: Any, *, policy: ReadPolicy = _DEFAULT_POLICY,
                name: str = "array") -> ImageRecord:
     """An in-memory image (any numeric dtype, (H, W) or (H, W, C)) through the same final step

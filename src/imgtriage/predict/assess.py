@@ -44,6 +44,14 @@ def labelled_samples(data: str | os.PathLike[str], classes: list[str],
     To evaluate, one class is enough (the recall of 'unsafe' on a folder of unsafe images);
     calibrating asks for ``min_classes=2`` (a temperature fitted on one class only grows
     confident)."""
+    return labelled_data(data, classes, split, min_classes=min_classes)[0]
+
+
+def labelled_data(data: str | os.PathLike[str], classes: list[str],
+                  split: str | None = None, *, min_classes: int = 1
+                  ) -> tuple[list[Sample], list[dict[str, str]]]:
+    """:func:`labelled_samples` and the defects of the files in the class folders whose
+    bytes are not images (as ``predict`` reports them), so none is dropped silently."""
     ds = discover(data, min_classes=min_classes)
     if split is not None:  # 'validation' names the rows a manifest's 'validation' became
         split = SPLIT_ALIASES.get(split.lower(), split)
@@ -57,7 +65,7 @@ def labelled_samples(data: str | os.PathLike[str], classes: list[str],
         raise DataError(f"labels {unknown} in {data} are not classes of the bundle {classes}; "
                         "evaluate on data with the bundle's classes (images of a class the "
                         "bundle never saw go to --ood)")
-    return samples
+    return samples, [d.to_dict() for d in ds.defects]
 
 
 def _logit_predictor(bundle: str | os.PathLike[str] | Bundle, backend: str) -> Predictor:
@@ -168,7 +176,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
     predictor = _logit_predictor(bundle, backend)
     if backend == "auto" and predictor.features is not None and predictor.backend.name != "torch":
         predictor = _logit_predictor(bundle, "torch")  # feature importance needs gradients
-    samples = labelled_samples(data, predictor.classes, split)
+    samples, not_images = labelled_data(data, predictor.classes, split)
     seen = seen_in_training(predictor.bundle.info.training, data, samples, split)
     copies = copies_of_training(predictor.bundle, samples, cfg.split)
     policy = predictor.policy_for(PredictOptions(profile=profile))
@@ -186,7 +194,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str]
                           title=f"imgtriage evaluation: {Path(bundle).name} on {data}",
                           extra={"bundle": str(bundle), "bundle_sha256": predictor.bundle_sha256,
                                  "data": str(data), "split": split, "tta": tta,
-                                 "defects": got.defects,
+                                 "defects": [*not_images, *got.defects],
                                  "warnings": [w for w in (seen, copies) if w],
                                  "prior_correction": _prior_said(predictor.bundle.info)})
     _save_reference(Path(out_dir), got.logits, policy, got.ood_scores)

@@ -332,8 +332,7 @@ def _load_splits(ds: Any, in_chans: int, run: Path, cfg: FewShotConfig) -> tuple
     tr = decode_samples(parts["train"], ds.classes, spec, workers=cfg.decode_workers)
     va = decode_samples(parts.get("val", []), ds.classes, spec, workers=cfg.decode_workers)
     defects = [d.to_dict() for d in (*tr.defects, *va.defects)]
-    defects += [{"path": p, "issue": "unsupported_format", "message": why}
-                 for p, why in ds.ignored]
+    defects += ds.found_rows()
     (run / "defects.json").write_text(json.dumps(defects, indent=2))
     if len(np.unique(tr.y)) < 2:
         raise DataError("few-shot training needs usable training images of at least 2 "

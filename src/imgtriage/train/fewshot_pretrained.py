@@ -131,7 +131,7 @@ def enrol_pretrained(data: Any, run: Path, cfg: FewShotConfig, ds: Dataset, back
     emb, kept, defects = embed_paths(run_embed, [s.path for s in samples], spec,
                                      workers=cfg.decode_workers, progress=not quiet,
                                      label=f"{len(samples)} images")
-    found = [{"path": p, "issue": "unsupported_format", "message": w} for p, w in ds.ignored]
+    found = ds.found_rows()
     (run / "defects.json").write_text(json.dumps([d.to_dict() for d in defects] + found,
                                                  indent=2))
     labels = [samples[i].label for i in kept]

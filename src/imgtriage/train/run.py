@@ -43,7 +43,7 @@ from imgtriage.data import (
 )
 from imgtriage.data.duplicates import TRAIN_DIGESTS
 from imgtriage.data.features import FeatureStandardizer
-from imgtriage.data.loaders import check_trainable, decode_samples
+from imgtriage.data.loaders import check_trainable, decode_samples, defects_line
 from imgtriage.errors import ConfigError, DataError
 from imgtriage.evaluate.decision import DecisionPolicy
 from imgtriage.io import ReadPolicy
@@ -296,7 +296,7 @@ def _semi(cfg: TrainConfig, parts: dict[str, list], spec: PreprocessSpec, labels
 
 def _write_defects(run: Path, ds: Any, defects: list) -> None:
     rows = [d.to_dict() for d in defects]
-    rows += [{"path": p, "issue": "unsupported_format", "message": why} for p, why in ds.ignored]
+    rows += ds.found_rows()
     (run / "defects.json").write_text(json.dumps(rows, indent=2))
 
 
@@ -588,6 +588,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     say(split_line(parts, carved=not any(s.split == "val" for s in ds_given.samples)))
     for line in dups.lines():
         say(line)
+    if ds.defects:  # files of the class folders whose bytes are no image: reported, not used
+        say(f"not images: {defects_line(ds.defects)}; not trained on (RUN/defects.json)")
     say(f"{len(ds.classes)} classes, {fit_counts(ds.classes, parts)} | {cfg.in_chans} "
         f"channel(s) at "
         f"{spec.size[0]}x{spec.size[1]} | model {cfg.model} ({reason})"
