@@ -14,6 +14,12 @@ Run it once per tree and seed, alternating trees (the accuracy does not depend o
 the training time does, so only accuracies are compared). One JSON line per run on stdout and
 in ``OUT/seeds.json``.
 
+``--recipe default`` trains with ``FewShotConfig(seed=..., num_threads=...)`` and nothing else
+(what ``imgtriage train-fewshot DIR`` does with no options), for before/after comparisons of
+the defaults; its ``train_s`` is then the figure to compare (take the bench lock, normal
+priority). ``--data digits`` uses scikit-learn's 8x8 digits written as PNGs (half of each
+class as train, half as test; 4 of the 10 classes held out) instead of MSTAR chips.
+
 Usage (the CPU is shared: take the lock):
     for s in 0 1; do for t in /tmp/before /tmp/after; do
       flock /tmp/imgtriage-bench.lock .venv/bin/python bench/bench_fewshot_seeds.py \\
@@ -47,7 +53,11 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per K")
     ap.add_argument("--loss", default="proto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipe", choices=("fixed", "default"), default="fixed",
+                    help="fixed: the options above; default: no few-shot option given")
     args = ap.parse_args()
+    if str(args.data) == "digits":
+        args.data = _digits_folder(args.out.parent / "digits-folder")
     sys.path.insert(0, str(args.tree.resolve() / "src"))
     sys.path.insert(0, str(REPO / "bench"))
 
@@ -66,6 +76,8 @@ def main() -> None:
     cfg = FewShotConfig(loss=args.loss, epochs=args.epochs, episodes=args.train_episodes,
                         n_way=5, k_shot=5, n_query=5, img_size=64, augment="flip", lr=2e-3,
                         seed=args.seed, num_threads=args.threads)
+    if args.recipe == "default":
+        cfg = FewShotConfig(seed=args.seed, num_threads=args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = train_fewshot(write_manifest(args.out / "seen.csv", paths, labels), args.out, cfg,
@@ -76,10 +88,31 @@ def main() -> None:
                               [int(s) for s in args.shots.split(",")], args.episodes, seed=1)
     test_p, test_y = bf._files(args.data / "test", seen)
     closed = bf._accuracy(gallery, bf._decode(test_p, gallery.spec), test_y)
-    out = {"tree": str(args.tree), "seed": args.seed, "train_s": round(seconds, 1),
+    out = {"tree": str(args.tree), "recipe": args.recipe, "data": str(args.data),
+           "seed": args.seed, "train_s": round(seconds, 1),
            "metrics": res.metrics, "kshot": kshot, "closed_set_prototype": closed}
     print(json.dumps(out))
     (args.out / "seeds.json").write_text(json.dumps(out, indent=1))
+
+
+def _digits_folder(root: Path) -> Path:
+    """scikit-learn's digits as 8x8 PNGs: ``train/<digit>`` and ``test/<digit>``, half of each
+    class in each (written once)."""
+    if (root / "test").is_dir():
+        return root
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for digit in range(10):
+        idx = np.flatnonzero(d.target == digit)
+        for part, chosen in (("train", idx[::2]), ("test", idx[1::2])):
+            folder = root / part / f"d{digit}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                Image.fromarray((d.images[i] / 16 * 255).astype(np.uint8)).save(
+                    folder / f"{i:04d}.png")
+    return root
 
 
 if __name__ == "__main__":

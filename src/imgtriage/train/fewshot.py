@@ -49,6 +49,7 @@ from imgtriage.train.fewshot_config import (
     AUGMENTS,
     EPISODIC_SIZE,
     LOSSES,
+    MAX_EPISODES,
     MINING,
     FewShotConfig,
 )
@@ -221,8 +222,9 @@ class EpisodicObjective:
     def from_config(cls, cfg: FewShotConfig, num_classes: int) -> EpisodicObjective:
         """The objective of ``cfg`` for ``num_classes`` training classes (``n_way`` at most
         that many)."""
+        episodes = cfg.episodes if cfg.episodes is not None else MAX_EPISODES
         return cls(cfg.loss, n_way=min(cfg.n_way, num_classes), k_shot=cfg.k_shot,
-                   n_query=cfg.n_query, episodes=cfg.episodes, mining=cfg.mining,
+                   n_query=cfg.n_query, episodes=episodes, mining=cfg.mining,
                    margin=cfg.margin, scale=cfg.start_scale(), method=cfg.method, knn_k=cfg.knn_k)
 
     @property
@@ -282,6 +284,7 @@ def fit_encoder(encoder: torch.nn.Module, train_xy: tuple[np.ndarray, np.ndarray
     if n_classes < 2:
         raise DataError("few-shot training needs at least 2 classes with training images")
     val = val_xy if val_xy is not None and len(val_xy[1]) else None
+    cfg = cfg.sized(len(y), n_classes, val is not None)[0]  # --episodes/--patience not given
     return fit(encoder, (train_xy[0], y), val, cfg.train_config(n_classes), log_path=log_path,
                show_progress=not quiet, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                resume_from=resume_from, objective=EpisodicObjective.from_config(cfg, n_classes))
@@ -427,8 +430,14 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         Console(stderr=True, soft_wrap=True).print(f"encoder: {why}", highlight=False)
     ckpt = find_checkpoint(run) if resume else None
     spec, tr, va = _load_splits(ds, in_chans, run, cfg)
-    cfg = replace(cfg, in_chans=spec.in_chans, encoder="episodic", img_size=spec.size[0])
+    cfg, schedule = replace(cfg, in_chans=spec.in_chans, encoder="episodic",
+                            img_size=spec.size[0]).sized(len(tr.y), len(np.unique(tr.y)),
+                                                         bool(len(va.y)))
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if not quiet:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(schedule, highlight=False)
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(spec.in_chans, **cfg.encoder_kwargs())
     result = fit_encoder(encoder, (tr.x, tr.y), (va.x, va.y), cfg,
@@ -440,11 +449,15 @@ def train_fewshot(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "train_count": len(tr.y),
                                "epochs_run": len(result.history),
                                "stopped_early": result.stopped_early, **val_metrics}
+    (run / "run.json").write_text(json.dumps(
+        {"schedule": schedule, "episodes": cfg.episodes, "patience": cfg.patience,
+         "epochs": cfg.epochs, "epochs_run": len(result.history),
+         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}, indent=2))
     manifest = new_gallery_manifest(
         encoder_kwargs=cfg.encoder_kwargs(), in_chans=spec.in_chans, preprocess=spec.to_dict(),
         gallery=gallery, config=gcfg, metrics=metrics,
         training={"config": cfg.to_dict(), "counts": ds.counts(), "data": str(data),
-                  "kind": "fewshot", "threshold_rule": rule}
+                  "kind": "fewshot", "threshold_rule": rule, "schedule": schedule}
     ).with_changes(scale_fit=metrics["scale_fit"])
     check = np.asarray((va.x if len(va.y) else tr.x)[:16], dtype=np.float32)
     bundle = save_gallery_bundle(run / "bundle", manifest, encoder.state_dict(), gallery,

@@ -11,7 +11,8 @@ part of validating this one. Only the few-shot knobs are checked here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from imgtriage.errors import ConfigError
@@ -26,6 +27,12 @@ MINING = ("semihard", "hard")
 AUGMENTS = ("none", "flip", "d4")
 # --augment -> the common loop's policy of the same effect (d4: flips and 90-degree turns)
 _AUGMENT_POLICY = {"none": "none", "flip": "flip", "d4": "flip_rot90"}
+# the episodic schedule when --episodes / --patience are not given: one pass over the
+# training crops per epoch within these bounds, and early stopping on validation. The old
+# fixed 100 episodes x 10 epochs took ~450 s on 1,400 MSTAR chips for the gallery accuracy a
+# run of a fraction of the episodes reached (docs/benchmarks.md, few-shot section)
+MIN_EPISODES, MAX_EPISODES = 20, 100
+DEFAULT_PATIENCE = 3
 
 
 def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -57,8 +64,10 @@ class FewShotConfig:
     n_way: int = _f(5, "Classes per episode / batch.")
     k_shot: int = _f(5, "Support crops per class in an episode.")
     n_query: int = _f(5, "Query crops per class in an episode.")
-    episodes: int = _f(100, "Episodes per epoch.")
-    epochs: int = _f(10, "Training epochs.")
+    episodes: int | None = _f(None, "Episodes per epoch. Not given: sized from the data, one "
+                                    "pass over the training crops per epoch (training crops / "
+                                    "crops per episode), at least 20 and at most 100.")
+    epochs: int = _f(10, "Training epochs (at most: --patience stops earlier).")
     embed_dim: int = _f(128, "Embedding size.")
     widths: tuple[int, ...] = _f((32, 64, 128), "Encoder channel widths, comma-separated.")
     scale: float | None = _f(None, "Logit scale on cosine similarities. Not given: the "
@@ -84,8 +93,9 @@ class FewShotConfig:
     num_threads: int | None = _f(None, "Compute threads (default: all cores).",
                                  flag="--threads")
     decode_workers: int | None = _f(None, "Threads decoding the images (default: up to 4).")
-    patience: int = _f(0, "Early stopping: epochs without a better validation accuracy "
-                          "(0 = off).")
+    patience: int | None = _f(None, "Early stopping: epochs without a better validation "
+                                    "gallery accuracy, the best epoch's weights kept (0 = off). "
+                                    "Not given: 3 (with a validation split).")
     checkpoint_every: int = _f(1, "Save a resumable checkpoint in OUT/checkpoint every N "
                                   "epochs (0 = never); train_fewshot(..., resume=True) "
                                   "continues it exactly.")
@@ -99,7 +109,9 @@ class FewShotConfig:
             (self.n_way >= 2, "an episode needs at least 2 classes (--n-way)"),
             (self.k_shot >= 1, "k_shot must be >= 1 (--k-shot)"),
             (self.n_query >= 1, "n_query must be >= 1 (--n-query)"),
-            (self.episodes >= 1, "episodes per epoch must be >= 1 (--episodes)"),
+            (self.episodes is None or self.episodes >= 1,
+             "episodes per epoch must be >= 1 (--episodes)"),
+            (self.patience is None or self.patience >= 0, "patience must be >= 0 (--patience)"),
             (self.embed_dim >= 2, "embed_dim must be >= 2 (--embed-dim)"),
             (self.scale is None or self.scale > 0, "scale must be positive (--scale)"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS} (--augment)"),
@@ -162,6 +174,36 @@ class FewShotConfig:
         n_way = min(self.n_way, num_classes) if num_classes else self.n_way
         return n_way * (self.k_shot + self.n_query)
 
+    def sized(self, n_train: int, num_classes: int, has_val: bool
+              ) -> tuple[FewShotConfig, str]:
+        """This config with the episodes per epoch and the patience settled for
+        ``n_train`` training crops of ``num_classes`` classes, and a line saying what was
+        chosen and why (given values are kept).
+
+        Example:
+            >>> cfg, line = FewShotConfig().sized(1432, 6, has_val=True)
+            >>> cfg.episodes, cfg.patience  # 1,432 crops / 50 per episode
+            (29, 3)
+        """
+        per = self.episode_size(num_classes)
+        if self.episodes is not None:
+            episodes, why = self.episodes, "--episodes given"
+        else:
+            episodes = min(MAX_EPISODES, max(MIN_EPISODES, math.ceil(n_train / per)))
+            why = (f"one pass over the {n_train} training crops at {per} per episode, within "
+                   f"{MIN_EPISODES}-{MAX_EPISODES}")
+        if self.patience is not None:
+            patience, stop = self.patience, (f"--patience {self.patience} given"
+                                             if self.patience else "no early stopping (0)")
+        else:
+            patience = DEFAULT_PATIENCE if has_val else 0
+            stop = (f"stop after {patience} epochs without a better validation gallery "
+                    f"accuracy, best epoch kept" if has_val else
+                    "no validation split: no early stopping, the last epoch kept")
+        line = (f"schedule: {episodes} episodes per epoch ({why}), at most {self.epochs} "
+                f"epochs; {stop}")
+        return replace(self, episodes=episodes, patience=patience), line
+
     def train_config(self, num_classes: int | None = None) -> TrainConfig:
         """The common loop's configuration of this run: one episode per optimisation step
         (``episodes`` steps an epoch), AdamW, warm-up over the first 5% of the steps then
@@ -181,5 +223,6 @@ class FewShotConfig:
             select_metric="val_accuracy", augment=_AUGMENT_POLICY.get(self.augment, "none"),
             seed=self.seed, num_threads=self.num_threads, decode_workers=self.decode_workers,
             optimizer="adamw", schedule="cosine", warmup_epochs=self.epochs / 20,
-            patience=self.patience, checkpoint_every=self.checkpoint_every,
+            patience=DEFAULT_PATIENCE if self.patience is None else self.patience,
+            checkpoint_every=self.checkpoint_every,
             pretrained="none", calibrate=False, ood=False)
