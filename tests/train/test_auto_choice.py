@@ -193,6 +193,28 @@ def test_stage_cache_plan_counts_its_one_pass_and_says_so():
     assert stage_cache_planned(TrainConfig(augment="none", modality="sar"))
 
 
+def test_the_fixed_part_is_planned_from_what_it_is_made_of():
+    from imgtriage.train.auto_recipe import Costs, fixed_plan, plan_scratch
+
+    # 300 small grey images, a tiny CNN: a flat 90 s was planned where ~10 s were spent
+    small = Costs(1e-3, 2e-2, 32, probe_s=1.5, decode=5e-4)
+    f = fixed_plan(300, 60, small)
+    parts = f.to_dict()
+    assert f.total < 20 and parts["probe"] == 1.5 and parts["decode"] == pytest.approx(0.2)
+    assert f.total == pytest.approx(sum(v for k, v in parts.items() if k != "total"), abs=0.3)
+    # it grows with the data, the model's cost, and counts decoding twice when fine-tuning
+    big = Costs(1 / 90, 1 / 60, 160, probe_s=15.0, decode=3e-4)
+    assert fixed_plan(5000, 1000, big).total > fixed_plan(1000, 200, big).total > f.total
+    tuned = fixed_plan(5000, 1000, big, finetune=True)
+    assert tuned.decode == pytest.approx(2 * 6000 * 3e-4) and tuned.after < fixed_plan(
+        5000, 1000, big).after  # its end pass over train + val is counted as a pass
+    # a 2-minute budget on that small set: the epochs that fit in what is left
+    plan = plan_scratch(300, 60, [(32, None, small)], 120)
+    assert plan.total_s <= 120 * 0.9 and plan.fixed == f
+    assert plan.epochs > (120 * 0.9 - 90) // plan.epoch_s  # more than a flat 90 s let fit
+    assert (120 * 0.9 - plan.total_s) < plan.epoch_s  # and no more than fit
+
+
 def test_measure_costs_times_a_real_model():
     from imgtriage.train.auto_recipe import measure_costs
     from imgtriage.train.config import TrainConfig
@@ -200,6 +222,7 @@ def test_measure_costs_times_a_real_model():
     cfg = TrainConfig(model="crop_cnn", img_size=16, in_chans=1, batch_size=8)
     c = measure_costs(cfg, 3, reps=1)
     assert c.side == 16 and c.infer > 0 and c.train > 0 and 0 < c.share < 4  # CPU share
+    assert c.probe_s > 0 and c.at(32).probe_s == c.probe_s  # the probe's own seconds
     assert measure_costs(cfg, 3, side=32, reps=1).side == 32
 
 
@@ -227,7 +250,7 @@ def test_time_budget_sizes_scratch_epochs_only_when_left_at_default():
     kept, why = plan_recipe(TrainConfig(model="crop_cnn", img_size=32, time_budget=3,
                                         epochs=20), counts, 200, pretrained=False,
                             rgb_photos=False, costs=slow)
-    assert kept.epochs == 20 and "--epochs 20 given: kept (only ~1 fit" in why
+    assert kept.epochs == 20 and "--epochs 20 given: kept (only ~2 fit" in why
 
 
 def test_scratch_recipe_robust_scaling_for_grey_and_deep_images_not_photos():

@@ -62,6 +62,23 @@ def test_no_options_picks_robust_scaling_and_augmentation_and_says_why(default_r
     assert manifest["preprocess"]["scaling"] == "percentile"
 
 
+def test_the_run_says_the_time_it_planned_against_the_time_it_took(default_run):
+    said = json.loads((default_run.run_dir / "run.json").read_text())["time"]
+    planned, fixed = said["planned"], said["planned"]["fixed"]
+    assert planned["epochs"] == said["epochs_run"] == 2  # --epochs 2 given: planned as given
+    assert set(fixed) == {"start", "probe", "decode", "after_training", "onnx", "total"}
+    assert fixed["probe"] > 0 and fixed["decode"] > 0  # measured on this machine and data
+    assert fixed["total"] == pytest.approx(sum(v for k, v in fixed.items() if k != "total"),
+                                           abs=0.3)
+    assert planned["total_s"] == pytest.approx(
+        fixed["total"] + planned["passes_s"] + 2 * planned["epoch_s"], abs=0.2)
+    assert said["actual_s"] == pytest.approx(said["actual_epochs_s"] + said["actual_rest_s"],
+                                             abs=0.2)
+    assert said["budget_s"] == 900.0 and said["line"].startswith(
+        f"time: planned ~{planned['total_s']:.0f}s (2 epochs x")
+    assert f"took {said['actual_s']:.0f}s (2 epochs" in said["line"]
+
+
 def test_options_given_are_kept(deep_grey, tmp_path):
     _train(deep_grey, tmp_path / "run", scaling="dtype", augment="none", ema_decay=0.9,
            model="crop_cnn", img_size=16, model_kwargs={"widths": [8, 16]})

@@ -103,7 +103,7 @@ def test_when_the_route_is_in_doubt(grey, epochs, kw, scratch, doubt):
 
 def test_grey_chips_plan_both_routes_within_the_budget_left_by_the_check():
     cfg, base = _pretrained(GREY_CHIPS)
-    planned, why, check = plan_routes(cfg, base, COUNTS, 250, GREY_CHIPS, size_given=False,
+    planned, why, check, _ = plan_routes(cfg, base, COUNTS, 250, GREY_CHIPS, size_given=False,
                                       pcosts=FAST, scosts=SCRATCH)
     assert check is not None and "route check (grey images" in why
     # the pretrained route, planned for less than the whole budget, keeps the user's budget
@@ -129,7 +129,7 @@ def test_grey_chips_plan_both_routes_within_the_budget_left_by_the_check():
 
 def test_photos_that_fine_tune_plan_exactly_as_before():
     cfg, base = _pretrained(PHOTOS)
-    planned, why, check = plan_routes(cfg, base, COUNTS, 250, PHOTOS, size_given=False,
+    planned, why, check, _ = plan_routes(cfg, base, COUNTS, 250, PHOTOS, size_given=False,
                                       pcosts=FAST, scosts=SCRATCH)
     alone, alone_why = plan_recipe(cfg, COUNTS, 250, pretrained=True, rgb_photos=True,
                                    costs=FAST, source_side=32, in_chans=3)
@@ -138,7 +138,7 @@ def test_photos_that_fine_tune_plan_exactly_as_before():
 
 def test_photos_on_a_busy_machine_check_the_head_alone_against_scratch():
     cfg, base = _pretrained(PHOTOS)
-    planned, why, check = plan_routes(cfg, base, COUNTS, 250, PHOTOS, size_given=False,
+    planned, why, check, _ = plan_routes(cfg, base, COUNTS, 250, PHOTOS, size_given=False,
                                       pcosts=BUSY, scosts=SCRATCH)
     assert planned.freeze_backbone and check is not None
     assert "no fine-tuning epoch fits" in why
@@ -186,7 +186,7 @@ def test_a_run_trains_the_route_the_check_measured_better(tmp_path, monkeypatch,
 def test_no_check_when_a_from_scratch_epoch_takes_over_a_quarter_of_the_budget():
     cfg, base = _pretrained(GREY_CHIPS)
     slow = Costs(0.05, 0.2, 48)  # ~40 min per epoch even at 48 px
-    planned, why, check = plan_routes(cfg, base, COUNTS, 250, GREY_CHIPS, size_given=False,
+    planned, why, check, _ = plan_routes(cfg, base, COUNTS, 250, GREY_CHIPS, size_given=False,
                                       pcosts=FAST, scosts=slow)
     assert check is None and "no route check (grey images" in why and "25%" in why
     assert planned.model == "efficientnet_lite0"

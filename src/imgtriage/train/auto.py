@@ -31,6 +31,7 @@ The input size defaults to the median image side, clamped to the chosen model's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -56,6 +57,7 @@ class ImageProbe:
     median_hw: tuple[int, int]
     probed: int
     eight_bit: bool = True  # every probed image stored as 8-bit integers (PNG/JPEG photos)
+    read_s: float = 0.0     # mean seconds to read one of them (plans the decoding time)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
 
     chans, hs, ws, dtypes = set(), [], [], set()
     step = max(1, len(samples) // limit)
+    started, tried = time.perf_counter(), 0
     for s in list(samples)[::step][:limit]:
+        tried += 1
         rec = try_read_image(s.path)
         if isinstance(rec, Defect):
             continue
@@ -89,7 +93,8 @@ def probe_images(samples: Sequence[Sample], limit: int = 32) -> ImageProbe:
         ws.append(a.shape[1])
     c = 1 if chans == {1} else (chans.pop() if len(chans) == 1 else 3)
     hw = (int(np.median(hs)), int(np.median(ws))) if hs else (64, 64)
-    return ImageProbe(c, hw, len(hs), eight_bit=dtypes <= {"u1"})
+    return ImageProbe(c, hw, len(hs), eight_bit=dtypes <= {"u1"},
+                      read_s=(time.perf_counter() - started) / max(tried, 1))
 
 
 def _registered(name: str) -> bool:

@@ -77,8 +77,14 @@ SOURCE_UPSCALE = 5      # a pretrained net sees objects at ImageNet scale; beyon
 MIN_FINETUNE_EPOCHS = 6  # of a small photo are only interpolated
 MAX_FINETUNE_EPOCHS = 12
 BUDGET_SHARE = 0.9       # of --time-budget planned; the rest is slack (and `evaluate`)
-FIXED_S = 90.0           # start-up + probe, decoding, flip-view choice, calibration, OOD
-#                          bank, ONNX export (60 before the flip views doubled the last three)
+# The part of a run that does not grow with the epochs is estimated from what it is made of
+# (:func:`fixed_plan`); a flat 90 s had planned ~90 s where small runs spent ~10 s:
+START_S = 3.0            # discovery, split, building the model, saving and re-reading the bundle
+EXPORT_S = 6.0           # ONNX export, int8 quantisation and its speed rounds: their fixed part
+CHECK_IMAGES = 150       # ... and their images: parity, int8 calibration, beyond the judged ones
+JUDGE_IMAGES = 1000      # held-out images the int8 verdict runs through both graphs (onnx_step)
+OOD_SAMPLE = 10000       # training images the OOD statistics embed at most (calibrate.py)
+DECODE_FACTOR = 1.5      # decoding + resizing an image, against reading it in the probe
 EPOCH_OVERHEAD = 1.15    # data, augmentation, validation batches beyond the probe's steps
 # (CIFAR at 96 px under load 9: 91 s per epoch against the probe's 80; the steps after the
 # last epoch took 67 s: bench_transfer.py, docs/benchmarks.md)
@@ -113,14 +119,18 @@ class Costs:
     side: int | None = None
     stem: float = 0.0
     share: float | None = None  # of its threads' time the probe got (None: not measured)
+    probe_s: float = 0.0  # wall seconds the probe itself took (spent before the plan)
+    decode: float = 0.0   # seconds to read and decode one source image (the data's, any side)
 
     def at(self, side: int) -> Costs:
         """The costs at another side, scaled by the pixel count (measured on
-        EfficientNet-Lite0, 2 threads: within ~15% between 96 and 224 px)."""
+        EfficientNet-Lite0, 2 threads: within ~15% between 96 and 224 px); decoding a source
+        image does not depend on the side it is resized to."""
         if self.side is None or side == self.side:
             return self
         f = (side / self.side) ** 2
-        return Costs(self.infer * f, self.train * f, side, self.stem * f, self.share)
+        return Costs(self.infer * f, self.train * f, side, self.stem * f, self.share,
+                     self.probe_s, self.decode)
 
     def busy_note(self) -> str:
         """A sentence when the probe ran on a busy machine (its process got under half of
@@ -144,6 +154,7 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     from imgtriage.train import stage_cache as sc
     from imgtriage.train.optim import set_backbone_norm_eval, set_early_frozen
 
+    started = time.perf_counter()
     side = side or cfg.img_size or 224
     batch = max(2, min(batch, cfg.batch_size))
     fmt = torch.preserve_format if cfg.channels_last == "off" else torch.channels_last
@@ -185,7 +196,8 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     if not (stage_cache and k > 0 and sc.supports(model) and k < len(model.blocks)):
         model.train()
         t_train = timed(train_step)
-        return Costs(t_infer, t_train, side, share=share())
+        return Costs(t_infer, t_train, side, share=share(),
+                     probe_s=time.perf_counter() - started)
     with torch.no_grad():
         h = sc.stem_forward(model, k, x).contiguous(memory_format=fmt)
     tail = sc.TailNet(model, k)
@@ -203,7 +215,56 @@ def measure_costs(cfg: TrainConfig, num_classes: int, side: int | None = None,
     tail.train()
     set_backbone_norm_eval(tail)  # as fine-tuning from a cached head runs it
     t_tail = timed(tail_step)
-    return Costs(t_infer, t_tail, side, t_stem, share())
+    return Costs(t_infer, t_tail, side, t_stem, share(), time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class FixedPlan:
+    """The seconds of a run that do not grow with its epochs, by what they are made of:
+    start-up, the speed probe (already spent when the plan is made), decoding the images,
+    the inference passes after training (mirror choice, calibration, OOD features; a
+    fine-tuning plan counts its end pass over train + val itself) and the ONNX step."""
+
+    start: float
+    probe: float
+    decode: float
+    after: float
+    export: float
+
+    @property
+    def total(self) -> float:
+        return self.start + self.probe + self.decode + self.after + self.export
+
+    def to_dict(self) -> dict[str, float]:
+        return {"start": round(self.start, 1), "probe": round(self.probe, 1),
+                "decode": round(self.decode, 1), "after_training": round(self.after, 1),
+                "onnx": round(self.export, 1), "total": round(self.total, 1)}
+
+    def line(self) -> str:
+        return (f"fixed part ~{self.total:.0f}s (start-up {self.start:.0f}, speed probe "
+                f"{self.probe:.0f}, decoding {self.decode:.0f}, after training "
+                f"{self.after:.0f}, ONNX {self.export:.0f})")
+
+
+def fixed_plan(n_train: int, n_val: int, c: Costs, *, finetune: bool = False,
+               probe_s: float | None = None) -> FixedPlan:
+    """The fixed part of a run of ``n_train`` / ``n_val`` images at the costs ``c`` (at the
+    training side): start-up (``START_S``), the probe (``probe_s``, else ``c.probe_s``),
+    decoding every image (twice when fine-tuning: the embedding pass reads them, then the
+    training side), after training the mirror choice (2 passes over val) plus, from scratch,
+    calibration (val) and the OOD features (train, up to ``OOD_SAMPLE``) as inference
+    passes, and the ONNX step (``EXPORT_S`` and its images at the inference cost).
+
+    Example:
+        >>> f = fixed_plan(1000, 100, Costs(0.001, 0.004, 32, probe_s=2.0, decode=0.0005))
+        >>> round(f.total, 2), f.to_dict()["after_training"]
+        (13.2, 1.3)
+    """
+    n = n_train + n_val
+    passes = 2 * n_val if finetune else 3 * n_val + min(n_train, OOD_SAMPLE)
+    return FixedPlan(START_S, c.probe_s if probe_s is None else probe_s,
+                     (2 if finetune else 1) * n * c.decode, passes * c.infer,
+                     EXPORT_S + (2 * min(n_val, JUDGE_IMAGES) + CHECK_IMAGES) * c.infer)
 
 
 def step_seconds(times: list[float]) -> float:
@@ -237,29 +298,37 @@ class FinetunePlan:
     embed_s: float
     epoch_s: float
     cache_s: float = 0.0
+    fixed: FixedPlan | None = None  # None: none counted
 
     @property
     def total_s(self) -> float:
-        return FIXED_S + 2 * self.embed_s + self.cache_s + self.epochs * self.epoch_s
+        return (self.fixed_s + 2 * self.embed_s + self.cache_s
+                + self.epochs * self.epoch_s)
+
+    @property
+    def fixed_s(self) -> float:
+        return self.fixed.total if self.fixed is not None else 0.0
 
 
 def plan_finetune(n_train: int, n_val: int, costs: Costs, budget_s: float,
                   sides: list[int]) -> FinetunePlan:
     """The largest side at which ``MIN_FINETUNE_EPOCHS`` fit in ``budget_s`` (else the side
-    with the most epochs), and as many epochs there as fit (capped). Time is: start-up, the
-    embedding pass, the epochs (training + validation), and one more pass over train + val
-    at the end (calibration, OOD features, the ONNX check). ``epochs`` may be 0."""
-    usable = budget_s * BUDGET_SHARE - FIXED_S
+    with the most epochs), and as many epochs there as fit (capped). Time is: the fixed part
+    (:func:`fixed_plan`), the embedding pass, the epochs (training + validation), and one
+    more pass over train + val at the end (calibration, OOD features). ``epochs`` may be 0."""
     best: FinetunePlan | None = None
     for side in sorted(sides, reverse=True):
         c = costs.at(side)
+        fixed = fixed_plan(n_train, n_val, c, finetune=True)
+        usable = budget_s * BUDGET_SHARE - fixed.total
         embed_s = (n_train + n_val) * c.infer
         cache_s = (2 * n_train + n_val) * c.stem
         # validation runs the same part of the network as training: all of it, or the tail
         val_s = c.infer if c.stem <= 0 else max(c.infer - c.stem, 0.0)
         epoch_s = (n_train * c.train + n_val * val_s) * EPOCH_OVERHEAD
         fit = max(0, int((usable - 2 * embed_s - cache_s) // max(epoch_s, 1e-9)))
-        plan = FinetunePlan(side, min(fit, MAX_FINETUNE_EPOCHS), embed_s, epoch_s, cache_s)
+        plan = FinetunePlan(side, min(fit, MAX_FINETUNE_EPOCHS), embed_s, epoch_s, cache_s,
+                            fixed)
         if fit >= MIN_FINETUNE_EPOCHS:
             return plan
         if best is None or plan.epochs > best.epochs:
@@ -315,7 +384,7 @@ def _finetune_changes(cfg: TrainConfig, plan: FinetunePlan, size_given: bool,
 
 def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs: Costs,
                      rgb_photos: bool, source_side: int | None, size_given: bool
-                     ) -> tuple[TrainConfig, list[str]]:
+                     ) -> tuple[TrainConfig, list[str], dict | None]:
     n_train = sum(counts.values())
     native = cfg.img_size or 224
     sides = [native] if size_given else finetune_sides(native, source_side)
@@ -337,11 +406,13 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
         lines.append(f"training side {plan.side} px (not the weights' {native}: {why})")
     if not (_default(cfg, "freeze_backbone") and _default(cfg, "freeze_epochs")
             and _default(cfg, "epochs")):
-        return cfg, [*lines, "freezing/epochs given: kept as set"]
+        return cfg, [*lines, "freezing/epochs given: kept as set"], None
     if plan.epochs < 1:
+        fixed = fixed_plan(n_train, n_val, costs.at(native), finetune=True)
         lines.append(f"-> the head on cached embeddings only at {native} px (~{head_embed:.0f}s "
-                     "to embed; no fine-tuning epoch fits)")
-        return replace(cfg, freeze_backbone=True), lines
+                     f"to embed; no fine-tuning epoch fits; {fixed.line()})")
+        return replace(cfg, freeze_backbone=True), lines, planned_record(
+            fixed, 2 * head_embed, 0, 0.0)
     changes = _finetune_changes(cfg, plan, size_given, rgb_photos)
     lines.append(f"-> the head on cached embeddings, then {plan.epochs} fine-tuning epoch(s) "
                  f"(~{plan.total_s:.0f}s in all; lr {changes.get('lr', cfg.lr):g} (a tenth "
@@ -352,8 +423,9 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
                  f"{' and cached (--stage-cache)' if plan.cache_s > 0 else ''}, "
                  f"weight average {changes.get('ema_decay', cfg.ema_decay):g} validated and "
                  f"kept, "
-                 f"augment {changes.get('augment', cfg.augment)})")
-    return replace(cfg, **changes), lines
+                 f"augment {changes.get('augment', cfg.augment)}; {plan.fixed.line()})")
+    return replace(cfg, **changes), lines, planned_record(
+        plan.fixed, 2 * plan.embed_s + plan.cache_s, plan.epochs, plan.epoch_s)
 
 
 def robust_scaling(in_chans: int, eight_bit: bool) -> str | None:
@@ -382,10 +454,11 @@ class ScratchPlan:
     widths: tuple[int, ...] | None
     epochs: int
     epoch_s: float
+    fixed: FixedPlan | None = None  # None: none counted
 
     @property
     def total_s(self) -> float:
-        return FIXED_S + self.epochs * self.epoch_s
+        return (self.fixed.total if self.fixed is not None else 0.0) + self.epochs * self.epoch_s
 
 
 def scratch_sides(model: str, side: int) -> list[int]:
@@ -408,15 +481,17 @@ def plan_scratch(n_train: int, n_val: int,
         >>> c = Costs(0.001, 0.004, 64)
         >>> p = plan_scratch(2500, 250, [(96, None, c.at(96)), (64, None, c)], 900)
         >>> (p.side, p.epochs)
-        (96, 27)
+        (96, 29)
     """
-    usable = budget_s * BUDGET_SHARE - FIXED_S
+    probed = {w: c.probe_s for _, w, c in variants}  # every width was timed once
     plans = []
     for side, widths, c in variants:
+        fixed = fixed_plan(n_train, n_val, c, probe_s=sum(probed.values()))
+        usable = budget_s * BUDGET_SHARE - fixed.total
         epoch_s = (n_train * c.train + n_val * c.infer) * EPOCH_OVERHEAD
         fit = max(0, int(usable // max(epoch_s, 1e-9)))
         plans.append((fit, ScratchPlan(side, widths, min(max(fit, 1), SCRATCH_MAX_EPOCHS),
-                                       epoch_s)))
+                                       epoch_s, fixed)))
     plans.sort(key=lambda fp: -fp[1].epoch_s)  # costliest (largest side, widest) first
     for fit, plan in plans:
         if fit >= SCRATCH_MIN_EPOCHS:
@@ -446,8 +521,9 @@ def _scratch_regularisation(cfg: TrainConfig) -> tuple[dict[str, object], list[s
 
 def _scratch_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int,
                   variants: list[tuple[int, tuple[int, ...] | None, Costs]],
-                  scaling_why: str | None) -> tuple[TrainConfig, list[str]]:
-    """Scaling, augmentation, regularisation, and side / widths / epochs from the budget."""
+                  scaling_why: str | None) -> tuple[TrainConfig, list[str], dict | None]:
+    """Scaling, augmentation, regularisation, and side / widths / epochs from the budget
+    (and the planned seconds: :func:`planned_record`)."""
     changes: dict[str, object] = {}
     lines = []
     if _default(cfg, "scaling") and scaling_why:
@@ -475,17 +551,22 @@ def _scratch_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int,
     if len(variants) > 1 and (plan.side, plan.widths) != (variants[0][0], variants[0][1]):
         line += (f"; {cfg.model} at {variants[0][0]} px with its own widths fits fewer than "
                  f"{SCRATCH_MIN_EPOCHS} epochs")
+    fixed_line = plan.fixed.line() if plan.fixed is not None else ""
+    epochs = plan.epochs if _default(cfg, "epochs") else cfg.epochs
+    planned = (planned_record(plan.fixed, 0.0, epochs, plan.epoch_s)
+               if plan.fixed is not None else None)
     if _default(cfg, "epochs"):
         changes["epochs"] = plan.epochs
         changes["freeze_epochs"] = min(cfg.freeze_epochs, plan.epochs - 1)
-        lines.append(f"{line} -> {plan.epochs} epochs (~{plan.total_s:.0f}s in all; at most "
-                     f"{SCRATCH_MAX_EPOCHS})")
+        lines.append(f"{line} -> {plan.epochs} epochs (~{plan.total_s:.0f}s in all: "
+                     f"{fixed_line}; at most {SCRATCH_MAX_EPOCHS})")
     else:
-        fits = max(1, int((cfg.time_budget * 60 * BUDGET_SHARE - FIXED_S)
+        fixed = plan.fixed.total if plan.fixed is not None else 0.0
+        fits = max(1, int((cfg.time_budget * 60 * BUDGET_SHARE - fixed)
                           // max(plan.epoch_s, 1e-9)))
         lines.append(f"{line} -> --epochs {cfg.epochs} given: kept"
                      f"{f' (only ~{fits} fit the budget)' if fits < cfg.epochs else ''}")
-    return replace(cfg, **changes), lines
+    return replace(cfg, **changes), lines, planned
 
 
 def scratch_variants(cfg: TrainConfig, num_classes: int, size_given: bool,
@@ -529,26 +610,64 @@ def pretrained_costs(cfg: TrainConfig, num_classes: int, source_side: int | None
                          freeze_stages=frozen, stage_cache=cache)
 
 
+def planned_record(fixed: FixedPlan, passes_s: float, epochs: int, epoch_s: float
+                   ) -> dict[str, object]:
+    """What a plan expects a run to take (``run.json`` -> ``time``: planned against actual):
+    the fixed part, the embedding / caching passes, and the epochs."""
+    total = fixed.total + passes_s + epochs * epoch_s
+    return {"total_s": round(total, 1), "fixed": fixed.to_dict(),
+            "passes_s": round(passes_s, 1), "epochs": epochs, "epoch_s": round(epoch_s, 2)}
+
+
+def with_decode(costs: Costs | dict | None, decode_s: float) -> Costs | dict | None:
+    """``costs`` (one, a dict by widths, or None: measured later) with the data's decoding
+    cost per image; None stays None (:func:`measure_costs` then times the model and
+    :func:`plan_recipe` adds the decoding)."""
+    if isinstance(costs, Costs):
+        return replace(costs, decode=decode_s) if decode_s else costs
+    if isinstance(costs, dict):
+        return {w: with_decode(c, decode_s) for w, c in costs.items()}
+    return costs
+
+
 def plan_recipe(cfg: TrainConfig, counts: dict[str, int], n_val: int, *, pretrained: bool,
                 rgb_photos: bool, costs: Costs | dict | None = None,
                 source_side: int | None = None, size_given: bool = False,
-                in_chans: int | None = None, eight_bit: bool = True
+                in_chans: int | None = None, eight_bit: bool = True, decode_s: float = 0.0
                 ) -> tuple[TrainConfig, str]:
     """The rest of the recipe for an auto-chosen model (see the module docstring).
 
     ``costs`` None measures them here; ``source_side`` is the training images' median
     (shorter) side, ``size_given`` whether ``--img-size`` was set (then it is kept);
     ``in_chans`` / ``eight_bit`` describe the images as stored (they choose the scaling of a
-    from-scratch model).
-    Returns the config and one line per decision.
+    from-scratch model); ``decode_s``: seconds to decode one of them (the image probe's).
+    Returns the config and one line per decision (:func:`plan_recipe_timed` also returns
+    the seconds planned).
     """
+    cfg, line, _ = plan_recipe_timed(cfg, counts, n_val, pretrained=pretrained,
+                                     rgb_photos=rgb_photos, costs=costs,
+                                     source_side=source_side, size_given=size_given,
+                                     in_chans=in_chans, eight_bit=eight_bit, decode_s=decode_s)
+    return cfg, line
+
+
+def plan_recipe_timed(cfg: TrainConfig, counts: dict[str, int], n_val: int, *,
+                      pretrained: bool, rgb_photos: bool, costs: Costs | dict | None = None,
+                      source_side: int | None = None, size_given: bool = False,
+                      in_chans: int | None = None, eight_bit: bool = True,
+                      decode_s: float = 0.0) -> tuple[TrainConfig, str, dict | None]:
+    """:func:`plan_recipe` and the seconds it plans (:func:`planned_record`; None when the
+    epochs were given and not planned)."""
     cfg, lines = _imbalance_rule(cfg, counts)
     if pretrained:
         costs = costs or pretrained_costs(cfg, len(counts), source_side, size_given)
-        cfg, more = _pretrained_rule(cfg, counts, n_val, costs, rgb_photos, source_side,
-                                     size_given)
+        cfg, more, planned = _pretrained_rule(cfg, counts, n_val,
+                                              with_decode(costs, decode_s),  # type: ignore
+                                              rgb_photos, source_side, size_given)
     else:
         variants = scratch_variants(cfg, len(counts), size_given, costs)
-        cfg, more = _scratch_rule(cfg, counts, n_val, variants,
-                                  robust_scaling(in_chans or cfg.in_chans or 1, eight_bit))
-    return cfg, "; ".join(lines + more)
+        variants = [(s, w, with_decode(c, decode_s)) for s, w, c in variants]  # type: ignore
+        cfg, more, planned = _scratch_rule(cfg, counts, n_val, variants,  # type: ignore
+                                           robust_scaling(in_chans or cfg.in_chans or 1,
+                                                          eight_bit))
+    return cfg, "; ".join(lines + more), planned

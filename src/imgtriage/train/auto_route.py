@@ -51,10 +51,11 @@ from typing import Any
 
 from imgtriage.train.auto import ImageProbe, choose_model
 from imgtriage.train.auto_recipe import (
+    DECODE_FACTOR,
     Costs,
     finetune_sides,
     plan_finetune,
-    plan_recipe,
+    plan_recipe_timed,
     plan_scratch,
     pretrained_costs,
     scratch_variants,
@@ -108,6 +109,7 @@ class RouteCheck:
     probe_s: float         # estimated seconds of the probe
     head_s: float          # estimated seconds of the head phase (the embedding pass)
     why: str
+    planned: dict | None = None  # the seconds a switch to scratch plans (run.json -> time)
 
     @property
     def metric(self) -> str:
@@ -189,7 +191,7 @@ def _with_budget(cfg: TrainConfig, seconds: float) -> TrainConfig:
 def plan_routes(cfg: TrainConfig, base: TrainConfig, counts: dict[str, int], n_val: int,
                 probe: ImageProbe, *, size_given: bool,
                 pcosts: Costs | None = None, scosts: Costs | dict | None = None
-                ) -> tuple[TrainConfig, str, RouteCheck | None]:
+                ) -> tuple[TrainConfig, str, RouteCheck | None, dict | None]:
     """Plan a pretrained run (``cfg``: the backbone chosen; ``base``: the config before the
     choice), with a route check when the route is in doubt (:func:`route_doubt`).
 
@@ -197,12 +199,15 @@ def plan_routes(cfg: TrainConfig, base: TrainConfig, counts: dict[str, int], n_v
     pretrained route is planned for the budget minus the probe, and the from-scratch route
     (the model :func:`~imgtriage.train.auto.choose_model` picks without weights) for the
     budget minus the probe and the head phase. ``pcosts`` / ``scosts``: the measured costs
-    of each (None: timed here).
+    of each (None: timed here). The fourth value is the seconds the pretrained route plans
+    (:func:`~imgtriage.train.auto_recipe.planned_record`; with a check, its probe
+    included); the check's ``planned`` is the from-scratch route's (probe and head phase
+    included).
     """
     n_train, source_side = sum(counts.values()), min(probe.median_hw)
     common = {"rgb_photos": probe.in_chans == 3, "source_side": source_side,
               "size_given": size_given, "in_chans": probe.in_chans,
-              "eight_bit": probe.eight_bit}
+              "eight_bit": probe.eight_bit, "decode_s": probe.read_s * DECODE_FACTOR}
     budget = cfg.time_budget * 60
     native = cfg.img_size or 224
     sides = [native] if size_given else finetune_sides(native, source_side)
@@ -213,29 +218,31 @@ def plan_routes(cfg: TrainConfig, base: TrainConfig, counts: dict[str, int], n_v
                       plan_finetune(n_train, n_val, pcosts, budget, sides).epochs, n_val,
                       alt.model)
     if why is None:
-        planned, recipe = plan_recipe(cfg, counts, n_val, pretrained=True, costs=pcosts,
-                                      **common)
-        return planned, recipe, None
+        planned, recipe, secs = plan_recipe_timed(cfg, counts, n_val, pretrained=True,
+                                                  costs=pcosts, **common)
+        return planned, recipe, None, secs
     scfg = replace(base, model=alt.model, img_size=alt.img_size)
     variants = scratch_variants(scfg, len(counts), size_given, scosts)
     head_s = _head_seconds(n_train, n_val, pcosts, budget, sides, native)
     first = plan_scratch(n_train, n_val, variants, budget - head_s)
     epochs = min(PROBE_EPOCHS, int(PROBE_SHARE * budget // max(first.epoch_s, 1e-9)))
     if epochs < 1:
-        planned, recipe = plan_recipe(cfg, counts, n_val, pretrained=True, costs=pcosts,
-                                      **common)
+        planned, recipe, secs = plan_recipe_timed(cfg, counts, n_val, pretrained=True,
+                                                  costs=pcosts, **common)
         return planned, (f"{recipe}; no route check ({why}): one from-scratch epoch "
                          f"(~{first.epoch_s:.0f}s) would take more than "
-                         f"{PROBE_SHARE:.0%} of the budget"), None
+                         f"{PROBE_SHARE:.0%} of the budget"), None, secs
     probe_s = epochs * first.epoch_s
     head_s = _head_seconds(n_train, n_val, pcosts, budget - probe_s, sides, native)
-    planned, recipe = plan_recipe(_with_budget(cfg, budget - probe_s), counts, n_val,
-                                  pretrained=True, costs=pcosts, **common)
+    planned, recipe, secs = plan_recipe_timed(_with_budget(cfg, budget - probe_s), counts,
+                                              n_val, pretrained=True, costs=pcosts, **common)
     left = budget - probe_s - head_s
-    scratch, srecipe = plan_recipe(_with_budget(scfg, left), counts, n_val, pretrained=False,
-                                   costs={w: c for _, w, c in variants}, **common)
+    scratch, srecipe, ssecs = plan_recipe_timed(_with_budget(scfg, left), counts, n_val,
+                                                pretrained=False,
+                                                costs={w: c for _, w, c in variants}, **common)
     scratch = settled(replace(scratch, time_budget=cfg.time_budget))
-    check = RouteCheck(scratch, f"{alt.reason}; {srecipe}", epochs, probe_s, head_s, why)
+    check = RouteCheck(scratch, f"{alt.reason}; {srecipe}", epochs, probe_s, head_s, why,
+                       _plus(ssecs, probe_s + head_s, "route_check_s"))
     line = (f"route check ({why}): the head on cached embeddings (~{head_s:.0f}s) and "
             f"{epochs} epoch(s) of the from-scratch route ({alt.model}, ~{probe_s:.0f}s) are "
             f"compared on validation {check.metric} (the probe projected to the "
@@ -243,7 +250,16 @@ def plan_routes(cfg: TrainConfig, base: TrainConfig, counts: dict[str, int], n_v
             f"plan below is for {(budget - probe_s) / 60:.1f} of the {cfg.time_budget:g} min, "
             f"the from-scratch one for {max(left, MIN_SCRATCH_BUDGET_S) / 60:.1f} "
             f"(--route-check off: no check)")
-    return replace(planned, time_budget=cfg.time_budget), f"{line}; {recipe}", check
+    return (replace(planned, time_budget=cfg.time_budget), f"{line}; {recipe}", check,
+            _plus(secs, probe_s, "route_check_s"))
+
+
+def _plus(planned: dict | None, seconds: float, name: str) -> dict | None:
+    """A plan's seconds with another planned part (``name``) added to its total."""
+    if planned is None:
+        return None
+    return {**planned, name: round(seconds, 1),
+            "total_s": round(float(planned["total_s"]) + seconds, 1)}
 
 
 def _head_seconds(n_train: int, n_val: int, costs: Costs, budget_s: float, sides: list[int],

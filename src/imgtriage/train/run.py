@@ -53,7 +53,7 @@ from imgtriage.models.fusion import is_fusion
 from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resolve_weights
 from imgtriage.predict.ood_graph import attach_ood_score
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
-from imgtriage.train.auto_recipe import plan_recipe
+from imgtriage.train.auto_recipe import DECODE_FACTOR, plan_recipe_timed
 from imgtriage.train.auto_route import RouteCheck, RouteVerdict, decide_route, plan_routes
 from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
@@ -174,14 +174,16 @@ def _say(msg: str, quiet: bool) -> None:
 
 
 def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val: int = 0,
-             distributed: bool = False) -> tuple[TrainConfig, str, RouteCheck | None]:
+             distributed: bool = False
+             ) -> tuple[TrainConfig, str, RouteCheck | None, dict | None]:
     """Fill in in_chans and, for --model auto, the model, input size and the rest of the
-    recipe (train/auto_recipe.py; not under torchrun, where every process must agree), and
-    the route check when a pretrained route is in doubt (train/auto_route.py)."""
+    recipe (train/auto_recipe.py; not under torchrun, where every process must agree), the
+    route check when a pretrained route is in doubt (train/auto_route.py), and the seconds
+    the plan expects (None when nothing was planned)."""
     chans_given, size_given = cfg.in_chans is not None, cfg.img_size is not None
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
-        return settled(cfg), f"--model {cfg.model} given", None
+        return settled(cfg), f"--model {cfg.model} given", None, None
     base = cfg
     value = normalize_pretrained(cfg.pretrained)
     ready = value not in ("auto", "none") or (
@@ -192,16 +194,16 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
     cfg = replace(cfg, model=choice.model, img_size=choice.img_size,
                   in_chans=cfg.in_chans if chans_given else choice.in_chans or cfg.in_chans)
     if distributed or cfg.unlabeled:
-        return settled(cfg), choice.reason, None
+        return settled(cfg), choice.reason, None, None
     if choice.pretrained:
-        cfg, recipe, check = plan_routes(cfg, base, counts, n_val, probe,
-                                         size_given=size_given)
-        return settled(cfg), f"{choice.reason}; {recipe}", check
-    cfg, recipe = plan_recipe(cfg, counts, n_val, pretrained=False,
-                              rgb_photos=probe.in_chans == 3, source_side=min(probe.median_hw),
-                              size_given=size_given, in_chans=probe.in_chans,
-                              eight_bit=probe.eight_bit)
-    return settled(cfg), f"{choice.reason}; {recipe}", None
+        cfg, recipe, check, planned = plan_routes(cfg, base, counts, n_val, probe,
+                                                  size_given=size_given)
+        return settled(cfg), f"{choice.reason}; {recipe}", check, planned
+    cfg, recipe, planned = plan_recipe_timed(
+        cfg, counts, n_val, pretrained=False, rgb_photos=probe.in_chans == 3,
+        source_side=min(probe.median_hw), size_given=size_given, in_chans=probe.in_chans,
+        eight_bit=probe.eight_bit, decode_s=probe.read_s * DECODE_FACTOR)
+    return settled(cfg), f"{choice.reason}; {recipe}", None, planned
 
 
 def _conservative_ids(cfg: TrainConfig, classes: tuple[str, ...]) -> list[int]:
@@ -370,6 +372,32 @@ def _graph_inputs(src: _Sources | None, parts: dict[str, list], spec: Preprocess
     return graph_inputs((src.train, parts["train"]), (src.val, val), spec, classes, quantize)
 
 
+def time_taken(planned: dict[str, Any], seconds: float, history: list[dict[str, Any]],
+               budget_min: float) -> dict[str, Any]:
+    """The seconds a ``--time-budget`` plan expected against those the run took, both split
+    into the epochs and the rest (``run.json`` -> ``time``, and the line printed).
+
+    Example:
+        >>> fixed = {"total": 14.0}
+        >>> t = time_taken({"total_s": 94.0, "fixed": fixed, "passes_s": 0.0, "epochs": 40,
+        ...                 "epoch_s": 2.0}, 88.0, [{"seconds": 1.8}] * 40, 15)
+        >>> t["line"].split("), ")[0]
+        'time: planned ~94s (40 epochs x ~2.0s + ~14s fixed'
+        >>> t["line"].split("), ")[1]
+        'took 88s (40 epochs 72s + the rest 16s); --time-budget 15 min'
+    """
+    epochs_s = float(sum(float(r.get("seconds", 0.0)) for r in history))
+    rest = seconds - epochs_s
+    plan_rest = float(planned["total_s"]) - planned["epochs"] * planned["epoch_s"]
+    line = (f"time: planned ~{planned['total_s']:.0f}s ({planned['epochs']} epochs x "
+            f"~{planned['epoch_s']:.1f}s + ~{plan_rest:.0f}s fixed), took {seconds:.0f}s "
+            f"({len(history)} epochs {epochs_s:.0f}s + the rest {rest:.0f}s); --time-budget "
+            f"{budget_min:g} min")
+    return {"planned": planned, "actual_s": round(seconds, 1),
+            "actual_epochs_s": round(epochs_s, 1), "actual_rest_s": round(rest, 1),
+            "epochs_run": len(history), "budget_s": round(budget_min * 60, 1), "line": line}
+
+
 def fit_counts(classes: tuple[str, ...], parts: dict[str, list]) -> dict[str, int]:
     """Images per class the run learns from (train + val); the test split is never counted."""
     counts = {c: 0 for c in classes}
@@ -394,7 +422,7 @@ def split_line(parts: dict[str, list], *, carved: bool) -> str:
 
 def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
              ) -> tuple[Any, dict[str, list], TrainConfig, str, RouteCheck | None,
-                        DuplicateCheck]:
+                        DuplicateCheck, dict | None]:
     ds = split_dataset(given, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed)
     ds, dups = check_duplicates(ds, drop_val_copies=cfg.dedupe_val,
                                 workers=cfg.decode_workers or 2)
@@ -408,15 +436,15 @@ def _prepare(given: Any, run: Path, cfg: TrainConfig, info: DistInfo
     counts = {c: 0 for c in ds.classes}
     for s in parts["train"]:
         counts[s.label] += 1
-    cfg, reason, check = _resolve(cfg, counts, probe_images(parts["train"]),
-                                  len(parts.get("val", [])), info.distributed)
+    cfg, reason, check, planned = _resolve(cfg, counts, probe_images(parts["train"]),
+                                           len(parts.get("val", [])), info.distributed)
     cfg, budget = semi_budget(cfg, len(parts["train"]), info.world_size)
     cfg, teacher = semi_teacher(cfg)
     reason = "; ".join(x for x in (reason, budget, teacher) if x)
     if info.is_main:
         write_split_manifest(ds, run / "splits.csv")
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    return ds, parts, cfg, reason, check, dups
+    return ds, parts, cfg, reason, check, dups, planned
 
 
 def train(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -535,9 +563,10 @@ def _head_only(run: Path, cfg: TrainConfig, split: tuple[Any, dict[str, list]],
 
 def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessSpec,
               plan: WeightsPlan, reason: str, done: _Trained, info: DistInfo, say: Any,
-              t0: float) -> TrainResult:
+              t0: float, planned: dict | None = None) -> TrainResult:
     """The end of every route: defects, run.json, calibration on validation (temperature,
-    default rule, OOD scorer), the bundle with its graph, and the summary lines."""
+    default rule, OOD scorer), the bundle with its graph, and the summary lines; with a
+    time plan (``--model auto``), the seconds planned against those taken."""
     bundle, metrics, cal, kwargs = run / "bundle", {}, None, done.kwargs
     net, ctr, cva = done.calib
     if info.is_main:
@@ -565,6 +594,11 @@ def _conclude(run: Path, data: Any, cfg: TrainConfig, ds: Any, spec: PreprocessS
     barrier(info)
     seconds = time.perf_counter() - t0
     say(f"best epoch {done.result.best_epoch}: {metrics} | bundle: {bundle} | {seconds:.1f}s")
+    if planned is not None and info.is_main:
+        took = time_taken(planned, seconds, done.result.history, cfg.time_budget)
+        said = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**said, "time": took}, indent=2))
+        say(took["line"])
     if info.is_main:
         say(graph_summary(load_bundle(bundle, verify=False).info.block("onnx")))
     if cal is not None:
@@ -580,7 +614,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     ckpt = find_checkpoint(run) if resume else None
     ds_given = discover(data)
     budgeted = cfg.model == "auto"  # --time-budget plans the run; keep it inside it
-    ds, parts, cfg, reason, check, dups = _prepare(ds_given, run, cfg, info)
+    ds, parts, cfg, reason, check, dups, planned = _prepare(ds_given, run, cfg, info)
     plan = weights_plan(cfg)
     spec = resolve_spec(cfg, cfg.in_chans, plan)
     conservative = _conservative_ids(cfg, ds.classes)
@@ -605,6 +639,7 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
             reason = f"{reason}; {verdict.line()}"
             if verdict.route == "scratch":
                 cfg, head, src, probed = check.scratch, None, probe_src, probe_model
+                planned = check.planned
                 fit_cfg, plan = cfg, weights_plan(check.scratch)
                 spec = resolve_spec(cfg, cfg.in_chans, plan)
                 reason = f"{reason}; {check.reason}"
@@ -615,7 +650,8 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
     if head is not None and cfg.freeze_backbone:
         done = replace(_head_only(run, cfg, (ds, parts), spec, plan, head, verdict),
                        duplicates=dups)
-        return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)
+        return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0,
+                         planned)
     if head is not None:
         fit_cfg = replace(cfg, freeze_epochs=0, epochs=cfg.epochs - cfg.freeze_epochs,
                           backbone_norm=finetune_norm(cfg, head=True))
@@ -690,4 +726,4 @@ def _train(data: Any, run: Path, cfg: TrainConfig, quiet: bool, resume: bool,
                     [*defects, *result.defects,
                      *(semi.pool.defects if semi is not None else ())], lplan, src.features,
                     va, dups)
-    return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0)
+    return _conclude(run, data, cfg, ds, spec, plan, reason, done, info, say, t0, planned)
