@@ -250,7 +250,7 @@ def test_time_budget_sizes_scratch_epochs_only_when_left_at_default():
     kept, why = plan_recipe(TrainConfig(model="crop_cnn", img_size=32, time_budget=3,
                                         epochs=20), counts, 200, pretrained=False,
                             rgb_photos=False, costs=slow)
-    assert kept.epochs == 20 and "--epochs 20 given: kept (only ~2 fit" in why
+    assert kept.epochs == 20 and "--epochs 20 given: kept (only ~1 fit" in why
 
 
 def test_scratch_recipe_robust_scaling_for_grey_and_deep_images_not_photos():

@@ -158,7 +158,10 @@ def test_a_run_trains_the_route_the_check_measured_better(tmp_path, monkeypatch,
     for name in ("FEW_SHOT_TOTAL", "FEW_SHOT_PER_CLASS", "SHALLOW_TOTAL",
                  "SHALLOW_PER_CLASS"):  # 36 labels: let the from-scratch choice be deep_cnn
         monkeypatch.setattr(auto, name, 0)
-    monkeypatch.setattr(auto_recipe, "measure_costs", lambda *a, **k: Costs(0.01, 0.05))
+    # a probe that itself took a minute (a busy machine): the fixed part it adds leaves no
+    # fine-tuning epoch in the budget, so the route is in doubt and checked
+    monkeypatch.setattr(auto_recipe, "measure_costs",
+                        lambda *a, **k: Costs(0.01, 0.05, probe_s=60.0))
     real = run_mod.decide_route
     measured = {"scratch": 0.9, "pretrained": 0.1}[winner]
     monkeypatch.setattr(run_mod, "decide_route", lambda head, probe, metric, n, s, **kw: real(

@@ -251,17 +251,20 @@ def fixed_plan(n_train: int, n_val: int, c: Costs, *, finetune: bool = False,
     """The fixed part of a run of ``n_train`` / ``n_val`` images at the costs ``c`` (at the
     training side): start-up (``START_S``), the probe (``probe_s``, else ``c.probe_s``),
     decoding every image (twice when fine-tuning: the embedding pass reads them, then the
-    training side), after training the mirror choice (2 passes over val) plus, from scratch,
-    calibration (val) and the OOD features (train, up to ``OOD_SAMPLE``) as inference
-    passes, and the ONNX step (``EXPORT_S`` and its images at the inference cost).
+    training side), after training the mirror choice (2 passes over val) and the pass over
+    val (calibration) and train (OOD features, up to ``OOD_SAMPLE``) twice, as a model that
+    averages the mirror runs both views (a fine-tuning plan counts one of those passes
+    itself), all at the inference cost, and the ONNX step (``EXPORT_S`` and its images at
+    the inference cost).
 
     Example:
         >>> f = fixed_plan(1000, 100, Costs(0.001, 0.004, 32, probe_s=2.0, decode=0.0005))
         >>> round(f.total, 2), f.to_dict()["after_training"]
-        (13.2, 1.3)
+        (14.3, 2.4)
     """
     n = n_train + n_val
-    passes = 2 * n_val if finetune else 3 * n_val + min(n_train, OOD_SAMPLE)
+    end_pass = min(n_train, OOD_SAMPLE) + n_val
+    passes = 2 * n_val + (1 if finetune else 2) * end_pass
     return FixedPlan(START_S, c.probe_s if probe_s is None else probe_s,
                      (2 if finetune else 1) * n * c.decode, passes * c.infer,
                      EXPORT_S + (2 * min(n_val, JUDGE_IMAGES) + CHECK_IMAGES) * c.infer)
