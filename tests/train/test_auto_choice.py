@@ -200,7 +200,7 @@ def test_the_fixed_part_is_planned_from_what_it_is_made_of():
     small = Costs(1e-3, 2e-2, 32, probe_s=1.5, decode=5e-4)
     f = fixed_plan(300, 60, small)
     parts = f.to_dict()
-    assert f.total < 20 and parts["probe"] == 1.5 and parts["decode"] == pytest.approx(0.2)
+    assert f.total < 20 and parts["probe"] == 1.5 and parts["decode"] == pytest.approx(0.18)
     assert f.total == pytest.approx(sum(v for k, v in parts.items() if k != "total"), abs=0.3)
     # it grows with the data, the model's cost, and counts decoding twice when fine-tuning
     big = Costs(1 / 90, 1 / 60, 160, probe_s=15.0, decode=3e-4)

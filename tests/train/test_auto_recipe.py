@@ -67,7 +67,8 @@ def test_the_run_says_the_time_it_planned_against_the_time_it_took(default_run):
     planned, fixed = said["planned"], said["planned"]["fixed"]
     assert planned["epochs"] == said["epochs_run"] == 2  # --epochs 2 given: planned as given
     assert set(fixed) == {"start", "probe", "decode", "after_training", "onnx", "total"}
-    assert fixed["probe"] > 0 and fixed["decode"] > 0  # measured on this machine and data
+    assert fixed["probe"] > 0 and fixed["decode"] >= 0  # measured on this machine and data
+    # (reading 45 tiny PNGs can round to 0.00 s)
     assert fixed["total"] == pytest.approx(sum(v for k, v in fixed.items() if k != "total"),
                                            abs=0.3)
     assert planned["total_s"] == pytest.approx(

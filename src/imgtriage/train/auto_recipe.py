@@ -236,9 +236,9 @@ class FixedPlan:
         return self.start + self.probe + self.decode + self.after + self.export
 
     def to_dict(self) -> dict[str, float]:
-        return {"start": round(self.start, 1), "probe": round(self.probe, 1),
-                "decode": round(self.decode, 1), "after_training": round(self.after, 1),
-                "onnx": round(self.export, 1), "total": round(self.total, 1)}
+        return {"start": round(self.start, 2), "probe": round(self.probe, 2),
+                "decode": round(self.decode, 2), "after_training": round(self.after, 2),
+                "onnx": round(self.export, 2), "total": round(self.total, 2)}
 
     def line(self) -> str:
         return (f"fixed part ~{self.total:.0f}s (start-up {self.start:.0f}, speed probe "
@@ -259,7 +259,7 @@ def fixed_plan(n_train: int, n_val: int, c: Costs, *, finetune: bool = False,
 
     Example:
         >>> f = fixed_plan(1000, 100, Costs(0.001, 0.004, 32, probe_s=2.0, decode=0.0005))
-        >>> round(f.total, 2), f.to_dict()["after_training"]
+        >>> f.to_dict()["total"], f.to_dict()["after_training"]
         (14.3, 2.4)
     """
     n = n_train + n_val
