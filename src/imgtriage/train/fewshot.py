@@ -47,9 +47,9 @@ from imgtriage.errors import ConfigError, DataError
 from imgtriage.train.distributed import DistInfo
 from imgtriage.train.fewshot_config import (
     AUGMENTS,
+    DEFAULT_EPISODES,
     EPISODIC_SIZE,
     LOSSES,
-    MAX_EPISODES,
     MINING,
     FewShotConfig,
 )
@@ -222,7 +222,7 @@ class EpisodicObjective:
     def from_config(cls, cfg: FewShotConfig, num_classes: int) -> EpisodicObjective:
         """The objective of ``cfg`` for ``num_classes`` training classes (``n_way`` at most
         that many)."""
-        episodes = cfg.episodes if cfg.episodes is not None else MAX_EPISODES
+        episodes = cfg.episodes if cfg.episodes is not None else DEFAULT_EPISODES
         return cls(cfg.loss, n_way=min(cfg.n_way, num_classes), k_shot=cfg.k_shot,
                    n_query=cfg.n_query, episodes=episodes, mining=cfg.mining,
                    margin=cfg.margin, scale=cfg.start_scale(), method=cfg.method, knn_k=cfg.knn_k)
