@@ -226,3 +226,17 @@ def test_mode_rules(mode, value, dtype, shape, conversion):
 def test_hsv_red_converts_to_rgb_red():
     array = mode_to_array(Image.new("HSV", (2, 2), (0, 255, 255)), [])
     np.testing.assert_array_equal(array[0, 0], [255, 0, 0])
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16_bit_rgb_png_keeps_every_bit(channels):
+    """Pillow keeps only the high byte of a 16-bit RGB(A) PNG: a 12-bit chip came out as
+    uint8 0..15. The reader joins both bytes: the exact uint16 values, every filter type."""
+    from shared_helpers import png16_bytes
+
+    rng = np.random.default_rng(channels)
+    for high in (65536, 4096):
+        a = rng.integers(0, high, (19, 23, channels)).astype(np.uint16)
+        rec = read_image(png16_bytes(a), name="chip.png")
+        assert rec.array.dtype == np.uint16 and np.array_equal(rec.array, a)
+        assert rec.meta["bits"] == 16

@@ -57,15 +57,48 @@ def _decode(src: Source, img: Image.Image, fmt: str, policy: ReadPolicy,
         # JPEG EXIF is parsed with the header; for PNG/WebP getexif() would decode the pixels.
         orientation = _orientation(img, meta)
         _draft(img, policy.jpeg_draft_size, orientation, meta)
-    _check_budget(src, img, policy)
+    wide = _png16_rawmode(img) if fmt == "png" else None
+    # a 16-bit PNG: two 8-bit passes joined into uint16, 4 bytes a sample at the peak
+    _check_budget(src, img, policy, 4 * len(img.mode) if wide else None)
     img.load()
+    low = _png16_low_bytes(src, wide) if wide else None
     check_time(src, policy, "after decoding the pixels")
     if orientation is None:
         orientation = _orientation(img, meta)
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
+        low = ImageOps.exif_transpose(low) if low is not None else None
         meta["conversions"].append("exif_transpose")
+    if low is not None:  # Pillow keeps 8 bits of a 16-bit RGB(A) PNG: join both halves
+        meta["bits"] = 16
+        return (np.asarray(img).astype(np.uint16) << 8) | np.asarray(low)
     return mode_to_array(img, meta["conversions"])
+
+
+# Pillow decodes 16-bit RGB(A) PNGs to 8 bits per sample (the high byte of each). Decoding the
+# same stream again with the little-endian unpacker keeps the *other* byte (the filters are
+# undone the same way: both unpack 6 or 8 bytes a pixel), so two passes give every bit.
+_PNG16_LOW = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+
+def _png16_rawmode(img: Image.Image) -> str | None:
+    """The raw mode of a 16-bit RGB or RGBA PNG (before ``load``), else None."""
+    tile = getattr(img, "tile", None) or []
+    raw = tile[0].args if len(tile) == 1 else None
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return raw if raw in _PNG16_LOW else None
+
+
+def _png16_low_bytes(src: Source, rawmode: str) -> Image.Image:
+    """The low byte of every sample of a 16-bit RGB(A) PNG, as an 8-bit PIL image."""
+    from PIL import ImageFile
+
+    with src.open() as fh, Image.open(fh, formats=["PNG"]) as img:
+        (tile,) = img.tile
+        img.tile = [ImageFile._Tile(tile.codec_name, tile.extents, tile.offset,
+                                    _PNG16_LOW[rawmode])]
+        img.load()
+        return img.copy()
 
 
 # Bytes per pixel Pillow holds for a mode (its 3-band modes take 4) or, when larger, the
@@ -74,10 +107,11 @@ _MODE_BYTES = {"1": 1, "L": 1, "P": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N
                "I;16S": 2}
 
 
-def _check_budget(src: Source, img: Image.Image, policy: ReadPolicy) -> None:
+def _check_budget(src: Source, img: Image.Image, policy: ReadPolicy,
+                  per_pixel: int | None = None) -> None:
     """The decoded size from the header (after any JPEG draft), before a pixel is decoded."""
     width, height = img.size
-    per_pixel = _MODE_BYTES.get(img.mode, 4)
+    per_pixel = per_pixel or _MODE_BYTES.get(img.mode, 4)
     check_bytes(src, f"a {width}x{height} {img.mode} image", (width, height), per_pixel,
                 policy, plane_pixels=width * height)
 

@@ -431,6 +431,30 @@ def _pretrained_rule(cfg: TrainConfig, counts: dict[str, int], n_val: int, costs
         plan.fixed, 2 * plan.embed_s + plan.cache_s, plan.epochs, plan.epoch_s)
 
 
+WIDE_SCALING_WHY = (
+    "images stored with more than 8 bits on pretrained weights -> --scaling percentile "
+    "(each image's 0.5-99.5th percentiles to 0..1, then the weights' mean/std: x/65535 "
+    "would put a 12-bit chip stored in 16-bit words below 0.0625, near black to a backbone "
+    "trained on photos at x/255)")
+
+
+def pretrained_scaling(cfg: TrainConfig, eight_bit: bool) -> tuple[TrainConfig, str | None]:
+    """The scaling a pretrained backbone gets when ``--scaling`` was left to choose: ``dtype``
+    (x / 255, as ImageNet saw its photos) for 8-bit images, ``percentile`` for wider ones
+    (16-bit or float), whose values rarely fill their type's range. Returns the config and
+    the line that says so (None when nothing was chosen or 8-bit ``dtype`` stays).
+
+    Example:
+        >>> pretrained_scaling(TrainConfig(), eight_bit=False)[0].scaling
+        'percentile'
+        >>> pretrained_scaling(TrainConfig(), eight_bit=True)[0].scaling
+        'auto'
+    """
+    if eight_bit or not _default(cfg, "scaling"):
+        return cfg, None
+    return replace(cfg, scaling="percentile"), WIDE_SCALING_WHY
+
+
 def robust_scaling(in_chans: int, eight_bit: bool) -> str | None:
     """Why per-image percentile scaling suits these images, or None when ``dtype`` scaling
     (x / 255) stays: 8-bit RGB photos, whose exposure is part of what they show.
@@ -667,6 +691,8 @@ def plan_recipe_timed(cfg: TrainConfig, counts: dict[str, int], n_val: int, *,
         cfg, more, planned = _pretrained_rule(cfg, counts, n_val,
                                               with_decode(costs, decode_s),  # type: ignore
                                               rgb_photos, source_side, size_given)
+        cfg, why = pretrained_scaling(cfg, eight_bit)
+        more += [why] if why else []
     else:
         variants = scratch_variants(cfg, len(counts), size_given, costs)
         variants = [(s, w, with_decode(c, decode_s)) for s, w, c in variants]  # type: ignore

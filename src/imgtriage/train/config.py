@@ -109,7 +109,9 @@ class TrainConfig:
     scaling: str = _f("auto", "Pixel scaling: dtype (x / dtype max), minmax or percentile (each "
                               "image's 0.5-99.5th percentiles to 0..1; scientific data); auto: "
                               "--model auto chooses (percentile unless a from-scratch model "
-                              "gets 8-bit RGB photos), dtype for a model given by name.")
+                              "gets 8-bit RGB photos), dtype for a model given by name; "
+                              "pretrained weights get percentile for images of more than 8 "
+                              "bits (16-bit, float), which x / 65535 would leave dark.")
     stretch: str = _f("linear", "Intensity stretch: linear, asinh or log.")
     resize: str = _f("squash", "squash, shorter_crop (centre crop by --crop-pct) or pad.")
     crop_pct: float = _f(0.875, "Share of the shorter side kept by --resize shorter_crop "

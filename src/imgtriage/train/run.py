@@ -53,7 +53,7 @@ from imgtriage.models.fusion import is_fusion
 from imgtriage.models.pretrained import WeightsPlan, normalize_pretrained, resolve_weights
 from imgtriage.predict.ood_graph import attach_ood_score
 from imgtriage.train.auto import ImageProbe, choose_model, probe_images
-from imgtriage.train.auto_recipe import DECODE_FACTOR, plan_recipe_timed
+from imgtriage.train.auto_recipe import DECODE_FACTOR, plan_recipe_timed, pretrained_scaling
 from imgtriage.train.auto_route import RouteCheck, RouteVerdict, decide_route, plan_routes
 from imgtriage.train.calibrate import Calibration, calibrate_run
 from imgtriage.train.checkpoint import find_checkpoint
@@ -183,7 +183,11 @@ def _resolve(cfg: TrainConfig, counts: dict[str, int], probe: ImageProbe, n_val:
     chans_given, size_given = cfg.in_chans is not None, cfg.img_size is not None
     cfg = replace(cfg, in_chans=cfg.in_chans or probe.in_chans)
     if cfg.model != "auto":
-        return settled(cfg), f"--model {cfg.model} given", None, None
+        why = None
+        if weights_plan(cfg).active:  # pretrained weights: 16-bit images must not go dark
+            cfg, why = pretrained_scaling(cfg, probe.eight_bit)
+        return (settled(cfg), f"--model {cfg.model} given" + (f"; {why}" if why else ""),
+                None, None)
     base = cfg
     value = normalize_pretrained(cfg.pretrained)
     ready = value not in ("auto", "none") or (
