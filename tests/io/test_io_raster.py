@@ -240,3 +240,16 @@ def test_16_bit_rgb_png_keeps_every_bit(channels):
         rec = read_image(png16_bytes(a), name="chip.png")
         assert rec.array.dtype == np.uint16 and np.array_equal(rec.array, a)
         assert rec.meta["bits"] == 16
+
+
+def test_16_bit_rgb_png_falls_back_to_the_high_bytes_where_pillow_differs(monkeypatch):
+    """The second pass uses how Pillow describes a PNG's pixel stream (not a public API): on a
+    Pillow without it the image still reads, with the high bytes, and says so."""
+    from imgtriage.io import _raster
+    from shared_helpers import png16_bytes
+
+    monkeypatch.setattr(_raster, "_PNG16_LOW", {k: "no-such-rawmode" for k in _raster._PNG16_LOW})
+    a = np.random.default_rng(7).integers(0, 65536, (5, 6, 3)).astype(np.uint16)
+    rec = read_image(png16_bytes(a), name="chip.png")
+    assert np.array_equal(rec.array, (a >> 8).astype(np.uint8))
+    assert "png16_high_bytes_only" in rec.meta["conversions"]

@@ -61,7 +61,7 @@ def _decode(src: Source, img: Image.Image, fmt: str, policy: ReadPolicy,
     # a 16-bit PNG: two 8-bit passes joined into uint16, 4 bytes a sample at the peak
     _check_budget(src, img, policy, 4 * len(img.mode) if wide else None)
     img.load()
-    low = _png16_low_bytes(src, wide) if wide else None
+    low = _png16_low_bytes(src, wide, meta["conversions"]) if wide else None
     check_time(src, policy, "after decoding the pixels")
     if orientation is None:
         orientation = _orientation(img, meta)
@@ -89,16 +89,23 @@ def _png16_rawmode(img: Image.Image) -> str | None:
     return raw if raw in _PNG16_LOW else None
 
 
-def _png16_low_bytes(src: Source, rawmode: str) -> Image.Image:
-    """The low byte of every sample of a 16-bit RGB(A) PNG, as an 8-bit PIL image."""
+def _png16_low_bytes(src: Source, rawmode: str, conversions: list[str]
+                     ) -> Image.Image | None:
+    """The low byte of every sample of a 16-bit RGB(A) PNG, as an 8-bit PIL image; None (the
+    high bytes alone, said in ``conversions``) where this Pillow's tile API differs (the
+    second pass relies on how Pillow describes a PNG's pixel stream, not a public API)."""
     from PIL import ImageFile
 
-    with src.open() as fh, Image.open(fh, formats=["PNG"]) as img:
-        (tile,) = img.tile
-        img.tile = [ImageFile._Tile(tile.codec_name, tile.extents, tile.offset,
-                                    _PNG16_LOW[rawmode])]
-        img.load()
-        return img.copy()
+    try:
+        with src.open() as fh, Image.open(fh, formats=["PNG"]) as img:
+            (tile,) = img.tile
+            img.tile = [ImageFile._Tile(tile.codec_name, tile.extents, tile.offset,
+                                        _PNG16_LOW[rawmode])]
+            img.load()
+            return img.copy()
+    except (AttributeError, TypeError, ValueError, OSError):
+        conversions.append("png16_high_bytes_only")
+        return None
 
 
 # Bytes per pixel Pillow holds for a mode (its 3-band modes take 4) or, when larger, the
